@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `sparse_engine.kernels`. Importing this package imports no kernel."""

@@ -1,0 +1,170 @@
+"""Which implementation of each op is available, and the choice between them.
+
+An *implementation name* is ``<op>`` or ``<op>_<pass>`` (``masked_linear_fwd``, ``masked_linear_bwd``,
+``fused_step``, ...). Every backend provides some of them with exactly the signature of the reference
+function listed in ``REFERENCE`` (see reference.py). Backends:
+
+* ``reference`` – reference.py; always available, every device.
+* ``triton``    – ``sparse_engine.kernels.<op>`` module, attribute ``<impl name>``; CUDA tensors, or CPU
+  tensors under ``TRITON_INTERPRET=1`` (only when requested explicitly: the interpreter is for tests).
+* ``cpp``       – the compiled CPU extension, loaded by ``sparse_engine._cpp``; CPU tensors.
+* ``cuda``      – the compiled CUDA extension, loaded by ``sparse_engine._cuda``; CUDA tensors.
+
+Automatic choice takes the first backend of ``PREFERENCE[device type]`` that provides the implementation
+and accepts the arguments; it falls back quietly with one log line per (impl, reason). The environment
+variable ``SPARSE_ENGINE_BACKEND`` (or :func:`force`) requests one backend: a request that cannot be met
+raises, naming what is missing. Nothing is imported until an op first runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+from typing import Callable, Iterator
+
+import torch
+
+from . import env, reference
+
+log = logging.getLogger("sparse_engine")
+
+BACKENDS = ("reference", "triton", "cpp", "cuda")
+
+#: implementation name -> reference function (the spec and the signature every backend follows)
+REFERENCE: dict[str, Callable] = {
+    "reparam_fwd": reference.reparam_ref,
+    "reparam_bwd": reference.reparam_backward_ref,
+    "masked_linear_fwd": reference.masked_linear_ref,
+    "masked_linear_bwd": reference.masked_linear_backward_ref,
+    "block_sparse_linear_fwd": reference.block_sparse_linear_ref,
+    "block_sparse_linear_bwd": reference.block_sparse_linear_backward_ref,
+    "compact_linear_fwd": reference.compact_linear_ref,
+    "compact_linear_bwd": reference.compact_linear_backward_ref,
+    "fused_step": reference.fused_step_ref,
+    "signin_reset": reference.signin_reset_ref,
+    "prune_threshold": reference.prune_threshold_ref,
+}
+
+#: automatic order per device type; reference is always the last resort
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "cuda", "reference"),
+    "cpu": ("cpp", "reference"),
+}
+
+_forced: list[str] = []  # stack set by force(); wins over the environment variable
+
+
+def _op_of(impl: str) -> str:
+    for suffix in ("_fwd", "_bwd"):
+        if impl.endswith(suffix):
+            return impl[: -len(suffix)]
+    return impl
+
+
+@functools.lru_cache(maxsize=None)
+def _load(backend: str, impl: str) -> tuple[Callable | None, str]:
+    """(function, "") or (None, why it is unavailable). Cached: import failures are not retried."""
+    if impl not in REFERENCE:
+        raise KeyError(f"unknown implementation {impl!r}; known: {sorted(REFERENCE)}")
+    if backend == "reference":
+        return REFERENCE[impl], ""
+    module_name = {
+        "triton": f"sparse_engine.kernels.{_op_of(impl)}",
+        "cpp": "sparse_engine._cpp",
+        "cuda": "sparse_engine._cuda",
+    }[backend]
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return None, f"triton is not installed ({e})"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            return None, f"{module_name} does not exist (no {backend} kernel for {_op_of(impl)})"
+        return None, f"importing {module_name} failed: {e}"
+    except Exception as e:  # a broken build must not break import of the library
+        return None, f"importing {module_name} failed: {type(e).__name__}: {e}"
+    unavailable = getattr(module, "UNAVAILABLE", None)  # compiled backends set this when the .so is missing
+    if unavailable:
+        return None, unavailable
+    fn = getattr(module, impl, None)
+    if fn is None:
+        return None, f"{module_name} has no {impl}"
+    return fn, ""
+
+
+def _device_reason(backend: str, device: torch.device, explicit: bool) -> str:
+    """Why ``backend`` cannot run on ``device`` ("" if it can)."""
+    if backend == "reference":
+        return ""
+    if backend == "triton":
+        if device.type == "cuda":
+            return ""
+        if device.type == "cpu" and env.triton_interpret() and explicit:
+            return ""
+        return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
+    if backend == "cpp":
+        return "" if device.type == "cpu" else f"the C++ backend runs on CPU tensors, got {device.type}"
+    if backend == "cuda":
+        return "" if device.type == "cuda" else f"the CUDA backend runs on CUDA tensors, got {device.type}"
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def requested() -> str | None:
+    """The backend requested by force() or SPARSE_ENGINE_BACKEND, if any."""
+    name = _forced[-1] if _forced else env.backend_override()
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"SPARSE_ENGINE_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def force(backend: str | None) -> Iterator[None]:
+    """Run the enclosed ops on ``backend`` (None: automatic). Mainly for tests and benchmarks."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _forced.append(backend)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def select(impl: str, device: torch.device) -> tuple[str, Callable]:
+    """(backend name, function) that runs ``impl`` on ``device``."""
+    want = requested()
+    if want is not None:
+        fn, why = _load(want, impl)
+        why = why or _device_reason(want, device, explicit=True)
+        if fn is None or why:
+            raise RuntimeError(f"backend {want!r} was requested for {impl} but cannot run it: {why}")
+        return want, fn
+    for backend in PREFERENCE.get(device.type, ("reference",)):
+        why = _device_reason(backend, device, explicit=False)
+        fn = None
+        if not why:
+            fn, why = _load(backend, impl)
+        if fn is not None:
+            return backend, fn
+        if (impl, backend) not in _logged:
+            _logged.add((impl, backend))
+            log.info("sparse_engine: %s: %s backend not used: %s", impl, backend, why)
+    return "reference", REFERENCE[impl]
+
+
+def availability() -> dict[str, dict[str, str]]:
+    """impl -> backend -> "available" or the reason it is not (for `python -m sparse_engine.info`)."""
+    table: dict[str, dict[str, str]] = {}
+    for impl in REFERENCE:
+        row = {}
+        for backend in BACKENDS:
+            fn, why = _load(backend, impl)
+            row[backend] = "available" if fn is not None else why
+        table[impl] = row
+    return table

@@ -1,0 +1,40 @@
+"""Every environment variable sparse_engine reads, in one place.
+
+Read lazily (functions, not module constants) so that tests can monkeypatch the environment.
+"""
+from __future__ import annotations
+
+import os
+
+#: name -> what it does. `python -m sparse_engine.info` prints this table.
+VARIABLES: dict[str, str] = {
+    "SPARSE_ENGINE_BACKEND": "force one backend for every op: reference | triton | cpp | cuda "
+    "(an explicit request that cannot be met raises)",
+    "SPARSE_ENGINE_BUILD": "setup.py: 0 disables building the optional C++ extension, 1 makes a failed build fatal",
+    "SPARSE_ENGINE_CUDA": "setup.py: 1 builds the CUDA extension (needs nvcc and a CUDA torch)",
+    "SPARSE_ENGINE_DATA": "directory holding the Fashion-MNIST IDX files",
+    "SPARSE_ENGINE_CACHE": "cache directory (layout crossover measurements, downloads); default ~/.cache/sparse_engine",
+    "SPARSE_ENGINE_JIT": "1 builds the C++ extension at first use with torch.utils.cpp_extension.load "
+    "when no prebuilt one is installed (default 0)",
+    "SPARSE_ENGINE_TEST_SEED": "tests: fix the random seed (each run draws a fresh one and prints it on failure)",
+    "TRITON_INTERPRET": "(Triton's own) 1 runs Triton kernels on CPU tensors in the interpreter",
+}
+
+
+def get(name: str, default: str | None = None) -> str | None:
+    if name not in VARIABLES:
+        raise KeyError(f"unknown sparse_engine environment variable {name!r}; known: {sorted(VARIABLES)}")
+    return os.environ.get(name, default)
+
+
+def backend_override() -> str | None:
+    value = get("SPARSE_ENGINE_BACKEND")
+    return value.strip().lower() if value else None
+
+
+def triton_interpret() -> bool:
+    return get("TRITON_INTERPRET", "0") == "1"
+
+
+def cache_dir() -> str:
+    return get("SPARSE_ENGINE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparse_engine")

@@ -1,0 +1,389 @@
+"""Every op, registered once with ``torch.library`` (schema, fake implementation, autograd).
+
+This is the only place that picks a backend (through :func:`sparse_engine.backends.select`). Public
+functions validate their inputs (errors name the argument) and then call ``torch.ops.sparse_engine.*``,
+which torch.compile traces through thanks to the fake implementations.
+
+Op-level activations are 2-D (B, K); the public ``masked_linear`` / ``block_sparse_linear`` /
+``compact_linear`` accept any leading dims and flatten them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+_NS = "sparse_engine"
+_EMPTY_SHAPE = (0,)  # stands for "no tensor" in op outputs (custom ops cannot return None)
+
+
+def _none_if_empty(t: Tensor) -> Tensor | None:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+def _empty_like(ref: Tensor) -> Tensor:
+    return ref.new_empty(_EMPTY_SHAPE)
+
+
+def _run(impl: str, device: torch.device, *args):
+    _, fn = backends.select(impl, device)
+    return fn(*args)
+
+
+# ------------------------------------------------------------------------------------- input checks
+
+
+def _check_tensor(name: str, t, *, dim: int | None = None, dtype=None, device=None, shape=None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+
+
+def _check_factors(m: Tensor | None, w: Tensor, mask: Tensor | None, *, w_dim: int = 2) -> None:
+    _check_tensor("w", w, dim=w_dim)
+    if not w.is_floating_point():
+        raise ValueError(f"w must be a floating-point tensor, got {w.dtype}")
+    if m is not None:
+        _check_tensor("m", m, shape=w.shape, dtype=w.dtype, device=w.device)
+    if mask is not None:
+        _check_tensor("mask", mask, shape=w.shape, dtype=torch.bool, device=w.device)
+
+
+def _check_input(x: Tensor, w: Tensor, in_features: int, bias: Tensor | None, out_features: int) -> None:
+    _check_tensor("x", x)
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have last dim {in_features} (in_features), got shape {tuple(x.shape)}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"x must have the weight dtype {w.dtype}, got {x.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"x must be on the weight's device {w.device}, got {x.device}")
+    if bias is not None:
+        _check_tensor("bias", bias, shape=(out_features,), dtype=w.dtype, device=w.device)
+
+
+def _flatten(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    lead = tuple(x.shape[:-1])
+    return x.reshape(-1, x.shape[-1]), lead
+
+
+# ------------------------------------------------------------------------------------------ reparam
+
+
+@torch.library.custom_op(f"{_NS}::reparam", mutates_args=())
+def _reparam(m: Optional[Tensor], w: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return _run("reparam_fwd", w.device, m, w, mask)
+
+
+@_reparam.register_fake
+def _(m, w, mask):
+    return torch.empty_like(w)
+
+
+@torch.library.custom_op(f"{_NS}::reparam_backward", mutates_args=())
+def _reparam_backward(grad: Tensor, m: Optional[Tensor], w: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    g_m, g_w = _run("reparam_bwd", w.device, grad, m, w, mask)
+    return (g_m if g_m is not None else _empty_like(w)), g_w
+
+
+@_reparam_backward.register_fake
+def _(grad, m, w, mask):
+    return (torch.empty_like(w) if m is not None else w.new_empty(_EMPTY_SHAPE)), torch.empty_like(w)
+
+
+def _reparam_setup(ctx, inputs, output):
+    m, w, mask = inputs
+    ctx.save_for_backward(m, w, mask)
+
+
+def _reparam_grad(ctx, grad):
+    m, w, mask = ctx.saved_tensors
+    g_m, g_w = _reparam_backward(grad.contiguous(), m, w, mask)
+    return (_none_if_empty(g_m) if m is not None else None), g_w, None
+
+
+_reparam.register_autograd(_reparam_grad, setup_context=_reparam_setup)
+
+
+def reparam(m: Tensor | None, w: Tensor, mask: Tensor | None = None) -> Tensor:
+    """θ = M ⊙ m ⊙ w (any shape; differentiable in m and w)."""
+    _check_factors(m, w, mask, w_dim=None)  # type: ignore[arg-type]
+    return _reparam(m, w, mask)
+
+
+# ------------------------------------------------------------------------------------ masked_linear
+
+
+@torch.library.custom_op(f"{_NS}::masked_linear", mutates_args=())
+def _masked_linear(x: Tensor, m: Optional[Tensor], w: Tensor, mask: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    return _run("masked_linear_fwd", x.device, x, m, w, mask, bias)
+
+
+@_masked_linear.register_fake
+def _(x, m, w, mask, bias):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op(f"{_NS}::masked_linear_backward", mutates_args=())
+def _masked_linear_backward(
+    grad_y: Tensor, x: Tensor, m: Optional[Tensor], w: Tensor, mask: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    g_x, g_m, g_w = _run("masked_linear_bwd", x.device, grad_y, x, m, w, mask)
+    return g_x, (g_m if g_m is not None else _empty_like(w)), g_w
+
+
+@_masked_linear_backward.register_fake
+def _(grad_y, x, m, w, mask):
+    g_m = torch.empty_like(w) if m is not None else w.new_empty(_EMPTY_SHAPE)
+    return torch.empty_like(x), g_m, torch.empty_like(w)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, m, w, mask, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, m, w, mask)
+
+
+def _linear_grad(ctx, grad_y):
+    x, m, w, mask = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    g_x, g_m, g_w = _masked_linear_backward(grad_y, x, m, w, mask)
+    g_b = grad_y.sum(0) if ctx.has_bias else None
+    return g_x, (g_m if m is not None else None), g_w, None, g_b
+
+
+_masked_linear.register_autograd(_linear_grad, setup_context=_linear_setup)
+
+
+def masked_linear(
+    x: Tensor, m: Tensor | None, w: Tensor, mask: Tensor | None = None, bias: Tensor | None = None
+) -> Tensor:
+    """y = x θᵀ + b with θ = M ⊙ m ⊙ w built inside the matmul. x: (..., K), w: (N, K) -> (..., N)."""
+    _check_factors(m, w, mask)
+    _check_input(x, w, w.shape[1], bias, w.shape[0])
+    x2, lead = _flatten(x)
+    return _masked_linear(x2.contiguous(), m, w, mask, bias).reshape(*lead, w.shape[0])
+
+
+# ------------------------------------------------------------------------------ block_sparse_linear
+
+
+@torch.library.custom_op(f"{_NS}::block_sparse_linear", mutates_args=())
+def _block_sparse_linear(
+    x: Tensor, m: Optional[Tensor], w: Tensor, bias: Optional[Tensor],
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    block_n: int, block_k: int,
+) -> Tensor:
+    return _run("block_sparse_linear_fwd", x.device, x, m, w, bias, crow, col, row, ccol, row_t, perm,
+                block_n, block_k)
+
+
+@_block_sparse_linear.register_fake
+def _(x, m, w, bias, crow, col, row, ccol, row_t, perm, block_n, block_k):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op(f"{_NS}::block_sparse_linear_backward", mutates_args=())
+def _block_sparse_linear_backward(
+    grad_y: Tensor, x: Tensor, m: Optional[Tensor], w: Tensor,
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    block_n: int, block_k: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    g_x, g_m, g_w = _run("block_sparse_linear_bwd", x.device, grad_y, x, m, w, crow, col, row, ccol, row_t,
+                         perm, block_n, block_k)
+    return g_x, (g_m if g_m is not None else _empty_like(w)), g_w
+
+
+@_block_sparse_linear_backward.register_fake
+def _(grad_y, x, m, w, crow, col, row, ccol, row_t, perm, block_n, block_k):
+    g_m = torch.empty_like(w) if m is not None else w.new_empty(_EMPTY_SHAPE)
+    return torch.empty_like(x), g_m, torch.empty_like(w)
+
+
+def _bsl_setup(ctx, inputs, output):
+    x, m, w, bias, *index, block_n, block_k = inputs
+    ctx.has_bias, ctx.block = bias is not None, (block_n, block_k)
+    ctx.save_for_backward(x, m, w, *index)
+
+
+def _bsl_grad(ctx, grad_y):
+    x, m, w, *index = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    g_x, g_m, g_w = _block_sparse_linear_backward(grad_y, x, m, w, *index, *ctx.block)
+    g_b = grad_y.sum(0) if ctx.has_bias else None
+    return (g_x, (g_m if m is not None else None), g_w, g_b) + (None,) * 8
+
+
+_block_sparse_linear.register_autograd(_bsl_grad, setup_context=_bsl_setup)
+
+
+def _index_tensors(index) -> tuple[Tensor, ...]:
+    return (index.crow, index.col, index.row, index.ccol, index.row_t, index.perm)
+
+
+def block_sparse_linear(x: Tensor, m: Tensor | None, w: Tensor, index, bias: Tensor | None = None) -> Tensor:
+    """y = x θᵀ + b with θ = B ⊙ m ⊙ w, B the blocks of ``index`` (a layout.BSRIndex); m, w dense (N, K)."""
+    _check_factors(m, w, None)
+    _check_input(x, w, w.shape[1], bias, w.shape[0])
+    if tuple(index.shape) != tuple(w.shape):
+        raise ValueError(f"index must describe a {tuple(w.shape)} weight, got shape {tuple(index.shape)}")
+    bn, bk = index.block_shape
+    x2, lead = _flatten(x)
+    y = _block_sparse_linear(x2.contiguous(), m, w, bias, *_index_tensors(index), bn, bk)
+    return y.reshape(*lead, w.shape[0])
+
+
+# ----------------------------------------------------------------------------------- compact_linear
+
+
+@torch.library.custom_op(f"{_NS}::compact_linear", mutates_args=())
+def _compact_linear(
+    x: Tensor, m_values: Optional[Tensor], w_values: Tensor, bias: Optional[Tensor],
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_features: int, in_features: int,
+) -> Tensor:
+    return _run("compact_linear_fwd", x.device, x, m_values, w_values, bias, crow, col, row, ccol, row_t,
+                perm, out_features, in_features)
+
+
+@_compact_linear.register_fake
+def _(x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, out_features, in_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op(f"{_NS}::compact_linear_backward", mutates_args=())
+def _compact_linear_backward(
+    grad_y: Tensor, x: Tensor, m_values: Optional[Tensor], w_values: Tensor,
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_features: int, in_features: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    g_x, g_m, g_w = _run("compact_linear_bwd", x.device, grad_y, x, m_values, w_values, crow, col, row, ccol,
+                         row_t, perm, out_features, in_features)
+    return g_x, (g_m if g_m is not None else _empty_like(w_values)), g_w
+
+
+@_compact_linear_backward.register_fake
+def _(grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, out_features, in_features):
+    g_m = torch.empty_like(w_values) if m_values is not None else w_values.new_empty(_EMPTY_SHAPE)
+    return torch.empty_like(x), g_m, torch.empty_like(w_values)
+
+
+def _cl_setup(ctx, inputs, output):
+    x, m_values, w_values, bias, *index, out_features, in_features = inputs
+    ctx.has_bias, ctx.dims = bias is not None, (out_features, in_features)
+    ctx.save_for_backward(x, m_values, w_values, *index)
+
+
+def _cl_grad(ctx, grad_y):
+    x, m_values, w_values, *index = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    g_x, g_m, g_w = _compact_linear_backward(grad_y, x, m_values, w_values, *index, *ctx.dims)
+    g_b = grad_y.sum(0) if ctx.has_bias else None
+    return (g_x, (g_m if m_values is not None else None), g_w, g_b) + (None,) * 8
+
+
+_compact_linear.register_autograd(_cl_grad, setup_context=_cl_setup)
+
+
+def compact_linear(
+    x: Tensor, m_values: Tensor | None, w_values: Tensor, index, bias: Tensor | None = None
+) -> Tensor:
+    """y = x θᵀ + b, θ stored compactly: values of m and w at the active coordinates of ``index``.
+
+    ``index`` is a layout.CSRIndex (values (nnz,)) or BSRIndex (values (nnzb, bn, bk)).
+    """
+    n, k = index.shape
+    expect = (index.nnz,) if w_values.dim() == 1 else (index.nnz, *index.block_shape)
+    _check_tensor("w_values", w_values, shape=expect)
+    if m_values is not None:
+        _check_tensor("m_values", m_values, shape=expect, dtype=w_values.dtype, device=w_values.device)
+    _check_input(x, w_values, k, bias, n)
+    x2, lead = _flatten(x)
+    y = _compact_linear(x2.contiguous(), m_values, w_values, bias, *_index_tensors(index), n, k)
+    return y.reshape(*lead, n)
+
+
+# --------------------------------------------------------------------------------------- fused_step
+
+
+@torch.library.custom_op(f"{_NS}::fused_step", mutates_args=("param", "buf1", "buf2"))
+def _fused_step(
+    param: Tensor, grad: Tensor, buf1: Optional[Tensor], buf2: Optional[Tensor], mask: Optional[Tensor],
+    lr: Tensor, step: int, kind: str, momentum: float, dampening: float, nesterov: bool,
+    beta1: float, beta2: float, eps: float, weight_decay: float, alpha: float, maximize: bool,
+) -> None:
+    _run("fused_step", param.device, param, grad, buf1, buf2, mask, lr, step, kind, momentum, dampening,
+         nesterov, beta1, beta2, eps, weight_decay, alpha, maximize)
+
+
+@_fused_step.register_fake
+def _(param, grad, buf1, buf2, mask, lr, step, kind, momentum, dampening, nesterov, beta1, beta2, eps,
+      weight_decay, alpha, maximize):
+    return None
+
+
+def fused_step(
+    param: Tensor, grad: Tensor, buf1: Tensor | None, buf2: Tensor | None, mask: Tensor | None, lr: Tensor,
+    step: int, kind: str, *, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+    beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+    alpha: float = 0.0, maximize: bool = False,
+) -> None:
+    """One in-place optimizer step on one tensor (see reference.fused_step_ref for the exact math)."""
+    _check_tensor("param", param)
+    _check_tensor("grad", grad, shape=param.shape, dtype=param.dtype, device=param.device)
+    for name, buf in (("buf1", buf1), ("buf2", buf2)):
+        if buf is not None:
+            _check_tensor(name, buf, shape=param.shape, device=param.device)
+    if mask is not None:
+        _check_tensor("mask", mask, shape=param.shape, dtype=torch.bool, device=param.device)
+    _check_tensor("lr", lr, dim=0)
+    _fused_step(param, grad, buf1, buf2, mask, lr, step, kind, momentum, dampening, nesterov, beta1, beta2,
+                eps, weight_decay, alpha, maximize)
+
+
+# ------------------------------------------------------------------------------ signin_reset, prune
+
+
+@torch.library.custom_op(f"{_NS}::signin_reset", mutates_args=())
+def _signin_reset(m: Tensor, w: Tensor, mask: Optional[Tensor], beta: float) -> tuple[Tensor, Tensor]:
+    return _run("signin_reset", w.device, m, w, mask, beta)
+
+
+@_signin_reset.register_fake
+def _(m, w, mask, beta):
+    return torch.empty_like(m), torch.empty_like(w)
+
+
+def signin_reset(m: Tensor, w: Tensor, mask: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
+    """Re-factor θ = M ⊙ m ⊙ w to m² − w² = β (θ unchanged). Returns new (m, w)."""
+    _check_factors(m, w, mask, w_dim=None)  # type: ignore[arg-type]
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 for a Sign-In reset, got {beta}")
+    return _signin_reset(m, w, mask, float(beta))
+
+
+@torch.library.custom_op(f"{_NS}::prune_threshold", mutates_args=())
+def _prune_threshold(scores: Tensor, k: int) -> Tensor:
+    return _run("prune_threshold", scores.device, scores, k)
+
+
+@_prune_threshold.register_fake
+def _(scores, k):
+    return scores.new_empty(())
+
+
+def prune_threshold(scores: Tensor | Sequence[Tensor], k: int) -> Tensor:
+    """k-th largest of ``scores`` (one tensor, or several concatenated: a global threshold)."""
+    if not isinstance(scores, Tensor):
+        scores = torch.cat([s.reshape(-1) for s in scores])
+    _check_tensor("scores", scores)
+    return _prune_threshold(scores, int(k))
