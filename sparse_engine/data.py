@@ -171,7 +171,12 @@ def fashion_mnist_files(directory: str | os.PathLike) -> dict[str, Path]:
     missing = _missing_in(directory)
     if missing:
         raise DataError(f"{directory}: missing Fashion-MNIST files {missing} (.gz or raw)")
-    return {role: _file_in(directory, stem) for role, stem in FASHION_MNIST_FILES.items()}  # type: ignore[misc]
+    out: dict[str, Path] = {}
+    for role, stem in FASHION_MNIST_FILES.items():
+        found = _file_in(directory, stem)
+        assert found is not None  # checked by _missing_in above
+        out[role] = found
+    return out
 
 
 def _fetch_url(url: str, timeout: float) -> bytes:
@@ -267,7 +272,9 @@ class Dataset:
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if x.shape[0] != y.shape[0]:
-                raise DataError(f"{self.name}: x_{split} has {x.shape[0]} samples, y_{split} has {y.shape[0]}")
+                raise DataError(
+                    f"{self.name}: x_{split} has {x.shape[0]} samples, y_{split} has {y.shape[0]}"
+                )
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise DataError(
                 f"{self.name}: sample shapes differ: train {tuple(self.x_train.shape[1:])}, "
@@ -345,7 +352,8 @@ def load_fashion_mnist(
         out[f"y_{split}"] = out[f"y_{split}"].to(device)
     return Dataset(
         **out, n_classes=10, name="fashion-mnist",
-        info={"mean": mean, "std": std, "classes": FASHION_MNIST_CLASSES, "source": str(files["train_images"].parent)},
+        info={"mean": mean, "std": std, "classes": FASHION_MNIST_CLASSES,
+              "source": str(files["train_images"].parent)},
     )
 
 
@@ -487,7 +495,9 @@ def batches(
     return _batch_iter(x, y, batch_size, shuffle, seed, epoch, stop)
 
 
-def _batch_iter(x, y, batch_size, shuffle, seed, epoch, stop):
+def _batch_iter(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int, epoch: int, stop: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     # Split from `batches` so argument errors raise at the call, not at the first next().
     n = x.shape[0]
     if shuffle:
