@@ -257,7 +257,8 @@ def _check_crow_col(crow: Tensor, col: Tensor, nrows: int, ncols: int, where: st
         raise ValueError(f"{where}.crow[-1] must equal nnz = len(col) = {nnz}, got {int(crow64[-1])}")
     col64 = col.long()
     if nnz and (int(col64.min()) < 0 or int(col64.max()) >= ncols):
-        raise ValueError(f"{where}.col must lie in [0, {ncols}), got [{int(col64.min())}, {int(col64.max())}]")
+        lo, hi = int(col64.min()), int(col64.max())
+        raise ValueError(f"{where}.col must lie in [0, {ncols}), got values in [{lo}, {hi}]")
     row = _expected_rows(crow64, nrows)
     if nnz > 1:
         same_row = row[1:] == row[:-1]
@@ -281,7 +282,8 @@ def _validate_compressed(obj, nrows: int, ncols: int, where: str) -> None:
     nnz = obj.col.numel()
     for name in ("row", "row_t", "perm"):
         if getattr(obj, name).numel() != nnz:
-            raise ValueError(f"{where}.{name} must have nnz = {nnz} entries, got {getattr(obj, name).numel()}")
+            got = getattr(obj, name).numel()
+            raise ValueError(f"{where}.{name} must have nnz = {nnz} entries, got {got}")
     if not torch.equal(obj.row.long(), row):
         raise ValueError(f"{where}.row does not match crow (row[i] must be the row of entry i)")
     # The transpose is unique for a given (crow, col), so rebuild it and compare exactly.
@@ -309,8 +311,9 @@ def _check_derived(built: dict[str, Tensor], given: dict, where: str) -> None:
     for name in ("row", "ccol", "row_t", "perm"):
         if name in given:
             t = given[name]
-            if not isinstance(t, Tensor) or t.dtype != INDEX_DTYPE or not torch.equal(t.to(built[name].device), built[name]):
-                raise ValueError(f"{where}.{name} in tensors does not match the one rebuilt from crow and col")
+            ref = built[name]
+            if not (isinstance(t, Tensor) and t.dtype == INDEX_DTYPE and torch.equal(t.to(ref.device), ref)):
+                raise ValueError(f"{where}.{name} in tensors does not match the one rebuilt from crow, col")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -580,7 +583,8 @@ class BSRIndex:
         return expand_block_mask(self.block_mask(), self.block_shape, self.shape)
 
     def to(self, device) -> "BSRIndex":
-        return BSRIndex(self.shape, self.block_shape, **{f: getattr(self, f).to(device) for f in _COMPRESSED_FIELDS})
+        moved = {f: getattr(self, f).to(device) for f in _COMPRESSED_FIELDS}
+        return BSRIndex(self.shape, self.block_shape, **moved)
 
     def tensors(self, full: bool = False) -> dict[str, Tensor]:
         """crow, col and block_shape (int64 pair) by default; ``full=True`` adds the derived fields."""
@@ -719,7 +723,8 @@ class NMIndex:
     def to_mask(self) -> Tensor:
         rows = self.shape[0]
         out = torch.zeros((rows, self.groups, self.m), dtype=torch.bool, device=self.device)
-        out.scatter_(2, self.idx.long().reshape(rows, self.groups, self.n), self.valid.reshape(rows, self.groups, self.n))
+        slots = (rows, self.groups, self.n)
+        out.scatter_(2, self.idx.long().reshape(slots), self.valid.reshape(slots))
         return out.reshape(self.shape)
 
     def to(self, device) -> "NMIndex":
@@ -756,7 +761,9 @@ class NMIndex:
             if tuple(t.shape) != slots:
                 raise ValueError(f"NMIndex.{name} must have shape {slots}, got {tuple(t.shape)}")
         if self.valid.device != self.idx.device:
-            raise ValueError(f"NMIndex.valid is on {self.valid.device} but NMIndex.idx is on {self.idx.device}")
+            raise ValueError(
+                f"NMIndex.valid is on {self.valid.device} but NMIndex.idx is on {self.idx.device}"
+            )
         ix = self.idx.long().reshape(rows, k // m, n)
         if ix.numel() and int(ix.max()) >= m:
             raise ValueError(f"NMIndex.idx must lie in [0, {m}), got max {int(ix.max())}")
@@ -798,9 +805,13 @@ def convert(values: Tensor, index_from: Index, index_to: Index) -> Tensor:
     """
     for name, idx in (("index_from", index_from), ("index_to", index_to)):
         if not isinstance(idx, (DenseIndex, CSRIndex, BSRIndex, NMIndex)):
-            raise ValueError(f"{name} must be a DenseIndex, CSRIndex, BSRIndex or NMIndex, got {type(idx).__name__}")
+            raise ValueError(
+                f"{name} must be a DenseIndex, CSRIndex, BSRIndex or NMIndex, got {type(idx).__name__}"
+            )
     if tuple(index_from.shape) != tuple(index_to.shape):
-        raise ValueError(f"index_to has shape {tuple(index_to.shape)} but index_from has {tuple(index_from.shape)}")
+        raise ValueError(
+            f"index_to has shape {tuple(index_to.shape)} but index_from has {tuple(index_from.shape)}"
+        )
     src = index_from.to_mask()
     lost = src & ~index_to.to_mask().to(src.device)
     if bool(lost.any()):

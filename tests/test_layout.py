@@ -167,7 +167,8 @@ def test_csr_serialise_round_trip_and_file_size():
     # A compact file at 90 % sparsity must be at most 0.25x the dense fp32 file.
     shape = (512, 512)
     mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
-    mask[torch.randperm(mask.numel(), generator=torch.Generator().manual_seed(0))[: mask.numel() // 10]] = True
+    chosen = torch.randperm(mask.numel(), generator=torch.Generator().manual_seed(0))[: mask.numel() // 10]
+    mask[chosen] = True
     mask = mask.reshape(shape)
     w = fresh(shape)
     big = CSRIndex.from_mask(mask)
@@ -242,7 +243,8 @@ def test_bsr_hand_3x4():
     vals = b.gather(dense)
     expected = torch.tensor([[[3.0, 4.0], [7.0, 8.0]], [[9.0, 10.0], [0.0, 0.0]]])  # edge padded with 0
     assert torch.equal(vals, expected)
-    assert torch.equal(b.to_mask(), torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0]], dtype=torch.bool))
+    expected_mask = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(b.to_mask(), expected_mask)
     assert torch.equal(b.scatter(vals), dense * b.to_mask())
     b.validate()
 
@@ -260,7 +262,9 @@ def test_bsr_transpose_hand():
     b.validate()
 
 
-@pytest.mark.parametrize("shape,block", [((7, 9), (4, 4)), ((1, 1), (16, 16)), ((129, 33), (16, 32)), ((8, 8), (4, 2))])
+@pytest.mark.parametrize(
+    "shape,block", [((7, 9), (4, 4)), ((1, 1), (16, 16)), ((129, 33), (16, 32)), ((8, 8), (4, 2))]
+)
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 1.0])
 def test_bsr_round_trip(shape, block, p):
     mask = rand_mask(shape, p, seed=7)
@@ -396,7 +400,7 @@ def test_nm_errors():
     nm.validate()
 
 
-# ------------------------------------------------------------------------------------------------ dense / check_mask / convert
+# ------------------------------------------------------------------- dense / check_mask / convert
 
 
 def test_check_mask():
@@ -479,3 +483,27 @@ def test_deterministic_build():
     a, b = CSRIndex.from_mask(mask), CSRIndex.from_mask(mask.clone())
     for f in ("crow", "col", "row", "ccol", "row_t", "perm"):
         assert torch.equal(getattr(a, f), getattr(b, f))
+
+
+@pytest.mark.gpu
+def test_cuda_build_matches_cpu():
+    # Device independence: the same mask gives bit-identical indices and values on CUDA and CPU.
+    mask = rand_mask((129, 200), 0.3, seed=5)
+    w = fresh((129, 200))
+    for make in (
+        CSRIndex.from_mask,
+        lambda m: BSRIndex.from_mask(m, (16, 32)),
+        lambda m: DenseIndex.from_mask(m),
+    ):
+        cpu, gpu = make(mask), make(mask.cuda())
+        gpu.validate()
+        for name, t in cpu.tensors().items():
+            assert torch.equal(gpu.tensors()[name].cpu(), t), name
+        assert torch.equal(gpu.gather(w.cuda()).cpu(), cpu.gather(w))
+        assert torch.equal(gpu.to_mask().cpu(), cpu.to_mask())
+    nm_mask = torch.zeros(129, 200, dtype=torch.bool)
+    nm_mask[:, ::4] = True
+    nm_mask[:, 2::4] = rand_mask((129, 50), 0.5, seed=1)
+    cpu, gpu = NMIndex.from_mask(nm_mask), NMIndex.from_mask(nm_mask.cuda())
+    assert torch.equal(gpu.idx.cpu(), cpu.idx) and torch.equal(gpu.valid.cpu(), cpu.valid)
+    assert torch.equal(gpu.scatter(gpu.gather(w.cuda())).cpu(), w * nm_mask)
