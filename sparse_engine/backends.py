@@ -11,9 +11,18 @@ function listed in ``REFERENCE`` (see reference.py). Backends:
 * ``cuda``      – the compiled CUDA extension, loaded by ``sparse_engine._cuda``; CUDA tensors.
 
 Automatic choice takes the first backend of ``PREFERENCE[device type]`` that provides the implementation
-and accepts the arguments; it falls back quietly with one log line per (impl, reason). The environment
-variable ``SPARSE_ENGINE_BACKEND`` (or :func:`force`) requests one backend: a request that cannot be met
-raises, naming what is missing. Nothing is imported until an op first runs.
+and accepts the arguments; it falls back quietly with one log line per (impl, backend, reason). The
+environment variable ``SPARSE_ENGINE_BACKEND`` (or :func:`force`) requests one backend: a request that
+cannot be met raises, naming what is missing. Nothing is imported until an op first runs.
+
+What a backend module may declare besides the functions (all optional):
+
+* ``UNAVAILABLE: str`` – non-empty when the module imported but cannot run (e.g. the .so is missing).
+* ``SUPPORTED_DTYPES`` – a collection of ``torch.dtype`` for every impl, or a dict impl -> collection.
+  Absent: every floating dtype. (The compute dtype of an op is the dtype of its weight / parameter.)
+* ``unsupported(impl: str, args: tuple) -> str`` – "" when the backend accepts these exact arguments,
+  else why not (e.g. a block shape it has no kernel for). Called before every automatic choice, so it
+  must be cheap (shapes and dtypes only, no data).
 """
 from __future__ import annotations
 
@@ -62,38 +71,89 @@ def _op_of(impl: str) -> str:
     return impl
 
 
+_MODULE_OF = {"cpp": "sparse_engine._cpp", "cuda": "sparse_engine._cuda"}
+
+
+def module_name(backend: str, impl: str) -> str:
+    """The module that holds ``impl`` for ``backend`` (not for "reference")."""
+    if backend == "triton":
+        return f"sparse_engine.kernels.{_op_of(impl)}"
+    if backend in _MODULE_OF:
+        return _MODULE_OF[backend]
+    raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+
+
 @functools.lru_cache(maxsize=None)
-def _load(backend: str, impl: str) -> tuple[Callable | None, str]:
-    """(function, "") or (None, why it is unavailable). Cached: import failures are not retried."""
+def _module(backend: str, impl: str) -> tuple[object | None, str]:
+    """(module, "") or (None, why it cannot be imported). Cached: import failures are not retried."""
     if impl not in REFERENCE:
         raise KeyError(f"unknown implementation {impl!r}; known: {sorted(REFERENCE)}")
     if backend == "reference":
-        return REFERENCE[impl], ""
-    module_name = {
-        "triton": f"sparse_engine.kernels.{_op_of(impl)}",
-        "cpp": "sparse_engine._cpp",
-        "cuda": "sparse_engine._cuda",
-    }[backend]
+        return reference, ""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    name = module_name(backend, impl)
     if backend == "triton":
         try:
             import triton  # noqa: F401
         except ImportError as e:
             return None, f"triton is not installed ({e})"
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name == module_name:
-            return None, f"{module_name} does not exist (no {backend} kernel for {_op_of(impl)})"
-        return None, f"importing {module_name} failed: {e}"
+        if e.name == name:
+            return None, f"{name} does not exist (no {backend} kernel for {_op_of(impl)})"
+        return None, f"importing {name} failed: {e}"
     except Exception as e:  # a broken build must not break import of the library
-        return None, f"importing {module_name} failed: {type(e).__name__}: {e}"
+        return None, f"importing {name} failed: {type(e).__name__}: {e}"
     unavailable = getattr(module, "UNAVAILABLE", None)  # compiled backends set this when the .so is missing
     if unavailable:
-        return None, unavailable
+        return None, str(unavailable)
+    return module, ""
+
+
+def _load(backend: str, impl: str) -> tuple[Callable | None, str]:
+    """(function, "") or (None, why it is unavailable)."""
+    if backend == "reference":
+        if impl not in REFERENCE:
+            raise KeyError(f"unknown implementation {impl!r}; known: {sorted(REFERENCE)}")
+        return REFERENCE[impl], ""
+    module, why = _module(backend, impl)
+    if module is None:
+        return None, why
     fn = getattr(module, impl, None)
     if fn is None:
-        return None, f"{module_name} has no {impl}"
+        return None, f"{module_name(backend, impl)} has no {impl}"
     return fn, ""
+
+
+def supported_dtypes(backend: str, impl: str) -> frozenset[torch.dtype] | None:
+    """The dtypes ``backend`` declares for ``impl`` (None: no declaration, i.e. every floating dtype)."""
+    if backend == "reference":
+        return None
+    module, _ = _module(backend, impl)
+    declared = getattr(module, "SUPPORTED_DTYPES", None) if module is not None else None
+    if isinstance(declared, dict):
+        declared = declared.get(impl)
+    return None if declared is None else frozenset(declared)
+
+
+def _dtype_reason(backend: str, impl: str, dtype: torch.dtype | None) -> str:
+    if dtype is None:
+        return ""
+    allowed = supported_dtypes(backend, impl)
+    if allowed is None or dtype in allowed:
+        return ""
+    names = ", ".join(sorted(str(d).replace("torch.", "") for d in allowed))
+    return f"{backend} {impl} supports dtypes {{{names}}}, got {str(dtype).replace('torch.', '')}"
+
+
+def _args_reason(backend: str, impl: str, args: tuple) -> str:
+    if backend == "reference" or not args:
+        return ""
+    module, _ = _module(backend, impl)
+    check = getattr(module, "unsupported", None) if module is not None else None
+    return (check(impl, args) or "") if check is not None else ""
 
 
 def _device_reason(backend: str, device: torch.device, explicit: bool) -> str:
@@ -103,8 +163,10 @@ def _device_reason(backend: str, device: torch.device, explicit: bool) -> str:
     if backend == "triton":
         if device.type == "cuda":
             return ""
-        if device.type == "cpu" and env.triton_interpret() and explicit:
-            return ""
+        if device.type == "cpu" and env.triton_interpret():
+            if explicit:
+                return ""
+            return "the Triton interpreter (TRITON_INTERPRET=1) runs only when triton is requested explicitly"
         return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
     if backend == "cpp":
         return "" if device.type == "cpu" else f"the C++ backend runs on CPU tensors, got {device.type}"
@@ -133,27 +195,48 @@ def force(backend: str | None) -> Iterator[None]:
         _forced.pop()
 
 
-_logged: set[tuple[str, str]] = set()
+_logged: set[tuple[str, str, str]] = set()
 
 
-def select(impl: str, device: torch.device) -> tuple[str, Callable]:
-    """(backend name, function) that runs ``impl`` on ``device``."""
+def reason(
+    backend: str, impl: str, device: torch.device | str, dtype: torch.dtype | None = None, args: tuple = (),
+    *, explicit: bool = True,
+) -> str:
+    """Why ``backend`` cannot run ``impl`` on ``device`` / ``dtype`` / ``args`` ("" if it can).
+
+    ``explicit`` is True for a backend requested by name: only then may Triton run on CPU tensors
+    (under TRITON_INTERPRET=1).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    fn, why = _load(backend, impl)
+    if fn is None:
+        return why
+    return (_device_reason(backend, device, explicit) or _dtype_reason(backend, impl, dtype)
+            or _args_reason(backend, impl, args))
+
+
+def select(
+    impl: str, device: torch.device, dtype: torch.dtype | None = None, args: tuple = ()
+) -> tuple[str, Callable]:
+    """(backend name, function) that runs ``impl`` on ``device`` with compute dtype ``dtype``.
+
+    ``args`` (the exact arguments, optional) are offered to a backend's ``unsupported`` hook.
+    """
     want = requested()
     if want is not None:
-        fn, why = _load(want, impl)
-        why = why or _device_reason(want, device, explicit=True)
-        if fn is None or why:
+        why = reason(want, impl, device, dtype, args, explicit=True)
+        if why:
             raise RuntimeError(f"backend {want!r} was requested for {impl} but cannot run it: {why}")
-        return want, fn
-    for backend in PREFERENCE.get(device.type, ("reference",)):
-        why = _device_reason(backend, device, explicit=False)
-        fn = None
+        return want, _load(want, impl)[0]  # type: ignore[return-value]
+    for backend in PREFERENCE.get(torch.device(device).type, ("reference",)):
+        why = reason(backend, impl, device, dtype, args, explicit=False)
         if not why:
-            fn, why = _load(backend, impl)
-        if fn is not None:
-            return backend, fn
-        if (impl, backend) not in _logged:
-            _logged.add((impl, backend))
+            return backend, _load(backend, impl)[0]  # type: ignore[return-value]
+        key = (impl, backend, why)
+        if key not in _logged:
+            _logged.add(key)
             log.info("sparse_engine: %s: %s backend not used: %s", impl, backend, why)
     return "reference", REFERENCE[impl]
 

@@ -6,15 +6,24 @@ which torch.compile traces through thanks to the fake implementations.
 
 Op-level activations are 2-D (B, K); the public ``masked_linear`` / ``block_sparse_linear`` /
 ``compact_linear`` accept any leading dims and flatten them.
+
+Documented behaviour of the public functions:
+
+* Non-contiguous inputs are accepted and made contiguous (a copy; gradients flow back to the original).
+* An empty batch (B = 0, or any leading dim 0) returns an empty ``(..., N)`` result, and its backward
+  gives zero weight gradients. Work of size zero never reaches a kernel: the reference runs it.
+* Bad input raises ``TypeError`` / ``ValueError`` naming the argument, what was expected and what came.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import backends
+from .reference import STEP_KINDS
 
 _NS = "sparse_engine"
 _EMPTY_SHAPE = (0,)  # stands for "no tensor" in op outputs (custom ops cannot return None)
@@ -28,8 +37,11 @@ def _empty_like(ref: Tensor) -> Tensor:
     return ref.new_empty(_EMPTY_SHAPE)
 
 
-def _run(impl: str, device: torch.device, *args):
-    _, fn = backends.select(impl, device)
+def _run(impl: str, device: torch.device, dtype: torch.dtype, *args, empty: bool = False):
+    """Run ``impl`` on the selected backend; ``empty`` work (a zero-size dim) always runs the reference."""
+    if empty:
+        return backends.REFERENCE[impl](*args)
+    _, fn = backends.select(impl, device, dtype, args)
     return fn(*args)
 
 
@@ -49,14 +61,30 @@ def _check_tensor(name: str, t, *, dim: int | None = None, dtype=None, device=No
         raise ValueError(f"{name} must be on {device}, got {t.device}")
 
 
-def _check_factors(m: Tensor | None, w: Tensor, mask: Tensor | None, *, w_dim: int = 2) -> None:
-    _check_tensor("w", w, dim=w_dim)
+def _check_factors(m: Tensor | None, w: Tensor, mask: Tensor | None, *, w_dim: int | None = 2,
+                   w_name: str = "w", m_name: str = "m") -> None:
+    _check_tensor(w_name, w, dim=w_dim)
     if not w.is_floating_point():
-        raise ValueError(f"w must be a floating-point tensor, got {w.dtype}")
+        raise ValueError(f"{w_name} must be a floating-point tensor, got {w.dtype}")
     if m is not None:
-        _check_tensor("m", m, shape=w.shape, dtype=w.dtype, device=w.device)
+        _check_tensor(m_name, m, shape=w.shape, dtype=w.dtype, device=w.device)
     if mask is not None:
         _check_tensor("mask", mask, shape=w.shape, dtype=torch.bool, device=w.device)
+
+
+def _c(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _check_index(index, w_device: torch.device, *, bsr_only: bool) -> None:
+    from .layout import BSRIndex, CSRIndex  # layout is light, but keep ops importable on its own
+
+    allowed = (BSRIndex,) if bsr_only else (CSRIndex, BSRIndex)
+    if not isinstance(index, allowed):
+        names = " or ".join(c.__name__ for c in allowed)
+        raise TypeError(f"index must be a layout.{names}, got {type(index).__name__}")
+    if index.crow.device != w_device:
+        raise ValueError(f"index must be on the weight's device {w_device}, got {index.crow.device}")
 
 
 def _check_input(x: Tensor, w: Tensor, in_features: int, bias: Tensor | None, out_features: int) -> None:
@@ -81,7 +109,7 @@ def _flatten(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
 
 @torch.library.custom_op(f"{_NS}::reparam", mutates_args=())
 def _reparam(m: Optional[Tensor], w: Tensor, mask: Optional[Tensor]) -> Tensor:
-    return _run("reparam_fwd", w.device, m, w, mask)
+    return _run("reparam_fwd", w.device, w.dtype, m, w, mask, empty=w.numel() == 0)
 
 
 @_reparam.register_fake
@@ -91,7 +119,7 @@ def _(m, w, mask):
 
 @torch.library.custom_op(f"{_NS}::reparam_backward", mutates_args=())
 def _reparam_backward(grad: Tensor, m: Optional[Tensor], w: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    g_m, g_w = _run("reparam_bwd", w.device, grad, m, w, mask)
+    g_m, g_w = _run("reparam_bwd", w.device, w.dtype, grad, m, w, mask, empty=w.numel() == 0)
     return (g_m if g_m is not None else _empty_like(w)), g_w
 
 
@@ -115,9 +143,9 @@ _reparam.register_autograd(_reparam_grad, setup_context=_reparam_setup)
 
 
 def reparam(m: Tensor | None, w: Tensor, mask: Tensor | None = None) -> Tensor:
-    """θ = M ⊙ m ⊙ w (any shape; differentiable in m and w)."""
-    _check_factors(m, w, mask, w_dim=None)  # type: ignore[arg-type]
-    return _reparam(m, w, mask)
+    """θ = M ⊙ m ⊙ w (any shape; differentiable in m and w). m None: θ = M ⊙ w; mask None: no mask."""
+    _check_factors(m, w, mask, w_dim=None)
+    return _reparam(_c(m), w.contiguous(), _c(mask))
 
 
 # ------------------------------------------------------------------------------------ masked_linear
@@ -125,7 +153,7 @@ def reparam(m: Tensor | None, w: Tensor, mask: Tensor | None = None) -> Tensor:
 
 @torch.library.custom_op(f"{_NS}::masked_linear", mutates_args=())
 def _masked_linear(x: Tensor, m: Optional[Tensor], w: Tensor, mask: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    return _run("masked_linear_fwd", x.device, x, m, w, mask, bias)
+    return _run("masked_linear_fwd", x.device, w.dtype, x, m, w, mask, bias, empty=x.numel() == 0 or w.numel() == 0)
 
 
 @_masked_linear.register_fake
@@ -137,7 +165,8 @@ def _(x, m, w, mask, bias):
 def _masked_linear_backward(
     grad_y: Tensor, x: Tensor, m: Optional[Tensor], w: Tensor, mask: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    g_x, g_m, g_w = _run("masked_linear_bwd", x.device, grad_y, x, m, w, mask)
+    g_x, g_m, g_w = _run("masked_linear_bwd", x.device, w.dtype, grad_y, x, m, w, mask,
+                         empty=x.numel() == 0 or w.numel() == 0)
     return g_x, (g_m if g_m is not None else _empty_like(w)), g_w
 
 
@@ -167,11 +196,15 @@ _masked_linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 def masked_linear(
     x: Tensor, m: Tensor | None, w: Tensor, mask: Tensor | None = None, bias: Tensor | None = None
 ) -> Tensor:
-    """y = x θᵀ + b with θ = M ⊙ m ⊙ w built inside the matmul. x: (..., K), w: (N, K) -> (..., N)."""
+    """y = x θᵀ + b with θ = M ⊙ m ⊙ w built inside the matmul. x: (..., K), w: (N, K) -> (..., N).
+
+    m None: the Masked parameterization (θ = M ⊙ w); mask None: no mask.
+    """
     _check_factors(m, w, mask)
     _check_input(x, w, w.shape[1], bias, w.shape[0])
     x2, lead = _flatten(x)
-    return _masked_linear(x2.contiguous(), m, w, mask, bias).reshape(*lead, w.shape[0])
+    y = _masked_linear(x2.contiguous(), _c(m), w.contiguous(), _c(mask), _c(bias))
+    return y.reshape(*lead, w.shape[0])
 
 
 # ------------------------------------------------------------------------------ block_sparse_linear
@@ -183,8 +216,8 @@ def _block_sparse_linear(
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
     block_n: int, block_k: int,
 ) -> Tensor:
-    return _run("block_sparse_linear_fwd", x.device, x, m, w, bias, crow, col, row, ccol, row_t, perm,
-                block_n, block_k)
+    return _run("block_sparse_linear_fwd", x.device, w.dtype, x, m, w, bias, crow, col, row, ccol, row_t, perm,
+                block_n, block_k, empty=x.numel() == 0 or w.numel() == 0)
 
 
 @_block_sparse_linear.register_fake
@@ -198,8 +231,8 @@ def _block_sparse_linear_backward(
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
     block_n: int, block_k: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    g_x, g_m, g_w = _run("block_sparse_linear_bwd", x.device, grad_y, x, m, w, crow, col, row, ccol, row_t,
-                         perm, block_n, block_k)
+    g_x, g_m, g_w = _run("block_sparse_linear_bwd", x.device, w.dtype, grad_y, x, m, w, crow, col, row, ccol,
+                         row_t, perm, block_n, block_k, empty=x.numel() == 0 or w.numel() == 0)
     return g_x, (g_m if g_m is not None else _empty_like(w)), g_w
 
 
@@ -231,14 +264,18 @@ def _index_tensors(index) -> tuple[Tensor, ...]:
 
 
 def block_sparse_linear(x: Tensor, m: Tensor | None, w: Tensor, index, bias: Tensor | None = None) -> Tensor:
-    """y = x θᵀ + b with θ = B ⊙ m ⊙ w, B the blocks of ``index`` (a layout.BSRIndex); m, w dense (N, K)."""
+    """y = x θᵀ + b with θ = B ⊙ m ⊙ w, B the blocks of ``index`` (a layout.BSRIndex); m, w dense (N, K).
+
+    x: (..., K) -> (..., N). Whole blocks are active: coordinates inside an active block train.
+    """
     _check_factors(m, w, None)
     _check_input(x, w, w.shape[1], bias, w.shape[0])
+    _check_index(index, w.device, bsr_only=True)
     if tuple(index.shape) != tuple(w.shape):
         raise ValueError(f"index must describe a {tuple(w.shape)} weight, got shape {tuple(index.shape)}")
     bn, bk = index.block_shape
     x2, lead = _flatten(x)
-    y = _block_sparse_linear(x2.contiguous(), m, w, bias, *_index_tensors(index), bn, bk)
+    y = _block_sparse_linear(x2.contiguous(), _c(m), w.contiguous(), _c(bias), *_index_tensors(index), bn, bk)
     return y.reshape(*lead, w.shape[0])
 
 
@@ -251,8 +288,9 @@ def _compact_linear(
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
     out_features: int, in_features: int,
 ) -> Tensor:
-    return _run("compact_linear_fwd", x.device, x, m_values, w_values, bias, crow, col, row, ccol, row_t,
-                perm, out_features, in_features)
+    return _run("compact_linear_fwd", x.device, w_values.dtype, x, m_values, w_values, bias, crow, col, row,
+                ccol, row_t, perm, out_features, in_features,
+                empty=x.numel() == 0 or out_features * in_features == 0)
 
 
 @_compact_linear.register_fake
@@ -266,8 +304,9 @@ def _compact_linear_backward(
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
     out_features: int, in_features: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    g_x, g_m, g_w = _run("compact_linear_bwd", x.device, grad_y, x, m_values, w_values, crow, col, row, ccol,
-                         row_t, perm, out_features, in_features)
+    g_x, g_m, g_w = _run("compact_linear_bwd", x.device, w_values.dtype, grad_y, x, m_values, w_values, crow,
+                         col, row, ccol, row_t, perm, out_features, in_features,
+                         empty=x.numel() == 0 or out_features * in_features == 0)
     return g_x, (g_m if g_m is not None else _empty_like(w_values)), g_w
 
 
@@ -299,16 +338,19 @@ def compact_linear(
 ) -> Tensor:
     """y = x θᵀ + b, θ stored compactly: values of m and w at the active coordinates of ``index``.
 
-    ``index`` is a layout.CSRIndex (values (nnz,)) or BSRIndex (values (nnzb, bn, bk)).
+    ``index`` is a layout.CSRIndex (values (nnz,)) or BSRIndex (values (nnzb, bn, bk), edge blocks zero
+    padded: the padding never reaches y and gets zero gradient). x: (..., K) -> (..., N).
     """
+    _check_tensor("w_values", w_values)
+    _check_index(index, w_values.device, bsr_only=False)
     n, k = index.shape
-    expect = (index.nnz,) if w_values.dim() == 1 else (index.nnz, *index.block_shape)
+    expect = (index.nnzb, *index.block_shape) if hasattr(index, "block_shape") else (index.nnz,)
+    _check_factors(m_values, w_values, None, w_dim=None, w_name="w_values", m_name="m_values")
     _check_tensor("w_values", w_values, shape=expect)
-    if m_values is not None:
-        _check_tensor("m_values", m_values, shape=expect, dtype=w_values.dtype, device=w_values.device)
     _check_input(x, w_values, k, bias, n)
     x2, lead = _flatten(x)
-    y = _compact_linear(x2.contiguous(), m_values, w_values, bias, *_index_tensors(index), n, k)
+    y = _compact_linear(x2.contiguous(), _c(m_values), w_values.contiguous(), _c(bias), *_index_tensors(index),
+                        n, k)
     return y.reshape(*lead, n)
 
 
@@ -321,8 +363,8 @@ def _fused_step(
     lr: Tensor, step: int, kind: str, momentum: float, dampening: float, nesterov: bool,
     beta1: float, beta2: float, eps: float, weight_decay: float, alpha: float, maximize: bool,
 ) -> None:
-    _run("fused_step", param.device, param, grad, buf1, buf2, mask, lr, step, kind, momentum, dampening,
-         nesterov, beta1, beta2, eps, weight_decay, alpha, maximize)
+    _run("fused_step", param.device, param.dtype, param, grad, buf1, buf2, mask, lr, step, kind, momentum,
+         dampening, nesterov, beta1, beta2, eps, weight_decay, alpha, maximize, empty=param.numel() == 0)
 
 
 @_fused_step.register_fake
@@ -337,17 +379,58 @@ def fused_step(
     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
     alpha: float = 0.0, maximize: bool = False,
 ) -> None:
-    """One in-place optimizer step on one tensor (see reference.fused_step_ref for the exact math)."""
+    """One in-place optimizer step on one tensor (see reference.fused_step_ref for the exact math).
+
+    ``param``, ``buf1``, ``buf2`` are updated in place, so they must be contiguous (a copy would lose the
+    update); ``grad`` and ``mask`` may be non-contiguous.
+    """
     _check_tensor("param", param)
+    if not param.is_floating_point():
+        raise ValueError(f"param must be a floating-point tensor, got {param.dtype}")
     _check_tensor("grad", grad, shape=param.shape, dtype=param.dtype, device=param.device)
+    if kind not in STEP_KINDS:
+        raise ValueError(f"kind must be one of {STEP_KINDS}, got {kind!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (1-based count of this step), got {step!r}")
+    needed = {"sgd": ("buf1",) if momentum != 0.0 else (), "adamw": ("buf1", "buf2")}[kind]
     for name, buf in (("buf1", buf1), ("buf2", buf2)):
-        if buf is not None:
-            _check_tensor(name, buf, shape=param.shape, device=param.device)
+        if buf is None:
+            if name in needed:
+                what = "the momentum buffer" if kind == "sgd" else ("exp_avg" if name == "buf1" else "exp_avg_sq")
+                raise ValueError(f"{name} ({what}) must be given for kind={kind!r} with these settings")
+            continue
+        _check_tensor(name, buf, shape=param.shape, device=param.device)
+        if not buf.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {buf.dtype}")
+    for name, t in (("param", param), ("buf1", buf1), ("buf2", buf2)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place), got strides {t.stride()}")
     if mask is not None:
         _check_tensor("mask", mask, shape=param.shape, dtype=torch.bool, device=param.device)
     _check_tensor("lr", lr, dim=0)
-    _fused_step(param, grad, buf1, buf2, mask, lr, step, kind, momentum, dampening, nesterov, beta1, beta2,
-                eps, weight_decay, alpha, maximize)
+    if not lr.is_floating_point():
+        raise ValueError(f"lr must be a floating-point 0-dim tensor, got {lr.dtype}")
+    _check_hyper(kind, momentum=momentum, dampening=dampening, nesterov=nesterov, beta1=beta1, beta2=beta2,
+                 eps=eps, weight_decay=weight_decay, alpha=alpha)
+    _fused_step(param, grad.contiguous(), buf1, buf2, _c(mask), lr, step, kind, float(momentum),
+                float(dampening), bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay),
+                float(alpha), bool(maximize))
+
+
+def _check_hyper(kind: str, **h) -> None:
+    """The same ranges torch.optim checks, with the argument named."""
+    for name in ("momentum", "dampening", "weight_decay", "alpha", "eps"):
+        v = h[name]
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if kind == "sgd" and h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
+        raise ValueError(f"nesterov=True needs momentum > 0 and dampening = 0, got momentum={h['momentum']}, "
+                         f"dampening={h['dampening']}")
+    if kind == "adamw":
+        for name in ("beta1", "beta2"):
+            v = h[name]
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
 
 
 # ------------------------------------------------------------------------------ signin_reset, prune
@@ -355,7 +438,7 @@ def fused_step(
 
 @torch.library.custom_op(f"{_NS}::signin_reset", mutates_args=())
 def _signin_reset(m: Tensor, w: Tensor, mask: Optional[Tensor], beta: float) -> tuple[Tensor, Tensor]:
-    return _run("signin_reset", w.device, m, w, mask, beta)
+    return _run("signin_reset", w.device, w.dtype, m, w, mask, beta, empty=w.numel() == 0)
 
 
 @_signin_reset.register_fake
@@ -364,16 +447,22 @@ def _(m, w, mask, beta):
 
 
 def signin_reset(m: Tensor, w: Tensor, mask: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
-    """Re-factor θ = M ⊙ m ⊙ w to m² − w² = β (θ unchanged). Returns new (m, w)."""
-    _check_factors(m, w, mask, w_dim=None)  # type: ignore[arg-type]
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0 for a Sign-In reset, got {beta}")
-    return _signin_reset(m, w, mask, float(beta))
+    """Re-factor θ = M ⊙ m ⊙ w to m² − w² = β (θ unchanged to rounding). Returns new (m, w).
+
+    Not differentiable (a reset is a change of coordinates between steps): the inputs are detached.
+    β = 0 is allowed (the balanced factorisation), though a coordinate at θ = 0 then never moves again.
+    """
+    _check_factors(m, w, mask, w_dim=None)
+    if m is None:
+        raise TypeError("m must be a torch.Tensor (a reset needs both factors), got NoneType")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    return _signin_reset(m.detach().contiguous(), w.detach().contiguous(), _c(mask), float(beta))
 
 
 @torch.library.custom_op(f"{_NS}::prune_threshold", mutates_args=())
 def _prune_threshold(scores: Tensor, k: int) -> Tensor:
-    return _run("prune_threshold", scores.device, scores, k)
+    return _run("prune_threshold", scores.device, scores.dtype, scores, k, empty=scores.numel() == 0)
 
 
 @_prune_threshold.register_fake
@@ -382,8 +471,20 @@ def _(scores, k):
 
 
 def prune_threshold(scores: Tensor | Sequence[Tensor], k: int) -> Tensor:
-    """k-th largest of ``scores`` (one tensor, or several concatenated: a global threshold)."""
+    """k-th largest of ``scores`` (one tensor, or several concatenated: a global threshold), 0-dim.
+
+    Keep ``scores >= threshold``: at least k entries (more only on ties); k = 0 gives +inf.
+    """
     if not isinstance(scores, Tensor):
+        if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence) or not len(scores):
+            raise TypeError(f"scores must be a tensor or a non-empty sequence of tensors, got {type(scores).__name__}")
+        for i, t in enumerate(scores):
+            _check_tensor(f"scores[{i}]", t, device=scores[0].device if isinstance(scores[0], Tensor) else None)
         scores = torch.cat([s.reshape(-1) for s in scores])
     _check_tensor("scores", scores)
-    return _prune_threshold(scores, int(k))
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    n = scores.numel()
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"k must be an int in [0, {n}] (the number of scores), got {k!r}")
+    return _prune_threshold(scores.contiguous(), k)

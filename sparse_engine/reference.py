@@ -39,8 +39,9 @@ def _maybe(t: Tensor | None, fn):
 
 
 def reparam_ref(m: Tensor | None, w: Tensor, mask: Tensor | None) -> Tensor:
-    """θ = M ⊙ m ⊙ w (θ = M ⊙ w when ``m`` is None). Same shape and dtype as ``w``."""
-    theta = w if m is None else m * w
+    """θ = M ⊙ m ⊙ w (θ = M ⊙ w when ``m`` is None). Same shape and dtype as ``w``; always a new tensor
+    (a registered op may not return an alias of its input, even when there is nothing to do)."""
+    theta = w.clone() if m is None else m * w
     return _apply_mask(theta, mask)
 
 
@@ -50,7 +51,7 @@ def reparam_backward_ref(
     """Given G = ∂L/∂θ: g_m = G ⊙ M ⊙ w, g_w = G ⊙ M ⊙ m (g_w = G ⊙ M when ``m`` is None)."""
     g = _apply_mask(grad, mask)
     if m is None:
-        return None, g
+        return None, (g.clone() if g is grad else g)
     return g * w, g * m
 
 
@@ -60,15 +61,16 @@ def reparam_backward_ref(
 def factorize_ref(theta: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """The unique (m, w) with m ⊙ w = θ, m² − w² = β, m > 0 (METHODS.md §0).
 
-    m = sqrt((β + sqrt(β² + 4θ²)) / 2), w = θ / m.  ``hypot`` avoids overflowing 4θ² for huge |θ|;
-    β + hypot(β, 2θ) adds two non-negative numbers, so no cancellation for tiny β. Computed in fp32 (or
-    fp64) even for fp16/bf16 storage, then cast back. With β = 0 and θ = 0, m = w = 0.
+    Written as m = sqrt(β/2 + hypot(β/2, θ)): ``hypot`` never squares θ (no overflow up to the dtype's
+    max, no underflow of tiny θ), and the sum adds two non-negative numbers, so there is no cancellation
+    for tiny β. Computed in fp32 (fp64 for fp64 input) even for fp16/bf16 storage, then rounded once.
+    With β = 0 and θ = 0, m = w = 0 (the balanced "spred" start: such a coordinate can never move).
     """
-    if not beta >= 0 or math.isinf(beta):
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be a finite number >= 0, got {beta}")
     work = theta.to(torch.float64 if theta.dtype == torch.float64 else torch.float32)
-    s = torch.hypot(torch.full_like(work, beta), 2.0 * work)
-    m = torch.sqrt((beta + s) * 0.5)
+    half = 0.5 * float(beta)
+    m = torch.sqrt(half + torch.hypot(torch.full_like(work, half), work))
     w = torch.where(m > 0, work / torch.where(m > 0, m, torch.ones_like(m)), torch.zeros_like(work))
     return m.to(theta.dtype), w.to(theta.dtype)
 
@@ -276,20 +278,28 @@ def fused_step_ref(
       ``buf2`` = exp_avg_sq; bias correction with the 1-based ``step``).
     * ``alpha``: PILoT's regulariser α(‖m‖² + ‖w‖²) on this factor, i.e. 2α·p added to the gradient
       (coupled for both kinds: it is part of the objective, not a decay of the optimizer).
+    * ``maximize``: the gradient is negated first (before weight decay and α), as in torch.optim.
     * ``mask``: pruned coordinates are not updated (the parameter keeps its value: w = 0 and m = sqrt(β)
       there, θ stays exactly 0) and their optimizer state is set to exactly 0. A NaN gradient at a pruned
       coordinate is ignored.
-    * ``lr`` is a 0-dim tensor so that a schedule does not force recompilation.
+    * ``lr`` is a 0-dim tensor (any float dtype, any device) so that a schedule does not force
+      recompilation; it is read in the compute dtype.
+    * Compute dtype: fp64 for fp64 parameters, fp32 otherwise (fp16/bf16 storage is read, updated in fp32
+      and rounded once on store, like torch's own fused kernels). The buffers may have their own dtype
+      (e.g. fp32 state for bf16 parameters); each tensor is rounded to its own dtype on store.
     """
     if kind not in STEP_KINDS:
         raise ValueError(f"kind must be one of {STEP_KINDS}, got {kind!r}")
     if step < 1:
         raise ValueError(f"step must be >= 1 (1-based count of this step), got {step}")
-    p = param
-    g = -grad if maximize else grad
+    work = torch.float64 if param.dtype == torch.float64 else torch.float32
+    p = param.to(work)
+    g = grad.to(work)
+    if maximize:
+        g = -g
     if alpha != 0.0:
         g = g + (2.0 * alpha) * p
-    lr = lr.to(p.dtype) if lr.dtype != p.dtype else lr
+    lr_w = lr.to(device=p.device, dtype=work)
     if kind == "sgd":
         if weight_decay != 0.0:
             g = g + weight_decay * p
@@ -299,20 +309,20 @@ def fused_step_ref(
             if step == 1:
                 new_buf = g
             else:
-                new_buf = buf1 * momentum + (1.0 - dampening) * g
+                new_buf = buf1.to(work) * momentum + (1.0 - dampening) * g
             g = g + momentum * new_buf if nesterov else new_buf
             buf1.copy_(_apply_mask(new_buf, mask))
-        new_p = p - lr * g
+        new_p = p - lr_w * g
     else:
         if buf1 is None or buf2 is None:
             raise ValueError("buf1 (exp_avg) and buf2 (exp_avg_sq) must be given for kind='adamw'")
-        decayed = p * (1.0 - lr * weight_decay)
-        exp_avg = torch.lerp(buf1, g, 1.0 - beta1)
-        exp_avg_sq = buf2 * beta2 + (1.0 - beta2) * g * g
+        decayed = p * (1.0 - lr_w * weight_decay)
+        exp_avg = torch.lerp(buf1.to(work), g, 1.0 - beta1)
+        exp_avg_sq = buf2.to(work) * beta2 + (1.0 - beta2) * g * g
         bias_correction1 = 1.0 - beta1**step
         bias_correction2 = 1.0 - beta2**step
         denom = exp_avg_sq.sqrt() / math.sqrt(bias_correction2) + eps
-        new_p = decayed - (lr / bias_correction1) * exp_avg / denom
+        new_p = decayed - (lr_w / bias_correction1) * (exp_avg / denom)
         buf1.copy_(_apply_mask(exp_avg, mask))
         buf2.copy_(_apply_mask(exp_avg_sq, mask))
     param.copy_(new_p if mask is None else torch.where(mask, new_p, p))
