@@ -1,0 +1,380 @@
+"""``extract(model)``: collapse a trained sparse model into a compact inference model.
+
+Every sparse layer (SparseLinear, SparseConv2d, SparseConv1d: any module whose ``.param`` is a
+:class:`~sparse_engine.param.Parameterization`) becomes an :mod:`sparse_engine.infer` module holding only
+θ = M ⊙ m ⊙ w and the bias: m, w, β and (since the new module shares nothing with the old one) every
+optimizer state are gone. Other modules are kept as they are.
+
+PILoT layers that were never pruned (``kind="pilot"``, no mask, a ``target_density``) are first
+magnitude-pruned to their target: per layer (``scope="layer"``, each to its own target) or with one
+threshold over all of them (``scope="global"``, to the parameter-weighted mean of their targets).
+``density=`` overrides the targets.
+
+The format of each layer (``format=``):
+
+* ``"dense" | "csr" | "bsr" | "nm"``: that format for every layer (an error names a layer that cannot
+  take it: ``nm`` needs a 2:4 pattern, sparse conv formats need ``groups == 1``); or a dict
+  ``{layer name: format}`` (missing layers: ``"auto"``).
+* ``"auto"``: each candidate format is built and timed on this device, on inputs of the layer's shape
+  (recorded from ``example_inputs`` when given, else ``(b, in_features)`` for linear layers) with the
+  leading batch dimension set to each of ``batch_sizes``. A sparse format is chosen only if it is more
+  than ``margin`` faster than dense **at every measured batch size**, so auto never picks a format that
+  was measured slower than dense; among those, the lowest geometric mean of time ratios wins.
+  Candidates: dense; csr; bsr when the blocks of ``block_shape`` would be at least half full; nm when the
+  pattern is 2:4 and this GPU runs 2:4 sparse tensor cores. A conv layer without ``example_inputs`` has
+  no input shape to measure and stays dense (its ``extract_info`` says so).
+
+Every inference module carries ``extract_info``: the chosen format, the reason, and the measured times
+(seconds per forward, median). :func:`report` collects them.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import backends
+from .infer import FORMATS, InferConv1d, InferConv2d, InferLinear, InferModule, semi_structured_support
+from .masks import magnitude_masks
+
+log = logging.getLogger("sparse_engine")
+
+__all__ = ["extract", "report", "sparse_layers", "MARGIN"]
+
+#: a sparse format must be more than this fraction faster than dense at every measured shape
+MARGIN = 0.05
+SCOPES = ("layer", "global")
+
+_cache: dict[tuple, float] = {}  # (format, layer key, input shape, device, dtype, backend) -> seconds
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every training-time sparse layer of ``model`` (modules with a ``.param``)."""
+    from .param import Parameterization
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "param", None), Parameterization)]
+
+
+def _kind_of(mod: nn.Module) -> str:
+    shape = tuple(mod.param.weight_shape)
+    if len(shape) == 2 and hasattr(mod, "in_features"):
+        return "linear"
+    if len(shape) == 4 and hasattr(mod, "kernel_size"):
+        return "conv2d"
+    if len(shape) == 3 and hasattr(mod, "kernel_size"):
+        return "conv1d"
+    raise ValueError(f"cannot extract {type(mod).__name__} with weight shape {shape}: not a Linear, Conv1d or Conv2d")
+
+
+def _conv_args(mod: nn.Module) -> dict[str, Any]:
+    return {"stride": tuple(mod.stride), "padding": mod.padding if isinstance(mod.padding, str) else tuple(mod.padding),
+            "dilation": tuple(mod.dilation), "groups": int(mod.groups),
+            "padding_mode": getattr(mod, "padding_mode", "zeros")}
+
+
+def _build(kind: str, theta: Tensor, mask: Tensor | None, bias: Tensor | None, format: str,
+           conv: dict | None, block_shape, nm=(2, 4)) -> InferModule:
+    if kind == "linear":
+        return InferLinear(theta, bias, format, mask, block_shape=block_shape, nm=nm)
+    cls = InferConv2d if kind == "conv2d" else InferConv1d
+    return cls(theta, bias, format, mask, block_shape=block_shape, nm=nm, **conv)
+
+
+# ------------------------------------------------------------------------------------------ PILoT
+
+
+def _pilot_masks(layers: list[tuple[str, nn.Module]], thetas: dict[str, Tensor], masks: dict[str, Tensor | None],
+                 scope: str, density: float | None) -> dict[str, Tensor]:
+    """New masks for the PILoT layers that still need their final prune."""
+    todo: dict[str, float] = {}
+    for name, mod in layers:
+        if getattr(mod.param, "kind", None) != "pilot":
+            continue
+        target = density if density is not None else getattr(mod, "target_density", None)
+        if target is None:
+            continue
+        current = 1.0 if masks[name] is None else float(masks[name].float().mean())
+        if current > target + 0.5 / thetas[name].numel():
+            todo[name] = float(target)
+    if not todo:
+        return {}
+    scores = {n: thetas[n] if masks[n] is None else torch.where(masks[n], thetas[n], torch.zeros_like(thetas[n]))
+              for n in todo}
+    if scope == "layer":
+        out = {n: magnitude_masks({n: scores[n]}, d, scope="layer")[n] for n, d in todo.items()}
+    else:
+        total = sum(scores[n].numel() for n in todo)
+        d = sum(todo[n] * scores[n].numel() for n in todo) / total
+        out = magnitude_masks(scores, d, scope="global")
+    for n in out:
+        if masks[n] is not None:
+            out[n] = out[n] & masks[n]
+        log.info("sparse_engine: extract: PILoT layer %s pruned to density %.4f (%s)", n,
+                 float(out[n].float().mean()), scope)
+    return out
+
+
+# -------------------------------------------------------------------------------------- measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], Any], device: torch.device, budget_s: float = 0.1, max_reps: int = 25) -> float:
+    """Median seconds of ``fn()`` after 2 warm-up calls (at least 5 timed calls, more within budget)."""
+    for _ in range(2):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 5 and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times)
+
+
+def _backend_key(device: torch.device, dtype: torch.dtype) -> tuple:
+    out = []
+    for impl in ("compact_linear_fwd",):
+        try:
+            out.append(backends.select(impl, device, dtype)[0])
+        except TypeError:  # older select(impl, device)
+            out.append(backends.select(impl, device)[0])
+        except RuntimeError as e:
+            out.append(f"unavailable: {e}")
+    return tuple(out)
+
+
+def _choose(candidates: dict[str, Callable[[], InferModule]], shapes: list[tuple[int, ...]], key: tuple,
+            device: torch.device, dtype: torch.dtype, input_dtype: torch.dtype, margin: float
+            ) -> tuple[str, dict[str, dict[str, float]], str]:
+    """(format, times {format: {shape: s}}, reason) by the rule of the module docstring."""
+    times: dict[str, dict[str, float]] = {}
+    bkey = _backend_key(device, dtype)
+    for fmt, make in candidates.items():
+        mod = None
+        times[fmt] = {}
+        for shape in shapes:
+            ck = (fmt, key, shape, str(device), str(dtype), bkey, torch.get_num_threads())
+            if ck not in _cache:
+                if mod is None:
+                    mod = make()
+                x = torch.randn(shape, device=device).to(input_dtype) if input_dtype.is_floating_point else \
+                    torch.randint(0, 2, shape, device=device, dtype=input_dtype)
+                with torch.inference_mode():
+                    _cache[ck] = _median_time(lambda: mod(x), device)
+            times[fmt]["x".join(map(str, shape))] = _cache[ck]
+    dense = times["dense"]
+    best, best_score = "dense", 1.0
+    for fmt, t in times.items():
+        if fmt == "dense":
+            continue
+        if all(t[s] * (1 + margin) < dense[s] for s in dense):
+            score = math.exp(sum(math.log(t[s] / dense[s]) for s in dense) / len(dense))
+            if score < best_score:
+                best, best_score = fmt, score
+    if best == "dense":
+        reason = "no sparse format measured faster than dense at every batch size" if len(times) > 1 \
+            else "only candidate"
+    else:
+        reason = f"measured {1 / best_score:.2f}x faster than dense (geometric mean over batch sizes)"
+    return best, times, reason
+
+
+def _is_nm(mask2d: Tensor, n: int = 2, m: int = 4) -> bool:
+    k = mask2d.shape[1]
+    return k % m == 0 and bool((mask2d.reshape(mask2d.shape[0], k // m, m).sum(-1) <= n).all())
+
+
+def _record_shapes(model: nn.Module, names: Iterable[str], example_inputs) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name in names:
+        mod = model.get_submodule(name) if name else model
+
+        def hook(module, args, name=name):
+            if name not in shapes and args and isinstance(args[0], Tensor):
+                shapes[name] = tuple(args[0].shape)
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            elif isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------- extract
+
+
+def extract(
+    model: nn.Module,
+    format: str | dict[str, str] = "auto",
+    *,
+    example_inputs: Any = None,
+    batch_sizes: Sequence[int] = (1, 64),
+    scope: str = "layer",
+    density: float | None = None,
+    block_shape: tuple[int, int] = (32, 32),
+    margin: float = MARGIN,
+    inplace: bool = False,
+) -> nn.Module:
+    """The inference version of ``model`` (a copy unless ``inplace``), in eval mode. See the module doc.
+
+    Args:
+        model: a model holding sparse_engine sparse layers (e.g. after ``sparsify`` and training).
+        format: "auto", "dense", "csr", "bsr", "nm", or a dict layer name -> one of those.
+        example_inputs: an input (or tuple of positional inputs, or dict of keyword inputs) of the model;
+            used by "auto" to learn each layer's input shape (needed for conv layers).
+        batch_sizes: leading dims at which "auto" measures (the example's batch dim is replaced).
+        scope: "layer" or "global" threshold for pruning PILoT layers to their target density.
+        density: prune every PILoT layer to this density instead of its target_density.
+        block_shape: BSR block (bn, bk) for layers not already stored as BSR.
+        margin: how much faster than dense a sparse format must be to be chosen by "auto".
+        inplace: replace the layers of ``model`` itself instead of a deep copy.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(format, str):
+        if format != "auto" and format not in FORMATS:
+            raise ValueError(f"format must be 'auto' or one of {FORMATS} (or a dict of them), got {format!r}")
+    elif isinstance(format, dict):
+        for k, v in format.items():
+            if v != "auto" and v not in FORMATS:
+                raise ValueError(f"format[{k!r}] must be 'auto' or one of {FORMATS}, got {v!r}")
+    else:
+        raise ValueError(f"format must be a str or a dict layer name -> format, got {type(format).__name__}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
+                                or not 0.0 < density <= 1.0):
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    batch_sizes = tuple(batch_sizes)
+    if not batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be a non-empty sequence of positive ints, got {batch_sizes!r}")
+    if not (isinstance(margin, (int, float)) and margin >= 0):
+        raise ValueError(f"margin must be a number >= 0, got {margin!r}")
+
+    if not sparse_layers(model):
+        raise ValueError(f"model ({type(model).__name__}) holds no sparse_engine sparse layer to extract; "
+                         "sparsify it first (sparse_engine.nn.sparsify)")
+    out = model if inplace else copy.deepcopy(model)
+    layers = sparse_layers(out)
+    if isinstance(format, dict):
+        unknown = set(format) - {n for n, _ in layers}
+        if unknown:
+            raise ValueError(f"format names layers that are not sparse layers of the model: {sorted(unknown)}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    if example_inputs is not None:
+        shapes = _record_shapes(out, [n for n, _ in layers], example_inputs)
+
+    with torch.no_grad():
+        thetas = {n: m.theta().detach() for n, m in layers}
+        masks = {n: m.dense_mask() for n, m in layers}
+        masks.update(_pilot_masks(layers, thetas, masks, scope, density))
+        built: dict[str, InferModule] = {}
+        for name, mod in layers:
+            fmt = format.get(name, "auto") if isinstance(format, dict) else format
+            built[name] = _extract_layer(name, mod, thetas[name], masks[name], fmt, shapes.get(name), batch_sizes,
+                                         block_shape, margin)
+    for name, new in built.items():
+        if name:
+            out.set_submodule(name, new)
+        else:
+            out = new
+    return out.eval()
+
+
+def _extract_layer(name: str, mod: nn.Module, theta: Tensor, mask: Tensor | None, fmt: str,
+                   in_shape: tuple[int, ...] | None, batch_sizes: tuple[int, ...], block_shape, margin: float
+                   ) -> InferModule:
+    where = f"layer {name or '<root>'} ({type(mod).__name__} {tuple(theta.shape)})"
+    kind = _kind_of(mod)
+    conv = _conv_args(mod) if kind != "linear" else None
+    bias = None if getattr(mod, "bias", None) is None else mod.bias.detach()
+    if mask is None:
+        mask = torch.ones(theta.shape, dtype=torch.bool, device=theta.device)
+    param = mod.param
+    if getattr(param, "layout", None) == "bsr":
+        block_shape = tuple(getattr(param, "block_shape", block_shape))
+    mask2d = mask.reshape(mask.shape[0], -1)
+    grouped = conv is not None and conv["groups"] != 1
+
+    def make(f: str) -> Callable[[], InferModule]:
+        return lambda: _build(kind, theta, mask, bias, f, conv, block_shape)
+
+    info: dict[str, Any] = {"density": float(mask.float().mean())}
+    if fmt != "auto":
+        if grouped and fmt != "dense":
+            raise ValueError(f"{where}: format {fmt!r} needs groups=1; give this layer 'dense' "
+                             f"(format={{{name!r}: 'dense', ...}}) or use 'auto'")
+        if fmt == "nm" and not _is_nm(mask2d):
+            raise ValueError(f"{where}: format 'nm' needs a 2:4 pattern (at most 2 active in every 4 inputs, "
+                             "K divisible by 4); train with an N:M mask or use another format")
+        try:
+            new = make(fmt)()
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        info.update(format=fmt, reason="requested", times={})
+    else:
+        candidates = {"dense": make("dense")}
+        notes = []
+        if grouped:
+            notes.append("grouped conv: dense only")
+        elif kind != "linear" and in_shape is None:
+            notes.append("no example_inputs: a conv layer needs an input shape to be measured")
+        else:
+            candidates["csr"] = make("csr")
+            from .layout import reduce_to_blocks
+
+            nnz = int(mask2d.sum())
+            nnzb = int(reduce_to_blocks(mask2d, block_shape).sum())
+            if nnzb and nnz / (nnzb * block_shape[0] * block_shape[1]) >= 0.5:
+                candidates["bsr"] = make("bsr")
+            why = semi_structured_support(theta.device, theta.dtype, tuple(mask2d.shape))
+            if not why and _is_nm(mask2d):
+                candidates["nm"] = make("nm")
+        if in_shape is None:
+            in_shape = (1, theta.shape[1])  # linear: (rows, in_features)
+        shapes = [(b,) + tuple(in_shape[1:]) for b in batch_sizes]
+        key = (kind, tuple(theta.shape), round(info["density"], 3), bias is not None, block_shape,
+               tuple(sorted(conv.items())) if conv else None)
+        chosen, times, reason = _choose(candidates, shapes, key, theta.device, theta.dtype, theta.dtype, margin)
+        new = candidates[chosen]()
+        info.update(format=chosen, reason="; ".join(notes + [reason]), times=times)
+        log.info("sparse_engine: extract: %s -> %s (%s)", where, chosen, info["reason"])
+    new.extract_info = info
+    return new
+
+
+def report(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per inference layer: name, type, shape, format, density, reason, measured times."""
+    rows = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, InferModule):
+            info = getattr(mod, "extract_info", {})
+            rows.append({"name": name, "type": type(mod).__name__, "shape": mod.weight_shape, "format": mod.format,
+                         "density": mod.density, "reason": info.get("reason", ""), "times": info.get("times", {})})
+    return rows

@@ -1,0 +1,553 @@
+"""Inference modules: one weight θ = M ⊙ m ⊙ w collapsed into a single tensor, in one of four formats.
+
+:func:`sparse_engine.extract` turns every SparseLinear / SparseConv* of a trained model into one of these;
+:func:`sparse_engine.save` / :func:`sparse_engine.load` write and read them. They hold no m, w, β or
+optimizer state, only θ (and the bias).
+
+Formats (``module.format``):
+
+* ``"dense"``  θ as an ordinary dense weight: ``F.linear`` / ``F.conv*``. Chosen wherever no sparse
+  format is measured faster (low sparsity, small layers, no fast kernel on this device).
+* ``"csr"``    values (nnz,) + int32 ``crow``/``col``: ``ops.compact_linear`` (the C++ SpMM on CPU
+  when it is built, the reference otherwise). The transpose metadata (``row``, ``ccol``, ``row_t``,
+  ``perm``) that the op signature carries is rebuilt from ``crow``/``col``, never stored.
+* ``"bsr"``    the same over (bn, bk) blocks: values (nnzb, bn, bk).
+* ``"nm"``     N:M along K (2:4): values (N, K/m·n) + uint8 positions; on a CUDA GPU with 2:4 sparse
+  tensor cores θ also lives as a ``torch.sparse.SparseSemiStructuredTensor`` (rebuilt after every
+  ``.to()``/``.half()``); elsewhere the layer densifies θ per call (correct, not fast: extract never
+  chooses it there).
+
+Convolutions run dense through ``F.conv*``; their sparse formats run im2col (``F.unfold``) followed by the
+same matrix product over the (out, in·kh·kw) view of θ. Grouped convolutions only have the dense format.
+
+State: values and bias are ``nn.Parameter`` (requires_grad=False) so that ``parameters()`` counts what
+the model holds; index tensors are buffers. Only ``crow``/``col`` (or ``idx``/``valid``) are persistent:
+``state_dict`` stays proportional to nnz, and loading one rebuilds the derived fields (and resizes the
+module if the pattern differs).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .layout import BSRIndex, CSRIndex, NMIndex, matrix_shape
+
+__all__ = ["FORMATS", "InferLinear", "InferConv1d", "InferConv2d", "InferModule", "semi_structured_support"]
+
+FORMATS = ("dense", "csr", "bsr", "nm")
+_DERIVED = ("row", "ccol", "row_t", "perm")
+
+
+def _check_format(format: str) -> str:
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    return format
+
+
+def semi_structured_support(device: torch.device | str, dtype: torch.dtype, shape: tuple[int, int]) -> str:
+    """"" if a (N, K) weight of ``dtype`` can run as a 2:4 semi-structured tensor on ``device``, else why not."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"2:4 semi-structured tensors need a CUDA GPU (device is {device})"
+    if not torch.cuda.is_available():
+        return "2:4 semi-structured tensors need a CUDA GPU (torch sees none)"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"2:4 sparse tensor cores need compute capability >= 8.0, got {major}.x"
+    try:
+        from torch.sparse import SparseSemiStructuredTensor  # noqa: F401
+        from torch.sparse.semi_structured import (
+            SparseSemiStructuredTensorCUSPARSELT as CSLT,
+            SparseSemiStructuredTensorCUTLASS as CUTLASS,
+        )
+    except ImportError as e:  # older torch
+        return f"this torch has no semi-structured sparse tensors ({e})"
+    cls = CUTLASS if SparseSemiStructuredTensor._FORCE_CUTLASS or not torch.backends.cusparselt.is_available() \
+        else CSLT
+    cfg = cls._DTYPE_SHAPE_CONSTRAINTS.get(dtype)
+    if cfg is None:
+        return f"semi-structured {cls.BACKEND} does not support {dtype} (supported: {sorted(map(str, cls._DTYPE_SHAPE_CONSTRAINTS))})"
+    n, k = shape
+    if n < cfg.sparse_min_rows or n % cfg.sparse_min_rows or k < cfg.sparse_min_cols or k % cfg.sparse_min_cols:
+        return (f"semi-structured {cls.BACKEND} needs a weight of multiples of ({cfg.sparse_min_rows}, "
+                f"{cfg.sparse_min_cols}), got {shape}")
+    return ""
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=False)
+
+
+class InferModule(nn.Module):
+    """Shared storage and matrix product of every inference layer (a weight viewed as (N, K))."""
+
+    format: str
+    weight_shape: tuple[int, ...]
+
+    # ------------------------------------------------------------------------------- construction
+
+    def _init_storage(
+        self,
+        theta: Tensor,
+        mask: Tensor | None,
+        bias: Tensor | None,
+        format: str,
+        block_shape: tuple[int, int] | None = None,
+        nm: tuple[int, int] = (2, 4),
+    ) -> None:
+        """θ: dense, weight's shape. mask: bool of θ's shape (None: θ != 0 in bits, -0.0 kept)."""
+        _check_format(format)
+        if not theta.is_floating_point():
+            raise ValueError(f"theta must be floating point, got {theta.dtype}")
+        self.format = format
+        self.weight_shape = tuple(int(d) for d in theta.shape)
+        self.shape2d = matrix_shape(self.weight_shape)
+        theta = theta.detach()
+        if mask is None:
+            mask = _nonzero_bits(theta)
+        elif tuple(mask.shape) != self.weight_shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape {self.weight_shape}, got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+        mask2 = mask.reshape(self.shape2d).to(theta.device)
+        theta2 = torch.where(mask2, theta.reshape(self.shape2d), torch.zeros((), dtype=theta.dtype, device=theta.device))
+        self.bias = None if bias is None else _frozen(bias)
+        self.block_shape: tuple[int, int] | None = None
+        self.nm: tuple[int, int] | None = None
+        if format == "dense":
+            self.weight = _frozen(theta2.reshape(self.weight_shape))
+        elif format == "csr":
+            index = CSRIndex.from_mask(mask2)
+            self._set_compact(index, index.gather(theta2))
+        elif format == "bsr":
+            if block_shape is None:
+                raise ValueError("block_shape is required for format 'bsr'")
+            index = BSRIndex.from_mask(mask2, tuple(block_shape))
+            self.block_shape = index.block_shape
+            self._set_compact(index, index.gather(theta2))
+        else:
+            index = NMIndex.from_mask(mask2, *nm)
+            self._set_nm(index, index.gather(theta2))
+        self._semi = None
+        self._refresh_semi()
+
+    def _set_compact(self, index: CSRIndex | BSRIndex, values: Tensor) -> None:
+        self.values = _frozen(values)
+        self.register_buffer("crow", index.crow)
+        self.register_buffer("col", index.col)
+        for f in _DERIVED:
+            self.register_buffer(f, getattr(index, f), persistent=False)
+
+    def _set_nm(self, index: NMIndex, values: Tensor) -> None:
+        self.nm = (index.n, index.m)
+        self.values = _frozen(values)
+        self.register_buffer("idx", index.idx)
+        self.register_buffer("valid", index.valid)
+
+    @classmethod
+    def _from_parts(cls, spec: dict, tensors: dict[str, Tensor]) -> "InferModule":
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------ queries
+
+    def index(self) -> CSRIndex | BSRIndex | NMIndex:
+        """The index of a csr / bsr / nm layer (cheap: no validation, no copies)."""
+        if self.format == "csr":
+            return CSRIndex(self.shape2d, self.crow, self.col, self.row, self.ccol, self.row_t, self.perm)
+        if self.format == "bsr":
+            return BSRIndex(self.shape2d, self.block_shape, self.crow, self.col, self.row, self.ccol, self.row_t,
+                            self.perm)
+        if self.format == "nm":
+            return NMIndex(self.shape2d, self.nm[0], self.nm[1], self.idx, self.valid)
+        raise AttributeError("a dense-format layer has no index")
+
+    @torch.no_grad()
+    def dense_weight(self) -> Tensor:
+        """θ as a dense tensor of the weight's shape (a copy for the sparse formats)."""
+        if self.format == "dense":
+            return self.weight.detach()
+        return self.index().scatter(self.values.detach()).reshape(self.weight_shape)
+
+    @torch.no_grad()
+    def mask(self) -> Tensor:
+        """bool, weight's shape: the stored pattern (dense format: nonzero θ)."""
+        if self.format == "dense":
+            return _nonzero_bits(self.weight)
+        return self.index().to_mask().reshape(self.weight_shape)
+
+    @property
+    def nnz(self) -> int:
+        """Nonzero entries of θ (BSR / N:M padding slots hold zeros and do not count)."""
+        return int(_nonzero_bits(self.weight if self.format == "dense" else self.values).sum())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / math.prod(self.weight_shape)
+
+    # ----------------------------------------------------------------------------------- compute
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        """y = x θᵀ + b over the (N, K) view of θ; x (..., K) -> (..., N). Not for the dense format of conv."""
+        if self.format == "dense":
+            return F.linear(x, self.weight.reshape(self.shape2d), self.bias)
+        if self.format in ("csr", "bsr"):
+            return ops.compact_linear(x, None, self.values, self.index(), self.bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        semi = self._semi
+        if semi is not None and x.device == self.values.device and x.dtype == self.values.dtype:
+            y = F.linear(x2, semi, self.bias)
+        else:
+            y = F.linear(x2, self.index().scatter(self.values), self.bias)
+        return y.reshape(*lead, self.shape2d[0])
+
+    # ------------------------------------------------------------------- 2:4 semi-structured cache
+
+    def _refresh_semi(self) -> None:
+        self._semi = None
+        if self.format != "nm" or self.nm != (2, 4):
+            return
+        if semi_structured_support(self.values.device, self.values.dtype, self.shape2d):
+            return
+        from torch.sparse import to_sparse_semi_structured
+
+        dense = self.index().scatter(self.values.detach()).contiguous()
+        self._semi = to_sparse_semi_structured(dense)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if getattr(self, "format", None) == "nm":
+            self._refresh_semi()  # device or dtype may have changed
+        return out
+
+    # ---------------------------------------------------------------------------------- state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A pattern of another nnz is still a valid state: resize the storage, rebuild the derived index.
+        if self.format in ("csr", "bsr") and all(prefix + k in state_dict for k in ("values", "crow", "col")):
+            try:
+                tensors = {"crow": state_dict[prefix + "crow"], "col": state_dict[prefix + "col"]}
+                if self.format == "csr":
+                    index = CSRIndex.from_tensors(self.shape2d, tensors)
+                else:
+                    tensors["block_shape"] = torch.tensor(self.block_shape, dtype=torch.int64)
+                    index = BSRIndex.from_tensors(self.shape2d, tensors)
+            except ValueError as e:
+                error_msgs.append(f"{prefix}: invalid index in state_dict: {e}")
+                return
+            device = self.values.device
+            index = index.to(device)
+            values = state_dict[prefix + "values"]
+            self.values = nn.Parameter(torch.empty(values.shape, dtype=self.values.dtype, device=device),
+                                       requires_grad=False)
+            for f in ("crow", "col") + _DERIVED:
+                setattr(self, f, getattr(index, f))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if self.format == "nm":
+            self._refresh_semi()
+
+    # ------------------------------------------------------------------------------------- files
+
+    def file_spec(self) -> dict[str, Any]:
+        """JSON-able description from which :meth:`from_file` rebuilds this layer (io.save)."""
+        spec = {"type": type(self).__name__, "format": self.format, "weight_shape": list(self.weight_shape),
+                "dtype": str(self.dtype_of()).replace("torch.", ""), "bias": self.bias is not None}
+        if self.block_shape is not None:
+            spec["block_shape"] = list(self.block_shape)
+        if self.nm is not None:
+            spec["nm"] = list(self.nm)
+        spec.update(self._arch())
+        return spec
+
+    def dtype_of(self) -> torch.dtype:
+        return (self.weight if self.format == "dense" else self.values).dtype
+
+    def _arch(self) -> dict[str, Any]:
+        return {}
+
+    def storage_tensors(self) -> tuple[str, dict[str, Tensor]]:
+        """(storage kind, tensors) to write: the compact form of θ with the fewest bytes.
+
+        The runtime format is kept in :meth:`file_spec`; the dense format is written as CSR when that
+        is smaller (file size ∝ nnz whatever format runs).
+        """
+        out: dict[str, Tensor] = {}
+        if self.bias is not None:
+            out["bias"] = self.bias.detach()
+        if self.format in ("csr", "bsr"):
+            out.update(values=self.values.detach(), crow=self.crow, col=self.col)
+            return self.format, out
+        if self.format == "nm":
+            out.update(values=self.values.detach(), idx=self.idx, valid=self.valid)
+            return "nm", out
+        w = self.weight.detach()
+        mask2 = _nonzero_bits(w).reshape(self.shape2d)
+        nnz = int(mask2.sum())
+        dense_bytes = w.numel() * w.element_size()
+        csr_bytes = nnz * (w.element_size() + 4) + (self.shape2d[0] + 1) * 4
+        if csr_bytes < dense_bytes:
+            index = CSRIndex.from_mask(mask2)
+            out.update(values=index.gather(w.reshape(self.shape2d)), crow=index.crow, col=index.col)
+            return "csr", out
+        out["weight"] = w
+        return "dense", out
+
+    @classmethod
+    def from_file(cls, spec: dict[str, Any], storage: str, tensors: dict[str, Tensor]) -> "InferModule":
+        """Rebuild a layer from :meth:`file_spec` and :meth:`storage_tensors` (validated; raises ValueError)."""
+        shape = tuple(int(d) for d in spec["weight_shape"])
+        shape2d = matrix_shape(shape)
+        bias = tensors.get("bias")
+        if spec.get("bias") and bias is None:
+            raise ValueError("layer has bias=True but its file holds no bias tensor")
+        if bias is not None and tuple(bias.shape) != (shape[0],):
+            raise ValueError(f"bias must have shape ({shape[0]},), got {tuple(bias.shape)}")
+        if storage == "dense":
+            theta2 = _need(tensors, "weight", shape).reshape(shape2d)
+            mask2 = None
+        elif storage in ("csr", "bsr"):
+            idx_t = {"crow": tensors.get("crow"), "col": tensors.get("col")}
+            if storage == "csr":
+                index = CSRIndex.from_tensors(shape2d, idx_t)
+            else:
+                idx_t["block_shape"] = torch.tensor(spec["block_shape"], dtype=torch.int64)
+                index = BSRIndex.from_tensors(shape2d, idx_t)
+            values = _need(tensors, "values", (index.nnz,) if storage == "csr" else (index.nnzb, *index.block_shape))
+            if spec["format"] == storage:  # fast path: no dense round trip (big layers)
+                mod = cls._blank(spec, bias)
+                mod.format, mod.block_shape = storage, getattr(index, "block_shape", None) if storage == "bsr" else None
+                mod._set_compact(index, values)
+                mod._semi = None
+                return mod
+            theta2 = index.scatter(values)
+            mask2 = index.to_mask()
+        elif storage == "nm":
+            n, m = (int(v) for v in spec["nm"])
+            index = NMIndex.from_tensors(shape2d, {"idx": tensors.get("idx"), "valid": tensors.get("valid"),
+                                                   "nm": torch.tensor([n, m])})
+            values = _need(tensors, "values", (shape2d[0], shape2d[1] // m * n))
+            theta2 = index.scatter(values)
+            mask2 = index.to_mask()
+        else:
+            raise ValueError(f"unknown storage {storage!r}")
+        mod = cls._blank(spec, bias)
+        mask = None if mask2 is None else mask2.reshape(shape)
+        mod._init_storage(theta2.reshape(shape), mask, bias, spec["format"],
+                          block_shape=spec.get("block_shape"), nm=tuple(spec.get("nm", (2, 4))))
+        return mod
+
+    @classmethod
+    def _blank(cls, spec: dict[str, Any], bias: Tensor | None) -> "InferModule":
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        mod._init_arch(spec)
+        shape = tuple(int(d) for d in spec["weight_shape"])
+        mod.weight_shape = shape
+        mod.shape2d = matrix_shape(shape)
+        mod.bias = None if bias is None else _frozen(bias)
+        mod.block_shape, mod.nm, mod._semi = None, None, None
+        return mod
+
+    def _init_arch(self, spec: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _fmt_repr(self) -> str:
+        extra = f", block_shape={self.block_shape}" if self.block_shape else ""
+        extra += f", nm={self.nm[0]}:{self.nm[1]}" if self.nm else ""
+        return f"format={self.format}{extra}, density={self.density:.3g}"
+
+
+def _need(tensors: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor:
+    t = tensors.get(name)
+    if not isinstance(t, Tensor):
+        raise ValueError(f"missing tensor {name!r}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"tensor {name!r} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    return t
+
+
+def _nonzero_bits(t: Tensor) -> Tensor:
+    """t != 0 by bit pattern: -0.0 counts as stored, so a round trip is bit-exact."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.detach().contiguous().view(ints) != 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear
+# --------------------------------------------------------------------------------------------------
+
+
+class InferLinear(InferModule):
+    """y = x θᵀ + b with θ (out_features, in_features) in ``format``. x: (..., in) -> (..., out)."""
+
+    def __init__(
+        self,
+        theta: Tensor,
+        bias: Tensor | None = None,
+        format: str = "dense",
+        mask: Tensor | None = None,
+        block_shape: tuple[int, int] | None = None,
+        nm: tuple[int, int] = (2, 4),
+    ) -> None:
+        super().__init__()
+        if theta.dim() != 2:
+            raise ValueError(f"theta must be 2-D (out_features, in_features), got shape {tuple(theta.shape)}")
+        self.out_features, self.in_features = int(theta.shape[0]), int(theta.shape[1])
+        self._init_storage(theta, mask, bias, format, block_shape, nm)
+
+    def _init_arch(self, spec):
+        self.out_features, self.in_features = (int(d) for d in spec["weight_shape"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._matmul(x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self._fmt_repr()}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Conv
+# --------------------------------------------------------------------------------------------------
+
+
+class _InferConvNd(InferModule):
+    _nd: int = 2
+
+    def __init__(
+        self,
+        theta: Tensor,
+        bias: Tensor | None = None,
+        format: str = "dense",
+        mask: Tensor | None = None,
+        *,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        block_shape: tuple[int, int] | None = None,
+        nm: tuple[int, int] = (2, 4),
+    ) -> None:
+        super().__init__()
+        nd = self._nd
+        if theta.dim() != nd + 2:
+            raise ValueError(f"theta must be {nd + 2}-D (out, in/groups, *kernel), got shape {tuple(theta.shape)}")
+        self._init_arch({
+            "weight_shape": list(theta.shape), "stride": stride, "padding": padding, "dilation": dilation,
+            "groups": groups, "padding_mode": padding_mode,
+        })
+        if format != "dense" and self.groups != 1:
+            raise ValueError(f"format {format!r} needs groups=1 (im2col over all input channels); this conv has "
+                             f"groups={self.groups}: use format 'dense'")
+        self._init_storage(theta, mask, bias, format, block_shape, nm)
+
+    def _init_arch(self, spec):
+        nd = self._nd
+        shape = [int(d) for d in spec["weight_shape"]]
+        self.groups = int(spec.get("groups", 1))
+        self.out_channels, self.in_channels = shape[0], shape[1] * self.groups
+        self.kernel_size = tuple(shape[2:])
+        self.stride = _tuple(spec.get("stride", 1), nd, "stride")
+        self.dilation = _tuple(spec.get("dilation", 1), nd, "dilation")
+        padding = spec.get("padding", 0)
+        self.padding = padding if isinstance(padding, str) else _tuple(padding, nd, "padding")
+        if isinstance(self.padding, str) and self.padding not in ("same", "valid"):
+            raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid', got {self.padding!r}")
+        self.padding_mode = spec.get("padding_mode", "zeros")
+        if self.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode must be zeros|reflect|replicate|circular, got {self.padding_mode!r}")
+
+    def _arch(self):
+        return {"stride": list(self.stride), "dilation": list(self.dilation), "groups": self.groups,
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "padding_mode": self.padding_mode}
+
+    def _explicit_padding(self) -> list[int]:
+        """(left, right) per spatial dim, first dim first."""
+        if self.padding == "valid":
+            return [0] * (2 * self._nd)
+        if self.padding == "same":
+            out = []
+            for d, k in zip(self.dilation, self.kernel_size):
+                total = d * (k - 1)
+                out += [total // 2, total - total // 2]  # torch puts the odd extra on the right
+            return out
+        return [p for p in self.padding for _ in range(2)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        nd = self._nd
+        if x.dim() == nd + 1:  # unbatched, as torch's convolutions accept
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != nd + 2:
+            raise ValueError(f"x must be {nd + 2}-D (batch, channels, *spatial) or {nd + 1}-D unbatched, "
+                             f"got shape {tuple(x.shape)}")
+        pads = self._explicit_padding()
+        if self.padding_mode != "zeros" or self.format != "dense":
+            if any(pads):
+                # F.pad takes the last dim first.
+                rev = [v for i in reversed(range(nd)) for v in pads[2 * i: 2 * i + 2]]
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                x = F.pad(x, rev, mode=mode)
+            padding: Any = 0
+        else:
+            padding = self.padding
+        if self.format == "dense":
+            conv = F.conv1d if nd == 1 else F.conv2d
+            return conv(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have {self.in_channels} channels, got shape {tuple(x.shape)}")
+        # im2col over a 2-D view (conv1d = height 1) then the compact product.
+        x4 = x if nd == 2 else x.unsqueeze(2)
+        k = self.kernel_size if nd == 2 else (1, self.kernel_size[0])
+        s = self.stride if nd == 2 else (1, self.stride[0])
+        d = self.dilation if nd == 2 else (1, self.dilation[0])
+        b, _, h, w = x4.shape
+        ho = (h - d[0] * (k[0] - 1) - 1) // s[0] + 1
+        wo = (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        cols = F.unfold(x4, k, dilation=d, stride=s)  # (B, C·kh·kw, L)
+        y = self._matmul(cols.transpose(1, 2))  # (B, L, out)
+        y = y.transpose(1, 2)
+        return y.reshape(b, self.out_channels, ho, wo) if nd == 2 else y.reshape(b, self.out_channels, wo)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"padding_mode={self.padding_mode}, bias={self.bias is not None}, {self._fmt_repr()}")
+
+
+def _tuple(v, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * n
+    try:
+        t = tuple(int(e) for e in v)
+    except TypeError:
+        raise ValueError(f"{name} must be an int or a {n}-tuple of ints, got {v!r}") from None
+    if len(t) != n:
+        raise ValueError(f"{name} must be an int or a {n}-tuple of ints, got {v!r}")
+    return t
+
+
+class InferConv2d(_InferConvNd):
+    """Conv2d with θ (out, in/groups, kh, kw) in ``format``."""
+
+    _nd = 2
+
+
+class InferConv1d(_InferConvNd):
+    """Conv1d with θ (out, in/groups, k) in ``format``."""
+
+    _nd = 1
+
+
+LAYER_TYPES: dict[str, type[InferModule]] = {
+    "InferLinear": InferLinear,
+    "InferConv1d": InferConv1d,
+    "InferConv2d": InferConv2d,
+}
