@@ -49,10 +49,11 @@ def reparam_backward_ref(
     grad: Tensor, m: Tensor | None, w: Tensor, mask: Tensor | None
 ) -> tuple[Tensor | None, Tensor]:
     """Given G = ∂L/∂θ: g_m = G ⊙ M ⊙ w, g_w = G ⊙ M ⊙ m (g_w = G ⊙ M when ``m`` is None)."""
-    g = _apply_mask(grad, mask)
     if m is None:
+        g = _apply_mask(grad, mask)
         return None, (g.clone() if g is grad else g)
-    return g * w, g * m
+    # Mask after multiplying: 0 · NaN would be NaN, and a pruned w or m may hold anything.
+    return _apply_mask(grad * w, mask), _apply_mask(grad * m, mask)
 
 
 # ----------------------------------------------------------------------------- factorisation / Sign-In
