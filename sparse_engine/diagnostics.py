@@ -1,0 +1,118 @@
+"""Per-layer training diagnostics of a sparse model: what the Sign-In and PILoT papers watch.
+
+* density: fraction of the weight that trains;
+* sign flips of θ since the previous call (Sign-In's point is that these happen; with β → 0 they stop);
+* β = m² − w² over the trained coordinates (mean/min/max): training erodes it, a reset restores it;
+* ‖θ‖₁ (PILoT drives it down).
+
+``layer_stats`` remembers the signs of each layer's θ between calls (in the layer's parameterization),
+so call it at the points you compare, e.g. once per epoch.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .param import Parameterization
+
+_COLUMNS = ("name", "kind", "layout", "shape", "density", "nnz", "sign_flips", "beta_mean", "beta_min",
+            "beta_max", "l1")
+
+
+def _sparse_layers(model: nn.Module):
+    for name, module in model.named_modules():
+        param = getattr(module, "param", None)
+        if isinstance(param, Parameterization):
+            yield name, module, param
+
+
+def layer_stats(model: nn.Module) -> list[dict]:
+    """One dict per sparse layer (a module holding a Parameterization as ``.param``), in module order.
+
+    Keys: name, type, kind, layout, shape, numel, nnz, density, sign_flips (since the last call; 0 on
+    the first), l1 (‖θ‖₁), beta_mean / beta_min / beta_max (factored kinds only, else None) and
+    target_density (PILoT's pruning target, else None).
+    """
+    out = []
+    for name, module, param in _sparse_layers(model):
+        d = param.diagnostics()
+        numel = math.prod(param.weight_shape)
+        nnz = module.nnz() if hasattr(module, "nnz") else round(d["density"] * numel)
+        out.append({
+            "name": name,
+            "type": type(module).__name__,
+            "kind": param.kind,
+            "layout": getattr(module, "resolved_layout", None) or param.layout,
+            "shape": tuple(param.weight_shape),
+            "numel": numel,
+            "nnz": nnz,
+            "density": nnz / numel,
+            "sign_flips": int(d["sign_flips"]),
+            "l1": float(d["l1"]),
+            "beta_mean": d.get("beta_mean"),
+            "beta_min": d.get("beta_min"),
+            "beta_max": d.get("beta_max"),
+            "target_density": getattr(module, "target_density", None),
+        })
+    return out
+
+
+def summary(model_or_stats) -> dict:
+    """Totals over the sparse layers: layers, numel, nnz, density, sign_flips, l1, and β mean (weighted by
+    nnz) / min / max over the factored layers. Takes a model (calls :func:`layer_stats`, which advances
+    the sign-flip reference) or a list that ``layer_stats`` returned."""
+    stats = layer_stats(model_or_stats) if isinstance(model_or_stats, nn.Module) else list(model_or_stats)
+    numel = sum(s["numel"] for s in stats)
+    nnz = sum(s["nnz"] for s in stats)
+    factored = [s for s in stats if s.get("beta_mean") is not None]
+    weight = sum(s["nnz"] for s in factored)
+    out = {
+        "layers": len(stats),
+        "numel": numel,
+        "nnz": nnz,
+        "density": nnz / numel if numel else 0.0,
+        "sign_flips": sum(s["sign_flips"] for s in stats),
+        "l1": sum(s["l1"] for s in stats),
+        "beta_mean": None,
+        "beta_min": None,
+        "beta_max": None,
+    }
+    if factored:
+        out["beta_min"] = min(s["beta_min"] for s in factored)
+        out["beta_max"] = max(s["beta_max"] for s in factored)
+        out["beta_mean"] = (sum(s["beta_mean"] * s["nnz"] for s in factored) / weight if weight
+                            else sum(s["beta_mean"] for s in factored) / len(factored))
+    return out
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+def format_table(stats: list[dict], columns: tuple[str, ...] = _COLUMNS) -> str:
+    """A plain-text table of :func:`layer_stats` rows plus a totals line."""
+    rows = [[_cell(s.get(c)) for c in columns] for s in stats]
+    if stats:
+        tot = summary(stats)
+        total_row = {"name": "total", "density": tot["density"], "nnz": tot["nnz"], "sign_flips": tot["sign_flips"],
+                     "beta_mean": tot["beta_mean"], "beta_min": tot["beta_min"], "beta_max": tot["beta_max"],
+                     "l1": tot["l1"]}
+        rows.append([_cell(total_row.get(c)) if c in total_row else "" for c in columns])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    numeric = [c not in ("name", "kind", "layout", "shape") for c in columns]
+
+    def fmt(cells) -> str:
+        return "  ".join(x.rjust(w) if n else x.ljust(w) for x, w, n in zip(cells, widths, numeric)).rstrip()
+
+    lines = [fmt(columns), fmt(["-" * w for w in widths])]
+    lines += [fmt(r) for r in rows[:-1]] if stats else []
+    if stats:
+        lines += [fmt(["-" * w for w in widths]), fmt(rows[-1])]
+    return "\n".join(lines)

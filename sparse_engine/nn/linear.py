@@ -1,0 +1,622 @@
+"""SparseLinear, and the machinery it shares with the sparse convolutions.
+
+A sparse layer holds its weight as a :class:`~sparse_engine.param.Parameterization` (``.param``: θ =
+M ⊙ m ⊙ w, or θ = M ⊙ w for ``kind="masked"``) and a plain ``.bias``. The *layout* says how θ is stored
+and multiplied:
+
+==========  =========================  ==================================================================
+layout      storage of m, w            forward
+==========  =========================  ==================================================================
+``dense``   dense (N, K) + bool mask   ``ops.masked_linear`` (θ built inside the matmul)
+``block``   dense (N, K), block mask   ``ops.block_sparse_linear`` (skips empty tiles: the GPU path)
+``csr``     values at active coords    ``ops.compact_linear`` (FLOPs and memory ∝ density)
+``bsr``     values of active blocks    ``ops.compact_linear`` with blocks
+``auto``    chosen per layer           the layout measured fastest for this shape, density, dtype and
+                                       device (:mod:`sparse_engine.nn.autolayout`); dense unless a
+                                       sparse path is more than 5 % faster
+==========  =========================  ==================================================================
+
+The layer never talks to kernels, only to :mod:`sparse_engine.ops`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..layout import BSRIndex, CSRIndex, check_mask, expand_block_mask, reduce_to_blocks
+from ..masks import block_mask as _random_block_mask
+from ..masks import random_mask as _random_mask
+from ..param import KINDS, Parameterization
+
+log = logging.getLogger("sparse_engine")
+
+#: layouts a sparse layer accepts
+LAYOUTS = ("dense", "block", "csr", "bsr", "auto")
+_COMPACT = ("csr", "bsr")
+_INDEX_FIELDS = ("crow", "col", "row", "ccol", "row_t", "perm")
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_density(density) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    density = float(density)
+    if not 0.0 < density <= 1.0:  # also rejects NaN
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return density
+
+
+def _check_beta(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    return float(beta)
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _check_block_shape(block_shape) -> tuple[int, int]:
+    try:
+        bs = tuple(block_shape)
+    except TypeError:
+        raise ValueError(f"block_shape must be a pair of positive ints, got {block_shape!r}") from None
+    if len(bs) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in bs):
+        raise ValueError(f"block_shape must be a pair of positive ints, got {block_shape!r}")
+    return bs  # type: ignore[return-value]
+
+
+def is_block_aligned(mask2d: Tensor, block_shape: tuple[int, int]) -> bool:
+    """True when every (bn, bk) block of the (N, K) bool mask is all on or all off."""
+    blocks = reduce_to_blocks(mask2d, block_shape)
+    return bool(torch.equal(expand_block_mask(blocks, block_shape, tuple(mask2d.shape)), mask2d))
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# -------------------------------------------------------------------------------------- base class
+
+
+class SparseModule(nn.Module):
+    """Everything SparseLinear and the sparse convolutions share: the parameterization, its layout
+    (including the automatic choice and storage conversions), masks, θ, and checkpoint loading.
+
+    Subclasses set ``weight_shape`` and implement ``forward``, ``_auto_candidates`` and ``_auto_key``.
+    """
+
+    param: Parameterization
+    bias: nn.Parameter | None
+
+    # ----------------------------------------------------------------------------- construction
+
+    def _configure(self, *, kind: str, density, mask, beta, layout: str, block_shape, seed) -> float:
+        _check_choice("kind", kind, KINDS)
+        _check_choice("layout", layout, LAYOUTS)
+        density = _check_density(density)
+        beta = _check_beta(beta)
+        self.block_shape = _check_block_shape(block_shape)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if mask is not None and density != 1.0:
+            raise ValueError(f"give either mask or density, not both (got a mask and density={density})")
+        if kind == "pilot" and mask is None and layout in ("block", "csr", "bsr"):
+            raise ValueError(
+                f"layout={layout!r} needs a mask, but kind='pilot' trains dense until it is pruned: use "
+                "layout='dense' or 'auto' (density is then the pruning target), or pass a mask"
+            )
+        self.kind = kind
+        self.layout = layout
+        self.seed = seed
+        self.beta_init = beta
+        # PILoT has no mask while it trains: the requested density is the target of the later prune.
+        self.target_density: float | None = density if (kind == "pilot" and mask is None) else None
+        # Layout actually in use: "auto" stays unresolved (dense storage) until first use or tune().
+        self._resolved: str | None = None if layout == "auto" else layout
+        self._retune = False
+        self._block_key: tuple | None = None
+        for f in _INDEX_FIELDS:
+            self.register_buffer(f"_bsr_{f}", None, persistent=False)
+        return density
+
+    def _make_mask(self, mask: Tensor | None, density: float, device) -> Tensor | None:
+        """The initial bool mask of the weight's shape (None: no mask)."""
+        shape = self.weight_shape
+        if mask is not None:
+            check_mask(mask, shape)
+            mask = mask.to(device)
+            if self.layout == "block" and not is_block_aligned(mask.reshape(shape[0], -1), self.block_shape):
+                raise ValueError(
+                    f"mask must be block-aligned (whole {self.block_shape} blocks on or off) for layout='block'"
+                )
+            return mask
+        if self.kind == "pilot":
+            return None
+        if density == 1.0:
+            # Compact storage needs the pattern even when it is full.
+            return torch.ones(shape, dtype=torch.bool, device=device) if self.layout in _COMPACT else None
+        if self.layout in ("block", "bsr"):
+            return _random_block_mask(shape, self.block_shape, density, seed=self.seed, device=device)
+        return _random_mask(shape, density, seed=self.seed, device=device)
+
+    def _build_param(self, theta: Tensor, mask: Tensor | None) -> None:
+        storage = self._resolved if self._resolved in _COMPACT else "dense"
+        self.param = Parameterization(theta, kind=self.kind, mask=mask, beta=self.beta_init, layout=storage,
+                                      block_shape=self.block_shape)
+        self._refresh_block_index()
+
+    # ----------------------------------------------------------------------------------- views
+
+    @property
+    def storage(self) -> str:
+        """How m and w are stored: "dense", "csr" or "bsr"."""
+        return self.param.layout
+
+    @property
+    def resolved_layout(self) -> str | None:
+        """The layout in use (for layout="auto": the measured choice; None until it is made)."""
+        return self._resolved
+
+    def _compact_index(self) -> CSRIndex | BSRIndex:
+        """The index of a compact storage (built from the parameterization's buffers, not validated)."""
+        return self.param.index
+
+    def _block_index(self) -> BSRIndex:
+        """The BSR index of the block path (built once per mask, cached in non-persistent buffers)."""
+        if not _compiling():
+            self._refresh_block_index()
+        return BSRIndex(tuple(self.param.shape2d), self.block_shape,
+                        **{f: getattr(self, f"_bsr_{f}") for f in _INDEX_FIELDS})
+
+    def _refresh_block_index(self) -> None:
+        """(Re)build the BSR index of the block path when the mask changed (new tensor or in-place edit)."""
+        if self._resolved != "block":
+            return
+        mask = self.param.mask
+        key = None if mask is None else (id(mask), mask._version)
+        if key == self._block_key and self._bsr_crow is not None:
+            return
+        mask2 = mask if mask is not None else torch.ones(self.param.shape2d, dtype=torch.bool,
+                                                         device=self.param.w.device)
+        if not is_block_aligned(mask2, self.block_shape):
+            raise RuntimeError(
+                f"the mask of this layout='block' layer is no longer block-aligned ({self.block_shape} blocks); "
+                "the block kernel would train whole blocks: set a block-aligned mask or use layout='dense'"
+            )
+        index = BSRIndex.from_mask(mask2, self.block_shape)
+        for f in _INDEX_FIELDS:
+            setattr(self, f"_bsr_{f}", getattr(index, f))
+        self._block_key = key
+
+    # ------------------------------------------------------------------------------- θ and mask
+
+    def theta(self) -> Tensor:
+        """θ = M ⊙ m ⊙ w, dense, the weight's shape, differentiable in m and w."""
+        p = self.param
+        values = p.values()
+        if p.layout != "dense":
+            values = self._compact_index().scatter(values)
+        return values.reshape(self.weight_shape)
+
+    @property
+    def weight(self) -> Tensor:
+        """θ as a dense tensor (read-only, differentiable): for code that reads ``module.weight``."""
+        return self.theta()
+
+    def mask2d(self) -> Tensor | None:
+        """The bool mask as the (N, K) matrix (None: no mask). BSR: the area of the active blocks."""
+        p = self.param
+        return p.mask if p.layout == "dense" else self._compact_index().to_mask()
+
+    def dense_mask(self) -> Tensor | None:
+        """The bool mask in the weight's shape (None: no mask)."""
+        mask = self.mask2d()
+        return None if mask is None else mask.reshape(self.weight_shape)
+
+    def nnz(self) -> int:
+        """Number of trainable (unmasked) weights."""
+        mask = self.mask2d()
+        return math.prod(self.weight_shape) if mask is None else int(mask.sum())
+
+    def density(self) -> float:
+        """Fraction of the weight that is not masked."""
+        return self.nnz() / math.prod(self.weight_shape)
+
+    @torch.no_grad()
+    def set_mask(self, mask: Tensor | None) -> None:
+        """Replace the mask (dense storage: layouts dense, block, unresolved auto).
+
+        Coordinates leaving the mask get θ = 0; entering ones start at θ = 0 (see Parameterization.set_mask).
+        """
+        if mask is not None:
+            check_mask(mask, self.weight_shape)
+            if self._resolved == "block" and not is_block_aligned(mask.reshape(self.weight_shape[0], -1).to(
+                    self.param.w.device), self.block_shape):
+                raise ValueError(
+                    f"mask must be block-aligned (whole {self.block_shape} blocks on or off) for layout='block'"
+                )
+        if self.storage != "dense":
+            raise RuntimeError(
+                f"set_mask() needs dense storage; this layer stores {self.storage!r} (fixed pattern): "
+                "rebuild it with from_dense(..., mask=...) instead"
+            )
+        self.param.set_mask(mask)
+        self._refresh_block_index()
+
+    # --------------------------------------------------------------------------- storage changes
+
+    @torch.no_grad()
+    def _set_storage(self, storage: str, mask2d: Tensor | None = None, block_shape=None) -> None:
+        """Move m and w to another storage ("dense", "csr", "bsr"), keeping every value exactly.
+
+        The Parameterization object and its Parameter objects stay the same (only their data changes),
+        so references held elsewhere (an optimizer created before the first forward) stay valid.
+        Optimizer *state* does not follow: change layouts (tune()) before training.
+        """
+        old = self.param
+        if block_shape is not None:
+            self.block_shape = tuple(block_shape)
+        if mask2d is None:
+            mask2d = self.mask2d()
+        if storage == old.layout and storage == "dense" and mask2d is old.mask:
+            return
+        if storage != "dense" and mask2d is None:
+            mask2d = torch.ones(old.shape2d, dtype=torch.bool, device=old.w.device)
+        # Current factors as dense (N, K) matrices: pruned coordinates hold w = 0, m = sqrt(β).
+        dense_w, dense_m = self._dense_factors()
+        new = Parameterization(dense_w.reshape(self.weight_shape), kind=old.kind,
+                               mask=None if mask2d is None else mask2d.reshape(self.weight_shape),
+                               beta=float(old.beta), layout=storage, block_shape=self.block_shape)
+        if storage == "dense":
+            idx = None
+            new_w, new_m = dense_w, dense_m
+            if mask2d is not None:
+                new_w = torch.where(mask2d, dense_w, torch.zeros_like(dense_w))
+                if dense_m is not None:
+                    new_m = torch.where(mask2d, dense_m, new.m)
+        else:
+            idx = CSRIndex.from_mask(mask2d) if storage == "csr" else BSRIndex.from_mask(mask2d, self.block_shape)
+            new_w = idx.gather(dense_w)
+            new_m = None if dense_m is None else idx.gather(dense_m)
+            if storage == "bsr" and new_m is not None:  # padding holds m = sqrt(β), w = 0 (as param makes it)
+                new_m = torch.where(new.pad_mask, new_m, new.m)
+        new.beta.copy_(old.beta)
+        for name, values in (("w", new_w), ("m", new_m)):
+            p_old, p_new = old._parameters.get(name), new._parameters.get(name)
+            if p_new is None:
+                continue
+            if p_old is not None:
+                p_old.data = values.to(p_new.dtype).contiguous()
+                new._parameters[name] = p_old
+            else:
+                p_new.data = values.to(p_new.dtype).contiguous()
+        old.__dict__.update(new.__dict__)
+        if storage == "dense" and "pad_mask" in old._buffers:
+            del old._buffers["pad_mask"]
+        self._block_key = None
+        self._refresh_block_index()
+
+    def _dense_factors(self) -> tuple[Tensor, Tensor | None]:
+        """(w, m) as dense (N, K) tensors (m None for kind masked); pruned coordinates: w = 0, m = sqrt(β)."""
+        p = self.param
+        if p.layout == "dense":
+            return p.w.detach(), None if p.m is None else p.m.detach()
+        index = self._compact_index()
+        w = index.scatter(p.w.detach())
+        if p.m is None:
+            return w, None
+        fill = torch.full(p.shape2d, math.sqrt(float(p.beta)), dtype=p.m.dtype, device=p.m.device)
+        mask = self.mask2d()
+        return w, torch.where(mask, index.scatter(p.m.detach()), fill)
+
+    def _use_layout(self, layout: str) -> None:
+        """Switch the compute layout (used by the automatic choice); storage follows."""
+        storage = layout if layout in _COMPACT else "dense"
+        self._resolved = layout
+        if storage != self.storage:
+            log.info("sparse_engine: %s layer %s switches storage %s -> %s", type(self).__name__,
+                     tuple(self.weight_shape), self.storage, storage)
+            self._set_storage(storage)
+        self._block_key = None
+        self._refresh_block_index()
+
+    # ------------------------------------------------------------------------------ auto layout
+
+    def _maybe_autotune(self, input: Tensor) -> None:
+        if self.layout != "auto" or _compiling() or (self._resolved is not None and not self._retune):
+            return
+        from . import autolayout
+
+        mask2d = self.mask2d()
+        candidates = self._auto_candidates(mask2d)
+        if len(candidates) <= 1:
+            decision = autolayout.Decision("dense", {}, "", "only candidate")
+        else:
+            decision = autolayout.choose(self._auto_key(input, mask2d),
+                                         lambda: self._auto_runners(input, mask2d, candidates))
+        self._retune = False
+        self.autolayout_decision = decision
+        self._use_layout(decision.layout)
+
+    def _auto_candidates(self, mask2d: Tensor | None) -> list[str]:
+        raise NotImplementedError
+
+    def _auto_key(self, input: Tensor, mask2d: Tensor | None) -> dict:
+        raise NotImplementedError
+
+    def _auto_runners(self, input: Tensor, mask2d: Tensor | None, candidates: list[str]) -> dict[str, Callable]:
+        raise NotImplementedError
+
+    def _probe(self, layout: str, mask2d: Tensor | None) -> "SparseModule":
+        """A throw-away copy of this layer in ``layout`` with fresh random weights (for timing)."""
+        probe = self._empty_copy()
+        theta = torch.randn(self.weight_shape, dtype=self.param.w.dtype, device=self.param.w.device)
+        probe._resolved = layout
+        probe.layout = layout
+        probe._build_param(theta, None if mask2d is None else mask2d.reshape(self.weight_shape))
+        return probe
+
+    def _empty_copy(self) -> "SparseModule":
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A checkpoint may hold another storage than this module (an "auto" layer resolved to csr in the
+        # process that saved it) or another number of active weights: adopt its structure first, so
+        # that the tensors load exactly; an explicit layout is restored afterwards (post hook).
+        p = prefix + "param."
+        if p + "w" in state_dict:
+            try:
+                self._adopt_structure(state_dict, p)
+            except (ValueError, RuntimeError) as e:
+                error_msgs.append(f"{prefix}param: cannot adopt the checkpoint's weight structure: {e}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _adopt_structure(self, state_dict, p: str) -> None:
+        # Same storage: the parameterization loads (and resizes) by itself. Another storage: convert
+        # ours to the checkpoint's pattern first, so that every tensor loads exactly.
+        w = state_dict[p + "w"]
+        if p + "index_crow" in state_dict:
+            storage = "bsr" if w.dim() == 3 else "csr"
+            if storage == self.storage:
+                return
+            tensors = {"crow": state_dict[p + "index_crow"], "col": state_dict[p + "index_col"]}
+            shape2d = tuple(self.param.shape2d)
+            bs = None
+            if storage == "csr":
+                mask2d = CSRIndex.from_tensors(shape2d, tensors).to_mask()
+            else:
+                bs = (int(w.shape[1]), int(w.shape[2]))
+                mask2d = BSRIndex.from_tensors(shape2d, {**tensors, "block_shape": torch.tensor(bs)}).to_mask()
+            self._set_storage(storage, mask2d.to(self.param.w.device), bs)
+            self._loaded_storage = storage
+        elif self.storage != "dense":
+            mask = state_dict.get(p + "mask")
+            self._set_storage("dense", None if mask is None else mask.to(self.param.w.device, torch.bool))
+            self._loaded_storage = "dense"
+
+    @staticmethod
+    def _after_load(module: "SparseModule", incompatible) -> None:
+        storage = getattr(module, "_loaded_storage", None)
+        if storage is not None:
+            del module._loaded_storage
+            want = module.layout if module.layout in _COMPACT else ("dense" if module.layout != "auto" else None)
+            if module.layout == "auto":
+                module._resolved = storage if storage in _COMPACT else None
+            elif want != storage:
+                module._set_storage(want)
+        module._block_key = None
+        module._refresh_block_index()
+
+    def _register_hooks(self) -> None:
+        self.register_load_state_dict_post_hook(SparseModule._after_load)
+
+    # ---------------------------------------------------------------------------------- display
+
+    def _sparse_repr(self) -> str:
+        lay = self.layout if self.layout != "auto" else f"auto({self._resolved or 'unresolved'})"
+        s = f"kind={self.kind}, layout={lay}"
+        if self.param.layout == "dense" and self.param.mask is None:
+            s += ", density=1 (no mask)"
+        else:
+            s += f", density={self.density():.4g}"
+        if self.target_density is not None and self.target_density < 1.0:
+            s += f", target_density={self.target_density:g}"
+        return s
+
+
+# ---------------------------------------------------------------------------------------- Linear
+
+
+class SparseLinear(SparseModule):
+    """A Linear layer y = x θᵀ + b whose weight θ = M ⊙ m ⊙ w is sparse.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        kind: "masked" (θ trained directly, static mask), "signin" (m ⊙ w with periodic reset to β) or
+            "pilot" (m ⊙ w, no mask until pruned; ``density`` is recorded as ``target_density``).
+        density: fraction of active weights, in (0, 1]; a random mask with exactly
+            ``round(density * numel)`` active entries is drawn from ``seed`` (whole blocks for layouts
+            "block" and "bsr"). Give either ``density`` or ``mask``.
+        mask: a bool tensor of the weight's shape (out_features, in_features).
+        beta: the scale m² − w² of the initial factorisation (signin/pilot).
+        layout: "dense" | "block" | "csr" | "bsr" | "auto" (module docstring).
+        block_shape: (bn, bk) blocks of the "block" and "bsr" layouts.
+        seed: seed of the random mask.
+
+    Shapes: input (..., in_features) -> output (..., out_features).
+    The weight is initialised like ``nn.Linear`` (Kaiming uniform, same random stream), then masked.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        kind: str = "masked",
+        density: float = 1.0,
+        mask: Tensor | None = None,
+        beta: float = 1.0,
+        layout: str = "dense",
+        block_shape: tuple[int, int] = (32, 32),
+        seed: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_positive_int("in_features", in_features)
+        self.out_features = _check_positive_int("out_features", out_features)
+        self.weight_shape = (out_features, in_features)
+        density = self._configure(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
+                                  block_shape=block_shape, seed=seed)
+        factory = {"device": device, "dtype": dtype}
+        # Same calls in the same order as nn.Linear.reset_parameters: same values for the same RNG state.
+        weight = torch.empty(self.weight_shape, **factory)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        else:
+            self.register_parameter("bias", None)
+        self._build_param(weight, self._make_mask(mask, density, weight.device))
+        self._register_hooks()
+
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Linear,
+        *,
+        kind: str = "masked",
+        mask: Tensor | None = None,
+        density: float = 1.0,
+        beta: float = 1.0,
+        layout: str = "dense",
+        block_shape: tuple[int, int] = (32, 32),
+        seed: int = 0,
+    ) -> "SparseLinear":
+        """A SparseLinear holding ``module``'s weight (masked) and bias, on its device and dtype."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
+        obj = cls.__new__(cls)
+        SparseModule.__init__(obj)
+        obj.in_features, obj.out_features = module.in_features, module.out_features
+        obj.weight_shape = (module.out_features, module.in_features)
+        density = obj._configure(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
+                                 block_shape=block_shape, seed=seed)
+        weight = module.weight.detach()
+        obj.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
+        obj._build_param(weight, obj._make_mask(mask, density, weight.device))
+        obj._register_hooks()
+        obj.train(module.training)
+        return obj
+
+    def to_dense(self) -> nn.Linear:
+        """A plain nn.Linear with weight θ = M ⊙ m ⊙ w (same device and dtype)."""
+        theta = self.theta().detach()
+        out = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=theta.device,
+                        dtype=theta.dtype)
+        with torch.no_grad():
+            out.weight.copy_(theta)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        out.train(self.training)
+        return out
+
+    def _empty_copy(self) -> "SparseLinear":
+        obj = SparseLinear.__new__(SparseLinear)
+        SparseModule.__init__(obj)
+        obj.in_features, obj.out_features, obj.weight_shape = self.in_features, self.out_features, self.weight_shape
+        obj._configure(kind=self.kind, density=1.0, mask=None, beta=self.beta_init, layout="dense",
+                       block_shape=self.block_shape, seed=self.seed)
+        obj.bias = None if self.bias is None else nn.Parameter(torch.randn_like(self.bias))
+        return obj
+
+    def _check_input(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() < 1 or input.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input must have last dim {self.in_features} (in_features), got shape {tuple(input.shape)}"
+            )
+        w = self.param.w
+        if input.dtype != w.dtype:
+            raise ValueError(f"input must have the layer's dtype {w.dtype}, got {input.dtype}")
+        if input.device != w.device:
+            raise ValueError(f"input must be on the layer's device {w.device}, got {input.device}")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        self._maybe_autotune(input)
+        return self._compute(input, self._resolved or "dense")
+
+    def _compute(self, input: Tensor, layout: str) -> Tensor:
+        p = self.param
+        if layout == "block":
+            return ops.block_sparse_linear(input, p.m, p.w, self._block_index(), self.bias)
+        if p.layout != "dense":
+            return ops.compact_linear(input, p.m, p.w, p.index, self.bias)
+        return ops.masked_linear(input, p.m, p.w, p.mask, self.bias)
+
+    # ------------------------------------------------------------------------------ auto layout
+
+    def _auto_candidates(self, mask2d: Tensor | None) -> list[str]:
+        if mask2d is None:
+            return ["dense"]
+        out = ["dense", "csr"]
+        if is_block_aligned(mask2d, self.block_shape):
+            out += ["block", "bsr"]
+        return out
+
+    def _auto_key(self, input: Tensor, mask2d: Tensor | None) -> dict:
+        from . import autolayout
+
+        rows = input.numel() // self.in_features
+        return autolayout.make_key("linear", self.weight_shape, mask2d, self.param.w.dtype, self.param.w.device,
+                                   rows=rows, kind=self.kind, block_shape=self.block_shape)
+
+    def _auto_runners(self, input: Tensor, mask2d, candidates: list[str]) -> dict[str, Callable]:
+        rows = max(1, input.numel() // self.in_features)
+        x = torch.randn(rows, self.in_features, dtype=input.dtype, device=input.device, requires_grad=True)
+        runners = {}
+        for layout in candidates:
+            probe = self._probe(layout, mask2d)
+            runners[layout] = _fwd_bwd(probe, x, layout)
+        return runners
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, " + self._sparse_repr())
+
+
+def _fwd_bwd(probe: SparseModule, x: Tensor, layout: str) -> Callable[[], None]:
+    """One forward + backward of ``probe`` on ``x`` (grads by autograd.grad: nothing accumulates)."""
+    params = [t for t in (x, probe.param.m, probe.param.w, probe.bias) if t is not None]
+
+    def run() -> None:
+        with torch.enable_grad():
+            y = probe._compute(x, layout)
+            torch.autograd.grad(y, params, torch.ones_like(y))
+
+    return run

@@ -1,0 +1,242 @@
+"""``sparsify(model, ...)``: swap every Linear / Conv of a model for its sparse layer, in place.
+
+Methods (the parameterization and mask each layer gets):
+
+==========  ======================  ==============================================================
+method      parameterization        mask
+==========  ======================  ==============================================================
+static      Masked (θ trained)      random pruning-at-initialisation mask (the usual baseline)
+signin      SignIn (m ⊙ w, β)       random mask; train with periodic Sign-In resets
+pilot       PILoT (m ⊙ w, β = 1)    none: dense until pruned; ``density`` is the pruning target,
+                                    recorded on every layer as ``target_density``
+dense       Masked                  none: a dense baseline through the same code path
+==========  ======================  ==============================================================
+
+Random masks come from :func:`sparse_engine.masks.random_masks`: the per-layer densities follow
+``distribution`` (uniform / er / erk) and the number of active weights over all replaced layers is
+exactly ``round(density * total)``, deterministic for a given ``seed``. The block layouts ("block",
+"bsr") need whole blocks active: their masks are random blocks at each layer's density, so the overall
+density is then the nearest that whole blocks allow (the report shows it).
+
+Left alone by default: embeddings, normalisation and everything that is not a Linear / Conv1d / Conv2d;
+layers whose weight is tied to another module's (an LM head tied to the embedding); the projections
+inside ``nn.MultiheadAttention`` (it reads their weights directly on its fast path); lazy layers not yet
+initialised. The report lists every skipped Linear / Conv with the reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import masks as masks_mod
+from .conv import SparseConv1d, SparseConv2d
+from .linear import LAYOUTS, SparseModule, _check_block_shape, _check_choice, _check_density
+
+METHODS = ("static", "signin", "pilot", "dense")
+_KIND = {"static": "masked", "signin": "signin", "pilot": "pilot", "dense": "masked"}
+_SPARSE_OF = ((nn.Conv2d, SparseConv2d), (nn.Conv1d, SparseConv1d), (nn.Linear, None))
+
+
+@dataclass
+class LayerReport:
+    """One replaced layer: its name, original type, weight shape and the mask it got."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    numel: int
+    nnz: int
+    kind: str
+    layout: str
+    target_density: float | None = None
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.numel if self.numel else 0.0
+
+
+@dataclass
+class SparsifyReport:
+    """What :func:`sparsify` did. ``str(report)`` prints a table; ``density`` is over replaced layers."""
+
+    method: str
+    requested_density: float
+    distribution: str
+    layout: str
+    seed: int
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+    @property
+    def numel(self) -> int:
+        return sum(r.numel for r in self.layers)
+
+    @property
+    def nnz(self) -> int:
+        return sum(r.nnz for r in self.layers)
+
+    @property
+    def density(self) -> float:
+        return self.nnz / self.numel if self.numel else 0.0
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __getitem__(self, name: str) -> LayerReport:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        head = ("name", "type", "shape", "density", "nnz", "numel")
+        rows = [(r.name, r.type, "x".join(map(str, r.shape)), f"{r.density:.4f}", str(r.nnz), str(r.numel))
+                for r in self.layers]
+        rows.append(("total", "", "", f"{self.density:.4f}", str(self.nnz), str(self.numel)))
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+        right = (False, False, False, True, True, True)
+
+        def fmt(row) -> str:
+            return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip()
+
+        target = ""
+        if self.method == "pilot":
+            target = f" (no mask while training; pruning target {self.requested_density:g})"
+        lines = [f"sparsify: method={self.method}, layout={self.layout}, distribution={self.distribution}, "
+                 f"density={self.requested_density:g}{target}, seed={self.seed}",
+                 fmt(head), fmt(tuple("-" * w for w in widths))]
+        lines += [fmt(r) for r in rows[:-1]]
+        lines += [fmt(tuple("-" * w for w in widths)), fmt(rows[-1])]
+        if self.skipped:
+            lines.append(f"left dense ({len(self.skipped)}):")
+            lines += [f"  {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _sparse_class(module: nn.Module):
+    from .linear import SparseLinear
+
+    for dense_cls, sparse_cls in _SPARSE_OF:
+        if isinstance(module, dense_cls):
+            return sparse_cls or SparseLinear
+    return None
+
+
+def _default_exclusion(name: str, module: nn.Module, parents: dict[str, nn.Module], owners: dict[int, list[str]]):
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "lazy layer not initialised yet (run one forward first)"
+    parent = parents.get(name)
+    if isinstance(parent, nn.MultiheadAttention):
+        return "inside nn.MultiheadAttention (it reads the projection weights directly)"
+    others = [n for n in owners.get(id(module.weight), []) if n != name + ".weight"]
+    if others:
+        return f"weight tied with {others[0]}"
+    return None
+
+
+def sparsify(
+    model: nn.Module,
+    method: str = "signin",
+    density: float = 0.1,
+    distribution: str = "erk",
+    layout: str = "dense",
+    filter: Callable[[str, nn.Module], bool] | None = None,
+    beta: float = 1.0,
+    seed: int = 0,
+    block_shape: tuple[int, int] = (32, 32),
+    dense_first_last: bool = False,
+) -> SparsifyReport:
+    """Replace every nn.Linear / nn.Conv1d / nn.Conv2d of ``model`` (in place) by its sparse layer.
+
+    Args:
+        model: any module; its replaced layers keep their weights, biases, device, dtype and mode.
+        method: "static" | "signin" | "pilot" | "dense" (module docstring).
+        density: overall fraction of active weights over the replaced layers, in (0, 1].
+        distribution: how density spreads over layers: "uniform" | "er" | "erk".
+        layout: "dense" | "block" | "csr" | "bsr" | "auto" for every replaced layer.
+        filter: ``filter(name, module) -> bool`` selects the layers (after the default exclusions).
+        beta: the m² − w² scale of signin / pilot.
+        seed: mask seed (same seed, same masks).
+        block_shape: blocks of the "block" / "bsr" layouts.
+        dense_first_last: leave the first and the last selected layer dense (not replaced).
+    Returns:
+        a :class:`SparsifyReport` (per layer: name, type, shape, density, nnz).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_choice("method", method, METHODS)
+    density = _check_density(density)
+    _check_choice("distribution", distribution, masks_mod.DISTRIBUTIONS)
+    _check_choice("layout", layout, LAYOUTS)
+    block_shape = _check_block_shape(block_shape)
+    if filter is not None and not callable(filter):
+        raise TypeError(f"filter must be callable (name, module) -> bool, got {type(filter).__name__}")
+    if method == "pilot" and layout in ("block", "csr", "bsr"):
+        raise ValueError(f"method='pilot' trains dense until pruned: layout must be 'dense' or 'auto', got {layout!r}")
+
+    report = SparsifyReport(method, density, distribution, layout, seed)
+    parents: dict[str, nn.Module] = {}
+    for pname, parent in model.named_modules():
+        for cname, _ in parent.named_children():
+            parents[f"{pname}.{cname}" if pname else cname] = parent
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+
+    targets: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, SparseModule) or _sparse_class(module) is None:
+            continue
+        why = _default_exclusion(name, module, parents, owners)
+        if why is None and filter is not None and not filter(name, module):
+            why = "excluded by filter"
+        if why is None and not name:
+            raise ValueError("model itself is a Linear/Conv layer: wrap it in a container (nn.Sequential) "
+                             "or use SparseLinear.from_dense / SparseConv2d.from_dense")
+        if why is None:
+            targets.append((name, module))
+        else:
+            report.skipped.append((name, why))
+    if dense_first_last and targets:
+        ends = [targets[0]] + ([targets[-1]] if len(targets) > 1 else [])
+        for name, _ in ends:
+            report.skipped.append((name, "dense_first_last"))
+        targets = [t for t in targets if t not in ends]
+    if not targets:
+        return report
+
+    kind = _KIND[method]
+    shapes = {name: tuple(module.weight.shape) for name, module in targets}
+    layer_masks: dict[str, torch.Tensor | None] = {name: None for name in shapes}
+    if method in ("static", "signin") and density < 1.0:
+        if layout in ("block", "bsr"):
+            per_layer = masks_mod.layer_densities(shapes, density, distribution)
+            for i, (name, shape) in enumerate(shapes.items()):
+                nbr, nbc = (-(-shape[0] // block_shape[0]), -(-math.prod(shape[1:]) // block_shape[1]))
+                d = max(per_layer[name], 1.0 / (nbr * nbc))  # at least one block per layer
+                layer_masks[name] = masks_mod.block_mask(shape, block_shape, d, seed=seed + i)
+        else:
+            layer_masks.update(masks_mod.random_masks(shapes, density, distribution, seed=seed))
+
+    for name, module in targets:
+        mask = layer_masks[name]
+        if mask is not None and layout not in ("csr", "bsr") and bool(mask.all()):
+            mask = None  # a full layer (ERK can make small layers dense): no mask to apply
+        cls = _sparse_class(module)
+        new = cls.from_dense(module, kind=kind, mask=mask, density=density if method == "pilot" else 1.0,
+                             beta=beta, layout=layout, block_shape=block_shape, seed=seed)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        report.layers.append(LayerReport(
+            name=name, type=type(module).__name__, shape=tuple(module.weight.shape),
+            numel=module.weight.numel(), nnz=new.nnz(), kind=kind, layout=layout,
+            target_density=new.target_density,
+        ))
+    return report
