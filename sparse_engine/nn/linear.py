@@ -350,7 +350,7 @@ class SparseModule(nn.Module):
             decision = autolayout.Decision("dense", {}, "", "only candidate")
         else:
             decision = autolayout.choose(self._auto_key(input, mask2d),
-                                         lambda: self._auto_runners(input, mask2d, candidates))
+                                         lambda: self._auto_runners(input, mask2d, candidates), retune=self._retune)
         self._retune = False
         self.autolayout_decision = decision
         self._use_layout(decision.layout)
@@ -619,4 +619,5 @@ def _fwd_bwd(probe: SparseModule, x: Tensor, layout: str) -> Callable[[], None]:
             y = probe._compute(x, layout)
             torch.autograd.grad(y, params, torch.ones_like(y))
 
+    run.layout = layout  # type: ignore[attr-defined]  # lets tests and logs tell the runners apart
     return run

@@ -135,7 +135,8 @@ def _default_exclusion(name: str, module: nn.Module, parents: dict[str, nn.Modul
     parent = parents.get(name)
     if isinstance(parent, nn.MultiheadAttention):
         return "inside nn.MultiheadAttention (it reads the projection weights directly)"
-    others = [n for n in owners.get(id(module.weight), []) if n != name + ".weight"]
+    own = f"{name}.weight" if name else "weight"
+    others = [n for n in owners.get(id(module.weight), []) if n != own]
     if others:
         return f"weight tied with {others[0]}"
     return None
