@@ -1,0 +1,426 @@
+// Row kernels of compact_linear (SpMM and SDDMM), compiled once per instruction set.
+//
+// Included by isa_*.cpp after their `#pragma GCC target`, so every function here gets that ISA; all of
+// it has internal linkage (anonymous namespace), so the three copies never meet at link time and no
+// wide instruction leaks into code that runs on a CPU without it.
+//
+// SpMM   Y[o, :] += theta(j) * X[idx(j), :]   over the stored entries j of output row o; the ':' is the
+//        batch: a panel row of BC = NV vectors that stays in registers for the whole row.
+// SDDMM  g(j) = <DY[row(j), :], X[col(j), :]>  only on the pattern, summed over batch chunks; four
+//        entries are reduced at once with one shuffle tree, then g_m = g*w, g_w = g*m.
+// BC == 1 (batch 1) is a gather-dot along the row instead.
+// Every index is range-checked per row before it is used (one OR-reduction over the row's indices,
+// which are in cache for the compute anyway): a corrupt index gives an error, never a wild read.
+
+namespace {
+
+using se_cpu::Dtype;
+using se_cpu::SddmmArgs;
+using se_cpu::SpmmArgs;
+
+template <typename T>
+struct VT;
+template <>
+struct VT<float> {
+  typedef float v __attribute__((vector_size(64)));
+  typedef float vu __attribute__((vector_size(64), aligned(4), may_alias));
+  static constexpr int W = 16;
+};
+template <>
+struct VT<double> {
+  typedef double v __attribute__((vector_size(64)));
+  typedef double vu __attribute__((vector_size(64), aligned(8), may_alias));
+  static constexpr int W = 8;
+};
+
+#define SE_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+SE_INLINE typename VT<T>::v ld(const T* p) {
+  return *reinterpret_cast<const typename VT<T>::vu*>(p);
+}
+template <typename T>
+SE_INLINE void st(T* p, typename VT<T>::v x) {
+  *reinterpret_cast<typename VT<T>::vu*>(p) = x;
+}
+
+SE_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+SE_INLINE bool out_of_range(const int32_t* __restrict idx, int64_t j0, int64_t j1, int64_t bound) {
+  const uint32_t b = static_cast<uint32_t>(bound);
+  uint32_t bad = 0;
+  for (int64_t j = j0; j < j1; ++j) bad |= static_cast<uint32_t>(idx[j]) >= b;
+  return bad != 0;
+}
+
+// Horizontal sums. hsum4 reduces four vectors at once: the halves of pairs are added first, so the
+// tree costs 5 shuffles for 4 results instead of 4 per result.
+SE_INLINE float hsum(VT<float>::v p) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a = __builtin_shufflevector(p, p, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(p, p, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+SE_INLINE double hsum(VT<double>::v p) {
+  typedef double v4 __attribute__((vector_size(32)));
+  typedef double v2 __attribute__((vector_size(16)));
+  v4 a = __builtin_shufflevector(p, p, 0, 1, 2, 3) + __builtin_shufflevector(p, p, 4, 5, 6, 7);
+  v2 b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
+  return b[0] + b[1];
+}
+SE_INLINE void hsum4(VT<float>::v p0, VT<float>::v p1, VT<float>::v p2, VT<float>::v p3, float* s) {
+  typedef VT<float>::v V;
+  V a = __builtin_shufflevector(p0, p1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+        __builtin_shufflevector(p0, p1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  V b = __builtin_shufflevector(p2, p3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+        __builtin_shufflevector(p2, p3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  // a = [p0 8 | p1 8], b = [p2 8 | p3 8] -> c = [p0 4 | p1 4 | p2 4 | p3 4]
+  V c = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+        __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  V d = c + __builtin_shufflevector(c, c, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  V e = d + __builtin_shufflevector(d, d, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  s[0] = e[0];
+  s[1] = e[4];
+  s[2] = e[8];
+  s[3] = e[12];
+}
+SE_INLINE void hsum4(VT<double>::v p0, VT<double>::v p1, VT<double>::v p2, VT<double>::v p3, double* s) {
+  typedef VT<double>::v V;
+  V a = __builtin_shufflevector(p0, p1, 0, 1, 2, 3, 8, 9, 10, 11) +
+        __builtin_shufflevector(p0, p1, 4, 5, 6, 7, 12, 13, 14, 15);
+  V b = __builtin_shufflevector(p2, p3, 0, 1, 2, 3, 8, 9, 10, 11) +
+        __builtin_shufflevector(p2, p3, 4, 5, 6, 7, 12, 13, 14, 15);
+  V c = __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13) +
+        __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
+  V d = c + __builtin_shufflevector(c, c, 1, 0, 3, 2, 5, 4, 7, 6);
+  s[0] = d[0];
+  s[1] = d[2];
+  s[2] = d[4];
+  s[3] = d[6];
+}
+
+template <typename T, bool HAS_M>
+SE_INLINE T theta(const T* __restrict m, const T* __restrict w, int64_t j) {
+  if constexpr (HAS_M) return m[j] * w[j];
+  return w[j];
+}
+
+// ------------------------------------------------------------------------------------------ SpMM
+
+// CSR, batch 1: y[r] = sum_j theta_j x[idx_j].
+template <typename T, bool HAS_M>
+int csr_spmv(const SpmmArgs& a, int64_t r0, int64_t r1) {
+  const T* __restrict m = static_cast<const T*>(a.m);
+  const T* __restrict w = static_cast<const T*>(a.w);
+  const T* __restrict X = static_cast<const T*>(a.X);
+  T* __restrict Y = static_cast<T*>(a.Y);
+  const int32_t* __restrict idx = a.idx;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t j0 = a.ptr[r], j1 = a.ptr[r + 1];
+    if (out_of_range(idx, j0, j1, a.nin_blocks)) return 1;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = j0; j < j1; ++j) s += theta<T, HAS_M>(m, w, j) * X[idx[j]];
+    Y[r] = s;
+  }
+  return 0;
+}
+
+// CSR, panel of NV vectors: two accumulator sets so that consecutive entries do not serialise on the
+// FMA latency when NV is small.
+template <typename T, int NV, bool HAS_M>
+int csr_spmm(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
+  typedef typename VT<T>::v V;
+  constexpr int W = VT<T>::W;
+  constexpr int64_t BC = NV * W;
+  const T* __restrict m = static_cast<const T*>(a.m);
+  const T* __restrict w = static_cast<const T*>(a.w);
+  const T* __restrict X = static_cast<const T*>(a.X) + c * a.in_dim * BC;
+  T* __restrict Y = static_cast<T*>(a.Y) + c * a.out_dim * BC;
+  const int32_t* __restrict idx = a.idx;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t j0 = a.ptr[r], j1 = a.ptr[r + 1];
+    if (out_of_range(idx, j0, j1, a.nin_blocks)) return 1;
+    V acc0[NV], acc1[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = V{};
+    int64_t j = j0;
+    for (; j + 2 <= j1; j += 2) {
+      const T t0 = theta<T, HAS_M>(m, w, j), t1 = theta<T, HAS_M>(m, w, j + 1);
+      const T* x0 = X + static_cast<int64_t>(idx[j]) * BC;
+      const T* x1 = X + static_cast<int64_t>(idx[j + 1]) * BC;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        acc0[v] += t0 * ld(x0 + v * W);
+        acc1[v] += t1 * ld(x1 + v * W);
+      }
+    }
+    if (j < j1) {
+      const T t0 = theta<T, HAS_M>(m, w, j);
+      const T* x0 = X + static_cast<int64_t>(idx[j]) * BC;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc0[v] += t0 * ld(x0 + v * W);
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) st(Y + r * BC + v * W, acc0[v] + acc1[v]);
+  }
+  return 0;
+}
+
+// BSR (and the transposed pass): output block-row r covers element rows r*ob .. r*ob+ob-1.
+// Value (j, o, q) sits at j*bn*bk + o*so + q*sq: (so, sq) = (bk, 1) forward, (1, bk) transposed.
+// NV == 0 means batch 1 (scalar accumulator).
+template <typename T, int NV, bool HAS_M>
+int bsr_spmm(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
+  constexpr int W = VT<T>::W;
+  constexpr int64_t BC = NV == 0 ? 1 : NV * W;
+  typedef typename VT<T>::v V;
+  const T* __restrict m = static_cast<const T*>(a.m);
+  const T* __restrict w = static_cast<const T*>(a.w);
+  const T* __restrict X = static_cast<const T*>(a.X) + c * a.in_dim * BC;
+  T* __restrict Y = static_cast<T*>(a.Y) + c * a.out_dim * BC;
+  const int64_t ob = a.trans ? a.bk : a.bn, ib = a.trans ? a.bn : a.bk;
+  const int64_t so = a.trans ? 1 : a.bk, sq = a.trans ? a.bk : 1;
+  const int64_t bsize = a.bn * a.bk;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t j0 = a.ptr[r], j1 = a.ptr[r + 1];
+    if (out_of_range(a.idx, j0, j1, a.nin_blocks)) return 1;
+    const int64_t onum = min64(ob, a.out_dim - r * ob);
+    for (int64_t o = 0; o < onum; ++o) {
+      const int64_t orow = r * ob + o;
+      if constexpr (NV == 0) {
+        T s = 0;
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t in0 = static_cast<int64_t>(a.idx[j]) * ib;
+          const int64_t qn = min64(ib, a.in_dim - in0);
+          const int64_t base = j * bsize + o * so;
+          for (int64_t q = 0; q < qn; ++q) s += theta<T, HAS_M>(m, w, base + q * sq) * X[in0 + q];
+        }
+        Y[orow] = s;
+      } else {
+        V acc0[NV], acc1[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = V{};
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t in0 = static_cast<int64_t>(a.idx[j]) * ib;
+          const int64_t qn = min64(ib, a.in_dim - in0);
+          const int64_t base = j * bsize + o * so;
+          const T* xb = X + in0 * BC;
+          int64_t q = 0;
+          for (; q + 2 <= qn; q += 2) {
+            const T t0 = theta<T, HAS_M>(m, w, base + q * sq);
+            const T t1 = theta<T, HAS_M>(m, w, base + (q + 1) * sq);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) {
+              acc0[v] += t0 * ld(xb + q * BC + v * W);
+              acc1[v] += t1 * ld(xb + (q + 1) * BC + v * W);
+            }
+          }
+          if (q < qn) {
+            const T t0 = theta<T, HAS_M>(m, w, base + q * sq);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc0[v] += t0 * ld(xb + q * BC + v * W);
+          }
+        }
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) st(Y + orow * BC + v * W, acc0[v] + acc1[v]);
+      }
+    }
+  }
+  return 0;
+}
+
+// ----------------------------------------------------------------------------------------- SDDMM
+
+template <typename T, bool HAS_M>
+SE_INLINE void epilogue(const SddmmArgs& a, int64_t e0, int64_t e1) {
+  // g_w holds g_theta here: g_m = g*w must be read before g_w is overwritten with g*m.
+  T* __restrict gw = static_cast<T*>(a.g_w);
+  if constexpr (HAS_M) {
+    const T* __restrict m = static_cast<const T*>(a.m);
+    const T* __restrict w = static_cast<const T*>(a.w);
+    T* __restrict gm = static_cast<T*>(a.g_m);
+#pragma omp simd
+    for (int64_t e = e0; e < e1; ++e) {
+      const T g = gw[e];
+      gm[e] = g * w[e];
+      gw[e] = g * m[e];
+    }
+  }
+}
+
+// Dot products of one DY panel row (NV vectors in registers) with the X panel rows listed by cols.
+template <typename T, int NV>
+SE_INLINE void dots(const typename VT<T>::v* d, const T* __restrict Xc, const int32_t* __restrict cols,
+                    int64_t cnt, int64_t col_base_stride, int64_t col_offset, T* __restrict g,
+                    int64_t g_stride) {
+  // entry e uses X row cols[e]*col_base_stride + col_offset (or e + col_offset when cols is null) and
+  // accumulates into g[e*g_stride].
+  typedef typename VT<T>::v V;
+  constexpr int W = VT<T>::W;
+  constexpr int64_t BC = NV * W;
+  auto xrow = [&](int64_t e) -> const T* {
+    const int64_t rr = cols ? static_cast<int64_t>(cols[e]) * col_base_stride + col_offset : e + col_offset;
+    return Xc + rr * BC;
+  };
+  int64_t e = 0;
+  for (; e + 4 <= cnt; e += 4) {
+    const T* x0 = xrow(e);
+    const T* x1 = xrow(e + 1);
+    const T* x2 = xrow(e + 2);
+    const T* x3 = xrow(e + 3);
+    V p0 = d[0] * ld(x0), p1 = d[0] * ld(x1), p2 = d[0] * ld(x2), p3 = d[0] * ld(x3);
+#pragma GCC unroll 4
+    for (int v = 1; v < NV; ++v) {
+      p0 += d[v] * ld(x0 + v * W);
+      p1 += d[v] * ld(x1 + v * W);
+      p2 += d[v] * ld(x2 + v * W);
+      p3 += d[v] * ld(x3 + v * W);
+    }
+    T s[4];
+    hsum4(p0, p1, p2, p3, s);
+    g[e * g_stride] += s[0];
+    g[(e + 1) * g_stride] += s[1];
+    g[(e + 2) * g_stride] += s[2];
+    g[(e + 3) * g_stride] += s[3];
+  }
+  for (; e < cnt; ++e) {
+    const T* x0 = xrow(e);
+    V p0 = d[0] * ld(x0);
+#pragma GCC unroll 4
+    for (int v = 1; v < NV; ++v) p0 += d[v] * ld(x0 + v * W);
+    g[e * g_stride] += hsum(p0);
+  }
+}
+
+template <typename T, int NV, bool HAS_M>
+int csr_sddmm(const SddmmArgs& a, int64_t r0, int64_t r1) {
+  typedef typename VT<T>::v V;
+  constexpr int W = VT<T>::W;
+  constexpr int64_t BC = NV == 0 ? 1 : NV * W;
+  T* __restrict g = static_cast<T*>(a.g_w);
+  const T* __restrict DY = static_cast<const T*>(a.DY);
+  const T* __restrict X = static_cast<const T*>(a.X);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t j0 = a.crow[r], j1 = a.crow[r + 1];
+    if (out_of_range(a.col, j0, j1, a.nbc)) return 1;
+    if constexpr (NV == 0) {
+      const T dy = DY[r];
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) g[j] = dy * X[a.col[j]];
+    } else {
+      for (int64_t j = j0; j < j1; ++j) g[j] = 0;
+      for (int64_t c = 0; c < a.nchunks; ++c) {
+        const T* drow = DY + (c * a.n + r) * BC;
+        V d[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) d[v] = ld(drow + v * W);
+        dots<T, NV>(d, X + c * a.k * BC, a.col + j0, j1 - j0, 1, 0, g + j0, 1);
+      }
+    }
+    epilogue<T, HAS_M>(a, j0, j1);
+  }
+  return 0;
+}
+
+template <typename T, int NV, bool HAS_M>
+int bsr_sddmm(const SddmmArgs& a, int64_t r0, int64_t r1) {
+  typedef typename VT<T>::v V;
+  constexpr int W = VT<T>::W;
+  constexpr int64_t BC = NV == 0 ? 1 : NV * W;
+  const int64_t bn = a.bn, bk = a.bk, bsize = bn * bk;
+  T* __restrict g = static_cast<T*>(a.g_w);
+  const T* __restrict DY = static_cast<const T*>(a.DY);
+  const T* __restrict X = static_cast<const T*>(a.X);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t j0 = a.crow[r], j1 = a.crow[r + 1];
+    if (out_of_range(a.col, j0, j1, a.nbc)) return 1;
+    for (int64_t e = j0 * bsize; e < j1 * bsize; ++e) g[e] = 0;  // padding stays 0
+    const int64_t onum = min64(bn, a.n - r * bn);
+    for (int64_t c = 0; c < a.nchunks; ++c) {
+      for (int64_t o = 0; o < onum; ++o) {
+        const T* drow = DY + (c * a.n + r * bn + o) * BC;
+        if constexpr (NV == 0) {
+          const T dy = drow[0];
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t in0 = static_cast<int64_t>(a.col[j]) * bk;
+            const int64_t qn = min64(bk, a.k - in0);
+            T* gb = g + j * bsize + o * bk;
+            for (int64_t q = 0; q < qn; ++q) gb[q] += dy * X[in0 + q];
+          }
+        } else {
+          V d[NV];
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) d[v] = ld(drow + v * W);
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t in0 = static_cast<int64_t>(a.col[j]) * bk;
+            const int64_t qn = min64(bk, a.k - in0);
+            dots<T, NV>(d, X + c * a.k * BC, nullptr, qn, 0, in0, g + j * bsize + o * bk, 1);
+          }
+        }
+      }
+    }
+    epilogue<T, HAS_M>(a, j0 * bsize, j1 * bsize);
+  }
+  return 0;
+}
+
+// ------------------------------------------------------------------------------------- dispatch
+
+template <typename T, int NV>
+int spmm_nv(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
+  const bool csr = a.bn == 1 && a.bk == 1;
+  if (a.m) {
+    if (csr) {
+      if constexpr (NV == 0) return csr_spmv<T, true>(a, r0, r1);
+      else return csr_spmm<T, NV, true>(a, c, r0, r1);
+    }
+    return bsr_spmm<T, NV, true>(a, c, r0, r1);
+  }
+  if (csr) {
+    if constexpr (NV == 0) return csr_spmv<T, false>(a, r0, r1);
+    else return csr_spmm<T, NV, false>(a, c, r0, r1);
+  }
+  return bsr_spmm<T, NV, false>(a, c, r0, r1);
+}
+
+template <typename T>
+int spmm_t(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
+  switch (a.bc == 1 ? 0 : a.bc / VT<T>::W) {
+    case 0: return spmm_nv<T, 0>(a, c, r0, r1);
+    case 1: return spmm_nv<T, 1>(a, c, r0, r1);
+    case 2: return spmm_nv<T, 2>(a, c, r0, r1);
+    case 4: return spmm_nv<T, 4>(a, c, r0, r1);
+    default: return 2;
+  }
+}
+
+template <typename T, int NV>
+int sddmm_nv(const SddmmArgs& a, int64_t r0, int64_t r1) {
+  const bool csr = a.bn == 1 && a.bk == 1;
+  if (a.m) return csr ? csr_sddmm<T, NV, true>(a, r0, r1) : bsr_sddmm<T, NV, true>(a, r0, r1);
+  return csr ? csr_sddmm<T, NV, false>(a, r0, r1) : bsr_sddmm<T, NV, false>(a, r0, r1);
+}
+
+template <typename T>
+int sddmm_t(const SddmmArgs& a, int64_t r0, int64_t r1) {
+  switch (a.bc == 1 ? 0 : a.bc / VT<T>::W) {
+    case 0: return sddmm_nv<T, 0>(a, r0, r1);
+    case 1: return sddmm_nv<T, 1>(a, r0, r1);
+    case 2: return sddmm_nv<T, 2>(a, r0, r1);
+    case 4: return sddmm_nv<T, 4>(a, r0, r1);
+    default: return 2;
+  }
+}
+
+int spmm_rows(Dtype dt, const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
+  return dt == se_cpu::kFloat32 ? spmm_t<float>(a, c, r0, r1) : spmm_t<double>(a, c, r0, r1);
+}
+
+int sddmm_rows(Dtype dt, const SddmmArgs& a, int64_t r0, int64_t r1) {
+  return dt == se_cpu::kFloat32 ? sddmm_t<float>(a, r0, r1) : sddmm_t<double>(a, r0, r1);
+}
+
+}  // namespace

@@ -1,0 +1,328 @@
+// compact_linear on CPU: y = x theta^T + b, theta = m*w stored only at the active coordinates.
+//
+//   forward   SpMM over the rows of the CSR/BSR pattern                    work ∝ nnz * B
+//   dX        SpMM over the transposed pattern (ccol, row_t), values taken in CSC order through perm
+//   dtheta    SDDMM on the pattern only, with the g_m = g*w, g_w = g*m epilogue
+//
+// This file holds the portable part: instruction-set dispatch, batch-contiguous panels (pack/unpack
+// are O(B*(N+K)), small next to O(nnz*B) at the densities this layout is for) and the OpenMP loops.
+// The row kernels live in compact_impl.h, compiled once per ISA (isa_*.cpp).
+#include <omp.h>
+
+#include <atomic>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace se_cpu {
+
+// ----------------------------------------------------------------------------------------- dispatch
+
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+const KernelTable* best_table() {
+  if (cpu_has_avx512() && table_avx512().name) return &table_avx512();
+  if (cpu_has_avx2() && table_avx2().name) return &table_avx2();
+  return &table_base();
+}
+
+std::atomic<const KernelTable*> g_table{nullptr};
+
+}  // namespace
+
+const KernelTable& active_table() {
+  const KernelTable* t = g_table.load(std::memory_order_acquire);
+  if (!t) {
+    t = best_table();
+    g_table.store(t, std::memory_order_release);
+  }
+  return *t;
+}
+
+bool set_isa(const char* name) {
+  const KernelTable* t = nullptr;
+  if (!std::strcmp(name, "auto")) t = best_table();
+  else if (!std::strcmp(name, "base")) t = &table_base();
+  else if (!std::strcmp(name, "avx2") && cpu_has_avx2() && table_avx2().name) t = &table_avx2();
+  else if (!std::strcmp(name, "avx512") && cpu_has_avx512() && table_avx512().name) t = &table_avx512();
+  if (!t) return false;
+  g_table.store(t, std::memory_order_release);
+  return true;
+}
+
+const char* isa_name() { return active_table().name; }
+
+int64_t panel_width(Dtype dt, int64_t B) {
+  if (B <= 1) return 1;
+  const int64_t W = vector_width(dt);
+  if (B <= W) return W;
+  if (B <= 2 * W) return 2 * W;
+  return 4 * W;
+}
+
+// ------------------------------------------------------------------------------------------ panels
+
+namespace {
+
+constexpr int64_t kTile = 64;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+int64_t elem_size(Dtype dt) { return dt == kFloat32 ? 4 : 8; }
+
+// Parallelise only when there is enough work to pay for waking the threads.
+bool worth_threads(int64_t work) { return work >= (1 << 15) && omp_get_max_threads() > 1; }
+
+// x (B, K) row-major -> P (nchunks, K, BC), rows past B zero.
+template <typename T>
+void pack(const T* __restrict x, int64_t B, int64_t K, int64_t BC, T* __restrict P) {
+  const int64_t nchunks = ceil_div(B, BC), nkt = ceil_div(K, kTile);
+#pragma omp parallel for collapse(2) schedule(static) if (worth_threads(nchunks * K * BC))
+  for (int64_t c = 0; c < nchunks; ++c) {
+    for (int64_t kt = 0; kt < nkt; ++kt) {
+      const int64_t k0 = kt * kTile, k1 = k0 + kTile < K ? k0 + kTile : K;
+      T* dst = P + (c * K + k0) * BC;
+      for (int64_t l = 0; l < BC; ++l) {
+        const int64_t b = c * BC + l;
+        if (b < B) {
+          const T* src = x + b * K;
+          for (int64_t k = k0; k < k1; ++k) dst[(k - k0) * BC + l] = src[k];
+        } else {
+          for (int64_t k = k0; k < k1; ++k) dst[(k - k0) * BC + l] = T(0);
+        }
+      }
+    }
+  }
+}
+
+// P (nchunks, N, BC) -> y (B, N) (+ bias).
+template <typename T>
+void unpack(const T* __restrict P, int64_t B, int64_t N, int64_t BC, const T* __restrict bias,
+            T* __restrict y) {
+  const int64_t nchunks = ceil_div(B, BC), nnt = ceil_div(N, kTile);
+#pragma omp parallel for collapse(2) schedule(static) if (worth_threads(B * N))
+  for (int64_t c = 0; c < nchunks; ++c) {
+    for (int64_t nt = 0; nt < nnt; ++nt) {
+      const int64_t n0 = nt * kTile, n1 = n0 + kTile < N ? n0 + kTile : N;
+      const T* src = P + (c * N + n0) * BC;
+      for (int64_t l = 0; l < BC; ++l) {
+        const int64_t b = c * BC + l;
+        if (b >= B) break;
+        T* dst = y + b * N;
+        if (bias) {
+          for (int64_t n = n0; n < n1; ++n) dst[n] = src[(n - n0) * BC + l] + bias[n];
+        } else {
+          for (int64_t n = n0; n < n1; ++n) dst[n] = src[(n - n0) * BC + l];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void add_bias_rows(T* y, int64_t B, int64_t N, const T* bias) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t n = 0; n < N; ++n) y[b * N + n] += bias[n];
+}
+
+// (chunk, block of rows) work items, dynamically scheduled: rows differ in nnz.
+int run_spmm(Dtype dt, const SpmmArgs& a, int64_t nchunks, int64_t nrows, int64_t work) {
+  const KernelTable& t = active_table();
+  const int nthreads = omp_get_max_threads();
+  int64_t rb = nrows / (16 * static_cast<int64_t>(nthreads));
+  rb = rb < 1 ? 1 : (rb > 64 ? 64 : rb);
+  const int64_t nblk = ceil_div(nrows, rb), items = nchunks * nblk;
+  int err = 0;
+#pragma omp parallel for schedule(dynamic, 1) if (worth_threads(work) && items > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t c = it / nblk, r0 = (it % nblk) * rb;
+    const int64_t r1 = r0 + rb < nrows ? r0 + rb : nrows;
+    const int e = t.spmm_rows(dt, a, c, r0, r1);
+    if (e) {
+#pragma omp atomic write
+      err = e;
+    }
+  }
+  return err;
+}
+
+int run_sddmm(Dtype dt, const SddmmArgs& a, int64_t nrows, int64_t work) {
+  const KernelTable& t = active_table();
+  const int nthreads = omp_get_max_threads();
+  int64_t rb = nrows / (16 * static_cast<int64_t>(nthreads));
+  rb = rb < 1 ? 1 : (rb > 64 ? 64 : rb);
+  const int64_t items = ceil_div(nrows, rb);
+  int err = 0;
+#pragma omp parallel for schedule(dynamic, 1) if (worth_threads(work) && items > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t r0 = it * rb, r1 = r0 + rb < nrows ? r0 + rb : nrows;
+    const int e = t.sddmm_rows(dt, a, r0, r1);
+    if (e) {
+#pragma omp atomic write
+      err = e;
+    }
+  }
+  return err;
+}
+
+// thetaT[j] = theta[perm[j]] (whole blocks): the values of the transposed pattern in its own order,
+// so that the dX SpMM streams them like the forward does.
+template <typename T>
+int gather_transposed(const T* __restrict m, const T* __restrict w, const int32_t* __restrict perm,
+                      int64_t nnzb, int64_t bsize, T* __restrict out) {
+  int err = 0;
+#pragma omp parallel for schedule(static) if (worth_threads(nnzb * bsize))
+  for (int64_t j = 0; j < nnzb; ++j) {
+    const uint32_t p = static_cast<uint32_t>(perm[j]);
+    if (p >= static_cast<uint64_t>(nnzb)) {
+#pragma omp atomic write
+      err = 1;
+      continue;
+    }
+    const T* wp = w + static_cast<int64_t>(p) * bsize;
+    T* o = out + j * bsize;
+    if (m) {
+      const T* mp = m + static_cast<int64_t>(p) * bsize;
+      for (int64_t e = 0; e < bsize; ++e) o[e] = mp[e] * wp[e];
+    } else {
+      for (int64_t e = 0; e < bsize; ++e) o[e] = wp[e];
+    }
+  }
+  return err;
+}
+
+template <typename T>
+int forward_t(const T* x, int64_t B, int64_t N, int64_t K, const T* m, const T* w, const T* bias,
+              const int32_t* crow, const int32_t* col, int64_t bn, int64_t bk, T* y, void* ws) {
+  const Dtype dt = sizeof(T) == 4 ? kFloat32 : kFloat64;
+  if (B == 0 || N == 0) return 0;
+  const int64_t BC = panel_width(dt, B), nchunks = ceil_div(B, BC);
+  const int64_t nbr = ceil_div(N, bn), nbc = ceil_div(K, bk);
+  const T* X = x;
+  T* Y = y;
+  if (BC > 1) {
+    char* p = static_cast<char*>(ws);
+    T* XP = reinterpret_cast<T*>(p);
+    Y = reinterpret_cast<T*>(p + align64(nchunks * K * BC * sizeof(T)));
+    pack(x, B, K, BC, XP);
+    X = XP;
+  }
+  const int64_t nnzb = crow[nbr];
+  SpmmArgs a{m, w, crow, col, nbc, N, K, bn, bk, false, X, Y, BC};
+  const int err = run_spmm(dt, a, nchunks, nbr, nnzb * bn * bk * BC * nchunks);
+  if (err) return err;
+  if (BC > 1) unpack(Y, B, N, BC, bias, y);
+  else if (bias) add_bias_rows(y, B, N, bias);
+  return 0;
+}
+
+template <typename T>
+int backward_t(const T* gy, const T* x, int64_t B, int64_t N, int64_t K, const T* m, const T* w,
+               const int32_t* crow, const int32_t* col, const int32_t* ccol, const int32_t* row_t,
+               const int32_t* perm, int64_t nnzb, int64_t bn, int64_t bk, T* gx, T* gm, T* gw, void* ws) {
+  const Dtype dt = sizeof(T) == 4 ? kFloat32 : kFloat64;
+  const int64_t bsize = bn * bk;
+  const int64_t nbr = ceil_div(N, bn), nbc = ceil_div(K, bk);
+  if (B == 0) {
+    // dtheta is an empty sum: zero (g_x is empty).
+    std::memset(gw, 0, nnzb * bsize * sizeof(T));
+    if (gm) std::memset(gm, 0, nnzb * bsize * sizeof(T));
+    return 0;
+  }
+  const int64_t BC = panel_width(dt, B), nchunks = ceil_div(B, BC);
+  char* p = static_cast<char*>(ws);
+  T* thetaT = reinterpret_cast<T*>(p);
+  p += align64(nnzb * bsize * sizeof(T));
+  const T* X = x;
+  const T* DY = gy;
+  T* DX = gx;
+  if (BC > 1) {
+    T* XP = reinterpret_cast<T*>(p);
+    p += align64(nchunks * K * BC * sizeof(T));
+    T* DYP = reinterpret_cast<T*>(p);
+    p += align64(nchunks * N * BC * sizeof(T));
+    DX = reinterpret_cast<T*>(p);
+    pack(x, B, K, BC, XP);
+    pack(gy, B, N, BC, DYP);
+    X = XP;
+    DY = DYP;
+  }
+  const int64_t work = nnzb * bsize * BC * nchunks;
+  if (gx && K > 0) {
+    int err = gather_transposed(m, w, perm, nnzb, bsize, thetaT);
+    if (err) return err;
+    SpmmArgs a{nullptr, thetaT, ccol, row_t, nbr, K, N, bn, bk, true, DY, DX, BC};
+    err = run_spmm(dt, a, nchunks, nbc, work);
+    if (err) return err;
+    if (BC > 1) unpack(DX, B, K, BC, static_cast<const T*>(nullptr), gx);
+  }
+  SddmmArgs s{m, w, crow, col, nbc, N, K, bn, bk, DY, X, BC, nchunks, gm, gw};
+  return run_sddmm(dt, s, nbr, work);
+}
+
+}  // namespace
+
+int64_t forward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t, int64_t, int64_t) {
+  const int64_t BC = panel_width(dt, B);
+  if (BC == 1 || B == 0) return 0;
+  const int64_t nchunks = ceil_div(B, BC), es = elem_size(dt);
+  return align64(nchunks * K * BC * es) + align64(nchunks * N * BC * es);
+}
+
+int64_t backward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t nnzb, int64_t bn,
+                                 int64_t bk) {
+  const int64_t es = elem_size(dt);
+  int64_t bytes = align64(nnzb * bn * bk * es);
+  const int64_t BC = panel_width(dt, B);
+  if (BC > 1 && B > 0) {
+    const int64_t nchunks = ceil_div(B, BC);
+    bytes += 2 * align64(nchunks * K * BC * es) + align64(nchunks * N * BC * es);
+  }
+  return bytes;
+}
+
+int compact_linear_forward(Dtype dt, const void* x, int64_t B, int64_t N, int64_t K, const void* m,
+                           const void* w, const void* bias, const int32_t* crow, const int32_t* col,
+                           int64_t bn, int64_t bk, void* y, void* ws) {
+  if (dt == kFloat32)
+    return forward_t<float>(static_cast<const float*>(x), B, N, K, static_cast<const float*>(m),
+                            static_cast<const float*>(w), static_cast<const float*>(bias), crow, col, bn,
+                            bk, static_cast<float*>(y), ws);
+  return forward_t<double>(static_cast<const double*>(x), B, N, K, static_cast<const double*>(m),
+                           static_cast<const double*>(w), static_cast<const double*>(bias), crow, col, bn,
+                           bk, static_cast<double*>(y), ws);
+}
+
+int compact_linear_backward(Dtype dt, const void* gy, const void* x, int64_t B, int64_t N, int64_t K,
+                            const void* m, const void* w, const int32_t* crow, const int32_t* col,
+                            const int32_t* ccol, const int32_t* row_t, const int32_t* perm, int64_t nnzb,
+                            int64_t bn, int64_t bk, void* gx, void* gm, void* gw, void* ws) {
+  if (dt == kFloat32)
+    return backward_t<float>(static_cast<const float*>(gy), static_cast<const float*>(x), B, N, K,
+                             static_cast<const float*>(m), static_cast<const float*>(w), crow, col, ccol,
+                             row_t, perm, nnzb, bn, bk, static_cast<float*>(gx), static_cast<float*>(gm),
+                             static_cast<float*>(gw), ws);
+  return backward_t<double>(static_cast<const double*>(gy), static_cast<const double*>(x), B, N, K,
+                            static_cast<const double*>(m), static_cast<const double*>(w), crow, col, ccol,
+                            row_t, perm, nnzb, bn, bk, static_cast<double*>(gx), static_cast<double*>(gm),
+                            static_cast<double*>(gw), ws);
+}
+
+}  // namespace se_cpu

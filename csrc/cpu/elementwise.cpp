@@ -1,0 +1,152 @@
+// Elementwise ops: reparam (θ = M ⊙ m ⊙ w and its backward), the Sign-In reset, and fused_step.
+//
+// All memory-bound: one pass that reads each input once and writes each output once (the reference
+// makes a temporary per arithmetic op). The mask is applied by selection, never by multiplication,
+// so a NaN/inf at a pruned coordinate never leaks (reference.py conventions). The arithmetic follows
+// reference.py operation by operation, in the parameter dtype, so results agree to rounding.
+#include <omp.h>
+
+#include <cmath>
+
+#include "kernels.h"
+
+namespace se_cpu {
+namespace {
+
+bool worth_threads(int64_t n) { return n >= (1 << 16) && omp_get_max_threads() > 1; }
+
+template <typename T>
+void reparam_fwd_t(int64_t n, const T* __restrict m, const T* __restrict w, const uint8_t* __restrict mask,
+                   T* __restrict out) {
+#pragma omp parallel for simd schedule(static) if (worth_threads(n))
+  for (int64_t i = 0; i < n; ++i) {
+    const T t = m ? m[i] * w[i] : w[i];
+    out[i] = (!mask || mask[i]) ? t : T(0);
+  }
+}
+
+template <typename T>
+void reparam_bwd_t(int64_t n, const T* __restrict g, const T* __restrict m, const T* __restrict w,
+                   const uint8_t* __restrict mask, T* __restrict gm, T* __restrict gw) {
+#pragma omp parallel for simd schedule(static) if (worth_threads(n))
+  for (int64_t i = 0; i < n; ++i) {
+    // Select after multiplying: a pruned w or m may hold anything, and 0 * NaN would be NaN.
+    const bool on = !mask || mask[i];
+    if (m) {
+      gm[i] = on ? g[i] * w[i] : T(0);
+      gw[i] = on ? g[i] * m[i] : T(0);
+    } else {
+      gw[i] = on ? g[i] : T(0);
+    }
+  }
+}
+
+// m = sqrt((β + hypot(β, 2θ)) / 2), w = θ / m (0 where m == 0): no overflow of 4θ² for huge |θ| and no
+// cancellation for tiny β (METHODS.md §0). float32 storage computes in float32, like the reference.
+template <typename T>
+void signin_t(int64_t n, const T* __restrict m, const T* __restrict w, const uint8_t* __restrict mask,
+              double beta_d, T* __restrict mo, T* __restrict wo) {
+  const T beta = static_cast<T>(beta_d);
+#pragma omp parallel for schedule(static) if (worth_threads(n))
+  for (int64_t i = 0; i < n; ++i) {
+    const T t = (!mask || mask[i]) ? m[i] * w[i] : T(0);
+    const T s = std::hypot(beta, T(2) * t);
+    const T mm = std::sqrt((beta + s) * T(0.5));
+    mo[i] = mm;
+    wo[i] = mm > T(0) ? t / mm : T(0);
+  }
+}
+
+template <typename T>
+void fused_step_t(int64_t n, T* __restrict p, const T* __restrict grad, T* __restrict b1, T* __restrict b2,
+                  const uint8_t* __restrict mask, T lr, const StepConfig& c) {
+  const T two_alpha = static_cast<T>(2.0 * c.alpha);
+  const T wd = static_cast<T>(c.weight_decay);
+  const bool use_alpha = c.alpha != 0.0, use_wd = c.weight_decay != 0.0;
+  if (c.kind == 0) {
+    const T mom = static_cast<T>(c.momentum), one_m_damp = static_cast<T>(1.0 - c.dampening);
+    const bool use_mom = c.momentum != 0.0, first = c.step == 1, nest = c.nesterov;
+#pragma omp parallel for simd schedule(static) if (worth_threads(n))
+    for (int64_t i = 0; i < n; ++i) {
+      const bool on = !mask || mask[i];
+      const T pi = p[i];
+      T g = c.maximize ? -grad[i] : grad[i];
+      if (use_alpha) g = g + two_alpha * pi;
+      if (use_wd) g = g + wd * pi;
+      if (use_mom) {
+        const T nb = first ? g : b1[i] * mom + one_m_damp * g;
+        g = nest ? g + mom * nb : nb;
+        b1[i] = on ? nb : T(0);
+      }
+      p[i] = on ? pi - lr * g : pi;
+    }
+  } else {
+    const T decay = T(1) - lr * wd;
+    const T w1 = static_cast<T>(1.0 - c.beta1), b2c = static_cast<T>(c.beta2);
+    const T one_m_b2 = static_cast<T>(1.0 - c.beta2);
+    const T bc1 = static_cast<T>(1.0 - std::pow(c.beta1, static_cast<double>(c.step)));
+    const T sqrt_bc2 = static_cast<T>(std::sqrt(1.0 - std::pow(c.beta2, static_cast<double>(c.step))));
+    const T eps = static_cast<T>(c.eps);
+    const T step_size = lr / bc1;
+#pragma omp parallel for simd schedule(static) if (worth_threads(n))
+    for (int64_t i = 0; i < n; ++i) {
+      const bool on = !mask || mask[i];
+      const T pi = p[i];
+      T g = c.maximize ? -grad[i] : grad[i];
+      if (use_alpha) g = g + two_alpha * pi;
+      const T decayed = pi * decay;
+      // torch.lerp(start, end, weight): start + weight*(end-start) for weight < 0.5, else
+      // end - (end-start)*(1-weight); reproduced so that both agree bit for bit where possible.
+      const T s0 = b1[i];
+      const T ea = w1 < T(0.5) ? s0 + w1 * (g - s0) : g - (g - s0) * (T(1) - w1);
+      const T eas = b2[i] * b2c + one_m_b2 * g * g;
+      const T denom = std::sqrt(eas) / sqrt_bc2 + eps;
+      const T np = decayed - step_size * ea / denom;
+      b1[i] = on ? ea : T(0);
+      b2[i] = on ? eas : T(0);
+      p[i] = on ? np : pi;
+    }
+  }
+}
+
+}  // namespace
+
+void reparam_forward(Dtype dt, int64_t n, const void* m, const void* w, const uint8_t* mask, void* theta) {
+  if (dt == kFloat32)
+    reparam_fwd_t(n, static_cast<const float*>(m), static_cast<const float*>(w), mask, static_cast<float*>(theta));
+  else
+    reparam_fwd_t(n, static_cast<const double*>(m), static_cast<const double*>(w), mask,
+                  static_cast<double*>(theta));
+}
+
+void reparam_backward(Dtype dt, int64_t n, const void* grad, const void* m, const void* w, const uint8_t* mask,
+                      void* g_m, void* g_w) {
+  if (dt == kFloat32)
+    reparam_bwd_t(n, static_cast<const float*>(grad), static_cast<const float*>(m), static_cast<const float*>(w),
+                  mask, static_cast<float*>(g_m), static_cast<float*>(g_w));
+  else
+    reparam_bwd_t(n, static_cast<const double*>(grad), static_cast<const double*>(m),
+                  static_cast<const double*>(w), mask, static_cast<double*>(g_m), static_cast<double*>(g_w));
+}
+
+void signin_reset(Dtype dt, int64_t n, const void* m, const void* w, const uint8_t* mask, double beta,
+                  void* m_out, void* w_out) {
+  if (dt == kFloat32)
+    signin_t(n, static_cast<const float*>(m), static_cast<const float*>(w), mask, beta,
+             static_cast<float*>(m_out), static_cast<float*>(w_out));
+  else
+    signin_t(n, static_cast<const double*>(m), static_cast<const double*>(w), mask, beta,
+             static_cast<double*>(m_out), static_cast<double*>(w_out));
+}
+
+void fused_step(Dtype dt, int64_t n, void* param, const void* grad, void* buf1, void* buf2, const uint8_t* mask,
+                const void* lr, const StepConfig& cfg) {
+  if (dt == kFloat32)
+    fused_step_t(n, static_cast<float*>(param), static_cast<const float*>(grad), static_cast<float*>(buf1),
+                 static_cast<float*>(buf2), mask, *static_cast<const float*>(lr), cfg);
+  else
+    fused_step_t(n, static_cast<double*>(param), static_cast<const double*>(grad), static_cast<double*>(buf1),
+                 static_cast<double*>(buf2), mask, *static_cast<const double*>(lr), cfg);
+}
+
+}  // namespace se_cpu

@@ -1,0 +1,11 @@
+// Row kernels for any CPU (the compiler's baseline ISA; SSE2 on x86-64).
+#include "kernels.h"
+
+#include "compact_impl.h"
+
+namespace se_cpu {
+const KernelTable& table_base() {
+  static const KernelTable t{"base", &spmm_rows, &sddmm_rows};
+  return t;
+}
+}  // namespace se_cpu

@@ -1,0 +1,335 @@
+// The C++ (CPU) ops of sparse_engine: one TORCH_LIBRARY(sparse_engine_C) schema file.
+//
+// Each op takes exactly the arguments of its reference in sparse_engine/reference.py (see
+// sparse_engine/_cpp.py, which maps the Python signatures onto these schemas). This file only checks
+// arguments and allocates; the kernels (csrc/cpu/*.cpp) see raw pointers. Namespace `sparse_engine_C`
+// because `sparse_engine` belongs to the Python custom ops (sparse_engine/ops.py) that dispatch to us.
+//
+// Index structures are checked cheaply here (dtypes, sizes, compressed pointers: O(rows)); every
+// col / row_t / perm entry is range-checked inside the kernels as it is read, so a corrupt index
+// raises a ValueError instead of reading out of bounds.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "cpu/kernels.h"
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
+se_cpu::Dtype dtype_of(const Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kFloat) return se_cpu::kFloat32;
+  if (t.scalar_type() == at::kDouble) return se_cpu::kFloat64;
+  TORCH_CHECK_VALUE(false, name, " must be float32 or float64 for the C++ backend, got ", t.scalar_type());
+  return se_cpu::kFloat32;
+}
+
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the C++ backend, got ", t.device());
+  TORCH_CHECK_VALUE(!t.is_sparse() && t.layout() == at::kStrided, name, " must be a strided (dense) tensor");
+}
+
+void check_same(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
+  check_cpu(t, name);
+  TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
+                    ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", ref.sizes(),
+                    ", got ", t.sizes());
+}
+
+void check_mask(const optional<Tensor>& mask, const Tensor& ref, const char* ref_name) {
+  if (!mask) return;
+  check_cpu(*mask, "mask");
+  TORCH_CHECK_VALUE(mask->scalar_type() == at::kBool, "mask must be torch.bool, got ", mask->scalar_type());
+  TORCH_CHECK_VALUE(mask->sizes() == ref.sizes(), "mask must have the shape of ", ref_name, " ", ref.sizes(),
+                    ", got ", mask->sizes());
+}
+
+void check_int32_dim(int64_t v, const char* name) {
+  TORCH_CHECK_VALUE(v >= 0 && v <= kInt32Max, name, " = ", v, " is outside the int32 index range [0, ",
+                    kInt32Max, "]: compact layouts index with int32; split the layer or keep it dense");
+}
+
+Tensor index_tensor(const Tensor& t, const char* name, int64_t numel) {
+  check_cpu(t, name);
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, " must be int32 (layout index), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, name, " must have ", numel, " entries, got ", t.numel());
+  return t.contiguous();
+}
+
+// Compressed pointers: ptr[0] = 0, non-decreasing, ptr[-1] = nnz. O(rows); makes every [ptr[r], ptr[r+1])
+// range safe for the kernels.
+void check_pointers(const Tensor& ptr, int64_t nnz, const char* name) {
+  const int32_t* p = ptr.data_ptr<int32_t>();
+  const int64_t n = ptr.numel() - 1;
+  TORCH_CHECK_VALUE(p[0] == 0, name, "[0] must be 0, got ", p[0]);
+  for (int64_t r = 0; r < n; ++r)
+    TORCH_CHECK_VALUE(p[r + 1] >= p[r], name, " must be non-decreasing: ", name, "[", r + 1, "] = ", p[r + 1],
+                      " < ", name, "[", r, "] = ", p[r]);
+  TORCH_CHECK_VALUE(p[n] == nnz, name, "[-1] must equal the number of stored values ", nnz, ", got ", p[n]);
+}
+
+struct Compact {
+  int64_t N, K, bn, bk, nnzb, nbr, nbc;
+  se_cpu::Dtype dt;
+  Tensor m, w, crow, col, row, ccol, row_t, perm;
+  bool has_m;
+};
+
+Compact check_compact(const optional<Tensor>& m_values, const Tensor& w_values, const Tensor& crow,
+                      const Tensor& col, const Tensor& row, const Tensor& ccol, const Tensor& row_t,
+                      const Tensor& perm, int64_t out_features, int64_t in_features, bool transposed) {
+  Compact c;
+  check_int32_dim(out_features, "out_features");
+  check_int32_dim(in_features, "in_features");
+  check_cpu(w_values, "w_values");
+  c.dt = dtype_of(w_values, "w_values");
+  TORCH_CHECK_VALUE(w_values.dim() == 1 || w_values.dim() == 3,
+                    "w_values must be 1-D (CSR, (nnz,)) or 3-D (BSR, (nnzb, bn, bk)), got shape ", w_values.sizes());
+  c.N = out_features;
+  c.K = in_features;
+  c.nnzb = w_values.size(0);
+  check_int32_dim(c.nnzb, "nnz (w_values.shape[0])");
+  c.bn = w_values.dim() == 3 ? w_values.size(1) : 1;
+  c.bk = w_values.dim() == 3 ? w_values.size(2) : 1;
+  TORCH_CHECK_VALUE(c.bn >= 1 && c.bk >= 1, "BSR blocks must be at least 1x1, got ", c.bn, "x", c.bk);
+  c.nbr = (c.N + c.bn - 1) / c.bn;
+  c.nbc = (c.K + c.bk - 1) / c.bk;
+  c.has_m = m_values.has_value();
+  if (c.has_m) check_same(*m_values, w_values, "m_values", "w_values");
+  c.w = w_values.contiguous();
+  c.m = c.has_m ? m_values->contiguous() : Tensor();
+  c.crow = index_tensor(crow, "crow", c.nbr + 1);
+  c.col = index_tensor(col, "col", c.nnzb);
+  c.row = index_tensor(row, "row", c.nnzb);
+  check_pointers(c.crow, c.nnzb, "crow");
+  if (transposed) {
+    c.ccol = index_tensor(ccol, "ccol", c.nbc + 1);
+    c.row_t = index_tensor(row_t, "row_t", c.nnzb);
+    c.perm = index_tensor(perm, "perm", c.nnzb);
+    check_pointers(c.ccol, c.nnzb, "ccol");
+  }
+  return c;
+}
+
+Tensor activations(const Tensor& t, const char* name, int64_t cols, const Compact& c, const char* what) {
+  check_cpu(t, name);
+  TORCH_CHECK_VALUE(t.scalar_type() == c.w.scalar_type(), name, " must have the dtype of w_values (",
+                    c.w.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == cols, name, " must be (B, ", cols, ") (", what, "), got ",
+                    t.sizes());
+  return t.contiguous();
+}
+
+void raise_kernel_error(int err, const char* pass) {
+  TORCH_CHECK_VALUE(err != 1, "compact_linear ", pass,
+                    ": an index entry is out of range (col >= number of (block) columns, row_t >= number of "
+                    "(block) rows, or perm >= nnz); rebuild the index or call index.validate()");
+  TORCH_CHECK(err == 0, "compact_linear ", pass, ": internal error ", err);
+}
+
+Tensor workspace(int64_t bytes) { return at::empty({bytes > 0 ? bytes : 1}, at::TensorOptions().dtype(at::kByte)); }
+
+const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+Tensor compact_linear_fwd(const Tensor& x, const optional<Tensor>& m_values, const Tensor& w_values,
+                          const optional<Tensor>& bias, const Tensor& crow, const Tensor& col, const Tensor& row,
+                          const Tensor& ccol, const Tensor& row_t, const Tensor& perm, int64_t out_features,
+                          int64_t in_features) {
+  Compact c = check_compact(m_values, w_values, crow, col, row, ccol, row_t, perm, out_features, in_features, false);
+  Tensor xc = activations(x, "x", c.K, c, "in_features");
+  Tensor b;
+  if (bias) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->scalar_type() == c.w.scalar_type() && bias->dim() == 1 && bias->size(0) == c.N,
+                      "bias must be (", c.N, ",) of dtype ", c.w.scalar_type(), ", got ", bias->sizes(), " ",
+                      bias->scalar_type());
+    b = bias->contiguous();
+  }
+  const int64_t B = xc.size(0);
+  Tensor y = at::empty({B, c.N}, xc.options());
+  Tensor ws = workspace(se_cpu::forward_workspace_bytes(c.dt, B, c.N, c.K, c.nnzb, c.bn, c.bk));
+  const int err = se_cpu::compact_linear_forward(c.dt, xc.data_ptr(), B, c.N, c.K, ptr_or_null(c.m), c.w.data_ptr(),
+                                                 ptr_or_null(b), c.crow.data_ptr<int32_t>(), c.col.data_ptr<int32_t>(),
+                                                 c.bn, c.bk, y.data_ptr(), ws.data_ptr());
+  raise_kernel_error(err, "forward");
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> compact_linear_bwd(const Tensor& grad_y, const Tensor& x,
+                                                      const optional<Tensor>& m_values, const Tensor& w_values,
+                                                      const Tensor& crow, const Tensor& col, const Tensor& row,
+                                                      const Tensor& ccol, const Tensor& row_t, const Tensor& perm,
+                                                      int64_t out_features, int64_t in_features) {
+  Compact c = check_compact(m_values, w_values, crow, col, row, ccol, row_t, perm, out_features, in_features, true);
+  Tensor xc = activations(x, "x", c.K, c, "in_features");
+  Tensor gy = activations(grad_y, "grad_y", c.N, c, "out_features");
+  TORCH_CHECK_VALUE(gy.size(0) == xc.size(0), "grad_y must have the batch size of x (", xc.size(0), "), got ",
+                    gy.size(0));
+  const int64_t B = xc.size(0);
+  Tensor gx = at::empty({B, c.K}, xc.options());
+  Tensor gw = at::empty_like(c.w);
+  Tensor gm = c.has_m ? at::empty_like(c.w) : at::empty({0}, c.w.options());
+  Tensor ws = workspace(se_cpu::backward_workspace_bytes(c.dt, B, c.N, c.K, c.nnzb, c.bn, c.bk));
+  const int err = se_cpu::compact_linear_backward(
+      c.dt, gy.data_ptr(), xc.data_ptr(), B, c.N, c.K, ptr_or_null(c.m), c.w.data_ptr(), c.crow.data_ptr<int32_t>(),
+      c.col.data_ptr<int32_t>(), c.ccol.data_ptr<int32_t>(), c.row_t.data_ptr<int32_t>(), c.perm.data_ptr<int32_t>(),
+      c.nnzb, c.bn, c.bk, gx.data_ptr(), c.has_m ? gm.data_ptr() : nullptr, gw.data_ptr(), ws.data_ptr());
+  raise_kernel_error(err, "backward");
+  return {gx, gm, gw};
+}
+
+// --------------------------------------------------------------------------------- elementwise ops
+
+Tensor reparam_fwd(const optional<Tensor>& m, const Tensor& w, const optional<Tensor>& mask) {
+  check_cpu(w, "w");
+  const auto dt = dtype_of(w, "w");
+  if (m) check_same(*m, w, "m", "w");
+  check_mask(mask, w, "w");
+  Tensor wc = w.contiguous(), mc = m ? m->contiguous() : Tensor(), kc = mask ? mask->contiguous() : Tensor();
+  Tensor out = at::empty_like(wc);
+  se_cpu::reparam_forward(dt, wc.numel(), ptr_or_null(mc), wc.data_ptr(),
+                          kc.defined() ? static_cast<const uint8_t*>(kc.data_ptr()) : nullptr, out.data_ptr());
+  return out;
+}
+
+std::tuple<Tensor, Tensor> reparam_bwd(const Tensor& grad, const optional<Tensor>& m, const Tensor& w,
+                                       const optional<Tensor>& mask) {
+  check_cpu(w, "w");
+  const auto dt = dtype_of(w, "w");
+  check_same(grad, w, "grad", "w");
+  if (m) check_same(*m, w, "m", "w");
+  check_mask(mask, w, "w");
+  Tensor gc = grad.contiguous(), wc = w.contiguous(), mc = m ? m->contiguous() : Tensor();
+  Tensor kc = mask ? mask->contiguous() : Tensor();
+  Tensor gw = at::empty_like(wc);
+  Tensor gm = m ? at::empty_like(wc) : at::empty({0}, wc.options());
+  se_cpu::reparam_backward(dt, wc.numel(), gc.data_ptr(), ptr_or_null(mc), wc.data_ptr(),
+                           kc.defined() ? static_cast<const uint8_t*>(kc.data_ptr()) : nullptr,
+                           m ? gm.data_ptr() : nullptr, gw.data_ptr());
+  return {gm, gw};
+}
+
+std::tuple<Tensor, Tensor> signin_reset(const Tensor& m, const Tensor& w, const optional<Tensor>& mask, double beta) {
+  check_cpu(w, "w");
+  const auto dt = dtype_of(w, "w");
+  check_same(m, w, "m", "w");
+  check_mask(mask, w, "w");
+  TORCH_CHECK_VALUE(beta >= 0 && beta < std::numeric_limits<double>::infinity(),
+                    "beta must be a finite number >= 0, got ", beta);
+  Tensor mc = m.contiguous(), wc = w.contiguous(), kc = mask ? mask->contiguous() : Tensor();
+  Tensor mo = at::empty_like(wc), wo = at::empty_like(wc);
+  se_cpu::signin_reset(dt, wc.numel(), mc.data_ptr(), wc.data_ptr(),
+                       kc.defined() ? static_cast<const uint8_t*>(kc.data_ptr()) : nullptr, beta, mo.data_ptr(),
+                       wo.data_ptr());
+  return {mo, wo};
+}
+
+void require_inplace(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (it is updated in place)");
+}
+
+void fused_step(const Tensor& param, const Tensor& grad, const optional<Tensor>& buf1, const optional<Tensor>& buf2,
+                const optional<Tensor>& mask, const Tensor& lr, int64_t step, c10::string_view kind,
+                double momentum, double dampening, bool nesterov, double beta1, double beta2, double eps,
+                double weight_decay, double alpha, bool maximize) {
+  check_cpu(param, "param");
+  const auto dt = dtype_of(param, "param");
+  require_inplace(param, "param");
+  check_same(grad, param, "grad", "param");
+  check_mask(mask, param, "param");
+  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (1-based count of this step), got ", step);
+  TORCH_CHECK_VALUE(lr.dim() == 0, "lr must be a 0-dim tensor, got shape ", lr.sizes());
+  se_cpu::StepConfig cfg{};
+  if (kind == "sgd") cfg.kind = 0;
+  else if (kind == "adamw") cfg.kind = 1;
+  else TORCH_CHECK_VALUE(false, "kind must be one of ('sgd', 'adamw'), got '", std::string(kind), "'");
+  for (const auto* b : {&buf1, &buf2}) {
+    if (*b) {
+      check_same(**b, param, b == &buf1 ? "buf1" : "buf2", "param");
+      require_inplace(**b, b == &buf1 ? "buf1" : "buf2");
+    }
+  }
+  if (cfg.kind == 0 && momentum != 0.0)
+    TORCH_CHECK_VALUE(buf1.has_value(), "buf1 (momentum buffer) must be given when momentum != 0");
+  if (cfg.kind == 1)
+    TORCH_CHECK_VALUE(buf1.has_value() && buf2.has_value(),
+                      "buf1 (exp_avg) and buf2 (exp_avg_sq) must be given for kind='adamw'");
+  cfg.step = step;
+  cfg.momentum = momentum;
+  cfg.dampening = dampening;
+  cfg.nesterov = nesterov;
+  cfg.beta1 = beta1;
+  cfg.beta2 = beta2;
+  cfg.eps = eps;
+  cfg.weight_decay = weight_decay;
+  cfg.alpha = alpha;
+  cfg.maximize = maximize;
+  Tensor lr_t = lr.to(at::kCPU).to(param.scalar_type());  // the reference casts lr to the param dtype
+  Tensor gc = grad.contiguous(), kc = mask ? mask->contiguous() : Tensor();
+  se_cpu::fused_step(dt, param.numel(), param.data_ptr(), gc.data_ptr(), buf1 ? buf1->data_ptr() : nullptr,
+                     buf2 ? buf2->data_ptr() : nullptr,
+                     kc.defined() ? static_cast<const uint8_t*>(kc.data_ptr()) : nullptr, lr_t.data_ptr(), cfg);
+}
+
+// ------------------------------------------------------------------------------------ ISA control
+
+std::string isa() { return se_cpu::isa_name(); }
+
+bool set_isa(c10::string_view name) {
+  const std::string s(name);
+  TORCH_CHECK_VALUE(s == "auto" || s == "base" || s == "avx2" || s == "avx512",
+                    "isa must be one of auto, base, avx2, avx512, got '", s, "'");
+  return se_cpu::set_isa(s.c_str());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sparse_engine_C, m) {
+  m.def(
+      "compact_linear_fwd(Tensor x, Tensor? m_values, Tensor w_values, Tensor? bias, Tensor crow, Tensor col, "
+      "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_features, int in_features) -> Tensor");
+  m.def(
+      "compact_linear_bwd(Tensor grad_y, Tensor x, Tensor? m_values, Tensor w_values, Tensor crow, Tensor col, "
+      "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_features, int in_features) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("reparam_fwd(Tensor? m, Tensor w, Tensor? mask) -> Tensor");
+  m.def("reparam_bwd(Tensor grad, Tensor? m, Tensor w, Tensor? mask) -> (Tensor, Tensor)");
+  m.def("signin_reset(Tensor m, Tensor w, Tensor? mask, float beta) -> (Tensor, Tensor)");
+  m.def(
+      "fused_step(Tensor(a!) param, Tensor grad, Tensor(b!)? buf1, Tensor(c!)? buf2, Tensor? mask, Tensor lr, "
+      "int step, str kind, float momentum, float dampening, bool nesterov, float beta1, float beta2, float eps, "
+      "float weight_decay, float alpha, bool maximize) -> ()");
+  m.def("isa() -> str", &isa);
+  m.def("set_isa(str name) -> bool", &set_isa);
+}
+
+TORCH_LIBRARY_IMPL(sparse_engine_C, CPU, m) {
+  m.impl("compact_linear_fwd", &compact_linear_fwd);
+  m.impl("compact_linear_bwd", &compact_linear_bwd);
+  m.impl("reparam_fwd", &reparam_fwd);
+  m.impl("reparam_bwd", &reparam_bwd);
+  m.impl("signin_reset", &signin_reset);
+  m.impl("fused_step", &fused_step);
+}
+
+// `import sparse_engine._C` loads this library (and so registers the ops above); it has no Python API.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "sparse_engine C++ ops (torch.ops.sparse_engine_C)",
+                                   -1, nullptr};
+  return PyModule_Create(&def);
+}

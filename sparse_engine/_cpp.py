@@ -1,0 +1,222 @@
+"""The C++ (CPU) backend: loads the compiled extension and exposes its ops under the implementation
+names of ``backends.REFERENCE``, each with exactly the signature of its ``*_ref`` in reference.py.
+
+The library ``sparse_engine._C`` is built by ``pip install`` when a C++ compiler is present
+(csrc/build_ext.py). Without it, ``SPARSE_ENGINE_JIT=1`` builds the same sources at first use with
+``torch.utils.cpp_extension.load``. When neither works, :data:`UNAVAILABLE` says why (backends.py reads
+it and serves the reference) and one warning is issued.
+
+This module is imported lazily by backends.py, when an op first runs on a CPU tensor: loading happens
+then, not when ``sparse_engine`` is imported.
+
+The kernels compute in float32 and float64 (:data:`SUPPORTED_DTYPES`). Other dtypes go to the reference
+(one log line), unless the C++ backend was requested explicitly, which raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from . import backends, env
+
+log = logging.getLogger("sparse_engine")
+
+#: dtypes the C++ kernels compute in
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+#: None when the extension is loaded, else why it is not (read by backends.py)
+UNAVAILABLE: str | None = None
+
+_ROOT = Path(__file__).resolve().parent.parent
+_OPS = ("compact_linear_fwd", "compact_linear_bwd", "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step")
+
+
+def _registered() -> bool:
+    try:
+        return all(hasattr(torch.ops.sparse_engine_C, op) for op in _OPS)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _load_build_ext():
+    import importlib.util
+
+    path = _ROOT / "csrc" / "build_ext.py"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found (JIT builds need a source checkout)")
+    spec = importlib.util.spec_from_file_location("_sparse_engine_build_ext", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def jit_build(verbose: bool = False) -> None:
+    """Build and load the C++ extension with torch.utils.cpp_extension.load (cached between runs)."""
+    from torch.utils.cpp_extension import load
+
+    be = _load_build_ext()
+    build_dir = Path(env.cache_dir()) / "torch_extensions" / f"sparse_engine_C-torch{torch.__version__}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    load(
+        name="sparse_engine_C_jit",
+        sources=[str(_ROOT / s) for s in be.CPP_SOURCES],
+        extra_cflags=be.CXX_FLAGS,
+        extra_ldflags=be.LD_FLAGS,
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+def _load() -> str | None:
+    """Load the ops; None on success, else the reason."""
+    if _registered():
+        return None
+    try:
+        import sparse_engine._C  # noqa: F401  (registers torch.ops.sparse_engine_C)
+    except ImportError as e:
+        prebuilt = f"sparse_engine._C is not importable ({e})"
+    else:
+        return None if _registered() else "sparse_engine._C loaded but registered no ops (stale build?)"
+    if env.get("SPARSE_ENGINE_JIT", "0") == "1":
+        try:
+            jit_build()
+        except Exception as e:  # compiler missing or failing: say so, keep the library usable
+            return f"{prebuilt}; the SPARSE_ENGINE_JIT=1 build failed: {type(e).__name__}: {str(e)[-1500:]}"
+        return None if _registered() else "the JIT build registered no ops"
+    return (f"{prebuilt}: reinstall with a C++ compiler present (pip install --no-build-isolation -e .) "
+            "or set SPARSE_ENGINE_JIT=1 to build it at first use")
+
+
+UNAVAILABLE = _load()
+if UNAVAILABLE:
+    warnings.warn(f"sparse_engine: C++ backend unavailable, the reference serves CPU ops: {UNAVAILABLE}",
+                  RuntimeWarning, stacklevel=2)
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def isa() -> str:
+    """The instruction set the row kernels run with: 'avx512', 'avx2' or 'base'."""
+    return torch.ops.sparse_engine_C.isa()
+
+
+def set_isa(name: str) -> bool:
+    """Select the row kernels: 'auto', 'avx512', 'avx2' or 'base'. False if this CPU cannot run them."""
+    return bool(torch.ops.sparse_engine_C.set_isa(name))
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run the enclosed ops with one instruction-set variant (tests and benchmarks)."""
+    before = isa()
+    if not set_isa(name):
+        raise RuntimeError(f"this CPU cannot run the {name!r} kernels")
+    try:
+        yield
+    finally:
+        set_isa(before)
+
+
+_fallback_logged: set[tuple[str, torch.dtype]] = set()
+
+
+def _supported(impl: str, dtype: torch.dtype) -> bool:
+    """True if the kernels take ``dtype``; else log (once) or raise when cpp was requested explicitly."""
+    if dtype in SUPPORTED_DTYPES:
+        return True
+    if backends.requested() == "cpp":
+        raise ValueError(f"the C++ backend computes in {SUPPORTED_DTYPES} only, got {dtype} for {impl}")
+    if (impl, dtype) not in _fallback_logged:
+        _fallback_logged.add((impl, dtype))
+        log.info("sparse_engine: %s: C++ kernels take float32/float64, %s goes to the reference", impl, dtype)
+    return False
+
+
+def _or_none(t: Tensor) -> Tensor | None:
+    return None if t.dim() == 1 and t.numel() == 0 else t
+
+
+def _dtype_guard(impl: str, dtype_arg: str):
+    """Route unsupported dtypes to the reference (see module doc)."""
+    ref = backends.REFERENCE[impl]
+
+    def deco(fn):
+        import inspect
+
+        position = list(inspect.signature(ref).parameters).index(dtype_arg)
+
+        @functools.wraps(ref)
+        def wrapper(*args, **kwargs):
+            t = kwargs[dtype_arg] if dtype_arg in kwargs else args[position]
+            if not _supported(impl, t.dtype):
+                return ref(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        wrapper.__wrapped__ = fn
+        return wrapper
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------------- ops
+
+
+@_dtype_guard("reparam_fwd", "w")
+def reparam_fwd(m: Tensor | None, w: Tensor, mask: Tensor | None) -> Tensor:
+    return torch.ops.sparse_engine_C.reparam_fwd(m, w, mask)
+
+
+@_dtype_guard("reparam_bwd", "w")
+def reparam_bwd(grad: Tensor, m: Tensor | None, w: Tensor, mask: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    g_m, g_w = torch.ops.sparse_engine_C.reparam_bwd(grad, m, w, mask)
+    return (g_m if m is not None else None), g_w
+
+
+@_dtype_guard("signin_reset", "w")
+def signin_reset(m: Tensor, w: Tensor, mask: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
+    return tuple(torch.ops.sparse_engine_C.signin_reset(m, w, mask, float(beta)))  # type: ignore[return-value]
+
+
+@_dtype_guard("compact_linear_fwd", "w_values")
+def compact_linear_fwd(
+    x: Tensor, m_values: Tensor | None, w_values: Tensor, bias: Tensor | None,
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_features: int, in_features: int,
+) -> Tensor:
+    """y (B, N) = x (B, K) θᵀ + b; CSR values (nnz,) or BSR values (nnzb, bn, bk)."""
+    return torch.ops.sparse_engine_C.compact_linear_fwd(
+        x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, int(out_features), int(in_features))
+
+
+@_dtype_guard("compact_linear_bwd", "w_values")
+def compact_linear_bwd(
+    grad_y: Tensor, x: Tensor, m_values: Tensor | None, w_values: Tensor,
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_features: int, in_features: int,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(g_x (B, K), g_m_values | None, g_w_values): transposed SpMM and SDDMM on the pattern."""
+    g_x, g_m, g_w = torch.ops.sparse_engine_C.compact_linear_bwd(
+        grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, int(out_features), int(in_features))
+    return g_x, (g_m if m_values is not None else None), g_w
+
+
+@_dtype_guard("fused_step", "param")
+def fused_step(
+    param: Tensor, grad: Tensor, buf1: Tensor | None, buf2: Tensor | None, mask: Tensor | None, lr: Tensor,
+    step: int, kind: str, momentum: float, dampening: float, nesterov: bool, beta1: float, beta2: float,
+    eps: float, weight_decay: float, alpha: float, maximize: bool,
+) -> None:
+    """One in-place optimizer step (reference.fused_step_ref), one pass over the tensor."""
+    torch.ops.sparse_engine_C.fused_step(
+        param, grad, buf1, buf2, mask, lr, int(step), str(kind), float(momentum), float(dampening),
+        bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay), float(alpha), bool(maximize))
+

@@ -1,0 +1,227 @@
+"""The CUDA backend: loads the compiled CUDA extension and exposes its ops under the implementation
+names of ``backends.REFERENCE``, each with exactly the signature of its ``*_ref`` in reference.py.
+
+``sparse_engine._cuda_C`` is built by ``pip install`` with ``SPARSE_ENGINE_CUDA=1``, or automatically when
+torch has CUDA and nvcc is found (csrc/build_ext.py: the .cu kernels are compiled by nvcc and linked
+with the static CUDA runtime into a plain C++ extension). Without it, ``SPARSE_ENGINE_JIT=1`` builds the
+same at first use. When neither works, :data:`UNAVAILABLE` says why and one warning is issued.
+
+Extra API beyond the reference names: :func:`fused_step_multi` (a whole parameter group in one launch)
+and :func:`index_errors` (the kernels skip and count out-of-range index entries instead of reading out of
+bounds; with :data:`DEBUG` set, every compact_linear call checks the count and raises).
+
+Kernels compute in float32 and float64 (:data:`SUPPORTED_DTYPES`); compact_linear takes CSR values only
+(BSR goes to the other backends). Other inputs go to the reference (one log line) unless the CUDA backend
+was requested explicitly, which raises.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends, env
+
+log = logging.getLogger("sparse_engine")
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+UNAVAILABLE: str | None = None
+#: check the kernels' index-error word after every compact_linear call (synchronises; for debugging)
+DEBUG = False
+
+_ROOT = Path(__file__).resolve().parent.parent
+_OPS = ("compact_linear_fwd", "compact_linear_bwd", "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step",
+        "index_error")
+
+
+def _registered() -> bool:
+    try:
+        return all(hasattr(torch.ops.sparse_engine_cuda, op) for op in _OPS)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def jit_build(verbose: bool = False) -> None:
+    """nvcc the .cu files, then build and load the binding with torch.utils.cpp_extension.load."""
+    import importlib.util
+
+    from torch.utils.cpp_extension import load
+
+    path = _ROOT / "csrc" / "build_ext.py"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found (JIT builds need a source checkout)")
+    spec = importlib.util.spec_from_file_location("_sparse_engine_build_ext", path)
+    be = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(be)  # type: ignore[union-attr]
+    nvcc = be.find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    build_dir = Path(env.cache_dir()) / "torch_extensions" / f"sparse_engine_cuda-torch{torch.__version__}"
+    objs = be.compile_cuda_objects(nvcc, str(build_dir / "objects"))
+    lib_dirs, libs = be.cuda_link_args(nvcc)
+    load(
+        name="sparse_engine_cuda_jit",
+        sources=[str(_ROOT / be.CUDA_BINDING)],
+        extra_cflags=["-O2", "-g0"],
+        extra_include_paths=be.cuda_include_dirs(nvcc),
+        extra_ldflags=[*objs, *(f"-L{d}" for d in lib_dirs), *(f"-l{lib}" for lib in libs)],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+def _load() -> str | None:
+    if _registered():
+        return None
+    try:
+        import sparse_engine._cuda_C  # noqa: F401
+    except ImportError as e:
+        prebuilt = f"sparse_engine._cuda_C is not importable ({e})"
+    else:
+        return None if _registered() else "sparse_engine._cuda_C loaded but registered no ops (stale build?)"
+    if env.get("SPARSE_ENGINE_JIT", "0") == "1":
+        try:
+            jit_build()
+        except Exception as e:
+            return f"{prebuilt}; the SPARSE_ENGINE_JIT=1 build failed: {type(e).__name__}: {str(e)[-1500:]}"
+        return None if _registered() else "the JIT build registered no ops"
+    return (f"{prebuilt}: build it with SPARSE_ENGINE_CUDA=1 pip install --no-build-isolation -e . "
+            "(needs nvcc) or set SPARSE_ENGINE_JIT=1")
+
+
+UNAVAILABLE = _load()
+if UNAVAILABLE:
+    warnings.warn(f"sparse_engine: CUDA backend unavailable: {UNAVAILABLE}", RuntimeWarning, stacklevel=2)
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def index_errors(device: torch.device | int | None = None) -> int:
+    """Read and clear the kernels' index-error word for ``device`` (synchronises). 0 means none."""
+    if device is None:
+        device = torch.cuda.current_device()
+    index = device.index if isinstance(device, torch.device) else int(device)
+    return int(torch.ops.sparse_engine_cuda.index_error(index if index is not None else torch.cuda.current_device()))
+
+
+def _raise_on_index_error(t: Tensor, what: str) -> None:
+    if DEBUG and index_errors(t.device):
+        raise ValueError(f"compact_linear {what}: an index entry (crow/ccol pointer, col, row, row_t or perm) is out "
+                         "of range; those entries were skipped. Rebuild the index or call index.validate()")
+
+
+_fallback_logged: set[tuple[str, str]] = set()
+
+
+def _fallback(impl: str, why: str) -> None:
+    if backends.requested() == "cuda":
+        raise ValueError(f"the CUDA backend cannot run {impl}: {why}")
+    if (impl, why) not in _fallback_logged:
+        _fallback_logged.add((impl, why))
+        log.info("sparse_engine: %s: CUDA kernel not used (%s); the reference serves", impl, why)
+
+
+def _guard(impl: str, dtype_arg: str, *, csr_only: bool = False):
+    """Route inputs the kernels do not take to the reference (see module doc)."""
+    ref = backends.REFERENCE[impl]
+    position = list(inspect.signature(ref).parameters).index(dtype_arg)
+
+    def deco(fn):
+        @functools.wraps(ref)
+        def wrapper(*args, **kwargs):
+            t = kwargs[dtype_arg] if dtype_arg in kwargs else args[position]
+            if not t.is_cuda:
+                raise ValueError(f"{dtype_arg} must be a CUDA tensor for the CUDA backend, got {t.device}")
+            if t.dtype not in SUPPORTED_DTYPES:
+                _fallback(impl, f"dtype {t.dtype} (kernels take float32/float64)")
+                return ref(*args, **kwargs)
+            if csr_only and t.dim() != 1:
+                _fallback(impl, "BSR values (the CUDA kernels take CSR)")
+                return ref(*args, **kwargs)
+            with torch.cuda.device(t.device):
+                return fn(*args, **kwargs)
+
+        wrapper.__wrapped__ = fn
+        return wrapper
+
+    return deco
+
+
+@_guard("reparam_fwd", "w")
+def reparam_fwd(m: Tensor | None, w: Tensor, mask: Tensor | None) -> Tensor:
+    return torch.ops.sparse_engine_cuda.reparam_fwd(m, w, mask, _stream(w))
+
+
+@_guard("reparam_bwd", "w")
+def reparam_bwd(grad: Tensor, m: Tensor | None, w: Tensor, mask: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    g_m, g_w = torch.ops.sparse_engine_cuda.reparam_bwd(grad, m, w, mask, _stream(w))
+    return (g_m if m is not None else None), g_w
+
+
+@_guard("signin_reset", "w")
+def signin_reset(m: Tensor, w: Tensor, mask: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
+    return tuple(torch.ops.sparse_engine_cuda.signin_reset(m, w, mask, float(beta), _stream(w)))  # type: ignore
+
+
+@_guard("compact_linear_fwd", "w_values", csr_only=True)
+def compact_linear_fwd(
+    x: Tensor, m_values: Tensor | None, w_values: Tensor, bias: Tensor | None,
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_features: int, in_features: int,
+) -> Tensor:
+    y = torch.ops.sparse_engine_cuda.compact_linear_fwd(
+        x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, int(out_features), int(in_features),
+        _stream(x))
+    _raise_on_index_error(x, "forward")
+    return y
+
+
+@_guard("compact_linear_bwd", "w_values", csr_only=True)
+def compact_linear_bwd(
+    grad_y: Tensor, x: Tensor, m_values: Tensor | None, w_values: Tensor,
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_features: int, in_features: int,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    g_x, g_m, g_w = torch.ops.sparse_engine_cuda.compact_linear_bwd(
+        grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, int(out_features), int(in_features),
+        _stream(x))
+    _raise_on_index_error(x, "backward")
+    return g_x, (g_m if m_values is not None else None), g_w
+
+
+@_guard("fused_step", "param")
+def fused_step(
+    param: Tensor, grad: Tensor, buf1: Tensor | None, buf2: Tensor | None, mask: Tensor | None, lr: Tensor,
+    step: int, kind: str, momentum: float, dampening: float, nesterov: bool, beta1: float, beta2: float,
+    eps: float, weight_decay: float, alpha: float, maximize: bool,
+) -> None:
+    fused_step_multi([param], [grad], [buf1], [buf2], [mask], lr, step, kind, momentum=momentum,
+                     dampening=dampening, nesterov=nesterov, beta1=beta1, beta2=beta2, eps=eps,
+                     weight_decay=weight_decay, alpha=alpha, maximize=maximize)
+
+
+def fused_step_multi(
+    params: Sequence[Tensor], grads: Sequence[Tensor], buf1: Sequence[Tensor | None],
+    buf2: Sequence[Tensor | None], masks: Sequence[Tensor | None], lr: Tensor, step: int, kind: str, *,
+    momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, beta1: float = 0.9,
+    beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, alpha: float = 0.0,
+    maximize: bool = False,
+) -> None:
+    """fused_step_ref on every tensor of a group (same dtype, device, hyperparameters) in one launch
+    (per 40 tensors). ``lr`` should be a 0-dim tensor on the parameters' device (no host sync)."""
+    if not params:
+        return
+    with torch.cuda.device(params[0].device):
+        torch.ops.sparse_engine_cuda.fused_step(
+            list(params), list(grads), list(buf1), list(buf2), list(masks), lr, int(step), str(kind),
+            float(momentum), float(dampening), bool(nesterov), float(beta1), float(beta2), float(eps),
+            float(weight_decay), float(alpha), bool(maximize), _stream(params[0]))
