@@ -128,8 +128,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable[[], Any], device: torch.device, budget_s: float = 0.1, max_reps: int = 25) -> float:
-    """Median seconds of ``fn()`` after 2 warm-up calls (at least 5 timed calls, more within budget)."""
+def _median_time(fn: Callable[[], Any], device: torch.device, budget_s: float = 0.1, max_reps: int = 25,
+                 stop_above: float = math.inf) -> float:
+    """Median seconds of ``fn()`` after 2 warm-up calls (at least 5 timed calls, more within budget).
+
+    ``stop_above``: after 3 timed calls whose median exceeds it, stop (the candidate has lost; its
+    median is still a real measurement, only a less precise one).
+    """
     for _ in range(2):
         fn()
     _sync(device)
@@ -140,6 +145,8 @@ def _median_time(fn: Callable[[], Any], device: torch.device, budget_s: float = 
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        if len(times) >= 3 and statistics.median(times) > stop_above:
+            break
         if len(times) >= 5 and time.perf_counter() - start > budget_s:
             break
     return statistics.median(times)
@@ -163,19 +170,24 @@ def _choose(candidates: dict[str, Callable[[], InferModule]], shapes: list[tuple
     """(format, times {format: {shape: s}}, reason) by the rule of the module docstring."""
     times: dict[str, dict[str, float]] = {}
     bkey = _backend_key(device, dtype)
+    if next(iter(candidates)) != "dense":
+        raise ValueError("the first candidate must be 'dense' (the baseline)")
     for fmt, make in candidates.items():
         mod = None
         times[fmt] = {}
         for shape in shapes:
+            name = "x".join(map(str, shape))
             ck = (fmt, key, shape, str(device), str(dtype), bkey, torch.get_num_threads())
             if ck not in _cache:
                 if mod is None:
                     mod = make()
                 x = torch.randn(shape, device=device).to(input_dtype) if input_dtype.is_floating_point else \
                     torch.randint(0, 2, shape, device=device, dtype=input_dtype)
+                # A candidate 1.5x slower than dense has lost: do not spend the full budget on it.
+                stop = math.inf if fmt == "dense" else 1.5 * times["dense"][name]
                 with torch.inference_mode():
-                    _cache[ck] = _median_time(lambda: mod(x), device)
-            times[fmt]["x".join(map(str, shape))] = _cache[ck]
+                    _cache[ck] = _median_time(lambda: mod(x), device, stop_above=stop)
+            times[fmt][name] = _cache[ck]
     dense = times["dense"]
     best, best_score = "dense", 1.0
     for fmt, t in times.items():
@@ -356,12 +368,16 @@ def _extract_layer(name: str, mod: nn.Module, theta: Tensor, mask: Tensor | None
             why = semi_structured_support(theta.device, theta.dtype, tuple(mask2d.shape))
             if not why and _is_nm(mask2d):
                 candidates["nm"] = make("nm")
-        if in_shape is None:
-            in_shape = (1, theta.shape[1])  # linear: (rows, in_features)
-        shapes = [(b,) + tuple(in_shape[1:]) for b in batch_sizes]
-        key = (kind, tuple(theta.shape), round(info["density"], 3), bias is not None, block_shape,
-               tuple(sorted(conv.items())) if conv else None)
-        chosen, times, reason = _choose(candidates, shapes, key, theta.device, theta.dtype, theta.dtype, margin)
+        if len(candidates) == 1:
+            chosen, times, reason = "dense", {}, "only candidate"
+        else:
+            if in_shape is None:
+                in_shape = (1, theta.shape[1])  # linear: (rows, in_features)
+            shapes = [(b,) + tuple(in_shape[1:]) for b in batch_sizes]
+            key = (kind, tuple(theta.shape), round(info["density"], 3), bias is not None, block_shape,
+                   tuple(sorted(conv.items())) if conv else None)
+            chosen, times, reason = _choose(candidates, shapes, key, theta.device, theta.dtype, theta.dtype,
+                                            margin)
         new = candidates[chosen]()
         info.update(format=chosen, reason="; ".join(notes + [reason]), times=times)
         log.info("sparse_engine: extract: %s -> %s (%s)", where, chosen, info["reason"])
