@@ -461,8 +461,16 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
     state: dict[str, dict] = {}
     aliases: dict[str, str] = {}
     owners: dict[tuple, str] = {}
+    extra: dict[str, Any] = {}
     for key, t in model.state_dict(keep_vars=False).items():
         if key in layer_keys:
+            continue
+        if not isinstance(t, Tensor):  # get_extra_state() of a module: kept if it is plain data
+            try:
+                extra[key] = json.loads(json.dumps(t, allow_nan=False))
+            except (TypeError, ValueError):
+                raise ValueError(f"state_dict entry {key!r} is a {type(t).__name__} that cannot be written "
+                                 "as JSON (extra state must be plain data)") from None
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
             if t.numel() else None
@@ -493,7 +501,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
     header = {
         "format": "sparse_engine", "format_version": FORMAT_VERSION, "library_version": __version__,
         "torch_version": torch.__version__, "model_class": _qualname(type(model)),
-        "layers": layer_header, "state": state, "aliases": aliases,
+        "layers": layer_header, "state": state, "aliases": aliases, "extra_state": extra,
         "architecture": architecture, "architecture_note": note, "metadata": metadata or {},
         "data_nbytes": offset,
     }
@@ -641,6 +649,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, device: str
     if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in state for v in aliases.values()):
         raise SparseFileError(f"{path}: aliases must map state keys to stored keys")
     state.update({k: state[v] for k, v in aliases.items()})
+    extra = header.get("extra_state", {})
+    if not isinstance(extra, dict):
+        raise SparseFileError(f"{path}: extra_state must be an object")
+    state.update(extra)
 
     if model is None:
         arch = header.get("architecture")
@@ -704,7 +716,7 @@ def _match_dtypes(model: nn.Module, state: dict[str, Tensor]) -> None:
     own = model.state_dict(keep_vars=True)
     for key, t in state.items():
         mine = own.get(key)
-        if mine is None or mine.dtype == t.dtype or not (mine.is_floating_point() and t.is_floating_point()):
+        if not isinstance(mine, Tensor) or not isinstance(t, Tensor) or mine.dtype == t.dtype or not (mine.is_floating_point() and t.is_floating_point()):
             continue
         mod_name, _, attr = key.rpartition(".")
         mod = model.get_submodule(mod_name) if mod_name else model
@@ -722,6 +734,10 @@ def _check_state(expected: dict[str, Tensor], state: dict[str, Tensor], path: st
                               f"unknown to the model {extra[:5]}")
     for key, t in expected.items():
         s = state[key]
+        if not isinstance(t, Tensor) or not isinstance(s, Tensor):
+            if isinstance(t, Tensor) != isinstance(s, Tensor):
+                raise SparseFileError(f"{path}: {key} is a tensor on one side and extra state on the other")
+            continue
         if tuple(t.shape) != tuple(s.shape):
             raise SparseFileError(f"{path}: {key} has shape {tuple(s.shape)} in the file, {tuple(t.shape)} in the model")
         if t.dtype != s.dtype:
