@@ -1,0 +1,294 @@
+"""fused_step: one in-place optimizer step (SGD with momentum / Nesterov, AdamW, PILoT α, mask).
+
+* The spec (``fused_step_ref``) and every backend against torch.optim.SGD / AdamW step by step over
+  20 steps, comparing the parameter and every state buffer after each step.
+* Every backend against ``fused_step_ref`` with masks, α, several dtypes.
+* The mask contract (METHODS.md §4 item 5): pruned coordinates keep their value, get exactly zero
+  state, and a NaN gradient there is ignored.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from _backends import DEVICE_DTYPES, make_mask, randn, require, run_on
+from _backends import backend  # noqa: F401  (pytest fixture)
+from _tolerances import assert_close
+from sparse_engine import backends, ops
+from sparse_engine.reference import fused_step_ref
+
+IMPL = ("fused_step",)
+F64 = torch.float64
+
+
+def _lr(v):
+    return torch.tensor(v, dtype=F64)
+
+
+def _step(param, grad, buf1, buf2, mask, lr, step, kind, **h):
+    """ops.fused_step with torch.optim's defaults for what ``h`` leaves out."""
+    ops.fused_step(param, grad, buf1, buf2, mask, _lr(lr), step, kind, **h)
+
+
+def _ref(param, grad, buf1, buf2, mask, lr, step, kind, **h):
+    full = dict(momentum=0.0, dampening=0.0, nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=0.0, alpha=0.0, maximize=False) | h
+    fused_step_ref(param, grad, buf1, buf2, mask, _lr(lr), step, kind, **full)
+
+
+# ------------------------------------------------------------------------------- hand-computed cases
+
+
+def test_hand_sgd_momentum_and_nesterov():
+    for nesterov, expected in ((False, (0.9, 0.65)), (True, (0.85, 0.525))):
+        p, buf = torch.tensor([1.0], dtype=F64), torch.zeros(1, dtype=F64)
+        # step 1: buf = g = 1; step 2: buf = 0.5·1 + 2 = 2.5; Nesterov uses g + 0.5·buf
+        for step, g in ((1, 1.0), (2, 2.0)):
+            _ref(p, torch.tensor([g], dtype=F64), buf, None, None, 0.1, step, "sgd", momentum=0.5, nesterov=nesterov)
+            assert p.item() == pytest.approx(expected[step - 1], rel=1e-15), (nesterov, step)
+        assert buf.item() == pytest.approx(2.5, rel=1e-15)
+
+
+def test_hand_sgd_weight_decay_alpha_maximize():
+    p = torch.tensor([2.0], dtype=F64)
+    # g' = 1 + 2·α·p + λ·p = 1 + 2 + 0.2 = 3.2; p = 2 − 0.1·3.2
+    _ref(p, torch.tensor([1.0], dtype=F64), None, None, None, 0.1, 1, "sgd", weight_decay=0.1, alpha=0.5)
+    assert p.item() == pytest.approx(1.68, rel=1e-15)
+    p = torch.tensor([2.0], dtype=F64)
+    # maximize negates g first: g' = −1 + 0.2 = −0.8; p = 2 + 0.08
+    _ref(p, torch.tensor([1.0], dtype=F64), None, None, None, 0.1, 1, "sgd", weight_decay=0.1, maximize=True)
+    assert p.item() == pytest.approx(2.08, rel=1e-15)
+
+
+def test_hand_adamw_first_step():
+    p, m1, m2 = torch.tensor([1.0], dtype=F64), torch.zeros(1, dtype=F64), torch.zeros(1, dtype=F64)
+    # decayed = 1·(1 − 0.1·0.5) = 0.95; exp_avg = 0.1·2 = 0.2; exp_avg_sq = 0.001·4 = 0.004;
+    # denom = sqrt(0.004)/sqrt(0.001) = 2; p = 0.95 − (0.1/0.1)·0.2/2 = 0.85
+    _ref(p, torch.tensor([2.0], dtype=F64), m1, m2, None, 0.1, 1, "adamw", weight_decay=0.5, eps=0.0)
+    assert p.item() == pytest.approx(0.85, rel=1e-14)
+    assert m1.item() == pytest.approx(0.2, rel=1e-15) and m2.item() == pytest.approx(0.004, rel=1e-15)
+
+
+def test_hand_mask_keeps_value_zeroes_state_ignores_nan():
+    p = torch.tensor([1.0, 1.0, 1.0], dtype=F64)
+    buf = torch.tensor([5.0, 5.0, 5.0], dtype=F64)
+    mask = torch.tensor([True, False, True])
+    g = torch.tensor([1.0, float("nan"), 1.0], dtype=F64)
+    _ref(p, g, buf, None, mask, 0.1, 2, "sgd", momentum=0.5, weight_decay=0.1)
+    # active: g' = 1 + 0.1 = 1.1; buf = 2.5 + 1.1 = 3.6; p = 1 − 0.36
+    torch.testing.assert_close(p, torch.tensor([0.64, 1.0, 0.64], dtype=F64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(buf, torch.tensor([3.6, 0.0, 3.6], dtype=F64), rtol=1e-15, atol=0)
+    assert p[1] == 1.0 and buf[1] == 0.0  # exactly
+
+
+# --------------------------------------------------------------------------- vs torch.optim, 20 steps
+
+SGD_CONFIGS = [dict(momentum=mo, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
+               for mo, d, n, wd, mx in itertools.product((0.0, 0.9), (0.0, 0.3), (False, True), (0.0, 1e-2),
+                                                         (False, True))
+               if not (n and (mo == 0.0 or d != 0.0)) and not (mo == 0.0 and d != 0.0)]  # (no-op dampening)
+ADAMW_CONFIGS = [dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=wd, maximize=mx)
+                 for wd, mx in itertools.product((0.0, 1e-2), (False, True))]
+
+
+def _config_id(c):
+    return "-".join(f"{k}{v}" for k, v in c.items() if v not in (0.0, False))
+
+
+def _vs_torch(backend, dtype, kind, h, steps=20, lr=0.05):
+    require(backend, IMPL, "cpu", dtype)
+    p0 = randn(3, 17, dtype=dtype)
+    ref_p = p0.clone().requires_grad_(True)
+    if kind == "sgd":
+        opt = torch.optim.SGD([ref_p], lr=lr, foreach=False, **h)
+    else:
+        opt = torch.optim.AdamW([ref_p], lr=lr, betas=(h["beta1"], h["beta2"]), eps=h["eps"],
+                                weight_decay=h["weight_decay"], maximize=h["maximize"], foreach=False)
+    p = p0.clone()
+    use1 = kind == "adamw" or h.get("momentum", 0.0) != 0.0
+    buf1 = torch.zeros_like(p) if use1 else None
+    buf2 = torch.zeros_like(p) if kind == "adamw" else None
+    for step in range(1, steps + 1):
+        g = randn(3, 17, dtype=dtype)
+        ref_p.grad = g.clone()
+        opt.step()
+        with run_on(backend):
+            _step(p, g, buf1, buf2, None, lr, step, kind, **h)
+        state = opt.state[ref_p]
+        assert_close(p, ref_p.detach(), dtype, f"param after step {step}", elementwise=True)
+        if kind == "sgd" and use1:
+            assert_close(buf1, state["momentum_buffer"], dtype, f"momentum_buffer after step {step}",
+                         elementwise=True)
+        if kind == "adamw":
+            assert_close(buf1, state["exp_avg"], dtype, f"exp_avg after step {step}", elementwise=True)
+            assert_close(buf2, state["exp_avg_sq"], dtype, f"exp_avg_sq after step {step}", elementwise=True)
+            assert int(state["step"]) == step
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("h", SGD_CONFIGS, ids=_config_id)
+def test_sgd_matches_torch_optim_20_steps(backend, dtype, h):
+    _vs_torch(backend, dtype, "sgd", h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("h", ADAMW_CONFIGS, ids=_config_id)
+def test_adamw_matches_torch_optim_20_steps(backend, dtype, h):
+    _vs_torch(backend, dtype, "adamw", h)
+
+
+# ------------------------------------------------------------------------------------ backend grid
+
+GRID_CONFIGS = [
+    ("sgd", dict()),
+    ("sgd", dict(momentum=0.9, dampening=0.1, weight_decay=1e-2, alpha=1e-3)),
+    ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=5e-4, maximize=True)),
+    ("adamw", dict(weight_decay=1e-2, alpha=1e-3)),
+    ("adamw", dict(beta1=0.8, beta2=0.95, eps=1e-6, maximize=True)),
+]
+SHAPES = [(1,), (129, 7), (5, 3, 3, 3)]
+
+
+@pytest.mark.parametrize("density", [None, 0.0, 0.5, 1.0], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("config", GRID_CONFIGS, ids=lambda c: c[0] + "-" + _config_id(c[1]))
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_matches_reference(backend, device, dtype, config, shape, density):
+    kind, h = config
+    require(backend, IMPL, device, dtype)
+    mask = make_mask(shape, density, device)
+    p = randn(*shape, dtype=dtype, device=device)
+    use1 = kind == "adamw" or h.get("momentum", 0.0) != 0.0
+    # non-zero initial state, so that zeroing at pruned coordinates is visible
+    b1 = randn(*shape, dtype=dtype, device=device).abs() if use1 else None
+    b2 = randn(*shape, dtype=dtype, device=device).abs() if kind == "adamw" else None
+    rp, rb1, rb2 = (None if t is None else t.clone() for t in (p, b1, b2))
+    p_before = p.clone()
+    for step in (1, 2, 3):
+        g = randn(*shape, dtype=dtype, device=device)
+        if mask is not None and not bool(mask.all()):
+            g = torch.where(mask, g, torch.full_like(g, float("nan")))  # must be ignored there
+        with run_on(backend):
+            _step(p, g, b1, b2, mask, 0.01, step, kind, **h)
+        _ref(rp, g, rb1, rb2, mask, 0.01, step, kind, **h)
+    assert_close(p, rp, dtype, "param", device=device, elementwise=True)
+    for name, t, r in (("buf1", b1, rb1), ("buf2", b2, rb2)):
+        if t is not None:
+            assert_close(t, r, dtype, name, device=device, elementwise=True)
+    if mask is not None:
+        off = ~mask
+        assert torch.equal(p[off], p_before[off]), "pruned coordinates of param changed"
+        for name, t in (("buf1", b1), ("buf2", b2)):
+            if t is not None:
+                assert bool((t[off] == 0).all()), f"{name} not exactly zero at pruned coordinates"
+
+
+def test_half_param_with_fp32_state_reference():
+    """Buffers may have their own dtype (fp32 state for bf16/fp16 parameters); the update is computed in
+    fp32 and rounded once into the parameter."""
+    for dtype in (torch.float16, torch.bfloat16):
+        p32 = randn(64)
+        p = p32.to(dtype)
+        b1, b2 = torch.zeros(64), torch.zeros(64)
+        g = randn(64).to(dtype)
+        _ref(p, g, b1, b2, None, 1e-2, 1, "adamw", weight_decay=0.1)
+        pf, f1, f2 = p32.to(dtype).float(), torch.zeros(64), torch.zeros(64)
+        _ref(pf, g.float(), f1, f2, None, 1e-2, 1, "adamw", weight_decay=0.1)
+        assert torch.equal(p, pf.to(dtype))  # one rounding of the fp32 result
+        assert torch.equal(b1, f1) and torch.equal(b2, f2)
+
+
+# ------------------------------------------------------------------------------------------- opcheck
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_opcheck(backend, kind):
+    require(backend, IMPL, "cpu", torch.float32)
+    p, g, b1, b2 = randn(5, 6), randn(5, 6), randn(5, 6), randn(5, 6).abs()
+    mask = make_mask((5, 6), 0.5)
+    args = (p, g, b1, b2 if kind == "adamw" else None, mask, _lr(0.1), 2, kind, 0.9, 0.0, False, 0.9, 0.999,
+            1e-8, 1e-2, 1e-3, False)
+    with run_on(backend):
+        torch.library.opcheck(torch.ops.sparse_engine.fused_step.default, args)
+
+
+# --------------------------------------------------------------------------------- input validation
+
+
+@pytest.mark.parametrize("case,exc,needle", [
+    ("param_int", ValueError, "param must be a floating-point tensor"),
+    ("grad_shape", ValueError, r"grad must have shape \(4, 5\)"),
+    ("grad_dtype", ValueError, "grad must have dtype torch.float32"),
+    ("grad_device", ValueError, "grad must be on cpu"),
+    ("buf1_missing", ValueError, r"buf1 \(the momentum buffer\) must be given"),
+    ("buf2_missing", ValueError, r"buf2 \(exp_avg_sq\) must be given"),
+    ("buf1_shape", ValueError, r"buf1 must have shape \(4, 5\)"),
+    ("buf1_device", ValueError, "buf1 must be on cpu"),
+    ("param_noncontig", ValueError, "param must be contiguous"),
+    ("buf1_noncontig", ValueError, "buf1 must be contiguous"),
+    ("mask_dtype", ValueError, "mask must have dtype torch.bool"),
+    ("mask_shape", ValueError, r"mask must have shape \(4, 5\)"),
+    ("lr_dim", ValueError, "lr must be 0-D"),
+    ("lr_float", TypeError, "lr must be a torch.Tensor"),
+    ("lr_int", ValueError, "lr must be a floating-point 0-dim tensor"),
+    ("kind", ValueError, "kind must be one of"),
+    ("step0", ValueError, "step must be an int >= 1"),
+    ("momentum_neg", ValueError, "momentum must be a finite number >= 0"),
+    ("wd_nan", ValueError, "weight_decay must be a finite number >= 0"),
+    ("alpha_neg", ValueError, "alpha must be a finite number >= 0"),
+    ("nesterov", ValueError, "nesterov=True needs momentum > 0 and dampening = 0"),
+    ("beta1", ValueError, r"beta1 must be in \[0, 1\)"),
+    ("beta2", ValueError, r"beta2 must be in \[0, 1\)"),
+])
+def test_bad_input_names_the_argument(case, exc, needle):
+    p, g, b1, b2 = randn(4, 5), randn(4, 5), torch.zeros(4, 5), torch.zeros(4, 5)
+    a = dict(param=p, grad=g, buf1=b1, buf2=None, mask=None, lr=_lr(0.1), step=1, kind="sgd")
+    h = dict(momentum=0.9)
+    bad = {
+        "param_int": (dict(param=torch.ones(4, 5, dtype=torch.int64)), {}),
+        "grad_shape": (dict(grad=randn(5, 4)), {}),
+        "grad_dtype": (dict(grad=g.double()), {}),
+        "grad_device": (dict(grad=g.to("meta")), {}),
+        "buf1_missing": (dict(buf1=None), {}),
+        "buf2_missing": (dict(kind="adamw"), {}),
+        "buf1_shape": (dict(buf1=torch.zeros(20)), {}),
+        "buf1_device": (dict(buf1=b1.to("meta")), {}),
+        "param_noncontig": (dict(param=randn(5, 4).t(), grad=randn(4, 5)), {}),
+        "buf1_noncontig": (dict(buf1=torch.zeros(5, 4).t()), {}),
+        "mask_dtype": (dict(mask=torch.ones(4, 5)), {}),
+        "mask_shape": (dict(mask=torch.ones(5, 4, dtype=torch.bool)), {}),
+        "lr_dim": (dict(lr=torch.tensor([0.1])), {}),
+        "lr_float": (dict(lr=0.1), {}),
+        "lr_int": (dict(lr=torch.tensor(1)), {}),
+        "kind": (dict(kind="adam"), {}),
+        "step0": (dict(step=0), {}),
+        "momentum_neg": ({}, dict(momentum=-0.1)),
+        "wd_nan": ({}, dict(weight_decay=float("nan"))),
+        "alpha_neg": ({}, dict(alpha=-1.0)),
+        "nesterov": ({}, dict(momentum=0.9, dampening=0.1, nesterov=True)),
+        "beta1": (dict(kind="adamw", buf2=b2), dict(beta1=1.0)),
+        "beta2": (dict(kind="adamw", buf2=b2), dict(beta2=-0.5)),
+    }[case]
+    a, h = a | bad[0], h | bad[1]
+    before = p.clone()
+    with pytest.raises(exc, match=needle):
+        ops.fused_step(a["param"], a["grad"], a["buf1"], a["buf2"], a["mask"], a["lr"], a["step"], a["kind"], **h)
+    assert torch.equal(p, before), "a rejected call must not touch the weights"
+
+
+def test_non_contiguous_grad_and_mask_are_accepted():
+    p, b = randn(4, 6), torch.zeros(4, 6)
+    g, mask = randn(6, 4).t(), make_mask((6, 4), 0.5).t()
+    rp, rb = p.clone(), b.clone()
+    ops.fused_step(p, g, b, None, mask, _lr(0.1), 1, "sgd", momentum=0.9)
+    ops.fused_step(rp, g.contiguous(), rb, None, mask.contiguous(), _lr(0.1), 1, "sgd", momentum=0.9)
+    assert torch.equal(p, rp) and torch.equal(b, rb)
+
+
+def test_empty_param(backend):
+    p, g, b1, b2 = randn(0, 3), randn(0, 3), torch.zeros(0, 3), torch.zeros(0, 3)
+    with backends.force(backend):
+        ops.fused_step(p, g, b1, b2, None, _lr(0.1), 1, "adamw")
+    assert p.shape == (0, 3)
