@@ -101,6 +101,17 @@ if UNAVAILABLE:
     warnings.warn(f"sparse_engine: CUDA backend unavailable: {UNAVAILABLE}", RuntimeWarning, stacklevel=2)
 
 
+def unsupported(impl: str, args: tuple) -> str:
+    """Hook read by backends.select: the CUDA compact_linear kernels take CSR values only."""
+    position = {"compact_linear_fwd": 2, "compact_linear_bwd": 3}.get(impl)
+    if position is None or len(args) <= position:
+        return ""
+    w_values = args[position]
+    if isinstance(w_values, Tensor) and w_values.dim() != 1:
+        return f"the CUDA compact_linear takes CSR values (nnz,), got BSR values of shape {tuple(w_values.shape)}"
+    return ""
+
+
 def _stream(t: Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 

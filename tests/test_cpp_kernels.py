@@ -1,0 +1,455 @@
+"""The C++ (CPU) kernels of sparse_engine._cpp against their references in reference.py.
+
+Every compiled op: output and every gradient, float32 and float64, shapes with 1 and odd sizes, batch
+sizes that hit every panel width of the SpMM/SDDMM kernels (1: gather path; 3, 17, 65, 200: one, two
+and four vectors, several chunks with a ragged tail), densities 0 to 1 (0.5 ... 0.001), a layer with an
+empty row and an empty column, CSR and BSR (edge blocks cut by the matrix border), and each instruction
+set variant this CPU can run. Then the error paths: corrupt indices, sizes past int32, wrong dtypes.
+
+The extension is built by ``pip install`` (csrc/build_ext.py). If it is missing, these tests fail when a
+C++ compiler is present (a broken build must not pass CI as skips) and skip, saying why, otherwise.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from sparse_engine import backends, layout, ops, reference as R
+
+from _tolerances import assert_close
+
+_cpp = pytest.importorskip("sparse_engine._cpp", reason="sparse_engine._cpp failed to import")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _need_extension():
+    if _cpp.UNAVAILABLE:
+        if shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++"):
+            pytest.fail(f"a C++ compiler is present but the C++ extension is unavailable: {_cpp.UNAVAILABLE}")
+        pytest.skip(f"no C++ compiler and no prebuilt extension: {_cpp.UNAVAILABLE}")
+    yield
+
+
+DTYPES = [torch.float32, torch.float64]
+ISAS = ["base", "avx2", "avx512"]
+
+
+def _isa_or_skip(name: str):
+    before = _cpp.isa()
+    if not _cpp.set_isa(name):
+        pytest.skip(f"this CPU cannot run the {name} kernels")
+    _cpp.set_isa(before)
+    return _cpp.use_isa(name)
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _mask(n: int, k: int, density: float, *, empty_row: bool = False, empty_col: bool = False) -> torch.Tensor:
+    mask = torch.rand(n, k) < density
+    if density >= 1.0:
+        mask[:] = True
+    if empty_row and n > 1:
+        mask[n // 2] = False
+    if empty_col and k > 1:
+        mask[:, k // 3] = False
+    return mask
+
+
+def _index(mask: torch.Tensor, block):
+    return layout.CSRIndex.from_mask(mask) if block is None else layout.BSRIndex.from_mask(mask, block)
+
+
+def _values(idx, dtype, *, positive: bool = False) -> torch.Tensor:
+    """Random values in the layout; BSR edge padding is zero as the layout requires."""
+    dense = torch.randn(idx.shape, dtype=dtype)
+    if positive:
+        dense = dense.abs() + 0.5
+    return idx.gather(dense)
+
+
+def _fields(idx):
+    return (idx.crow, idx.col, idx.row, idx.ccol, idx.row_t, idx.perm)
+
+
+def _check_compact_linear(n, k, b, density, block, dtype, *, use_m=True, use_bias=True, empty=False):
+    mask = _mask(n, k, density, empty_row=empty, empty_col=empty)
+    idx = _index(mask, block)
+    m = _values(idx, dtype, positive=True) if use_m else None
+    w = _values(idx, dtype)
+    bias = torch.randn(n, dtype=dtype) if use_bias else None
+    x = torch.randn(b, k, dtype=dtype)
+    gy = torch.randn(b, n, dtype=dtype)
+    f = _fields(idx)
+    up = (lambda t: None if t is None else t.double())
+    y = _cpp.compact_linear_fwd(x, m, w, bias, *f, n, k)
+    y_ref = R.compact_linear_ref(x.double(), up(m), w.double(), up(bias), *f, n, k)
+    assert_close(y, y_ref, dtype, "y")
+    g_x, g_m, g_w = _cpp.compact_linear_bwd(gy, x, m, w, *f, n, k)
+    r_x, r_m, r_w = R.compact_linear_backward_ref(gy.double(), x.double(), up(m), w.double(), *f, n, k)
+    assert_close(g_x, r_x, dtype, "g_x")
+    assert_close(g_w, r_w, dtype, "g_w_values")
+    if use_m:
+        assert_close(g_m, r_m, dtype, "g_m_values")
+    else:
+        assert g_m is None
+    if block is not None and w.numel():
+        # gradients of the zero padding of edge blocks are exactly zero
+        pad = idx.gather(torch.ones(idx.shape, dtype=dtype)) == 0
+        assert torch.all(g_w[pad] == 0)
+
+
+# ------------------------------------------------------------------------------- compact_linear
+
+SHAPES = [  # (N, K): ones, odd sizes, wide and tall
+    (1, 1), (7, 5), (1, 129), (129, 7), (33, 64), (64, 33),
+]
+BATCHES = [1, 3, 17, 65, 200]
+DENSITIES = [0.0, 0.001, 0.1, 0.5, 1.0]
+BLOCKS = [None, (4, 8), (3, 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: "csr" if b is None else f"bsr{b[0]}x{b[1]}")
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_compact_linear_grid(shape, density, block, dtype):
+    n, k = shape
+    for b in BATCHES:
+        _check_compact_linear(n, k, b, density, block, dtype, use_m=b % 2 == 1, use_bias=b != 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: "csr" if b is None else f"bsr{b[0]}x{b[1]}")
+@pytest.mark.parametrize("batch", [1, 2, 16, 33, 64])
+def test_compact_linear_empty_row_and_column(batch, block, dtype):
+    _check_compact_linear(40, 37, batch, 0.3, block, dtype, empty=True)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.01, 0.001])
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_compact_linear_high_sparsity_larger_layer(density, batch):
+    _check_compact_linear(257, 511, batch, density, None, torch.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_compact_linear_every_isa(isa, dtype):
+    with _isa_or_skip(isa):
+        assert _cpp.isa() == isa
+        for b in (1, 5, 20, 70):
+            _check_compact_linear(45, 77, b, 0.2, None, dtype)
+            _check_compact_linear(45, 77, b, 0.2, (8, 4), dtype, use_m=False)
+
+
+def test_compact_linear_empty_batch_and_zero_features():
+    idx = _index(_mask(6, 4, 0.5), None)
+    w = _values(idx, torch.float32)
+    f = _fields(idx)
+    y = _cpp.compact_linear_fwd(torch.randn(0, 4), None, w, None, *f, 6, 4)
+    assert y.shape == (0, 6)
+    g_x, _, g_w = _cpp.compact_linear_bwd(torch.randn(0, 6), torch.randn(0, 4), None, w, *f, 6, 4)
+    assert g_x.shape == (0, 4) and torch.all(g_w == 0)
+    idx0 = _index(torch.zeros(3, 0, dtype=torch.bool), None)
+    y0 = _cpp.compact_linear_fwd(torch.randn(2, 0), None, torch.randn(0), torch.ones(3), *_fields(idx0), 3, 0)
+    assert torch.equal(y0, torch.ones(2, 3))
+
+
+def test_compact_linear_through_ops_autograd():
+    """The registered op (sparse_engine.ops) on the cpp backend: output and autograd gradients."""
+    idx = _index(_mask(31, 23, 0.2), None)
+    m = _values(idx, torch.float64, positive=True).requires_grad_()
+    w = _values(idx, torch.float64).requires_grad_()
+    bias = torch.randn(31, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 23, dtype=torch.float64, requires_grad=True)
+    with backends.force("cpp"):
+        y = ops.compact_linear(x, m, w, idx, bias)
+        grads = torch.autograd.grad(y.square().sum(), (x, m, w, bias))
+    x2, m2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, m, w, bias))
+    y2 = R.compact_linear_ref(x2.reshape(-1, 23), m2, w2, b2, *_fields(idx), 31, 23).reshape(2, 5, 31)
+    grads2 = torch.autograd.grad(y2.square().sum(), (x2, m2, w2, b2))
+    assert_close(y, y2, torch.float64, "y")
+    for name, g, g2 in zip(("x", "m", "w", "bias"), grads, grads2):
+        assert_close(g, g2, torch.float64, f"grad {name}")
+
+
+# -------------------------------------------------------------------------- error paths
+
+
+def _small_case():
+    idx = _index(_mask(9, 11, 0.4), None)
+    w = _values(idx, torch.float32)
+    return idx, w, torch.randn(4, 11), torch.randn(4, 9)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 40])
+@pytest.mark.parametrize("bad", [11, 1000, -1])
+def test_out_of_range_col_raises(batch, bad):
+    idx, w, _, _ = _small_case()
+    assert idx.nnz > 2
+    col = idx.col.clone()
+    col[idx.nnz // 2] = bad
+    f = (idx.crow, col, idx.row, idx.ccol, idx.row_t, idx.perm)
+    x, gy = torch.randn(batch, 11), torch.randn(batch, 9)
+    with pytest.raises(ValueError, match="out of range"):
+        _cpp.compact_linear_fwd(x, None, w, None, *f, 9, 11)
+    with pytest.raises(ValueError, match="out of range"):
+        _cpp.compact_linear_bwd(gy, x, None, w, *f, 9, 11)
+
+
+@pytest.mark.parametrize("field", ["row_t", "perm"])
+def test_out_of_range_transposed_index_raises(field):
+    idx, w, x, gy = _small_case()
+    f = dict(zip(("crow", "col", "row", "ccol", "row_t", "perm"), _fields(idx)))
+    f[field] = f[field].clone()
+    f[field][0] = 10**6
+    with pytest.raises(ValueError, match="out of range"):
+        _cpp.compact_linear_bwd(gy, x, w.clone(), w, *f.values(), 9, 11)
+
+
+def test_bad_pointers_raise():
+    idx, w, x, _ = _small_case()
+    crow = idx.crow.clone()
+    a, b = int(crow[3]), int(crow[4])
+    crow[3], crow[4] = b + 1, a  # crow[3] > crow[4]
+    with pytest.raises(ValueError, match="non-decreasing"):
+        _cpp.compact_linear_fwd(x, None, w, None, crow, *_fields(idx)[1:], 9, 11)
+    crow = idx.crow.clone()
+    crow[-1] -= 1
+    with pytest.raises(ValueError, match=r"crow\[-1\]"):
+        _cpp.compact_linear_fwd(x, None, w, None, crow, *_fields(idx)[1:], 9, 11)
+    with pytest.raises(ValueError, match="crow must have 10 entries"):
+        _cpp.compact_linear_fwd(x, None, w, None, idx.crow[:-1], *_fields(idx)[1:], 9, 11)
+
+
+def test_wrong_index_dtype_and_sizes_raise():
+    idx, w, x, gy = _small_case()
+    f = list(_fields(idx))
+    with pytest.raises(ValueError, match="col must be int32"):
+        _cpp.compact_linear_fwd(x, None, w, None, f[0], f[1].long(), *f[2:], 9, 11)
+    with pytest.raises(ValueError, match="perm must have"):
+        _cpp.compact_linear_bwd(gy, x, None, w, *f[:5], f[5][:-1], 9, 11)
+    with pytest.raises(ValueError, match="x must be"):
+        _cpp.compact_linear_fwd(torch.randn(4, 12), None, w, None, *f, 9, 11)
+    with pytest.raises(ValueError, match="dtype"):
+        _cpp.compact_linear_fwd(x.double(), None, w, None, *f, 9, 11)
+    with pytest.raises(ValueError, match="m_values must have the shape"):
+        _cpp.compact_linear_fwd(x, w[:-1], w, None, *f, 9, 11)
+
+
+@pytest.mark.parametrize("what", ["out_features", "in_features"])
+def test_int32_overflow_sizes_refused(what):
+    """Dimensions past int32 are refused before anything is allocated (the tensors here are tiny)."""
+    idx, w, x, gy = _small_case()
+    big = 2**31
+    n, k = (big, 11) if what == "out_features" else (9, big)
+    with pytest.raises(ValueError, match=f"{what} = {big} is outside the int32 index range"):
+        _cpp.compact_linear_fwd(x, None, w, None, *_fields(idx), n, k)
+    with pytest.raises(ValueError, match="int32 index range"):
+        _cpp.compact_linear_bwd(gy, x, None, w, *_fields(idx), n, k)
+    # the largest int32 value itself passes the check (and then fails on the pointer sizes)
+    with pytest.raises(ValueError, match="crow must have"):
+        _cpp.compact_linear_fwd(x, None, w, None, *_fields(idx), 2**31 - 1, 11)
+
+
+# ------------------------------------------------------------------------------ reparam
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7, 5), (3, 4, 5, 2), (300, 257)], ids=str)
+@pytest.mark.parametrize("use_m", [True, False])
+@pytest.mark.parametrize("density", [None, 0.0, 0.3, 1.0])
+def test_reparam(shape, dtype, use_m, density):
+    w = torch.randn(shape, dtype=dtype)
+    m = torch.randn(shape, dtype=dtype) if use_m else None
+    mask = None if density is None else torch.rand(shape) < density
+    if mask is not None and (~mask).any():
+        w[~mask] = float("nan")  # pruned coordinates may hold anything: nothing may leak
+    theta = _cpp.reparam_fwd(m, w, mask)
+    assert_close(theta, R.reparam_ref(m, w, mask), dtype, "theta", elementwise=True)
+    grad = torch.randn(shape, dtype=dtype)
+    g_m, g_w = _cpp.reparam_bwd(grad, m, w, mask)
+    r_m, r_w = R.reparam_backward_ref(grad, m, w, mask)
+    assert_close(g_w, r_w, dtype, "g_w", elementwise=True)
+    if use_m:
+        assert_close(g_m, r_m, dtype, "g_m", elementwise=True)
+    else:
+        assert g_m is None and g_w.data_ptr() != grad.data_ptr()
+
+
+def test_reparam_noncontiguous_inputs():
+    w = torch.randn(6, 8).t()
+    m = torch.randn(8, 6)
+    assert_close(_cpp.reparam_fwd(m, w, None), R.reparam_ref(m, w, None), torch.float32, "theta", elementwise=True)
+
+
+# ------------------------------------------------------------------------------ signin_reset
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("beta", [1e-6, 1.0, 10.0])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_signin_reset(dtype, beta, use_mask):
+    n = 1000
+    m = torch.randn(n, dtype=dtype) * 3
+    w = torch.randn(n, dtype=dtype)
+    big = 1e150 if dtype == torch.float64 else 1e18
+    m[:6] = torch.tensor([1.0, 1.0, 1.0, 1.0, big, 1.0], dtype=dtype)
+    w[:6] = torch.tensor([0.0, 1e-30, -1e-30, -big, 1.0, -0.0], dtype=dtype)  # θ = 0, ±tiny, ±huge
+    mask = (torch.rand(n) < 0.7) if use_mask else None
+    mo, wo = _cpp.signin_reset(m, w, mask, beta)
+    rm, rw = R.signin_reset_ref(m, w, mask, beta)
+    assert_close(mo, rm, dtype, "m", elementwise=True)
+    assert_close(wo, rw, dtype, "w", elementwise=True)
+    assert torch.all(mo > 0)
+    theta = R.reparam_ref(m, w, mask)
+    finite = theta.abs() < 1e30
+    assert_close((mo * wo)[finite], theta[finite], dtype, "m*w == theta", elementwise=True)
+
+
+def test_signin_reset_rejects_bad_beta():
+    with pytest.raises(ValueError, match="beta"):
+        _cpp.signin_reset(torch.ones(3), torch.ones(3), None, float("inf"))
+
+
+# -------------------------------------------------------------------------------- fused_step
+
+SGD_CONFIGS = [
+    dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, alpha=0.0, maximize=False),
+    dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=1e-2, alpha=0.0, maximize=False),
+    dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=5e-4, alpha=1e-3, maximize=False),
+    dict(momentum=0.5, dampening=0.2, nesterov=False, weight_decay=0.0, alpha=1e-2, maximize=True),
+]
+ADAMW_CONFIGS = [
+    dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, alpha=0.0, maximize=False),
+    dict(beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=1e-2, alpha=1e-3, maximize=True),
+    dict(beta1=0.3, beta2=0.9, eps=1e-8, weight_decay=0.1, alpha=0.0, maximize=False),  # lerp's other branch
+]
+_DEFAULTS = dict(momentum=0.0, dampening=0.0, nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8,
+                 weight_decay=0.0, alpha=0.0, maximize=False)
+
+
+def _step_both(kind, cfg, dtype, shape, use_mask, step, compact):
+    args = dict(_DEFAULTS, **cfg)
+    param = torch.randn(shape, dtype=dtype)
+    grad = torch.randn(shape, dtype=dtype)
+    buf1 = torch.randn(shape, dtype=dtype) if (kind == "adamw" or args["momentum"]) else None
+    buf2 = torch.rand(shape, dtype=dtype) if kind == "adamw" else None
+    mask = (torch.rand(shape) < 0.6) if use_mask else None
+    if mask is not None:
+        grad[~mask] = float("nan")  # ignored at pruned coordinates
+    lr = torch.tensor(0.05, dtype=torch.float32)
+    out = []
+    for fn in (_cpp.fused_step, R.fused_step_ref):
+        p, b1, b2 = param.clone(), None if buf1 is None else buf1.clone(), None if buf2 is None else buf2.clone()
+        fn(p, grad, b1, b2, mask, lr, step, kind, args["momentum"], args["dampening"], args["nesterov"],
+           args["beta1"], args["beta2"], args["eps"], args["weight_decay"], args["alpha"], args["maximize"])
+        out.append((p, b1, b2))
+    (p, b1, b2), (rp, rb1, rb2) = out
+    assert_close(p, rp, dtype, "param", elementwise=True)
+    for name, b, rb in (("buf1", b1, rb1), ("buf2", b2, rb2)):
+        if rb is not None:
+            assert_close(b, rb, dtype, name, elementwise=True)
+    if mask is not None:
+        assert torch.equal(p[~mask], param[~mask]), "pruned parameters must not move"
+        for b in (b1, b2):
+            if b is not None:
+                assert torch.all(b[~mask] == 0), "pruned optimizer state must be exactly 0"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=lambda c: f"mom{c['momentum']}-nest{c['nesterov']}-max{c['maximize']}")
+@pytest.mark.parametrize("step", [1, 3])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_fused_step_sgd(dtype, cfg, step, use_mask):
+    _step_both("sgd", cfg, dtype, (129, 7), use_mask, step, False)
+    _step_both("sgd", cfg, dtype, (100_003,), use_mask, step, True)  # compact values, threaded path
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", ADAMW_CONFIGS, ids=lambda c: f"b1_{c['beta1']}-wd{c['weight_decay']}")
+@pytest.mark.parametrize("step", [1, 5])
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_fused_step_adamw(dtype, cfg, step, use_mask):
+    _step_both("adamw", cfg, dtype, (1, 1), use_mask, step, False)
+    _step_both("adamw", cfg, dtype, (33, 65), use_mask, step, False)
+    _step_both("adamw", cfg, dtype, (100_003,), use_mask, step, True)
+
+
+def test_fused_step_errors():
+    p, g = torch.randn(5), torch.randn(5)
+    lr = torch.tensor(0.1)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        _cpp.fused_step(p, g, None, None, None, lr, 1, "lamb", 0.0, 0.0, False, 0.9, 0.999, 1e-8, 0.0, 0.0, False)
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        _cpp.fused_step(p, g, None, None, None, lr, 0, "sgd", 0.0, 0.0, False, 0.9, 0.999, 1e-8, 0.0, 0.0, False)
+    with pytest.raises(ValueError, match="buf1"):
+        _cpp.fused_step(p, g, None, None, None, lr, 1, "sgd", 0.9, 0.0, False, 0.9, 0.999, 1e-8, 0.0, 0.0, False)
+    with pytest.raises(ValueError, match="contiguous"):
+        q = torch.randn(5, 2).t()
+        _cpp.fused_step(q, torch.randn(2, 5), None, None, None, lr, 1, "sgd", 0.0, 0.0, False, 0.9, 0.999, 1e-8,
+                        0.0, 0.0, False)
+
+
+# ----------------------------------------------------------------------------- dtypes, loading
+
+
+def test_unsupported_dtype_goes_to_reference_unless_forced():
+    w = torch.randn(4, 3, dtype=torch.bfloat16)
+    assert torch.equal(_cpp.reparam_fwd(None, w, None), R.reparam_ref(None, w, None))
+    with backends.force("cpp"), pytest.raises(ValueError, match="float32"):
+        _cpp.reparam_fwd(None, w, None)
+    assert set(_cpp.SUPPORTED_DTYPES) == {torch.float32, torch.float64}
+
+
+_BLOCK_PREBUILT = textwrap.dedent("""
+    import importlib.abc, sys, warnings
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "sparse_engine._C":
+                raise ImportError("blocked by the test")
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def test_missing_extension_warns_once_and_reference_serves():
+    code = _BLOCK_PREBUILT + textwrap.dedent("""
+        import torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import sparse_engine._cpp as c
+            from sparse_engine import backends, ops
+            y = ops.reparam(None, torch.ones(3), None)
+        msgs = [str(w.message) for w in caught if "C++ backend unavailable" in str(w.message)]
+        assert len(msgs) == 1, msgs
+        assert c.UNAVAILABLE and "blocked by the test" in c.UNAVAILABLE
+        assert backends.select("reparam_fwd", torch.device("cpu"))[0] == "reference"
+        print("OK")
+    """)
+    env = dict(os.environ, SPARSE_ENGINE_JIT="0")
+    env.pop("SPARSE_ENGINE_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_jit_build(tmp_path):
+    """SPARSE_ENGINE_JIT=1 builds the extension with torch.utils.cpp_extension.load when no .so is installed."""
+    code = _BLOCK_PREBUILT + textwrap.dedent("""
+        import torch
+        import sparse_engine._cpp as c
+        assert c.UNAVAILABLE is None, c.UNAVAILABLE
+        from sparse_engine import reference as R
+        w, m = torch.randn(50), torch.randn(50)
+        assert torch.allclose(c.reparam_fwd(m, w, None), R.reparam_ref(m, w, None))
+        print("OK", c.isa())
+    """)
+    env = dict(os.environ, SPARSE_ENGINE_JIT="1", SPARSE_ENGINE_CACHE=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
