@@ -1,0 +1,204 @@
+"""``sparse-engine``: the command-line entry point.
+
+Subcommands live in :data:`COMMANDS`, one entry each: the name, a one-line help and a lazy target
+``"module:function"``; the function takes the remaining argv and returns an exit code. Nothing is
+imported until a subcommand runs, and a subcommand whose module is not installed is left out of the
+listing (and says so when called). To add one, add a line to ``COMMANDS``.
+
+User errors (bad option, missing or corrupt data, a diverging run) print one line,
+``sparse-engine <cmd>: error: ...``, and exit non-zero; a traceback means a bug. A subcommand signals a
+user error by raising :class:`UserError`, ``train.ConfigError`` or ``data.DataError``.
+Exit codes: 0 done, 2 usage / input error, 3 training diverged, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+PROG = "sparse-engine"
+
+
+class UserError(Exception):
+    """An error in what the user asked for: reported in one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    target: str  # "module:function", function(argv: list[str]) -> int
+
+    @property
+    def module(self) -> str:
+        return self.target.partition(":")[0]
+
+    def available(self) -> bool:
+        try:
+            return importlib.util.find_spec(self.module) is not None
+        except (ImportError, ValueError):
+            return False
+
+    def load(self) -> Callable[[list[str]], int]:
+        module, _, func = self.target.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+
+#: name -> Command. bench / export / bench-infer appear once their modules exist.
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a model with a sparse method, or --compare several", "sparse_engine.cli:train_main"),
+    "info": Command("versions, backends and their availability, environment variables", "sparse_engine.info:main"),
+    "bench": Command("benchmark the ops and layers", "sparse_engine.bench:main"),
+    "export": Command("extract a trained sparse model into a compact file", "sparse_engine.export:main"),
+    "bench-infer": Command("benchmark inference of an extracted model", "sparse_engine.bench_infer:main"),
+}
+
+
+def _usage() -> str:
+    lines = [f"usage: {PROG} <command> [options]   ({PROG} <command> --help for its options)", "", "commands:"]
+    for name, cmd in COMMANDS.items():
+        if cmd.available():
+            lines.append(f"  {name:<12} {cmd.help}")
+    return "\n".join(lines)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DataError
+    from .train import ConfigError
+
+    return (UserError, ConfigError, DataError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(f"{PROG} {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    cmd = COMMANDS.get(name)
+    if cmd is None or not cmd.available():
+        known = ", ".join(n for n, c in COMMANDS.items() if c.available())
+        why = "unknown command" if cmd is None else "command not available in this installation"
+        print(f"{PROG}: error: {why} {name!r} (choose from {known})", file=sys.stderr)
+        return 2
+    try:
+        return int(cmd.load()(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"\n{PROG} {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from .train import TrainingDiverged
+
+        if isinstance(e, TrainingDiverged):
+            print(f"{PROG} {name}: error: {e}", file=sys.stderr)
+            return 3
+        if isinstance(e, _user_errors()):
+            print(f"{PROG} {name}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from .masks import DISTRIBUTIONS
+    from .methods import METHODS
+    from .methods.base import LAYOUTS
+    from .models import MODELS
+    from .optim import ALPHA_SCHEDULES, NONFINITE_POLICIES, RESET_POLICIES
+    from .train import DATASETS, LR_SCHEDULES, OPTIMIZERS, TrainConfig
+
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} train",
+        description="Train a model with a sparse-training method; prints a table and writes JSON under --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("what to train")
+    g.add_argument("--model", choices=MODELS, default=d.model)
+    g.add_argument("--method", choices=tuple(METHODS), default=d.method)
+    g.add_argument("--compare", metavar="M1,M2,...", default=None,
+                   help="run several methods on the same seed and data and print them side by side")
+    g.add_argument("--density", type=float, default=d.density, help="fraction of weights kept, in (0, 1]")
+    g.add_argument("--distribution", choices=DISTRIBUTIONS, default=d.distribution)
+    g.add_argument("--layout", choices=LAYOUTS, default=d.layout)
+    g.add_argument("--data", choices=DATASETS, default=d.data,
+                   help="auto: Fashion-MNIST (token sequences for the transformer)")
+    g.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST IDX files")
+    g.add_argument("--n-train", type=int, default=None, help="use only the first N training samples")
+    g.add_argument("--n-test", type=int, default=None, help="use only the first N test samples")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device)
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--step-in-backward", action="store_true",
+                   help="update each tensor inside backward and free its gradient at once")
+    g.add_argument("--nonfinite", choices=NONFINITE_POLICIES, default=d.nonfinite,
+                   help="what a NaN/inf gradient does: skip the step (counted) or stop")
+    g = p.add_argument_group("method options (default: the method's own)")
+    g.add_argument("--wd-switchoff", type=float, default=None, metavar="AT",
+                   help="switch weight decay off after this fraction of training (any method)")
+    g.add_argument("--beta", type=float, default=None, help="Sign-In / PILoT scale m² − w²")
+    g.add_argument("--factor-lr-scale", type=float, default=None, help="lr multiplier of the factors m, w")
+    g.add_argument("--reset-every", type=int, default=None, help="Sign-In reset period")
+    g.add_argument("--reset-unit", choices=("epoch", "step"), default=None)
+    g.add_argument("--reset-until", type=float, default=None, help="reset only in this first fraction of training")
+    g.add_argument("--reset-policy", choices=RESET_POLICIES, default=None, help="optimizer state at a reset")
+    g.add_argument("--alpha", type=float, default=None, help="PILoT's initial α")
+    g.add_argument("--alpha-schedule", choices=("controller", *ALPHA_SCHEDULES), default=None)
+    g.add_argument("--prune-scope", choices=("global", "layer"), default=None, help="PILoT's final prune")
+    g.add_argument("--iterative", action="store_true", default=None, help="PILoT: iterative prune-retrain")
+    g.add_argument("--rewind", choices=("lr", "weight"), default=None, help="PILoT iterative: rewinding")
+    g.add_argument("--retrain-epochs", type=int, default=None, help="PILoT iterative: epochs per round")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output directory (default runs/<model>-<method>-d<density>-s<seed>)")
+    g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def train_main(argv: list[str]) -> int:
+    from . import train as T
+
+    args = _train_parser().parse_args(argv)
+    cfg = T.TrainConfig(
+        model=args.model, method=args.method, density=args.density, distribution=args.distribution,
+        layout=args.layout, data=args.data, data_dir=args.data_dir, n_train=args.n_train, n_test=args.n_test,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        momentum=args.momentum, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, seed=args.seed,
+        device=args.device, threads=args.threads, step_in_backward=args.step_in_backward,
+        nonfinite=args.nonfinite, wd_switchoff=args.wd_switchoff, beta=args.beta,
+        factor_lr_scale=args.factor_lr_scale, reset_every=args.reset_every, reset_unit=args.reset_unit,
+        reset_until=args.reset_until, reset_policy=args.reset_policy, alpha=args.alpha,
+        alpha_schedule=args.alpha_schedule, prune_scope=args.prune_scope, iterative=args.iterative,
+        rewind=args.rewind, retrain_epochs=args.retrain_epochs, progress=not args.no_progress,
+    )
+    if args.compare is not None:
+        methods = [m.strip() for m in args.compare.split(",") if m.strip()]
+        cfg.out_dir = args.out or T.default_out_dir(cfg, methods)
+        T.compare(cfg, methods)
+        print(f"results: {cfg.out_dir}/compare.json (per method: {cfg.out_dir}/<method>/result.json)")
+        return 0
+    cfg.out_dir = args.out or T.default_out_dir(cfg)
+    result = T.train(cfg)
+    print(T.summary_table({cfg.method: result}))
+    print(f"results: {cfg.out_dir}/result.json")
+    return 0
+
+
+if __name__ == "__main__":  # python -m sparse_engine.cli
+    sys.exit(main())

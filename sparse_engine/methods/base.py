@@ -1,0 +1,221 @@
+"""What every method shares: its config dataclass, the two calls, and its hooks.
+
+Life of a method (``train.py`` does exactly this; a user's own loop does the same):
+
+    method = make_method("signin", density=0.1)     # or SignIn(SignInConfig(density=0.1))
+    report = method.prepare(model)                  # sparsify the model in place (before the optimizer)
+    opt = method.make_optimizer(model, "sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)  # or your own
+    method.apply(model, opt, epochs=E, steps_per_epoch=S)   # binds roles, registers the per-step hook
+    for epoch in range(1, E + 1):
+        for x, y in batches:                        # optimizer.step() runs the per-step hook itself
+            ...; opt.step()
+        method.after_epoch(epoch, train_acc)        # per-epoch schedules (resets, α)
+    retrain = method.end_of_training()              # PILoT: prune; may ask for retraining rounds
+
+The per-step hook is an optimizer step post-hook, so it also runs in step-in-backward mode (where
+``step()`` applies nothing but still marks the end of the iteration). A step the optimizer skipped for a
+non-finite gradient does not count.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..masks import DISTRIBUTIONS
+
+# Layouts of sparse_engine.nn (checked there too; repeated here so a config fails before any work).
+LAYOUTS = ("dense", "block", "csr", "bsr", "auto")
+
+
+def check_density(density) -> float:
+    """Methods accept densities in (0, 1] (a network with no weight left is an input error)."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    density = float(density)
+    if not 0.0 < density <= 1.0:  # also rejects NaN
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return density
+
+
+@dataclass
+class MethodConfig:
+    """Options every method understands.
+
+    density: fraction of weights kept (for PILoT: the target of the final prune).
+    distribution: how density is spread over layers for random masks: "uniform", "er" or "erk".
+    layout: storage of the sparse layers (see sparse_engine.nn): "dense", "block", "csr", "bsr", "auto".
+    filter: ``(name, module) -> bool`` choosing the layers to sparsify (None: sparsify's default).
+    seed: seed of the random masks.
+    """
+
+    density: float = 0.1
+    distribution: str = "erk"
+    layout: str = "dense"
+    filter: Callable[[str, nn.Module], bool] | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.density = check_density(self.density)
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+
+@dataclass
+class Retrain:
+    """A request from :meth:`Method.end_of_training` for one more round of training.
+
+    epochs: length of the round. The caller restarts the learning-rate schedule (learning-rate
+    rewinding; with weight rewinding the method has already restored the weights).
+    """
+
+    epochs: int
+    round: int
+    density: float
+
+
+class Method:
+    """Base class of the methods. Subclasses set ``name`` and ``config_class`` and override hooks."""
+
+    name = "base"
+    config_class: type[MethodConfig] = MethodConfig
+    #: the ``method`` argument of nn.sparsify (None: the model stays dense)
+    sparsify_as: str | None = None
+    #: learning-rate multiplier for the factors m, w (None: same lr as everything else)
+    factor_lr_scale: float | None = None
+
+    def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
+        if config is None:
+            fields = {f.name for f in dataclasses.fields(self.config_class)}
+            unknown = sorted(set(kwargs) - fields)
+            if unknown:
+                raise ValueError(f"{self.name}: unknown option(s) {unknown}; known: {sorted(fields)}")
+            config = self.config_class(**kwargs)
+        elif kwargs:
+            raise ValueError("give either a config or keyword options, not both")
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{self.name} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.model: nn.Module | None = None
+        self.optimizer = None
+        self.epochs = 0
+        self.steps_per_epoch = 0
+        self._hook = None
+        self._last_step = 0
+        self.log: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------ the calls
+
+    def prepare(self, model: nn.Module) -> Any:
+        """Sparsify ``model`` in place for this method; returns sparsify's report (None for dense)."""
+        if self.sparsify_as is None:
+            return None
+        from ..nn import sparsify  # late: nn imports the kernels' dispatch, not needed for dense runs
+
+        c = self.config
+        kwargs: dict[str, Any] = dict(method=self.sparsify_as, density=c.density, distribution=c.distribution,
+                                      layout=c.layout, seed=c.seed)
+        if c.filter is not None:
+            kwargs["filter"] = c.filter
+        beta = getattr(c, "beta", None)
+        if beta is not None:
+            kwargs["beta"] = beta
+        return sparsify(model, **kwargs)
+
+    def make_optimizer(self, model: nn.Module, name: str = "sgd", lr: float = 0.05, **kwargs: Any):
+        """The method's recommended optimizer: ``name`` "sgd" or "adamw"; the factors get
+        ``lr * factor_lr_scale`` when the method sets one."""
+        from ..optim import SGD, AdamW
+
+        classes = {"sgd": SGD, "adamw": AdamW}
+        if name not in classes:
+            raise ValueError(f"optimizer must be one of {tuple(classes)}, got {name!r}")
+        factor_lr = lr * self.factor_lr_scale if self.factor_lr_scale and self._has_factors(model) else None
+        return classes[name](model, lr=lr, factor_lr=factor_lr, **kwargs)
+
+    @staticmethod
+    def _has_factors(model: nn.Module) -> bool:
+        from ..optim import parameterizations
+
+        return any(pz.factored for _, pz in parameterizations(model))
+
+    def apply(self, model: nn.Module, optimizer, *, epochs: int = 1, steps_per_epoch: int = 1) -> "Method":
+        """Attach to ``model`` and ``optimizer`` (a sparse_engine optimizer): bind roles, register hooks."""
+        from ..optim import SparseOptimizer
+
+        if not isinstance(optimizer, SparseOptimizer):
+            raise TypeError(f"optimizer must be a sparse_engine.optim optimizer (SGD or AdamW), "
+                            f"got {type(optimizer).__name__}")
+        for name, v in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.remove()
+        self.model, self.optimizer = model, optimizer
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        optimizer.bind(model)
+        self._last_step = optimizer.num_steps
+        self._hook = optimizer.register_step_post_hook(self._step_hook)
+        self.setup()
+        return self
+
+    def remove(self) -> None:
+        """Unregister the per-step hook."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _step_hook(self, optimizer, args, kwargs) -> None:
+        if optimizer.num_steps == self._last_step:  # the optimizer skipped this step
+            return
+        self._last_step = optimizer.num_steps
+        self.after_step(optimizer.num_steps)
+
+    # ------------------------------------------------------------------------------------ the hooks
+
+    def setup(self) -> None:
+        """Called at the end of :meth:`apply`."""
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step ``step`` (1-based, counting applied steps)."""
+
+    def after_epoch(self, epoch: int, train_acc: float | None = None) -> dict[str, Any]:
+        """After epoch ``epoch`` (1-based); returns what to log for this epoch."""
+        return {}
+
+    def end_of_training(self) -> Retrain | None:
+        """After the last epoch: final work (PILoT's prune); a :class:`Retrain` asks for one more round."""
+        return None
+
+    # --------------------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "epochs": self.epochs, "steps_per_epoch": self.steps_per_epoch,
+                "last_step": self._last_step}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("name") != self.name:
+            raise ValueError(f"state_dict is for method {sd.get('name')!r}, this is {self.name!r}")
+        self.epochs, self.steps_per_epoch, self._last_step = sd["epochs"], sd["steps_per_epoch"], sd["last_step"]
+
+    def describe(self) -> str:
+        return self.name
+
+    @torch.no_grad()
+    def l1(self) -> float:
+        """‖θ‖₁ over the parameterized weights of the model."""
+        from ..optim import parameterizations
+
+        if self.model is None:
+            return 0.0
+        total = 0.0
+        for _, pz in parameterizations(self.model):
+            total += float(pz.values().detach().abs().sum())
+        return total

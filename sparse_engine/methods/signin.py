@@ -1,0 +1,110 @@
+"""signin: Sign-In (Gadhikar, Jacobs, Zhou, Burkholz 2025, *Sign-In to the Lottery*).
+
+Pruning at initialisation with sign flips: a random mask is fixed, every active weight is trained as
+θ = m ⊙ w factored with m² − w² = β (β = 1), and every ``reset_every`` epochs (or steps) θ is
+re-factored back to β, leaving θ unchanged (METHODS.md §1). Training erodes β (weight decay and
+gradient noise shrink it every step, METHODS.md §0); a small β freezes the signs of θ, the reset
+restores the ability to flip them.
+
+[open] choices and their defaults (see the README for the measurements behind them):
+* period ``reset_every`` in ``reset_unit`` ("epoch" or "step"), resets until ``reset_until`` of training;
+* what happens to the optimizer state at a reset: ``reset_policy`` "keep", "zero" or "transform"
+  (sparse_engine.optim.reset);
+* the learning rate of m and w relative to the other parameters: ``factor_lr_scale``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..optim.base import RESET_POLICIES
+from ..optim.schedules import UNITS, ResetSchedule
+from .base import Method, MethodConfig
+
+
+@dataclass
+class SignInConfig(MethodConfig):
+    beta: float = 1.0
+    reset_every: int = 1
+    reset_unit: str = "epoch"
+    reset_until: float = 1.0
+    reset_policy: str = "transform"
+    factor_lr_scale: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta < float("inf"):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        if isinstance(self.reset_every, bool) or not isinstance(self.reset_every, int) or self.reset_every < 1:
+            raise ValueError(f"reset_every must be an int >= 1, got {self.reset_every!r}")
+        if self.reset_unit not in UNITS:
+            raise ValueError(f"reset_unit must be one of {UNITS}, got {self.reset_unit!r}")
+        if not 0.0 <= self.reset_until <= 1.0:
+            raise ValueError(f"reset_until must be in [0, 1], got {self.reset_until}")
+        if self.reset_policy not in RESET_POLICIES:
+            raise ValueError(f"reset_policy must be one of {RESET_POLICIES}, got {self.reset_policy!r}")
+        if not self.factor_lr_scale > 0:
+            raise ValueError(f"factor_lr_scale must be > 0, got {self.factor_lr_scale}")
+
+
+class SignIn(Method):
+    name = "signin"
+    config_class = SignInConfig
+    sparsify_as = "signin"
+
+    @property
+    def factor_lr_scale(self) -> float | None:  # type: ignore[override]
+        return self.config.factor_lr_scale if self.config.factor_lr_scale != 1.0 else None
+
+    def setup(self) -> None:
+        c = self.config
+        total = self.epochs if c.reset_unit == "epoch" else self.epochs * self.steps_per_epoch
+        self.schedule = ResetSchedule(c.reset_every, c.reset_unit, c.reset_until, total)
+        self.beta_before: list[float] = []  # mean β over active weights just before each reset
+
+    @torch.no_grad()
+    def _mean_beta(self) -> float:
+        from ..optim import parameterizations
+
+        num, den = 0.0, 0
+        for _, pz in parameterizations(self.model):
+            if pz.kind != "signin":
+                continue
+            beta = pz.m.detach().float() ** 2 - pz.w.detach().float() ** 2
+            mask = pz.step_mask()
+            if mask is not None:
+                beta = beta[mask]
+            num += float(beta.sum())
+            den += beta.numel()
+        return num / den if den else float("nan")
+
+    def _reset(self, k: int) -> None:
+        self.beta_before.append(self._mean_beta())
+        self.optimizer.signin_reset(self.config.beta, self.config.reset_policy, kinds=("signin",))
+        self.schedule.fired(k)
+
+    def after_step(self, step: int) -> None:
+        if self.config.reset_unit == "step" and self.schedule.due(step):
+            self._reset(step)
+
+    def after_epoch(self, epoch: int, train_acc: float | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.config.reset_unit == "epoch" and self.schedule.due(epoch):
+            self._reset(epoch)
+            out["beta_before_reset"] = self.beta_before[-1]
+        out["resets"] = self.schedule.count
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "schedule": self.schedule.state_dict(), "beta_before": list(self.beta_before)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        self.schedule.load_state_dict(sd["schedule"])
+        self.beta_before = list(sd["beta_before"])
+
+    def describe(self) -> str:
+        c = self.config
+        return f"signin(reset every {c.reset_every} {c.reset_unit}, {c.reset_policy})"

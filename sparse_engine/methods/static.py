@@ -1,0 +1,24 @@
+"""static: random pruning at initialisation (PaI) with a fixed mask; θ trained directly.
+
+The mask is drawn once (ER / ERK / uniform layer densities, see masks.py) and never changes; pruned
+weights stay exactly 0 and carry no optimizer state. This is the "Random" baseline of the Sign-In paper
+(Gadhikar, Jacobs, Zhou, Burkholz 2025), which Sign-In improves on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Method, MethodConfig
+
+
+@dataclass
+class StaticConfig(MethodConfig):
+    pass
+
+
+class Static(Method):
+    """Random static mask, θ = M ⊙ w trained with the base optimizer."""
+
+    name = "static"
+    config_class = StaticConfig
+    sparsify_as = "static"
