@@ -263,6 +263,14 @@ class Parameterization(nn.Module):
     def extra_repr(self) -> str:
         return f"kind={self.kind}, layout={self.layout}, shape={self.weight_shape}, beta={float(self.beta):g}"
 
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) cast every floating buffer; β stays float64 so that it remains exact.
+        beta = self.beta
+        out = super()._apply(fn, recurse)
+        if self.beta.dtype != torch.float64:
+            self._buffers["beta"] = beta.to(device=self.beta.device)
+        return out
+
     # ---------------------------------------------------------------------------------- checkpoints
 
     def get_extra_state(self) -> dict:
