@@ -8,6 +8,7 @@
 ``layer_stats`` remembers the signs of each layer's θ between calls (in the layer's parameterization),
 so call it at the points you compare, e.g. once per epoch.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,19 @@ from torch import nn
 
 from .param import Parameterization
 
-_COLUMNS = ("name", "kind", "layout", "shape", "density", "nnz", "sign_flips", "beta_mean", "beta_min",
-            "beta_max", "l1")
+_COLUMNS = (
+    "name",
+    "kind",
+    "layout",
+    "shape",
+    "density",
+    "nnz",
+    "sign_flips",
+    "beta_mean",
+    "beta_min",
+    "beta_max",
+    "l1",
+)
 
 
 def _sparse_layers(model: nn.Module):
@@ -39,22 +51,24 @@ def layer_stats(model: nn.Module) -> list[dict]:
         d = param.diagnostics()
         numel = math.prod(param.weight_shape)
         nnz = module.nnz() if hasattr(module, "nnz") else round(d["density"] * numel)
-        out.append({
-            "name": name,
-            "type": type(module).__name__,
-            "kind": param.kind,
-            "layout": getattr(module, "resolved_layout", None) or param.layout,
-            "shape": tuple(param.weight_shape),
-            "numel": numel,
-            "nnz": nnz,
-            "density": nnz / numel,
-            "sign_flips": int(d["sign_flips"]),
-            "l1": float(d["l1"]),
-            "beta_mean": d.get("beta_mean"),
-            "beta_min": d.get("beta_min"),
-            "beta_max": d.get("beta_max"),
-            "target_density": getattr(module, "target_density", None),
-        })
+        out.append(
+            {
+                "name": name,
+                "type": type(module).__name__,
+                "kind": param.kind,
+                "layout": getattr(module, "resolved_layout", None) or param.layout,
+                "shape": tuple(param.weight_shape),
+                "numel": numel,
+                "nnz": nnz,
+                "density": nnz / numel,
+                "sign_flips": int(d["sign_flips"]),
+                "l1": float(d["l1"]),
+                "beta_mean": d.get("beta_mean"),
+                "beta_min": d.get("beta_min"),
+                "beta_max": d.get("beta_max"),
+                "target_density": getattr(module, "target_density", None),
+            }
+        )
     return out
 
 
@@ -81,8 +95,11 @@ def summary(model_or_stats) -> dict:
     if factored:
         out["beta_min"] = min(s["beta_min"] for s in factored)
         out["beta_max"] = max(s["beta_max"] for s in factored)
-        out["beta_mean"] = (sum(s["beta_mean"] * s["nnz"] for s in factored) / weight if weight
-                            else sum(s["beta_mean"] for s in factored) / len(factored))
+        out["beta_mean"] = (
+            sum(s["beta_mean"] * s["nnz"] for s in factored) / weight
+            if weight
+            else sum(s["beta_mean"] for s in factored) / len(factored)
+        )
     return out
 
 
@@ -101,9 +118,16 @@ def format_table(stats: list[dict], columns: tuple[str, ...] = _COLUMNS) -> str:
     rows = [[_cell(s.get(c)) for c in columns] for s in stats]
     if stats:
         tot = summary(stats)
-        total_row = {"name": "total", "density": tot["density"], "nnz": tot["nnz"], "sign_flips": tot["sign_flips"],
-                     "beta_mean": tot["beta_mean"], "beta_min": tot["beta_min"], "beta_max": tot["beta_max"],
-                     "l1": tot["l1"]}
+        total_row = {
+            "name": "total",
+            "density": tot["density"],
+            "nnz": tot["nnz"],
+            "sign_flips": tot["sign_flips"],
+            "beta_mean": tot["beta_mean"],
+            "beta_min": tot["beta_min"],
+            "beta_max": tot["beta_max"],
+            "l1": tot["l1"],
+        }
         rows.append([_cell(total_row.get(c)) if c in total_row else "" for c in columns])
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
     numeric = [c not in ("name", "kind", "layout", "shape") for c in columns]

@@ -1,4 +1,5 @@
 """layout="auto": the decision rule, the memory/disk cache, storage switches, tune()."""
+
 from __future__ import annotations
 
 import copy
@@ -27,15 +28,27 @@ def cache_dir(tmp_path, monkeypatch):
 
 def fake_timer(monkeypatch, times: dict[str, float], calls: list | None = None):
     """Replace the stopwatch: each runner still runs once (so it must work), its time comes from ``times``."""
-    def measure(fn, device=None, **kw):
-        fn()
-        if calls is not None:
-            calls.append(fn.layout)
-        return times[fn.layout]
+
+    def measure(runners, device=None, **kw):
+        for layout, fn in runners.items():
+            assert fn.layout == layout
+            fn()
+            if calls is not None:
+                calls.append(layout)
+        return {layout: times[layout] for layout in runners}
+
     monkeypatch.setattr(autolayout, "measure", measure)
 
 
 # ------------------------------------------------------------------------------------------- rule
+
+
+def test_measure_times_every_runner_round_robin():
+    order = []
+    runners = {"dense": lambda: order.append("dense"), "csr": lambda: order.append("csr")}
+    times = autolayout.measure(runners, warmup=1, rounds=4, budget_s=10.0)
+    assert set(times) == {"dense", "csr"} and all(t >= 0 for t in times.values())
+    assert order == ["dense", "csr"] * 5  # 1 warm-up + 4 rounds, interleaved
 
 
 def test_decide_dense_wins_ties_within_five_percent():
@@ -60,7 +73,9 @@ def test_choose_caches_in_memory_and_on_disk(cache_dir):
         built.append(1)
         return {"dense": lambda: None, "csr": lambda: None}
 
-    key = autolayout.make_key("linear", (8, 8), torch.rand(8, 8) < 0.5, torch.float32, "cpu", rows=10, kind="signin")
+    key = autolayout.make_key(
+        "linear", (8, 8), torch.rand(8, 8) < 0.5, torch.float32, "cpu", rows=10, kind="signin"
+    )
     first = autolayout.choose(key, make_runners)
     assert first.source == "measured" and set(first.times) == {"dense", "csr"}
     assert first.layout == autolayout.decide(first.times)
@@ -87,10 +102,10 @@ def test_key_tracks_what_changes_the_answer(monkeypatch):
     assert k != autolayout.make_key("linear", (16, 16), mask, torch.float32, "cpu", rows=100, kind="masked")
     real = backends.select
 
-    def with_cpp(impl, device, *args, **kw):  # the C++ kernel lands: cached decisions must not apply
-        return ("cpp", None) if impl.startswith("compact_linear") else real(impl, device, *args, **kw)
+    def new_kernel(impl, device, *args, **kw):  # a new kernel lands: cached decisions must not apply
+        return ("new-kernel", None) if impl.startswith("compact_linear") else real(impl, device, *args, **kw)
 
-    monkeypatch.setattr(backends, "select", with_cpp)
+    monkeypatch.setattr(backends, "select", new_kernel)
     assert k != autolayout.make_key("linear", (16, 16), mask, torch.float32, "cpu", **base)
 
 
@@ -172,7 +187,10 @@ def test_auto_block_candidates_only_for_block_aligned_masks(monkeypatch):
 def test_auto_without_mask_is_dense_without_measuring(monkeypatch):
     calls = []
     fake_timer(monkeypatch, {}, calls)
-    for mod in (SparseLinear(8, 8, layout="auto"), SparseLinear(8, 8, kind="pilot", density=0.1, layout="auto")):
+    for mod in (
+        SparseLinear(8, 8, layout="auto"),
+        SparseLinear(8, 8, kind="pilot", density=0.1, layout="auto"),
+    ):
         mod(torch.randn(2, 8))
         assert mod.resolved_layout == "dense" and calls == []
 
@@ -203,8 +221,18 @@ def test_auto_measures_for_real_and_never_worse_than_rule():
 
 def test_conv_auto_compact_path(monkeypatch):
     fake_timer(monkeypatch, {"dense": 1.0, "csr": 0.1})
-    conv = SparseConv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular", kind="signin", density=0.3,
-                        layout="auto", dtype=torch.float64)
+    conv = SparseConv2d(
+        4,
+        6,
+        3,
+        stride=2,
+        padding=1,
+        padding_mode="circular",
+        kind="signin",
+        density=0.3,
+        layout="auto",
+        dtype=torch.float64,
+    )
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
     theta = conv.weight.detach().clone()
     y = conv(x)
@@ -252,5 +280,30 @@ def test_auto_checkpoint_restores_the_storage(monkeypatch):
     dense = SparseLinear(20, 12, kind="signin", density=0.25, layout="dense", seed=3)
     fresh.load_state_dict(dense.state_dict())
     assert fresh.storage == "dense" and torch.equal(fresh.dense_mask(), dense.dense_mask())
-    assert torch.equal(fresh(x), dense(x))
+    assert fresh.resolved_layout is None  # a dense checkpoint says nothing about speed: decided on first use
+    torch.testing.assert_close(fresh(x), dense(x))
     assert os.path.exists(autolayout.cache_path())
+
+
+def test_first_auto_forward_under_inference_mode(monkeypatch):
+    fake_timer(monkeypatch, {"dense": 1.0, "csr": 0.5})
+    mod = SparseLinear(12, 10, kind="signin", density=0.3, layout="auto")
+    x = torch.randn(3, 12)
+    theta = mod.weight.detach().clone()
+    with torch.inference_mode():
+        y = mod(x)
+    assert mod.resolved_layout == "csr"
+    torch.testing.assert_close(y, F.linear(x, theta, mod.bias.detach()))
+    mod(x).sum().backward()  # the parameters are ordinary tensors, training works afterwards
+    assert mod.param.w.grad is not None
+
+
+def test_auto_under_autocast_measures_the_compute_dtype(monkeypatch):
+    calls = []
+    fake_timer(monkeypatch, {"dense": 1.0, "csr": 0.5}, calls)
+    mod = SparseLinear(12, 10, density=0.3, layout="auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mod(torch.randn(3, 12))
+    assert y.dtype == torch.bfloat16 and sorted(calls) == ["csr", "dense"]
+    assert mod.autolayout_decision.key and '"dtype":"bfloat16"' in mod.autolayout_decision.key
+    assert mod.param.w.dtype == torch.float32

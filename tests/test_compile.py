@@ -4,6 +4,7 @@ One compile for every layout path (the first compile costs ~20 s on a 2-core CPU
 (dense), compact_linear (csr) and block_sparse_linear (block) linears, a materialised-θ convolution and
 an unfold + compact convolution.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,13 +21,29 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = SparseConv2d(3, 8, 3, padding=1, kind="signin", density=0.4, seed=1)
-        self.conv2 = SparseConv2d(8, 8, 3, stride=2, padding=1, padding_mode="reflect", kind="masked", density=0.5,
-                                  layout="csr", seed=2)
+        self.conv2 = SparseConv2d(
+            8,
+            8,
+            3,
+            stride=2,
+            padding=1,
+            padding_mode="reflect",
+            kind="masked",
+            density=0.5,
+            layout="csr",
+            seed=2,
+        )
         self.fc1 = SparseLinear(8 * 4 * 4, 32, kind="signin", density=0.3, layout="csr", seed=3)
         blocks = torch.rand(2, 2) < 0.6
         blocks[0, 0] = True
-        self.fc2 = SparseLinear(32, 32, kind="pilot", layout="block", block_shape=(16, 16),
-                                mask=expand_block_mask(blocks, (16, 16), (32, 32)))
+        self.fc2 = SparseLinear(
+            32,
+            32,
+            kind="pilot",
+            layout="block",
+            block_shape=(16, 16),
+            mask=expand_block_mask(blocks, (16, 16), (32, 32)),
+        )
         self.fc3 = SparseLinear(32, 5, kind="signin", density=0.5)
 
     def forward(self, x):

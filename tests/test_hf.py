@@ -1,4 +1,5 @@
 """sparsify() on Hugging Face BERT models built from a tiny config (no download)."""
+
 from __future__ import annotations
 
 import copy
@@ -18,9 +19,18 @@ from sparse_engine.nn.linear import SparseModule  # noqa: E402
 
 
 def tiny_config(**kw):
-    return transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=32, num_labels=3,
-                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+    return transformers.BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **kw,
+    )
 
 
 def linears(model):
@@ -44,7 +54,9 @@ def test_bert_density_one_is_unchanged(bert, method):
     y0 = bert(**x).logits
     n_linear = len(linears(bert))
     report = sparsify(bert, method=method, density=1.0)
-    assert len(report) == n_linear == 14  # q, k, v, attn out, intermediate, output per layer; pooler; classifier
+    assert (
+        len(report) == n_linear == 14
+    )  # q, k, v, attn out, intermediate, output per layer; pooler; classifier
     assert not linears(bert)
     y = bert(**x).logits
     if method == "signin":
@@ -104,4 +116,6 @@ def test_bert_masked_lm_keeps_tied_decoder():
     assert any(name == "cls.predictions.decoder" and "tied" in why for name, why in report.skipped)
     assert model.cls.predictions.decoder is decoder
     assert torch.equal(model(**x).logits, y0)
-    assert all(isinstance(m, SparseModule) for n, m in model.named_modules() if n.endswith("attention.self.query"))
+    assert all(
+        isinstance(m, SparseModule) for n, m in model.named_modules() if n.endswith("attention.self.query")
+    )

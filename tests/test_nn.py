@@ -4,6 +4,7 @@ Reference for every layer: θ = where(M, m ⊙ w, 0) built from the layer's own 
 tensors), then F.linear / F.conv with torch autograd. Gradients of compact storages are mapped to dense
 through the layer's index before comparing.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,15 @@ def make(cls, args, kind, layout, density=0.4, dtype=torch.float64, block_shape=
     """A sparse layer of every (kind, layout): pilot with a compact/block layout gets an explicit mask."""
     weight_shape = _weight_shape(cls, args, kw)
     if layout in ("block", "bsr"):
-        return cls(*args, kind=kind, layout=layout, mask=block_aligned_mask(weight_shape, block_shape),
-                   block_shape=block_shape, dtype=dtype, **kw)
+        return cls(
+            *args,
+            kind=kind,
+            layout=layout,
+            mask=block_aligned_mask(weight_shape, block_shape),
+            block_shape=block_shape,
+            dtype=dtype,
+            **kw,
+        )
     if kind == "pilot" and layout != "dense":
         mask = torch.rand(weight_shape) < density
         return cls(*args, kind=kind, layout=layout, mask=mask, dtype=dtype, **kw)
@@ -87,7 +95,9 @@ def check_grads(mod, x, y, y_ref, leaves, x_ref, tol):
     torch.testing.assert_close(x.grad, x_ref.grad, **tol)
     torch.testing.assert_close(dense_grad(mod, mod.param.w.grad), w.grad.reshape(mod.param.shape2d), **tol)
     if m is not None:
-        torch.testing.assert_close(dense_grad(mod, mod.param.m.grad), m.grad.reshape(mod.param.shape2d), **tol)
+        torch.testing.assert_close(
+            dense_grad(mod, mod.param.m.grad), m.grad.reshape(mod.param.shape2d), **tol
+        )
     if mod.storage == "bsr":  # zero padding of edge blocks is no weight: exactly zero gradient
         pad = ~mod.param.pad_mask
         assert torch.all(mod.param.w.grad[pad] == 0)
@@ -187,8 +197,15 @@ def test_conv_sparse_equals_functional_conv(nd, opts, layout):
     theta = reference_theta(mod, w, m, mask)
     bias = None if mod.bias is None else mod.bias.detach().clone().requires_grad_(True)
     if plain.padding_mode != "zeros":
-        y_ref = conv(F.pad(x_ref, plain._reversed_padding_repeated_twice, mode=plain.padding_mode), theta,
-                     bias, plain.stride, 0, plain.dilation, plain.groups)
+        y_ref = conv(
+            F.pad(x_ref, plain._reversed_padding_repeated_twice, mode=plain.padding_mode),
+            theta,
+            bias,
+            plain.stride,
+            0,
+            plain.dilation,
+            plain.groups,
+        )
     else:
         y_ref = conv(x_ref, theta, bias, plain.stride, plain.padding, plain.dilation, plain.groups)
     torch.testing.assert_close(y, y_ref, **F64)
@@ -245,8 +262,13 @@ def test_layouts_agree(kind):
         xi = x.clone().requires_grad_(True)
         y = mod(xi)
         y.backward(g)
-        outs[layout] = (y.detach(), xi.grad, dense_grad(mod, mod.param.w.grad), mod.bias.grad,
-                        None if mod.param.m is None else dense_grad(mod, mod.param.m.grad))
+        outs[layout] = (
+            y.detach(),
+            xi.grad,
+            dense_grad(mod, mod.param.w.grad),
+            mod.bias.grad,
+            None if mod.param.m is None else dense_grad(mod, mod.param.m.grad),
+        )
     for layout in LAYOUTS[1:]:
         for a, b in zip(outs["dense"], outs[layout]):
             if a is None:
@@ -272,12 +294,29 @@ def test_from_dense_to_dense_roundtrip(layout):
         torch.testing.assert_close(back.weight, expect, **tol)
         assert torch.equal(back.bias, plain.bias)
         assert back.bias is not plain.bias and mod.bias is not plain.bias  # copies, not shared storage
-    plain_conv = nn.Conv2d(4, 6, (3, 2), stride=2, padding=(1, 0), dilation=(1, 2), groups=2, bias=False,
-                           padding_mode="replicate")
+    plain_conv = nn.Conv2d(
+        4,
+        6,
+        (3, 2),
+        stride=2,
+        padding=(1, 0),
+        dilation=(1, 2),
+        groups=2,
+        bias=False,
+        padding_mode="replicate",
+    )
     mod = SparseConv2d.from_dense(plain_conv, kind="signin", density=0.5)
     back = mod.to_dense()
-    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                 "padding_mode"):
+    for attr in (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    ):
         assert getattr(back, attr) == getattr(plain_conv, attr), attr
     assert back.bias is None
     x = torch.randn(2, 4, 9, 9)
@@ -298,7 +337,7 @@ def test_weight_property_is_theta_and_differentiable():
     weight = mod.weight
     assert weight.shape == (4, 9) and weight.dtype == torch.float64 and weight.device == mod.param.w.device
     torch.testing.assert_close(weight, mod.to_dense().weight)
-    (weight ** 2).sum().backward()
+    (weight**2).sum().backward()
     assert mod.param.w.grad is not None and mod.param.m.grad is not None
     with pytest.raises(AttributeError):
         mod.weight = torch.zeros(4, 9)
@@ -308,34 +347,50 @@ def test_weight_property_is_theta_and_differentiable():
 # ------------------------------------------------------------------------------- bad arguments
 
 
-@pytest.mark.parametrize("build,match", [
-    (lambda: SparseLinear(0, 3), "in_features must be a positive int"),
-    (lambda: SparseLinear(3, -1), "out_features must be a positive int"),
-    (lambda: SparseLinear(3, 3, density=1.5), r"density must be in \(0, 1\], got 1.5"),
-    (lambda: SparseLinear(3, 3, density=0.0), r"density must be in \(0, 1\]"),
-    (lambda: SparseLinear(3, 3, density=float("nan")), r"density must be in \(0, 1\]"),
-    (lambda: SparseLinear(3, 3, kind="rigl"), "kind must be one of"),
-    (lambda: SparseLinear(3, 3, layout="coo"), "layout must be one of"),
-    (lambda: SparseLinear(3, 3, beta=-1.0), "beta must be a finite number"),
-    (lambda: SparseLinear(3, 3, block_shape=(0, 4)), "block_shape must be a pair"),
-    (lambda: SparseLinear(3, 4, mask=torch.ones(3, 4, dtype=torch.bool)), "mask must have the weight's shape"),
-    (lambda: SparseLinear(3, 4, mask=torch.ones(4, 3)), "mask must have dtype torch.bool"),
-    (lambda: SparseLinear(3, 4, mask=torch.ones(4, 3, dtype=torch.bool), density=0.5), "either mask or density"),
-    (lambda: SparseLinear(8, 8, layout="block", block_shape=(4, 4), mask=torch.eye(8, dtype=torch.bool)),
-     "mask must be block-aligned"),
-    (lambda: SparseLinear(3, 3, kind="pilot", density=0.5, layout="csr"), "needs a mask"),
-    (lambda: SparseConv2d(6, 4, 3, groups=4), "groups must divide in_channels"),
-    (lambda: SparseConv2d(4, 6, 3, groups=4), "groups must divide out_channels"),
-    (lambda: SparseConv2d(4, 4, 3, groups=0), "groups must be a positive int"),
-    (lambda: SparseConv2d(0, 4, 3), "in_channels must be a positive int"),
-    (lambda: SparseConv2d(4, 4, 0), "kernel_size must be an int >= 1"),
-    (lambda: SparseConv2d(4, 4, (3, 3, 3)), "kernel_size must be"),
-    (lambda: SparseConv2d(4, 4, 3, padding=-1), "padding must be an int >= 0"),
-    (lambda: SparseConv2d(4, 4, 3, padding="full"), "padding must be 'same', 'valid'"),
-    (lambda: SparseConv2d(4, 4, 3, stride=2, padding="same"), "padding='same' needs stride 1"),
-    (lambda: SparseConv2d(4, 4, 3, padding_mode="mirror"), "padding_mode must be one of"),
-    (lambda: SparseConv2d(4, 4, 3, mask=torch.ones(4, 4, 3, dtype=torch.bool)), "mask must have the weight's shape"),
-])
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: SparseLinear(0, 3), "in_features must be a positive int"),
+        (lambda: SparseLinear(3, -1), "out_features must be a positive int"),
+        (lambda: SparseLinear(3, 3, density=1.5), r"density must be in \(0, 1\], got 1.5"),
+        (lambda: SparseLinear(3, 3, density=0.0), r"density must be in \(0, 1\]"),
+        (lambda: SparseLinear(3, 3, density=float("nan")), r"density must be in \(0, 1\]"),
+        (lambda: SparseLinear(3, 3, kind="rigl"), "kind must be one of"),
+        (lambda: SparseLinear(3, 3, layout="coo"), "layout must be one of"),
+        (lambda: SparseLinear(3, 3, beta=-1.0), "beta must be a finite number"),
+        (lambda: SparseLinear(3, 3, block_shape=(0, 4)), "block_shape must be a pair"),
+        (
+            lambda: SparseLinear(3, 4, mask=torch.ones(3, 4, dtype=torch.bool)),
+            "mask must have the weight's shape",
+        ),
+        (lambda: SparseLinear(3, 4, mask=torch.ones(4, 3)), "mask must have dtype torch.bool"),
+        (
+            lambda: SparseLinear(3, 4, mask=torch.ones(4, 3, dtype=torch.bool), density=0.5),
+            "either mask or density",
+        ),
+        (
+            lambda: SparseLinear(
+                8, 8, layout="block", block_shape=(4, 4), mask=torch.eye(8, dtype=torch.bool)
+            ),
+            "mask must be block-aligned",
+        ),
+        (lambda: SparseLinear(3, 3, kind="pilot", density=0.5, layout="csr"), "needs a mask"),
+        (lambda: SparseConv2d(6, 4, 3, groups=4), "groups must divide in_channels"),
+        (lambda: SparseConv2d(4, 6, 3, groups=4), "groups must divide out_channels"),
+        (lambda: SparseConv2d(4, 4, 3, groups=0), "groups must be a positive int"),
+        (lambda: SparseConv2d(0, 4, 3), "in_channels must be a positive int"),
+        (lambda: SparseConv2d(4, 4, 0), "kernel_size must be an int >= 1"),
+        (lambda: SparseConv2d(4, 4, (3, 3, 3)), "kernel_size must be"),
+        (lambda: SparseConv2d(4, 4, 3, padding=-1), "padding must be an int >= 0"),
+        (lambda: SparseConv2d(4, 4, 3, padding="full"), "padding must be 'same', 'valid'"),
+        (lambda: SparseConv2d(4, 4, 3, stride=2, padding="same"), "padding='same' needs stride 1"),
+        (lambda: SparseConv2d(4, 4, 3, padding_mode="mirror"), "padding_mode must be one of"),
+        (
+            lambda: SparseConv2d(4, 4, 3, mask=torch.ones(4, 4, 3, dtype=torch.bool)),
+            "mask must have the weight's shape",
+        ),
+    ],
+)
 def test_bad_arguments_name_the_argument(build, match):
     with pytest.raises(ValueError, match=match):
         build()
@@ -451,8 +506,15 @@ def test_state_dict_into_module_with_other_mask_and_nnz():
 
 
 def test_block_layout_rebuilds_index_when_mask_changes():
-    mod = SparseLinear(16, 16, kind="masked", layout="block", block_shape=(4, 4),
-                       mask=block_aligned_mask((16, 16), (4, 4), 0.5, seed=1), dtype=torch.float64)
+    mod = SparseLinear(
+        16,
+        16,
+        kind="masked",
+        layout="block",
+        block_shape=(4, 4),
+        mask=block_aligned_mask((16, 16), (4, 4), 0.5, seed=1),
+        dtype=torch.float64,
+    )
     x = torch.randn(3, 16, dtype=torch.float64)
     first = mod._block_index().nnzb
     new_mask = block_aligned_mask((16, 16), (4, 4), 0.5, seed=7)
@@ -488,3 +550,31 @@ def test_to_device_and_dtype_move_everything():
     assert mod.param.w.dtype == torch.float64 and mod.bias.dtype == torch.float64
     x = torch.randn(2, 6, dtype=torch.float64)
     torch.testing.assert_close(mod(x), F.linear(x, mod.weight.detach(), mod.bias.detach()), **F64)
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_autocast_computes_like_torch_layers(layout):
+    """Under autocast a sparse layer behaves like nn.Linear / nn.Conv2d: bf16 compute, fp32 gradients."""
+    lin = SparseLinear(24, 16, kind="signin", density=0.5, layout=layout)
+    plain = lin.to_dense()
+    x = torch.randn(5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+        y_ref = plain(x)
+        y_bf16_in = lin(x.to(torch.bfloat16))  # a bf16 activation from the previous autocast layer
+    assert y.dtype == y_ref.dtype == y_bf16_in.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert lin.param.w.grad.dtype == torch.float32 and lin.param.m.grad.dtype == torch.float32
+    assert lin.bias.grad is not None
+    conv = SparseConv2d(4, 6, 3, padding=1, kind="signin", density=0.5, layout=layout)
+    plain_conv = conv.to_dense()
+    xc = torch.randn(2, 4, 7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yc, yc_ref = conv(xc), plain_conv(xc)
+    assert yc.dtype == yc_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(yc.float(), yc_ref.float(), rtol=3e-2, atol=3e-2)
+    yc.float().sum().backward()
+    assert conv.param.w.grad.dtype == torch.float32
+    with pytest.raises(ValueError, match="input must have the layer's dtype"):
+        lin(x.to(torch.bfloat16))  # outside autocast the dtype must match

@@ -1,4 +1,5 @@
 """sparsify() on an MLP, a small ResNet-style CNN and a transformer layer; diagnostics."""
+
 from __future__ import annotations
 
 import copy
@@ -30,7 +31,9 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
@@ -306,7 +309,7 @@ def test_layer_stats_counts_sign_flips_beta_and_l1():
         first.param.m.mul_(0.5)
         first.param.w.mul_(0.5)
     s0 = diagnostics.layer_stats(model)[0]
-    assert s0["beta_max"] < 0.5 * 0.5 ** 2 + 1e-6
+    assert s0["beta_max"] < 0.5 * 0.5**2 + 1e-6
     total = diagnostics.summary(stats)
     assert total["layers"] == 3 and total["nnz"] == sum(s["nnz"] for s in stats)
     assert total["sign_flips"] == k and total["l1"] == pytest.approx(sum(s["l1"] for s in stats))

@@ -4,6 +4,7 @@
 :class:`~sparse_engine.param.Parameterization`; ``sparsify(model, ...)`` swaps every Linear / Conv of a
 model in place; ``autolayout.tune(model, example_input)`` picks each ``layout="auto"`` layer's layout.
 """
+
 from . import autolayout
 from .conv import SparseConv1d, SparseConv2d
 from .linear import LAYOUTS, SparseLinear, SparseModule

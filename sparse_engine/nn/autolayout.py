@@ -3,7 +3,8 @@
 For one layer the candidates are the layouts that keep its semantics (dense always; csr when it has a
 mask; block and bsr only when the mask is block-aligned, since those layouts train whole blocks). Each
 candidate is timed as one forward + backward on an input with the layer's number of rows, with fresh
-random weights of the layer's shape, dtype, device and mask. The rule:
+random weights of the layer's shape, dtype, device and mask; the candidates are timed round-robin and
+each keeps its fastest run (robust to load from other processes). The rule:
 
     a sparse layout is chosen only when it is more than 5 % faster than dense (dense wins ties within 5 %)
 
@@ -20,13 +21,13 @@ Entry points: the layers call :func:`choose` on their first forward; :func:`tune
 whole model on an example input (call it before building the optimizer: switching storage keeps the
 Parameter objects but not optimizer state).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -87,8 +88,18 @@ def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def make_key(op: str, weight_shape, mask2d: Tensor | None, dtype: torch.dtype, device, *, rows: int, kind: str,
-             block_shape=(32, 32), extra: dict | None = None) -> dict[str, Any]:
+def make_key(
+    op: str,
+    weight_shape,
+    mask2d: Tensor | None,
+    dtype: torch.dtype,
+    device,
+    *,
+    rows: int,
+    kind: str,
+    block_shape=(32, 32),
+    extra: dict | None = None,
+) -> dict[str, Any]:
     """The cache key of one measurement (a JSON-able dict; see the module docstring)."""
     device = torch.device(device)
     numel = math.prod(weight_shape)
@@ -97,7 +108,7 @@ def make_key(op: str, weight_shape, mask2d: Tensor | None, dtype: torch.dtype, d
     used = {}
     for impl in impls:
         try:
-            used[impl] = backends.select(impl, device)[0]
+            used[impl] = backends.select(impl, device, dtype)[0]
         except RuntimeError as e:  # a forced backend that cannot run this op: part of the situation
             used[impl] = f"unavailable: {e}"
     return {
@@ -177,27 +188,40 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], None], device=None, *, warmup: int = 2, reps: int = 7, budget_s: float = 0.5) -> float:
-    """Median wall time in seconds of ``fn()`` after ``warmup`` calls (at least 3 timed calls; more
-    while within ``budget_s``)."""
+def measure(
+    runners: dict[str, Callable[[], None]],
+    device=None,
+    *,
+    warmup: int = 2,
+    rounds: int = 7,
+    budget_s: float = 1.0,
+) -> dict[str, float]:
+    """Seconds per call of each runner: the minimum over ``rounds`` (at least 3 while over ``budget_s``).
+
+    The runners are timed round-robin, one call each per round, so that load from other processes
+    hits every candidate alike; the minimum is the run least disturbed by it.
+    """
     device = None if device is None else torch.device(device)
     for _ in range(warmup):
-        fn()
+        for fn in runners.values():
+            fn()
     _sync(device)
-    times: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in runners}
     start = time.perf_counter()
-    while len(times) < reps:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 3 and time.perf_counter() - start > budget_s:
+    for r in range(rounds):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+        if r >= 2 and time.perf_counter() - start > budget_s:
             break
-    return statistics.median(times)
+    return {name: min(ts) for name, ts in times.items()}
 
 
-def choose(key: dict, make_runners: Callable[[], dict[str, Callable[[], None]]], *, retune: bool = False,
-           device=None) -> Decision:
+def choose(
+    key: dict, make_runners: Callable[[], dict[str, Callable[[], None]]], *, retune: bool = False, device=None
+) -> Decision:
     """The layout for ``key``: from the memory or disk cache, else measured with the runners that
     ``make_runners()`` returns (layout -> one forward + backward), decided by :func:`decide` and cached.
     """
@@ -212,11 +236,17 @@ def choose(key: dict, make_runners: Callable[[], dict[str, Callable[[], None]]],
         raise ValueError(f"make_runners() must return a 'dense' runner, got {sorted(runners)}")
     if device is None and str(key.get("device", "")).startswith("cuda"):
         device = "cuda"
-    times = {layout: measure(run, device) for layout, run in runners.items()}
+    times = measure(runners, device)
     decision = Decision(decide(times), times, ks, "measured")
-    log.info("sparse_engine: layout for %s %s density %.3g rows %s: %s (%s)", key.get("op"), key.get("shape"),
-             key.get("density", 1.0), key.get("rows"), decision.layout,
-             ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()))
+    log.info(
+        "sparse_engine: layout for %s %s density %.3g rows %s: %s (%s)",
+        key.get("op"),
+        key.get("shape"),
+        key.get("density", 1.0),
+        key.get("rows"),
+        decision.layout,
+        ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()),
+    )
     memory[ks] = decision
     _write_disk(path, ks, decision)
     return decision
@@ -236,7 +266,9 @@ def tune(model: nn.Module, example_input, *, retune: bool = False) -> dict[str, 
     """
     from .linear import SparseModule
 
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, SparseModule) and m.layout == "auto"}
+    layers = {
+        name: m for name, m in model.named_modules() if isinstance(m, SparseModule) and m.layout == "auto"
+    }
     for m in layers.values():
         if retune:
             m._retune = True

@@ -14,6 +14,7 @@ Two ways to compute:
   high sparsity once a compiled compact kernel exists. ``layout="auto"`` picks it only where it is
   measured more than 5 % faster than the dense convolution (see :mod:`sparse_engine.nn.autolayout`).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,21 +45,29 @@ class _SparseConvNd(SparseModule):
     _nd: int = 2
     _dense_cls: type = nn.Conv2d
 
-    def _setup_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode):
+    def _setup_conv(
+        self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+    ):
         nd = self._nd
         self.in_channels = _check_positive_int("in_channels", in_channels)
         self.out_channels = _check_positive_int("out_channels", out_channels)
         self.groups = _check_positive_int("groups", groups)
         if in_channels % groups:
-            raise ValueError(f"groups must divide in_channels, got in_channels={in_channels}, groups={groups}")
+            raise ValueError(
+                f"groups must divide in_channels, got in_channels={in_channels}, groups={groups}"
+            )
         if out_channels % groups:
-            raise ValueError(f"groups must divide out_channels, got out_channels={out_channels}, groups={groups}")
+            raise ValueError(
+                f"groups must divide out_channels, got out_channels={out_channels}, groups={groups}"
+            )
         self.kernel_size = _tuple("kernel_size", kernel_size, nd, minimum=1)
         self.stride = _tuple("stride", stride, nd, minimum=1)
         self.dilation = _tuple("dilation", dilation, nd, minimum=1)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
-                raise ValueError(f"padding must be 'same', 'valid', an int or a tuple of ints, got {padding!r}")
+                raise ValueError(
+                    f"padding must be 'same', 'valid', an int or a tuple of ints, got {padding!r}"
+                )
             if padding == "same" and any(s != 1 for s in self.stride):
                 raise ValueError(f"padding='same' needs stride 1 (as in torch), got stride={stride!r}")
             self.padding: str | tuple[int, ...] = padding
@@ -108,16 +117,30 @@ class _SparseConvNd(SparseModule):
         block_shape: tuple[int, int] = (32, 32),
         seed: int = 0,
     ):
-        """A sparse convolution holding ``module``'s weight (masked), bias and options, on its device/dtype."""
+        """A sparse convolution with ``module``'s weight (masked), bias and options, device and dtype."""
         if not isinstance(module, cls._dense_cls):
             raise TypeError(f"module must be an {cls._dense_cls.__name__}, got {type(module).__name__}")
         obj = cls.__new__(cls)
         SparseModule.__init__(obj)
-        obj._setup_conv(module.in_channels, module.out_channels, tuple(module.kernel_size), tuple(module.stride),
-                        module.padding if isinstance(module.padding, str) else tuple(module.padding),
-                        tuple(module.dilation), module.groups, module.padding_mode)
-        density = obj._configure(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
-                                 block_shape=block_shape, seed=seed)
+        obj._setup_conv(
+            module.in_channels,
+            module.out_channels,
+            tuple(module.kernel_size),
+            tuple(module.stride),
+            module.padding if isinstance(module.padding, str) else tuple(module.padding),
+            tuple(module.dilation),
+            module.groups,
+            module.padding_mode,
+        )
+        density = obj._configure(
+            kind=kind,
+            density=density,
+            mask=mask,
+            beta=beta,
+            layout=layout,
+            block_shape=block_shape,
+            seed=seed,
+        )
         weight = module.weight.detach()
         obj.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
         obj._build_param(weight, obj._make_mask(mask, density, weight.device))
@@ -128,9 +151,19 @@ class _SparseConvNd(SparseModule):
     def to_dense(self) -> nn.Module:
         """The plain torch convolution with weight θ = M ⊙ m ⊙ w (same options, device, dtype)."""
         theta = self.theta().detach()
-        out = self._dense_cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                              self.dilation, self.groups, self.bias is not None, self.padding_mode,
-                              device=theta.device, dtype=theta.dtype)
+        out = self._dense_cls(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device=theta.device,
+            dtype=theta.dtype,
+        )
         with torch.no_grad():
             out.weight.copy_(theta)
             if self.bias is not None:
@@ -141,16 +174,31 @@ class _SparseConvNd(SparseModule):
     def _empty_copy(self):
         obj = type(self).__new__(type(self))
         SparseModule.__init__(obj)
-        obj._setup_conv(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                        self.dilation, self.groups, self.padding_mode)
-        obj._configure(kind=self.kind, density=1.0, mask=None, beta=self.beta_init, layout="dense",
-                       block_shape=self.block_shape, seed=self.seed)
+        obj._setup_conv(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.padding_mode,
+        )
+        obj._configure(
+            kind=self.kind,
+            density=1.0,
+            mask=None,
+            beta=self.beta_init,
+            layout="dense",
+            block_shape=self.block_shape,
+            seed=self.seed,
+        )
         obj.bias = None if self.bias is None else nn.Parameter(torch.randn_like(self.bias))
         return obj
 
     # ---------------------------------------------------------------------------------- forward
 
-    def _check_input(self, input: Tensor) -> None:
+    def _check_input(self, input: Tensor, amp: torch.dtype | None = None) -> None:
         nd = self._nd
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -164,30 +212,25 @@ class _SparseConvNd(SparseModule):
                 f"input must have {self.in_channels} channels (in_channels) at dim {-nd - 1}, "
                 f"got shape {tuple(input.shape)}"
             )
-        w = self.param.w
-        if input.dtype != w.dtype:
-            raise ValueError(f"input must have the layer's dtype {w.dtype}, got {input.dtype}")
-        if input.device != w.device:
-            raise ValueError(f"input must be on the layer's device {w.device}, got {input.device}")
+        self._check_dtype_device(input, amp)
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
-        self._maybe_autotune(input)
-        return self._compute(input, self._resolved or "dense")
-
-    def _compute(self, input: Tensor, layout: str) -> Tensor:
+    def _compute(self, input: Tensor, layout: str, dtype: torch.dtype | None = None) -> Tensor:
         if layout in ("csr", "bsr") and self.groups == 1:
-            return self._compact_conv(input)
-        return self._conv(input, self.theta())
+            return self._compact_conv(input, dtype)
+        weight = self.theta()
+        bias = self.bias
+        if dtype is not None and dtype != weight.dtype:
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        return self._conv(input, weight, bias)
 
-    def _conv(self, input: Tensor, weight: Tensor) -> Tensor:
+    def _conv(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         conv = F.conv2d if self._nd == 2 else F.conv1d
         if self.padding_mode != "zeros":
             padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv(padded, weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return conv(input, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return conv(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _compact_conv(self, input: Tensor) -> Tensor:
+    def _compact_conv(self, input: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """im2col + compact_linear: patches (B·L, C·k) times θᵀ stored compactly. groups == 1 only."""
         nd = self._nd
         unbatched = input.dim() == nd + 1
@@ -208,8 +251,8 @@ class _SparseConvNd(SparseModule):
             )
         # unfold orders a patch as (channel, kh, kw): the same order as the flattened weight rows.
         cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # (B, C·k, L)
-        p = self.param
-        y = ops.compact_linear(cols.transpose(1, 2), p.m, p.w, p.index, self.bias)  # (B, L, out)
+        m, w, bias = self._factors(dtype)
+        y = ops.compact_linear(cols.transpose(1, 2), m, w, self.param.index, bias)  # (B, L, out)
         out_spatial = spatial if nd == 2 else spatial[1:]
         y = y.transpose(1, 2).reshape(x.shape[0], self.out_channels, *out_spatial)
         return y.squeeze(0) if unbatched else y
@@ -225,21 +268,40 @@ class _SparseConvNd(SparseModule):
         from . import autolayout
 
         batch = 1 if input.dim() == self._nd + 1 else input.shape[0]
-        extra = {"input": list(input.shape[-self._nd:]), "stride": list(self.stride), "dilation":
-                 list(self.dilation), "padding": self.padding if isinstance(self.padding, str) else
-                 list(self.padding), "padding_mode": self.padding_mode, "groups": self.groups}
-        return autolayout.make_key(f"conv{self._nd}d", self.weight_shape, mask2d, self.param.w.dtype,
-                                   self.param.w.device, rows=batch, kind=self.kind, block_shape=self.block_shape,
-                                   extra=extra)
+        extra = {
+            "input": list(input.shape[-self._nd :]),
+            "stride": list(self.stride),
+            "dilation": list(self.dilation),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "padding_mode": self.padding_mode,
+            "groups": self.groups,
+        }
+        return autolayout.make_key(
+            f"conv{self._nd}d",
+            self.weight_shape,
+            mask2d,
+            input.dtype,
+            self.param.w.device,
+            rows=batch,
+            kind=self.kind,
+            block_shape=self.block_shape,
+            extra=extra,
+        )
 
     def _auto_runners(self, input: Tensor, mask2d, candidates: list[str]) -> dict[str, Callable]:
         x = torch.randn(input.shape, dtype=input.dtype, device=input.device, requires_grad=True)
-        return {layout: _fwd_bwd(self._probe(layout, mask2d), x, layout) for layout in candidates}
+        return {
+            layout: _fwd_bwd(self._probe(layout, mask2d, input.dtype), x, layout) for layout in candidates
+        }
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0,) * self._nd:
-            s += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
+            s += (
+                f", padding={self.padding!r}"
+                if isinstance(self.padding, str)
+                else f", padding={self.padding}"
+            )
         if self.dilation != (1,) * self._nd:
             s += f", dilation={self.dilation}"
         if self.groups != 1:
@@ -293,9 +355,18 @@ class SparseConv2d(_SparseConvNd):
         dtype=None,
     ) -> None:
         super().__init__()
-        self._setup_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
-        density = self._configure(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
-                                  block_shape=block_shape, seed=seed)
+        self._setup_conv(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
+        density = self._configure(
+            kind=kind,
+            density=density,
+            mask=mask,
+            beta=beta,
+            layout=layout,
+            block_shape=block_shape,
+            seed=seed,
+        )
         weight = self._init_weights(bias, device, dtype)
         self._build_param(weight, self._make_mask(mask, density, weight.device))
         self._register_hooks()
@@ -331,9 +402,18 @@ class SparseConv1d(_SparseConvNd):
         dtype=None,
     ) -> None:
         super().__init__()
-        self._setup_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
-        density = self._configure(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
-                                  block_shape=block_shape, seed=seed)
+        self._setup_conv(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
+        density = self._configure(
+            kind=kind,
+            density=density,
+            mask=mask,
+            beta=beta,
+            layout=layout,
+            block_shape=block_shape,
+            seed=seed,
+        )
         weight = self._init_weights(bias, device, dtype)
         self._build_param(weight, self._make_mask(mask, density, weight.device))
         self._register_hooks()

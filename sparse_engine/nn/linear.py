@@ -18,6 +18,7 @@ layout      storage of m, w            forward
 
 The layer never talks to kernels, only to :mod:`sparse_engine.ops`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -61,7 +61,11 @@ def _check_density(density) -> float:
 
 
 def _check_beta(beta) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta >= 0):
+    if (
+        isinstance(beta, bool)
+        or not isinstance(beta, (int, float))
+        or not (math.isfinite(beta) and beta >= 0)
+    ):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
     return float(beta)
 
@@ -144,7 +148,8 @@ class SparseModule(nn.Module):
             mask = mask.to(device)
             if self.layout == "block" and not is_block_aligned(mask.reshape(shape[0], -1), self.block_shape):
                 raise ValueError(
-                    f"mask must be block-aligned (whole {self.block_shape} blocks on or off) for layout='block'"
+                    f"mask must be block-aligned (whole {self.block_shape} blocks on or off) "
+                    "for layout='block'"
                 )
             return mask
         if self.kind == "pilot":
@@ -158,8 +163,14 @@ class SparseModule(nn.Module):
 
     def _build_param(self, theta: Tensor, mask: Tensor | None) -> None:
         storage = self._resolved if self._resolved in _COMPACT else "dense"
-        self.param = Parameterization(theta, kind=self.kind, mask=mask, beta=self.beta_init, layout=storage,
-                                      block_shape=self.block_shape)
+        self.param = Parameterization(
+            theta,
+            kind=self.kind,
+            mask=mask,
+            beta=self.beta_init,
+            layout=storage,
+            block_shape=self.block_shape,
+        )
         self._refresh_block_index()
 
     # ----------------------------------------------------------------------------------- views
@@ -182,8 +193,11 @@ class SparseModule(nn.Module):
         """The BSR index of the block path (built once per mask, cached in non-persistent buffers)."""
         if not _compiling():
             self._refresh_block_index()
-        return BSRIndex(tuple(self.param.shape2d), self.block_shape,
-                        **{f: getattr(self, f"_bsr_{f}") for f in _INDEX_FIELDS})
+        return BSRIndex(
+            tuple(self.param.shape2d),
+            self.block_shape,
+            **{f: getattr(self, f"_bsr_{f}") for f in _INDEX_FIELDS},
+        )
 
     def _refresh_block_index(self) -> None:
         """(Re)build the BSR index of the block path when the mask changed (new tensor or in-place edit)."""
@@ -193,11 +207,15 @@ class SparseModule(nn.Module):
         key = None if mask is None else (id(mask), mask._version)
         if key == self._block_key and self._bsr_crow is not None:
             return
-        mask2 = mask if mask is not None else torch.ones(self.param.shape2d, dtype=torch.bool,
-                                                         device=self.param.w.device)
+        mask2 = (
+            mask
+            if mask is not None
+            else torch.ones(self.param.shape2d, dtype=torch.bool, device=self.param.w.device)
+        )
         if not is_block_aligned(mask2, self.block_shape):
             raise RuntimeError(
-                f"the mask of this layout='block' layer is no longer block-aligned ({self.block_shape} blocks); "
+                "the mask of this layout='block' layer is no longer block-aligned "
+                f"({self.block_shape} blocks); "
                 "the block kernel would train whole blocks: set a block-aligned mask or use layout='dense'"
             )
         index = BSRIndex.from_mask(mask2, self.block_shape)
@@ -247,10 +265,12 @@ class SparseModule(nn.Module):
         """
         if mask is not None:
             check_mask(mask, self.weight_shape)
-            if self._resolved == "block" and not is_block_aligned(mask.reshape(self.weight_shape[0], -1).to(
-                    self.param.w.device), self.block_shape):
+            if self._resolved == "block" and not is_block_aligned(
+                mask.reshape(self.weight_shape[0], -1).to(self.param.w.device), self.block_shape
+            ):
                 raise ValueError(
-                    f"mask must be block-aligned (whole {self.block_shape} blocks on or off) for layout='block'"
+                    f"mask must be block-aligned (whole {self.block_shape} blocks on or off) "
+                    "for layout='block'"
                 )
         if self.storage != "dense":
             raise RuntimeError(
@@ -281,9 +301,14 @@ class SparseModule(nn.Module):
             mask2d = torch.ones(old.shape2d, dtype=torch.bool, device=old.w.device)
         # Current factors as dense (N, K) matrices: pruned coordinates hold w = 0, m = sqrt(β).
         dense_w, dense_m = self._dense_factors()
-        new = Parameterization(dense_w.reshape(self.weight_shape), kind=old.kind,
-                               mask=None if mask2d is None else mask2d.reshape(self.weight_shape),
-                               beta=float(old.beta), layout=storage, block_shape=self.block_shape)
+        new = Parameterization(
+            dense_w.reshape(self.weight_shape),
+            kind=old.kind,
+            mask=None if mask2d is None else mask2d.reshape(self.weight_shape),
+            beta=float(old.beta),
+            layout=storage,
+            block_shape=self.block_shape,
+        )
         if storage == "dense":
             idx = None
             new_w, new_m = dense_w, dense_m
@@ -292,7 +317,11 @@ class SparseModule(nn.Module):
                 if dense_m is not None:
                     new_m = torch.where(mask2d, dense_m, new.m)
         else:
-            idx = CSRIndex.from_mask(mask2d) if storage == "csr" else BSRIndex.from_mask(mask2d, self.block_shape)
+            idx = (
+                CSRIndex.from_mask(mask2d)
+                if storage == "csr"
+                else BSRIndex.from_mask(mask2d, self.block_shape)
+            )
             new_w = idx.gather(dense_w)
             new_m = None if dense_m is None else idx.gather(dense_m)
             if storage == "bsr" and new_m is not None:  # padding holds m = sqrt(β), w = 0 (as param makes it)
@@ -331,17 +360,68 @@ class SparseModule(nn.Module):
         storage = layout if layout in _COMPACT else "dense"
         self._resolved = layout
         if storage != self.storage:
-            log.info("sparse_engine: %s layer %s switches storage %s -> %s", type(self).__name__,
-                     tuple(self.weight_shape), self.storage, storage)
+            log.info(
+                "sparse_engine: %s layer %s switches storage %s -> %s",
+                type(self).__name__,
+                tuple(self.weight_shape),
+                self.storage,
+                storage,
+            )
             self._set_storage(storage)
         self._block_key = None
         self._refresh_block_index()
+
+    # ---------------------------------------------------------------------------------- forward
+
+    def _amp_dtype(self, input: Tensor) -> torch.dtype | None:
+        """The autocast compute dtype for this call (None: autocast off, or a float64 layer, which
+        autocast leaves alone as it does for nn.Linear)."""
+        device_type = input.device.type
+        if self.param.w.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+
+    def forward(self, input: Tensor) -> Tensor:
+        amp = self._amp_dtype(input) if isinstance(input, Tensor) else None
+        self._check_input(input, amp)
+        if amp is None:
+            self._maybe_autotune(input)
+            return self._compute(input, self._resolved or "dense")
+        # Under autocast, like nn.Linear / nn.Conv: compute in the autocast dtype (the casts of m, w
+        # and the bias are differentiable, so their gradients arrive in the parameters' own dtype).
+        x = input.to(amp)
+        with torch.autocast(input.device.type, enabled=False):
+            self._maybe_autotune(x)
+            return self._compute(x, self._resolved or "dense", amp)
+
+    def _factors(self, dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """(m, w, bias), cast to ``dtype`` when given (autocast)."""
+        p = self.param
+        m, w, b = p.m, p.w, self.bias
+        if dtype is None or dtype == w.dtype:
+            return m, w, b
+        return (None if m is None else m.to(dtype)), w.to(dtype), (None if b is None else b.to(dtype))
+
+    def _check_dtype_device(self, input: Tensor, amp: torch.dtype | None) -> None:
+        w = self.param.w
+        if amp is None and input.dtype != w.dtype:
+            raise ValueError(f"input must have the layer's dtype {w.dtype}, got {input.dtype}")
+        if amp is not None and not input.is_floating_point():
+            raise ValueError(f"input must be floating point, got {input.dtype}")
+        if input.device != w.device:
+            raise ValueError(f"input must be on the layer's device {w.device}, got {input.device}")
 
     # ------------------------------------------------------------------------------ auto layout
 
     def _maybe_autotune(self, input: Tensor) -> None:
         if self.layout != "auto" or _compiling() or (self._resolved is not None and not self._retune):
             return
+        # Measuring needs autograd and the storage switch makes new tensors: neither may be an
+        # inference tensor, even when the first forward runs under torch.inference_mode().
+        with torch.inference_mode(False):
+            self._autotune(input)
+
+    def _autotune(self, input: Tensor) -> None:
         from . import autolayout
 
         mask2d = self.mask2d()
@@ -349,8 +429,11 @@ class SparseModule(nn.Module):
         if len(candidates) <= 1:
             decision = autolayout.Decision("dense", {}, "", "only candidate")
         else:
-            decision = autolayout.choose(self._auto_key(input, mask2d),
-                                         lambda: self._auto_runners(input, mask2d, candidates), retune=self._retune)
+            decision = autolayout.choose(
+                self._auto_key(input, mask2d),
+                lambda: self._auto_runners(input, mask2d, candidates),
+                retune=self._retune,
+            )
         self._retune = False
         self.autolayout_decision = decision
         self._use_layout(decision.layout)
@@ -361,13 +444,17 @@ class SparseModule(nn.Module):
     def _auto_key(self, input: Tensor, mask2d: Tensor | None) -> dict:
         raise NotImplementedError
 
-    def _auto_runners(self, input: Tensor, mask2d: Tensor | None, candidates: list[str]) -> dict[str, Callable]:
+    def _auto_runners(
+        self, input: Tensor, mask2d: Tensor | None, candidates: list[str]
+    ) -> dict[str, Callable]:
         raise NotImplementedError
 
-    def _probe(self, layout: str, mask2d: Tensor | None) -> "SparseModule":
-        """A throw-away copy of this layer in ``layout`` with fresh random weights (for timing)."""
+    def _probe(self, layout: str, mask2d: Tensor | None, dtype: torch.dtype) -> "SparseModule":
+        """A throw-away copy of this layer in ``layout`` with fresh random weights of ``dtype`` (timing)."""
         probe = self._empty_copy()
-        theta = torch.randn(self.weight_shape, dtype=self.param.w.dtype, device=self.param.w.device)
+        if probe.bias is not None:
+            probe.bias = nn.Parameter(probe.bias.detach().to(dtype))
+        theta = torch.randn(self.weight_shape, dtype=dtype, device=self.param.w.device)
         probe._resolved = layout
         probe.layout = layout
         probe._build_param(theta, None if mask2d is None else mask2d.reshape(self.weight_shape))
@@ -378,8 +465,9 @@ class SparseModule(nn.Module):
 
     # ------------------------------------------------------------------------------ checkpoints
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A checkpoint may hold another storage than this module (an "auto" layer resolved to csr in the
         # process that saved it) or another number of active weights: adopt its structure first, so
         # that the tensors load exactly; an explicit layout is restored afterwards (post hook).
@@ -389,8 +477,9 @@ class SparseModule(nn.Module):
                 self._adopt_structure(state_dict, p)
             except (ValueError, RuntimeError) as e:
                 error_msgs.append(f"{prefix}param: cannot adopt the checkpoint's weight structure: {e}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _adopt_structure(self, state_dict, p: str) -> None:
         # Same storage: the parameterization loads (and resizes) by itself. Another storage: convert
@@ -407,7 +496,9 @@ class SparseModule(nn.Module):
                 mask2d = CSRIndex.from_tensors(shape2d, tensors).to_mask()
             else:
                 bs = (int(w.shape[1]), int(w.shape[2]))
-                mask2d = BSRIndex.from_tensors(shape2d, {**tensors, "block_shape": torch.tensor(bs)}).to_mask()
+                mask2d = BSRIndex.from_tensors(
+                    shape2d, {**tensors, "block_shape": torch.tensor(bs)}
+                ).to_mask()
             self._set_storage(storage, mask2d.to(self.param.w.device), bs)
             self._loaded_storage = storage
         elif self.storage != "dense":
@@ -420,7 +511,9 @@ class SparseModule(nn.Module):
         storage = getattr(module, "_loaded_storage", None)
         if storage is not None:
             del module._loaded_storage
-            want = module.layout if module.layout in _COMPACT else ("dense" if module.layout != "auto" else None)
+            want = (
+                module.layout if module.layout in _COMPACT else ("dense" if module.layout != "auto" else None)
+            )
             if module.layout == "auto":
                 module._resolved = storage if storage in _COMPACT else None
             elif want != storage:
@@ -488,8 +581,15 @@ class SparseLinear(SparseModule):
         self.in_features = _check_positive_int("in_features", in_features)
         self.out_features = _check_positive_int("out_features", out_features)
         self.weight_shape = (out_features, in_features)
-        density = self._configure(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
-                                  block_shape=block_shape, seed=seed)
+        density = self._configure(
+            kind=kind,
+            density=density,
+            mask=mask,
+            beta=beta,
+            layout=layout,
+            block_shape=block_shape,
+            seed=seed,
+        )
         factory = {"device": device, "dtype": dtype}
         # Same calls in the same order as nn.Linear.reset_parameters: same values for the same RNG state.
         weight = torch.empty(self.weight_shape, **factory)
@@ -523,8 +623,15 @@ class SparseLinear(SparseModule):
         SparseModule.__init__(obj)
         obj.in_features, obj.out_features = module.in_features, module.out_features
         obj.weight_shape = (module.out_features, module.in_features)
-        density = obj._configure(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
-                                 block_shape=block_shape, seed=seed)
+        density = obj._configure(
+            kind=kind,
+            density=density,
+            mask=mask,
+            beta=beta,
+            layout=layout,
+            block_shape=block_shape,
+            seed=seed,
+        )
         weight = module.weight.detach()
         obj.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
         obj._build_param(weight, obj._make_mask(mask, density, weight.device))
@@ -535,8 +642,9 @@ class SparseLinear(SparseModule):
     def to_dense(self) -> nn.Linear:
         """A plain nn.Linear with weight θ = M ⊙ m ⊙ w (same device and dtype)."""
         theta = self.theta().detach()
-        out = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=theta.device,
-                        dtype=theta.dtype)
+        out = nn.Linear(
+            self.in_features, self.out_features, self.bias is not None, device=theta.device, dtype=theta.dtype
+        )
         with torch.no_grad():
             out.weight.copy_(theta)
             if self.bias is not None:
@@ -547,37 +655,40 @@ class SparseLinear(SparseModule):
     def _empty_copy(self) -> "SparseLinear":
         obj = SparseLinear.__new__(SparseLinear)
         SparseModule.__init__(obj)
-        obj.in_features, obj.out_features, obj.weight_shape = self.in_features, self.out_features, self.weight_shape
-        obj._configure(kind=self.kind, density=1.0, mask=None, beta=self.beta_init, layout="dense",
-                       block_shape=self.block_shape, seed=self.seed)
+        obj.in_features, obj.out_features, obj.weight_shape = (
+            self.in_features,
+            self.out_features,
+            self.weight_shape,
+        )
+        obj._configure(
+            kind=self.kind,
+            density=1.0,
+            mask=None,
+            beta=self.beta_init,
+            layout="dense",
+            block_shape=self.block_shape,
+            seed=self.seed,
+        )
         obj.bias = None if self.bias is None else nn.Parameter(torch.randn_like(self.bias))
         return obj
 
-    def _check_input(self, input: Tensor) -> None:
+    def _check_input(self, input: Tensor, amp: torch.dtype | None = None) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() < 1 or input.shape[-1] != self.in_features:
             raise ValueError(
                 f"input must have last dim {self.in_features} (in_features), got shape {tuple(input.shape)}"
             )
-        w = self.param.w
-        if input.dtype != w.dtype:
-            raise ValueError(f"input must have the layer's dtype {w.dtype}, got {input.dtype}")
-        if input.device != w.device:
-            raise ValueError(f"input must be on the layer's device {w.device}, got {input.device}")
+        self._check_dtype_device(input, amp)
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
-        self._maybe_autotune(input)
-        return self._compute(input, self._resolved or "dense")
-
-    def _compute(self, input: Tensor, layout: str) -> Tensor:
+    def _compute(self, input: Tensor, layout: str, dtype: torch.dtype | None = None) -> Tensor:
         p = self.param
+        m, w, bias = self._factors(dtype)
         if layout == "block":
-            return ops.block_sparse_linear(input, p.m, p.w, self._block_index(), self.bias)
+            return ops.block_sparse_linear(input, m, w, self._block_index(), bias)
         if p.layout != "dense":
-            return ops.compact_linear(input, p.m, p.w, p.index, self.bias)
-        return ops.masked_linear(input, p.m, p.w, p.mask, self.bias)
+            return ops.compact_linear(input, m, w, p.index, bias)
+        return ops.masked_linear(input, m, w, p.mask, bias)
 
     # ------------------------------------------------------------------------------ auto layout
 
@@ -593,21 +704,31 @@ class SparseLinear(SparseModule):
         from . import autolayout
 
         rows = input.numel() // self.in_features
-        return autolayout.make_key("linear", self.weight_shape, mask2d, self.param.w.dtype, self.param.w.device,
-                                   rows=rows, kind=self.kind, block_shape=self.block_shape)
+        return autolayout.make_key(
+            "linear",
+            self.weight_shape,
+            mask2d,
+            input.dtype,
+            self.param.w.device,
+            rows=rows,
+            kind=self.kind,
+            block_shape=self.block_shape,
+        )
 
     def _auto_runners(self, input: Tensor, mask2d, candidates: list[str]) -> dict[str, Callable]:
         rows = max(1, input.numel() // self.in_features)
         x = torch.randn(rows, self.in_features, dtype=input.dtype, device=input.device, requires_grad=True)
         runners = {}
         for layout in candidates:
-            probe = self._probe(layout, mask2d)
+            probe = self._probe(layout, mask2d, input.dtype)
             runners[layout] = _fwd_bwd(probe, x, layout)
         return runners
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, " + self._sparse_repr())
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, " + self._sparse_repr()
+        )
 
 
 def _fwd_bwd(probe: SparseModule, x: Tensor, layout: str) -> Callable[[], None]:

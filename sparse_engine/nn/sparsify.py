@@ -23,6 +23,7 @@ layers whose weight is tied to another module's (an LM head tied to the embeddin
 inside ``nn.MultiheadAttention`` (it reads their weights directly on its fast path); lazy layers not yet
 initialised. The report lists every skipped Linear / Conv with the reason.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,8 +98,10 @@ class SparsifyReport:
 
     def __str__(self) -> str:
         head = ("name", "type", "shape", "density", "nnz", "numel")
-        rows = [(r.name, r.type, "x".join(map(str, r.shape)), f"{r.density:.4f}", str(r.nnz), str(r.numel))
-                for r in self.layers]
+        rows = [
+            (r.name, r.type, "x".join(map(str, r.shape)), f"{r.density:.4f}", str(r.nnz), str(r.numel))
+            for r in self.layers
+        ]
         rows.append(("total", "", "", f"{self.density:.4f}", str(self.nnz), str(self.numel)))
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
         right = (False, False, False, True, True, True)
@@ -109,9 +112,12 @@ class SparsifyReport:
         target = ""
         if self.method == "pilot":
             target = f" (no mask while training; pruning target {self.requested_density:g})"
-        lines = [f"sparsify: method={self.method}, layout={self.layout}, distribution={self.distribution}, "
-                 f"density={self.requested_density:g}{target}, seed={self.seed}",
-                 fmt(head), fmt(tuple("-" * w for w in widths))]
+        lines = [
+            f"sparsify: method={self.method}, layout={self.layout}, distribution={self.distribution}, "
+            f"density={self.requested_density:g}{target}, seed={self.seed}",
+            fmt(head),
+            fmt(tuple("-" * w for w in widths)),
+        ]
         lines += [fmt(r) for r in rows[:-1]]
         lines += [fmt(tuple("-" * w for w in widths)), fmt(rows[-1])]
         if self.skipped:
@@ -129,7 +135,9 @@ def _sparse_class(module: nn.Module):
     return None
 
 
-def _default_exclusion(name: str, module: nn.Module, parents: dict[str, nn.Module], owners: dict[int, list[str]]):
+def _default_exclusion(
+    name: str, module: nn.Module, parents: dict[str, nn.Module], owners: dict[int, list[str]]
+):
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy layer not initialised yet (run one forward first)"
     parent = parents.get(name)
@@ -180,7 +188,9 @@ def sparsify(
     if filter is not None and not callable(filter):
         raise TypeError(f"filter must be callable (name, module) -> bool, got {type(filter).__name__}")
     if method == "pilot" and layout in ("block", "csr", "bsr"):
-        raise ValueError(f"method='pilot' trains dense until pruned: layout must be 'dense' or 'auto', got {layout!r}")
+        raise ValueError(
+            f"method='pilot' trains dense until pruned: layout must be 'dense' or 'auto', got {layout!r}"
+        )
 
     report = SparsifyReport(method, density, distribution, layout, seed)
     parents: dict[str, nn.Module] = {}
@@ -199,8 +209,10 @@ def sparsify(
         if why is None and filter is not None and not filter(name, module):
             why = "excluded by filter"
         if why is None and not name:
-            raise ValueError("model itself is a Linear/Conv layer: wrap it in a container (nn.Sequential) "
-                             "or use SparseLinear.from_dense / SparseConv2d.from_dense")
+            raise ValueError(
+                "model itself is a Linear/Conv layer: wrap it in a container (nn.Sequential) "
+                "or use SparseLinear.from_dense / SparseConv2d.from_dense"
+            )
         if why is None:
             targets.append((name, module))
         else:
@@ -231,13 +243,28 @@ def sparsify(
         if mask is not None and layout not in ("csr", "bsr") and bool(mask.all()):
             mask = None  # a full layer (ERK can make small layers dense): no mask to apply
         cls = _sparse_class(module)
-        new = cls.from_dense(module, kind=kind, mask=mask, density=density if method == "pilot" else 1.0,
-                             beta=beta, layout=layout, block_shape=block_shape, seed=seed)
+        new = cls.from_dense(
+            module,
+            kind=kind,
+            mask=mask,
+            density=density if method == "pilot" else 1.0,
+            beta=beta,
+            layout=layout,
+            block_shape=block_shape,
+            seed=seed,
+        )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        report.layers.append(LayerReport(
-            name=name, type=type(module).__name__, shape=tuple(module.weight.shape),
-            numel=module.weight.numel(), nnz=new.nnz(), kind=kind, layout=layout,
-            target_density=new.target_density,
-        ))
+        report.layers.append(
+            LayerReport(
+                name=name,
+                type=type(module).__name__,
+                shape=tuple(module.weight.shape),
+                numel=module.weight.numel(),
+                nnz=new.nnz(),
+                kind=kind,
+                layout=layout,
+                target_density=new.target_density,
+            )
+        )
     return report
