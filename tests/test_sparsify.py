@@ -327,3 +327,28 @@ def test_diagnostics_masked_and_compact():
     assert diagnostics.summary(model)["nnz"] == round(0.2 * sum(s["numel"] for s in stats))
     assert diagnostics.layer_stats(nn.Linear(3, 3)) == []
     assert "name" in diagnostics.format_table([])
+
+
+def test_conv1d_model_keeps_dtype_and_mode():
+    model = (
+        nn.Sequential(
+            nn.Conv1d(3, 8, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(8, 8, 3, groups=2),
+            nn.Flatten(),
+            nn.Linear(8 * 14, 4),
+        )
+        .double()
+        .eval()
+    )
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    y0 = model(x)
+    report = sparsify(model, method="static", density=1.0)
+    assert [r.type for r in report] == ["Conv1d", "Conv1d", "Linear"]
+    assert torch.equal(model(x), y0)
+    assert all(not m.training for m in model.modules())
+    model = nn.Sequential(nn.Conv1d(3, 8, 5, padding=2), nn.ReLU(), nn.Conv1d(8, 8, 3, groups=2)).double()
+    report = sparsify(model, method="signin", density=0.4, distribution="uniform")
+    assert report.nnz == round(0.4 * report.numel)
+    assert all(m.param.w.dtype == torch.float64 for m in model.modules() if isinstance(m, SparseModule))
+    model(x).sum().backward()
