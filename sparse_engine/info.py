@@ -47,7 +47,8 @@ def collect() -> dict:
     }
     if cuda:
         versions["GPU"] = torch.cuda.get_device_name(0)
-    variables = {name: {"value": env.get(name), "meaning": meaning} for name, meaning in env.VARIABLES.items()}
+    variables = {name: {"value": env.get(name), "meaning": meaning}
+                 for name, meaning in env.VARIABLES.items()}
 
     devices = ["cpu"] + (["cuda"] if cuda else [])
     table: dict[str, dict] = {}

@@ -118,7 +118,9 @@ def _(m, w, mask):
 
 
 @torch.library.custom_op(f"{_NS}::reparam_backward", mutates_args=())
-def _reparam_backward(grad: Tensor, m: Optional[Tensor], w: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _reparam_backward(
+    grad: Tensor, m: Optional[Tensor], w: Tensor, mask: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
     g_m, g_w = _run("reparam_bwd", w.device, w.dtype, grad, m, w, mask, empty=w.numel() == 0)
     return (g_m if g_m is not None else _empty_like(w)), g_w
 
@@ -152,8 +154,11 @@ def reparam(m: Tensor | None, w: Tensor, mask: Tensor | None = None) -> Tensor:
 
 
 @torch.library.custom_op(f"{_NS}::masked_linear", mutates_args=())
-def _masked_linear(x: Tensor, m: Optional[Tensor], w: Tensor, mask: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    return _run("masked_linear_fwd", x.device, w.dtype, x, m, w, mask, bias, empty=x.numel() == 0 or w.numel() == 0)
+def _masked_linear(
+    x: Tensor, m: Optional[Tensor], w: Tensor, mask: Optional[Tensor], bias: Optional[Tensor]
+) -> Tensor:
+    return _run("masked_linear_fwd", x.device, w.dtype, x, m, w, mask, bias,
+                empty=x.numel() == 0 or w.numel() == 0)
 
 
 @_masked_linear.register_fake
@@ -216,8 +221,8 @@ def _block_sparse_linear(
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
     block_n: int, block_k: int,
 ) -> Tensor:
-    return _run("block_sparse_linear_fwd", x.device, w.dtype, x, m, w, bias, crow, col, row, ccol, row_t, perm,
-                block_n, block_k, empty=x.numel() == 0 or w.numel() == 0)
+    return _run("block_sparse_linear_fwd", x.device, w.dtype, x, m, w, bias, crow, col, row, ccol, row_t,
+                perm, block_n, block_k, empty=x.numel() == 0 or w.numel() == 0)
 
 
 @_block_sparse_linear.register_fake
@@ -349,8 +354,8 @@ def compact_linear(
     _check_tensor("w_values", w_values, shape=expect)
     _check_input(x, w_values, k, bias, n)
     x2, lead = _flatten(x)
-    y = _compact_linear(x2.contiguous(), _c(m_values), w_values.contiguous(), _c(bias), *_index_tensors(index),
-                        n, k)
+    y = _compact_linear(x2.contiguous(), _c(m_values), w_values.contiguous(), _c(bias),
+                        *_index_tensors(index), n, k)
     return y.reshape(*lead, n)
 
 
@@ -396,7 +401,8 @@ def fused_step(
     for name, buf in (("buf1", buf1), ("buf2", buf2)):
         if buf is None:
             if name in needed:
-                what = "the momentum buffer" if kind == "sgd" else ("exp_avg" if name == "buf1" else "exp_avg_sq")
+                what = {("sgd", "buf1"): "the momentum buffer", ("adamw", "buf1"): "exp_avg",
+                        ("adamw", "buf2"): "exp_avg_sq"}[(kind, name)]
                 raise ValueError(f"{name} ({what}) must be given for kind={kind!r} with these settings")
             continue
         _check_tensor(name, buf, shape=param.shape, device=param.device)
@@ -417,11 +423,15 @@ def fused_step(
                 float(alpha), bool(maximize))
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _check_hyper(kind: str, **h) -> None:
     """The same ranges torch.optim checks, with the argument named."""
     for name in ("momentum", "dampening", "weight_decay", "alpha", "eps"):
         v = h[name]
-        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+        if not (_is_number(v) and math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if kind == "sgd" and h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
         raise ValueError(f"nesterov=True needs momentum > 0 and dampening = 0, got momentum={h['momentum']}, "
@@ -429,7 +439,7 @@ def _check_hyper(kind: str, **h) -> None:
     if kind == "adamw":
         for name in ("beta1", "beta2"):
             v = h[name]
-            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+            if not (_is_number(v) and 0.0 <= v < 1.0):
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
 
 
@@ -455,7 +465,7 @@ def signin_reset(m: Tensor, w: Tensor, mask: Tensor | None, beta: float) -> tupl
     _check_factors(m, w, mask, w_dim=None)
     if m is None:
         raise TypeError("m must be a torch.Tensor (a reset needs both factors), got NoneType")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta >= 0):
+    if not _is_number(beta) or not (math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
     return _signin_reset(m.detach().contiguous(), w.detach().contiguous(), _c(mask), float(beta))
 
@@ -477,9 +487,11 @@ def prune_threshold(scores: Tensor | Sequence[Tensor], k: int) -> Tensor:
     """
     if not isinstance(scores, Tensor):
         if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence) or not len(scores):
-            raise TypeError(f"scores must be a tensor or a non-empty sequence of tensors, got {type(scores).__name__}")
+            raise TypeError("scores must be a tensor or a non-empty sequence of tensors, got "
+                            f"{type(scores).__name__}")
+        first = scores[0].device if isinstance(scores[0], Tensor) else None
         for i, t in enumerate(scores):
-            _check_tensor(f"scores[{i}]", t, device=scores[0].device if isinstance(scores[0], Tensor) else None)
+            _check_tensor(f"scores[{i}]", t, device=first)
         scores = torch.cat([s.reshape(-1) for s in scores])
     _check_tensor("scores", scores)
     if not scores.is_floating_point():

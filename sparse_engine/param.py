@@ -69,7 +69,8 @@ class Parameterization(nn.Module):
         if not isinstance(theta, Tensor):
             raise TypeError(f"theta must be a torch.Tensor, got {type(theta).__name__}")
         if theta.dim() < 2:
-            raise ValueError(f"theta must have ndim >= 2 (Linear/Conv weight), got shape {tuple(theta.shape)}")
+            raise ValueError("theta must have ndim >= 2 (Linear/Conv weight), got shape "
+                             f"{tuple(theta.shape)}")
         if not theta.is_floating_point():
             raise ValueError(f"theta must be floating point, got {theta.dtype}")
         if not bool(torch.isfinite(theta).all()):
@@ -78,10 +79,10 @@ class Parameterization(nn.Module):
         if mask is not None:
             if not isinstance(mask, Tensor):
                 raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-            if mask.dtype != torch.bool:
-                raise ValueError(f"mask must have dtype torch.bool, got {mask.dtype} (convert with mask != 0)")
+            _check_mask_dtype(mask)
             if tuple(mask.shape) != tuple(theta.shape):
-                raise ValueError(f"mask must have the weight's shape {tuple(theta.shape)}, got {tuple(mask.shape)}")
+                raise ValueError(f"mask must have the weight's shape {tuple(theta.shape)}, "
+                                 f"got {tuple(mask.shape)}")
             mask = mask.to(device=theta.device)
         if layout != "dense" and mask is None:
             raise ValueError(f"layout={layout!r} needs a mask (compact storage of the active coordinates)")
@@ -101,7 +102,8 @@ class Parameterization(nn.Module):
             self.register_buffer("mask", mask2.clone() if mask2 is not None else None)
             values = theta2 if mask2 is None else torch.where(mask2, theta2, torch.zeros_like(theta2))
         else:
-            index = CSRIndex.from_mask(mask2) if layout == "csr" else BSRIndex.from_mask(mask2, self.block_shape)
+            index = (CSRIndex.from_mask(mask2) if layout == "csr"
+                     else BSRIndex.from_mask(mask2, self.block_shape))
             for field in _INDEX_FIELDS:
                 self.register_buffer(f"index_{field}", getattr(index, field))
             self.register_buffer("mask", None)
@@ -204,7 +206,8 @@ class Parameterization(nn.Module):
     def reset(self, beta: float | None = None) -> None:
         """Sign-In reset: re-factor θ to m² − w² = β (default: the stored β), θ unchanged."""
         if not self.factored:
-            raise RuntimeError(f"reset() needs a factored parameterization (signin/pilot), this one is {self.kind!r}")
+            raise RuntimeError("reset() needs a factored parameterization (signin/pilot), this one is "
+                               f"{self.kind!r}")
         if beta is not None:
             _check_beta(beta)
             self.beta.fill_(beta)
@@ -221,12 +224,12 @@ class Parameterization(nn.Module):
         state must be zeroed there by the optimizer.
         """
         if self.layout != "dense":
-            raise RuntimeError(f"set_mask() works on the dense layout; this parameterization is {self.layout!r}")
+            raise RuntimeError("set_mask() works on the dense layout; this parameterization is "
+                               f"{self.layout!r}")
         if mask is not None:
             if not isinstance(mask, Tensor):
                 raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-            if mask.dtype != torch.bool:
-                raise ValueError(f"mask must have dtype torch.bool, got {mask.dtype} (convert with mask != 0)")
+            _check_mask_dtype(mask)
             if tuple(mask.shape) not in (self.weight_shape, self.shape2d):
                 raise ValueError(f"mask must have shape {self.weight_shape}, got {tuple(mask.shape)}")
             mask = mask.to(device=self.w.device).reshape(self.shape2d).clone()
@@ -257,7 +260,8 @@ class Parameterization(nn.Module):
             if active is not None:
                 beta = beta[active]
             if beta.numel():
-                out.update(beta_mean=float(beta.mean()), beta_min=float(beta.min()), beta_max=float(beta.max()))
+                out.update(beta_mean=float(beta.mean()), beta_min=float(beta.min()),
+                           beta_max=float(beta.max()))
         return out
 
     def extra_repr(self) -> str:
@@ -278,7 +282,8 @@ class Parameterization(nn.Module):
                 "block_shape": list(self.block_shape)}
 
     def set_extra_state(self, state: dict) -> None:
-        for key, have in (("kind", self.kind), ("layout", self.layout), ("weight_shape", list(self.weight_shape))):
+        mine = (("kind", self.kind), ("layout", self.layout), ("weight_shape", list(self.weight_shape)))
+        for key, have in mine:
             got = state.get(key) if isinstance(state, dict) else None
             if got != have:
                 raise ValueError(f"checkpoint has {key}={got!r} but this parameterization has {key}={have!r}")
@@ -300,14 +305,20 @@ class Parameterization(nn.Module):
                 p, src = getattr(self, name), state_dict.get(prefix + name)
                 if p is not None and isinstance(src, Tensor) and src.shape != p.shape:
                     p.data = p.new_empty(src.shape)
-            for name in [f"index_{f}" for f in _INDEX_FIELDS] + (["pad_mask"] if self.layout == "bsr" else []):
+            names = [f"index_{f}" for f in _INDEX_FIELDS] + (["pad_mask"] if self.layout == "bsr" else [])
+            for name in names:
                 buf, src = getattr(self, name), state_dict.get(prefix + name)
                 if isinstance(src, Tensor) and src.shape != buf.shape:
                     setattr(self, name, buf.new_empty(src.shape))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 def _check_beta(beta) -> None:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta >= 0):
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+
+
+def _check_mask_dtype(mask: Tensor) -> None:
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must have dtype torch.bool, got {mask.dtype} (convert with mask != 0)")

@@ -1,8 +1,8 @@
 """Shared helpers of the per-op tests: the backend parametrization, device × dtype grid, input makers.
 
-Every op test is parametrised over ``BACKENDS``; a backend that cannot run the case skips with the
-reason ``sparse_engine.backends`` gives (missing module, missing function, wrong device, unsupported
-dtype, or the backend's own ``unsupported`` hook), prefixed by the backend name, e.g.
+Every op test is parametrised over ``BACKENDS`` (decorator ``over_backends``); a backend that cannot run
+the case skips with the reason ``sparse_engine.backends`` gives (missing module, missing function, wrong
+device, unsupported dtype, or the backend's own ``unsupported`` hook), prefixed by the backend name, e.g.
 ``triton: sparse_engine.kernels.masked_linear does not exist (no triton kernel for masked_linear)``.
 Triton runs on CPU tensors through the interpreter (conftest sets TRITON_INTERPRET=1 when no GPU is
 visible) because ``backends.force("triton")`` counts as an explicit request.
@@ -38,12 +38,12 @@ DEVICE_DTYPES = [pytest.param("cpu", d, id=f"cpu-{_dtype_id(d)}") for d in CPU_D
 DENSITIES = (None, 0.0, 0.1, 0.5, 1.0)
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    return request.param
+#: decorate a test taking a ``backend`` argument to run it on every backend (skipping with a reason)
+over_backends = pytest.mark.parametrize("backend", BACKENDS)
 
 
-def require(backend: str, impls: Iterable[str], device: str | torch.device, dtype: torch.dtype | None) -> None:
+def require(backend: str, impls: Iterable[str], device: str | torch.device,
+            dtype: torch.dtype | None) -> None:
     """Skip (printing why) unless ``backend`` can run every impl in ``impls`` on ``device`` / ``dtype``."""
     for impl in impls:
         why = backends.reason(backend, impl, device, dtype, explicit=True)

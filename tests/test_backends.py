@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _backends import randn
+
 from sparse_engine import backends, env, ops
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,15 +101,16 @@ def test_explicit_request_that_cannot_be_met_raises_naming_what_is_missing(stub,
 def test_explicit_request_for_the_wrong_device_raises(stub):
     module, _ = _recording_module("cuda")
     stub("cuda", module)
-    with backends.force("cuda"), pytest.raises(RuntimeError, match="the CUDA backend runs on CUDA tensors, got cpu"):
+    with backends.force("cuda"), \
+            pytest.raises(RuntimeError, match="the CUDA backend runs on CUDA tensors, got cpu"):
         ops.reparam(randn(2, 3), randn(2, 3))
 
 
 def test_explicit_request_for_an_unsupported_dtype_raises(stub):
     module, _ = _recording_module("cpp", SUPPORTED_DTYPES=(torch.float32, torch.float64))
     stub("cpp", module)
-    with backends.force("cpp"), pytest.raises(RuntimeError,
-                                              match=r"cpp reparam_fwd supports dtypes \{float32, float64\}, got float16"):
+    want = r"cpp reparam_fwd supports dtypes \{float32, float64\}, got float16"
+    with backends.force("cpp"), pytest.raises(RuntimeError, match=want):
         ops.reparam(randn(2, 3, dtype=torch.float16), randn(2, 3, dtype=torch.float16))
 
 
@@ -210,7 +211,8 @@ def test_unavailable_flag_and_missing_function_through_the_real_loader(monkeypat
         backends._module.cache_clear()
         monkeypatch.setitem(sys.modules, "sparse_engine._cpp", types.SimpleNamespace(UNAVAILABLE=None))
         assert backends.reason("cpp", "reparam_fwd", "cpu") == "sparse_engine._cpp has no reparam_fwd"
-        with backends.force("cpp"), pytest.raises(RuntimeError, match="sparse_engine._cpp has no reparam_fwd"):
+        with backends.force("cpp"), \
+                pytest.raises(RuntimeError, match="sparse_engine._cpp has no reparam_fwd"):
             ops.reparam(randn(2, 3), randn(2, 3))
     finally:
         backends._module.cache_clear()
@@ -259,9 +261,9 @@ def test_info_runs_and_prints_versions_env_and_table():
 
 
 def test_info_module_entry_point_and_json():
-    out = subprocess.run([sys.executable, "-m", "sparse_engine.info", "--json"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={k: v for k, v in os.environ.items()
-                                                      if k != "SPARSE_ENGINE_BACKEND"})
+    environ = {k: v for k, v in os.environ.items() if k != "SPARSE_ENGINE_BACKEND"}
+    out = subprocess.run([sys.executable, "-m", "sparse_engine.info", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=environ)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["versions"]["torch"] == torch.__version__

@@ -7,15 +7,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from _backends import (BACKENDS, DENSITIES, DEVICE_DTYPES, assert_zero_where, grads, leaf, randn, require, run_on,
-                       upcast_leaf)
-from _backends import backend  # noqa: F401  (pytest fixture)
+from _backends import (
+    BACKENDS,
+    DENSITIES,
+    DEVICE_DTYPES,
+    assert_zero_where,
+    grads,
+    leaf,
+    over_backends,
+    randn,
+    require,
+    run_on,
+    upcast_leaf,
+)
 from _tolerances import assert_close
+
 from sparse_engine import backends, ops
 from sparse_engine.layout import BSRIndex, CSRIndex
-from sparse_engine.reference import (block_mask_from_index_ref, block_sparse_linear_backward_ref,
-                                     block_sparse_linear_ref, masked_linear_ref)
+from sparse_engine.reference import (
+    block_mask_from_index_ref,
+    block_sparse_linear_backward_ref,
+    block_sparse_linear_ref,
+    masked_linear_ref,
+)
 
 IMPLS = ("block_sparse_linear_fwd", "block_sparse_linear_bwd")
 
@@ -92,9 +106,10 @@ CASES = [
 
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
 @pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"d{d}")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}N{}K{}{}-bs{}x{}".format(*c[:3], "b" if c[3] else "",
-                                                                                     *c[4]))
+@pytest.mark.parametrize("case", CASES,
+                         ids=lambda c: "B{}N{}K{}{}-bs{}x{}".format(*c[:3], "b" if c[3] else "", *c[4]))
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@over_backends
 def test_matches_reference(backend, device, dtype, case, density, factored):
     B, N, K, with_bias, bs = case
     require(backend, IMPLS, device, dtype)
@@ -123,6 +138,7 @@ def test_matches_reference(backend, device, dtype, case, density, factored):
 
 
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
+@over_backends
 def test_gradcheck_float64(backend, factored):
     require(backend, IMPLS, "cpu", torch.float64)
     index = BSRIndex.from_block_mask(_t([[True, False], [False, True]], torch.bool), (3, 4), (5, 6))
@@ -134,6 +150,7 @@ def test_gradcheck_float64(backend, factored):
 
 
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
+@over_backends
 def test_opcheck(backend, factored):
     require(backend, IMPLS, "cpu", torch.float32)
     index = _block_index((20, 40), (16, 16), 0.5)

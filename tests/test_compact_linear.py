@@ -8,14 +8,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from _backends import BACKENDS, DEVICE_DTYPES, assert_zero_where, grads, leaf, make_mask, randn, require, run_on
-from _backends import backend  # noqa: F401  (pytest fixture)
+from _backends import (
+    BACKENDS,
+    DEVICE_DTYPES,
+    assert_zero_where,
+    grads,
+    leaf,
+    make_mask,
+    over_backends,
+    randn,
+    require,
+    run_on,
+)
 from _tolerances import assert_close
+
 from sparse_engine import backends, ops
 from sparse_engine.layout import BSRIndex, CSRIndex
-from sparse_engine.reference import (compact_linear_backward_ref, compact_linear_ref, compact_to_dense_ref,
-                                     dense_to_compact_ref, masked_linear_ref)
+from sparse_engine.reference import (
+    compact_linear_backward_ref,
+    compact_linear_ref,
+    compact_to_dense_ref,
+    dense_to_compact_ref,
+    masked_linear_ref,
+)
 
 IMPLS = ("compact_linear_fwd", "compact_linear_bwd")
 
@@ -36,7 +51,8 @@ def test_hand_case_csr_reference():
     idx = CSRIndex.from_mask(_t([[1, 0, 1], [0, 1, 0]], torch.bool))
     w_v, m_v = _t([2.0, -1.0, 3.0]), _t([1.0, 2.0, 0.5])
     # θ = [[2, 0, -2], [0, 1.5, 0]]
-    assert torch.equal(compact_to_dense_ref(m_v * w_v, idx.row, idx.col, (2, 3)), _t([[2.0, 0, -2], [0, 1.5, 0]]))
+    theta = compact_to_dense_ref(m_v * w_v, idx.row, idx.col, (2, 3))
+    assert torch.equal(theta, _t([[2.0, 0, -2], [0, 1.5, 0]]))
     x = _t([[1.0, 2.0, 3.0]])
     assert torch.equal(compact_linear_ref(x, m_v, w_v, _t([0.5, 0.0]), *_index_args(idx)), _t([[-3.5, 3.0]]))
     g_x, g_m, g_w = compact_linear_backward_ref(_t([[1.0, 2.0]]), x, m_v, w_v, *_index_args(idx))
@@ -91,6 +107,7 @@ def _case_id(c):
 @pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@over_backends
 def test_matches_reference(backend, device, dtype, case, density, factored):
     B, N, K, with_bias, layout = case
     require(backend, IMPLS, device, dtype)
@@ -132,6 +149,7 @@ def test_matches_reference(backend, device, dtype, case, density, factored):
 
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
 @pytest.mark.parametrize("layout", ["csr", (2, 4)], ids=["csr", "bsr2x4"])
+@over_backends
 def test_gradcheck_float64(backend, layout, factored):
     require(backend, IMPLS, "cpu", torch.float64)
     index = _make_index((5, 6), layout, 0.5, "cpu")
@@ -148,6 +166,7 @@ def test_gradcheck_float64(backend, layout, factored):
 
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
 @pytest.mark.parametrize("layout", ["csr", (16, 16)], ids=["csr", "bsr16x16"])
+@over_backends
 def test_opcheck(backend, layout, factored):
     require(backend, IMPLS, "cpu", torch.float32)
     index = _make_index((20, 40), layout, 0.5, "cpu")

@@ -12,10 +12,9 @@ import itertools
 
 import pytest
 import torch
-
-from _backends import DEVICE_DTYPES, make_mask, randn, require, run_on
-from _backends import backend  # noqa: F401  (pytest fixture)
+from _backends import DEVICE_DTYPES, make_mask, over_backends, randn, require, run_on
 from _tolerances import assert_close
+
 from sparse_engine import backends, ops
 from sparse_engine.reference import fused_step_ref
 
@@ -46,7 +45,8 @@ def test_hand_sgd_momentum_and_nesterov():
         p, buf = torch.tensor([1.0], dtype=F64), torch.zeros(1, dtype=F64)
         # step 1: buf = g = 1; step 2: buf = 0.5·1 + 2 = 2.5; Nesterov uses g + 0.5·buf
         for step, g in ((1, 1.0), (2, 2.0)):
-            _ref(p, torch.tensor([g], dtype=F64), buf, None, None, 0.1, step, "sgd", momentum=0.5, nesterov=nesterov)
+            _ref(p, torch.tensor([g], dtype=F64), buf, None, None, 0.1, step, "sgd", momentum=0.5,
+                 nesterov=nesterov)
             assert p.item() == pytest.approx(expected[step - 1], rel=1e-15), (nesterov, step)
         assert buf.item() == pytest.approx(2.5, rel=1e-15)
 
@@ -129,12 +129,14 @@ def _vs_torch(backend, dtype, kind, h, steps=20, lr=0.05):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("h", SGD_CONFIGS, ids=_config_id)
+@over_backends
 def test_sgd_matches_torch_optim_20_steps(backend, dtype, h):
     _vs_torch(backend, dtype, "sgd", h)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("h", ADAMW_CONFIGS, ids=_config_id)
+@over_backends
 def test_adamw_matches_torch_optim_20_steps(backend, dtype, h):
     _vs_torch(backend, dtype, "adamw", h)
 
@@ -155,6 +157,7 @@ SHAPES = [(1,), (129, 7), (5, 3, 3, 3)]
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("config", GRID_CONFIGS, ids=lambda c: c[0] + "-" + _config_id(c[1]))
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@over_backends
 def test_matches_reference(backend, device, dtype, config, shape, density):
     kind, h = config
     require(backend, IMPL, device, dtype)
@@ -204,6 +207,7 @@ def test_half_param_with_fp32_state_reference():
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@over_backends
 def test_opcheck(backend, kind):
     require(backend, IMPL, "cpu", torch.float32)
     p, g, b1, b2 = randn(5, 6), randn(5, 6), randn(5, 6), randn(5, 6).abs()
@@ -274,7 +278,8 @@ def test_bad_input_names_the_argument(case, exc, needle):
     a, h = a | bad[0], h | bad[1]
     before = p.clone()
     with pytest.raises(exc, match=needle):
-        ops.fused_step(a["param"], a["grad"], a["buf1"], a["buf2"], a["mask"], a["lr"], a["step"], a["kind"], **h)
+        ops.fused_step(a["param"], a["grad"], a["buf1"], a["buf2"], a["mask"], a["lr"], a["step"], a["kind"],
+                       **h)
     assert torch.equal(p, before), "a rejected call must not touch the weights"
 
 
@@ -287,6 +292,7 @@ def test_non_contiguous_grad_and_mask_are_accepted():
     assert torch.equal(p, rp) and torch.equal(b, rb)
 
 
+@over_backends
 def test_empty_param(backend):
     p, g, b1, b2 = randn(0, 3), randn(0, 3), torch.zeros(0, 3), torch.zeros(0, 3)
     with backends.force(backend):

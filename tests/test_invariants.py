@@ -8,9 +8,8 @@ import math
 
 import pytest
 import torch
+from _backends import make_mask, over_backends, randn, require, run_on
 
-from _backends import make_mask, randn, require, run_on
-from _backends import backend  # noqa: F401  (pytest fixture)
 from sparse_engine import ops
 from sparse_engine.param import Parameterization
 from sparse_engine.reference import factorize_ref
@@ -40,6 +39,7 @@ def _check_factorisation(theta: torch.Tensor, m: torch.Tensor, w: torch.Tensor, 
 
 @pytest.mark.parametrize("beta", BETAS, ids=lambda b: f"beta{b:g}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@over_backends
 def test_factorisation_extreme_theta(backend, dtype, beta):
     """Through ops.signin_reset (m = θ, w = 1 is a factorisation of θ; the reset re-factors it to β)."""
     require(backend, ("signin_reset",), "cpu", dtype)
@@ -67,6 +67,7 @@ def test_factorisation_bf16_storage_is_computed_in_fp32(beta):
 
 
 @pytest.mark.parametrize("layout", ["dense", "csr", "bsr"])
+@over_backends
 def test_reset_keeps_theta_and_output(backend, layout):
     require(backend, ("signin_reset", "reparam_fwd", "masked_linear_fwd"), "cpu", torch.float32)
     mask = make_mask((12, 20), 0.4)
@@ -105,6 +106,7 @@ def test_beta_after_one_sgd_step_plain_torch_fp64():
                                rtol=1e-12, atol=1e-12)
 
 
+@over_backends
 def test_beta_after_one_fused_sgd_step(backend):
     """The same through the engine: G → reparam backward → fused_step(sgd, weight decay) on m and w."""
     require(backend, ("reparam_bwd", "fused_step"), "cpu", F64)
@@ -142,12 +144,14 @@ def _train_scalar(backend, theta0: float, beta: float, target: float, steps: int
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.01])
+@over_backends
 def test_beta_zero_coordinate_at_zero_never_moves(backend, wd):
     require(backend, ("reparam_fwd", "reparam_bwd", "fused_step"), "cpu", F64)
     history, m, w = _train_scalar(backend, 0.0, 0.0, target=1.0, steps=50, wd=wd)
     assert m.item() == 0.0 and w.item() == 0.0 and all(h == 0.0 for h in history)
 
 
+@over_backends
 def test_beta_one_coordinate_at_zero_moves_and_flips(backend):
     require(backend, ("reparam_fwd", "reparam_bwd", "fused_step"), "cpu", F64)
     history, _, _ = _train_scalar(backend, 0.0, 1.0, target=1.0, steps=1)
@@ -177,6 +181,7 @@ def _pruned_state_checks(p: Parameterization, states: list[torch.Tensor]):
     ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.05, alpha=1e-2)),
     ("adamw", dict(weight_decay=0.1, alpha=1e-2)),
 ], ids=["sgd", "adamw"])
+@over_backends
 def test_pruned_coordinates_stay_zero_with_fused_step(backend, kind, h):
     require(backend, ("masked_linear_fwd", "masked_linear_bwd", "fused_step", "signin_reset"), "cpu",
             torch.float32)

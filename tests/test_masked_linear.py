@@ -7,11 +7,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from _backends import (BACKENDS, DENSITIES, DEVICE_DTYPES, assert_zero_where, grads, leaf, make_mask, randn,
-                       require, run_on, upcast_leaf)
-from _backends import backend  # noqa: F401  (pytest fixture)
+from _backends import (
+    BACKENDS,
+    DENSITIES,
+    DEVICE_DTYPES,
+    assert_zero_where,
+    grads,
+    leaf,
+    make_mask,
+    over_backends,
+    randn,
+    require,
+    run_on,
+    upcast_leaf,
+)
 from _tolerances import assert_close
+
 from sparse_engine import backends, ops
 from sparse_engine.reference import masked_linear_backward_ref, masked_linear_ref
 
@@ -64,7 +75,7 @@ def test_hand_case_through_op_and_autograd():
 
 
 def test_nan_at_pruned_coordinate_does_not_leak():
-    x, w, m = randn(3, 4, dtype=torch.float64), randn(2, 4, dtype=torch.float64), randn(2, 4, dtype=torch.float64)
+    x, w, m = (randn(*s, dtype=torch.float64) for s in ((3, 4), (2, 4), (2, 4)))
     mask = torch.ones(2, 4, dtype=torch.bool)
     mask[0, 1] = False
     w[0, 1] = float("nan")
@@ -111,6 +122,7 @@ def _compare(backend, device, dtype, B, N, K, with_bias, density, factored):
 @pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}K{}{}".format(*s[:3], "b" if s[3] else ""))
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@over_backends
 def test_matches_reference(backend, device, dtype, shape, density, factored):
     B, N, K, with_bias = shape
     _compare(backend, device, dtype, B, N, K, with_bias, density, factored)
@@ -120,6 +132,7 @@ def test_matches_reference(backend, device, dtype, shape, density, factored):
 
 
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
+@over_backends
 def test_gradcheck_float64(backend, factored):
     require(backend, IMPLS, "cpu", torch.float64)
     x, w = randn(3, 5, dtype=torch.float64), randn(4, 5, dtype=torch.float64)
@@ -133,6 +146,7 @@ def test_gradcheck_float64(backend, factored):
 
 
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
+@over_backends
 def test_opcheck(backend, factored):
     require(backend, IMPLS, "cpu", torch.float32)
     x, w = randn(5, 7), randn(3, 7)

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _backends import DEVICE_DTYPES, over_backends, randn, require, run_on
 
-from _backends import DEVICE_DTYPES, randn, require, run_on
-from _backends import backend  # noqa: F401  (pytest fixture)
 from sparse_engine import ops
 from sparse_engine.reference import prune_threshold_ref
 
@@ -57,6 +56,7 @@ SHAPES = [(1,), (7, 33), (129, 129), (5, 3, 3, 3)]
 @pytest.mark.parametrize("frac", [0.0, 0.1, 0.5, 1.0], ids=lambda f: f"k{f}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@over_backends
 def test_matches_reference(backend, device, dtype, shape, frac, ties):
     require(backend, IMPL, device, dtype)
     scores = randn(*shape, device=device).abs()
@@ -74,6 +74,7 @@ def test_matches_reference(backend, device, dtype, shape, frac, ties):
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@over_backends
 def test_global_matches_reference(backend, device, dtype):
     require(backend, IMPL, device, dtype)
     layers = [randn(7, 9, device=device).abs().to(dtype), randn(33, device=device).abs().to(dtype)]
@@ -85,6 +86,7 @@ def test_global_matches_reference(backend, device, dtype):
 # ------------------------------------------------------------------------------------------- opcheck
 
 
+@over_backends
 def test_opcheck(backend):
     require(backend, IMPL, "cpu", torch.float32)
     with run_on(backend):

@@ -3,11 +3,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from _backends import (DENSITIES, DEVICE_DTYPES, assert_zero_where, grads, leaf, make_mask, randn, require, run_on,
-                       upcast_leaf)
-from _backends import backend  # noqa: F401  (pytest fixture)
+from _backends import (
+    DENSITIES,
+    DEVICE_DTYPES,
+    assert_zero_where,
+    grads,
+    leaf,
+    make_mask,
+    over_backends,
+    randn,
+    require,
+    run_on,
+    upcast_leaf,
+)
 from _tolerances import assert_close
+
 from sparse_engine import backends, ops
 from sparse_engine.reference import reparam_backward_ref, reparam_ref
 
@@ -58,7 +68,8 @@ def test_outputs_never_alias_inputs():
 
 
 def test_nan_at_pruned_coordinate_does_not_leak():
-    m, w, mask = randn(2, 3, dtype=torch.float64), randn(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.bool)
+    m, w = randn(2, 3, dtype=torch.float64), randn(2, 3, dtype=torch.float64)
+    mask = torch.ones(2, 3, dtype=torch.bool)
     mask[1, 2] = False
     m[1, 2], w[1, 2] = float("inf"), float("nan")
     assert torch.isfinite(reparam_ref(m, w, mask)).all()
@@ -77,6 +88,7 @@ SHAPES = [(1, 1), (7, 33), (129, 7), (5, 3, 3, 3)]  # the last: a Conv weight (o
 @pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@over_backends
 def test_matches_reference(backend, device, dtype, shape, density, factored):
     require(backend, IMPLS, device, dtype)
     w = randn(*shape, dtype=dtype, device=device)
@@ -104,6 +116,7 @@ def test_matches_reference(backend, device, dtype, shape, density, factored):
 
 
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
+@over_backends
 def test_gradcheck_float64(backend, factored):
     require(backend, IMPLS, "cpu", torch.float64)
     w = leaf(randn(4, 5, dtype=torch.float64))
@@ -115,6 +128,7 @@ def test_gradcheck_float64(backend, factored):
 
 @pytest.mark.parametrize("density", [None, 0.5])
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
+@over_backends
 def test_opcheck(backend, factored, density):
     require(backend, IMPLS, "cpu", torch.float32)
     w = randn(4, 6)

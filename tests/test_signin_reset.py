@@ -8,10 +8,9 @@ import math
 
 import pytest
 import torch
-
-from _backends import DEVICE_DTYPES, make_mask, randn, require, run_on
-from _backends import backend  # noqa: F401  (pytest fixture)
+from _backends import DEVICE_DTYPES, make_mask, over_backends, randn, require, run_on
 from _tolerances import assert_close
+
 from sparse_engine import backends, ops
 from sparse_engine.reference import factorize_ref, reparam_ref, signin_reset_ref
 
@@ -68,6 +67,7 @@ SHAPES = [(1, 1), (7, 33), (129, 7), (5, 3, 3, 3)]
 @pytest.mark.parametrize("density", [None, 0.0, 0.5, 1.0], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@over_backends
 def test_matches_reference(backend, device, dtype, shape, density, beta):
     require(backend, IMPL, device, dtype)
     # a decayed state: small positive m, any-sign w, so that the reset really changes them
@@ -93,6 +93,7 @@ def test_matches_reference(backend, device, dtype, shape, density, beta):
 
 
 @pytest.mark.parametrize("density", [None, 0.5])
+@over_backends
 def test_opcheck(backend, density):
     require(backend, IMPL, "cpu", torch.float32)
     with run_on(backend):
