@@ -70,6 +70,25 @@ def cast_out(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def factorize(theta, half_beta):
+    """(m, w) with m·w = θ, m² − w² = β, m > 0, in fp32 (METHODS.md §0; reference.factorize_ref).
+
+    m = sqrt(β/2 + hypot(β/2, θ)); hypot as max·sqrt(1 + (min/max)²), so θ is never squared (no
+    overflow for huge |θ|, no underflow for tiny θ); the sum adds non-negative terms (no cancellation
+    for tiny β). θ = 0 with β = 0 gives m = w = 0. Rounded-to-nearest sqrt and division throughout.
+    """
+    a = tl.abs(theta)
+    hi = tl.maximum(a, half_beta)
+    lo = tl.minimum(a, half_beta)
+    safe_hi = tl.where(hi > 0, hi, 1.0)
+    ratio = tl.div_rn(lo, safe_hi)
+    h = hi * tl.sqrt_rn(1.0 + ratio * ratio)
+    m = tl.sqrt_rn(half_beta + h)
+    w = tl.where(m > 0, tl.div_rn(theta, tl.where(m > 0, m, 1.0)), 0.0)
+    return m, w
+
+
 def check_device(name: str, t: torch.Tensor) -> None:
     if t.device.type == "cuda" or t.device.type == "meta":
         return

@@ -49,14 +49,19 @@ def _cfg(bm, warps, stages):
 
 
 #: forward / dX: BLOCK_M tokens per program; the other tile side is the (padded) block size
-SPMM_CONFIGS = [_cfg(128, 8, 3), _cfg(128, 4, 4), _cfg(64, 4, 4), _cfg(256, 8, 3)]
+SPMM_CONFIGS_16 = [_cfg(128, 8, 3), _cfg(128, 4, 4), _cfg(64, 4, 4), _cfg(256, 8, 3)]
+SPMM_CONFIGS_32 = [_cfg(64, 4, 3), _cfg(128, 8, 3)]
 SPMM_INTERP = _cfg(64, 4, 1)
 
 #: dθ: BLOCK_B tokens per step of the reduction
-SDDMM_CONFIGS = [
+SDDMM_CONFIGS_16 = [
     triton.Config({"BLOCK_B": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_B": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_B": 32}, num_warps=4, num_stages=4),
+]
+SDDMM_CONFIGS_32 = [
+    triton.Config({"BLOCK_B": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_B": 64}, num_warps=8, num_stages=2),
 ]
 SDDMM_INTERP = triton.Config({"BLOCK_B": 64}, num_warps=4, num_stages=1)
 
@@ -89,16 +94,21 @@ def _theta_block(m_ptr, w_ptr, rows, cols, inb, s_mn, s_mk, s_wn, s_wk, dtype: t
     return theta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_bias"])
 def _block_sparse_linear_fwd_kernel(
     x_ptr, m_ptr, w_ptr, bias_ptr, y_ptr, crow_ptr, col_ptr,
     M, N, K,
-    s_xm, s_xk, s_mn, s_mk, s_wn, s_wk, s_ym, s_yn,
-    BN: tl.constexpr, BK: tl.constexpr, BN_P: tl.constexpr, BK_P: tl.constexpr,
-    HAS_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    s_xm, s_xk, s_mn, s_mk, s_wn, s_wk, s_ym, s_yn, has_bias,
+    BN: tl.constexpr, BK: tl.constexpr, BN_P: tl.constexpr, BK_P: tl.constexpr, CH: tl.constexpr,
+    HAS_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """y[:, block row r] = Σ_{j in row r} x[:, block col(j)] · θ_blockᵀ (+ b)."""
+    """y[:, block row r] = Σ_{j in row r} x[:, block col(j)] · θ_jᵀ (+ b).
+
+    Each block's reduction (its BK columns) runs in CH-wide chunks, one loop step per chunk, so shared
+    memory per pipeline stage stays bounded for 128-wide fp32 blocks.
+    """
+    NSUB: tl.constexpr = BK_P // CH
     pid_m = tl.program_id(0)
     r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -107,19 +117,23 @@ def _block_sparse_linear_fwd_kernel(
     start = tl.load(crow_ptr + r)
     end = tl.load(crow_ptr + r + 1)
     dtype = w_ptr.dtype.element_ty
+    lanes = tl.arange(0, CH)
     acc = tl.zeros((BLOCK_M, BN_P), dtype=tl.float32)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * s_xm
-    for j in range(start, end):
-        c = tl.load(col_ptr + j)
-        offs_k, k_in = _block_range(c, BK, K, BK, BK_P)
+    w_rows = offs_n[None, :].to(tl.int64)
+    for t in range(start * NSUB, end * NSUB):
+        c = tl.load(col_ptr + t // NSUB)
+        sub = (t % NSUB) * CH + lanes  # lane offsets inside the block
+        offs_k = c * BK + sub
+        k_in = (offs_k < K) & (sub < BK)
         x = tl.load(x_rows + offs_k[None, :] * s_xk, mask=m_in[:, None] & k_in[None, :], other=0.0)
-        # θ block transposed: (BK_P, BN_P)
-        theta = _theta_block(m_ptr, w_ptr, offs_n[None, :].to(tl.int64), offs_k[:, None],
-                             k_in[:, None] & n_in[None, :], s_mn, s_mk, s_wn, s_wk, dtype, HAS_M, UPCAST)
+        # θ chunk transposed: (CH, BN_P)
+        theta = _theta_block(m_ptr, w_ptr, w_rows, offs_k[:, None], k_in[:, None] & n_in[None, :],
+                             s_mn, s_mk, s_wn, s_wk, dtype, HAS_M, UPCAST)
         if UPCAST:
             x = x.to(tl.float32)
         acc = tl.dot(x, theta, acc, input_precision=PREC)
-    if HAS_BIAS:
+    if has_bias != 0:  # runtime flag: a branch in the epilogue, not another compiled variant
         acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * s_ym + offs_n[None, :] * s_yn
     tl.store(y_ptrs, cast_out(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_in[:, None] & n_in[None, :])
@@ -130,11 +144,12 @@ def _block_sparse_linear_dx_kernel(
     dy_ptr, m_ptr, w_ptr, dx_ptr, ccol_ptr, row_t_ptr,
     M, N, K,
     s_dym, s_dyn, s_mn, s_mk, s_wn, s_wk, s_dxm, s_dxk,
-    BN: tl.constexpr, BK: tl.constexpr, BN_P: tl.constexpr, BK_P: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, BN_P: tl.constexpr, BK_P: tl.constexpr, CH: tl.constexpr,
     HAS_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """dX[:, block col c] = Σ_{j in col c} dY[:, block row row_t(j)] · θ_block."""
+    """dX[:, block col c] = Σ_{j in col c} dY[:, block row row_t(j)] · θ_j (reduction in CH-row chunks)."""
+    NSUB: tl.constexpr = BN_P // CH
     pid_m = tl.program_id(0)
     c = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -143,11 +158,14 @@ def _block_sparse_linear_dx_kernel(
     start = tl.load(ccol_ptr + c)
     end = tl.load(ccol_ptr + c + 1)
     dtype = w_ptr.dtype.element_ty
+    lanes = tl.arange(0, CH)
     acc = tl.zeros((BLOCK_M, BK_P), dtype=tl.float32)
     dy_rows = dy_ptr + offs_m[:, None].to(tl.int64) * s_dym
-    for j in range(start, end):
-        r = tl.load(row_t_ptr + j)
-        offs_n, n_in = _block_range(r, BN, N, BN, BN_P)
+    for t in range(start * NSUB, end * NSUB):
+        r = tl.load(row_t_ptr + t // NSUB)
+        sub = (t % NSUB) * CH + lanes
+        offs_n = r * BN + sub
+        n_in = (offs_n < N) & (sub < BN)
         dy = tl.load(dy_rows + offs_n[None, :] * s_dyn, mask=m_in[:, None] & n_in[None, :], other=0.0)
         theta = _theta_block(m_ptr, w_ptr, offs_n[:, None].to(tl.int64), offs_k[None, :],
                              n_in[:, None] & k_in[None, :], s_mn, s_mk, s_wn, s_wk, dtype, HAS_M, UPCAST)
@@ -202,12 +220,14 @@ def _block_sparse_linear_dtheta_kernel(
         tl.store(gw_ptr + out, cast_out(g, dtype, UPCAST), mask=inb)
 
 
-_SPMM_KEY = ["M", "N", "K", "BN", "BK", "HAS_M"]
-_bsr_fwd = triton.autotune(configs(SPMM_CONFIGS, SPMM_INTERP), key=_SPMM_KEY)(_block_sparse_linear_fwd_kernel)
-_bsr_dx = triton.autotune(configs(SPMM_CONFIGS, SPMM_INTERP), key=_SPMM_KEY)(_block_sparse_linear_dx_kernel)
-_bsr_dtheta = triton.autotune(configs(SDDMM_CONFIGS, SDDMM_INTERP), key=_SPMM_KEY)(
-    _block_sparse_linear_dtheta_kernel
-)
+# one autotuner per operand width (fp32 needs other tiles; the key does not see dtypes)
+_SPMM_KEY = ["M", "N", "K", "BN", "BK", "HAS_M", "PREC"]
+_bsr_fwd = {es: triton.autotune(configs(c, SPMM_INTERP), key=_SPMM_KEY)(_block_sparse_linear_fwd_kernel)
+            for es, c in ((2, SPMM_CONFIGS_16), (4, SPMM_CONFIGS_32))}
+_bsr_dx = {es: triton.autotune(configs(c, SPMM_INTERP), key=_SPMM_KEY)(_block_sparse_linear_dx_kernel)
+           for es, c in ((2, SPMM_CONFIGS_16), (4, SPMM_CONFIGS_32))}
+_bsr_dtheta = {es: triton.autotune(configs(c, SDDMM_INTERP), key=_SPMM_KEY)(_block_sparse_linear_dtheta_kernel)
+               for es, c in ((2, SDDMM_CONFIGS_16), (4, SDDMM_CONFIGS_32))}
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -239,8 +259,14 @@ def _check(x_name, x, m, w, feats, index, block_n, block_k):
                              f"{(block_n, block_k)} blocks, got {t.numel()}")
 
 
-def _block_consts(block_n: int, block_k: int) -> dict:
-    return dict(BN=block_n, BK=block_k, BN_P=max(16, next_pow2(block_n)), BK_P=max(16, next_pow2(block_k)))
+def _block_consts(block_n: int, block_k: int, dtype: torch.dtype, reduce_over: str | None) -> dict:
+    """Block constexprs; CH = the reduction chunk of the SpMM kernels (bounded shared memory per stage)."""
+    bn_p, bk_p = max(16, next_pow2(block_n)), max(16, next_pow2(block_k))
+    out = dict(BN=block_n, BK=block_k, BN_P=bn_p, BK_P=bk_p)
+    if reduce_over is not None:
+        limit = 32 if dtype == torch.float32 else 64
+        out["CH"] = min(limit, bn_p if reduce_over == "n" else bk_p)
+    return out
 
 
 def prepare_fwd(x, m, w, bias, crow, col, row, ccol, row_t, block_n, block_k, config=None):
@@ -257,12 +283,12 @@ def prepare_fwd(x, m, w, bias, crow, col, row, ccol, row_t, block_n, block_k, co
         x_ptr=x, m_ptr=dm, w_ptr=w, bias_ptr=bias if bias is not None else w, y_ptr=y, crow_ptr=crow,
         col_ptr=col, M=bsz, N=n, K=k, s_xm=x.stride(0), s_xk=x.stride(1), s_mn=dm.stride(0),
         s_mk=dm.stride(1), s_wn=w.stride(0), s_wk=w.stride(1), s_ym=y.stride(0), s_yn=y.stride(1),
-        HAS_M=m is not None, HAS_BIAS=bias is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
-        **_block_consts(block_n, block_k),
+        has_bias=int(bias is not None), HAS_M=m is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
+        **_block_consts(block_n, block_k, w.dtype, "k"),
     )
     nbr = -(-n // block_n)
     grid = lambda meta: (triton.cdiv(bsz, meta["BLOCK_M"]), nbr)  # noqa: E731
-    return Launch(_bsr_fwd, grid, ordered_args(_block_sparse_linear_fwd_kernel, args, SPMM_INTERP.kwargs),
+    return Launch(_bsr_fwd[w.element_size()], grid, ordered_args(_block_sparse_linear_fwd_kernel, args, SPMM_INTERP.kwargs),
                   config), y
 
 
@@ -277,11 +303,11 @@ def prepare_dx(grad_y, m, w, crow, col, row, ccol, row_t, block_n, block_k, conf
         s_dym=grad_y.stride(0), s_dyn=grad_y.stride(1), s_mn=dm.stride(0), s_mk=dm.stride(1),
         s_wn=w.stride(0), s_wk=w.stride(1), s_dxm=g_x.stride(0), s_dxk=g_x.stride(1),
         HAS_M=m is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
-        **_block_consts(block_n, block_k),
+        **_block_consts(block_n, block_k, w.dtype, "n"),
     )
     nbc = -(-k // block_k)
     grid = lambda meta: (triton.cdiv(bsz, meta["BLOCK_M"]), nbc)  # noqa: E731
-    return Launch(_bsr_dx, grid, ordered_args(_block_sparse_linear_dx_kernel, args, SPMM_INTERP.kwargs),
+    return Launch(_bsr_dx[w.element_size()], grid, ordered_args(_block_sparse_linear_dx_kernel, args, SPMM_INTERP.kwargs),
                   config), g_x
 
 
@@ -302,10 +328,10 @@ def prepare_dtheta(grad_y, x, m, w, crow, col, row, ccol, row_t, block_n, block_
         s_mn=dm.stride(0), s_mk=dm.stride(1), s_wn=w.stride(0), s_wk=w.stride(1),
         s_gn=g_w.stride(0), s_gk=g_w.stride(1),
         HAS_M=m is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
-        **_block_consts(block_n, block_k),
+        **_block_consts(block_n, block_k, w.dtype, None),
     )
     grid = (col.numel(),)
-    return Launch(_bsr_dtheta, grid,
+    return Launch(_bsr_dtheta[w.element_size()], grid,
                   ordered_args(_block_sparse_linear_dtheta_kernel, args, SDDMM_INTERP.kwargs), config), (g_m, g_w)
 
 
@@ -328,37 +354,45 @@ def block_sparse_linear_bwd(grad_y, x, m, w, crow, col, row, ccol, row_t, perm, 
     return g_x, g_m, g_w
 
 
-#: block shapes the AOT check compiles (every config for the first, the first config for the rest)
-AOT_BLOCKS = [(64, 64), (16, 16), (32, 128), (128, 128), (128, 16), (48, 80)]
+def aot_launches():
+    """(name, Launch, sweep) covering every specialisation a GPU run can launch, on meta tensors.
 
+    sweep=True (every autotune config): 64×64 and 128×128 blocks in bf16 and fp32/TF32 with m, the
+    shared-memory extremes. sweep=False (first config): other block shapes (16×16, a non-power-of-two
+    48×80 padded one, 32×128, 128×16), fp16, fp32/IEEE, and m absent, rotating through the kernels.
+    """
+    variants = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"),
+                "tf32": (torch.float32, "tf32"), "fp32": (torch.float32, "ieee")}
 
-def aot_launches(blocks=None):
-    """(name, Launch) for every dtype / flag / block-shape specialisation, built on meta tensors."""
+    def launches(bn, bk, v, has_m):
+        dtype, prec = variants[v]
+        n, k, bsz = 4 * bn, 4 * bk, 256
+        w = torch.empty(n, k, dtype=dtype, device="meta")
+        m = torch.empty_like(w) if has_m else None
+        x = torch.empty(bsz, k, dtype=dtype, device="meta")
+        dy = torch.empty(bsz, n, dtype=dtype, device="meta")
+        b = torch.empty(n, dtype=dtype, device="meta")
+        i32 = dict(dtype=torch.int32, device="meta")
+        idx = (torch.empty(5, **i32), torch.empty(6, **i32), torch.empty(6, **i32), torch.empty(5, **i32),
+               torch.empty(6, **i32))
+        tag = f"{bn}x{bk}-{v}-m{int(has_m)}"
+        res = [(f"bsr_fwd-{tag}", prepare_fwd(x, m, w, b, *idx, bn, bk)[0]),
+               (f"bsr_dx-{tag}", prepare_dx(dy, m, w, *idx, bn, bk)[0]),
+               (f"bsr_dtheta-{tag}", prepare_dtheta(dy, x, m, w, *idx, bn, bk)[0])]
+        for _, launch in res:
+            launch.args["PREC"] = prec
+        return res
+
     out = []
-    for bn, bk in blocks or AOT_BLOCKS:
-        for dtype in SUPPORTED_DTYPES:
-            precs = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-            for prec in precs:
-                for has_m in (False, True):
-                    n, k, bsz = 4 * bn, 4 * bk, 256
-                    w = torch.empty(n, k, dtype=dtype, device="meta")
-                    m = torch.empty_like(w) if has_m else None
-                    x = torch.empty(bsz, k, dtype=dtype, device="meta")
-                    dy = torch.empty(bsz, n, dtype=dtype, device="meta")
-                    i32 = dict(dtype=torch.int32, device="meta")
-                    crow, ccol = torch.empty(5, **i32), torch.empty(5, **i32)
-                    col, row, row_t = (torch.empty(6, **i32) for _ in range(3))
-                    idx = (crow, col, row, ccol, row_t)
-                    tag = f"{bn}x{bk}-{str(dtype)[6:]}-{prec}-m{int(has_m)}"
-                    for has_bias in (False, True):
-                        b = torch.empty(n, dtype=dtype, device="meta") if has_bias else None
-                        launch = prepare_fwd(x, m, w, b, *idx, bn, bk)[0]
-                        launch.args["PREC"] = prec
-                        out.append((f"bsr_fwd-{tag}-bias{int(has_bias)}", launch))
-                    launch = prepare_dx(dy, m, w, *idx, bn, bk)[0]
-                    launch.args["PREC"] = prec
-                    out.append((f"bsr_dx-{tag}", launch))
-                    launch = prepare_dtheta(dy, x, m, w, *idx, bn, bk)[0]
-                    launch.args["PREC"] = prec
-                    out.append((f"bsr_dtheta-{tag}", launch))
+    for bn, bk in ((64, 64), (128, 128)):
+        for v in ("bf16", "tf32"):
+            out += [(name, launch, True) for name, launch in launches(bn, bk, v, True)]
+    rotation = ["fp16", "fp32", "bf16", "tf32"]
+    cases = [(16, 16, True), (48, 80, True), (32, 128, True), (128, 16, True), (64, 64, False)]
+    for i, (bn, bk, has_m) in enumerate(cases):
+        for j in range(3):
+            name, launch = launches(bn, bk, rotation[(i + j) % len(rotation)], has_m)[j]
+            out.append((name, launch, False))
+    for v in ("fp16", "fp32"):
+        out += [(name, launch, False) for name, launch in launches(64, 64, v, True)]
     return out

@@ -47,14 +47,20 @@ def _mm_cfg(p, q, r, warps, stages, lhs=False, group=8):
                          num_warps=warps, num_stages=stages)
 
 
-#: forward / dX tiles: P = tokens, Q = output features, R = reduction. Wide P halves the weight-side
-#: traffic per FLOP (each θ element costs three loads: m, w, M).
-MM_CONFIGS = [
+#: forward / dX tiles for 16-bit operands: P = tokens, Q = output features, R = reduction. Wide P halves
+#: the weight-side traffic per FLOP (each θ element costs three loads: m, w, M).
+MM_CONFIGS_16 = [
     _mm_cfg(128, 128, 64, 8, 3),
     _mm_cfg(128, 128, 64, 8, 3, lhs=True),
     _mm_cfg(256, 128, 64, 8, 2),
     _mm_cfg(128, 256, 64, 8, 3, lhs=True),
     _mm_cfg(64, 128, 64, 4, 4),
+]
+#: fp32 operands take twice the shared memory per tile: smaller reduction steps
+MM_CONFIGS_32 = [
+    _mm_cfg(128, 128, 32, 8, 3),
+    _mm_cfg(64, 128, 32, 4, 3),
+    _mm_cfg(64, 64, 32, 4, 3),
 ]
 MM_INTERP = _mm_cfg(64, 64, 64, 4, 1)
 
@@ -64,11 +70,16 @@ def _dt_cfg(n, k, b, warps, stages, group=8):
                          num_warps=warps, num_stages=stages)
 
 
-DT_CONFIGS = [
+DT_CONFIGS_16 = [
     _dt_cfg(128, 128, 64, 8, 3),
     _dt_cfg(128, 256, 64, 8, 3),
     _dt_cfg(256, 128, 64, 8, 3),
     _dt_cfg(64, 128, 64, 4, 4),
+]
+DT_CONFIGS_32 = [
+    _dt_cfg(128, 128, 32, 8, 3),
+    _dt_cfg(64, 128, 32, 4, 3),
+    _dt_cfg(64, 64, 32, 4, 3),
 ]
 DT_INTERP = _dt_cfg(64, 64, 64, 4, 1)
 
@@ -103,17 +114,19 @@ def _theta_tile(m_ptrs, w_ptrs, q_ptrs, inb, dtype: tl.constexpr,
     return theta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_bias"])
 def _masked_mm_kernel(
     a_ptr, m_ptr, w_ptr, mask_ptr, bias_ptr, out_ptr,
     P, Q, R,
-    s_ap, s_ar, s_mr, s_mq, s_wr, s_wq, s_qr, s_qq, s_op, s_oq,
-    HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    s_ap, s_ar, s_mr, s_mq, s_wr, s_wq, s_qr, s_qq, s_op, s_oq, has_bias,
+    HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_P: tl.constexpr,
     THETA_LHS: tl.constexpr,
 ):
-    """out[P, Q] = A[P, R] · Θ'[R, Q] (+ bias[Q]), Θ' = where(M, m·w, 0) read through strides."""
+    """out[P, Q] = A[P, R] · Θ'[R, Q] (+ bias[Q] when has_bias), Θ' = where(M, m·w, 0) read through strides.
+
+    has_bias is a runtime flag (a branch in the epilogue only), so it does not double the variants.
+    """
     pid_p, pid_q = _swizzle(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.cdiv(Q, BLOCK_Q), GROUP_P)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -155,12 +168,12 @@ def _masked_mm_kernel(
         m_ptrs += BLOCK_R * s_mr
         q_ptrs += BLOCK_R * s_qr
     if THETA_LHS:
-        if HAS_BIAS:
+        if has_bias != 0:
             acc += tl.load(bias_ptr + offs_q, mask=q_in, other=0.0).to(tl.float32)[:, None]
         out_ptrs = out_ptr + offs_q[:, None].to(tl.int64) * s_oq + offs_p[None, :].to(tl.int64) * s_op
         tl.store(out_ptrs, cast_out(acc, out_ptr.dtype.element_ty, UPCAST), mask=q_in[:, None] & p_in[None, :])
     else:
-        if HAS_BIAS:
+        if has_bias != 0:
             acc += tl.load(bias_ptr + offs_q, mask=q_in, other=0.0).to(tl.float32)[None, :]
         out_ptrs = out_ptr + offs_p[:, None].to(tl.int64) * s_op + offs_q[None, :].to(tl.int64) * s_oq
         tl.store(out_ptrs, cast_out(acc, out_ptr.dtype.element_ty, UPCAST), mask=p_in[:, None] & q_in[None, :])
@@ -218,12 +231,17 @@ def _masked_linear_dtheta_kernel(
         tl.store(gw_ptr + rows * s_gwn + cols * s_gwk, cast_out(g, dtype, UPCAST), mask=inb)
 
 
-_masked_mm = triton.autotune(configs(MM_CONFIGS, MM_INTERP), key=["P", "Q", "R", "HAS_M", "HAS_MASK"])(
-    _masked_mm_kernel
-)
-_masked_dtheta = triton.autotune(configs(DT_CONFIGS, DT_INTERP), key=["N", "K", "B", "HAS_M"])(
-    _masked_linear_dtheta_kernel
-)
+# One autotuner per operand width: the autotune key does not see dtypes, and fp32 needs other tiles.
+_MM_KEY = ["P", "Q", "R", "HAS_M", "HAS_MASK", "PREC"]
+_DT_KEY = ["N", "K", "B", "HAS_M", "PREC"]
+_masked_mm = {
+    2: triton.autotune(configs(MM_CONFIGS_16, MM_INTERP), key=_MM_KEY)(_masked_mm_kernel),
+    4: triton.autotune(configs(MM_CONFIGS_32, MM_INTERP), key=_MM_KEY)(_masked_mm_kernel),
+}
+_masked_dtheta = {
+    2: triton.autotune(configs(DT_CONFIGS_16, DT_INTERP), key=_DT_KEY)(_masked_linear_dtheta_kernel),
+    4: triton.autotune(configs(DT_CONFIGS_32, DT_INTERP), key=_DT_KEY)(_masked_linear_dtheta_kernel),
+}
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -274,11 +292,11 @@ def prepare_fwd(x, m, w, mask, bias, config: triton.Config | None = None) -> tup
     args = dict(
         a_ptr=x, bias_ptr=bias if bias is not None else w, out_ptr=y,
         P=bsz, Q=n, R=k, s_ap=x.stride(0), s_ar=x.stride(1), s_op=y.stride(0), s_oq=y.stride(1),
-        HAS_M=m is not None, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+        has_bias=int(bias is not None), HAS_M=m is not None, HAS_MASK=mask is not None,
         UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
     )
     args.update(_theta_args(m, w, mask, r_dim=1))
-    return Launch(_masked_mm, _mm_grid(bsz, n), ordered_args(_masked_mm_kernel, args, MM_INTERP.kwargs), config), y
+    return Launch(_masked_mm[w.element_size()], _mm_grid(bsz, n), ordered_args(_masked_mm_kernel, args, MM_INTERP.kwargs), config), y
 
 
 def prepare_dx(grad_y, m, w, mask, config: triton.Config | None = None) -> tuple[Launch, torch.Tensor]:
@@ -290,11 +308,11 @@ def prepare_dx(grad_y, m, w, mask, config: triton.Config | None = None) -> tuple
     args = dict(
         a_ptr=grad_y, bias_ptr=w, out_ptr=g_x,
         P=bsz, Q=k, R=n, s_ap=grad_y.stride(0), s_ar=grad_y.stride(1), s_op=g_x.stride(0), s_oq=g_x.stride(1),
-        HAS_M=m is not None, HAS_MASK=mask is not None, HAS_BIAS=False,
+        has_bias=0, HAS_M=m is not None, HAS_MASK=mask is not None,
         UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
     )
     args.update(_theta_args(m, w, mask, r_dim=0))
-    return Launch(_masked_mm, _mm_grid(bsz, k), ordered_args(_masked_mm_kernel, args, MM_INTERP.kwargs), config), g_x
+    return Launch(_masked_mm[w.element_size()], _mm_grid(bsz, k), ordered_args(_masked_mm_kernel, args, MM_INTERP.kwargs), config), g_x
 
 
 def prepare_dtheta(grad_y, x, m, w, mask, config: triton.Config | None = None):
@@ -319,7 +337,7 @@ def prepare_dtheta(grad_y, x, m, w, mask, config: triton.Config | None = None):
         HAS_M=m is not None, HAS_MASK=mask is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
     )
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
-    return Launch(_masked_dtheta, grid, ordered_args(_masked_linear_dtheta_kernel, args, DT_INTERP.kwargs), config), (g_m, g_w)
+    return Launch(_masked_dtheta[w.element_size()], grid, ordered_args(_masked_linear_dtheta_kernel, args, DT_INTERP.kwargs), config), (g_m, g_w)
 
 
 def masked_linear_fwd(x: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor, mask: torch.Tensor | None,
@@ -344,28 +362,37 @@ def masked_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, m: torch.Tensor | N
 
 
 def aot_launches():
-    """Every specialisation a GPU run can launch, built on meta tensors: (name, Launch)."""
+    """(name, Launch, sweep) covering every specialisation a GPU run can launch, on meta tensors.
+
+    sweep=True: compile every autotune config (bf16 and fp32/TF32 with all flags on: the shared-memory
+    extremes; fp16 tiles are bf16's, IEEE fp32 compiles slowly and runs off the tensor cores anyway).
+    sweep=False: the first config, one launch per remaining flag combination (m / mask absent),
+    rotating through the dtypes.
+    """
     out = []
-    for dtype in SUPPORTED_DTYPES:
-        precs = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-        for prec in precs:
-            for has_m in (False, True):
-                for has_mask in (False, True):
-                    w = torch.empty(256, 512, dtype=dtype, device="meta")
-                    m = torch.empty_like(w) if has_m else None
-                    q = torch.empty_like(w, dtype=torch.bool) if has_mask else None
-                    x = torch.empty(384, 512, dtype=dtype, device="meta")
-                    dy = torch.empty(384, 256, dtype=dtype, device="meta")
-                    tag = f"{str(dtype)[6:]}-{prec}-m{int(has_m)}-mask{int(has_mask)}"
-                    for has_bias in (False, True):
-                        b = torch.empty(256, dtype=dtype, device="meta") if has_bias else None
-                        launch = prepare_fwd(x, m, w, q, b)[0]
-                        launch.args["PREC"] = prec
-                        out.append((f"masked_linear_fwd-{tag}-bias{int(has_bias)}", launch))
-                    launch = prepare_dx(dy, m, w, q)[0]
-                    launch.args["PREC"] = prec
-                    out.append((f"masked_linear_dx-{tag}", launch))
-                    launch = prepare_dtheta(dy, x, m, w, q)[0]
-                    launch.args["PREC"] = prec
-                    out.append((f"masked_linear_dtheta-{tag}", launch))
+    variants = [(torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")]
+
+    def launches(dtype, prec, has_m, has_mask):
+        w = torch.empty(256, 512, dtype=dtype, device="meta")
+        m = torch.empty_like(w) if has_m else None
+        q = torch.empty_like(w, dtype=torch.bool) if has_mask else None
+        x = torch.empty(384, 512, dtype=dtype, device="meta")
+        dy = torch.empty(384, 256, dtype=dtype, device="meta")
+        b = torch.empty(256, dtype=dtype, device="meta")
+        tag = f"{str(dtype)[6:]}-{prec}-m{int(has_m)}-mask{int(has_mask)}"
+        res = [(f"masked_linear_fwd-{tag}", prepare_fwd(x, m, w, q, b)[0]),
+               (f"masked_linear_dx-{tag}", prepare_dx(dy, m, w, q)[0]),
+               (f"masked_linear_dtheta-{tag}", prepare_dtheta(dy, x, m, w, q)[0])]
+        for _, launch in res:
+            launch.args["PREC"] = prec
+        return res
+
+    for dtype, prec in variants:
+        sweep = (dtype, prec) in ((torch.bfloat16, "ieee"), (torch.float32, "tf32"))
+        out += [(name, launch, sweep) for name, launch in launches(dtype, prec, True, True)]
+    for i, (has_m, has_mask) in enumerate([(False, False), (False, True), (True, False)]):
+        for j in range(3):  # kernel j of (fwd, dx, dθ) with a dtype that rotates with i and j
+            dtype, prec = variants[(i + j) % len(variants)]
+            name, launch = launches(dtype, prec, has_m, has_mask)[j]
+            out.append((name, launch, False))
     return out

@@ -156,7 +156,7 @@ def reparam_bwd(grad: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor, mas
 
 
 def aot_launches():
-    """Every specialisation a GPU run can launch: (name, Launch), built on meta tensors."""
+    """Every specialisation a GPU run can launch: (name, Launch, sweep=False), on meta tensors."""
     out = []
     for dtype in SUPPORTED_DTYPES:
         for has_m in (False, True):
@@ -168,7 +168,7 @@ def aot_launches():
                     m = torch.empty_like(w) if has_m else None
                     q = torch.empty_like(w, dtype=torch.bool) if has_mask else None
                     tag = f"{dtype}-m{int(has_m)}-mask{int(has_mask)}-flat{int(flat)}"
-                    out.append((f"reparam_fwd-{tag}", prepare_fwd(m, w, q, config=elementwise_config(gpu=True))[0]))
+                    out.append((f"reparam_fwd-{tag}", prepare_fwd(m, w, q, config=elementwise_config(gpu=True))[0], False))
                     g = torch.empty_like(w)
-                    out.append((f"reparam_bwd-{tag}", prepare_bwd(g, m, w, q, config=elementwise_config(gpu=True))[0]))
+                    out.append((f"reparam_bwd-{tag}", prepare_bwd(g, m, w, q, config=elementwise_config(gpu=True))[0], False))
     return out
