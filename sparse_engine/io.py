@@ -32,7 +32,8 @@ import math
 import os
 import sys
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from . import __version__
 from .infer import LAYER_TYPES, InferModule
 
-__all__ = ["SparseFileError", "save", "load", "read_header", "register", "MAGIC"]
+__all__ = ["MAGIC", "SparseFileError", "load", "read_header", "register", "save"]
 
 MAGIC = b"SPENGv1\n"
 FORMAT_VERSION = 1
@@ -165,7 +166,7 @@ def register(cls: type, to_config: Callable[[nn.Module], dict], from_config: Cal
     Only registered classes, never names read from a file, are instantiated.
     """
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
-        raise ValueError(f"cls must be an nn.Module subclass, got {cls!r}")
+        raise TypeError(f"cls must be an nn.Module subclass, got {cls!r}")
     _REGISTRY[f"{cls.__module__}.{cls.__qualname__}"] = (cls, to_config, from_config)
 
 

@@ -6,21 +6,22 @@ Reference for every inference layer: F.linear / F.conv with θ = where(M, θ, 0)
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _tolerances import assert_close
 from torch import nn
 
-from _tolerances import assert_close
-from sparse_engine import extract as extract_mod
 from sparse_engine.extract import extract, report
 from sparse_engine.infer import InferConv1d, InferConv2d, InferLinear, InferModule
 from sparse_engine.models import build_model
 from sparse_engine.nn import SparseConv2d, SparseLinear, sparsify
 
+extract_mod = importlib.import_module("sparse_engine.extract")
 FORMATS = ("dense", "csr", "bsr")
 DTYPES = (torch.float32, torch.float64, torch.float16)
 
@@ -64,11 +65,11 @@ def test_infer_linear_matches_reference(fmt, shape, density, dtype):
 
 
 CONV_OPTS = [
-    dict(stride=1, padding=0),
-    dict(stride=2, padding=1, dilation=1),
-    dict(stride=1, padding="same", dilation=2),
-    dict(stride=(2, 1), padding=(1, 2), padding_mode="reflect"),
-    dict(stride=1, padding=1, padding_mode="circular"),
+    {"stride": 1, "padding": 0},
+    {"stride": 2, "padding": 1, "dilation": 1},
+    {"stride": 1, "padding": "same", "dilation": 2},
+    {"stride": (2, 1), "padding": (1, 2), "padding_mode": "reflect"},
+    {"stride": 1, "padding": 1, "padding_mode": "circular"},
 ]
 
 
@@ -264,23 +265,17 @@ def test_auto_rule_with_injected_times(monkeypatch):
         ({"dense": [1.0, 1.0], "csr": [0.6, 0.9], "bsr": [0.5, 0.8]}, "bsr"),
     ]
     for times, want in cases:
-        calls = {}
+        shape_no = iter(range(2))
 
-        def fake(fn, device, times=times, calls=calls, **kw):  # noqa: ARG001
-            fmt = fake.current
-            i = calls.setdefault(fmt, 0)
-            calls[fmt] += 1
-            return times[fmt][i]
+        def fake(fns, device, times=times, shape_no=shape_no):
+            i = next(shape_no)
+            for fn in fns.values():
+                fn()  # the candidates really run
+            return {fmt: times[fmt][i] for fmt in fns}
 
-        def make_fmt(f):
-            def make():
-                fake.current = f
-                return InferLinear(theta, None, f if f != "bsr" else "csr", mask)
-            return make
-
-        monkeypatch.setattr(extract_mod, "_median_time", fake)
+        monkeypatch.setattr(extract_mod, "_measure", fake)
         extract_mod._cache.clear()
-        cands = {f: make_fmt(f) for f in times}
+        cands = {f: (lambda f=f: InferLinear(theta, None, "csr" if f != "dense" else "dense", mask)) for f in times}
         chosen, measured, reason = extract_mod._choose(cands, [(1, 64), (64, 64)], ("k", want, str(times)),
                                                         torch.device("cpu"), torch.float32, torch.float32, 0.05)
         assert chosen == want, (times, chosen, reason)
@@ -452,3 +447,13 @@ def test_huggingface_forward_generate_and_reload(which, tmp_path):
         for loaded in (io.load(path, model=cls(cfg)), io.load(path)):
             assert type(loaded) is cls
             assert torch.equal(loaded(ids, attention_mask=attn).logits, expected)
+
+
+def test_package_level_names():
+    import sparse_engine
+
+    model = nn.Sequential(SparseLinear(6, 4, density=0.5))
+    importlib.import_module("sparse_engine.extract")  # binds the submodule on the package
+    out = sparse_engine.extract(model, "csr")  # still callable
+    assert isinstance(out[0], InferLinear)
+    assert sparse_engine.save is importlib.import_module("sparse_engine.io").save

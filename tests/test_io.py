@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def _sparse_mlp(density=0.1, method="signin", train_steps=3):
 
 def _rewrite(path, mutate_header=None, mutate_bytes=None, fix_checksum=True):
     """Re-write a file with its header or bytes changed, the checksum recomputed (a crafted file)."""
-    buf = bytearray(open(path, "rb").read())
+    buf = bytearray(Path(path).read_bytes())
     n = int.from_bytes(buf[8:16], "little")
     header = json.loads(buf[16:16 + n])
     body = buf[16 + n:-32]
@@ -53,9 +54,9 @@ def _rewrite(path, mutate_header=None, mutate_bytes=None, fix_checksum=True):
     if fix_checksum:
         buf += hashlib.sha256(buf).digest()
     else:
-        buf += open(path, "rb").read()[-32:]
+        buf += Path(path).read_bytes()[-32:]
     out = str(path) + ".crafted"
-    open(out, "wb").write(bytes(buf))
+    Path(out).write_bytes(bytes(buf))
     return out
 
 
@@ -210,20 +211,20 @@ def saved(tmp_path):
 
 def test_truncated_files_are_refused(saved):
     path, _, _ = saved
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     for cut in (0, 4, 12, 40, len(data) // 2, len(data) - 33, len(data) - 1):
         bad = str(path) + f".cut{cut}"
-        open(bad, "wb").write(data[:cut])
+        Path(bad).write_bytes(data[:cut])
         with pytest.raises(io.SparseFileError, match="truncated|not a sparse_engine file|corrupt"):
             io.load(bad)
-    open(str(path) + ".long", "wb").write(data + b"\0")
+    Path(str(path) + ".long").write_bytes(data + b"\0")
     with pytest.raises(io.SparseFileError, match="unexpected bytes|checksum"):
         io.load(str(path) + ".long")
 
 
 def test_any_flipped_byte_is_refused(saved):
     path, _, _ = saved
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     n = int.from_bytes(data[8:16], "little")
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     positions = {3, 9, 16 + n // 2, len(data) - 1, len(data) - 40}
@@ -232,13 +233,13 @@ def test_any_flipped_byte_is_refused(saved):
         bad = bytearray(data)
         bad[pos] ^= 0x5A
         p = str(path) + f".flip{pos}"
-        open(p, "wb").write(bytes(bad))
+        Path(p).write_bytes(bytes(bad))
         with pytest.raises(io.SparseFileError):
             io.load(p)
 
 
 def test_foreign_files_are_refused(saved, tmp_path):
-    path, out, _ = saved
+    _, out, _ = saved
     torch.save(out.state_dict(), tmp_path / "ts.pt")
     with pytest.raises(io.SparseFileError, match="torch.save"):
         io.load(tmp_path / "ts.pt")
@@ -279,7 +280,7 @@ def test_crafted_files_with_valid_checksum_are_validated(saved):
     # an index out of range inside the data: caught by the index validation, not by the checksum
     header = io.read_header(path)
     entry = header["layers"]["hidden.0"]["tensors"]["col"]
-    n = int.from_bytes(open(path, "rb").read()[8:16], "little")
+    n = int.from_bytes(Path(path).read_bytes()[8:16], "little")
     start = 16 + n + (-(16 + n) % 64) + entry["offset"]
 
     def poke(buf):
@@ -327,7 +328,7 @@ def test_incompatible_skeleton_is_refused_and_left_untouched(saved, tmp_path):
 
 def test_save_is_atomic(saved, monkeypatch):
     path, out, x = saved
-    original = open(path, "rb").read()
+    original = Path(path).read_bytes()
     calls = {"n": 0}
     real = io._raw
 
@@ -340,7 +341,7 @@ def test_save_is_atomic(saved, monkeypatch):
     monkeypatch.setattr(io, "_raw", failing)
     with pytest.raises(OSError, match="disk full"):
         io.save(out, path)
-    assert open(path, "rb").read() == original  # the old file is intact
+    assert Path(path).read_bytes() == original  # the old file is intact
     assert sorted(os.listdir(os.path.dirname(path))) == [os.path.basename(path)]  # no temp file left
     monkeypatch.setattr(io, "_raw", real)
     with torch.no_grad():
@@ -348,7 +349,7 @@ def test_save_is_atomic(saved, monkeypatch):
 
 
 def test_header_records_versions_layers_and_metadata(saved, tmp_path):
-    path, out, _ = saved
+    _, out, _ = saved
     io.save(out, tmp_path / "meta.sparse", metadata={"run": "test"})
     h = io.read_header(tmp_path / "meta.sparse")
     import sparse_engine

@@ -1,0 +1,313 @@
+"""``sparse-engine export`` and ``sparse-engine bench-infer``.
+
+``export CHECKPOINT --format auto --out model.sparse``
+    CHECKPOINT is what ``sparse-engine train`` leaves in its run directory (the directory itself, or the
+    file): ``model.pt``, a sparse_engine file of the trained model written with
+    ``sparse_engine.save(extract(model, "dense"), ...)`` (θ only; no pickle). Export re-lays every layer
+    in ``--format`` (``auto``: measured on this machine, at ``--batch`` sizes) and writes the compact
+    file, recording the input shape in its metadata for ``bench-infer``. A torch checkpoint holding
+    ``{"config": {...TrainConfig fields...}, "model_state": state_dict}`` (loaded with
+    ``weights_only=True``) is accepted too: the model is rebuilt with ``sparsify`` from the config.
+
+``bench-infer MODEL.sparse --batch 1,16,64``
+    Latency (median ms per call) and throughput (samples/s) of the file's model against its dense
+    equivalent (the same θ as dense weights) at each batch size, under ``torch.inference_mode()``.
+
+Each function takes argv (without the subcommand name) and returns an exit code; user errors raise
+``sparse_engine.cli.UserError`` (one line, exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+PROG = "sparse-engine"
+
+
+def _user_error(msg: str) -> Exception:
+    try:
+        from .cli import UserError
+    except ImportError:  # cli not installed: still a clean message
+        return SystemExit(f"{PROG}: error: {msg}")
+    return UserError(msg)
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise _user_error(f"--batch must be comma-separated positive ints, got {text!r}") from None
+    if not out or any(b <= 0 for b in out):
+        raise _user_error(f"--batch must be comma-separated positive ints, got {text!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------- reading inputs
+
+
+def _resolve_checkpoint(path: str) -> str:
+    if os.path.isdir(path):
+        for name in ("model.pt", "model.sparse"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise _user_error(f"{path} is a directory without model.pt (is it a `sparse-engine train` run directory?)")
+    if not os.path.isfile(path):
+        raise _user_error(f"{path} does not exist")
+    return path
+
+
+def load_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any]]:
+    """(model, input description) from a train checkpoint or a sparse_engine file."""
+    from . import io
+
+    path = _resolve_checkpoint(path)
+    with open(path, "rb") as f:
+        magic = f.read(len(io.MAGIC))
+    if magic == io.MAGIC:
+        try:
+            header = io.read_header(path)
+            model = io.load(path)
+        except io.SparseFileError as e:
+            raise _user_error(str(e)) from None
+        return model, _input_from_metadata(header.get("metadata", {}))
+    return _load_training_checkpoint(path)
+
+
+def _load_training_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any]]:
+    from .extract import extract
+    from .models import build_model
+    from .nn import sparsify
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary objects
+    except Exception as e:  # noqa: BLE001  (any unreadable file is a user error here)
+        raise _user_error(f"{path} is neither a sparse_engine file nor a readable torch checkpoint ({e})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model_state"), dict)):
+        raise _user_error(f"{path}: a torch checkpoint must hold {{'config': ..., 'model_state': ...}}")
+    cfg, state = ckpt["config"], ckpt["model_state"]
+    shape = tuple(cfg.get("input_shape") or ())
+    if not shape or "n_classes" not in cfg:
+        raise _user_error(f"{path}: config lacks input_shape / n_classes needed to rebuild the model")
+    model = build_model(cfg.get("model", "mlp"), shape, int(cfg["n_classes"]), cfg.get("vocab_size"))
+    method = {"signin": "signin", "pilot": "pilot", "static": "static", "dense": "dense"}.get(cfg.get("method"),
+                                                                                              "static")
+    sparsify(model, method, float(cfg.get("density", 1.0)), distribution=cfg.get("distribution", "erk"),
+             seed=int(cfg.get("seed", 0)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise _user_error(f"{path}: the state does not fit the model rebuilt from its config: {e}") from None
+    info = {"input_shape": list(shape), "input_dtype": "int64" if cfg.get("vocab_size") else "float32",
+            "vocab_size": cfg.get("vocab_size")}
+    return extract(model.eval(), "dense"), info
+
+
+def _input_from_metadata(meta: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("input_shape", "input_dtype", "vocab_size"):
+        if key in meta:
+            try:
+                out[key] = json.loads(meta[key])
+            except (TypeError, ValueError):
+                pass
+    return out
+
+
+def guess_input(model: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
+    """Fill the input description from the model when the file did not record it."""
+    from . import models
+    from .infer import InferModule
+
+    if info.get("input_shape"):
+        return info
+    out = dict(info)
+    if isinstance(model, getattr(models, "TinyTransformer", ())):
+        out.update(input_shape=[int(model.pos.shape[0])], input_dtype="int64",
+                   vocab_size=int(model.embed.num_embeddings))
+    elif isinstance(model, getattr(models, "SmallResNet", ())):
+        out.update(input_shape=[int(model.in_channels), int(model.image_size), int(model.image_size)],
+                   input_dtype="float32")
+    else:
+        first = next((m for m in model.modules() if isinstance(m, (InferModule, nn.Linear, nn.Conv2d))), None)
+        if first is not None and hasattr(first, "in_features"):
+            out.update(input_shape=[int(first.in_features)], input_dtype="float32")
+    return out
+
+
+def make_input(info: dict[str, Any], batch: int, dtype: torch.dtype) -> torch.Tensor:
+    shape = (batch, *info["input_shape"])
+    if info.get("input_dtype") == "int64":
+        return torch.randint(0, int(info.get("vocab_size") or 2), shape)
+    return torch.randn(shape, dtype=dtype)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{PROG} export", description="Extract a trained sparse model into a "
+                                "compact file (values + indices; no pickle).")
+    p.add_argument("checkpoint", help="a `sparse-engine train` run directory or its model.pt")
+    p.add_argument("--format", default="auto", choices=("auto", "dense", "csr", "bsr", "nm"),
+                   help="per-layer format; auto = fastest measured on this machine")
+    p.add_argument("--out", default=None, help="output file (default: <checkpoint dir>/model.sparse)")
+    p.add_argument("--batch", default="1,64", help="batch sizes auto measures at")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def export_main(argv: list[str]) -> int:
+    from . import io
+    from .extract import reformat, report
+
+    args = _export_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    batches = _batches(args.batch)
+    model, info = load_checkpoint(args.checkpoint)
+    info = guess_input(model, info)
+    example = None
+    if info.get("input_shape"):
+        example = (make_input(info, 1, _model_dtype(model)),)
+    try:
+        out = reformat(model, args.format, example_inputs=example, batch_sizes=batches, inplace=True)
+    except ValueError as e:
+        raise _user_error(str(e)) from None
+    path = args.out or os.path.join(os.path.dirname(_resolve_checkpoint(args.checkpoint)), "model.sparse")
+    meta = {k: json.dumps(v) for k, v in info.items() if v is not None}
+    size = io.save(out, path, metadata=meta)
+    rows = report(out)
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'layer':<{width}}  {'shape':<16} {'density':>8}  format  reason")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['name']:<{width}}  {shape:<16} {r['density']:>8.4f}  {r['format']:<6}  {r['reason']}")
+    print(f"wrote {path}: {size:,} bytes")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- bench-infer
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{PROG} bench-infer", description="Inference latency and throughput of "
+                                "an exported model against its dense equivalent.")
+    p.add_argument("model", help="a file written by `sparse-engine export`")
+    p.add_argument("--batch", default="1,16,64", help="comma-separated batch sizes")
+    p.add_argument("--input-shape", default=None, help="shape of one sample, e.g. 784 or 1,28,28 "
+                   "(default: from the file)")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    return p
+
+
+def time_call(fn, budget_s: float, min_rounds: int = 5) -> float:
+    """Median seconds per call: rounds of bursts (each ~10 ms) after warm-up, median of the rounds."""
+    for _ in range(3):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    burst = max(1, min(1000, int(0.01 / one)))
+    rounds = []
+    start = time.perf_counter()
+    while len(rounds) < min_rounds or (time.perf_counter() - start < budget_s and len(rounds) < 200):
+        t0 = time.perf_counter()
+        for _ in range(burst):
+            fn()
+        rounds.append((time.perf_counter() - t0) / burst)
+    return statistics.median(rounds)
+
+
+def bench_infer_main(argv: list[str]) -> int:
+    from . import io
+    from .extract import reformat
+
+    args = _bench_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    batches = _batches(args.batch)
+    if not os.path.isfile(args.model):
+        raise _user_error(f"{args.model} does not exist")
+    try:
+        header = io.read_header(args.model)
+        model = io.load(args.model)
+    except io.SparseFileError as e:
+        raise _user_error(str(e)) from None
+    info = _input_from_metadata(header.get("metadata", {}))
+    if args.input_shape:
+        try:
+            info["input_shape"] = [int(d) for d in args.input_shape.split(",")]
+        except ValueError:
+            raise _user_error(f"--input-shape must be comma-separated ints, got {args.input_shape!r}") from None
+    info = guess_input(model, info)
+    if not info.get("input_shape"):
+        raise _user_error("the file does not record the input shape; give --input-shape")
+    dense = reformat(model, "dense")
+    dtype = _model_dtype(model)
+    rows = []
+    with torch.inference_mode():
+        for b in batches:
+            x = make_input(info, b, dtype)
+            try:
+                t_sparse = time_call(lambda x=x: model(x), args.budget)
+            except (RuntimeError, ValueError) as e:
+                raise _user_error(f"the model does not accept inputs of shape {tuple(x.shape)} ({e}); "
+                                  "give --input-shape") from None
+            t_dense = time_call(lambda x=x: dense(x), args.budget)
+            rows.append({"batch": b, "sparse_ms": t_sparse * 1e3, "dense_ms": t_dense * 1e3,
+                         "sparse_per_s": b / t_sparse, "dense_per_s": b / t_dense, "speedup": t_dense / t_sparse})
+    formats: dict[str, int] = {}
+    for m in model.modules():
+        if hasattr(m, "format") and hasattr(m, "weight_shape"):
+            formats[m.format] = formats.get(m.format, 0) + 1
+    if args.json:
+        print(json.dumps({"file": args.model, "formats": formats, "threads": torch.get_num_threads(),
+                          "rows": rows}, indent=1))
+        return 0
+    print(f"{args.model}: {sum(formats.values())} sparse layers ({', '.join(f'{v} {k}' for k, v in formats.items())}),"
+          f" input {tuple(info['input_shape'])}, {torch.get_num_threads()} threads")
+    print(f"{'batch':>6} {'latency ms':>11} {'dense ms':>9} {'samples/s':>11} {'dense /s':>11} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['sparse_ms']:>11.4f} {r['dense_ms']:>9.4f} {r['sparse_per_s']:>11,.0f} "
+              f"{r['dense_per_s']:>11,.0f} {r['speedup']:>7.2f}x")
+    if any(not math.isfinite(r["speedup"]) for r in rows):
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sparse_engine.extract_cli export|bench-infer ...`` (the same as the sparse-engine ones)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"export": export_main, "bench-infer": bench_infer_main}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m sparse_engine.extract_cli {{{','.join(commands)}}} ...", file=sys.stderr)
+        return 2
+    try:
+        return commands[argv[0]](argv[1:])
+    except Exception as e:
+        if type(e).__name__ == "UserError":
+            print(f"{PROG} {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
