@@ -457,3 +457,42 @@ def test_package_level_names():
     out = sparse_engine.extract(model, "csr")  # still callable
     assert isinstance(out[0], InferLinear)
     assert sparse_engine.save is importlib.import_module("sparse_engine.io").save
+
+
+# ------------------------------------------------------------------------------ export / bench-infer
+
+
+def test_export_and_bench_infer_commands(tmp_path, capsys):
+    import json
+
+    from sparse_engine import io
+    from sparse_engine.cli import UserError
+    from sparse_engine.extract_cli import bench_infer_main, export_main
+
+    model = build_model("cnn", (1, 28, 28), 10).eval()
+    sparsify(model, "signin", 0.1)
+    run = tmp_path / "run"
+    run.mkdir()
+    io.save(extract(model, "dense"), run / "model.pt")  # what `sparse-engine train` leaves
+    assert export_main([str(run), "--format", "csr", "--out", str(tmp_path / "m.sparse")]) == 0
+    text = capsys.readouterr().out
+    assert "wrote" in text and "csr" in text
+    loaded = io.load(tmp_path / "m.sparse")
+    assert {m.format for m in loaded.modules() if isinstance(m, InferModule)} == {"csr"}
+    assert json.loads(io.read_header(tmp_path / "m.sparse")["metadata"]["input_shape"]) == [1, 28, 28]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert_close(loaded(x), model(x).double(), torch.float32, "exported model")
+
+    assert bench_infer_main([str(tmp_path / "m.sparse"), "--batch", "1,3", "--budget", "0.01", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 and r["speedup"] > 0 for r in rows)
+
+    with pytest.raises(UserError, match="does not exist"):
+        export_main([str(tmp_path / "missing")])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="neither a sparse_engine file"):
+        export_main([str(tmp_path / "junk.pt")])
+    with pytest.raises(UserError, match="--batch"):
+        bench_infer_main([str(tmp_path / "m.sparse"), "--batch", "0"])
