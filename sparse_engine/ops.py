@@ -40,9 +40,22 @@ def _empty_like(ref: Tensor) -> Tensor:
 def _run(impl: str, device: torch.device, dtype: torch.dtype, *args, empty: bool = False):
     """Run ``impl`` on the selected backend; ``empty`` work (a zero-size dim) always runs the reference."""
     if empty:
-        return backends.REFERENCE[impl](*args)
-    _, fn = backends.select(impl, device, dtype, args)
-    return fn(*args)
+        fn = backends.REFERENCE[impl]
+    else:
+        _, fn = backends.select(impl, device, dtype, args)
+    # Inputs were already cast by _autocast (public wrappers); a reference F.linear running under an
+    # active autocast would otherwise return another dtype than the fake implementation promises.
+    with torch.autocast(device.type, enabled=False):
+        return fn(*args)
+
+
+def _autocast(x: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under autocast, cast the floating inputs of a linear op to the autocast dtype, as F.linear does."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))
 
 
 # ------------------------------------------------------------------------------------- input checks
@@ -205,6 +218,7 @@ def masked_linear(
 
     m None: the Masked parameterization (θ = M ⊙ w); mask None: no mask.
     """
+    x, m, w, bias = _autocast(x, m, w, bias)
     _check_factors(m, w, mask)
     _check_input(x, w, w.shape[1], bias, w.shape[0])
     x2, lead = _flatten(x)
@@ -273,6 +287,7 @@ def block_sparse_linear(x: Tensor, m: Tensor | None, w: Tensor, index, bias: Ten
 
     x: (..., K) -> (..., N). Whole blocks are active: coordinates inside an active block train.
     """
+    x, m, w, bias = _autocast(x, m, w, bias)
     _check_factors(m, w, None)
     _check_input(x, w, w.shape[1], bias, w.shape[0])
     _check_index(index, w.device, bsr_only=True)
@@ -346,6 +361,8 @@ def compact_linear(
     ``index`` is a layout.CSRIndex (values (nnz,)) or BSRIndex (values (nnzb, bn, bk), edge blocks zero
     padded: the padding never reaches y and gets zero gradient). x: (..., K) -> (..., N).
     """
+    _check_tensor("x", x)
+    x, m_values, w_values, bias = _autocast(x, m_values, w_values, bias)
     _check_tensor("w_values", w_values)
     _check_index(index, w_values.device, bsr_only=False)
     n, k = index.shape

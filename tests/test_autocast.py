@@ -1,0 +1,33 @@
+"""Linear ops under autocast behave like F.linear: inputs cast to the autocast dtype, grads in the param dtype."""
+import torch
+import torch.nn.functional as F
+
+from sparse_engine import ops
+from sparse_engine.layout import CSRIndex
+
+
+def test_masked_linear_under_cpu_autocast_matches_f_linear():
+    x = torch.randn(5, 16)
+    m = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(4, 16, requires_grad=True)
+    mask = torch.rand(4, 16) < 0.5
+    b = torch.randn(4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.masked_linear(x, m, w, mask, b)
+        expect = F.linear(x, m * w * mask, b)
+    assert y.dtype == expect.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expect.float(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert m.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+
+
+def test_compact_linear_under_cpu_autocast_returns_autocast_dtype():
+    mask = torch.rand(6, 10) < 0.3
+    mask[0, 0] = True
+    index = CSRIndex.from_mask(mask)
+    w = torch.randn(index.nnz, requires_grad=True)
+    x = torch.randn(3, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.compact_linear(x, None, w, index)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), x @ index.scatter(w.detach()).t(), rtol=3e-2, atol=3e-2)
