@@ -90,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(cmd.load()(rest) or 0)
+    except SystemExit as e:  # argparse: --help (0) or a usage error it has already printed (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except KeyboardInterrupt:
         print(f"\n{PROG} {name}: interrupted", file=sys.stderr)
         return 130
