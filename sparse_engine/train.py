@@ -446,19 +446,22 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def summary_table(results: dict[str, dict]) -> str:
-    """One row per method: density, final / best test accuracy, train accuracy, sign flips, time."""
-    head = ("method", "density", "test acc %", "best %", "train acc %", "sign flips", "s/epoch")
+    """One row per method: density, final test accuracy (PILoT: after its prune), last epoch's train
+    accuracy, sign flips of θ (summed epoch to epoch; "-" without factored/sparse layers), s/epoch."""
+    head = ("method", "density", "test acc %", "train acc %", "sign flips", "s/epoch")
     rows = []
     for name, r in results.items():
         t = r["time_per_epoch_s"]
+        sparse = any(lay["kind"] != "dense" for lay in r["layers"])
         rows.append((name, f"{r['density']:.3f}", f"{100 * r['final']['test_acc']:.2f}",
-                     f"{100 * r['final']['best_test_acc']:.2f}", f"{100 * r['final']['train_acc']:.2f}",
-                     str(r["sign_flips"]), f"{sum(t) / len(t):.2f}"))
+                     f"{100 * r['final']['train_acc']:.2f}", str(r["sign_flips"]) if sparse else "-",
+                     f"{sum(t) / len(t):.1f}"))
     return _table(head, rows)
 
 
 def epoch_table(results: dict[str, dict]) -> str:
-    """Test accuracy (%) per epoch, methods side by side."""
+    """Test accuracy (%) after each epoch, methods side by side; the last row is the final model
+    (for PILoT: after the prune)."""
     names = list(results)
     n = max(len(r["epochs"]) for r in results.values())
     rows = []
@@ -468,6 +471,7 @@ def epoch_table(results: dict[str, dict]) -> str:
             eps = results[name]["epochs"]
             cells.append(f"{100 * eps[i]['test_acc']:.2f}" if i < len(eps) else "")
         rows.append(tuple(cells))
+    rows.append(("final", *(f"{100 * results[m]['final']['test_acc']:.2f}" for m in names)))
     return _table(("epoch", *names), rows)
 
 

@@ -523,3 +523,19 @@ def test_attached_cuda_peak_memory_is_lower():
     plain, attached = run(False), run(True)
     assert plain >= grads
     assert attached < plain - grads / 2
+
+
+def test_attached_hooks_follow_groups_replaced_by_load_state_dict():
+    model_a = make_model("signin", density=0.5)
+    model_b = copy.deepcopy(model_a)
+    opt_a = SGD(model_a, lr=0.05, momentum=0.9, weight_decay=0.0)
+    opt_b = SGD(model_b, lr=0.05, momentum=0.9, weight_decay=0.0).attach()
+    opt_a.param_groups[0]["weight_decay"] = 0.3  # what a schedule does
+    opt_b.load_state_dict(opt_a.state_dict())    # replaces opt_b's group dicts
+    for _ in range(3):
+        x, y = batch(torch.float32)
+        for m, o in ((model_a, opt_a), (model_b, opt_b)):
+            o.zero_grad()
+            loss_fn(m, x, y).backward()
+            o.step()
+    assert_same_state(model_a, model_b, "after load_state_dict in attached mode")

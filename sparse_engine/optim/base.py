@@ -165,7 +165,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def bind(self, model: nn.Module) -> "SparseOptimizer":
         """Learn the role (m / w / theta) and mask source of every parameterized tensor in ``model``."""
-        for _, pz in parameterizations(model) if not isinstance(model, Parameterization) else [("", model)]:
+        for _, pz in parameterizations(model):  # includes ``model`` itself if it is a Parameterization
             for role, p, _ in pz.step_targets():
                 self._bindings[p] = (role, pz)
         return self
@@ -191,12 +191,6 @@ class SparseOptimizer(torch.optim.Optimizer):
             if p in in_groups:
                 seen.setdefault(id(pz), pz)
         return list(seen.values())
-
-    def _group_of(self, p: Tensor) -> dict[str, Any]:
-        for g in self.param_groups:
-            if any(q is p for q in g["params"]):
-                return g
-        raise KeyError("tensor is not in any parameter group of this optimizer")
 
     # -------------------------------------------------------------------------------------- the step
 
@@ -298,10 +292,11 @@ class SparseOptimizer(torch.optim.Optimizer):
             self.bind(model)
         if self._handles:
             return self
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.requires_grad:
-                    hook = functools.partial(self._backward_hook, group)
+                    # the group is looked up by index at each call: load_state_dict replaces the dicts
+                    hook = functools.partial(self._backward_hook, index)
                     self._handles.append(p.register_post_accumulate_grad_hook(hook))
         return self
 
@@ -315,7 +310,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         return bool(self._handles)
 
     @torch.no_grad()
-    def _backward_hook(self, group: dict[str, Any], p: Tensor) -> None:
+    def _backward_hook(self, group_index: int, p: Tensor) -> None:
+        group = self.param_groups[group_index]
         grad = p.grad
         if grad is None:
             return
