@@ -259,6 +259,15 @@ def _check(x_name, x, m, w, feats, index, block_n, block_k):
                              f"{(block_n, block_k)} blocks, got {t.numel()}")
 
 
+def unsupported(impl: str, args: tuple) -> str:
+    """Backend hook (sparse_engine.backends): why these exact arguments cannot run here ("" if they can)."""
+    if impl in ("block_sparse_linear_fwd", "block_sparse_linear_bwd") and len(args) >= 2:
+        for name, b in (("block_n", args[-2]), ("block_k", args[-1])):
+            if not isinstance(b, int) or not 1 <= b <= MAX_BLOCK:
+                return f"the Triton kernels take {name} in [1, {MAX_BLOCK}], got {b!r}"
+    return ""
+
+
 def _block_consts(block_n: int, block_k: int, dtype: torch.dtype, reduce_over: str | None) -> dict:
     """Block constexprs; CH = the reduction chunk of the SpMM kernels (bounded shared memory per stage)."""
     bn_p, bk_p = max(16, next_pow2(block_n)), max(16, next_pow2(block_k))
@@ -280,7 +289,7 @@ def prepare_fwd(x, m, w, bias, crow, col, row, ccol, row_t, block_n, block_k, co
     y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
     dm = m if m is not None else w
     args = dict(
-        x_ptr=x, m_ptr=dm, w_ptr=w, bias_ptr=bias if bias is not None else w, y_ptr=y, crow_ptr=crow,
+        x_ptr=x, m_ptr=dm, w_ptr=w, bias_ptr=bias.contiguous() if bias is not None else w, y_ptr=y, crow_ptr=crow,
         col_ptr=col, M=bsz, N=n, K=k, s_xm=x.stride(0), s_xk=x.stride(1), s_mn=dm.stride(0),
         s_mk=dm.stride(1), s_wn=w.stride(0), s_wk=w.stride(1), s_ym=y.stride(0), s_yn=y.stride(1),
         has_bias=int(bias is not None), HAS_M=m is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),

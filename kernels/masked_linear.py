@@ -290,7 +290,7 @@ def prepare_fwd(x, m, w, mask, bias, config: triton.Config | None = None) -> tup
     bsz = x.shape[0]
     y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
     args = dict(
-        a_ptr=x, bias_ptr=bias if bias is not None else w, out_ptr=y,
+        a_ptr=x, bias_ptr=bias.contiguous() if bias is not None else w, out_ptr=y,
         P=bsz, Q=n, R=k, s_ap=x.stride(0), s_ar=x.stride(1), s_op=y.stride(0), s_oq=y.stride(1),
         has_bias=int(bias is not None), HAS_M=m is not None, HAS_MASK=mask is not None,
         UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
