@@ -46,13 +46,15 @@ class Command:
         return getattr(importlib.import_module(module), func)
 
 
-#: name -> Command. bench / export / bench-infer appear once their modules exist.
+#: name -> Command. A command whose module is missing (e.g. bench before it exists) is not listed.
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model with a sparse method, or --compare several", "sparse_engine.cli:train_main"),
     "info": Command("versions, backends and their availability, environment variables", "sparse_engine.info:main"),
     "bench": Command("benchmark the ops and layers", "sparse_engine.bench:main"),
-    "export": Command("extract a trained sparse model into a compact file", "sparse_engine.export:main"),
-    "bench-infer": Command("benchmark inference of an extracted model", "sparse_engine.bench_infer:main"),
+    "export": Command("re-lay a trained model (a train run directory) into a compact inference file",
+                      "sparse_engine.extract_cli:export_main"),
+    "bench-infer": Command("latency and throughput of an exported model against its dense equivalent",
+                           "sparse_engine.extract_cli:bench_infer_main"),
 }
 
 

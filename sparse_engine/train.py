@@ -431,8 +431,37 @@ def train(cfg: TrainConfig, dataset: data_mod.Dataset | None = None, *, stream: 
         "method_log": {k: v for k, v in method.log.items() if k != "layer_density"},
     })
     if write and cfg.out_dir:
+        result["checkpoint"] = str(Path(cfg.out_dir) / "model.pt")
         _write_json(Path(cfg.out_dir) / "result.json", result)
+        save_model(model, Path(cfg.out_dir) / "model.pt", cfg, ds)
     return result
+
+
+def save_model(model: nn.Module, path: Path, cfg: TrainConfig, ds: data_mod.Dataset) -> None:
+    """Write the trained model where ``sparse-engine export`` finds it (``<run dir>/model.pt``).
+
+    A sparse model is extracted (θ = M ⊙ m ⊙ w collapsed, dense storage) and written as a sparse_engine
+    file with the input description in its metadata; a model without sparse layers (the dense baseline)
+    as a torch checkpoint ``{"config": ..., "model_state": ...}``.
+    """
+    from .extract import extract, sparse_layers
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    if sparse_layers(model):
+        from . import io
+
+        meta = {"input_shape": json.dumps(list(ds.input_shape)),
+                "input_dtype": json.dumps("int64" if ds.vocab_size else "float32"),
+                "vocab_size": json.dumps(ds.vocab_size), "model": cfg.model, "method": cfg.method,
+                "density": json.dumps(cfg.density), "seed": json.dumps(cfg.seed)}
+        io.save(extract(model, "dense"), path, metadata=meta)
+        return
+    config = {**dataclasses.asdict(cfg), "input_shape": list(ds.input_shape), "n_classes": ds.n_classes,
+              "vocab_size": ds.vocab_size}
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({"config": config, "model_state": model.state_dict()}, tmp)
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, obj: Any) -> None:

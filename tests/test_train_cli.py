@@ -40,6 +40,13 @@ def test_train_writes_table_and_json(tmp_path, capsys):
     sparse = [lay for lay in r["layers"] if lay["kind"] == "signin"]
     assert sparse and all(0 < lay["density"] <= 1 for lay in sparse)
     assert abs(r["density"] - 0.2) < 0.01 and isinstance(r["sign_flips"], int)
+    # the run directory holds the trained model as a compact file that reproduces the final accuracy
+    from sparse_engine import io
+    from sparse_engine.train import evaluate, load_data
+
+    loaded = io.load(out_dir / "model.pt")
+    ds = load_data(TrainConfig(data="teacher", n_train=384, n_test=128))
+    assert evaluate(loaded, ds.x_test, ds.y_test)[1] == r["final"]["test_acc"]
 
 
 def test_compare_prints_methods_side_by_side(tmp_path, capsys):
