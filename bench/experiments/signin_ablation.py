@@ -1,0 +1,121 @@
+"""Sign-In ablation: reset period, optimizer-state policy at a reset (keep / zero / transform), and the
+two knobs METHODS.md leaves open that most change the dynamics (β and the learning rate of m ⊙ w).
+
+    python bench/experiments/signin_ablation.py            # default (about 15-20 min on 2 cores)
+    python bench/experiments/signin_ablation.py --quick    # smoke test (seconds)
+
+LeNet-300-100 on a Fashion-MNIST subset at 90 % sparsity (ERK random mask), same seeded init and mask
+for every condition; static (random PaI) is the reference. The library's defaults are reset every
+epoch with the "transform" policy, β = 1, factor lr scale 1. Writes signin_ablation.json and .png.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run, save_fig,
+                     seeds_of, write_json)
+
+#: condition -> (method, TrainConfig overrides)
+CONDITIONS = {
+    "static (PaI)": ("static", {}),
+    "signin default": ("signin", {}),
+    "reset every 2 ep": ("signin", {"reset_every": 2}),
+    "reset every 5 ep": ("signin", {"reset_every": 5}),
+    "no reset": ("signin", {"reset_until": 0.0}),
+    "reset every 50 steps": ("signin", {"reset_every": 50, "reset_unit": "step"}),
+    "policy keep": ("signin", {"reset_policy": "keep"}),
+    "policy zero": ("signin", {"reset_policy": "zero"}),
+    "beta 4": ("signin", {"beta": 4.0}),
+    "factor lr x2": ("signin", {"factor_lr_scale": 2.0}),
+}
+SETTINGS = {"n_train": 20000, "n_test": 10000, "epochs": 10, "batch_size": 128, "lr": 0.05, "sparsity": 0.9}
+QUICK = {"n_train": 1000, "n_test": 500, "epochs": 2, "batch_size": 128, "lr": 0.05, "sparsity": 0.9}
+QUICK_CONDITIONS = ("static (PaI)", "signin default", "policy zero", "reset every 50 steps")
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--conditions", nargs="+", default=None, choices=list(CONDITIONS))
+    args = p.parse_args(argv)
+    seeds = seeds_of(args)
+    st = dict(QUICK if args.quick else SETTINGS)
+    names = args.conditions or (list(QUICK_CONDITIONS) if args.quick else list(CONDITIONS))
+    out = {"experiment": "signin_ablation", "quick": args.quick, "seeds": seeds,
+           "settings": {**st, "model": "mlp", "momentum": 0.9, "weight_decay": 5e-4, "distribution": "erk"},
+           "conditions": {n: {"method": CONDITIONS[n][0], **CONDITIONS[n][1]} for n in names},
+           "environment": environment(), "runs": [], "summary": {}}
+    path = args.out / "signin_ablation.json"
+    ds = dataset("mlp", st["n_train"], st["n_test"])
+    for seed in seeds:
+        for name in names:
+            method, over = CONDITIONS[name]
+            cfg = TrainConfig(model="mlp", method=method, density=round(1 - st["sparsity"], 6), epochs=st["epochs"],
+                              batch_size=st["batch_size"], lr=st["lr"], seed=seed, threads=args.threads,
+                              progress=False)
+            cfg = dataclasses.replace(cfg, **over)
+            r = run(cfg, ds)
+            log(f"seed {seed} {name}: test {100 * r['final']['test_acc']:.2f}% ({r['time_s']:.0f}s)")
+            out["runs"].append({"condition": name, "seed": seed, "describe": r["method"], "final": r["final"],
+                                "sign_flips": sum(e["sign_flips"] for e in r["epochs"]),
+                                "signs_changed_vs_init": sum(r["signs_changed_vs_init"].values()),
+                                "beta_per_epoch": [e["beta_mean"] for e in r["epochs"]],
+                                "beta_before_reset": [e.get("beta_before_reset") for e in r["epochs"]],
+                                "test_acc_per_epoch": [e["test_acc"] for e in r["epochs"]], "time_s": r["time_s"]})
+            write_json(path, out)
+    static = None
+    for name in names:
+        rs = [r for r in out["runs"] if r["condition"] == name]
+        s = {"test_acc": mean_std([100 * r["final"]["test_acc"] for r in rs]),
+             "train_acc": mean_std([100 * r["final"]["train_acc"] for r in rs]),
+             "sign_flips": mean_std([r["sign_flips"] for r in rs]),
+             "time_s": mean_std([r["time_s"] for r in rs])}
+        if name == "static (PaI)":
+            static = s
+        elif static is not None:
+            s["vs_static_exceeds_spread"] = exceeds_spread(s["test_acc"], static["test_acc"])
+            diffs = [100 * (a["final"]["test_acc"] - b["final"]["test_acc"]) for a in rs
+                     for b in out["runs"] if b["condition"] == "static (PaI)" and b["seed"] == a["seed"]]
+            s["paired_diff_vs_static"] = mean_std(diffs)
+        out["summary"][name] = s
+    write_json(path, out)
+    if not args.no_plot:
+        plot(out, args.out / "signin_ablation.png")
+    print(table(out))
+    return 0
+
+
+def table(out: dict) -> str:
+    lines = [f"{'condition':<22} {'test acc %':>15} {'paired diff vs static':>22} {'sign flips':>12}"]
+    for name, s in out["summary"].items():
+        d = s.get("paired_diff_vs_static")
+        dtxt = f"{d['mean']:+.2f} ± {d['std']:.2f}" if d else ""
+        lines.append(f"{name:<22} {s['test_acc']['mean']:>8.2f} ± {s['test_acc']['std']:<4.2f} {dtxt:>22} "
+                     f"{s['sign_flips']['mean']:>12.0f}")
+    return "\n".join(lines)
+
+
+def plot(out: dict, path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    names = list(out["summary"])
+    ms = [out["summary"][n]["test_acc"]["mean"] for n in names]
+    ss = [out["summary"][n]["test_acc"]["std"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5))
+    colors = ["tab:gray" if n.startswith("static") else "tab:red" if n == "signin default" else "tab:blue" for n in names]
+    ax.barh(range(len(names)), ms, xerr=ss, capsize=3, color=colors)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    lo, hi = min(m - s for m, s in zip(ms, ss)), max(m + s for m, s in zip(ms, ss))
+    ax.set_xlim(lo - 0.3 * (hi - lo + 0.5), hi + 0.3 * (hi - lo + 0.5))
+    ax.set_xlabel("test accuracy % (mean ± std)")
+    st = out["settings"]
+    ax.set_title(f"Sign-In ablation, MLP / Fashion-MNIST {st['n_train']} samples, {st['sparsity']:.0%} sparse, "
+                 f"{len(out['seeds'])} seeds", fontsize=9)
+    fig.tight_layout()
+    save_fig(fig, path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
