@@ -51,6 +51,33 @@ def configs(gpu: Sequence["triton.Config"], interp: "triton.Config") -> list["tr
     return [interp] if interpreting() else list(gpu)
 
 
+def quick_bench(kernel_call, quantiles):
+    """The autotuner's timer: shorter than Triton's default (25 ms warm-up, 100 ms per config), which
+    would dominate a test suite that meets many shapes; still ≥ 10 runs of any kernel worth tuning."""
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, warmup=10, rep=30, quantiles=quantiles)
+
+
+def autotune(gpu_configs, interp_config, key):
+    """``triton.autotune`` over ``gpu_configs`` (one ``interp_config`` in the interpreter)."""
+    if interpreting():
+        return triton.autotune([interp_config], key=key)
+    return triton.autotune(list(gpu_configs), key=key, do_bench=quick_bench)
+
+
+#: problems with at most this many multiply-adds skip autotuning and take the module's small config:
+#: they run in microseconds, and tuning each new shape (tests meet hundreds) would cost far more
+SMALL_WORK = 1 << 25
+
+
+def small_problem_config(config, work: int, small):
+    """``config`` if given, else ``small`` for a small problem on a GPU, else None (autotune)."""
+    if config is not None or interpreting() or work > SMALL_WORK:
+        return config
+    return small
+
+
 def upcast_flag() -> bool:
     """Value of the kernels' ``UPCAST`` constexpr: True only in the interpreter (see module doc)."""
     return interpreting()

@@ -32,10 +32,11 @@ from ._common import (
     check_device,
     check_dtype,
     check_same,
-    configs,
+    autotune,
     dot_precision,
     next_pow2,
     ordered_args,
+    small_problem_config,
     upcast_flag,
 )
 
@@ -222,12 +223,15 @@ def _block_sparse_linear_dtheta_kernel(
 
 # one autotuner per operand width (fp32 needs other tiles; the key does not see dtypes)
 _SPMM_KEY = ["M", "N", "K", "BN", "BK", "HAS_M", "PREC"]
-_bsr_fwd = {es: triton.autotune(configs(c, SPMM_INTERP), key=_SPMM_KEY)(_block_sparse_linear_fwd_kernel)
+_bsr_fwd = {es: autotune(c, SPMM_INTERP, _SPMM_KEY)(_block_sparse_linear_fwd_kernel)
             for es, c in ((2, SPMM_CONFIGS_16), (4, SPMM_CONFIGS_32))}
-_bsr_dx = {es: triton.autotune(configs(c, SPMM_INTERP), key=_SPMM_KEY)(_block_sparse_linear_dx_kernel)
+_bsr_dx = {es: autotune(c, SPMM_INTERP, _SPMM_KEY)(_block_sparse_linear_dx_kernel)
            for es, c in ((2, SPMM_CONFIGS_16), (4, SPMM_CONFIGS_32))}
-_bsr_dtheta = {es: triton.autotune(configs(c, SDDMM_INTERP), key=_SPMM_KEY)(_block_sparse_linear_dtheta_kernel)
+_bsr_dtheta = {es: autotune(c, SDDMM_INTERP, _SPMM_KEY)(_block_sparse_linear_dtheta_kernel)
                for es, c in ((2, SDDMM_CONFIGS_16), (4, SDDMM_CONFIGS_32))}
+#: element size -> config of small problems (no autotuning; see _common.SMALL_WORK)
+SPMM_SMALL = {2: SPMM_CONFIGS_16[2], 4: SPMM_CONFIGS_32[0]}
+SDDMM_SMALL = {2: SDDMM_CONFIGS_16[2], 4: SDDMM_CONFIGS_32[0]}
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -297,6 +301,7 @@ def prepare_fwd(x, m, w, bias, crow, col, row, ccol, row_t, block_n, block_k, co
     )
     nbr = -(-n // block_n)
     grid = lambda meta: (triton.cdiv(bsz, meta["BLOCK_M"]), nbr)  # noqa: E731
+    config = small_problem_config(config, bsz * col.numel() * block_n * block_k, SPMM_SMALL[w.element_size()])
     return Launch(_bsr_fwd[w.element_size()], grid, ordered_args(_block_sparse_linear_fwd_kernel, args, SPMM_INTERP.kwargs),
                   config), y
 
@@ -316,6 +321,7 @@ def prepare_dx(grad_y, m, w, crow, col, row, ccol, row_t, block_n, block_k, conf
     )
     nbc = -(-k // block_k)
     grid = lambda meta: (triton.cdiv(bsz, meta["BLOCK_M"]), nbc)  # noqa: E731
+    config = small_problem_config(config, bsz * col.numel() * block_n * block_k, SPMM_SMALL[w.element_size()])
     return Launch(_bsr_dx[w.element_size()], grid, ordered_args(_block_sparse_linear_dx_kernel, args, SPMM_INTERP.kwargs),
                   config), g_x
 
@@ -340,6 +346,8 @@ def prepare_dtheta(grad_y, x, m, w, crow, col, row, ccol, row_t, block_n, block_
         **_block_consts(block_n, block_k, w.dtype, None),
     )
     grid = (col.numel(),)
+    config = small_problem_config(config, x.shape[0] * col.numel() * block_n * block_k,
+                                  SDDMM_SMALL[w.element_size()])
     return Launch(_bsr_dtheta[w.element_size()], grid,
                   ordered_args(_block_sparse_linear_dtheta_kernel, args, SDDMM_INTERP.kwargs), config), (g_m, g_w)
 

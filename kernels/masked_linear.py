@@ -33,9 +33,10 @@ from ._common import (
     check_dtype,
     check_mask,
     check_same,
-    configs,
+    autotune,
     dot_precision,
     ordered_args,
+    small_problem_config,
     upcast_flag,
 )
 
@@ -51,6 +52,7 @@ def _mm_cfg(p, q, r, warps, stages, lhs=False, group=8):
 #: the weight-side traffic per FLOP (each θ element costs three loads: m, w, M).
 MM_CONFIGS_16 = [
     _mm_cfg(128, 128, 64, 8, 3),
+    _mm_cfg(64, 64, 64, 4, 3),
     _mm_cfg(128, 128, 64, 8, 3, lhs=True),
     _mm_cfg(256, 128, 64, 8, 2),
     _mm_cfg(128, 256, 64, 8, 3, lhs=True),
@@ -72,6 +74,7 @@ def _dt_cfg(n, k, b, warps, stages, group=8):
 
 DT_CONFIGS_16 = [
     _dt_cfg(128, 128, 64, 8, 3),
+    _dt_cfg(64, 64, 64, 4, 3),
     _dt_cfg(128, 256, 64, 8, 3),
     _dt_cfg(256, 128, 64, 8, 3),
     _dt_cfg(64, 128, 64, 4, 4),
@@ -82,6 +85,9 @@ DT_CONFIGS_32 = [
     _dt_cfg(64, 64, 32, 4, 3),
 ]
 DT_INTERP = _dt_cfg(64, 64, 64, 4, 1)
+#: element size -> the config of small problems (no autotuning; see _common.SMALL_WORK)
+MM_SMALL = {2: MM_CONFIGS_16[1], 4: MM_CONFIGS_32[-1]}
+DT_SMALL = {2: DT_CONFIGS_16[1], 4: DT_CONFIGS_32[-1]}
 
 
 @triton.jit
@@ -235,12 +241,12 @@ def _masked_linear_dtheta_kernel(
 _MM_KEY = ["P", "Q", "R", "HAS_M", "HAS_MASK", "PREC"]
 _DT_KEY = ["N", "K", "B", "HAS_M", "PREC"]
 _masked_mm = {
-    2: triton.autotune(configs(MM_CONFIGS_16, MM_INTERP), key=_MM_KEY)(_masked_mm_kernel),
-    4: triton.autotune(configs(MM_CONFIGS_32, MM_INTERP), key=_MM_KEY)(_masked_mm_kernel),
+    2: autotune(MM_CONFIGS_16, MM_INTERP, _MM_KEY)(_masked_mm_kernel),
+    4: autotune(MM_CONFIGS_32, MM_INTERP, _MM_KEY)(_masked_mm_kernel),
 }
 _masked_dtheta = {
-    2: triton.autotune(configs(DT_CONFIGS_16, DT_INTERP), key=_DT_KEY)(_masked_linear_dtheta_kernel),
-    4: triton.autotune(configs(DT_CONFIGS_32, DT_INTERP), key=_DT_KEY)(_masked_linear_dtheta_kernel),
+    2: autotune(DT_CONFIGS_16, DT_INTERP, _DT_KEY)(_masked_linear_dtheta_kernel),
+    4: autotune(DT_CONFIGS_32, DT_INTERP, _DT_KEY)(_masked_linear_dtheta_kernel),
 }
 
 
@@ -296,6 +302,7 @@ def prepare_fwd(x, m, w, mask, bias, config: triton.Config | None = None) -> tup
         UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
     )
     args.update(_theta_args(m, w, mask, r_dim=1))
+    config = small_problem_config(config, bsz * n * k, MM_SMALL[w.element_size()])
     return Launch(_masked_mm[w.element_size()], _mm_grid(bsz, n), ordered_args(_masked_mm_kernel, args, MM_INTERP.kwargs), config), y
 
 
@@ -312,6 +319,7 @@ def prepare_dx(grad_y, m, w, mask, config: triton.Config | None = None) -> tuple
         UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
     )
     args.update(_theta_args(m, w, mask, r_dim=0))
+    config = small_problem_config(config, bsz * n * k, MM_SMALL[w.element_size()])
     return Launch(_masked_mm[w.element_size()], _mm_grid(bsz, k), ordered_args(_masked_mm_kernel, args, MM_INTERP.kwargs), config), g_x
 
 
@@ -337,6 +345,7 @@ def prepare_dtheta(grad_y, x, m, w, mask, config: triton.Config | None = None):
         HAS_M=m is not None, HAS_MASK=mask is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
     )
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
+    config = small_problem_config(config, x.shape[0] * n * k, DT_SMALL[w.element_size()])
     return Launch(_masked_dtheta[w.element_size()], grid, ordered_args(_masked_linear_dtheta_kernel, args, DT_INTERP.kwargs), config), (g_m, g_w)
 
 

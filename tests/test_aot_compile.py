@@ -41,14 +41,20 @@ def _module(name: str):
     return importlib.import_module(f"sparse_engine.kernels.{name}")
 
 
-def _jobs(module_name: str) -> list[tuple[str, int, int, int]]:
-    """(module, launch index, config index, arch) for every compile of a module's plan."""
+def _plan_configs(launch, sweep: bool) -> list:
+    """Every autotune config for a sweep; else the config the launcher picked (or the first)."""
     from sparse_engine.kernels._common import configs_of
 
+    if sweep:
+        return configs_of(launch.kernel)
+    return configs_of(launch.kernel, launch.config)[:1]
+
+
+def _jobs(module_name: str) -> list[tuple[str, int, int, int]]:
+    """(module, launch index, config index, arch) for every compile of a module's plan."""
     jobs = []
     for i, (_, launch, sweep) in enumerate(_module(module_name).aot_launches()):
-        n_cfg = len(configs_of(launch.kernel, launch.config)) if sweep else 1
-        for c in range(n_cfg):
+        for c in range(len(_plan_configs(launch, sweep))):
             for arch in ARCHS:
                 jobs.append((module_name, i, c, arch))
     return jobs
@@ -60,10 +66,10 @@ def _compile_job(job):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sparse_engine.kernels._common import configs_of, jit_of, signature_of
+    from sparse_engine.kernels._common import jit_of, signature_of
 
-    name, launch, _ = _module(module_name).aot_launches()[i]
-    cfg = configs_of(launch.kernel, launch.config)[c]
+    name, launch, sweep = _module(module_name).aot_launches()[i]
+    cfg = _plan_configs(launch, sweep)[c]
     t0 = time.perf_counter()
     try:
         sig, consts, attrs = signature_of(launch, True, cfg)
