@@ -27,9 +27,15 @@ pytest.importorskip("triton", reason="triton is not installed: the benchmarks' T
 
 
 def _load(script: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"_bench_{Path(script).stem}", BENCH / script)
+    """Import a bench script as a module (the scripts import their helpers as ``common``)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    name = "common" if script == "common.py" else f"_bench_{Path(script).stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / script)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up here
     spec.loader.exec_module(mod)
     return mod
 
