@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     res.measure(REGISTRY, ["ours_unfused", "ours_signin"], kw, "step", (c,), nbytes=lambda p, c=c: c.nbytes)
     _note_pct(res, "signin pair", copy)
     res.write()
-    return 0
+    return 1 if res.errors else 0
 
 
 def _note_pct(res, case: str, copy: float) -> None:

@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         ml = common.kernels("masked_linear")
         common.print_tuning("masked_linear", {f"mm{k}": v for k, v in ml._masked_mm.items()}
                             | {f"dtheta{k}": v for k, v in ml._masked_dtheta.items()})
-    return 0
+    return 1 if res.errors else 0
 
 
 if __name__ == "__main__":

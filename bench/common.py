@@ -214,6 +214,7 @@ class Results:
 
     def __post_init__(self) -> None:
         self.env = environment(self.args.mode, self.args.device)
+        self.errors = 0
 
     def add(self, *, case: str, model: str, shape: str, dtype: str, density: str | float, provider: str,
             pass_: str, timing: Timing | None = None, flops: float | None = None, nbytes: float | None = None,
@@ -244,6 +245,15 @@ class Results:
             except Unavailable as e:
                 self.add(**case_kw, provider=name, pass_=pass_, note=f"unavailable: {e}")
                 continue
+            except Exception as e:  # one broken provider must not cost the other rows: record and go on
+                import traceback
+
+                traceback.print_exc()
+                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                self.add(**case_kw, provider=name, pass_=pass_, note=f"ERROR {type(e).__name__}: {msg}")
+                self.errors += 1
+                _release()
+                continue
             self.add(**case_kw, provider=name, pass_=pass_, timing=timing, flops=flops(name), nbytes=nbytes(name))
             _release()
 
@@ -270,7 +280,7 @@ class Results:
             for r in self.rows:
                 writer.writerow({**r, **self.env})
         self.print_table()
-        print(f"\nwrote {len(self.rows)} rows to {path}")
+        print(f"\nwrote {len(self.rows)} rows to {path}" + (f" ({self.errors} provider errors)" if self.errors else ""))
         return path
 
     def print_table(self) -> None:

@@ -11,7 +11,7 @@
 #      (no venv, no downloads); if sparse_engine.kernels is still not importable, a pure-Python
 #      install (SPARSE_ENGINE_BUILD=0), then a symlinked package tree on PYTHONPATH as the last resort
 #   3. the benchmarks (bench_*.py --out OUTDIR)                         -> <bench>.csv, bench_<op>.log
-#   4. pytest -m gpu                                                    -> pytest_gpu.log, pytest_gpu.xml
+#   4. tests/test_triton_kernels.py on CUDA, then pytest -m gpu (the rest) -> pytest_*.log, pytest_*.xml
 #   5. summary                                                          -> summary.txt
 # The Python used is $PYTHON, else python3 (on the GPU machines: the one that has torch).
 # Exit: 0 all steps passed, 1 some step failed or was cut short, 2 no GPU / usage.
@@ -102,7 +102,7 @@ kernels_importable() {
   (cd "$OUT" && "$PY" -c 'import sparse_engine.kernels.masked_linear, sparse_engine.kernels.fused_step' ) >> "$OUT/build.log" 2>&1
 }
 export MAX_JOBS=${MAX_JOBS:-16}
-run_step build 200 30 env SPARSE_ENGINE_CUDA=1 "$PY" -m pip install --no-deps --no-build-isolation -e .
+run_step build 180 30 env SPARSE_ENGINE_CUDA=1 "$PY" -m pip install --no-deps --no-build-isolation -e .
 if ! kernels_importable; then
   log "sparse_engine.kernels not importable after the build step: pure-Python install (SPARSE_ENGINE_BUILD=0)"
   run_step build_pure 60 15 env SPARSE_ENGINE_BUILD=0 SPARSE_ENGINE_CUDA=0 "$PY" -m pip install --no-deps --no-build-isolation -e .
@@ -128,7 +128,7 @@ print("CUDA extension:", "unavailable: " + str(why) if why else "loaded")
 ' ) 2>&1 | tail -n 1 | tee -a "$LOG" "$OUT/env.txt" > /dev/null
 
 # ------------------------------------------------------------------------------------ 3. benchmarks
-for spec in "bench_masked_linear 110" "bench_block_sparse_linear 110" "bench_fused_step 60" "bench_prune_threshold 40"; do
+for spec in "bench_masked_linear 110" "bench_block_sparse_linear 130" "bench_fused_step 60" "bench_prune_threshold 40"; do
   set -- $spec
   if [ -f "bench/$1.py" ]; then
     run_step "$1" "$2" 20 "$PY" "bench/$1.py" --out "$OUT"
@@ -136,17 +136,24 @@ for spec in "bench_masked_linear 110" "bench_block_sparse_linear 110" "bench_fus
 done
 
 # --------------------------------------------------------------------------------------- 4. GPU tests
+# (a) the Triton kernel tests, all of them on CUDA (not only the `gpu`-marked ones): every launcher vs
+#     its reference, every autotune config; (b) the rest of the `gpu`-marked suite with the time left.
 if "$PY" -c 'import pytest' >> "$LOG" 2>&1; then
-  run_step pytest_gpu 200 30 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs \
-    --junitxml="$OUT/pytest_gpu.xml" tests
+  PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rfEs --durations=10)
+  run_step pytest_triton_kernels 150 30 "${PYTEST[@]}" --junitxml="$OUT/pytest_triton_kernels.xml" \
+    tests/test_triton_kernels.py
+  run_step pytest_gpu 240 30 "${PYTEST[@]}" -m gpu --junitxml="$OUT/pytest_gpu.xml" \
+    --ignore=tests/test_triton_kernels.py tests
 else
-  log "SKIP pytest_gpu: pytest is not installed in $PY (no downloads here; carry a wheel to run the tests)"
-  ORDER+=("pytest_gpu")
-  STATUS[pytest_gpu]="skipped (no pytest)"
+  log "SKIP tests: pytest is not installed in $PY (no downloads here; carry a wheel to run the tests)"
+  ORDER+=("pytest")
+  STATUS[pytest]="skipped (no pytest)"
 fi
-if [ -f "$OUT/pytest_gpu.log" ]; then
-  log "pytest: $(grep -E '(passed|failed|error|skipped)' "$OUT/pytest_gpu.log" | tail -n 1)"
-fi
+for f in pytest_triton_kernels pytest_gpu; do
+  if [ -f "$OUT/$f.log" ]; then
+    log "$f: $(grep -E '(passed|failed|error|skipped)' "$OUT/$f.log" | tail -n 1)"
+  fi
+done
 
 # --------------------------------------------------------------------------------------- 5. summary
 rc=0

@@ -552,7 +552,7 @@ def _run_or_skip_resources(launch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_id)  # fp16 tiles are bf16's
 def test_gpu_every_masked_linear_config(dtype):
     b, n, k = 300, 257, 190
     x, w, m = _rand(b, k, dtype=dtype), _rand(n, k, dtype=dtype), _rand(n, k, dtype=dtype)
@@ -578,23 +578,22 @@ def test_gpu_every_masked_linear_config(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("block", [(16, 16), (64, 64), (128, 128), (48, 80)], ids=str)
+@pytest.mark.parametrize("dtype,block", [(torch.bfloat16, (64, 64)), (torch.bfloat16, (128, 128)),
+                                         (torch.bfloat16, (48, 80)), (torch.float32, (128, 128))], ids=str)
 def test_gpu_every_block_sparse_config(dtype, block):
     bn, bk = block
     n, k, b = 4 * bn + 3, 3 * bk + 5, 257
     idx = _bsr(n, k, bn, bk, 0.4)
     x, w, m = _rand(b, k, dtype=dtype), _rand(n, k, dtype=dtype), _rand(n, k, dtype=dtype)
     es = w.element_size()
-    for fwd_cfg, dt_cfg in zip(BSL._bsr_fwd[es].configs, BSL._bsr_dtheta[es].configs * 4):
-        i = _index(idx)
-        launch, y = BSL.prepare_fwd(x, m, w, None, *i[:5], bn, bk, config=fwd_cfg)
-        if _run_or_skip_resources(launch):
-            _close(y, R.block_sparse_linear_ref(_f64(x), _f64(m), _f64(w), None, *i, bn, bk), dtype, f"y {fwd_cfg}")
-        _check_bsr_cfg = (fwd_cfg, fwd_cfg, dt_cfg)
+    spmm, sddmm = BSL._bsr_fwd[es].configs, BSL._bsr_dtheta[es].configs
+    ran = 0
+    for j in range(max(len(spmm), len(sddmm))):  # every SpMM config (fwd and dX) and every SDDMM config
         try:
-            _check_bsr(x, m, w, None, idx, dtype, cfgs=_check_bsr_cfg)
-        except Exception as e:
-            if "OutOfResources" in type(e).__name__:
-                continue
-            raise
+            _check_bsr(x, m, w, _rand(n, dtype=dtype), idx, dtype,
+                       cfgs=(spmm[j % len(spmm)], spmm[j % len(spmm)], sddmm[j % len(sddmm)]))
+            ran += 1
+        except Exception as e:  # a config that does not fit this GPU is dropped by the autotuner too
+            if "OutOfResources" not in type(e).__name__:
+                raise
+    assert ran, "no block-sparse config fits this GPU"
