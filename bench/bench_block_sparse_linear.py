@@ -20,6 +20,7 @@ TFLOP/s counts the work each provider does: 2·T·N·K per GEMM for dense / naiv
 block-sparse ones. Targets (GPU): ours fwd+bwd ≥ 3× faster than dense at 90 % block sparsity (64×64,
 4096×4096, T = 8192); ours forward not slower than torch_bsr.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 LLAMA = "LLaMA-7B attention projection Linear(4096, 4096)"
 GPT2 = "GPT-2 small / ViT-B MLP Linear(768, 3072)"
@@ -80,6 +81,7 @@ def _dense(c: Case, pass_: str):
     def run():
         w.grad = x.grad = None
         F.linear(x, w).backward(c.gy)
+
     return run
 
 
@@ -100,6 +102,7 @@ def _naive(c: Case, pass_: str):
     def run():
         m.grad = w.grad = x.grad = None
         fwd().backward(c.gy)
+
     return run
 
 
@@ -128,6 +131,7 @@ def _ours(c: Case, pass_: str):
     def run():
         bsl.block_sparse_linear_fwd(c.x, c.m, c.w, None, *idx)
         bsl.block_sparse_linear_bwd(c.gy, c.x, c.m, c.w, *idx)
+
     return run
 
 
@@ -137,29 +141,40 @@ def main(argv=None) -> int:
 
     dtype = torch.bfloat16 if args.cuda else torch.float32
     res = common.Results("block_sparse_linear", args)
-    for model, n, k, t, block, density in (QUICK_CASES if args.quick else CASES):
+    for model, n, k, t, block, density in QUICK_CASES if args.quick else CASES:
         c = Case(n, k, t, block, density, dtype, args.device)
         sparse_mac = t * c.nnzb * block * block
         name = f"{n}x{k} T={t} b{block} d{density}"
-        kw = dict(case=name, model=model, shape=f"T={t} N={n} K={k} block={block} nnzb={c.nnzb}",
-                  dtype=str(dtype)[6:], density=density)
+        kw = dict(
+            case=name,
+            model=model,
+            shape=f"T={t} N={n} K={k} block={block} nnzb={c.nnzb}",
+            dtype=str(dtype)[6:],
+            density=density,
+        )
         for pass_, gemms in (("fwd", 1), ("fwd+bwd", 3)):
+
             def flops(p, g=gemms):
                 return 2.0 * g * (t * n * k if p in ("dense", "naive") else sparse_mac)
+
             res.measure(REGISTRY, ["dense", "naive", "torch_bsr", "ours"], kw, pass_, (c,), flops=flops)
         # the target compares ours with torch BSR too: vs_bsr goes in the note of our forward row
         rows = {(r["provider"], r["pass"]): r for r in res.rows if r["case"] == name}
         ours, bsr = rows.get(("ours", "fwd")), rows.get(("torch_bsr", "fwd"))
         if ours and bsr and ours["time_ms"] and bsr["time_ms"]:
-            ours["note"] = (ours["note"] + f"; vs torch_bsr {float(bsr['time_ms']) / float(ours['time_ms']):.3f}"
-                            ).strip("; ")
+            ours["note"] = (
+                ours["note"] + f"; vs torch_bsr {float(bsr['time_ms']) / float(ours['time_ms']):.3f}"
+            ).strip("; ")
         del c
     res.write()
     if args.cuda:
         bsl = common.kernels("block_sparse_linear")
-        common.print_tuning("block_sparse_linear", {f"fwd{k}": v for k, v in bsl._bsr_fwd.items()}
-                            | {f"dx{k}": v for k, v in bsl._bsr_dx.items()}
-                            | {f"dtheta{k}": v for k, v in bsl._bsr_dtheta.items()})
+        common.print_tuning(
+            "block_sparse_linear",
+            {f"fwd{k}": v for k, v in bsl._bsr_fwd.items()}
+            | {f"dx{k}": v for k, v in bsl._bsr_dx.items()}
+            | {f"dtheta{k}": v for k, v in bsl._bsr_dtheta.items()},
+        )
     return 1 if res.errors else 0
 
 

@@ -22,6 +22,7 @@ GB/s counts the bytes the step must move once: read p, g, state, mask; write p, 
 measured device-to-device copy bandwidth (read + write) of this run; ``pct_copy`` in the note is ours
 against it. Target (GPU): ours ≥ 80 % of the measured copy bandwidth on 100M parameters.
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 DENSITY = 0.1
 LR, MOMENTUM, WD = 0.01, 0.9, 1e-4
@@ -48,8 +49,11 @@ class Case:
         self.grads = [common.rand(*s, dtype=dtype, device=device) for s in shapes]
         self.masks = [torch.rand(*s, device=device) < DENSITY for s in shapes]
         self.buf1 = [common.rand(*s, dtype=state_dtype, device=device) for s in shapes]
-        self.buf2 = [common.rand(*s, dtype=state_dtype, device=device).abs() for s in shapes] \
-            if kind == "adamw" else [None] * len(shapes)
+        self.buf2 = (
+            [common.rand(*s, dtype=state_dtype, device=device).abs() for s in shapes]
+            if kind == "adamw"
+            else [None] * len(shapes)
+        )
         self.lr = torch.tensor(LR, device=device)
         self.numel = sum(p.numel() for p in self.params)
         es, ss = self.params[0].element_size(), self.buf1[0].element_size()
@@ -59,10 +63,28 @@ class Case:
 
     def hyper(self):
         if self.kind == "sgd":
-            return dict(momentum=MOMENTUM, dampening=0.0, nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8,
-                        weight_decay=WD, alpha=0.0, maximize=False)
-        return dict(momentum=0.0, dampening=0.0, nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8,
-                    weight_decay=WD, alpha=0.0, maximize=False)
+            return dict(
+                momentum=MOMENTUM,
+                dampening=0.0,
+                nesterov=False,
+                beta1=0.9,
+                beta2=0.999,
+                eps=1e-8,
+                weight_decay=WD,
+                alpha=0.0,
+                maximize=False,
+            )
+        return dict(
+            momentum=0.0,
+            dampening=0.0,
+            nesterov=False,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=WD,
+            alpha=0.0,
+            maximize=False,
+        )
 
 
 def _torch_optimizer(c: Case, **extra):
@@ -82,7 +104,9 @@ def _torch_optimizer(c: Case, **extra):
 @REGISTRY.add("naive", "torch.optim (for-each) + re-apply the mask to param and state")
 def _naive(c: Case, pass_: str):
     if any(p.dtype != b.dtype for p, b in zip(c.params, c.buf1)):
-        raise common.Unavailable("torch.optim keeps the state in the parameter dtype (no fp32 state for bf16)")
+        raise common.Unavailable(
+            "torch.optim keeps the state in the parameter dtype (no fp32 state for bf16)"
+        )
     params, opt = _torch_optimizer(c)
     masks = c.masks
 
@@ -93,6 +117,7 @@ def _naive(c: Case, pass_: str):
             for s in opt.state[p].values():
                 if hasattr(s, "dim") and s.dim() > 0:
                     s.mul_(q)
+
     return run
 
 
@@ -101,7 +126,9 @@ def _torch(c: Case, pass_: str):
     if c.device != "cuda":
         raise common.Unavailable("fused=True needs CUDA tensors")
     if any(p.dtype != b.dtype for p, b in zip(c.params, c.buf1)):
-        raise common.Unavailable("torch.optim keeps the state in the parameter dtype (no fp32 state for bf16)")
+        raise common.Unavailable(
+            "torch.optim keeps the state in the parameter dtype (no fp32 state for bf16)"
+        )
     try:
         params, opt = _torch_optimizer(c, fused=True)
     except (RuntimeError, TypeError, ValueError) as e:
@@ -119,6 +146,7 @@ def _ours(c: Case, pass_: str):
     def run():
         for p, g, (b1, b2), q in zip(c.params, c.grads, state, c.masks):
             fs.fused_step(p, g, b1, b2, q, c.lr, step[0], c.kind, **h)
+
     return run
 
 
@@ -126,8 +154,9 @@ def _ours(c: Case, pass_: str):
 def _ours_multi(c: Case, pass_: str):
     fs = common.kernels("fused_step")
     h = c.hyper()
-    return lambda: fs.fused_step_multi(c.params, c.grads, c.buf1, c.buf2 if c.kind == "adamw" else None, c.masks,
-                                       c.lr, 2, c.kind, **h)
+    return lambda: fs.fused_step_multi(
+        c.params, c.grads, c.buf1, c.buf2 if c.kind == "adamw" else None, c.masks, c.lr, 2, c.kind, **h
+    )
 
 
 def _signin_case(n, dtype, device):
@@ -145,8 +174,24 @@ def _signin_case(n, dtype, device):
 def _ours_signin(c: Case, pass_: str):
     fs = common.kernels("fused_step")
     (m, w), (gm, gw), (bm, bw) = c.params, c.grads, c.buf1
-    return lambda: fs.fused_step_signin(m, w, gm, gw, bm, None, bw, None, c.masks[0], c.lr, 2, "sgd",
-                                        momentum=MOMENTUM, weight_decay=WD, beta=1.0, state="keep")
+    return lambda: fs.fused_step_signin(
+        m,
+        w,
+        gm,
+        gw,
+        bm,
+        None,
+        bw,
+        None,
+        c.masks[0],
+        c.lr,
+        2,
+        "sgd",
+        momentum=MOMENTUM,
+        weight_decay=WD,
+        beta=1.0,
+        state="keep",
+    )
 
 
 @REGISTRY.add("ours_unfused", "two fused_step calls + signin_reset (three passes)")
@@ -162,6 +207,7 @@ def _ours_unfused(c: Case, pass_: str):
         nm, nw = sr.signin_reset(m, w, c.masks[0], 1.0)
         m.copy_(nm)
         w.copy_(nw)
+
     return run
 
 
@@ -176,27 +222,60 @@ def main(argv=None) -> int:
     else:
         big, n_small, small, pair = (10000, 10000), 1000, (10000,), 50_000_000
     copy = common.copy_bandwidth_gbps(args.device, nbytes=(1 << 30) if not args.quick else (1 << 20))
-    res.add(case="copy", model="device-to-device copy", shape="1 GiB" if not args.quick else "1 MiB",
-            dtype="float32", density="", provider="copy", pass_="step", note=f"{copy:.1f} GB/s read+write")
+    res.add(
+        case="copy",
+        model="device-to-device copy",
+        shape="1 GiB" if not args.quick else "1 MiB",
+        dtype="float32",
+        density="",
+        provider="copy",
+        pass_="step",
+        note=f"{copy:.1f} GB/s read+write",
+    )
     res.rows[-1]["gbps"] = f"{copy:.1f}"
 
     cases = [
-        ("100M sgd", "one 10000x10000 weight, SGD momentum", [big], f32, f32, "sgd", ["naive", "torch", "ours"]),
+        (
+            "100M sgd",
+            "one 10000x10000 weight, SGD momentum",
+            [big],
+            f32,
+            f32,
+            "sgd",
+            ["naive", "torch", "ours"],
+        ),
         ("100M adamw", "one 10000x10000 weight, AdamW", [big], f32, f32, "adamw", ["naive", "torch", "ours"]),
         ("100M bf16 adamw", "bf16 params, fp32 state, AdamW", [big], b16, f32, "adamw", ["naive", "ours"]),
-        ("1000 small sgd", "1000 tensors of 10k (biases, norms)", [small] * n_small, f32, f32, "sgd",
-         ["naive", "torch", "ours", "ours_multi"]),
+        (
+            "1000 small sgd",
+            "1000 tensors of 10k (biases, norms)",
+            [small] * n_small,
+            f32,
+            f32,
+            "sgd",
+            ["naive", "torch", "ours", "ours_multi"],
+        ),
     ]
     for name, model, shapes, dtype, sdt, kind, providers in cases:
         c = Case(shapes, dtype, sdt, kind, args.device)
-        kw = dict(case=name, model=model, shape=f"{len(shapes)}x{shapes[0]} ({c.numel} params)",
-                  dtype=f"{str(dtype)[6:]}/{str(sdt)[6:]}", density=DENSITY)
+        kw = dict(
+            case=name,
+            model=model,
+            shape=f"{len(shapes)}x{shapes[0]} ({c.numel} params)",
+            dtype=f"{str(dtype)[6:]}/{str(sdt)[6:]}",
+            density=DENSITY,
+        )
         res.measure(REGISTRY, providers, kw, "step", (c,), nbytes=lambda p, c=c: c.nbytes)
         _note_pct(res, name, copy)
         del c
     c = _signin_case(pair if not args.quick else 5000, f32, args.device)
-    kw = dict(case="signin pair", model="Sign-In (m, w) pair, SGD momentum + reset", shape=f"2x{c.params[0].numel()}",
-              dtype="float32/float32", density=DENSITY)
+    kw = dict(
+        case="signin pair",
+        model="Sign-In (m, w) pair, SGD momentum + reset",
+        shape=f"2x{c.params[0].numel()}",
+        dtype="float32/float32",
+        density=DENSITY,
+    )
     res.measure(REGISTRY, ["ours_unfused", "ours_signin"], kw, "step", (c,), nbytes=lambda p, c=c: c.nbytes)
     _note_pct(res, "signin pair", copy)
     res.write()

@@ -22,6 +22,7 @@ Passes: ``fwd`` (forward only) and ``fwd+bwd`` (forward, then dX, g_m, g_w). TFL
 GEMM (1 forward, 3 forward+backward). Ratios vs dense / naive are computed from this run only.
 Targets (GPU): ours fwd+bwd within 1.05× of dense, ≥ 1.2× faster than naive.
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 CASES = [  # (case name, model comment, N, K, T)
     ("gpt2-mlp-up T=4096", "GPT-2 small / ViT-B MLP Linear(768, 3072)", 3072, 768, 4096),
@@ -67,6 +68,7 @@ def _dense(c: Case, pass_: str):
     def run():
         w.grad = x.grad = None
         F.linear(x, w).backward(c.gy)
+
     return run
 
 
@@ -88,6 +90,7 @@ def _naive(c: Case, pass_: str):
     def run():
         m.grad = w.grad = x.grad = None
         fwd().backward(c.gy)
+
     return run
 
 
@@ -108,6 +111,7 @@ def _reparam_cublas(c: Case, pass_: str):
         F.linear(c.x, theta)
         c.gy @ theta  # dX
         rp.reparam_bwd(c.gy.t() @ c.x, c.m, c.w, c.mask)  # dθ -> (g_m, g_w)
+
     return run
 
 
@@ -120,6 +124,7 @@ def _ours(c: Case, pass_: str):
     def run():
         ml.masked_linear_fwd(c.x, c.m, c.w, c.mask, None)
         ml.masked_linear_bwd(c.gy, c.x, c.m, c.w, c.mask)
+
     return run
 
 
@@ -129,18 +134,27 @@ def main(argv=None) -> int:
 
     dtype = torch.bfloat16 if args.cuda else torch.float32  # the interpreter computes bf16 in fp32 anyway
     res = common.Results("masked_linear", args)
-    for name, model, n, k, t in (QUICK_CASES if args.quick else CASES):
+    for name, model, n, k, t in QUICK_CASES if args.quick else CASES:
         c = Case(n, k, t, dtype, args.device)
         kw = dict(case=name, model=model, shape=f"T={t} N={n} K={k}", dtype=str(dtype)[6:], density=DENSITY)
         for pass_, gemms in (("fwd", 1), ("fwd+bwd", 3)):
-            res.measure(REGISTRY, ["dense", "naive", "reparam_cublas", "ours"], kw, pass_, (c,),
-                        flops=lambda p, g=gemms: 2.0 * g * t * n * k)
+            res.measure(
+                REGISTRY,
+                ["dense", "naive", "reparam_cublas", "ours"],
+                kw,
+                pass_,
+                (c,),
+                flops=lambda p, g=gemms: 2.0 * g * t * n * k,
+            )
         del c
     res.write()
     if args.cuda:
         ml = common.kernels("masked_linear")
-        common.print_tuning("masked_linear", {f"mm{k}": v for k, v in ml._masked_mm.items()}
-                            | {f"dtheta{k}": v for k, v in ml._masked_dtheta.items()})
+        common.print_tuning(
+            "masked_linear",
+            {f"mm{k}": v for k, v in ml._masked_mm.items()}
+            | {f"dtheta{k}": v for k, v in ml._masked_dtheta.items()},
+        )
     return 1 if res.errors else 0
 
 

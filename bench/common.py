@@ -1,4 +1,4 @@
-"""Shared helpers of the kernel benchmarks (bench_masked_linear / bench_block_sparse_linear / bench_fused_step).
+"""Shared helpers of the kernel benchmarks (bench_masked_linear, bench_block_sparse_linear, bench_fused_step).
 
 * :func:`setup` parses the common flags and picks the mode *before* any Triton kernel is imported:
   ``--quick`` (automatic without a GPU) runs tiny sizes, on CPU through the Triton interpreter
@@ -12,6 +12,7 @@
 * :class:`Results`: rows with machine / GPU / versions / commit columns, ratios against the baselines
   measured in the same run, a printed table and a CSV.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -35,8 +37,22 @@ if str(ROOT) not in sys.path:
 
 #: columns every CSV row carries, after the measurement columns
 ENV_FIELDS = ["mode", "device_name", "machine", "torch", "triton", "cuda", "python", "commit", "date"]
-ROW_FIELDS = ["bench", "case", "model", "shape", "dtype", "density", "provider", "pass", "time_ms", "tflops",
-              "gbps", "vs_dense", "vs_naive", "note"]
+ROW_FIELDS = [
+    "bench",
+    "case",
+    "model",
+    "shape",
+    "dtype",
+    "density",
+    "provider",
+    "pass",
+    "time_ms",
+    "tflops",
+    "gbps",
+    "vs_dense",
+    "vs_naive",
+    "note",
+]
 
 
 class Unavailable(Exception):
@@ -46,13 +62,21 @@ class Unavailable(Exception):
 # ------------------------------------------------------------------------------------------- setup
 
 
-def setup(description: str, argv: list[str] | None = None, extra: Callable[[argparse.ArgumentParser], None] | None = None
-          ) -> argparse.Namespace:
+def setup(
+    description: str,
+    argv: list[str] | None = None,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
     """Parse --quick / --out / --reps (+ ``extra`` flags) and fix the mode; call before importing kernels."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes; on CPU under the Triton interpreter (automatic when no GPU is visible)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="directory for the CSV (default %(default)s)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes; on CPU under the Triton interpreter (automatic when no GPU is visible)",
+    )
+    p.add_argument(
+        "--out", default=str(ROOT / "bench" / "results"), help="directory for the CSV (default %(default)s)"
+    )
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (also trigger autotuning)")
     if extra is not None:
@@ -85,7 +109,10 @@ def kernels(op: str):
     import sparse_engine
 
     spec = importlib.util.spec_from_file_location(
-        "sparse_engine.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
+        "sparse_engine.kernels",
+        ROOT / "kernels" / "__init__.py",
+        submodule_search_locations=[str(ROOT / "kernels")],
+    )
     pkg = importlib.util.module_from_spec(spec)
     sys.modules["sparse_engine.kernels"] = pkg
     spec.loader.exec_module(pkg)
@@ -159,6 +186,7 @@ class Registry:
         def deco(make):
             self.providers[name] = Provider(name, doc, make)
             return make
+
         return deco
 
     def __iter__(self):
@@ -173,10 +201,16 @@ class Registry:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (out.stdout.strip() or "unknown") + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -187,6 +221,7 @@ def environment(mode: str, device: str) -> dict[str, str]:
 
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
@@ -200,10 +235,17 @@ def environment(mode: str, device: str) -> dict[str, str]:
     except OSError:
         pass
     name = torch.cuda.get_device_name() if device == "cuda" else cpu
-    return dict(mode=mode, device_name=name, machine=f"{platform.node()} {cpu} ({os.cpu_count()} cpus)",
-                torch=torch.__version__, triton=triton_version, cuda=str(torch.version.cuda),
-                python=platform.python_version(), commit=_git_commit(),
-                date=datetime.datetime.now().isoformat(timespec="seconds"))
+    return dict(
+        mode=mode,
+        device_name=name,
+        machine=f"{platform.node()} {cpu} ({os.cpu_count()} cpus)",
+        torch=torch.__version__,
+        triton=triton_version,
+        cuda=str(torch.version.cuda),
+        python=platform.python_version(),
+        commit=_git_commit(),
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+    )
 
 
 @dataclass
@@ -216,12 +258,37 @@ class Results:
         self.env = environment(self.args.mode, self.args.device)
         self.errors = 0
 
-    def add(self, *, case: str, model: str, shape: str, dtype: str, density: str | float, provider: str,
-            pass_: str, timing: Timing | None = None, flops: float | None = None, nbytes: float | None = None,
-            note: str = "") -> dict:
-        row = dict(bench=self.bench, case=case, model=model, shape=shape, dtype=dtype, density=density,
-                   provider=provider, **{"pass": pass_}, time_ms="", tflops="", gbps="", vs_dense="", vs_naive="",
-                   note=note)
+    def add(
+        self,
+        *,
+        case: str,
+        model: str,
+        shape: str,
+        dtype: str,
+        density: str | float,
+        provider: str,
+        pass_: str,
+        timing: Timing | None = None,
+        flops: float | None = None,
+        nbytes: float | None = None,
+        note: str = "",
+    ) -> dict:
+        row = dict(
+            bench=self.bench,
+            case=case,
+            model=model,
+            shape=shape,
+            dtype=dtype,
+            density=density,
+            provider=provider,
+            **{"pass": pass_},
+            time_ms="",
+            tflops="",
+            gbps="",
+            vs_dense="",
+            vs_naive="",
+            note=note,
+        )
         if timing is not None:
             row["time_ms"] = f"{timing.median_ms:.4f}"
             if flops:
@@ -233,9 +300,16 @@ class Results:
         self.rows.append(row)
         return row
 
-    def measure(self, registry: Registry, providers: Iterable[str], case_kw: dict, pass_: str, make_args: tuple,
-                flops: Callable[[str], float | None] = lambda p: None,
-                nbytes: Callable[[str], float | None] = lambda p: None) -> None:
+    def measure(
+        self,
+        registry: Registry,
+        providers: Iterable[str],
+        case_kw: dict,
+        pass_: str,
+        make_args: tuple,
+        flops: Callable[[str], float | None] = lambda p: None,
+        nbytes: Callable[[str], float | None] = lambda p: None,
+    ) -> None:
         """Time every provider on one case / pass; unavailable ones get a row with the reason."""
         for name in providers:
             provider = registry.providers[name]
@@ -254,11 +328,13 @@ class Results:
                 self.errors += 1
                 _release()
                 continue
-            self.add(**case_kw, provider=name, pass_=pass_, timing=timing, flops=flops(name), nbytes=nbytes(name))
+            self.add(
+                **case_kw, provider=name, pass_=pass_, timing=timing, flops=flops(name), nbytes=nbytes(name)
+            )
             _release()
 
     def ratios(self, dense: str = "dense", naive: str = "naive") -> None:
-        """vs_dense / vs_naive = baseline time / this time (> 1: faster than the baseline), per case and pass."""
+        """vs_dense / vs_naive = baseline time / this time (> 1: faster than the baseline), per case, pass."""
         index = {}
         for r in self.rows:
             if r["time_ms"]:
@@ -280,20 +356,30 @@ class Results:
             for r in self.rows:
                 writer.writerow({**r, **self.env})
         self.print_table()
-        print(f"\nwrote {len(self.rows)} rows to {path}" + (f" ({self.errors} provider errors)" if self.errors else ""))
+        print(
+            f"\nwrote {len(self.rows)} rows to {path}"
+            + (f" ({self.errors} provider errors)" if self.errors else "")
+        )
         return path
 
     def print_table(self) -> None:
         env = self.env
-        print(f"\n{self.bench}: {env['device_name']} | torch {env['torch']} triton {env['triton']} cuda {env['cuda']}"
-              f" | {env['commit']} | mode {env['mode']}")
-        head = f"{'case':<34} {'pass':<8} {'provider':<16} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'vs dense':>8} " \
-               f"{'vs naive':>8}  note"
+        print(
+            f"\n{self.bench}: {env['device_name']} | torch {env['torch']} triton {env['triton']}"
+            f" cuda {env['cuda']}"
+            f" | {env['commit']} | mode {env['mode']}"
+        )
+        head = (
+            f"{'case':<34} {'pass':<8} {'provider':<16} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'vs dense':>8} "
+            f"{'vs naive':>8}  note"
+        )
         print(head)
         print("-" * len(head))
         for r in self.rows:
-            print(f"{r['case'][:34]:<34} {r['pass']:<8} {r['provider']:<16} {r['time_ms']:>9} {r['tflops']:>8} "
-                  f"{r['gbps']:>8} {r['vs_dense']:>8} {r['vs_naive']:>8}  {r['note'][:60]}")
+            print(
+                f"{r['case'][:34]:<34} {r['pass']:<8} {r['provider']:<16} {r['time_ms']:>9} {r['tflops']:>8} "
+                f"{r['gbps']:>8} {r['vs_dense']:>8} {r['vs_naive']:>8}  {r['note'][:60]}"
+            )
 
 
 def print_tuning(label: str, tuners: dict) -> None:
@@ -301,10 +387,11 @@ def print_tuning(label: str, tuners: dict) -> None:
     for name, tuner in tuners.items():
         cache = getattr(tuner, "cache", None) or {}
         for key, cfg in cache.items():
-            timings = getattr(tuner, "configs_timings", None)
             print(f"tuning {label}.{name} key={key}: {cfg}")
         if getattr(tuner, "configs_timings", None):
-            ranked = sorted(tuner.configs_timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], list) else kv[1])
+            ranked = sorted(
+                tuner.configs_timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], list) else kv[1]
+            )
             print(f"tuning {label}.{name} last ranking: " + " | ".join(f"{c}: {t}" for c, t in ranked))
 
 

@@ -12,14 +12,15 @@ Interpreter (``TRITON_INTERPRET=1``, CPU tensors, used by CI):
 * ``@triton.autotune`` with more than one config benchmarks through a GPU driver that does not exist:
   the interpreter gets one config (:func:`configs`).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-
 import triton
 import triton.language as tl
 
@@ -46,7 +47,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def configs(gpu: Sequence["triton.Config"], interp: "triton.Config") -> list["triton.Config"]:
+def configs(gpu: Sequence[triton.Config], interp: triton.Config) -> list[triton.Config]:
     """The autotune list: all of ``gpu`` on a GPU, the single ``interp`` config in the interpreter."""
     return [interp] if interpreting() else list(gpu)
 
@@ -132,8 +133,9 @@ def check_dtype(name: str, t: torch.Tensor, allowed: Sequence[torch.dtype] = SUP
         raise ValueError(f"{name} must have dtype in {tuple(allowed)} for the Triton kernels, got {t.dtype}")
 
 
-def check_same(name: str, t: torch.Tensor | None, ref: torch.Tensor, *, dtype: bool = True,
-               shape: bool = True) -> None:
+def check_same(
+    name: str, t: torch.Tensor | None, ref: torch.Tensor, *, dtype: bool = True, shape: bool = True
+) -> None:
     if t is None:
         return
     if shape and t.shape != ref.shape:
@@ -288,8 +290,11 @@ def aot_compile(launch: Launch, arch: int, aligned: bool = True):
     for cfg in configs_of(launch.kernel, launch.config):
         sig, consts, attrs = signature_of(launch, aligned, cfg)
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        ck = triton.compile(
+            src,
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        )
         out.append((cfg, ck))
     return out
 
@@ -335,8 +340,9 @@ def elementwise_config(gpu: bool = False) -> triton.Config:
 
 
 @triton.jit
-def ew_offsets(FLAT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                numel, rows, cols):
+def ew_offsets(
+    FLAT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, numel, rows, cols
+):
     """(flat offsets or (rows, cols) index pair, in-bounds mask) of this program's tile."""
     # one return statement: the compiler rejects differently shaped returns even under a constexpr if
     if FLAT:

@@ -19,6 +19,7 @@ Block sizes 16..128 map straight onto the tile shape (tl.dot needs ≥ 16); othe
 work too, padded to the next power of two ≥ 16 inside the kernel (correct, but the padding is wasted
 work: prefer powers of two).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,11 +29,11 @@ import triton.language as tl
 from ._common import (
     SUPPORTED_DTYPES,
     Launch,
+    autotune,
     cast_out,
     check_device,
     check_dtype,
     check_same,
-    autotune,
     dot_precision,
     next_pow2,
     ordered_args,
@@ -79,8 +80,20 @@ def _block_range(block, size, limit, B: tl.constexpr, B_P: tl.constexpr):
 
 
 @triton.jit
-def _theta_block(m_ptr, w_ptr, rows, cols, inb, s_mn, s_mk, s_wn, s_wk, dtype: tl.constexpr,
-                 HAS_M: tl.constexpr, UPCAST: tl.constexpr):
+def _theta_block(
+    m_ptr,
+    w_ptr,
+    rows,
+    cols,
+    inb,
+    s_mn,
+    s_mk,
+    s_wn,
+    s_wk,
+    dtype: tl.constexpr,
+    HAS_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """m·w on one block (rows/cols broadcast to the wanted orientation), rounded to ``dtype``."""
     w = tl.load(w_ptr + rows * s_wn + cols * s_wk, mask=inb, other=0.0)
     if UPCAST:
@@ -97,11 +110,33 @@ def _theta_block(m_ptr, w_ptr, rows, cols, inb, s_mn, s_mk, s_wn, s_wk, dtype: t
 
 @triton.jit(do_not_specialize=["has_bias"])
 def _block_sparse_linear_fwd_kernel(
-    x_ptr, m_ptr, w_ptr, bias_ptr, y_ptr, crow_ptr, col_ptr,
-    M, N, K,
-    s_xm, s_xk, s_mn, s_mk, s_wn, s_wk, s_ym, s_yn, has_bias,
-    BN: tl.constexpr, BK: tl.constexpr, BN_P: tl.constexpr, BK_P: tl.constexpr, CH: tl.constexpr,
-    HAS_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    x_ptr,
+    m_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    crow_ptr,
+    col_ptr,
+    M,
+    N,
+    K,
+    s_xm,
+    s_xk,
+    s_mn,
+    s_mk,
+    s_wn,
+    s_wk,
+    s_ym,
+    s_yn,
+    has_bias,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BN_P: tl.constexpr,
+    BK_P: tl.constexpr,
+    CH: tl.constexpr,
+    HAS_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """y[:, block row r] = Σ_{j in row r} x[:, block col(j)] · θ_jᵀ (+ b).
@@ -129,8 +164,20 @@ def _block_sparse_linear_fwd_kernel(
         k_in = (offs_k < K) & (sub < BK)
         x = tl.load(x_rows + offs_k[None, :] * s_xk, mask=m_in[:, None] & k_in[None, :], other=0.0)
         # θ chunk transposed: (CH, BN_P)
-        theta = _theta_block(m_ptr, w_ptr, w_rows, offs_k[:, None], k_in[:, None] & n_in[None, :],
-                             s_mn, s_mk, s_wn, s_wk, dtype, HAS_M, UPCAST)
+        theta = _theta_block(
+            m_ptr,
+            w_ptr,
+            w_rows,
+            offs_k[:, None],
+            k_in[:, None] & n_in[None, :],
+            s_mn,
+            s_mk,
+            s_wn,
+            s_wk,
+            dtype,
+            HAS_M,
+            UPCAST,
+        )
         if UPCAST:
             x = x.to(tl.float32)
         acc = tl.dot(x, theta, acc, input_precision=PREC)
@@ -142,11 +189,31 @@ def _block_sparse_linear_fwd_kernel(
 
 @triton.jit
 def _block_sparse_linear_dx_kernel(
-    dy_ptr, m_ptr, w_ptr, dx_ptr, ccol_ptr, row_t_ptr,
-    M, N, K,
-    s_dym, s_dyn, s_mn, s_mk, s_wn, s_wk, s_dxm, s_dxk,
-    BN: tl.constexpr, BK: tl.constexpr, BN_P: tl.constexpr, BK_P: tl.constexpr, CH: tl.constexpr,
-    HAS_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    dy_ptr,
+    m_ptr,
+    w_ptr,
+    dx_ptr,
+    ccol_ptr,
+    row_t_ptr,
+    M,
+    N,
+    K,
+    s_dym,
+    s_dyn,
+    s_mn,
+    s_mk,
+    s_wn,
+    s_wk,
+    s_dxm,
+    s_dxk,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BN_P: tl.constexpr,
+    BK_P: tl.constexpr,
+    CH: tl.constexpr,
+    HAS_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """dX[:, block col c] = Σ_{j in col c} dY[:, block row row_t(j)] · θ_j (reduction in CH-row chunks)."""
@@ -168,8 +235,20 @@ def _block_sparse_linear_dx_kernel(
         offs_n = r * BN + sub
         n_in = (offs_n < N) & (sub < BN)
         dy = tl.load(dy_rows + offs_n[None, :] * s_dyn, mask=m_in[:, None] & n_in[None, :], other=0.0)
-        theta = _theta_block(m_ptr, w_ptr, offs_n[:, None].to(tl.int64), offs_k[None, :],
-                             n_in[:, None] & k_in[None, :], s_mn, s_mk, s_wn, s_wk, dtype, HAS_M, UPCAST)
+        theta = _theta_block(
+            m_ptr,
+            w_ptr,
+            offs_n[:, None].to(tl.int64),
+            offs_k[None, :],
+            n_in[:, None] & k_in[None, :],
+            s_mn,
+            s_mk,
+            s_wn,
+            s_wk,
+            dtype,
+            HAS_M,
+            UPCAST,
+        )
         if UPCAST:
             dy = dy.to(tl.float32)
         acc = tl.dot(dy, theta, acc, input_precision=PREC)
@@ -179,11 +258,34 @@ def _block_sparse_linear_dx_kernel(
 
 @triton.jit
 def _block_sparse_linear_dtheta_kernel(
-    dy_ptr, x_ptr, m_ptr, w_ptr, gm_ptr, gw_ptr, row_ptr, col_ptr,
-    M, N, K,
-    s_dym, s_dyn, s_xm, s_xk, s_mn, s_mk, s_wn, s_wk, s_gn, s_gk,
-    BN: tl.constexpr, BK: tl.constexpr, BN_P: tl.constexpr, BK_P: tl.constexpr,
-    HAS_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    m_ptr,
+    w_ptr,
+    gm_ptr,
+    gw_ptr,
+    row_ptr,
+    col_ptr,
+    M,
+    N,
+    K,
+    s_dym,
+    s_dyn,
+    s_xm,
+    s_xk,
+    s_mn,
+    s_mk,
+    s_wn,
+    s_wk,
+    s_gn,
+    s_gk,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BN_P: tl.constexpr,
+    BK_P: tl.constexpr,
+    HAS_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
     """SDDMM: for block j = (row[j], col[j]), dθ_j = dY[:, rows]ᵀ · x[:, cols]; writes g_m, g_w there."""
@@ -223,12 +325,18 @@ def _block_sparse_linear_dtheta_kernel(
 
 # one autotuner per operand width (fp32 needs other tiles; the key does not see dtypes)
 _SPMM_KEY = ["M", "N", "K", "BN", "BK", "HAS_M", "PREC"]
-_bsr_fwd = {es: autotune(c, SPMM_INTERP, _SPMM_KEY)(_block_sparse_linear_fwd_kernel)
-            for es, c in ((2, SPMM_CONFIGS_16), (4, SPMM_CONFIGS_32))}
-_bsr_dx = {es: autotune(c, SPMM_INTERP, _SPMM_KEY)(_block_sparse_linear_dx_kernel)
-           for es, c in ((2, SPMM_CONFIGS_16), (4, SPMM_CONFIGS_32))}
-_bsr_dtheta = {es: autotune(c, SDDMM_INTERP, _SPMM_KEY)(_block_sparse_linear_dtheta_kernel)
-               for es, c in ((2, SDDMM_CONFIGS_16), (4, SDDMM_CONFIGS_32))}
+_bsr_fwd = {
+    es: autotune(c, SPMM_INTERP, _SPMM_KEY)(_block_sparse_linear_fwd_kernel)
+    for es, c in ((2, SPMM_CONFIGS_16), (4, SPMM_CONFIGS_32))
+}
+_bsr_dx = {
+    es: autotune(c, SPMM_INTERP, _SPMM_KEY)(_block_sparse_linear_dx_kernel)
+    for es, c in ((2, SPMM_CONFIGS_16), (4, SPMM_CONFIGS_32))
+}
+_bsr_dtheta = {
+    es: autotune(c, SDDMM_INTERP, _SPMM_KEY)(_block_sparse_linear_dtheta_kernel)
+    for es, c in ((2, SDDMM_CONFIGS_16), (4, SDDMM_CONFIGS_32))
+}
 #: element size -> config of small problems (no autotuning; see _common.SMALL_WORK)
 SPMM_SMALL = {2: SPMM_CONFIGS_16[2], 4: SPMM_CONFIGS_32[0]}
 SDDMM_SMALL = {2: SDDMM_CONFIGS_16[2], 4: SDDMM_CONFIGS_32[0]}
@@ -252,15 +360,22 @@ def _check(x_name, x, m, w, feats, index, block_n, block_k):
     n, k = w.shape
     nbr, nbc = -(-n // block_n), -(-k // block_k)
     crow, col, row, ccol, row_t = index
-    for name, t, length in (("crow", crow, nbr + 1), ("ccol", ccol, nbc + 1), ("col", col, None),
-                            ("row", row, col.numel()), ("row_t", row_t, col.numel())):
+    for name, t, length in (
+        ("crow", crow, nbr + 1),
+        ("ccol", ccol, nbc + 1),
+        ("col", col, None),
+        ("row", row, col.numel()),
+        ("row_t", row_t, col.numel()),
+    ):
         if t.dtype != torch.int32:
             raise ValueError(f"{name} must have dtype torch.int32, got {t.dtype}")
         if t.device != w.device:
             raise ValueError(f"{name} must be on {w.device}, got {t.device}")
         if length is not None and t.numel() != length:
-            raise ValueError(f"{name} must have {length} entries for a {(n, k)} weight with "
-                             f"{(block_n, block_k)} blocks, got {t.numel()}")
+            raise ValueError(
+                f"{name} must have {length} entries for a {(n, k)} weight with "
+                f"{(block_n, block_k)} blocks, got {t.numel()}"
+            )
 
 
 def unsupported(impl: str, args: tuple) -> str:
@@ -293,17 +408,39 @@ def prepare_fwd(x, m, w, bias, crow, col, row, ccol, row_t, block_n, block_k, co
     y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
     dm = m if m is not None else w
     args = dict(
-        x_ptr=x, m_ptr=dm, w_ptr=w, bias_ptr=bias.contiguous() if bias is not None else w, y_ptr=y, crow_ptr=crow,
-        col_ptr=col, M=bsz, N=n, K=k, s_xm=x.stride(0), s_xk=x.stride(1), s_mn=dm.stride(0),
-        s_mk=dm.stride(1), s_wn=w.stride(0), s_wk=w.stride(1), s_ym=y.stride(0), s_yn=y.stride(1),
-        has_bias=int(bias is not None), HAS_M=m is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
+        x_ptr=x,
+        m_ptr=dm,
+        w_ptr=w,
+        bias_ptr=bias.contiguous() if bias is not None else w,
+        y_ptr=y,
+        crow_ptr=crow,
+        col_ptr=col,
+        M=bsz,
+        N=n,
+        K=k,
+        s_xm=x.stride(0),
+        s_xk=x.stride(1),
+        s_mn=dm.stride(0),
+        s_mk=dm.stride(1),
+        s_wn=w.stride(0),
+        s_wk=w.stride(1),
+        s_ym=y.stride(0),
+        s_yn=y.stride(1),
+        has_bias=int(bias is not None),
+        HAS_M=m is not None,
+        UPCAST=upcast_flag(),
+        PREC=dot_precision(w.dtype),
         **_block_consts(block_n, block_k, w.dtype, "k"),
     )
     nbr = -(-n // block_n)
-    grid = lambda meta: (triton.cdiv(bsz, meta["BLOCK_M"]), nbr)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(bsz, meta["BLOCK_M"]), nbr)
     config = small_problem_config(config, bsz * col.numel() * block_n * block_k, SPMM_SMALL[w.element_size()])
-    return Launch(_bsr_fwd[w.element_size()], grid, ordered_args(_block_sparse_linear_fwd_kernel, args, SPMM_INTERP.kwargs),
-                  config), y
+    return Launch(
+        _bsr_fwd[w.element_size()],
+        grid,
+        ordered_args(_block_sparse_linear_fwd_kernel, args, SPMM_INTERP.kwargs),
+        config,
+    ), y
 
 
 def prepare_dx(grad_y, m, w, crow, col, row, ccol, row_t, block_n, block_k, config=None):
@@ -313,17 +450,37 @@ def prepare_dx(grad_y, m, w, crow, col, row, ccol, row_t, block_n, block_k, conf
     g_x = torch.empty(bsz, k, dtype=w.dtype, device=w.device)
     dm = m if m is not None else w
     args = dict(
-        dy_ptr=grad_y, m_ptr=dm, w_ptr=w, dx_ptr=g_x, ccol_ptr=ccol, row_t_ptr=row_t, M=bsz, N=n, K=k,
-        s_dym=grad_y.stride(0), s_dyn=grad_y.stride(1), s_mn=dm.stride(0), s_mk=dm.stride(1),
-        s_wn=w.stride(0), s_wk=w.stride(1), s_dxm=g_x.stride(0), s_dxk=g_x.stride(1),
-        HAS_M=m is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
+        dy_ptr=grad_y,
+        m_ptr=dm,
+        w_ptr=w,
+        dx_ptr=g_x,
+        ccol_ptr=ccol,
+        row_t_ptr=row_t,
+        M=bsz,
+        N=n,
+        K=k,
+        s_dym=grad_y.stride(0),
+        s_dyn=grad_y.stride(1),
+        s_mn=dm.stride(0),
+        s_mk=dm.stride(1),
+        s_wn=w.stride(0),
+        s_wk=w.stride(1),
+        s_dxm=g_x.stride(0),
+        s_dxk=g_x.stride(1),
+        HAS_M=m is not None,
+        UPCAST=upcast_flag(),
+        PREC=dot_precision(w.dtype),
         **_block_consts(block_n, block_k, w.dtype, "n"),
     )
     nbc = -(-k // block_k)
-    grid = lambda meta: (triton.cdiv(bsz, meta["BLOCK_M"]), nbc)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(bsz, meta["BLOCK_M"]), nbc)
     config = small_problem_config(config, bsz * col.numel() * block_n * block_k, SPMM_SMALL[w.element_size()])
-    return Launch(_bsr_dx[w.element_size()], grid, ordered_args(_block_sparse_linear_dx_kernel, args, SPMM_INTERP.kwargs),
-                  config), g_x
+    return Launch(
+        _bsr_dx[w.element_size()],
+        grid,
+        ordered_args(_block_sparse_linear_dx_kernel, args, SPMM_INTERP.kwargs),
+        config,
+    ), g_x
 
 
 def prepare_dtheta(grad_y, x, m, w, crow, col, row, ccol, row_t, block_n, block_k, config=None):
@@ -337,19 +494,42 @@ def prepare_dtheta(grad_y, x, m, w, crow, col, row, ccol, row_t, block_n, block_
     g_w = torch.zeros(n, k, dtype=w.dtype, device=w.device)
     dm = m if m is not None else w
     args = dict(
-        dy_ptr=grad_y, x_ptr=x, m_ptr=dm, w_ptr=w, gm_ptr=g_m if g_m is not None else g_w, gw_ptr=g_w,
-        row_ptr=row, col_ptr=col, M=x.shape[0], N=n, K=k,
-        s_dym=grad_y.stride(0), s_dyn=grad_y.stride(1), s_xm=x.stride(0), s_xk=x.stride(1),
-        s_mn=dm.stride(0), s_mk=dm.stride(1), s_wn=w.stride(0), s_wk=w.stride(1),
-        s_gn=g_w.stride(0), s_gk=g_w.stride(1),
-        HAS_M=m is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
+        dy_ptr=grad_y,
+        x_ptr=x,
+        m_ptr=dm,
+        w_ptr=w,
+        gm_ptr=g_m if g_m is not None else g_w,
+        gw_ptr=g_w,
+        row_ptr=row,
+        col_ptr=col,
+        M=x.shape[0],
+        N=n,
+        K=k,
+        s_dym=grad_y.stride(0),
+        s_dyn=grad_y.stride(1),
+        s_xm=x.stride(0),
+        s_xk=x.stride(1),
+        s_mn=dm.stride(0),
+        s_mk=dm.stride(1),
+        s_wn=w.stride(0),
+        s_wk=w.stride(1),
+        s_gn=g_w.stride(0),
+        s_gk=g_w.stride(1),
+        HAS_M=m is not None,
+        UPCAST=upcast_flag(),
+        PREC=dot_precision(w.dtype),
         **_block_consts(block_n, block_k, w.dtype, None),
     )
     grid = (col.numel(),)
-    config = small_problem_config(config, x.shape[0] * col.numel() * block_n * block_k,
-                                  SDDMM_SMALL[w.element_size()])
-    return Launch(_bsr_dtheta[w.element_size()], grid,
-                  ordered_args(_block_sparse_linear_dtheta_kernel, args, SDDMM_INTERP.kwargs), config), (g_m, g_w)
+    config = small_problem_config(
+        config, x.shape[0] * col.numel() * block_n * block_k, SDDMM_SMALL[w.element_size()]
+    )
+    return Launch(
+        _bsr_dtheta[w.element_size()],
+        grid,
+        ordered_args(_block_sparse_linear_dtheta_kernel, args, SDDMM_INTERP.kwargs),
+        config,
+    ), (g_m, g_w)
 
 
 def block_sparse_linear_fwd(x, m, w, bias, crow, col, row, ccol, row_t, perm, block_n: int, block_k: int):
@@ -378,8 +558,12 @@ def aot_launches():
     shared-memory extremes. sweep=False (first config): other block shapes (16×16, a non-power-of-two
     48×80 padded one, 32×128, 128×16), fp16, fp32/IEEE, and m absent, rotating through the kernels.
     """
-    variants = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"),
-                "tf32": (torch.float32, "tf32"), "fp32": (torch.float32, "ieee")}
+    variants = {
+        "bf16": (torch.bfloat16, "ieee"),
+        "fp16": (torch.float16, "ieee"),
+        "tf32": (torch.float32, "tf32"),
+        "fp32": (torch.float32, "ieee"),
+    }
 
     def launches(bn, bk, v, has_m):
         dtype, prec = variants[v]
@@ -390,12 +574,19 @@ def aot_launches():
         dy = torch.empty(bsz, n, dtype=dtype, device="meta")
         b = torch.empty(n, dtype=dtype, device="meta")
         i32 = dict(dtype=torch.int32, device="meta")
-        idx = (torch.empty(5, **i32), torch.empty(6, **i32), torch.empty(6, **i32), torch.empty(5, **i32),
-               torch.empty(6, **i32))
+        idx = (
+            torch.empty(5, **i32),
+            torch.empty(6, **i32),
+            torch.empty(6, **i32),
+            torch.empty(5, **i32),
+            torch.empty(6, **i32),
+        )
         tag = f"{bn}x{bk}-{v}-m{int(has_m)}"
-        res = [(f"bsr_fwd-{tag}", prepare_fwd(x, m, w, b, *idx, bn, bk)[0]),
-               (f"bsr_dx-{tag}", prepare_dx(dy, m, w, *idx, bn, bk)[0]),
-               (f"bsr_dtheta-{tag}", prepare_dtheta(dy, x, m, w, *idx, bn, bk)[0])]
+        res = [
+            (f"bsr_fwd-{tag}", prepare_fwd(x, m, w, b, *idx, bn, bk)[0]),
+            (f"bsr_dx-{tag}", prepare_dx(dy, m, w, *idx, bn, bk)[0]),
+            (f"bsr_dtheta-{tag}", prepare_dtheta(dy, x, m, w, *idx, bn, bk)[0]),
+        ]
         for _, launch in res:
             launch.args["PREC"] = prec
         return res

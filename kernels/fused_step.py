@@ -35,10 +35,11 @@ alpha=0.0, maximize=False, beta=None, state="keep")``
     second moments (AdamW) use S = (s_m + s_w) / (m² + w²) and become S·w'², S·m'². m, w, their grads
     and their state tensors share one shape and layout.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -72,9 +73,29 @@ _KIND_ID = {"sgd": 0, "adamw": 1}
 
 
 @triton.jit
-def _update(p, g, b1, b2, lr, momentum, one_minus_damp, beta1, one_minus_beta1, beta2, one_minus_beta2,
-            eps, wd, two_alpha, inv_bc1, inv_sqrt_bc2, first, nesterov, maximize,
-            KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
+def _update(
+    p,
+    g,
+    b1,
+    b2,
+    lr,
+    momentum,
+    one_minus_damp,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    wd,
+    two_alpha,
+    inv_bc1,
+    inv_sqrt_bc2,
+    first,
+    nesterov,
+    maximize,
+    KIND: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+):
     """One step on fp32 values; returns (new p, new buf1, new buf2). Mirrors fused_step_ref's op order.
 
     first / nesterov / maximize are runtime ints (selects cost nothing in a memory-bound kernel, and
@@ -103,14 +124,20 @@ def _update(p, g, b1, b2, lr, momentum, one_minus_damp, beta1, one_minus_beta1, 
 class _Hyper:
     """Host-side scalars of one step, validated once (errors name the argument)."""
 
-    def __init__(self, step, kind, momentum, dampening, nesterov, beta1, beta2, eps, weight_decay, alpha,
-                 maximize):
+    def __init__(
+        self, step, kind, momentum, dampening, nesterov, beta1, beta2, eps, weight_decay, alpha, maximize
+    ):
         if kind not in STEP_KINDS:
             raise ValueError(f"kind must be one of {STEP_KINDS}, got {kind!r}")
         if not isinstance(step, int) or step < 1:
             raise ValueError(f"step must be an int >= 1 (1-based count of this step), got {step!r}")
-        for name, v in (("momentum", momentum), ("dampening", dampening), ("beta1", beta1), ("beta2", beta2),
-                        ("eps", eps)):
+        for name, v in (
+            ("momentum", momentum),
+            ("dampening", dampening),
+            ("beta1", beta1),
+            ("beta2", beta2),
+            ("eps", eps),
+        ):
             if not math.isfinite(float(v)):
                 raise ValueError(f"{name} must be finite, got {v}")
         if nesterov and kind == "sgd" and (momentum <= 0 or dampening != 0):
@@ -125,9 +152,13 @@ class _Hyper:
         self.alpha = alpha
         # Python doubles rounded once to fp32 by the launch, as torch does with scalar operands
         self.scalars = dict(
-            momentum=float(momentum), one_minus_damp=1.0 - float(dampening),
-            beta1=float(beta1), one_minus_beta1=1.0 - float(beta1),
-            beta2=float(beta2), one_minus_beta2=1.0 - float(beta2), eps=float(eps),
+            momentum=float(momentum),
+            one_minus_damp=1.0 - float(dampening),
+            beta1=float(beta1),
+            one_minus_beta1=1.0 - float(beta1),
+            beta2=float(beta2),
+            one_minus_beta2=1.0 - float(beta2),
+            eps=float(eps),
             inv_bc1=1.0 / (1.0 - float(beta1) ** step) if kind == "adamw" else 1.0,
             inv_sqrt_bc2=1.0 / math.sqrt(1.0 - float(beta2) ** step) if kind == "adamw" else 1.0,
         )
@@ -150,15 +181,47 @@ def _lr_on(lr: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @triton.jit(do_not_specialize=["first", "nesterov", "maximize"])
 def _fused_step_kernel(
-    p_ptr, g_ptr, b1_ptr, b2_ptr, mask_ptr, lr_ptr,
-    numel, rows, cols,
-    s_p0, s_p1, s_g0, s_g1, s_b10, s_b11, s_b20, s_b21, s_q0, s_q1,
-    momentum, one_minus_damp, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, two_alpha,
-    inv_bc1, inv_sqrt_bc2,
-    first, nesterov, maximize,
-    KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_MASK: tl.constexpr, FLAT: tl.constexpr,
+    p_ptr,
+    g_ptr,
+    b1_ptr,
+    b2_ptr,
+    mask_ptr,
+    lr_ptr,
+    numel,
+    rows,
+    cols,
+    s_p0,
+    s_p1,
+    s_g0,
+    s_g1,
+    s_b10,
+    s_b11,
+    s_b20,
+    s_b21,
+    s_q0,
+    s_q1,
+    momentum,
+    one_minus_damp,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    wd,
+    two_alpha,
+    inv_bc1,
+    inv_sqrt_bc2,
+    first,
+    nesterov,
+    maximize,
+    KIND: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    FLAT: tl.constexpr,
     UPCAST: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     r, c, inb = ew_offsets(FLAT, BLOCK, BLOCK_R, BLOCK_C, numel, rows, cols)
     lr = tl.load(lr_ptr).to(tl.float32)
@@ -171,9 +234,29 @@ def _fused_step_kernel(
         b1 = tl.load(b1_ptr + ew_at(FLAT, r, c, s_b10, s_b11), mask=inb, other=0.0).to(tl.float32)
     if KIND == 1:
         b2 = tl.load(b2_ptr + ew_at(FLAT, r, c, s_b20, s_b21), mask=inb, other=0.0).to(tl.float32)
-    new_p, b1, b2 = _update(p, g, b1, b2, lr, momentum, one_minus_damp, beta1, one_minus_beta1, beta2,
-                            one_minus_beta2, eps, wd, two_alpha, inv_bc1, inv_sqrt_bc2,
-                            first, nesterov, maximize, KIND, HAS_MOMENTUM)
+    new_p, b1, b2 = _update(
+        p,
+        g,
+        b1,
+        b2,
+        lr,
+        momentum,
+        one_minus_damp,
+        beta1,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        eps,
+        wd,
+        two_alpha,
+        inv_bc1,
+        inv_sqrt_bc2,
+        first,
+        nesterov,
+        maximize,
+        KIND,
+        HAS_MOMENTUM,
+    )
     if HAS_MASK:
         keep = tl.load(mask_ptr + ew_at(FLAT, r, c, s_q0, s_q1), mask=inb, other=0) != 0
         new_p = tl.where(keep, new_p, p)
@@ -181,11 +264,13 @@ def _fused_step_kernel(
         b2 = tl.where(keep, b2, 0.0)
     tl.store(p_at, cast_out(new_p, p_ptr.dtype.element_ty, UPCAST), mask=inb)
     if (KIND == 1) or HAS_MOMENTUM:
-        tl.store(b1_ptr + ew_at(FLAT, r, c, s_b10, s_b11), cast_out(b1, b1_ptr.dtype.element_ty, UPCAST),
-                 mask=inb)
+        tl.store(
+            b1_ptr + ew_at(FLAT, r, c, s_b10, s_b11), cast_out(b1, b1_ptr.dtype.element_ty, UPCAST), mask=inb
+        )
     if KIND == 1:
-        tl.store(b2_ptr + ew_at(FLAT, r, c, s_b20, s_b21), cast_out(b2, b2_ptr.dtype.element_ty, UPCAST),
-                 mask=inb)
+        tl.store(
+            b2_ptr + ew_at(FLAT, r, c, s_b20, s_b21), cast_out(b2, b2_ptr.dtype.element_ty, UPCAST), mask=inb
+        )
 
 
 def _check_state(name, t, param, needed: bool):
@@ -216,14 +301,34 @@ def _views(tensors):
     return views, copies
 
 
-def prepare(param, grad, buf1, buf2, mask, lr, step, kind, momentum, dampening, nesterov, beta1, beta2, eps,
-            weight_decay, alpha, maximize, config=None):
+def prepare(
+    param,
+    grad,
+    buf1,
+    buf2,
+    mask,
+    lr,
+    step,
+    kind,
+    momentum,
+    dampening,
+    nesterov,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    alpha,
+    maximize,
+    config=None,
+):
     hp = _Hyper(step, kind, momentum, dampening, nesterov, beta1, beta2, eps, weight_decay, alpha, maximize)
     check_device("param", param)
     check_dtype("param", param)
     if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
-        raise ValueError(f"grad must match param (shape {tuple(param.shape)}, {param.dtype}, {param.device}), "
-                         f"got {tuple(grad.shape)}, {grad.dtype}, {grad.device}")
+        raise ValueError(
+            f"grad must match param (shape {tuple(param.shape)}, {param.dtype}, {param.device}), "
+            f"got {tuple(grad.shape)}, {grad.dtype}, {grad.device}"
+        )
     need1, need2 = hp.needs()
     _check_state("buf1", buf1, param, need1)
     _check_state("buf2", buf2, param, need2)
@@ -239,25 +344,82 @@ def prepare(param, grad, buf1, buf2, mask, lr, step, kind, momentum, dampening, 
         return (0, 0) if t is None else (t.stride(0), t.stride(1))
 
     args = dict(
-        p_ptr=p2, g_ptr=g2, b1_ptr=p2 if b12 is None else b12, b2_ptr=p2 if b22 is None else b22,
-        mask_ptr=p2 if q2 is None else q2, lr_ptr=lr_t, numel=param.numel(), rows=rows, cols=cols,
-        s_p0=st(p2)[0], s_p1=st(p2)[1], s_g0=st(g2)[0], s_g1=st(g2)[1], s_b10=st(b12)[0], s_b11=st(b12)[1],
-        s_b20=st(b22)[0], s_b21=st(b22)[1], s_q0=st(q2)[0], s_q1=st(q2)[1],
-        wd=float(weight_decay), two_alpha=2.0 * float(alpha), **hp.scalars,
-        **hp.flags, **hp.runtime, HAS_MASK=mask is not None, FLAT=flat, UPCAST=upcast_flag(),
+        p_ptr=p2,
+        g_ptr=g2,
+        b1_ptr=p2 if b12 is None else b12,
+        b2_ptr=p2 if b22 is None else b22,
+        mask_ptr=p2 if q2 is None else q2,
+        lr_ptr=lr_t,
+        numel=param.numel(),
+        rows=rows,
+        cols=cols,
+        s_p0=st(p2)[0],
+        s_p1=st(p2)[1],
+        s_g0=st(g2)[0],
+        s_g1=st(g2)[1],
+        s_b10=st(b12)[0],
+        s_b11=st(b12)[1],
+        s_b20=st(b22)[0],
+        s_b21=st(b22)[1],
+        s_q0=st(q2)[0],
+        s_q1=st(q2)[1],
+        wd=float(weight_decay),
+        two_alpha=2.0 * float(alpha),
+        **hp.scalars,
+        **hp.flags,
+        **hp.runtime,
+        HAS_MASK=mask is not None,
+        FLAT=flat,
+        UPCAST=upcast_flag(),
     )
-    launch = Launch(_fused_step_kernel, elementwise_grid(flat, param.numel(), rows, cols), args,
-                    config or elementwise_config())
+    launch = Launch(
+        _fused_step_kernel,
+        elementwise_grid(flat, param.numel(), rows, cols),
+        args,
+        config or elementwise_config(),
+    )
     return launch, copies
 
 
-def fused_step(param: torch.Tensor, grad: torch.Tensor, buf1: torch.Tensor | None, buf2: torch.Tensor | None,
-               mask: torch.Tensor | None, lr: torch.Tensor, step: int, kind: str, momentum: float,
-               dampening: float, nesterov: bool, beta1: float, beta2: float, eps: float, weight_decay: float,
-               alpha: float, maximize: bool) -> None:
+def fused_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    buf1: torch.Tensor | None,
+    buf2: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    lr: torch.Tensor,
+    step: int,
+    kind: str,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    alpha: float,
+    maximize: bool,
+) -> None:
     """One in-place step on ``param``, ``buf1``, ``buf2`` (see reference.fused_step_ref for the math)."""
-    launch, copies = prepare(param, grad, buf1, buf2, mask, lr, step, kind, momentum, dampening, nesterov,
-                             beta1, beta2, eps, weight_decay, alpha, maximize)
+    launch, copies = prepare(
+        param,
+        grad,
+        buf1,
+        buf2,
+        mask,
+        lr,
+        step,
+        kind,
+        momentum,
+        dampening,
+        nesterov,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        alpha,
+        maximize,
+    )
     if param.numel():
         launch.run()
     for t, v in copies:
@@ -269,11 +431,32 @@ def fused_step(param: torch.Tensor, grad: torch.Tensor, buf1: torch.Tensor | Non
 
 @triton.jit(do_not_specialize=["first", "nesterov", "maximize"])
 def _fused_step_multi_kernel(
-    table_ptr, numel_ptr, prog_tensor_ptr, prog_start_ptr, wd_ptr, two_alpha_ptr, lr_ptr,
-    momentum, one_minus_damp, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2,
-    P_DTYPE: tl.constexpr, B1_DTYPE: tl.constexpr, B2_DTYPE: tl.constexpr,
-    first, nesterov, maximize,
-    KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+    table_ptr,
+    numel_ptr,
+    prog_tensor_ptr,
+    prog_start_ptr,
+    wd_ptr,
+    two_alpha_ptr,
+    lr_ptr,
+    momentum,
+    one_minus_damp,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    inv_bc1,
+    inv_sqrt_bc2,
+    P_DTYPE: tl.constexpr,
+    B1_DTYPE: tl.constexpr,
+    B2_DTYPE: tl.constexpr,
+    first,
+    nesterov,
+    maximize,
+    KIND: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Program i steps elements [start, start + BLOCK) of tensor prog_tensor[i].
 
@@ -302,9 +485,29 @@ def _fused_step_multi_kernel(
     if KIND == 1:
         b2_base = tl.load(row + 3).to(tl.pointer_type(B2_DTYPE))
         b2 = tl.load(b2_base + offs, mask=inb, other=0.0).to(tl.float32)
-    new_p, b1, b2 = _update(p, g, b1, b2, lr, momentum, one_minus_damp, beta1, one_minus_beta1, beta2,
-                            one_minus_beta2, eps, wd, two_alpha, inv_bc1, inv_sqrt_bc2,
-                            first, nesterov, maximize, KIND, HAS_MOMENTUM)
+    new_p, b1, b2 = _update(
+        p,
+        g,
+        b1,
+        b2,
+        lr,
+        momentum,
+        one_minus_damp,
+        beta1,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        eps,
+        wd,
+        two_alpha,
+        inv_bc1,
+        inv_sqrt_bc2,
+        first,
+        nesterov,
+        maximize,
+        KIND,
+        HAS_MOMENTUM,
+    )
     # no mask: address 0, nothing loaded (masked-off lanes are never dereferenced), keep everything
     q_base = q_addr.to(tl.pointer_type(tl.int8))
     keep = tl.load(q_base + offs, mask=inb & (q_addr != 0), other=1) != 0
@@ -332,9 +535,26 @@ def _per_tensor(name: str, value, count: int) -> list[float]:
     return values
 
 
-def prepare_multi(params, grads, buf1s, buf2s, masks, lr, step, kind, momentum=0.0, dampening=0.0,
-                  nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, alpha=0.0,
-                  maximize=False, block=None):
+def prepare_multi(
+    params,
+    grads,
+    buf1s,
+    buf2s,
+    masks,
+    lr,
+    step,
+    kind,
+    momentum=0.0,
+    dampening=0.0,
+    nesterov=False,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    alpha=0.0,
+    maximize=False,
+    block=None,
+):
     """The launches (one per dtype group) of a multi-tensor step, plus the tensors they read."""
     hp = _Hyper(step, kind, momentum, dampening, nesterov, beta1, beta2, eps, 0.0, 0.0, maximize)
     count = len(params)
@@ -355,14 +575,18 @@ def prepare_multi(params, grads, buf1s, buf2s, masks, lr, step, kind, momentum=0
         check_device(f"params[{i}]", p)
         check_dtype(f"params[{i}]", p)
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            raise ValueError(f"grads[{i}] must match params[{i}] (shape {tuple(p.shape)}, {p.dtype}, {p.device})")
+            raise ValueError(
+                f"grads[{i}] must match params[{i}] (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
+            )
         b1, b2, q = lists["buf1s"][i], lists["buf2s"][i], lists["masks"][i]
         _check_state(f"buf1s[{i}]", b1, p, need1)
         _check_state(f"buf2s[{i}]", b2, p, need2)
         check_mask(q, p)
         if not all_contiguous(p, g, b1, b2, q):
-            raise ValueError(f"params[{i}], its grad, state and mask must be contiguous for fused_step_multi "
-                             "(call fused_step for a strided tensor)")
+            raise ValueError(
+                f"params[{i}], its grad, state and mask must be contiguous for fused_step_multi "
+                "(call fused_step for a strided tensor)"
+            )
         if p.device != params[0].device:
             raise ValueError(f"params[{i}] is on {p.device} but params[0] is on {params[0].device}")
         key = (p.dtype, None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
@@ -382,41 +606,104 @@ def prepare_multi(params, grads, buf1s, buf2s, masks, lr, step, kind, momentum=0
             return 0 if t is None else t.data_ptr()
 
         table = torch.tensor(
-            [[addr(params[i]), addr(grads[i]), addr(lists["buf1s"][i]), addr(lists["buf2s"][i]),
-              addr(lists["masks"][i])] for i in idx], dtype=torch.int64)
+            [
+                [
+                    addr(params[i]),
+                    addr(grads[i]),
+                    addr(lists["buf1s"][i]),
+                    addr(lists["buf2s"][i]),
+                    addr(lists["masks"][i]),
+                ]
+                for i in idx
+            ],
+            dtype=torch.int64,
+        )
         numels = torch.tensor([params[i].numel() for i in idx], dtype=torch.int64)
         blocks = (numels + block - 1) // block
         prog_tensor = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int32), blocks)
         first_prog = torch.cumsum(blocks, 0) - blocks
-        prog_start = (torch.arange(int(blocks.sum()), dtype=torch.int64)
-                      - torch.repeat_interleave(first_prog, blocks)) * block
-        host = [table, numels, prog_tensor, prog_start,
-                torch.tensor([wds[i] for i in idx], dtype=torch.float32),
-                torch.tensor([2.0 * alphas[i] for i in idx], dtype=torch.float32)]
+        prog_start = (
+            torch.arange(int(blocks.sum()), dtype=torch.int64) - torch.repeat_interleave(first_prog, blocks)
+        ) * block
+        host = [
+            table,
+            numels,
+            prog_tensor,
+            prog_start,
+            torch.tensor([wds[i] for i in idx], dtype=torch.float32),
+            torch.tensor([2.0 * alphas[i] for i in idx], dtype=torch.float32),
+        ]
         dev = [t.to(device, non_blocking=True) if device.type == "cuda" else t for t in host]
         table_d, numel_d, pt_d, ps_d, wd_d, a_d = dev
         args = dict(
-            table_ptr=table_d, numel_ptr=numel_d, prog_tensor_ptr=pt_d, prog_start_ptr=ps_d, wd_ptr=wd_d,
-            two_alpha_ptr=a_d, lr_ptr=lr_t,
+            table_ptr=table_d,
+            numel_ptr=numel_d,
+            prog_tensor_ptr=pt_d,
+            prog_start_ptr=ps_d,
+            wd_ptr=wd_d,
+            two_alpha_ptr=a_d,
+            lr_ptr=lr_t,
             **{k: v for k, v in hp.scalars.items()},
-            P_DTYPE=_TL_DTYPE[pdt], B1_DTYPE=_TL_DTYPE[b1dt or pdt], B2_DTYPE=_TL_DTYPE[b2dt or pdt],
-            **hp.flags, **hp.runtime, UPCAST=upcast_flag(), BLOCK=block,
+            P_DTYPE=_TL_DTYPE[pdt],
+            B1_DTYPE=_TL_DTYPE[b1dt or pdt],
+            B2_DTYPE=_TL_DTYPE[b2dt or pdt],
+            **hp.flags,
+            **hp.runtime,
+            UPCAST=upcast_flag(),
+            BLOCK=block,
         )
-        launches.append(Launch(_fused_step_multi_kernel, (int(blocks.sum()),), args,
-                               triton.Config({}, num_warps=8 if block >= 2048 else 4, num_stages=1)))
+        launches.append(
+            Launch(
+                _fused_step_multi_kernel,
+                (int(blocks.sum()),),
+                args,
+                triton.Config({}, num_warps=8 if block >= 2048 else 4, num_stages=1),
+            )
+        )
         keep_alive.append(host)
     return launches, keep_alive
 
 
-def fused_step_multi(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                     buf1s: Sequence[torch.Tensor | None] | None, buf2s: Sequence[torch.Tensor | None] | None,
-                     masks: Sequence[torch.Tensor | None] | None, lr: torch.Tensor, step: int, kind: str, *,
-                     momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, beta1: float = 0.9,
-                     beta2: float = 0.999, eps: float = 1e-8, weight_decay: float | Sequence[float] = 0.0,
-                     alpha: float | Sequence[float] = 0.0, maximize: bool = False) -> None:
+def fused_step_multi(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    buf1s: Sequence[torch.Tensor | None] | None,
+    buf2s: Sequence[torch.Tensor | None] | None,
+    masks: Sequence[torch.Tensor | None] | None,
+    lr: torch.Tensor,
+    step: int,
+    kind: str,
+    *,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float | Sequence[float] = 0.0,
+    alpha: float | Sequence[float] = 0.0,
+    maximize: bool = False,
+) -> None:
     """fused_step over many tensors, one launch per dtype group (see the module doc)."""
-    launches, _host = prepare_multi(params, grads, buf1s, buf2s, masks, lr, step, kind, momentum, dampening,
-                                    nesterov, beta1, beta2, eps, weight_decay, alpha, maximize)
+    launches, _host = prepare_multi(
+        params,
+        grads,
+        buf1s,
+        buf2s,
+        masks,
+        lr,
+        step,
+        kind,
+        momentum,
+        dampening,
+        nesterov,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        alpha,
+        maximize,
+    )
     for launch in launches:
         launch.run()
 
@@ -426,13 +713,39 @@ def fused_step_multi(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
 
 @triton.jit(do_not_specialize=["first", "nesterov", "maximize", "reset", "state"])
 def _fused_step_signin_kernel(
-    m_ptr, w_ptr, gm_ptr, gw_ptr, mb1_ptr, mb2_ptr, wb1_ptr, wb2_ptr, mask_ptr, lr_ptr,
-    numel, half_beta,
-    momentum, one_minus_damp, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd, two_alpha,
-    inv_bc1, inv_sqrt_bc2,
-    first, nesterov, maximize, reset, state,
-    KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_MASK: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+    m_ptr,
+    w_ptr,
+    gm_ptr,
+    gw_ptr,
+    mb1_ptr,
+    mb2_ptr,
+    wb1_ptr,
+    wb2_ptr,
+    mask_ptr,
+    lr_ptr,
+    numel,
+    half_beta,
+    momentum,
+    one_minus_damp,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    wd,
+    two_alpha,
+    inv_bc1,
+    inv_sqrt_bc2,
+    first,
+    nesterov,
+    maximize,
+    reset,
+    state,
+    KIND: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Step m and w (same hyper-parameters), then, if ``reset``, re-factor the pair to β; ``state``:
     0 keep, 1 zero, 2 transform (see the module doc)."""
@@ -454,12 +767,52 @@ def _fused_step_signin_kernel(
     if KIND == 1:
         mb2 = tl.load(mb2_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         wb2 = tl.load(wb2_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    new_m, mb1, mb2 = _update(m, gm, mb1, mb2, lr, momentum, one_minus_damp, beta1, one_minus_beta1, beta2,
-                              one_minus_beta2, eps, wd, two_alpha, inv_bc1, inv_sqrt_bc2,
-                              first, nesterov, maximize, KIND, HAS_MOMENTUM)
-    new_w, wb1, wb2 = _update(w, gw, wb1, wb2, lr, momentum, one_minus_damp, beta1, one_minus_beta1, beta2,
-                              one_minus_beta2, eps, wd, two_alpha, inv_bc1, inv_sqrt_bc2,
-                              first, nesterov, maximize, KIND, HAS_MOMENTUM)
+    new_m, mb1, mb2 = _update(
+        m,
+        gm,
+        mb1,
+        mb2,
+        lr,
+        momentum,
+        one_minus_damp,
+        beta1,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        eps,
+        wd,
+        two_alpha,
+        inv_bc1,
+        inv_sqrt_bc2,
+        first,
+        nesterov,
+        maximize,
+        KIND,
+        HAS_MOMENTUM,
+    )
+    new_w, wb1, wb2 = _update(
+        w,
+        gw,
+        wb1,
+        wb2,
+        lr,
+        momentum,
+        one_minus_damp,
+        beta1,
+        one_minus_beta1,
+        beta2,
+        one_minus_beta2,
+        eps,
+        wd,
+        two_alpha,
+        inv_bc1,
+        inv_sqrt_bc2,
+        first,
+        nesterov,
+        maximize,
+        KIND,
+        HAS_MOMENTUM,
+    )
     if HAS_MASK:
         keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
         new_m = tl.where(keep, new_m, m)
@@ -515,9 +868,32 @@ def _fused_step_signin_kernel(
         tl.store(wb2_ptr + offs, cast_out(wb2, wb2_ptr.dtype.element_ty, UPCAST), mask=inb)
 
 
-def prepare_signin(m, w, g_m, g_w, m_buf1, m_buf2, w_buf1, w_buf2, mask, lr, step, kind, momentum=0.0,
-                   dampening=0.0, nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                   alpha=0.0, maximize=False, beta=None, state="keep", config=None):
+def prepare_signin(
+    m,
+    w,
+    g_m,
+    g_w,
+    m_buf1,
+    m_buf2,
+    w_buf1,
+    w_buf2,
+    mask,
+    lr,
+    step,
+    kind,
+    momentum=0.0,
+    dampening=0.0,
+    nesterov=False,
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    alpha=0.0,
+    maximize=False,
+    beta=None,
+    state="keep",
+    config=None,
+):
     hp = _Hyper(step, kind, momentum, dampening, nesterov, beta1, beta2, eps, weight_decay, alpha, maximize)
     if state not in RESET_STATES:
         raise ValueError(f"state must be one of {RESET_STATES}, got {state!r}")
@@ -529,39 +905,100 @@ def prepare_signin(m, w, g_m, g_w, m_buf1, m_buf2, w_buf1, w_buf2, mask, lr, ste
         if t is None or t.shape != w.shape or t.dtype != w.dtype or t.device != w.device:
             raise ValueError(f"{name} must match w (shape {tuple(w.shape)}, {w.dtype}, {w.device})")
     need1, need2 = hp.needs()
-    for name, t, needed in (("m_buf1", m_buf1, need1), ("w_buf1", w_buf1, need1), ("m_buf2", m_buf2, need2),
-                            ("w_buf2", w_buf2, need2)):
+    for name, t, needed in (
+        ("m_buf1", m_buf1, need1),
+        ("w_buf1", w_buf1, need1),
+        ("m_buf2", m_buf2, need2),
+        ("w_buf2", w_buf2, need2),
+    ):
         _check_state(name, t, w, needed)
     check_mask(mask, w)
     used = [m, w, g_m, g_w, mask] + ([m_buf1, w_buf1] if need1 else []) + ([m_buf2, w_buf2] if need2 else [])
     if not all_contiguous(*used):
         raise ValueError("m, w, their grads, state and mask must be contiguous for fused_step_signin")
     lr_t = _lr_on(lr, w.device)
-    pick = lambda t, ok: t if (ok and t is not None) else w  # noqa: E731
+    pick = lambda t, ok: t if (ok and t is not None) else w
     args = dict(
-        m_ptr=m, w_ptr=w, gm_ptr=g_m, gw_ptr=g_w, mb1_ptr=pick(m_buf1, need1), mb2_ptr=pick(m_buf2, need2),
-        wb1_ptr=pick(w_buf1, need1), wb2_ptr=pick(w_buf2, need2), mask_ptr=w if mask is None else mask,
-        lr_ptr=lr_t, numel=w.numel(), half_beta=0.5 * float(beta or 0.0),
-        wd=float(weight_decay), two_alpha=2.0 * float(alpha), **hp.scalars, **hp.flags, **hp.runtime,
-        reset=int(beta is not None), state=RESET_STATES.index(state),
-        HAS_MASK=mask is not None, UPCAST=upcast_flag(),
+        m_ptr=m,
+        w_ptr=w,
+        gm_ptr=g_m,
+        gw_ptr=g_w,
+        mb1_ptr=pick(m_buf1, need1),
+        mb2_ptr=pick(m_buf2, need2),
+        wb1_ptr=pick(w_buf1, need1),
+        wb2_ptr=pick(w_buf2, need2),
+        mask_ptr=w if mask is None else mask,
+        lr_ptr=lr_t,
+        numel=w.numel(),
+        half_beta=0.5 * float(beta or 0.0),
+        wd=float(weight_decay),
+        two_alpha=2.0 * float(alpha),
+        **hp.scalars,
+        **hp.flags,
+        **hp.runtime,
+        reset=int(beta is not None),
+        state=RESET_STATES.index(state),
+        HAS_MASK=mask is not None,
+        UPCAST=upcast_flag(),
     )
     cfg = config or elementwise_config()
     cfg = triton.Config({"BLOCK": cfg.kwargs["BLOCK"]}, num_warps=cfg.num_warps, num_stages=1)
-    grid = lambda meta: (triton.cdiv(w.numel(), meta["BLOCK"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(w.numel(), meta["BLOCK"]),)
     return Launch(_fused_step_signin_kernel, grid, args, cfg)
 
 
-def fused_step_signin(m: torch.Tensor, w: torch.Tensor, g_m: torch.Tensor, g_w: torch.Tensor,
-                      m_buf1: torch.Tensor | None, m_buf2: torch.Tensor | None, w_buf1: torch.Tensor | None,
-                      w_buf2: torch.Tensor | None, mask: torch.Tensor | None, lr: torch.Tensor, step: int,
-                      kind: str, *, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
-                      beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-                      alpha: float = 0.0, maximize: bool = False, beta: float | None = None,
-                      state: str = "keep") -> None:
+def fused_step_signin(
+    m: torch.Tensor,
+    w: torch.Tensor,
+    g_m: torch.Tensor,
+    g_w: torch.Tensor,
+    m_buf1: torch.Tensor | None,
+    m_buf2: torch.Tensor | None,
+    w_buf1: torch.Tensor | None,
+    w_buf2: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    lr: torch.Tensor,
+    step: int,
+    kind: str,
+    *,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    alpha: float = 0.0,
+    maximize: bool = False,
+    beta: float | None = None,
+    state: str = "keep",
+) -> None:
     """Step a Sign-In pair (m, w) and optionally reset it to β, in one pass, in place (module doc)."""
-    launch = prepare_signin(m, w, g_m, g_w, m_buf1, m_buf2, w_buf1, w_buf2, mask, lr, step, kind, momentum,
-                            dampening, nesterov, beta1, beta2, eps, weight_decay, alpha, maximize, beta, state)
+    launch = prepare_signin(
+        m,
+        w,
+        g_m,
+        g_w,
+        m_buf1,
+        m_buf2,
+        w_buf1,
+        w_buf2,
+        mask,
+        lr,
+        step,
+        kind,
+        momentum,
+        dampening,
+        nesterov,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        alpha,
+        maximize,
+        beta,
+        state,
+    )
     if w.numel():
         launch.run()
 
@@ -591,22 +1028,82 @@ def aot_launches():
                 b2 = torch.empty_like(p, dtype=state_dtype)
                 for has_mask in (False, True):
                     q = torch.empty_like(p, dtype=torch.bool) if has_mask else None
-                    launch, _ = prepare(p, torch.empty_like(p), b1, b2, q, lr, 2, kind, mom, 0.0, False,
-                                        0.9, 0.999, 1e-8, 0.01, 0.001, False, config=cfg)
+                    launch, _ = prepare(
+                        p,
+                        torch.empty_like(p),
+                        b1,
+                        b2,
+                        q,
+                        lr,
+                        2,
+                        kind,
+                        mom,
+                        0.0,
+                        False,
+                        0.9,
+                        0.999,
+                        1e-8,
+                        0.01,
+                        0.001,
+                        False,
+                        config=cfg,
+                    )
                     out.append((f"fused_step-{tag}-mask{int(has_mask)}", launch, False))
                 q = torch.empty_like(p, dtype=torch.bool) if i % 2 else None
-                launch = prepare_signin(torch.empty_like(p), p, torch.empty_like(p), torch.empty_like(p), b1, b2,
-                                        torch.empty_like(b1), torch.empty_like(b2), q, lr, 2, kind, mom, 0.0,
-                                        False, beta=1.0, state="transform", config=cfg)
+                launch = prepare_signin(
+                    torch.empty_like(p),
+                    p,
+                    torch.empty_like(p),
+                    torch.empty_like(p),
+                    b1,
+                    b2,
+                    torch.empty_like(b1),
+                    torch.empty_like(b2),
+                    q,
+                    lr,
+                    2,
+                    kind,
+                    mom,
+                    0.0,
+                    False,
+                    beta=1.0,
+                    state="transform",
+                    config=cfg,
+                )
                 out.append((f"fused_step_signin-{tag}-mask{int(q is not None)}", launch, False))
-                out.append((f"fused_step_multi-{tag}", _multi_meta(p, b1, b2, lr, False, kind, mom, False, False),
-                            False))
+                out.append(
+                    (
+                        f"fused_step_multi-{tag}",
+                        _multi_meta(p, b1, b2, lr, False, kind, mom, False, False),
+                        False,
+                    )
+                )
             # the strided (2-D tiled) layout, once per dtype pair
             pt = torch.empty((96, 64), dtype=dtype, **meta).t()
             bt = torch.empty_like(pt, dtype=state_dtype)
-            launch, _ = prepare(pt, torch.empty_like(pt), bt, torch.empty_like(bt), torch.empty_like(pt, dtype=torch.bool),
-                                lr, 2, "adamw", 0.0, 0.0, False, 0.9, 0.999, 1e-8, 0.01, 0.0, False, config=cfg)
-            out.append((f"fused_step-{str(dtype)[6:]}-state{str(state_dtype)[6:]}-adamw-strided", launch, False))
+            launch, _ = prepare(
+                pt,
+                torch.empty_like(pt),
+                bt,
+                torch.empty_like(bt),
+                torch.empty_like(pt, dtype=torch.bool),
+                lr,
+                2,
+                "adamw",
+                0.0,
+                0.0,
+                False,
+                0.9,
+                0.999,
+                1e-8,
+                0.01,
+                0.0,
+                False,
+                config=cfg,
+            )
+            out.append(
+                (f"fused_step-{str(dtype)[6:]}-state{str(state_dtype)[6:]}-adamw-strided", launch, False)
+            )
     return out
 
 
@@ -615,10 +1112,20 @@ def _multi_meta(p, b1, b2, lr, first, kind, mom, nest, maximize):
     hp = _Hyper(1 if first else 2, kind, mom, 0.0, nest, 0.9, 0.999, 1e-8, 0.0, 0.0, maximize)
     i64 = torch.empty(8, dtype=torch.int64, device="meta")
     args = dict(
-        table_ptr=i64, numel_ptr=i64, prog_tensor_ptr=torch.empty(8, dtype=torch.int32, device="meta"),
-        prog_start_ptr=i64, wd_ptr=torch.empty(8, dtype=torch.float32, device="meta"),
-        two_alpha_ptr=torch.empty(8, dtype=torch.float32, device="meta"), lr_ptr=lr, **hp.scalars,
-        P_DTYPE=_TL_DTYPE[p.dtype], B1_DTYPE=_TL_DTYPE[b1.dtype], B2_DTYPE=_TL_DTYPE[b2.dtype],
-        **hp.flags, **hp.runtime, UPCAST=False, BLOCK=2048,
+        table_ptr=i64,
+        numel_ptr=i64,
+        prog_tensor_ptr=torch.empty(8, dtype=torch.int32, device="meta"),
+        prog_start_ptr=i64,
+        wd_ptr=torch.empty(8, dtype=torch.float32, device="meta"),
+        two_alpha_ptr=torch.empty(8, dtype=torch.float32, device="meta"),
+        lr_ptr=lr,
+        **hp.scalars,
+        P_DTYPE=_TL_DTYPE[p.dtype],
+        B1_DTYPE=_TL_DTYPE[b1.dtype],
+        B2_DTYPE=_TL_DTYPE[b2.dtype],
+        **hp.flags,
+        **hp.runtime,
+        UPCAST=False,
+        BLOCK=2048,
     )
     return Launch(_fused_step_multi_kernel, (1,), args, triton.Config({}, num_warps=8, num_stages=1))

@@ -19,6 +19,7 @@ One kernel, ``_masked_mm_kernel``, computes both out = A · Θ' (forward: A = x,
 need no copies. ``THETA_LHS`` (a tuning knob) computes the transposed tile outᵀ = Θ'ᵀ · Aᵀ instead, which
 puts the computed θ tile in the left operand: on Hopper that operand may stay in registers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,12 +29,12 @@ import triton.language as tl
 from ._common import (
     SUPPORTED_DTYPES,
     Launch,
+    autotune,
     cast_out,
     check_device,
     check_dtype,
     check_mask,
     check_same,
-    autotune,
     dot_precision,
     ordered_args,
     small_problem_config,
@@ -44,8 +45,11 @@ __all__ = ["masked_linear_fwd", "masked_linear_bwd", "SUPPORTED_DTYPES"]
 
 
 def _mm_cfg(p, q, r, warps, stages, lhs=False, group=8):
-    return triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_R": r, "GROUP_P": group, "THETA_LHS": lhs},
-                         num_warps=warps, num_stages=stages)
+    return triton.Config(
+        {"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_R": r, "GROUP_P": group, "THETA_LHS": lhs},
+        num_warps=warps,
+        num_stages=stages,
+    )
 
 
 #: forward / dX tiles for 16-bit operands: P = tokens, Q = output features, R = reduction. Wide P halves
@@ -68,8 +72,9 @@ MM_INTERP = _mm_cfg(64, 64, 64, 4, 1)
 
 
 def _dt_cfg(n, k, b, warps, stages, group=8):
-    return triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BLOCK_B": b, "GROUP_N": group},
-                         num_warps=warps, num_stages=stages)
+    return triton.Config(
+        {"BLOCK_N": n, "BLOCK_K": k, "BLOCK_B": b, "GROUP_N": group}, num_warps=warps, num_stages=stages
+    )
 
 
 DT_CONFIGS_16 = [
@@ -101,8 +106,16 @@ def _swizzle(pid, num_p, num_q, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _theta_tile(m_ptrs, w_ptrs, q_ptrs, inb, dtype: tl.constexpr,
-                HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr):
+def _theta_tile(
+    m_ptrs,
+    w_ptrs,
+    q_ptrs,
+    inb,
+    dtype: tl.constexpr,
+    HAS_M: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """where(M, m·w, 0) of one tile, rounded to ``dtype`` (fp32 values under UPCAST)."""
     w = tl.load(w_ptrs, mask=inb, other=0.0)
     if UPCAST:
@@ -122,11 +135,34 @@ def _theta_tile(m_ptrs, w_ptrs, q_ptrs, inb, dtype: tl.constexpr,
 
 @triton.jit(do_not_specialize=["has_bias"])
 def _masked_mm_kernel(
-    a_ptr, m_ptr, w_ptr, mask_ptr, bias_ptr, out_ptr,
-    P, Q, R,
-    s_ap, s_ar, s_mr, s_mq, s_wr, s_wq, s_qr, s_qq, s_op, s_oq, has_bias,
-    HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_P: tl.constexpr,
+    a_ptr,
+    m_ptr,
+    w_ptr,
+    mask_ptr,
+    bias_ptr,
+    out_ptr,
+    P,
+    Q,
+    R,
+    s_ap,
+    s_ar,
+    s_mr,
+    s_mq,
+    s_wr,
+    s_wq,
+    s_qr,
+    s_qq,
+    s_op,
+    s_oq,
+    has_bias,
+    HAS_M: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_P: tl.constexpr,
     THETA_LHS: tl.constexpr,
 ):
     """out[P, Q] = A[P, R] · Θ'[R, Q] (+ bias[Q] when has_bias), Θ' = where(M, m·w, 0) read through strides.
@@ -157,15 +193,17 @@ def _masked_mm_kernel(
         r_in = offs_r < R - r0
         if THETA_LHS:
             a = tl.load(a_ptrs, mask=r_in[:, None] & p_in[None, :], other=0.0)
-            theta = _theta_tile(m_ptrs, w_ptrs, q_ptrs, q_in[:, None] & r_in[None, :], dtype,
-                                HAS_M, HAS_MASK, UPCAST)
+            theta = _theta_tile(
+                m_ptrs, w_ptrs, q_ptrs, q_in[:, None] & r_in[None, :], dtype, HAS_M, HAS_MASK, UPCAST
+            )
             if UPCAST:
                 a = a.to(tl.float32)
             acc = tl.dot(theta, a, acc, input_precision=PREC)
         else:
             a = tl.load(a_ptrs, mask=p_in[:, None] & r_in[None, :], other=0.0)
-            theta = _theta_tile(m_ptrs, w_ptrs, q_ptrs, r_in[:, None] & q_in[None, :], dtype,
-                                HAS_M, HAS_MASK, UPCAST)
+            theta = _theta_tile(
+                m_ptrs, w_ptrs, q_ptrs, r_in[:, None] & q_in[None, :], dtype, HAS_M, HAS_MASK, UPCAST
+            )
             if UPCAST:
                 a = a.to(tl.float32)
             acc = tl.dot(a, theta, acc, input_precision=PREC)
@@ -177,21 +215,52 @@ def _masked_mm_kernel(
         if has_bias != 0:
             acc += tl.load(bias_ptr + offs_q, mask=q_in, other=0.0).to(tl.float32)[:, None]
         out_ptrs = out_ptr + offs_q[:, None].to(tl.int64) * s_oq + offs_p[None, :].to(tl.int64) * s_op
-        tl.store(out_ptrs, cast_out(acc, out_ptr.dtype.element_ty, UPCAST), mask=q_in[:, None] & p_in[None, :])
+        tl.store(
+            out_ptrs, cast_out(acc, out_ptr.dtype.element_ty, UPCAST), mask=q_in[:, None] & p_in[None, :]
+        )
     else:
         if has_bias != 0:
             acc += tl.load(bias_ptr + offs_q, mask=q_in, other=0.0).to(tl.float32)[None, :]
         out_ptrs = out_ptr + offs_p[:, None].to(tl.int64) * s_op + offs_q[None, :].to(tl.int64) * s_oq
-        tl.store(out_ptrs, cast_out(acc, out_ptr.dtype.element_ty, UPCAST), mask=p_in[:, None] & q_in[None, :])
+        tl.store(
+            out_ptrs, cast_out(acc, out_ptr.dtype.element_ty, UPCAST), mask=p_in[:, None] & q_in[None, :]
+        )
 
 
 @triton.jit
 def _masked_linear_dtheta_kernel(
-    dy_ptr, x_ptr, m_ptr, w_ptr, mask_ptr, gm_ptr, gw_ptr,
-    N, K, B,
-    s_dyb, s_dyn, s_xb, s_xk, s_mn, s_mk, s_wn, s_wk, s_qn, s_qk, s_gmn, s_gmk, s_gwn, s_gwk,
-    HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, GROUP_N: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    m_ptr,
+    w_ptr,
+    mask_ptr,
+    gm_ptr,
+    gw_ptr,
+    N,
+    K,
+    B,
+    s_dyb,
+    s_dyn,
+    s_xb,
+    s_xk,
+    s_mn,
+    s_mk,
+    s_wn,
+    s_wk,
+    s_qn,
+    s_qk,
+    s_gmn,
+    s_gmk,
+    s_gwn,
+    s_gwk,
+    HAS_M: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
     """dθ = dYᵀ · x tile by tile; writes only g_m = dθ ⊙ M ⊙ w and g_w = dθ ⊙ M ⊙ m."""
     pid_n, pid_k = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
@@ -278,10 +347,15 @@ def _theta_args(m, w, mask, r_dim: int) -> dict:
     dummy_m = m if m is not None else w
     dummy_q = mask if mask is not None else w
     return dict(
-        m_ptr=dummy_m, w_ptr=w, mask_ptr=dummy_q,
-        s_mr=dummy_m.stride(r_dim), s_mq=dummy_m.stride(q_dim),
-        s_wr=w.stride(r_dim), s_wq=w.stride(q_dim),
-        s_qr=dummy_q.stride(r_dim), s_qq=dummy_q.stride(q_dim),
+        m_ptr=dummy_m,
+        w_ptr=w,
+        mask_ptr=dummy_q,
+        s_mr=dummy_m.stride(r_dim),
+        s_mq=dummy_m.stride(q_dim),
+        s_wr=w.stride(r_dim),
+        s_wq=w.stride(q_dim),
+        s_qr=dummy_q.stride(r_dim),
+        s_qq=dummy_q.stride(q_dim),
     )
 
 
@@ -296,14 +370,30 @@ def prepare_fwd(x, m, w, mask, bias, config: triton.Config | None = None) -> tup
     bsz = x.shape[0]
     y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
     args = dict(
-        a_ptr=x, bias_ptr=bias.contiguous() if bias is not None else w, out_ptr=y,
-        P=bsz, Q=n, R=k, s_ap=x.stride(0), s_ar=x.stride(1), s_op=y.stride(0), s_oq=y.stride(1),
-        has_bias=int(bias is not None), HAS_M=m is not None, HAS_MASK=mask is not None,
-        UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
+        a_ptr=x,
+        bias_ptr=bias.contiguous() if bias is not None else w,
+        out_ptr=y,
+        P=bsz,
+        Q=n,
+        R=k,
+        s_ap=x.stride(0),
+        s_ar=x.stride(1),
+        s_op=y.stride(0),
+        s_oq=y.stride(1),
+        has_bias=int(bias is not None),
+        HAS_M=m is not None,
+        HAS_MASK=mask is not None,
+        UPCAST=upcast_flag(),
+        PREC=dot_precision(w.dtype),
     )
     args.update(_theta_args(m, w, mask, r_dim=1))
     config = small_problem_config(config, bsz * n * k, MM_SMALL[w.element_size()])
-    return Launch(_masked_mm[w.element_size()], _mm_grid(bsz, n), ordered_args(_masked_mm_kernel, args, MM_INTERP.kwargs), config), y
+    return Launch(
+        _masked_mm[w.element_size()],
+        _mm_grid(bsz, n),
+        ordered_args(_masked_mm_kernel, args, MM_INTERP.kwargs),
+        config,
+    ), y
 
 
 def prepare_dx(grad_y, m, w, mask, config: triton.Config | None = None) -> tuple[Launch, torch.Tensor]:
@@ -313,14 +403,30 @@ def prepare_dx(grad_y, m, w, mask, config: triton.Config | None = None) -> tuple
     bsz = grad_y.shape[0]
     g_x = torch.empty(bsz, k, dtype=w.dtype, device=w.device)
     args = dict(
-        a_ptr=grad_y, bias_ptr=w, out_ptr=g_x,
-        P=bsz, Q=k, R=n, s_ap=grad_y.stride(0), s_ar=grad_y.stride(1), s_op=g_x.stride(0), s_oq=g_x.stride(1),
-        has_bias=0, HAS_M=m is not None, HAS_MASK=mask is not None,
-        UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
+        a_ptr=grad_y,
+        bias_ptr=w,
+        out_ptr=g_x,
+        P=bsz,
+        Q=k,
+        R=n,
+        s_ap=grad_y.stride(0),
+        s_ar=grad_y.stride(1),
+        s_op=g_x.stride(0),
+        s_oq=g_x.stride(1),
+        has_bias=0,
+        HAS_M=m is not None,
+        HAS_MASK=mask is not None,
+        UPCAST=upcast_flag(),
+        PREC=dot_precision(w.dtype),
     )
     args.update(_theta_args(m, w, mask, r_dim=0))
     config = small_problem_config(config, bsz * n * k, MM_SMALL[w.element_size()])
-    return Launch(_masked_mm[w.element_size()], _mm_grid(bsz, k), ordered_args(_masked_mm_kernel, args, MM_INTERP.kwargs), config), g_x
+    return Launch(
+        _masked_mm[w.element_size()],
+        _mm_grid(bsz, k),
+        ordered_args(_masked_mm_kernel, args, MM_INTERP.kwargs),
+        config,
+    ), g_x
 
 
 def prepare_dtheta(grad_y, x, m, w, mask, config: triton.Config | None = None):
@@ -336,21 +442,52 @@ def prepare_dtheta(grad_y, x, m, w, mask, config: triton.Config | None = None):
     dq = mask if mask is not None else w
     dgm = g_m if g_m is not None else g_w
     args = dict(
-        dy_ptr=grad_y, x_ptr=x, m_ptr=dm, w_ptr=w, mask_ptr=dq, gm_ptr=dgm, gw_ptr=g_w,
-        N=n, K=k, B=x.shape[0],
-        s_dyb=grad_y.stride(0), s_dyn=grad_y.stride(1), s_xb=x.stride(0), s_xk=x.stride(1),
-        s_mn=dm.stride(0), s_mk=dm.stride(1), s_wn=w.stride(0), s_wk=w.stride(1),
-        s_qn=dq.stride(0), s_qk=dq.stride(1), s_gmn=dgm.stride(0), s_gmk=dgm.stride(1),
-        s_gwn=g_w.stride(0), s_gwk=g_w.stride(1),
-        HAS_M=m is not None, HAS_MASK=mask is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
+        dy_ptr=grad_y,
+        x_ptr=x,
+        m_ptr=dm,
+        w_ptr=w,
+        mask_ptr=dq,
+        gm_ptr=dgm,
+        gw_ptr=g_w,
+        N=n,
+        K=k,
+        B=x.shape[0],
+        s_dyb=grad_y.stride(0),
+        s_dyn=grad_y.stride(1),
+        s_xb=x.stride(0),
+        s_xk=x.stride(1),
+        s_mn=dm.stride(0),
+        s_mk=dm.stride(1),
+        s_wn=w.stride(0),
+        s_wk=w.stride(1),
+        s_qn=dq.stride(0),
+        s_qk=dq.stride(1),
+        s_gmn=dgm.stride(0),
+        s_gmk=dgm.stride(1),
+        s_gwn=g_w.stride(0),
+        s_gwk=g_w.stride(1),
+        HAS_M=m is not None,
+        HAS_MASK=mask is not None,
+        UPCAST=upcast_flag(),
+        PREC=dot_precision(w.dtype),
     )
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)
     config = small_problem_config(config, x.shape[0] * n * k, DT_SMALL[w.element_size()])
-    return Launch(_masked_dtheta[w.element_size()], grid, ordered_args(_masked_linear_dtheta_kernel, args, DT_INTERP.kwargs), config), (g_m, g_w)
+    return Launch(
+        _masked_dtheta[w.element_size()],
+        grid,
+        ordered_args(_masked_linear_dtheta_kernel, args, DT_INTERP.kwargs),
+        config,
+    ), (g_m, g_w)
 
 
-def masked_linear_fwd(x: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor, mask: torch.Tensor | None,
-                      bias: torch.Tensor | None) -> torch.Tensor:
+def masked_linear_fwd(
+    x: torch.Tensor,
+    m: torch.Tensor | None,
+    w: torch.Tensor,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     """y = x θᵀ + b, θ = M ⊙ m ⊙ w built tile by tile. x: (B, K), w: (N, K) -> y: (B, N)."""
     launch, y = prepare_fwd(x, m, w, mask, bias)
     if y.numel():
@@ -358,8 +495,9 @@ def masked_linear_fwd(x: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor, 
     return y
 
 
-def masked_linear_bwd(grad_y: torch.Tensor, x: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor,
-                      mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def masked_linear_bwd(
+    grad_y: torch.Tensor, x: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(g_x, g_m, g_w): dX = dY θ, and dθ = dYᵀ x mapped to g_m = dθ⊙M⊙w, g_w = dθ⊙M⊙m (g_m None if m is)."""
     launch_dx, g_x = prepare_dx(grad_y, m, w, mask)
     launch_dt, (g_m, g_w) = prepare_dtheta(grad_y, x, m, w, mask)
@@ -379,7 +517,12 @@ def aot_launches():
     rotating through the dtypes.
     """
     out = []
-    variants = [(torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")]
+    variants = [
+        (torch.bfloat16, "ieee"),
+        (torch.float16, "ieee"),
+        (torch.float32, "tf32"),
+        (torch.float32, "ieee"),
+    ]
 
     def launches(dtype, prec, has_m, has_mask):
         w = torch.empty(256, 512, dtype=dtype, device="meta")
@@ -389,9 +532,11 @@ def aot_launches():
         dy = torch.empty(384, 256, dtype=dtype, device="meta")
         b = torch.empty(256, dtype=dtype, device="meta")
         tag = f"{str(dtype)[6:]}-{prec}-m{int(has_m)}-mask{int(has_mask)}"
-        res = [(f"masked_linear_fwd-{tag}", prepare_fwd(x, m, w, q, b)[0]),
-               (f"masked_linear_dx-{tag}", prepare_dx(dy, m, w, q)[0]),
-               (f"masked_linear_dtheta-{tag}", prepare_dtheta(dy, x, m, w, q)[0])]
+        res = [
+            (f"masked_linear_fwd-{tag}", prepare_fwd(x, m, w, q, b)[0]),
+            (f"masked_linear_dx-{tag}", prepare_dx(dy, m, w, q)[0]),
+            (f"masked_linear_dtheta-{tag}", prepare_dtheta(dy, x, m, w, q)[0]),
+        ]
         for _, launch in res:
             launch.args["PREC"] = prec
         return res

@@ -13,6 +13,7 @@ Layouts: when every operand is contiguous the kernel walks one flat range (vecto
 (transposed or sliced weights) it walks 2-D tiles with per-operand strides. Tensors of more than two
 dims are viewed as (shape[0], rest) — a copy only when no such view exists.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,14 +24,14 @@ from ._common import (
     SUPPORTED_DTYPES,
     Launch,
     all_contiguous,
-    cast_out,
     as_2d,
+    cast_out,
     check_device,
     check_dtype,
     check_mask,
     check_same,
-    elementwise_grid,
     elementwise_config,
+    elementwise_grid,
     ew_at,
     ew_offsets,
     strides_2d,
@@ -42,11 +43,28 @@ __all__ = ["reparam_fwd", "reparam_bwd", "SUPPORTED_DTYPES"]
 
 @triton.jit
 def _reparam_fwd_kernel(
-    m_ptr, w_ptr, mask_ptr, out_ptr,
-    numel, rows, cols,
-    s_m0, s_m1, s_w0, s_w1, s_q0, s_q1, s_o0, s_o1,
-    HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, FLAT: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    m_ptr,
+    w_ptr,
+    mask_ptr,
+    out_ptr,
+    numel,
+    rows,
+    cols,
+    s_m0,
+    s_m1,
+    s_w0,
+    s_w1,
+    s_q0,
+    s_q1,
+    s_o0,
+    s_o1,
+    HAS_M: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    FLAT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     r, c, inb = ew_offsets(FLAT, BLOCK, BLOCK_R, BLOCK_C, numel, rows, cols)
     # fp32 math: one rounding at the store, and bf16 is right in the interpreter too
@@ -56,16 +74,41 @@ def _reparam_fwd_kernel(
     if HAS_MASK:
         keep = tl.load(mask_ptr + ew_at(FLAT, r, c, s_q0, s_q1), mask=inb, other=0) != 0
         theta = tl.where(keep, theta, 0.0)
-    tl.store(out_ptr + ew_at(FLAT, r, c, s_o0, s_o1), cast_out(theta, out_ptr.dtype.element_ty, UPCAST), mask=inb)
+    tl.store(
+        out_ptr + ew_at(FLAT, r, c, s_o0, s_o1), cast_out(theta, out_ptr.dtype.element_ty, UPCAST), mask=inb
+    )
 
 
 @triton.jit
 def _reparam_bwd_kernel(
-    g_ptr, m_ptr, w_ptr, mask_ptr, gm_ptr, gw_ptr,
-    numel, rows, cols,
-    s_g0, s_g1, s_m0, s_m1, s_w0, s_w1, s_q0, s_q1, s_gm0, s_gm1, s_gw0, s_gw1,
-    HAS_M: tl.constexpr, HAS_MASK: tl.constexpr, FLAT: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    g_ptr,
+    m_ptr,
+    w_ptr,
+    mask_ptr,
+    gm_ptr,
+    gw_ptr,
+    numel,
+    rows,
+    cols,
+    s_g0,
+    s_g1,
+    s_m0,
+    s_m1,
+    s_w0,
+    s_w1,
+    s_q0,
+    s_q1,
+    s_gm0,
+    s_gm1,
+    s_gw0,
+    s_gw1,
+    HAS_M: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    FLAT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     r, c, inb = ew_offsets(FLAT, BLOCK, BLOCK_R, BLOCK_C, numel, rows, cols)
     g = tl.load(g_ptr + ew_at(FLAT, r, c, s_g0, s_g1), mask=inb, other=0.0).to(tl.float32)
@@ -79,12 +122,16 @@ def _reparam_bwd_kernel(
         if HAS_MASK:
             gm = tl.where(keep, gm, 0.0)
             gw = tl.where(keep, gw, 0.0)
-        tl.store(gm_ptr + ew_at(FLAT, r, c, s_gm0, s_gm1), cast_out(gm, gm_ptr.dtype.element_ty, UPCAST), mask=inb)
+        tl.store(
+            gm_ptr + ew_at(FLAT, r, c, s_gm0, s_gm1), cast_out(gm, gm_ptr.dtype.element_ty, UPCAST), mask=inb
+        )
     else:
         gw = g
         if HAS_MASK:
             gw = tl.where(keep, gw, 0.0)
-    tl.store(gw_ptr + ew_at(FLAT, r, c, s_gw0, s_gw1), cast_out(gw, gw_ptr.dtype.element_ty, UPCAST), mask=inb)
+    tl.store(
+        gw_ptr + ew_at(FLAT, r, c, s_gw0, s_gw1), cast_out(gw, gw_ptr.dtype.element_ty, UPCAST), mask=inb
+    )
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -98,8 +145,13 @@ def _check(m, w, mask, grad=None) -> None:
     check_same("grad", grad, w)
 
 
-def prepare_fwd(m: torch.Tensor | None, w: torch.Tensor, mask: torch.Tensor | None,
-                out: torch.Tensor | None = None, config: triton.Config | None = None) -> tuple[Launch, torch.Tensor]:
+def prepare_fwd(
+    m: torch.Tensor | None,
+    w: torch.Tensor,
+    mask: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    config: triton.Config | None = None,
+) -> tuple[Launch, torch.Tensor]:
     """The launch computing θ into ``out`` (allocated like ``w`` when None). Shapes: all equal."""
     _check(m, w, mask)
     if out is None:
@@ -109,11 +161,25 @@ def prepare_fwd(m: torch.Tensor | None, w: torch.Tensor, mask: torch.Tensor | No
     m2, w2, q2, o2 = (None if t is None else as_2d(t) for t in (m, w, mask, out))
     rows, cols = w2.shape
     args = dict(
-        m_ptr=w2 if m2 is None else m2, w_ptr=w2, mask_ptr=w2 if q2 is None else q2, out_ptr=o2,
-        numel=w.numel(), rows=rows, cols=cols,
-        s_m0=strides_2d(m2)[0], s_m1=strides_2d(m2)[1], s_w0=w2.stride(0), s_w1=w2.stride(1),
-        s_q0=strides_2d(q2)[0], s_q1=strides_2d(q2)[1], s_o0=o2.stride(0), s_o1=o2.stride(1),
-        HAS_M=m is not None, HAS_MASK=mask is not None, FLAT=flat, UPCAST=upcast_flag(),
+        m_ptr=w2 if m2 is None else m2,
+        w_ptr=w2,
+        mask_ptr=w2 if q2 is None else q2,
+        out_ptr=o2,
+        numel=w.numel(),
+        rows=rows,
+        cols=cols,
+        s_m0=strides_2d(m2)[0],
+        s_m1=strides_2d(m2)[1],
+        s_w0=w2.stride(0),
+        s_w1=w2.stride(1),
+        s_q0=strides_2d(q2)[0],
+        s_q1=strides_2d(q2)[1],
+        s_o0=o2.stride(0),
+        s_o1=o2.stride(1),
+        HAS_M=m is not None,
+        HAS_MASK=mask is not None,
+        FLAT=flat,
+        UPCAST=upcast_flag(),
     )
     cfg = config or elementwise_config()
     return Launch(_reparam_fwd_kernel, elementwise_grid(flat, w.numel(), rows, cols), args, cfg), out
@@ -126,8 +192,13 @@ def reparam_fwd(m: torch.Tensor | None, w: torch.Tensor, mask: torch.Tensor | No
     return out
 
 
-def prepare_bwd(grad: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor, mask: torch.Tensor | None,
-                config: triton.Config | None = None):
+def prepare_bwd(
+    grad: torch.Tensor,
+    m: torch.Tensor | None,
+    w: torch.Tensor,
+    mask: torch.Tensor | None,
+    config: triton.Config | None = None,
+):
     _check(m, w, mask, grad)
     g_m = None if m is None else torch.empty(w.shape, dtype=w.dtype, device=w.device)
     g_w = torch.empty(w.shape, dtype=w.dtype, device=w.device)
@@ -135,20 +206,39 @@ def prepare_bwd(grad: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor, mas
     g2, m2, w2, q2, gm2, gw2 = (None if t is None else as_2d(t) for t in (grad, m, w, mask, g_m, g_w))
     rows, cols = w2.shape
     args = dict(
-        g_ptr=g2, m_ptr=w2 if m2 is None else m2, w_ptr=w2, mask_ptr=w2 if q2 is None else q2,
-        gm_ptr=gw2 if gm2 is None else gm2, gw_ptr=gw2,
-        numel=w.numel(), rows=rows, cols=cols,
-        s_g0=g2.stride(0), s_g1=g2.stride(1), s_m0=strides_2d(m2)[0], s_m1=strides_2d(m2)[1],
-        s_w0=w2.stride(0), s_w1=w2.stride(1), s_q0=strides_2d(q2)[0], s_q1=strides_2d(q2)[1],
-        s_gm0=strides_2d(gm2)[0], s_gm1=strides_2d(gm2)[1], s_gw0=gw2.stride(0), s_gw1=gw2.stride(1),
-        HAS_M=m is not None, HAS_MASK=mask is not None, FLAT=flat, UPCAST=upcast_flag(),
+        g_ptr=g2,
+        m_ptr=w2 if m2 is None else m2,
+        w_ptr=w2,
+        mask_ptr=w2 if q2 is None else q2,
+        gm_ptr=gw2 if gm2 is None else gm2,
+        gw_ptr=gw2,
+        numel=w.numel(),
+        rows=rows,
+        cols=cols,
+        s_g0=g2.stride(0),
+        s_g1=g2.stride(1),
+        s_m0=strides_2d(m2)[0],
+        s_m1=strides_2d(m2)[1],
+        s_w0=w2.stride(0),
+        s_w1=w2.stride(1),
+        s_q0=strides_2d(q2)[0],
+        s_q1=strides_2d(q2)[1],
+        s_gm0=strides_2d(gm2)[0],
+        s_gm1=strides_2d(gm2)[1],
+        s_gw0=gw2.stride(0),
+        s_gw1=gw2.stride(1),
+        HAS_M=m is not None,
+        HAS_MASK=mask is not None,
+        FLAT=flat,
+        UPCAST=upcast_flag(),
     )
     cfg = config or elementwise_config()
     return Launch(_reparam_bwd_kernel, elementwise_grid(flat, w.numel(), rows, cols), args, cfg), (g_m, g_w)
 
 
-def reparam_bwd(grad: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor, mask: torch.Tensor | None
-                ) -> tuple[torch.Tensor | None, torch.Tensor]:
+def reparam_bwd(
+    grad: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(g_m, g_w) = (G ⊙ M ⊙ w, G ⊙ M ⊙ m); g_m is None and g_w = G ⊙ M when m is None."""
     launch, out = prepare_bwd(grad, m, w, mask)
     launch.run()
@@ -168,7 +258,19 @@ def aot_launches():
                     m = torch.empty_like(w) if has_m else None
                     q = torch.empty_like(w, dtype=torch.bool) if has_mask else None
                     tag = f"{dtype}-m{int(has_m)}-mask{int(has_mask)}-flat{int(flat)}"
-                    out.append((f"reparam_fwd-{tag}", prepare_fwd(m, w, q, config=elementwise_config(gpu=True))[0], False))
+                    out.append(
+                        (
+                            f"reparam_fwd-{tag}",
+                            prepare_fwd(m, w, q, config=elementwise_config(gpu=True))[0],
+                            False,
+                        )
+                    )
                     g = torch.empty_like(w)
-                    out.append((f"reparam_bwd-{tag}", prepare_bwd(g, m, w, q, config=elementwise_config(gpu=True))[0], False))
+                    out.append(
+                        (
+                            f"reparam_bwd-{tag}",
+                            prepare_bwd(g, m, w, q, config=elementwise_config(gpu=True))[0],
+                            False,
+                        )
+                    )
     return out

@@ -7,6 +7,7 @@ Reads m, w, M once and writes m', w' once (unfused: reparam, then the factorisat
 Pruned coordinates come out as m' = sqrt(β), w' = 0, the state a regrown coordinate starts from.
 The same math, fused into the optimizer step, is ``fused_step.fused_step_signin``.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,11 +40,29 @@ __all__ = ["signin_reset", "SUPPORTED_DTYPES"]
 
 @triton.jit
 def _signin_reset_kernel(
-    m_ptr, w_ptr, mask_ptr, m_out_ptr, w_out_ptr,
-    numel, rows, cols, half_beta,
-    s_m0, s_m1, s_w0, s_w1, s_q0, s_q1, s_o0, s_o1,
-    HAS_MASK: tl.constexpr, FLAT: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    m_ptr,
+    w_ptr,
+    mask_ptr,
+    m_out_ptr,
+    w_out_ptr,
+    numel,
+    rows,
+    cols,
+    half_beta,
+    s_m0,
+    s_m1,
+    s_w0,
+    s_w1,
+    s_q0,
+    s_q1,
+    s_o0,
+    s_o1,
+    HAS_MASK: tl.constexpr,
+    FLAT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     r, c, inb = ew_offsets(FLAT, BLOCK, BLOCK_R, BLOCK_C, numel, rows, cols)
     dtype = w_ptr.dtype.element_ty
@@ -79,19 +98,39 @@ def prepare(m, w, mask, beta, config=None):
     m2, w2, q2, o2 = (None if t is None else as_2d(t) for t in (m, w, mask, new_m))
     rows, cols = w2.shape
     args = dict(
-        m_ptr=m2, w_ptr=w2, mask_ptr=w2 if q2 is None else q2, m_out_ptr=o2, w_out_ptr=as_2d(new_w),
-        numel=w.numel(), rows=rows, cols=cols, half_beta=0.5 * beta,
-        s_m0=m2.stride(0), s_m1=m2.stride(1), s_w0=w2.stride(0), s_w1=w2.stride(1),
-        s_q0=strides_2d(q2)[0], s_q1=strides_2d(q2)[1], s_o0=o2.stride(0), s_o1=o2.stride(1),
-        HAS_MASK=mask is not None, FLAT=flat, UPCAST=upcast_flag(),
+        m_ptr=m2,
+        w_ptr=w2,
+        mask_ptr=w2 if q2 is None else q2,
+        m_out_ptr=o2,
+        w_out_ptr=as_2d(new_w),
+        numel=w.numel(),
+        rows=rows,
+        cols=cols,
+        half_beta=0.5 * beta,
+        s_m0=m2.stride(0),
+        s_m1=m2.stride(1),
+        s_w0=w2.stride(0),
+        s_w1=w2.stride(1),
+        s_q0=strides_2d(q2)[0],
+        s_q1=strides_2d(q2)[1],
+        s_o0=o2.stride(0),
+        s_o1=o2.stride(1),
+        HAS_MASK=mask is not None,
+        FLAT=flat,
+        UPCAST=upcast_flag(),
     )
-    launch = Launch(_signin_reset_kernel, elementwise_grid(flat, w.numel(), rows, cols), args,
-                    config or elementwise_config())
+    launch = Launch(
+        _signin_reset_kernel,
+        elementwise_grid(flat, w.numel(), rows, cols),
+        args,
+        config or elementwise_config(),
+    )
     return launch, (new_m, new_w)
 
 
-def signin_reset(m: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None, beta: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def signin_reset(
+    m: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """New (m, w) with the same θ = M ⊙ m ⊙ w and m² − w² = β (any shape; see reference.signin_reset_ref)."""
     launch, out = prepare(m, w, mask, beta)
     if w.numel():
@@ -109,5 +148,7 @@ def aot_launches():
                     w = torch.empty(96, 64, dtype=dtype, device="meta").t()
                 q = torch.empty_like(w, dtype=torch.bool) if has_mask else None
                 launch = prepare(torch.empty_like(w), w, q, 1.0, config=elementwise_config(gpu=True))[0]
-                out.append((f"signin_reset-{str(dtype)[6:]}-mask{int(has_mask)}-flat{int(flat)}", launch, False))
+                out.append(
+                    (f"signin_reset-{str(dtype)[6:]}-mask{int(has_mask)}-flat{int(flat)}", launch, False)
+                )
     return out

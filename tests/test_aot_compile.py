@@ -12,6 +12,7 @@ Runs only in its own process with ``TRITON_INTERPRET=0`` (``TRITON_INTERPRET=0 p
 scripts/test.sh does); under the interpreter the kernels are InterpretedFunctions that cannot be
 compiled, so the tests skip with that reason. Compiles run in a process pool (one per core).
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -32,7 +33,9 @@ MATMUL_PREFIXES = ("masked_linear_", "bsr_")
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     pytest.skip(
         "AOT compile needs TRITON_INTERPRET=0 (run `TRITON_INTERPRET=0 pytest -m aot` in its own process, "
-        "as scripts/test.sh does)", allow_module_level=True)
+        "as scripts/test.sh does)",
+        allow_module_level=True,
+    )
 
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
@@ -63,25 +66,40 @@ def _jobs(module_name: str) -> list[tuple[str, int, int, int]]:
 def _compile_job(job):
     """Runs in a worker process: compile one (launch, config, arch); never raises."""
     module_name, i, c, arch = job
+    from sparse_engine.kernels._common import jit_of, signature_of
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from sparse_engine.kernels._common import jit_of, signature_of
 
     name, launch, sweep = _module(module_name).aot_launches()[i]
     cfg = _plan_configs(launch, sweep)[c]
     t0 = time.perf_counter()
     try:
         sig, consts, attrs = signature_of(launch, True, cfg)
-        ck = triton.compile(ASTSource(fn=jit_of(launch.kernel), signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        ck = triton.compile(
+            ASTSource(fn=jit_of(launch.kernel), signature=sig, constexprs=consts, attrs=attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        )
         ptx = ck.asm["ptx"]
-        return dict(name=name, arch=arch, config=str(cfg), shared=int(ck.metadata.shared),
-                    mma=("mma" in ptx), error=None, seconds=time.perf_counter() - t0)
+        return dict(
+            name=name,
+            arch=arch,
+            config=str(cfg),
+            shared=int(ck.metadata.shared),
+            mma=("mma" in ptx),
+            error=None,
+            seconds=time.perf_counter() - t0,
+        )
     except Exception as e:  # reported by the test with the launch's name
-        return dict(name=name, arch=arch, config=str(cfg), shared=None, mma=False,
-                    error=f"{type(e).__name__}: {str(e)[-1500:]}", seconds=time.perf_counter() - t0)
+        return dict(
+            name=name,
+            arch=arch,
+            config=str(cfg),
+            shared=None,
+            mma=False,
+            error=f"{type(e).__name__}: {str(e)[-1500:]}",
+            seconds=time.perf_counter() - t0,
+        )
 
 
 def _run(jobs):
@@ -110,9 +128,14 @@ def test_every_launch_compiles_for_sm80_and_sm90(module_name):
     assert not too_big, f"no config fits in shared memory for: {too_big}"
 
     # Tensor cores: 16-bit and TF32 matmuls must compile to mma / wgmma, not a scalar FMA loop.
-    scalar = [f"{r['name']} sm_{r['arch']}" for r in results
-              if r["name"].startswith(MATMUL_PREFIXES) and "-fp32-" not in r["name"]
-              and "-float32-ieee-" not in r["name"] and not r["mma"]]
+    scalar = [
+        f"{r['name']} sm_{r['arch']}"
+        for r in results
+        if r["name"].startswith(MATMUL_PREFIXES)
+        and "-fp32-" not in r["name"]
+        and "-float32-ieee-" not in r["name"]
+        and not r["mma"]
+    ]
     assert not scalar, f"matmul kernels without tensor-core instructions: {scalar[:5]}"
     total = sum(r["seconds"] for r in results)
     print(f"{module_name}: {len(results)} compiles, {total:.1f} s of compile time")
@@ -124,8 +147,13 @@ def test_plan_covers_every_kernel(module_name):
     from sparse_engine.kernels._common import jit_of
 
     mod = _module(module_name)
-    kernels = {name for name, obj in vars(mod).items()
-               if name.endswith("_kernel") and type(obj).__name__ == "JITFunction"}
+    kernels = {
+        name
+        for name, obj in vars(mod).items()
+        if name.endswith("_kernel") and type(obj).__name__ == "JITFunction"
+    }
     planned = {jit_of(launch.kernel).__name__ for _, launch, _ in mod.aot_launches()}
     assert kernels, f"found no kernels in {module_name}"
-    assert kernels <= planned, f"kernels missing from {module_name}.aot_launches(): {sorted(kernels - planned)}"
+    assert kernels <= planned, (
+        f"kernels missing from {module_name}.aot_launches(): {sorted(kernels - planned)}"
+    )

@@ -1,6 +1,7 @@
 """Smoke test of the kernel benchmarks: each runs with --quick into a temporary directory (on CPU: tiny
 sizes under the Triton interpreter) and writes a well-formed CSV; gpu_check.sh refuses a machine without
 a GPU quickly and clearly. The timings themselves are meaningless here and are not checked."""
+
 from __future__ import annotations
 
 import csv
@@ -40,7 +41,9 @@ def _load(script: str):
     return mod
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: bench/gpu_check.sh runs the real benchmarks")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a GPU is visible: bench/gpu_check.sh runs the real benchmarks"
+)
 @pytest.mark.parametrize("script", sorted(BENCHES))
 def test_bench_quick_writes_wellformed_csv(script, tmp_path):
     common = _load("common.py")
@@ -77,8 +80,14 @@ def test_bench_quick_writes_wellformed_csv(script, tmp_path):
 def test_gpu_check_fails_fast_without_gpu(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(out)], capture_output=True, text=True,
-                          env=env, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "no CUDA GPU" in proc.stdout + proc.stderr
     assert (out / "gpu_check.log").exists()
