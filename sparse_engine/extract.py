@@ -132,11 +132,12 @@ def _sync(device: torch.device) -> None:
 
 def _measure(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int = 7, burst_s: float = 0.004
              ) -> dict[str, float]:
-    """Seconds per call of each function: interleaved rounds of short bursts, the minimum over rounds.
+    """Seconds per call of each function: interleaved rounds of short bursts; the fastest single call.
 
-    Interleaving gives every candidate the same machine conditions; the minimum of burst means ignores
-    the bursts that another process interrupted (on a shared CPU the median is that process's noise).
-    A candidate already 1.5x slower than the first one (the dense baseline) after 3 rounds stops there.
+    Interleaving gives every candidate the same machine conditions; the fastest call ignores the calls
+    that another process interrupted (on a shared CPU the median is that process's noise). On a GPU a
+    single call is timed with a synchronize on each side. A candidate already 1.5x slower than the first
+    one (the dense baseline) after 3 rounds stops there.
     """
     names = list(fns)
     bursts = {}
@@ -153,11 +154,11 @@ def _measure(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: in
     for r in range(rounds):
         for name in active:
             fn, n = fns[name], bursts[name]
-            t0 = time.perf_counter()
             for _ in range(n):
+                t0 = time.perf_counter()
                 fn()
-            _sync(device)
-            best[name] = min(best[name], (time.perf_counter() - t0) / n)
+                _sync(device)
+                best[name] = min(best[name], time.perf_counter() - t0)
         if r == 2:
             base = best[names[0]]
             active = [n for n in active if n == names[0] or best[n] <= 1.5 * base]
