@@ -25,7 +25,7 @@ import pytest
 
 pytestmark = pytest.mark.aot
 
-MODULES = ["reparam", "masked_linear", "block_sparse_linear", "fused_step", "signin_reset"]
+MODULES = ["reparam", "masked_linear", "block_sparse_linear", "fused_step", "signin_reset", "prune_threshold"]
 ARCHS = (80, 90)
 #: matmul kernels that must use tensor cores (mma / wgmma) unless their operands are IEEE fp32
 MATMUL_PREFIXES = ("masked_linear_", "bsr_")

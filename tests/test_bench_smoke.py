@@ -22,6 +22,7 @@ BENCHES = {  # script -> (csv name, providers that must have a timing)
     "bench_masked_linear.py": ("masked_linear", {"dense", "naive", "reparam_cublas", "ours"}),
     "bench_block_sparse_linear.py": ("block_sparse_linear", {"dense", "naive", "ours"}),
     "bench_fused_step.py": ("fused_step", {"naive", "ours", "ours_multi", "ours_signin", "ours_unfused"}),
+    "bench_prune_threshold.py": ("prune_threshold", {"naive", "topk", "ours"}),
 }
 
 pytest.importorskip("triton", reason="triton is not installed: the benchmarks' Triton providers cannot run")

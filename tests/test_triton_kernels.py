@@ -23,23 +23,14 @@ from sparse_engine import reference as R
 
 triton = pytest.importorskip("triton", reason="triton is not installed: no Triton backend to test")
 
-from _tolerances import assert_close
-from sparse_engine.kernels import _common
-from sparse_engine.kernels import (
-    block_sparse_linear as BSL,
-)
-from sparse_engine.kernels import (
-    fused_step as FS,
-)
-from sparse_engine.kernels import (
-    masked_linear as ML,
-)
-from sparse_engine.kernels import (
-    reparam as RP,
-)
-from sparse_engine.kernels import (
-    signin_reset as SR,
-)
+from _tolerances import assert_close  # noqa: E402
+from sparse_engine.kernels import _common  # noqa: E402
+from sparse_engine.kernels import block_sparse_linear as BSL  # noqa: E402
+from sparse_engine.kernels import fused_step as FS  # noqa: E402
+from sparse_engine.kernels import masked_linear as ML  # noqa: E402
+from sparse_engine.kernels import prune_threshold as PT  # noqa: E402
+from sparse_engine.kernels import reparam as RP  # noqa: E402
+from sparse_engine.kernels import signin_reset as SR  # noqa: E402
 
 from sparse_engine.layout import BSRIndex
 
@@ -607,11 +598,37 @@ def test_signin_reset_strided_and_errors():
         SR.signin_reset(None, w, mask, 1.0)
 
 
+# ------------------------------------------------------------------------------ prune_threshold (radix)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("n", [1, 7, 129, 70000])
+def test_kth_largest_matches_kthvalue_exactly(dtype, n):
+    x = _rand(n, dtype=dtype)  # signed values: negative keys are the complement, check them too
+    if n > 10:
+        x[:5] = x[5]  # ties
+    for k in sorted({0, 1, n // 3, n - 1, n}):
+        got, want = PT.kth_largest(x, k), R.prune_threshold_ref(x, k)
+        assert got.dtype == want.dtype and got.shape == ()
+        assert torch.equal(got, want.to(got.device)), (k, got, want)
+    scores = x.abs().reshape(-1, 1) if n > 1 else x.abs()  # any shape
+    assert torch.equal(PT.kth_largest(scores, 1), R.prune_threshold_ref(scores, 1))
+
+
+def test_kth_largest_nan_is_largest_and_bad_k():
+    x = torch.tensor([1.0, float("nan"), -2.0, 3.0], device=DEV)
+    assert torch.isnan(PT.kth_largest(x, 1))
+    assert PT.kth_largest(x, 2).item() == 3.0 and PT.kth_largest(x, 4).item() == -2.0
+    with pytest.raises(ValueError, match=r"k must be an int in \[0, 4\]"):
+        PT.kth_largest(x, 5)
+    assert not hasattr(PT, "prune_threshold"), "register prune_threshold only once it is measured faster"
+
+
 # ----------------------------------------------------------------------------------------- machinery
 
 
 def test_modules_declare_dtypes_and_upcast_follows_the_interpreter():
-    for mod in (RP, ML, BSL, FS, SR):
+    for mod in (RP, ML, BSL, FS, SR, PT):
         assert set(mod.SUPPORTED_DTYPES) == {torch.float32, torch.float16, torch.bfloat16}
     assert _common.upcast_flag() == _common.interpreting()
     launch, _ = RP.prepare_fwd(None, _rand(3, 3, dtype=torch.bfloat16), None)

@@ -28,7 +28,7 @@ CONDITIONS = {
     "beta 4": ("signin", {"beta": 4.0}),
     "factor lr x2": ("signin", {"factor_lr_scale": 2.0}),
 }
-SETTINGS = {"n_train": 20000, "n_test": 10000, "epochs": 10, "batch_size": 128, "lr": 0.05, "sparsity": 0.9}
+SETTINGS = {"n_train": 10000, "n_test": 10000, "epochs": 8, "batch_size": 128, "lr": 0.05, "sparsity": 0.9}
 QUICK = {"n_train": 1000, "n_test": 500, "epochs": 2, "batch_size": 128, "lr": 0.05, "sparsity": 0.9}
 QUICK_CONDITIONS = ("static (PaI)", "signin default", "policy zero", "reset every 50 steps")
 

@@ -17,7 +17,7 @@ from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mea
                      seeds_of, write_json)
 
 #: model -> (n_train, n_test, epochs, batch, lr): sized to fit the CPU budget (subsets of Fashion-MNIST).
-SETTINGS = {"mlp": (20000, 10000, 10, 128, 0.05), "cnn": (4000, 2000, 5, 128, 0.05)}
+SETTINGS = {"mlp": (20000, 10000, 10, 128, 0.05), "cnn": (2000, 1000, 3, 128, 0.05)}
 QUICK = {"mlp": (1000, 500, 2, 128, 0.05), "cnn": (256, 256, 1, 64, 0.05)}
 SPARSITIES = (0.80, 0.90, 0.95, 0.98)
 METHODS = ("static", "signin")

@@ -22,7 +22,7 @@ from sparse_engine.optim import parameterizations
 
 #: condition -> switch-off fraction (None: constant λ; "none": λ = 0 throughout)
 CONDITIONS = {"constant": None, "off@0.25": 0.25, "off@0.5": 0.5, "off@0.75": 0.75, "no wd": "none"}
-SETTINGS = {"n_train": 20000, "n_test": 10000, "epochs": 10, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-3}
+SETTINGS = {"n_train": 10000, "n_test": 10000, "epochs": 8, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-3}
 QUICK = {"n_train": 1000, "n_test": 500, "epochs": 2, "batch_size": 128, "lr": 0.05, "weight_decay": 5e-3}
 PRUNE_SPARSITY = 0.9
 
