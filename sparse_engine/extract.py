@@ -130,8 +130,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int = 7, burst_s: float = 0.004
-             ) -> dict[str, float]:
+#: timing effort of "auto": interleaved rounds per shape, seconds per burst of one candidate
+ROUNDS = 7
+BURST_S = 0.004
+
+
+def _measure(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int | None = None,
+             burst_s: float | None = None) -> dict[str, float]:
     """Seconds per call of each function: interleaved rounds of short bursts; the fastest single call.
 
     Interleaving gives every candidate the same machine conditions; the fastest call ignores the calls
@@ -139,6 +144,8 @@ def _measure(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: in
     single call is timed with a synchronize on each side. A candidate already 1.5x slower than the first
     one (the dense baseline) after 3 rounds stops there.
     """
+    rounds = ROUNDS if rounds is None else rounds
+    burst_s = BURST_S if burst_s is None else burst_s
     names = list(fns)
     bursts = {}
     for name in names:
