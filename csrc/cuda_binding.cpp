@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -28,11 +29,27 @@ using c10::optional;
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
+// Numbers and shapes enter error messages as strings made here, never through std::ostream's numeric
+// insertion (c10::str): on the GPU image (torch 2.11 wheel, extension built by Ubuntu's GCC 13.3) an
+// integer formatted into a TORCH_CHECK message from an extension segfaulted, while strings and dtypes
+// did not. std::to_string / snprintf need no C++ locale.
+std::string num(int64_t v) { return std::to_string(v); }
+std::string real(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+std::string shape(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
 cudaStream_t as_stream(int64_t s) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(s)); }
 
 void cuda_check(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "sparse_engine CUDA ", what, " failed: ", cudaGetErrorString(e), " (error ",
-              static_cast<int>(e), ")");
+              num(static_cast<int>(e)), ")");
 }
 
 int dtype_code(const Tensor& t, const char* name) {
@@ -52,8 +69,8 @@ void check_like(const Tensor& t, const Tensor& ref, const char* name, const char
                     t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
                     ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", ref.sizes(), ", got ",
-                    t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", shape(ref.sizes()), ", got ",
+                    shape(t.sizes()));
 }
 
 Tensor mask_of(const optional<Tensor>& mask, const Tensor& ref) {
@@ -61,7 +78,7 @@ Tensor mask_of(const optional<Tensor>& mask, const Tensor& ref) {
   check_cuda(*mask, "mask");
   TORCH_CHECK_VALUE(mask->device() == ref.device(), "mask must be on ", ref.device(), ", got ", mask->device());
   TORCH_CHECK_VALUE(mask->scalar_type() == at::kBool, "mask must be torch.bool, got ", mask->scalar_type());
-  TORCH_CHECK_VALUE(mask->sizes() == ref.sizes(), "mask must have shape ", ref.sizes(), ", got ", mask->sizes());
+  TORCH_CHECK_VALUE(mask->sizes() == ref.sizes(), "mask must have shape ", shape(ref.sizes()), ", got ", shape(mask->sizes()));
   return mask->contiguous();
 }
 
@@ -104,7 +121,7 @@ std::tuple<Tensor, Tensor> signin_reset(const Tensor& m, const Tensor& w, const 
   const int dt = dtype_code(w, "w");
   check_like(m, w, "m", "w");
   TORCH_CHECK_VALUE(beta >= 0 && beta < std::numeric_limits<double>::infinity(),
-                    "beta must be a finite number >= 0, got ", beta);
+                    "beta must be a finite number >= 0, got ", real(beta));
   Tensor k = mask_of(mask, w), wc = w.contiguous(), mc = m.contiguous();
   Tensor mo = at::empty_like(wc), wo = at::empty_like(wc);
   cuda_check(se_cuda::signin_reset(dt, wc.numel(), mc.data_ptr(), wc.data_ptr(), mask_ptr(k), beta, mo.data_ptr(),
@@ -121,9 +138,9 @@ void fused_step(at::TensorList params, at::TensorList grads, const c10::List<opt
                 double beta2, double eps, double weight_decay, double alpha, bool maximize, int64_t stream) {
   const size_t n = params.size();
   TORCH_CHECK_VALUE(grads.size() == n && buf1.size() == n && buf2.size() == n && masks.size() == n,
-                    "params, grads, buf1, buf2 and masks must have the same length, got ", n, ", ", grads.size(), ", ",
-                    buf1.size(), ", ", buf2.size(), ", ", masks.size());
-  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (1-based count of this step), got ", step);
+                    "params, grads, buf1, buf2 and masks must have the same length, got ", num(n), ", ", num(grads.size()), ", ",
+                    num(buf1.size()), ", ", num(buf2.size()), ", ", num(masks.size()));
+  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (1-based count of this step), got ", num(step));
   se_cuda::StepConfig cfg{};
   if (kind == "sgd") cfg.kind = 0;
   else if (kind == "adamw") cfg.kind = 1;
@@ -142,7 +159,7 @@ void fused_step(at::TensorList params, at::TensorList grads, const c10::List<opt
   const Tensor& p0 = params[0];
   check_cuda(p0, "params[0]");
   const int dt = dtype_code(p0, "params[0]");
-  TORCH_CHECK_VALUE(lr.dim() == 0, "lr must be a 0-dim tensor, got shape ", lr.sizes());
+  TORCH_CHECK_VALUE(lr.dim() == 0, "lr must be a 0-dim tensor, got shape ", shape(lr.sizes()));
   Tensor lr_t = lr.to(p0.device(), p0.scalar_type());  // the reference casts lr to the param dtype
   std::vector<se_cuda::StepTensor> table(n);
   std::vector<Tensor> keep;  // contiguous copies of grads / masks live until the launch is queued
@@ -193,13 +210,13 @@ Tensor index_tensor(const Tensor& t, const Tensor& ref, const char* name, int64_
   check_cuda(t, name);
   TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, " must be int32 (layout index), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == numel, name, " must be 1-D with ", numel, " entries, got shape ",
-                    t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == numel, name, " must be 1-D with ", num(numel), " entries, got shape ",
+                    shape(t.sizes()));
   return t.contiguous();
 }
 
 void check_int32_dim(int64_t v, const char* name) {
-  TORCH_CHECK_VALUE(v >= 0 && v <= kInt32Max, name, " = ", v, " is outside the int32 index range [0, ", kInt32Max,
+  TORCH_CHECK_VALUE(v >= 0 && v <= kInt32Max, name, " = ", num(v), " is outside the int32 index range [0, ", num(kInt32Max),
                     "]: compact layouts index with int32; split the layer or keep it dense");
 }
 
@@ -211,7 +228,7 @@ Csr check_csr(const optional<Tensor>& m_values, const Tensor& w_values, const Te
   check_cuda(w_values, "w_values");
   c.dt = dtype_code(w_values, "w_values");
   TORCH_CHECK_VALUE(w_values.dim() == 1,
-                    "the CUDA compact_linear takes CSR values (nnz,); got shape ", w_values.sizes(),
+                    "the CUDA compact_linear takes CSR values (nnz,); got shape ", shape(w_values.sizes()),
                     " (BSR runs on the Triton or C++ backends)");
   c.N = N;
   c.K = K;
@@ -234,7 +251,7 @@ Tensor activations(const Tensor& t, const Csr& c, const char* name, int64_t cols
   TORCH_CHECK_VALUE(t.device() == c.w.device(), name, " must be on ", c.w.device(), ", got ", t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == c.w.scalar_type(), name, " must have the dtype of w_values (",
                     c.w.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == cols, name, " must be (B, ", cols, ") (", what, "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == cols, name, " must be (B, ", num(cols), ") (", what, "), got ", shape(t.sizes()));
   return t.contiguous();
 }
 
@@ -251,7 +268,7 @@ Tensor compact_linear_fwd(const Tensor& x, const optional<Tensor>& m_values, con
     check_cuda(*bias, "bias");
     TORCH_CHECK_VALUE(bias->scalar_type() == c.w.scalar_type() && bias->dim() == 1 && bias->size(0) == c.N &&
                           bias->device() == c.w.device(),
-                      "bias must be (", c.N, ",) of dtype ", c.w.scalar_type(), " on ", c.w.device());
+                      "bias must be (", num(c.N), ",) of dtype ", c.w.scalar_type(), " on ", c.w.device());
     b = bias->contiguous();
   }
   const int64_t B = xc.size(0);
@@ -279,8 +296,8 @@ std::tuple<Tensor, Tensor, Tensor> compact_linear_bwd(const Tensor& grad_y, cons
   Csr c = check_csr(m_values, w_values, crow, col, row, ccol, row_t, perm, out_features, in_features);
   Tensor xc = activations(x, c, "x", c.K, "in_features");
   Tensor gy = activations(grad_y, c, "grad_y", c.N, "out_features");
-  TORCH_CHECK_VALUE(gy.size(0) == xc.size(0), "grad_y must have the batch size of x (", xc.size(0), "), got ",
-                    gy.size(0));
+  TORCH_CHECK_VALUE(gy.size(0) == xc.size(0), "grad_y must have the batch size of x (", num(xc.size(0)), "), got ",
+                    num(gy.size(0)));
   const int64_t B = xc.size(0);
   const int dev = cuda_index(xc);
   const cudaStream_t s = as_stream(stream);

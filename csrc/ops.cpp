@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -29,6 +30,22 @@ using at::Tensor;
 using c10::optional;
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
+// Numbers and shapes enter error messages as strings made here, never through std::ostream's numeric
+// insertion (c10::str): on one GPU image (torch 2.11 wheel, extension built by Ubuntu's GCC 13.3) an
+// integer formatted into a TORCH_CHECK message from an extension segfaulted, while strings and dtypes
+// did not. std::to_string / snprintf need no C++ locale.
+std::string num(int64_t v) { return std::to_string(v); }
+std::string real(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+std::string shape(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
 
 se_cpu::Dtype dtype_of(const Tensor& t, const char* name) {
   if (t.scalar_type() == at::kFloat) return se_cpu::kFloat32;
@@ -46,28 +63,28 @@ void check_same(const Tensor& t, const Tensor& ref, const char* name, const char
   check_cpu(t, name);
   TORCH_CHECK_VALUE(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
                     ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", ref.sizes(),
-                    ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the shape of ", ref_name, " ", shape(ref.sizes()),
+                    ", got ", shape(t.sizes()));
 }
 
 void check_mask(const optional<Tensor>& mask, const Tensor& ref, const char* ref_name) {
   if (!mask) return;
   check_cpu(*mask, "mask");
   TORCH_CHECK_VALUE(mask->scalar_type() == at::kBool, "mask must be torch.bool, got ", mask->scalar_type());
-  TORCH_CHECK_VALUE(mask->sizes() == ref.sizes(), "mask must have the shape of ", ref_name, " ", ref.sizes(),
-                    ", got ", mask->sizes());
+  TORCH_CHECK_VALUE(mask->sizes() == ref.sizes(), "mask must have the shape of ", ref_name, " ", shape(ref.sizes()),
+                    ", got ", shape(mask->sizes()));
 }
 
 void check_int32_dim(int64_t v, const char* name) {
-  TORCH_CHECK_VALUE(v >= 0 && v <= kInt32Max, name, " = ", v, " is outside the int32 index range [0, ",
-                    kInt32Max, "]: compact layouts index with int32; split the layer or keep it dense");
+  TORCH_CHECK_VALUE(v >= 0 && v <= kInt32Max, name, " = ", num(v), " is outside the int32 index range [0, ",
+                    num(kInt32Max), "]: compact layouts index with int32; split the layer or keep it dense");
 }
 
 Tensor index_tensor(const Tensor& t, const char* name, int64_t numel) {
   check_cpu(t, name);
   TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, " must be int32 (layout index), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, name, " must have ", numel, " entries, got ", t.numel());
+  TORCH_CHECK_VALUE(t.dim() == 1, name, " must be 1-D, got shape ", shape(t.sizes()));
+  TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, name, " must have ", num(numel), " entries, got ", num(t.numel()));
   return t.contiguous();
 }
 
@@ -76,11 +93,11 @@ Tensor index_tensor(const Tensor& t, const char* name, int64_t numel) {
 void check_pointers(const Tensor& ptr, int64_t nnz, const char* name) {
   const int32_t* p = ptr.data_ptr<int32_t>();
   const int64_t n = ptr.numel() - 1;
-  TORCH_CHECK_VALUE(p[0] == 0, name, "[0] must be 0, got ", p[0]);
+  TORCH_CHECK_VALUE(p[0] == 0, name, "[0] must be 0, got ", num(p[0]));
   for (int64_t r = 0; r < n; ++r)
-    TORCH_CHECK_VALUE(p[r + 1] >= p[r], name, " must be non-decreasing: ", name, "[", r + 1, "] = ", p[r + 1],
-                      " < ", name, "[", r, "] = ", p[r]);
-  TORCH_CHECK_VALUE(p[n] == nnz, name, "[-1] must equal the number of stored values ", nnz, ", got ", p[n]);
+    TORCH_CHECK_VALUE(p[r + 1] >= p[r], name, " must be non-decreasing: ", name, "[", num(r + 1), "] = ", num(p[r + 1]),
+                      " < ", name, "[", num(r), "] = ", num(p[r]));
+  TORCH_CHECK_VALUE(p[n] == nnz, name, "[-1] must equal the number of stored values ", num(nnz), ", got ", num(p[n]));
 }
 
 struct Compact {
@@ -99,14 +116,14 @@ Compact check_compact(const optional<Tensor>& m_values, const Tensor& w_values, 
   check_cpu(w_values, "w_values");
   c.dt = dtype_of(w_values, "w_values");
   TORCH_CHECK_VALUE(w_values.dim() == 1 || w_values.dim() == 3,
-                    "w_values must be 1-D (CSR, (nnz,)) or 3-D (BSR, (nnzb, bn, bk)), got shape ", w_values.sizes());
+                    "w_values must be 1-D (CSR, (nnz,)) or 3-D (BSR, (nnzb, bn, bk)), got shape ", shape(w_values.sizes()));
   c.N = out_features;
   c.K = in_features;
   c.nnzb = w_values.size(0);
   check_int32_dim(c.nnzb, "nnz (w_values.shape[0])");
   c.bn = w_values.dim() == 3 ? w_values.size(1) : 1;
   c.bk = w_values.dim() == 3 ? w_values.size(2) : 1;
-  TORCH_CHECK_VALUE(c.bn >= 1 && c.bk >= 1, "BSR blocks must be at least 1x1, got ", c.bn, "x", c.bk);
+  TORCH_CHECK_VALUE(c.bn >= 1 && c.bk >= 1, "BSR blocks must be at least 1x1, got ", num(c.bn), "x", num(c.bk));
   c.nbr = (c.N + c.bn - 1) / c.bn;
   c.nbc = (c.K + c.bk - 1) / c.bk;
   c.has_m = m_values.has_value();
@@ -130,8 +147,8 @@ Tensor activations(const Tensor& t, const char* name, int64_t cols, const Compac
   check_cpu(t, name);
   TORCH_CHECK_VALUE(t.scalar_type() == c.w.scalar_type(), name, " must have the dtype of w_values (",
                     c.w.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == cols, name, " must be (B, ", cols, ") (", what, "), got ",
-                    t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == cols, name, " must be (B, ", num(cols), ") (", what, "), got ",
+                    shape(t.sizes()));
   return t.contiguous();
 }
 
@@ -139,7 +156,7 @@ void raise_kernel_error(int err, const char* pass) {
   TORCH_CHECK_VALUE(err != 1, "compact_linear ", pass,
                     ": an index entry is out of range (col >= number of (block) columns, row_t >= number of "
                     "(block) rows, or perm >= nnz); rebuild the index or call index.validate()");
-  TORCH_CHECK(err == 0, "compact_linear ", pass, ": internal error ", err);
+  TORCH_CHECK(err == 0, "compact_linear ", pass, ": internal error ", num(err));
 }
 
 Tensor workspace(int64_t bytes) { return at::empty({bytes > 0 ? bytes : 1}, at::TensorOptions().dtype(at::kByte)); }
@@ -156,7 +173,7 @@ Tensor compact_linear_fwd(const Tensor& x, const optional<Tensor>& m_values, con
   if (bias) {
     check_cpu(*bias, "bias");
     TORCH_CHECK_VALUE(bias->scalar_type() == c.w.scalar_type() && bias->dim() == 1 && bias->size(0) == c.N,
-                      "bias must be (", c.N, ",) of dtype ", c.w.scalar_type(), ", got ", bias->sizes(), " ",
+                      "bias must be (", num(c.N), ",) of dtype ", c.w.scalar_type(), ", got ", shape(bias->sizes()), " ",
                       bias->scalar_type());
     b = bias->contiguous();
   }
@@ -178,8 +195,8 @@ std::tuple<Tensor, Tensor, Tensor> compact_linear_bwd(const Tensor& grad_y, cons
   Compact c = check_compact(m_values, w_values, crow, col, row, ccol, row_t, perm, out_features, in_features, true);
   Tensor xc = activations(x, "x", c.K, c, "in_features");
   Tensor gy = activations(grad_y, "grad_y", c.N, c, "out_features");
-  TORCH_CHECK_VALUE(gy.size(0) == xc.size(0), "grad_y must have the batch size of x (", xc.size(0), "), got ",
-                    gy.size(0));
+  TORCH_CHECK_VALUE(gy.size(0) == xc.size(0), "grad_y must have the batch size of x (", num(xc.size(0)), "), got ",
+                    num(gy.size(0)));
   const int64_t B = xc.size(0);
   Tensor gx = at::empty({B, c.K}, xc.options());
   Tensor gw = at::empty_like(c.w);
@@ -230,7 +247,7 @@ std::tuple<Tensor, Tensor> signin_reset(const Tensor& m, const Tensor& w, const 
   check_same(m, w, "m", "w");
   check_mask(mask, w, "w");
   TORCH_CHECK_VALUE(beta >= 0 && beta < std::numeric_limits<double>::infinity(),
-                    "beta must be a finite number >= 0, got ", beta);
+                    "beta must be a finite number >= 0, got ", real(beta));
   Tensor mc = m.contiguous(), wc = w.contiguous(), kc = mask ? mask->contiguous() : Tensor();
   Tensor mo = at::empty_like(wc), wo = at::empty_like(wc);
   se_cpu::signin_reset(dt, wc.numel(), mc.data_ptr(), wc.data_ptr(),
@@ -252,8 +269,8 @@ void fused_step(const Tensor& param, const Tensor& grad, const optional<Tensor>&
   require_inplace(param, "param");
   check_same(grad, param, "grad", "param");
   check_mask(mask, param, "param");
-  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (1-based count of this step), got ", step);
-  TORCH_CHECK_VALUE(lr.dim() == 0, "lr must be a 0-dim tensor, got shape ", lr.sizes());
+  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (1-based count of this step), got ", num(step));
+  TORCH_CHECK_VALUE(lr.dim() == 0, "lr must be a 0-dim tensor, got shape ", shape(lr.sizes()));
   se_cpu::StepConfig cfg{};
   if (kind == "sgd") cfg.kind = 0;
   else if (kind == "adamw") cfg.kind = 1;
