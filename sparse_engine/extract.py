@@ -336,6 +336,9 @@ def _extract_layer(name: str, mod: nn.Module, theta: Tensor, mask: Tensor | None
                    in_shape: tuple[int, ...] | None, batch_sizes: tuple[int, ...], block_shape, margin: float
                    ) -> InferModule:
     where = f"layer {name or '<root>'} ({type(mod).__name__} {tuple(theta.shape)})"
+    if not bool(torch.isfinite(theta).all()):
+        raise ValueError(f"{where}: θ holds NaN or inf ({int((~torch.isfinite(theta)).sum())} entries); the "
+                         "training diverged or the weights are corrupt: refusing to extract them")
     kind = _kind_of(mod)
     conv = _conv_args(mod) if kind != "linear" else None
     bias = None if getattr(mod, "bias", None) is None else mod.bias.detach()

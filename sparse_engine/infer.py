@@ -117,7 +117,9 @@ class InferModule(nn.Module):
                              f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
         mask2 = mask.reshape(self.shape2d).to(theta.device)
         theta2 = torch.where(mask2, theta.reshape(self.shape2d), torch.zeros((), dtype=theta.dtype, device=theta.device))
-        self.bias = None if bias is None else _frozen(bias)
+        if bias is not None:
+            _check_bias(bias, self.weight_shape[0], theta.dtype)
+        self.bias = None if bias is None else _frozen(bias.to(theta.device))
         self.block_shape: tuple[int, int] | None = None
         self.nm: tuple[int, int] | None = None
         if format == "dense":
@@ -342,6 +344,8 @@ class InferModule(nn.Module):
                 idx_t["block_shape"] = torch.tensor(spec["block_shape"], dtype=torch.int64)
                 index = BSRIndex.from_tensors(shape2d, idx_t)
             values = _need(tensors, "values", (index.nnz,) if storage == "csr" else (index.nnzb, *index.block_shape))
+            if bias is not None:
+                _check_bias(bias, shape[0], values.dtype)
             if spec["format"] == storage:  # fast path: no dense round trip (big layers)
                 mod = cls._blank(spec, bias)
                 mod.format, mod.block_shape = storage, getattr(index, "block_shape", None) if storage == "bsr" else None
@@ -384,6 +388,15 @@ class InferModule(nn.Module):
         extra = f", block_shape={self.block_shape}" if self.block_shape else ""
         extra += f", nm={self.nm[0]}:{self.nm[1]}" if self.nm else ""
         return f"format={self.format}{extra}, density={self.density:.3g}"
+
+
+def _check_bias(bias, n: int, dtype: torch.dtype) -> None:
+    if not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if bias.dtype != dtype:
+        raise ValueError(f"bias must have the weight's dtype {dtype}, got {bias.dtype}")
 
 
 def _need(tensors: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor:

@@ -333,6 +333,18 @@ def test_format_dict_and_errors():
         extract(nn.Sequential(nn.Linear(3, 4)))
 
 
+def test_non_finite_weights_and_bad_bias_are_refused():
+    lin = SparseLinear(6, 4, density=1.0)
+    with torch.no_grad():
+        lin.param.w[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        extract(nn.Sequential(lin), "dense")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        InferLinear(randn(4, 6), randn(5), "csr")
+    with pytest.raises(ValueError, match="bias must have the weight's dtype"):
+        InferLinear(randn(4, 6), randn(4, dtype=torch.float64), "dense")
+
+
 def test_nm_format_from_a_24_mask():
     lin = SparseLinear(16, 8, kind="masked", mask=nm_mask((8, 16)))
     model = nn.Sequential(lin)
