@@ -1,0 +1,106 @@
+"""Smoke test of bench/experiments/*.py: each runs alone in --quick mode and writes well-formed JSON
+(and a PNG when matplotlib is installed). Values are not checked: quick runs are seconds long and mean
+nothing; the structure (every run recorded, mean ± std summaries over the seeds) is what is checked."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXP = ROOT / "bench" / "experiments"
+
+try:
+    import matplotlib  # noqa: F401
+
+    HAS_MPL = True
+except ImportError:
+    HAS_MPL = False
+
+
+def run_quick(name: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / name
+    proc = subprocess.run([sys.executable, str(EXP / f"{name}.py"), "--quick", "--out", str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{name} --quick failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    files = {p.name for p in out.iterdir()}
+    stem = name
+    assert f"{stem}.json" in files, f"{name} wrote {sorted(files)}"
+    if HAS_MPL:
+        png = out / f"{stem}.png"
+        assert png.is_file() and png.stat().st_size > 1000, f"{name}: no PNG"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert png.stat().st_size < 200_000, "PNGs are committed: keep them small"
+    data = json.loads((out / f"{stem}.json").read_text())
+    assert data["quick"] is True
+    env = data["environment"]
+    for key in ("cpu", "torch", "commit", "date"):
+        assert env[key], f"environment.{key} missing"
+    return data
+
+
+def check_stat(s: dict, n: int) -> None:
+    assert set(s) >= {"mean", "std", "n", "values"}
+    assert s["n"] == n == len(s["values"])
+    assert math.isfinite(s["mean"]) and s["std"] >= 0
+
+
+def test_signin_vs_static(tmp_path):
+    data = run_quick("signin_vs_static", tmp_path, "--seeds", "0", "1", "--models", "mlp")
+    assert data["seeds"] == [0, 1]
+    # every (sparsity, seed, method) ran once, with per-layer flips per epoch
+    keys = {(r["sparsity"], r["seed"], r["method"]) for r in data["runs"]}
+    assert keys == {(s, seed, m) for s in data["sparsities"] for seed in (0, 1) for m in ("static", "signin")}
+    for r in data["runs"]:
+        assert 0 <= r["final"]["test_acc"] <= 1
+        assert r["epochs"] and all(set(e["flips_per_layer"]) == set(r["active_per_layer"]) for e in r["epochs"])
+    for s in data["sparsities"]:
+        summ = data["summary"][f"mlp@{s:g}"]
+        for m in ("static", "signin", "paired_diff"):
+            check_stat(summ[m], 2)
+        assert isinstance(summ["exceeds_spread"], bool)
+
+
+def test_pilot_oneshot(tmp_path):
+    data = run_quick("pilot_oneshot", tmp_path)
+    assert len(data["runs"]) == len(data["variants"]) * len(data["seeds"])
+    for r in data["runs"]:
+        assert set(r["pruned"]) == {f"{s:g}" for s in data["sparsities"]}
+        assert all(0 <= v <= 1 for v in r["pruned"].values())
+    spred = [r for r in data["runs"] if data["variants"][r["variant"]]["beta0_start"]]
+    assert spred and all(r["signs_changed_vs_init"] == 0 for r in spred), "β = 0 must not flip a sign"
+    for name, s in data["summary"].items():
+        check_stat(s["unpruned"], len(data["seeds"]))
+
+
+def test_wd_switchoff(tmp_path):
+    data = run_quick("wd_switchoff", tmp_path)
+    assert {r["condition"] for r in data["runs"]} == set(data["conditions"])
+    for name, s in data["summary"].items():
+        for key in ("test_acc", "pruned_acc", "l1", "beta_mean"):
+            check_stat(s[key], len(data["seeds"]))
+    assert set(data["vs_constant"]) == set(data["conditions"]) - {"constant"}
+
+
+def test_sparse_regression(tmp_path):
+    data = run_quick("sparse_regression", tmp_path)
+    assert len(data["runs"]) == 2 * len(data["variants"]) * len(data["seeds"])
+    for r in data["runs"]:
+        steps = [c["step"] for c in r["curve"]]
+        assert steps == sorted(steps) and steps[0] == 0
+        assert all(math.isfinite(c["rel_error"]) for c in r["curve"])
+    for r in data["runs"]:
+        if data["variants"][r["variant"]]["beta"] == 0.0:
+            assert r["sign_flips_vs_init"] == 0, "β = 0 conserves m² − w² = 0: no sign can flip"
+
+
+def test_signin_ablation(tmp_path):
+    data = run_quick("signin_ablation", tmp_path)
+    assert {r["condition"] for r in data["runs"]} == set(data["conditions"])
+    assert "static (PaI)" in data["summary"] and "signin default" in data["summary"]
+    for name, s in data["summary"].items():
+        check_stat(s["test_acc"], len(data["seeds"]))
+        if name != "static (PaI)":
+            check_stat(s["paired_diff_vs_static"], len(data["seeds"]))
