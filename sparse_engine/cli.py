@@ -50,7 +50,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model with a sparse method, or --compare several", "sparse_engine.cli:train_main"),
     "info": Command("versions, backends and their availability, environment variables", "sparse_engine.info:main"),
-    "bench": Command("benchmark the ops and layers", "sparse_engine.bench:main"),
+    "bench": Command("run the benchmark suite (bench/): ops, layers, crossover, train-step breakdown",
+                     "sparse_engine.bench_cli:main"),
     "export": Command("re-lay a trained model (a train run directory) into a compact inference file",
                       "sparse_engine.extract_cli:export_main"),
     "bench-infer": Command("latency and throughput of an exported model against its dense equivalent",
