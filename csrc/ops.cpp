@@ -6,8 +6,9 @@
 // because `sparse_engine` belongs to the Python custom ops (sparse_engine/ops.py) that dispatch to us.
 //
 // Index structures are checked cheaply here (dtypes, sizes, compressed pointers: O(rows)); every
-// col / row_t / perm entry is range-checked inside the kernels as it is read, so a corrupt index
-// raises a ValueError instead of reading out of bounds.
+// col entry is range-checked inside the kernels as it is read, so a corrupt index
+// raises a ValueError instead of reading out of bounds. (The CPU kernels read only crow/col: dX is a
+// scatter from the CSR rows, see csrc/cpu/compact_linear.cpp.)
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -135,10 +136,11 @@ Compact check_compact(const optional<Tensor>& m_values, const Tensor& w_values, 
   c.row = index_tensor(row, "row", c.nnzb);
   check_pointers(c.crow, c.nnzb, "crow");
   if (transposed) {
+    // The CPU backward reads only the CSR side (dX by scatter); the transposed fields are part of the
+    // op's signature (the CUDA kernels use them), so their sizes are still checked.
     c.ccol = index_tensor(ccol, "ccol", c.nbc + 1);
     c.row_t = index_tensor(row_t, "row_t", c.nnzb);
     c.perm = index_tensor(perm, "perm", c.nnzb);
-    check_pointers(c.ccol, c.nnzb, "ccol");
   }
   return c;
 }
@@ -154,8 +156,8 @@ Tensor activations(const Tensor& t, const char* name, int64_t cols, const Compac
 
 void raise_kernel_error(int err, const char* pass) {
   TORCH_CHECK_VALUE(err != 1, "compact_linear ", pass,
-                    ": an index entry is out of range (col >= number of (block) columns, row_t >= number of "
-                    "(block) rows, or perm >= nnz); rebuild the index or call index.validate()");
+                    ": an index entry is out of range (col >= number of (block) columns); rebuild the index "
+                    "or call index.validate()");
   TORCH_CHECK(err == 0, "compact_linear ", pass, ": internal error ", num(err));
 }
 
@@ -204,8 +206,7 @@ std::tuple<Tensor, Tensor, Tensor> compact_linear_bwd(const Tensor& grad_y, cons
   Tensor ws = workspace(se_cpu::backward_workspace_bytes(c.dt, B, c.N, c.K, c.nnzb, c.bn, c.bk));
   const int err = se_cpu::compact_linear_backward(
       c.dt, gy.data_ptr(), xc.data_ptr(), B, c.N, c.K, ptr_or_null(c.m), c.w.data_ptr(), c.crow.data_ptr<int32_t>(),
-      c.col.data_ptr<int32_t>(), c.ccol.data_ptr<int32_t>(), c.row_t.data_ptr<int32_t>(), c.perm.data_ptr<int32_t>(),
-      c.nnzb, c.bn, c.bk, gx.data_ptr(), c.has_m ? gm.data_ptr() : nullptr, gw.data_ptr(), ws.data_ptr());
+      c.col.data_ptr<int32_t>(), c.nnzb, c.bn, c.bk, gx.data_ptr(), c.has_m ? gm.data_ptr() : nullptr, gw.data_ptr(), ws.data_ptr());
   raise_kernel_error(err, "backward");
   return {gx, gm, gw};
 }
@@ -314,6 +315,8 @@ bool set_isa(c10::string_view name) {
   return se_cpu::set_isa(s.c_str());
 }
 
+int64_t set_panel_budget(int64_t bytes) { return se_cpu::set_panel_budget(bytes); }
+
 }  // namespace
 
 TORCH_LIBRARY(sparse_engine_C, m) {
@@ -333,6 +336,7 @@ TORCH_LIBRARY(sparse_engine_C, m) {
       "float weight_decay, float alpha, bool maximize) -> ()");
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> bool", &set_isa);
+  m.def("set_panel_budget(int bytes) -> int", &set_panel_budget);
 }
 
 TORCH_LIBRARY_IMPL(sparse_engine_C, CPU, m) {

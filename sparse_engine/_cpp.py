@@ -114,6 +114,12 @@ def set_isa(name: str) -> bool:
     return bool(torch.ops.sparse_engine_C.set_isa(name))
 
 
+def set_panel_budget(nbytes: int) -> int:
+    """Largest batch panel (bytes) before the batch is cut into narrower chunks; 0 restores the default.
+    For benchmarks and tests (the panel width changes the kernels' inner loops, not the results)."""
+    return int(torch.ops.sparse_engine_C.set_panel_budget(int(nbytes)))
+
+
 @contextlib.contextmanager
 def use_isa(name: str) -> Iterator[None]:
     """Run the enclosed ops with one instruction-set variant (tests and benchmarks)."""

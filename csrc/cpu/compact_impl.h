@@ -6,8 +6,10 @@
 //
 // SpMM   Y[o, :] += theta(j) * X[idx(j), :]   over the stored entries j of output row o; the ':' is the
 //        batch: a panel row of BC = NV vectors that stays in registers for the whole row.
+// dX     P[col(j), :] += theta(j) * DY[row(j), :]   the transposed product from the CSR side (scatter
+//        into a thread-private panel).
 // SDDMM  g(j) = <DY[row(j), :], X[col(j), :]>  only on the pattern, summed over batch chunks; four
-//        entries are reduced at once with one shuffle tree, then g_m = g*w, g_w = g*m.
+//        entries are reduced at once with one shuffle tree (the driver then applies g_m = g*w, g_w = g*m).
 // BC == 1 (batch 1) is a gather-dot along the row instead.
 // Every index is range-checked per row before it is used (one OR-reduction over the row's indices,
 // which are in cache for the compute anyway): a corrupt index gives an error, never a wild read.
@@ -232,24 +234,70 @@ int bsr_spmm(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
   return 0;
 }
 
-// ----------------------------------------------------------------------------------------- SDDMM
-
-template <typename T, bool HAS_M>
-SE_INLINE void epilogue(const SddmmArgs& a, int64_t e0, int64_t e1) {
-  // g_w holds g_theta here: g_m = g*w must be read before g_w is overwritten with g*m.
-  T* __restrict gw = static_cast<T*>(a.g_w);
-  if constexpr (HAS_M) {
-    const T* __restrict m = static_cast<const T*>(a.m);
-    const T* __restrict w = static_cast<const T*>(a.w);
-    T* __restrict gm = static_cast<T*>(a.g_m);
-#pragma omp simd
-    for (int64_t e = e0; e < e1; ++e) {
-      const T g = gw[e];
-      gm[e] = g * w[e];
-      gw[e] = g * m[e];
+// ------------------------------------------------------------------------------- dX by scatter
+//
+// dX = dY θ computed from the CSR side: P[col(j), :] += θ_j · DY[row, :] into a panel P private to the
+// calling thread (the driver sums the threads' panels). The transposed (CSC) formulation would need θ
+// in column order, i.e. a random gather of m and w through perm on every step, which costs more than
+// the whole forward; this streams θ in storage order and touches P rows at random (in L2).
+template <typename T, int NV, bool HAS_M>
+int scatter_rows_k(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1, T* __restrict P) {
+  typedef typename VT<T>::v V;
+  constexpr int W = VT<T>::W;
+  constexpr int64_t BC = NV == 0 ? 1 : NV * W;
+  const T* __restrict m = static_cast<const T*>(a.m);
+  const T* __restrict w = static_cast<const T*>(a.w);
+  const T* __restrict D = static_cast<const T*>(a.X) + c * a.in_dim * BC;
+  const int32_t* __restrict idx = a.idx;
+  const bool csr = a.bn == 1 && a.bk == 1;
+  const int64_t bn = a.bn, bk = a.bk, bsize = bn * bk;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t j0 = a.ptr[r], j1 = a.ptr[r + 1];
+    if (out_of_range(idx, j0, j1, a.nin_blocks)) return 1;
+    const int64_t onum = csr ? 1 : min64(bn, a.in_dim - r * bn);
+    for (int64_t o = 0; o < onum; ++o) {
+      const int64_t drow = r * bn + o;
+      if constexpr (NV == 0) {
+        const T dy = D[drow];
+        if (csr) {
+          for (int64_t j = j0; j < j1; ++j) P[idx[j]] += theta<T, HAS_M>(m, w, j) * dy;
+        } else {
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t in0 = static_cast<int64_t>(idx[j]) * bk, qn = min64(bk, a.out_dim - in0);
+            const int64_t base = j * bsize + o * bk;
+            for (int64_t q = 0; q < qn; ++q) P[in0 + q] += theta<T, HAS_M>(m, w, base + q) * dy;
+          }
+        }
+      } else {
+        V d[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) d[v] = ld(D + drow * BC + v * W);
+        if (csr) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const T t = theta<T, HAS_M>(m, w, j);
+            T* p = P + static_cast<int64_t>(idx[j]) * BC;
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) st(p + v * W, ld(p + v * W) + t * d[v]);
+          }
+        } else {
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t in0 = static_cast<int64_t>(idx[j]) * bk, qn = min64(bk, a.out_dim - in0);
+            const int64_t base = j * bsize + o * bk;
+            for (int64_t q = 0; q < qn; ++q) {
+              const T t = theta<T, HAS_M>(m, w, base + q);
+              T* p = P + (in0 + q) * BC;
+#pragma GCC unroll 4
+              for (int v = 0; v < NV; ++v) st(p + v * W, ld(p + v * W) + t * d[v]);
+            }
+          }
+        }
+      }
     }
   }
+  return 0;
 }
+
+// ----------------------------------------------------------------------------------------- SDDMM
 
 // Dot products of one DY panel row (NV vectors in registers) with the X panel rows listed by cols.
 template <typename T, int NV>
@@ -295,8 +343,11 @@ SE_INLINE void dots(const typename VT<T>::v* d, const T* __restrict Xc, const in
   }
 }
 
-template <typename T, int NV, bool HAS_M>
-int csr_sddmm(const SddmmArgs& a, int64_t r0, int64_t r1) {
+// g[j] (= g_w storage) for the entries of rows r0..r1 from batch chunk c: assigned for c == 0, added
+// after. Chunks are separate passes (the driver puts a barrier between them) so that one chunk's X panel
+// stays in L2 while every row reads it; the g_m/g_w epilogue runs once, after the last chunk.
+template <typename T, int NV>
+int csr_sddmm(const SddmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
   typedef typename VT<T>::v V;
   constexpr int W = VT<T>::W;
   constexpr int64_t BC = NV == 0 ? 1 : NV * W;
@@ -311,22 +362,20 @@ int csr_sddmm(const SddmmArgs& a, int64_t r0, int64_t r1) {
 #pragma omp simd
       for (int64_t j = j0; j < j1; ++j) g[j] = dy * X[a.col[j]];
     } else {
-      for (int64_t j = j0; j < j1; ++j) g[j] = 0;
-      for (int64_t c = 0; c < a.nchunks; ++c) {
-        const T* drow = DY + (c * a.n + r) * BC;
-        V d[NV];
+      if (c == 0)
+        for (int64_t j = j0; j < j1; ++j) g[j] = 0;
+      const T* drow = DY + (c * a.n + r) * BC;
+      V d[NV];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) d[v] = ld(drow + v * W);
-        dots<T, NV>(d, X + c * a.k * BC, a.col + j0, j1 - j0, 1, 0, g + j0, 1);
-      }
+      for (int v = 0; v < NV; ++v) d[v] = ld(drow + v * W);
+      dots<T, NV>(d, X + c * a.k * BC, a.col + j0, j1 - j0, 1, 0, g + j0, 1);
     }
-    epilogue<T, HAS_M>(a, j0, j1);
   }
   return 0;
 }
 
-template <typename T, int NV, bool HAS_M>
-int bsr_sddmm(const SddmmArgs& a, int64_t r0, int64_t r1) {
+template <typename T, int NV>
+int bsr_sddmm(const SddmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
   typedef typename VT<T>::v V;
   constexpr int W = VT<T>::W;
   constexpr int64_t BC = NV == 0 ? 1 : NV * W;
@@ -337,32 +386,30 @@ int bsr_sddmm(const SddmmArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t j0 = a.crow[r], j1 = a.crow[r + 1];
     if (out_of_range(a.col, j0, j1, a.nbc)) return 1;
-    for (int64_t e = j0 * bsize; e < j1 * bsize; ++e) g[e] = 0;  // padding stays 0
+    if (c == 0)
+      for (int64_t e = j0 * bsize; e < j1 * bsize; ++e) g[e] = 0;  // padding stays 0
     const int64_t onum = min64(bn, a.n - r * bn);
-    for (int64_t c = 0; c < a.nchunks; ++c) {
-      for (int64_t o = 0; o < onum; ++o) {
-        const T* drow = DY + (c * a.n + r * bn + o) * BC;
-        if constexpr (NV == 0) {
-          const T dy = drow[0];
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t in0 = static_cast<int64_t>(a.col[j]) * bk;
-            const int64_t qn = min64(bk, a.k - in0);
-            T* gb = g + j * bsize + o * bk;
-            for (int64_t q = 0; q < qn; ++q) gb[q] += dy * X[in0 + q];
-          }
-        } else {
-          V d[NV];
+    for (int64_t o = 0; o < onum; ++o) {
+      const T* drow = DY + (c * a.n + r * bn + o) * BC;
+      if constexpr (NV == 0) {
+        const T dy = drow[0];
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t in0 = static_cast<int64_t>(a.col[j]) * bk;
+          const int64_t qn = min64(bk, a.k - in0);
+          T* gb = g + j * bsize + o * bk;
+          for (int64_t q = 0; q < qn; ++q) gb[q] += dy * X[in0 + q];
+        }
+      } else {
+        V d[NV];
 #pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) d[v] = ld(drow + v * W);
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t in0 = static_cast<int64_t>(a.col[j]) * bk;
-            const int64_t qn = min64(bk, a.k - in0);
-            dots<T, NV>(d, X + c * a.k * BC, nullptr, qn, 0, in0, g + j * bsize + o * bk, 1);
-          }
+        for (int v = 0; v < NV; ++v) d[v] = ld(drow + v * W);
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t in0 = static_cast<int64_t>(a.col[j]) * bk;
+          const int64_t qn = min64(bk, a.k - in0);
+          dots<T, NV>(d, X + c * a.k * BC, nullptr, qn, 0, in0, g + j * bsize + o * bk, 1);
         }
       }
     }
-    epilogue<T, HAS_M>(a, j0 * bsize, j1 * bsize);
   }
   return 0;
 }
@@ -398,29 +445,44 @@ int spmm_t(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
 }
 
 template <typename T, int NV>
-int sddmm_nv(const SddmmArgs& a, int64_t r0, int64_t r1) {
-  const bool csr = a.bn == 1 && a.bk == 1;
-  if (a.m) return csr ? csr_sddmm<T, NV, true>(a, r0, r1) : bsr_sddmm<T, NV, true>(a, r0, r1);
-  return csr ? csr_sddmm<T, NV, false>(a, r0, r1) : bsr_sddmm<T, NV, false>(a, r0, r1);
+int sddmm_nv(const SddmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
+  return a.bn == 1 && a.bk == 1 ? csr_sddmm<T, NV>(a, c, r0, r1) : bsr_sddmm<T, NV>(a, c, r0, r1);
 }
 
 template <typename T>
-int sddmm_t(const SddmmArgs& a, int64_t r0, int64_t r1) {
+int sddmm_t(const SddmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
   switch (a.bc == 1 ? 0 : a.bc / VT<T>::W) {
-    case 0: return sddmm_nv<T, 0>(a, r0, r1);
-    case 1: return sddmm_nv<T, 1>(a, r0, r1);
-    case 2: return sddmm_nv<T, 2>(a, r0, r1);
-    case 4: return sddmm_nv<T, 4>(a, r0, r1);
+    case 0: return sddmm_nv<T, 0>(a, c, r0, r1);
+    case 1: return sddmm_nv<T, 1>(a, c, r0, r1);
+    case 2: return sddmm_nv<T, 2>(a, c, r0, r1);
+    case 4: return sddmm_nv<T, 4>(a, c, r0, r1);
     default: return 2;
   }
+}
+
+template <typename T>
+int scatter_t(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1, void* panel) {
+  T* P = static_cast<T*>(panel);
+  const bool hm = a.m != nullptr;
+  switch (a.bc == 1 ? 0 : a.bc / VT<T>::W) {
+    case 0: return hm ? scatter_rows_k<T, 0, true>(a, c, r0, r1, P) : scatter_rows_k<T, 0, false>(a, c, r0, r1, P);
+    case 1: return hm ? scatter_rows_k<T, 1, true>(a, c, r0, r1, P) : scatter_rows_k<T, 1, false>(a, c, r0, r1, P);
+    case 2: return hm ? scatter_rows_k<T, 2, true>(a, c, r0, r1, P) : scatter_rows_k<T, 2, false>(a, c, r0, r1, P);
+    case 4: return hm ? scatter_rows_k<T, 4, true>(a, c, r0, r1, P) : scatter_rows_k<T, 4, false>(a, c, r0, r1, P);
+    default: return 2;
+  }
+}
+
+int scatter_rows(Dtype dt, const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1, void* panel) {
+  return dt == se_cpu::kFloat32 ? scatter_t<float>(a, c, r0, r1, panel) : scatter_t<double>(a, c, r0, r1, panel);
 }
 
 int spmm_rows(Dtype dt, const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
   return dt == se_cpu::kFloat32 ? spmm_t<float>(a, c, r0, r1) : spmm_t<double>(a, c, r0, r1);
 }
 
-int sddmm_rows(Dtype dt, const SddmmArgs& a, int64_t r0, int64_t r1) {
-  return dt == se_cpu::kFloat32 ? sddmm_t<float>(a, r0, r1) : sddmm_t<double>(a, r0, r1);
+int sddmm_rows(Dtype dt, const SddmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
+  return dt == se_cpu::kFloat32 ? sddmm_t<float>(a, c, r0, r1) : sddmm_t<double>(a, c, r0, r1);
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // compact_linear on CPU: y = x theta^T + b, theta = m*w stored only at the active coordinates.
 //
 //   forward   SpMM over the rows of the CSR/BSR pattern                    work ∝ nnz * B
-//   dX        SpMM over the transposed pattern (ccol, row_t), values taken in CSC order through perm
+//   dX        the transposed SpMM computed from the CSR rows: scatter into thread-private panels
+//             (the CSC form would gather m and w through perm at random on every step)
 //   dtheta    SDDMM on the pattern only, with the g_m = g*w, g_w = g*m epilogue
 //
 // This file holds the portable part: instruction-set dispatch, batch-contiguous panels (pack/unpack
@@ -69,12 +70,30 @@ bool set_isa(const char* name) {
 
 const char* isa_name() { return active_table().name; }
 
-int64_t panel_width(Dtype dt, int64_t B) {
+namespace {
+// Bytes one chunk's panel may take before the batch is cut into narrower chunks. Measured on a
+// 1 MiB-L2 core (4096x4096 at 90 %, B = 64 and 256): panels of 64 lanes (1 MiB) beat narrower ones that
+// fit L2 (fewer passes over the values and indices, more FMAs per index load), so the default only cuts
+// panels past 8 MiB. set_panel_budget() overrides it (benchmarks, other cache sizes).
+std::atomic<int64_t> g_panel_budget{0};  // 0: automatic
+
+int64_t panel_budget() {
+  const int64_t forced = g_panel_budget.load(std::memory_order_relaxed);
+  return forced > 0 ? forced : int64_t(8) << 20;
+}
+}  // namespace
+
+int64_t set_panel_budget(int64_t bytes) {
+  g_panel_budget.store(bytes > 0 ? bytes : 0, std::memory_order_relaxed);
+  return panel_budget();
+}
+
+int64_t panel_width(Dtype dt, int64_t B, int64_t rows) {
   if (B <= 1) return 1;
-  const int64_t W = vector_width(dt);
-  if (B <= W) return W;
-  if (B <= 2 * W) return 2 * W;
-  return 4 * W;
+  const int64_t W = vector_width(dt), es = dt == kFloat32 ? 4 : 8;
+  int64_t nv = B <= W ? 1 : (B <= 2 * W ? 2 : 4);
+  while (nv > 1 && rows * nv * W * es > panel_budget()) nv /= 2;
+  return nv * W;
 }
 
 // ------------------------------------------------------------------------------------------ panels
@@ -163,49 +182,41 @@ int run_spmm(Dtype dt, const SpmmArgs& a, int64_t nchunks, int64_t nrows, int64_
   return err;
 }
 
-int run_sddmm(Dtype dt, const SddmmArgs& a, int64_t nrows, int64_t work) {
+// One pass per batch chunk (rows in dynamic blocks, a barrier between chunks: chunk c adds into the g
+// that chunk c-1 wrote), then the g_m = g*w, g_w = g*m epilogue over all stored values.
+template <typename T>
+int run_sddmm(Dtype dt, const SddmmArgs& a, int64_t nrows, int64_t nvalues, int64_t work) {
   const KernelTable& t = active_table();
   const int nthreads = omp_get_max_threads();
   int64_t rb = nrows / (16 * static_cast<int64_t>(nthreads));
   rb = rb < 1 ? 1 : (rb > 64 ? 64 : rb);
   const int64_t items = ceil_div(nrows, rb);
+  const int64_t nchunks = a.bc == 1 ? 1 : a.nchunks;
   int err = 0;
-#pragma omp parallel for schedule(dynamic, 1) if (worth_threads(work) && items > 1)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t r0 = it * rb, r1 = r0 + rb < nrows ? r0 + rb : nrows;
-    const int e = t.sddmm_rows(dt, a, r0, r1);
-    if (e) {
+#pragma omp parallel if (worth_threads(work) && items > 1)
+  for (int64_t c = 0; c < nchunks; ++c) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t r0 = it * rb, r1 = r0 + rb < nrows ? r0 + rb : nrows;
+      const int e = t.sddmm_rows(dt, a, c, r0, r1);
+      if (e) {
 #pragma omp atomic write
-      err = e;
+        err = e;
+      }
     }
   }
-  return err;
-}
-
-// thetaT[j] = theta[perm[j]] (whole blocks): the values of the transposed pattern in its own order,
-// so that the dX SpMM streams them like the forward does.
-template <typename T>
-int gather_transposed(const T* __restrict m, const T* __restrict w, const int32_t* __restrict perm,
-                      int64_t nnzb, int64_t bsize, T* __restrict out) {
-  int err = 0;
-#pragma omp parallel for schedule(static) if (worth_threads(nnzb * bsize))
-  for (int64_t j = 0; j < nnzb; ++j) {
-    const uint32_t p = static_cast<uint32_t>(perm[j]);
-    if (p >= static_cast<uint64_t>(nnzb)) {
-#pragma omp atomic write
-      err = 1;
-      continue;
-    }
-    const T* wp = w + static_cast<int64_t>(p) * bsize;
-    T* o = out + j * bsize;
-    if (m) {
-      const T* mp = m + static_cast<int64_t>(p) * bsize;
-      for (int64_t e = 0; e < bsize; ++e) o[e] = mp[e] * wp[e];
-    } else {
-      for (int64_t e = 0; e < bsize; ++e) o[e] = wp[e];
-    }
+  if (err || !a.m) return err;
+  const T* __restrict m = static_cast<const T*>(a.m);
+  const T* __restrict w = static_cast<const T*>(a.w);
+  T* __restrict gm = static_cast<T*>(a.g_m);
+  T* __restrict gw = static_cast<T*>(a.g_w);
+#pragma omp parallel for simd schedule(static) if (worth_threads(nvalues))
+  for (int64_t e = 0; e < nvalues; ++e) {
+    const T g = gw[e];
+    gm[e] = g * w[e];
+    gw[e] = g * m[e];
   }
-  return err;
+  return 0;
 }
 
 template <typename T>
@@ -213,7 +224,7 @@ int forward_t(const T* x, int64_t B, int64_t N, int64_t K, const T* m, const T* 
               const int32_t* crow, const int32_t* col, int64_t bn, int64_t bk, T* y, void* ws) {
   const Dtype dt = sizeof(T) == 4 ? kFloat32 : kFloat64;
   if (B == 0 || N == 0) return 0;
-  const int64_t BC = panel_width(dt, B), nchunks = ceil_div(B, BC);
+  const int64_t BC = panel_width(dt, B, K), nchunks = ceil_div(B, BC);
   const int64_t nbr = ceil_div(N, bn), nbc = ceil_div(K, bk);
   const T* X = x;
   T* Y = y;
@@ -233,10 +244,67 @@ int forward_t(const T* x, int64_t B, int64_t N, int64_t K, const T* m, const T* 
   return 0;
 }
 
+// Threads that accumulate their own dX panel: all of them, unless the panels would pass 64 MiB.
+int scatter_threads(Dtype dt, int64_t K, int64_t BC, int64_t work) {
+  if (!worth_threads(work)) return 1;
+  const int64_t per = K * BC * elem_size(dt);
+  int64_t nt = omp_get_max_threads();
+  if (per > 0 && nt * per > (int64_t(64) << 20)) nt = (int64_t(64) << 20) / per;
+  return static_cast<int>(nt < 1 ? 1 : nt);
+}
+
+// dX (B, K) = dY θ by scatter from the CSR rows into thread-private panels, chunk by chunk, summed
+// straight into g_x (the sum doubles as the unpack).
+template <typename T>
+int scatter_dx(Dtype dt, const SpmmArgs& a, int64_t B, int64_t K, int64_t nbr, int64_t nchunks, int nt,
+               T* panels, T* gx) {
+  const KernelTable& t = active_table();
+  const int64_t BC = a.bc, psize = K * BC;
+  const int threads = nt;
+  int64_t rb = nbr / (16 * static_cast<int64_t>(threads));
+  rb = rb < 1 ? 1 : (rb > 64 ? 64 : rb);
+  const int64_t items = ceil_div(nbr, rb), nkt = ceil_div(K, kTile);
+  int err = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+    T* P = panels + tid * psize;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      std::memset(P, 0, psize * sizeof(T));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t r0 = it * rb, r1 = r0 + rb < nbr ? r0 + rb : nbr;
+        const int e = t.scatter_rows(dt, a, c, r0, r1, P);
+        if (e) {
+#pragma omp atomic write
+          err = e;
+        }
+      }
+      // implicit barrier: every panel of this chunk is complete
+#pragma omp for schedule(static)
+      for (int64_t kt = 0; kt < nkt; ++kt) {
+        const int64_t k0 = kt * kTile, k1 = k0 + kTile < K ? k0 + kTile : K;
+        for (int64_t l = 0; l < BC; ++l) {
+          const int64_t b = c * BC + l;
+          if (b >= B) break;
+          T* dst = gx + b * K;
+          for (int64_t k = k0; k < k1; ++k) {
+            T acc = panels[k * BC + l];
+            for (int th = 1; th < team; ++th) acc += panels[th * psize + k * BC + l];
+            dst[k] = acc;
+          }
+        }
+      }
+      // implicit barrier before the panels are cleared for the next chunk
+    }
+  }
+  return err;
+}
+
 template <typename T>
 int backward_t(const T* gy, const T* x, int64_t B, int64_t N, int64_t K, const T* m, const T* w,
-               const int32_t* crow, const int32_t* col, const int32_t* ccol, const int32_t* row_t,
-               const int32_t* perm, int64_t nnzb, int64_t bn, int64_t bk, T* gx, T* gm, T* gw, void* ws) {
+               const int32_t* crow, const int32_t* col, int64_t nnzb, int64_t bn, int64_t bk, T* gx, T* gm, T* gw,
+               void* ws) {
   const Dtype dt = sizeof(T) == 4 ? kFloat32 : kFloat64;
   const int64_t bsize = bn * bk;
   const int64_t nbr = ceil_div(N, bn), nbc = ceil_div(K, bk);
@@ -246,41 +314,35 @@ int backward_t(const T* gy, const T* x, int64_t B, int64_t N, int64_t K, const T
     if (gm) std::memset(gm, 0, nnzb * bsize * sizeof(T));
     return 0;
   }
-  const int64_t BC = panel_width(dt, B), nchunks = ceil_div(B, BC);
+  const int64_t BC = panel_width(dt, B, N > K ? N : K), nchunks = ceil_div(B, BC);
+  const int64_t work = nnzb * bsize * BC * nchunks;
   char* p = static_cast<char*>(ws);
-  T* thetaT = reinterpret_cast<T*>(p);
-  p += align64(nnzb * bsize * sizeof(T));
   const T* X = x;
   const T* DY = gy;
-  T* DX = gx;
   if (BC > 1) {
     T* XP = reinterpret_cast<T*>(p);
     p += align64(nchunks * K * BC * sizeof(T));
     T* DYP = reinterpret_cast<T*>(p);
     p += align64(nchunks * N * BC * sizeof(T));
-    DX = reinterpret_cast<T*>(p);
     pack(x, B, K, BC, XP);
     pack(gy, B, N, BC, DYP);
     X = XP;
     DY = DYP;
   }
-  const int64_t work = nnzb * bsize * BC * nchunks;
   if (gx && K > 0) {
-    int err = gather_transposed(m, w, perm, nnzb, bsize, thetaT);
+    const int nt = scatter_threads(dt, K, BC, work);
+    SpmmArgs a{m, w, crow, col, nbc, K, N, bn, bk, false, DY, nullptr, BC};
+    const int err = scatter_dx(dt, a, B, K, nbr, nchunks, nt, reinterpret_cast<T*>(p), gx);
     if (err) return err;
-    SpmmArgs a{nullptr, thetaT, ccol, row_t, nbr, K, N, bn, bk, true, DY, DX, BC};
-    err = run_spmm(dt, a, nchunks, nbc, work);
-    if (err) return err;
-    if (BC > 1) unpack(DX, B, K, BC, static_cast<const T*>(nullptr), gx);
   }
   SddmmArgs s{m, w, crow, col, nbc, N, K, bn, bk, DY, X, BC, nchunks, gm, gw};
-  return run_sddmm(dt, s, nbr, work);
+  return run_sddmm<T>(dt, s, nbr, nnzb * bsize, work);
 }
 
 }  // namespace
 
 int64_t forward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t, int64_t, int64_t) {
-  const int64_t BC = panel_width(dt, B);
+  const int64_t BC = panel_width(dt, B, K);
   if (BC == 1 || B == 0) return 0;
   const int64_t nchunks = ceil_div(B, BC), es = elem_size(dt);
   return align64(nchunks * K * BC * es) + align64(nchunks * N * BC * es);
@@ -288,14 +350,13 @@ int64_t forward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64
 
 int64_t backward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t nnzb, int64_t bn,
                                  int64_t bk) {
+  if (B == 0) return 0;
   const int64_t es = elem_size(dt);
-  int64_t bytes = align64(nnzb * bn * bk * es);
-  const int64_t BC = panel_width(dt, B);
-  if (BC > 1 && B > 0) {
-    const int64_t nchunks = ceil_div(B, BC);
-    bytes += 2 * align64(nchunks * K * BC * es) + align64(nchunks * N * BC * es);
-  }
-  return bytes;
+  const int64_t BC = panel_width(dt, B, N > K ? N : K), nchunks = ceil_div(B, BC);
+  int64_t bytes = 0;
+  if (BC > 1) bytes += align64(nchunks * K * BC * es) + align64(nchunks * N * BC * es);
+  const int nt = scatter_threads(dt, K, BC, nnzb * bn * bk * BC * nchunks);
+  return bytes + align64(static_cast<int64_t>(nt) * K * BC * es);
 }
 
 int compact_linear_forward(Dtype dt, const void* x, int64_t B, int64_t N, int64_t K, const void* m,
@@ -312,17 +373,15 @@ int compact_linear_forward(Dtype dt, const void* x, int64_t B, int64_t N, int64_
 
 int compact_linear_backward(Dtype dt, const void* gy, const void* x, int64_t B, int64_t N, int64_t K,
                             const void* m, const void* w, const int32_t* crow, const int32_t* col,
-                            const int32_t* ccol, const int32_t* row_t, const int32_t* perm, int64_t nnzb,
+                            int64_t nnzb,
                             int64_t bn, int64_t bk, void* gx, void* gm, void* gw, void* ws) {
   if (dt == kFloat32)
     return backward_t<float>(static_cast<const float*>(gy), static_cast<const float*>(x), B, N, K,
-                             static_cast<const float*>(m), static_cast<const float*>(w), crow, col, ccol,
-                             row_t, perm, nnzb, bn, bk, static_cast<float*>(gx), static_cast<float*>(gm),
-                             static_cast<float*>(gw), ws);
+                             static_cast<const float*>(m), static_cast<const float*>(w), crow, col, nnzb, bn, bk,
+                             static_cast<float*>(gx), static_cast<float*>(gm), static_cast<float*>(gw), ws);
   return backward_t<double>(static_cast<const double*>(gy), static_cast<const double*>(x), B, N, K,
-                            static_cast<const double*>(m), static_cast<const double*>(w), crow, col, ccol,
-                            row_t, perm, nnzb, bn, bk, static_cast<double*>(gx), static_cast<double*>(gm),
-                            static_cast<double*>(gw), ws);
+                            static_cast<const double*>(m), static_cast<const double*>(w), crow, col, nnzb, bn, bk,
+                            static_cast<double*>(gx), static_cast<double*>(gm), static_cast<double*>(gw), ws);
 }
 
 }  // namespace se_cpu

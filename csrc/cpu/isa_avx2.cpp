@@ -16,14 +16,14 @@
 #endif
 namespace se_cpu {
 const KernelTable& table_avx2() {
-  static const KernelTable t{"avx2", &spmm_rows, &sddmm_rows};
+  static const KernelTable t{"avx2", &spmm_rows, &sddmm_rows, &scatter_rows};
   return t;
 }
 }  // namespace se_cpu
 #else
 namespace se_cpu {
 const KernelTable& table_avx2() {
-  static const KernelTable t{nullptr, nullptr, nullptr};
+  static const KernelTable t{nullptr, nullptr, nullptr, nullptr};
   return t;
 }
 }  // namespace se_cpu

@@ -5,7 +5,7 @@
 
 namespace se_cpu {
 const KernelTable& table_base() {
-  static const KernelTable t{"base", &spmm_rows, &sddmm_rows};
+  static const KernelTable t{"base", &spmm_rows, &sddmm_rows, &scatter_rows};
   return t;
 }
 }  // namespace se_cpu

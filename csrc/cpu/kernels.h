@@ -31,7 +31,7 @@ struct SpmmArgs {
 };
 
 // g[j, o, q] = sum_c sum_l DY[c, row(j)*bn + o, l] * X[c, col(j)*bk + q, l] for the stored blocks
-// (padding of edge blocks gets 0), then the g_m = g*w, g_w = g*m epilogue (g_w = g when m is null).
+// (padding of edge blocks gets 0), into g_w; the driver then applies g_m = g*w, g_w = g*m.
 struct SddmmArgs {
   const void* m;         // values or nullptr
   const void* w;
@@ -51,7 +51,9 @@ struct SddmmArgs {
 struct KernelTable {
   const char* name;
   int (*spmm_rows)(Dtype, const SpmmArgs&, int64_t chunk, int64_t r0, int64_t r1);
-  int (*sddmm_rows)(Dtype, const SddmmArgs&, int64_t r0, int64_t r1);
+  int (*sddmm_rows)(Dtype, const SddmmArgs&, int64_t chunk, int64_t r0, int64_t r1);
+  // dX from the CSR side: panel[idx(j)*ib + q, :] += theta(j, o, q) * X[r*bn + o, :] (X = the dY panel).
+  int (*scatter_rows)(Dtype, const SpmmArgs&, int64_t chunk, int64_t r0, int64_t r1, void* panel);
 };
 
 const KernelTable& table_base();
@@ -66,11 +68,14 @@ const char* isa_name();
 
 // Vector width in elements of one 64-byte vector; panel widths are multiples of it.
 inline int64_t vector_width(Dtype dt) { return dt == kFloat32 ? 16 : 8; }
-// Panel width for a batch of B rows: 1 for B == 1, else 1, 2 or 4 vectors.
-int64_t panel_width(Dtype dt, int64_t B);
+// Panel width for a batch of B rows whose panels have `rows` rows (K, or max(N, K) for the backward):
+// 1 for B == 1, else 1, 2 or 4 vectors, fewer when one chunk's panel would exceed the panel budget.
+int64_t panel_width(Dtype dt, int64_t B, int64_t rows);
+// Override the panel budget (bytes; 0 = automatic, 8 MiB); returns the budget now in force.
+int64_t set_panel_budget(int64_t bytes);
 
-// Drivers (OpenMP over rows / columns / row blocks). Return 0 or an error code:
-//   1 = an index (col / row_t / perm) is out of range.
+// Drivers (OpenMP over rows / row blocks). Return 0 or an error code:
+//   1 = a col index is out of range.
 // Forward: y (B, N) = x (B, K) theta^T + bias. Values (nnzb, bn, bk) in CSR order.
 int compact_linear_forward(Dtype dt, const void* x, int64_t B, int64_t N, int64_t K, const void* m,
                            const void* w, const void* bias, const int32_t* crow, const int32_t* col,
@@ -78,10 +83,10 @@ int compact_linear_forward(Dtype dt, const void* x, int64_t B, int64_t N, int64_
 // Bytes of workspace the forward needs (panels), 64-byte aligned by the caller.
 int64_t forward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t nnzb, int64_t bn,
                                 int64_t bk);
-// Backward: g_x (B, K) (may be null: skipped), g_m (nullable), g_w: values layout.
+// Backward: g_x (B, K) (may be null: skipped), g_m (nullable), g_w: values layout. Needs only the CSR
+// side of the index: dX is computed by scatter from the rows (see compact_linear.cpp).
 int compact_linear_backward(Dtype dt, const void* grad_y, const void* x, int64_t B, int64_t N, int64_t K,
-                            const void* m, const void* w, const int32_t* crow, const int32_t* col,
-                            const int32_t* ccol, const int32_t* row_t, const int32_t* perm, int64_t nnzb,
+                            const void* m, const void* w, const int32_t* crow, const int32_t* col, int64_t nnzb,
                             int64_t bn, int64_t bk, void* g_x, void* g_m, void* g_w, void* workspace);
 int64_t backward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t nnzb, int64_t bn,
                                  int64_t bk);
