@@ -268,6 +268,7 @@ def main(argv=None) -> int:
         res.measure(REGISTRY, providers, kw, "step", (c,), nbytes=lambda p, c=c: c.nbytes)
         _note_pct(res, name, copy)
         del c
+        res.flush()
     c = _signin_case(pair if not args.quick else 5000, f32, args.device)
     kw = dict(
         case="signin pair",

@@ -147,6 +147,7 @@ def main(argv=None) -> int:
                 flops=lambda p, g=gemms: 2.0 * g * t * n * k,
             )
         del c
+        res.flush()
     res.write()
     if args.cuda:
         ml = common.kernels("masked_linear")

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
                 nbytes=lambda p, c=c: c.n * c.scores.element_size(),
             )
             del c
+            res.flush()
     res.write()
     return 1 if res.errors else 0
 

@@ -347,14 +347,22 @@ class Results:
                 if t:
                     r[col] = f"{t / float(r['time_ms']):.3f}"
 
-    def write(self) -> Path:
+    def flush(self) -> Path:
+        """(Re)write the CSV with the rows so far: a run cut short by a timeout still leaves its rows."""
         self.ratios()
         path = Path(self.args.out) / f"{self.bench}.csv"
-        with open(path, "w", newline="") as f:
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=ROW_FIELDS + ENV_FIELDS)
             writer.writeheader()
             for r in self.rows:
                 writer.writerow({**r, **self.env})
+        tmp.replace(path)
+        return path
+
+    def write(self) -> Path:
+        """Final CSV, the printed table and a one-line total."""
+        path = self.flush()
         self.print_table()
         print(
             f"\nwrote {len(self.rows)} rows to {path}"
