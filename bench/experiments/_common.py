@@ -140,7 +140,7 @@ def run(cfg: TrainConfig, ds: data_mod.Dataset, *, before_training: Callable | N
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total)))
     layer_stats(model)  # sets the sign reference of every layer
-    signs0 = {n: torch.sign(pz.values().detach()) for n, pz in parameterizations(model)}
+    signs0 = {_layer(n): torch.sign(pz.values().detach()) for n, pz in parameterizations(model)}
     epochs: list[dict] = []
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
@@ -172,7 +172,7 @@ def run(cfg: TrainConfig, ds: data_mod.Dataset, *, before_training: Callable | N
         if per_layer_flips:
             row["flips_per_layer"] = {s["name"]: s["sign_flips"] for s in stats}
         epochs.append(row)
-    signs1 = {n: torch.sign(pz.values().detach()) for n, pz in parameterizations(model)}
+    signs1 = {_layer(n): torch.sign(pz.values().detach()) for n, pz in parameterizations(model)}
     result: dict[str, Any] = {
         "method": method.describe(), "seed": cfg.seed, "epochs": epochs,
         "final": {"test_acc": epochs[-1]["test_acc"], "train_acc": epochs[-1]["train_acc"],
@@ -186,6 +186,11 @@ def run(cfg: TrainConfig, ds: data_mod.Dataset, *, before_training: Callable | N
     method.end_of_training()
     method.remove()
     return result
+
+
+def _layer(name: str) -> str:
+    """A parameterization's name ("hidden.0.param") as its layer's module name ("hidden.0")."""
+    return name[: -len(".param")] if name.endswith(".param") else name
 
 
 def dataset(model: str, n_train: int | None, n_test: int | None, seed: int = 0) -> data_mod.Dataset:
