@@ -27,6 +27,8 @@ CONDITIONS = {
     "policy zero": ("signin", {"reset_policy": "zero"}),
     "beta 4": ("signin", {"beta": 4.0}),
     "factor lr x2": ("signin", {"factor_lr_scale": 2.0}),
+    # decay on both factors shrinks θ = m ⊙ w about twice as fast as the same λ on θ (m ≈ 1 at β = 1)
+    "weight decay / 2": ("signin", {"weight_decay": 2.5e-4}),
 }
 SETTINGS = {"n_train": 10000, "n_test": 10000, "epochs": 8, "batch_size": 128, "lr": 0.05, "sparsity": 0.9}
 QUICK = {"n_train": 1000, "n_test": 500, "epochs": 2, "batch_size": 128, "lr": 0.05, "sparsity": 0.9}
@@ -36,6 +38,7 @@ QUICK_CONDITIONS = ("static (PaI)", "signin default", "policy zero", "reset ever
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--conditions", nargs="+", default=None, choices=list(CONDITIONS))
+    p.add_argument("--name", default="signin_ablation", help="output file stem")
     args = p.parse_args(argv)
     seeds = seeds_of(args)
     st = dict(QUICK if args.quick else SETTINGS)
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
            "settings": {**st, "model": "mlp", "momentum": 0.9, "weight_decay": 5e-4, "distribution": "erk"},
            "conditions": {n: {"method": CONDITIONS[n][0], **CONDITIONS[n][1]} for n in names},
            "environment": environment(), "runs": [], "summary": {}}
-    path = args.out / "signin_ablation.json"
+    path = args.out / f"{args.name}.json"
     ds = dataset("mlp", st["n_train"], st["n_test"])
     for seed in seeds:
         for name in names:
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
         out["summary"][name] = s
     write_json(path, out)
     if not args.no_plot:
-        plot(out, args.out / "signin_ablation.png")
+        plot(out, args.out / f"{args.name}.png")
     print(table(out))
     return 0
 

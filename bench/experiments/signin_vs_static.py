@@ -12,6 +12,8 @@ consecutive end-of-epoch checks). Writes signin_vs_static.json and signin_vs_sta
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run, save_fig,
                      seeds_of, write_json)
@@ -31,7 +33,12 @@ def main(argv=None) -> int:
     p.add_argument("--signin-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Sign-In option (beta, reset_every, reset_policy, factor_lr_scale, ...)")
     p.add_argument("--name", default="signin_vs_static", help="output file stem")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="no training: merge the runs of these result files (e.g. one per model, run in parallel) "
+                        "into <out>/<name>.json, recompute the summary and draw the PNG")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
     seeds = seeds_of(args)
     sparsities = args.sparsities or ([0.9, 0.98] if args.quick else list(SPARSITIES))
     extra = {}
@@ -64,6 +71,27 @@ def main(argv=None) -> int:
                     write_json(path, out)  # partial results survive an interrupted run
             summarize(out, model, sparsity)
             write_json(path, out)
+    if not args.no_plot:
+        plot(out, args.out / f"{args.name}.png")
+    print(table(out))
+    return 0
+
+
+def merge(args) -> int:
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    out = {"experiment": args.name, "quick": any(p["quick"] for p in parts), "seeds": parts[0]["seeds"],
+           "sparsities": parts[0]["sparsities"], "signin_options": parts[0]["signin_options"],
+           "environment": parts[0]["environment"], "merged_from": [str(f) for f in args.merge],
+           "environments": [p["environment"] for p in parts], "settings": {}, "runs": [], "summary": {}}
+    for part in parts:
+        if part["signin_options"] != out["signin_options"]:
+            raise SystemExit(f"--merge: files differ in signin_options: {part['signin_options']} vs {out['signin_options']}")
+        out["settings"].update(part["settings"])
+        out["runs"] += part["runs"]
+    for model in out["settings"]:
+        for sparsity in sorted({r["sparsity"] for r in out["runs"] if r["model"] == model}):
+            summarize(out, model, sparsity)
+    write_json(args.out / f"{args.name}.json", out)
     if not args.no_plot:
         plot(out, args.out / f"{args.name}.png")
     print(table(out))
