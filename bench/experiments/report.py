@@ -1,0 +1,153 @@
+"""Print the Markdown tables of docs/RESULTS.md from the result files (no training, no timing).
+
+    python bench/experiments/report.py [--results bench/results]
+
+Every number in the tables comes from the JSON / CSV files the experiments and the suite wrote; a
+missing file prints a line saying so instead of a table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ms(s: dict, digits: int = 2) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def load(path: Path) -> dict | None:
+    if not path.is_file():
+        print(f"\n(missing: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path})\n")
+        return None
+    return json.loads(path.read_text())
+
+
+def signin_vs_static(d: dict) -> None:
+    print("| model | sparsity | static (PaI) acc % | Sign-In acc % | paired diff (Sign-In − static) | diff > spread? "
+          "| sign flips static / Sign-In |")
+    print("|---|---|---|---|---|---|---|")
+    for key, s in d["summary"].items():
+        model, sp = key.split("@")
+        print(f"| {model} | {float(sp):.0%} | {ms(s['static'])} | {ms(s['signin'])} | {s['paired_diff']['mean']:+.2f} ± "
+              f"{s['paired_diff']['std']:.2f} | {'yes' if s['exceeds_spread'] else 'no'} | "
+              f"{s['static_flips']['mean']:.0f} / {s['signin_flips']['mean']:.0f} |")
+
+
+def pilot(d: dict) -> None:
+    names = list(d["summary"])
+    print("| sparsity | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for k in ["unpruned"] + [f"{s:g}" for s in d["sparsities"]]:
+        label = "no prune" if k == "unpruned" else f"{float(k):.0%}"
+        print(f"| {label} | " + " | ".join(ms(d["summary"][n][k]) for n in names) + " |")
+    print()
+    for other, by_s in d.get("pilot_vs", {}).items():
+        parts = []
+        for s, beyond in by_s.items():
+            diff = d["summary"]["pilot a=1e-3"][s]["mean"] - d["summary"][other][s]["mean"]
+            parts.append(f"{float(s):.0%}: {diff:+.2f}{' (beyond spread)' if beyond else ''}")
+        print(f"* pilot a=1e-3 minus {other}: " + "; ".join(parts))
+
+
+def wd(d: dict) -> None:
+    print(f"| condition | test acc % | acc after one-shot prune to {d['settings']['prune_sparsity']:.0%} % | ‖θ‖₁ | "
+          "mean β = m² − w² | fraction |θ| < 1e-3 | vs constant: acc / pruned acc beyond spread? |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s in d["summary"].items():
+        v = d["vs_constant"].get(name)
+        vs = "—" if v is None else (f"{'yes' if v['test_acc_exceeds_spread'] else 'no'} / "
+                                     f"{'yes' if v['pruned_acc_exceeds_spread'] else 'no'}")
+        print(f"| {name} | {ms(s['test_acc'])} | {ms(s['pruned_acc'])} | {ms(s['l1'], 0)} | {ms(s['beta_mean'], 3)} | "
+              f"{ms(s['frac_small'], 4)} | {vs} |")
+
+
+def regression(d: dict) -> None:
+    print("| truth signs | variant | final relative error ‖θ − θ*‖/‖θ*‖ | support recovered | final loss |")
+    print("|---|---|---|---|---|")
+    for key, s in d["summary"].items():
+        if "rel_error" not in s:
+            continue
+        signs, name = key.split("/", 1)
+        print(f"| {signs} | {name} | {ms(s['rel_error'], 4)} | {s['support_recovered']}/{s['of']} | "
+              f"{s['loss']['mean']:.2e} |")
+
+
+def ablation(d: dict, extra: dict | None) -> None:
+    static = {r["seed"]: r["final"]["test_acc"] for r in d["runs"] if r["condition"] == "static (PaI)"}
+    rows = dict(d["summary"])
+    if extra is not None:  # conditions run separately; paired with the static runs of the same seeds
+        for name in extra["conditions"]:
+            rs = [r for r in extra["runs"] if r["condition"] == name]
+            acc = [100 * r["final"]["test_acc"] for r in rs]
+            diffs = [100 * (r["final"]["test_acc"] - static[r["seed"]]) for r in rs if r["seed"] in static]
+            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+            rows[name + " (separate run)"] = {
+                "test_acc": {"mean": statistics.fmean(acc), "std": sd(acc)},
+                "paired_diff_vs_static": {"mean": statistics.fmean(diffs), "std": sd(diffs)} if diffs else None,
+                "sign_flips": {"mean": statistics.fmean([r["sign_flips"] for r in rs]), "std": 0.0},
+                "vs_static_exceeds_spread": None}
+    print("| condition | test acc % | paired diff vs static | beyond spread? | sign flips (sum of per-epoch) | "
+          "mean β before last reset |")
+    print("|---|---|---|---|---|---|")
+    for name, s in rows.items():
+        d_ = s.get("paired_diff_vs_static")
+        dtxt = "—" if not d_ else f"{d_['mean']:+.2f} ± {d_['std']:.2f}"
+        beyond = s.get("vs_static_exceeds_spread")
+        bt = "—" if beyond is None else ("yes" if beyond else "no")
+        runs = [r for r in (d["runs"] + (extra["runs"] if extra else []))
+                if r["condition"] == name.replace(" (separate run)", "")]
+        betas = [b for r in runs for b in [x for x in r.get("beta_before_reset", []) if x is not None][-1:]]
+        btxt = f"{statistics.fmean(betas):.3f}" if betas else "—"
+        print(f"| {name} | {ms(s['test_acc'])} | {dtxt} | {bt} | {s['sign_flips']['mean']:.0f} | {btxt} |")
+
+
+def crossover(path: Path) -> None:
+    if not path.is_file():
+        print(f"\n(missing: {path})\n")
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    print("| benchmark | device | shape | batch | provider | densities measured | speed-up over dense | "
+          "beats dense at density ≤ |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['bench']} | {r['device_name']} | {r['shape']} | {r['batch']} | {r['provider']} | {r['densities']} | "
+              f"{r['ratios']} | {r['beats_dense_up_to_density'] or 'never'} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args(argv)
+    ex = args.results / "experiments"
+    for title, fn, files in (
+        ("Sign-In vs static", signin_vs_static, ["signin_vs_static_all.json"]),
+        ("PILoT one-shot", pilot, ["pilot_oneshot.json"]),
+        ("Weight-decay switch-off", wd, ["wd_switchoff.json"]),
+        ("Sparse regression", regression, ["sparse_regression.json"]),
+    ):
+        print(f"\n### {title}\n")
+        d = load(ex / files[0])
+        if d is not None:
+            fn(d)
+    print("\n### Sign-In ablation\n")
+    d = load(ex / "signin_ablation.json")
+    if d is not None:
+        extra = json.loads((ex / "signin_ablation_wd_half.json").read_text()) \
+            if (ex / "signin_ablation_wd_half.json").is_file() else None
+        ablation(d, extra)
+    for dev in ("cpu", "cuda"):
+        path = args.results / f"crossover_{dev}.csv"
+        if path.is_file():
+            print(f"\n### Crossover ({dev})\n")
+            crossover(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
