@@ -34,9 +34,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -116,7 +116,7 @@ def environment(device: str) -> dict[str, str]:
     except ImportError:
         triton_version = "none"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        commit = subprocess.run(check=False, args=["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
@@ -264,7 +264,7 @@ def train_breakdown(level: str, env: dict, device: str) -> list[dict]:
             e = mlp()
             try:
                 sparsify(e, method="signin", density=density, distribution="uniform", layout=layout)
-            except Exception as exc:  # a layout this build cannot run: reported, not hidden
+            except Exception as exc:  # noqa: BLE001 - a layout this build cannot run: reported, not hidden
                 yield f"engine_{layout}", exc, None
                 continue
             yield f"engine_{layout}", e, SGD(e, lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -372,7 +372,7 @@ def run_script(b: Bench, level: str, raw: Path, device: str, timeout: float) -> 
     t0 = time.perf_counter()
     try:
         with open(log, "w") as f:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            proc = subprocess.run(cmd, check=False, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
     except subprocess.TimeoutExpired:
         return f"timeout after {timeout:.0f}s (log {log})", [], time.perf_counter() - t0
     dt = time.perf_counter() - t0
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 got = train_breakdown(level, env, device)
                 st = "ok"
-            except Exception as e:  # reported in the status file and on stdout, not hidden
+            except Exception as e:  # noqa: BLE001 - reported in the status file and on stdout, not hidden
                 got, st = [], f"failed: {type(e).__name__}: {e}"
             status[name] = {"status": st, "rows": len(got), "seconds": round(time.perf_counter() - t0, 1)}
             rows += got

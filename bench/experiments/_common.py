@@ -19,22 +19,23 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from sparse_engine import data as data_mod  # noqa: E402
-from sparse_engine.diagnostics import layer_stats  # noqa: E402
-from sparse_engine.methods import make_method  # noqa: E402
-from sparse_engine.models import build_model  # noqa: E402
-from sparse_engine.optim import parameterizations  # noqa: E402
-from sparse_engine.train import TrainConfig, evaluate, load_data  # noqa: E402
+from sparse_engine import data as data_mod
+from sparse_engine.diagnostics import layer_stats
+from sparse_engine.methods import make_method
+from sparse_engine.models import build_model
+from sparse_engine.optim import parameterizations
+from sparse_engine.train import TrainConfig, evaluate, load_data
 
 RESULTS = ROOT / "bench" / "results" / "experiments"
 
@@ -72,7 +73,7 @@ def environment() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        commit = subprocess.run(check=False, args=["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
@@ -190,7 +191,7 @@ def run(cfg: TrainConfig, ds: data_mod.Dataset, *, before_training: Callable | N
 
 def _layer(name: str) -> str:
     """A parameterization's name ("hidden.0.param") as its layer's module name ("hidden.0")."""
-    return name[: -len(".param")] if name.endswith(".param") else name
+    return name.removesuffix(".param")
 
 
 def dataset(model: str, n_train: int | None, n_test: int | None, seed: int = 0) -> data_mod.Dataset:

@@ -16,10 +16,22 @@ from __future__ import annotations
 import copy
 
 import torch
+from _common import (
+    TrainConfig,
+    dataset,
+    environment,
+    exceeds_spread,
+    log,
+    mean_std,
+    parser,
+    pyplot,
+    run,
+    save_fig,
+    seeds_of,
+    write_json,
+)
 from torch import nn
 
-from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run, save_fig,
-                     seeds_of, write_json)
 from sparse_engine.masks import magnitude_masks
 from sparse_engine.optim import parameterizations
 from sparse_engine.train import evaluate

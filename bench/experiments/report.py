@@ -77,15 +77,15 @@ def regression(d: dict) -> None:
               f"{s['loss']['mean']:.2e} |")
 
 
-def ablation(d: dict, extra: dict | None) -> None:
+def ablation(d: dict, extras: list[dict]) -> None:
     static = {r["seed"]: r["final"]["test_acc"] for r in d["runs"] if r["condition"] == "static (PaI)"}
     rows = dict(d["summary"])
-    if extra is not None:  # conditions run separately; paired with the static runs of the same seeds
+    for extra in extras:  # conditions run separately; paired with the static runs of the same seeds
         for name in extra["conditions"]:
             rs = [r for r in extra["runs"] if r["condition"] == name]
             acc = [100 * r["final"]["test_acc"] for r in rs]
             diffs = [100 * (r["final"]["test_acc"] - static[r["seed"]]) for r in rs if r["seed"] in static]
-            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
             rows[name + " (separate run)"] = {
                 "test_acc": {"mean": statistics.fmean(acc), "std": sd(acc)},
                 "paired_diff_vs_static": {"mean": statistics.fmean(diffs), "std": sd(diffs)} if diffs else None,
@@ -99,7 +99,7 @@ def ablation(d: dict, extra: dict | None) -> None:
         dtxt = "—" if not d_ else f"{d_['mean']:+.2f} ± {d_['std']:.2f}"
         beyond = s.get("vs_static_exceeds_spread")
         bt = "—" if beyond is None else ("yes" if beyond else "no")
-        runs = [r for r in (d["runs"] + (extra["runs"] if extra else []))
+        runs = [r for r in (d["runs"] + [r for e in extras for r in e["runs"]])
                 if r["condition"] == name.replace(" (separate run)", "")]
         betas = [b for r in runs for b in [x for x in r.get("beta_before_reset", []) if x is not None][-1:]]
         btxt = f"{statistics.fmean(betas):.3f}" if betas else "—"
@@ -138,9 +138,8 @@ def main(argv=None) -> int:
     print("\n### Sign-In ablation\n")
     d = load(ex / "signin_ablation.json")
     if d is not None:
-        extra = json.loads((ex / "signin_ablation_wd_half.json").read_text()) \
-            if (ex / "signin_ablation_wd_half.json").is_file() else None
-        ablation(d, extra)
+        extras = [json.loads(f.read_text()) for f in sorted(ex.glob("signin_ablation_*.json"))]
+        ablation(d, extras)
     for dev in ("cpu", "cuda"):
         path = args.results / f"crossover_{dev}.csv"
         if path.is_file():

@@ -12,8 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 
-from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run, save_fig,
-                     seeds_of, write_json)
+from _common import (
+    TrainConfig,
+    dataset,
+    environment,
+    exceeds_spread,
+    log,
+    mean_std,
+    parser,
+    pyplot,
+    run,
+    save_fig,
+    seeds_of,
+    write_json,
+)
 
 #: condition -> (method, TrainConfig overrides)
 CONDITIONS = {
@@ -29,6 +41,10 @@ CONDITIONS = {
     "factor lr x2": ("signin", {"factor_lr_scale": 2.0}),
     # decay on both factors shrinks θ = m ⊙ w about twice as fast as the same λ on θ (m ≈ 1 at β = 1)
     "weight decay / 2": ("signin", {"weight_decay": 2.5e-4}),
+    # controls: near θ = 0, β = 4 moves θ about 4x faster (m² + w² ≈ β) and factor lr x2 about 2x; is the
+    # gain the larger effective step or the sign flips? static with the same effective learning rate
+    "static lr x2": ("static", {"lr": 0.1}),
+    "static lr x4": ("static", {"lr": 0.2}),
 }
 SETTINGS = {"n_train": 10000, "n_test": 10000, "epochs": 8, "batch_size": 128, "lr": 0.05, "sparsity": 0.9}
 QUICK = {"n_train": 1000, "n_test": 500, "epochs": 2, "batch_size": 128, "lr": 0.05, "sparsity": 0.9}

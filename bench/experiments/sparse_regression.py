@@ -18,8 +18,8 @@ Writes sparse_regression.json and sparse_regression.png.
 from __future__ import annotations
 
 import torch
-
 from _common import environment, exceeds_spread, log, mean_std, parser, pyplot, save_fig, seeds_of, write_json
+
 from sparse_engine.optim import SGD, AlphaSchedule
 from sparse_engine.param import Parameterization
 
