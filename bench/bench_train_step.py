@@ -23,9 +23,10 @@ Providers:
 Memory, two measures, both printed and written:
 * ``state_bytes`` analytic: parameters + gradients + optimizer state + index/mask buffers, counted from the
   live tensors after the timed steps;
-* ``peak_rss_delta`` measured: each provider runs in its own process; after imports and data are in place
-  the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``), and the peak (VmHWM) minus the RSS at
-  that point is the memory the model, optimizer, activations and temporaries of training took.
+* ``peak_rss_delta`` measured: each provider runs in its own process. RSS is read after imports and data
+  are in place; the model is built, construction transients are returned to the OS (malloc_trim), the
+  kernel's peak-RSS counter is reset (``/proc/self/clear_refs``), and the steps run: the peak (VmHWM)
+  minus that first RSS is the memory the model, optimizer, activations and temporaries of training took.
 torch's CPU allocator has no statistics to read (and tracemalloc does not see it), hence these two.
 """
 from __future__ import annotations
@@ -66,6 +67,15 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _tensor_bytes(tensors) -> int:
@@ -256,8 +266,11 @@ def worker(provider: str, model: str, steps: int, threads: int) -> dict:
     backend = backends.select("compact_linear_fwd", torch.device("cpu"), torch.float32)[0]
     _warm_up_torch(torch)  # thread pools, autograd engine, lazy libraries: not the model's memory
     rss0 = _proc_status("VmRSS")
-    peak_ok = _reset_peak_rss()
     step, state = build(provider, sizes, torch)
+    # Peak *training* memory: construction transients (dense init, factorisation) are freed and handed
+    # back to the OS before the peak counter is reset, so they do not count.
+    _malloc_trim()
+    peak_ok = _reset_peak_rss()
     losses = [float(step(x, y)) for _ in range(3)]  # warm-up
     times = []
     for _ in range(steps):
