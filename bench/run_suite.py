@@ -12,7 +12,8 @@ schema and written to ``<out>/suite_<device>.csv``:
     pass, median_ms, min_ms, max_ms, tflops, gbps, baseline, ratio_vs_baseline, note
 
 ``ratio_vs_baseline`` = baseline time / this time, both measured in the same run (> 1: faster), the
-baseline being dense torch (``baseline`` names it). ``crossover_<device>.csv`` gives, per benchmark,
+baseline being dense torch (``baseline`` names it); ``ratio_best_vs_baseline`` the same from the best runs
+where the script records them (more robust than medians on a shared machine). ``crossover_<device>.csv`` gives, per benchmark,
 shape, batch and provider, the highest density at and below which the provider beats dense at every
 measured density. A script that is missing or fails is reported (and listed in ``status_<device>.json``),
 never silently dropped. On a machine without a GPU the Triton benchmarks would run in the Triton
@@ -44,7 +45,7 @@ LEVELS = ("smoke", "quick", "full")
 
 FIELDS = ["bench", "mode", "device_name", "machine", "torch", "triton", "commit", "date", "shape", "batch", "dtype",
           "density", "provider", "pass", "median_ms", "min_ms", "max_ms", "tflops", "gbps", "baseline",
-          "ratio_vs_baseline", "note"]
+          "ratio_vs_baseline", "ratio_best_vs_baseline", "note"]
 
 
 @dataclass
@@ -155,15 +156,17 @@ def map_compact_linear(rows: list[dict], env: dict, mode: str) -> list[dict]:
         out.append({**env, "bench": "compact_linear", "mode": mode, "machine": r.get("machine", env["machine"]),
                     "commit": r.get("commit", env["commit"]), "shape": f"{r['N']}x{r['K']}", "batch": r["batch"],
                     "dtype": "float32", "density": _f(1 - float(r["sparsity"])), "provider": prov, "pass": "fwd",
-                    "median_ms": _f(r["median_ms"]), "min_ms": "", "max_ms": "",
+                    "median_ms": _f(r["median_ms"]), "min_ms": _f(r.get("min_ms")), "max_ms": "",
                     "tflops": _f(float(g) / 1e3) if g not in (None, "") else "", "gbps": "", "baseline": "dense",
                     "ratio_vs_baseline": _f(r.get("speedup_vs_dense")),
+                    "ratio_best_vs_baseline": _f(r.get("speedup_vs_dense_min")),
                     "note": f"threads {r.get('threads', '')} isa {r.get('isa', '')} load {r.get('loadavg', '')}"})
     return out
 
 
 def map_train_step(rows: list[dict], env: dict, mode: str) -> list[dict]:
-    return [{**env, "bench": "train_step", "mode": mode, "machine": r.get("machine", env["machine"]),
+    best = {r["model"]: r.get("step_ms_min") for r in rows if r["provider"] == "dense"}
+    return [{**env, "ratio_best_vs_baseline": _ratio(best.get(r["model"]), r.get("step_ms_min")), "bench": "train_step", "mode": mode, "machine": r.get("machine", env["machine"]),
              "commit": r.get("commit", env["commit"]), "shape": r["model"], "batch": r["batch"], "dtype": "float32",
              "density": _f(r["density"]), "provider": r["provider"], "pass": "train_step",
              "median_ms": _f(r["step_ms"]), "min_ms": _f(r.get("step_ms_min")), "max_ms": "", "tflops": "", "gbps": "",
@@ -317,6 +320,7 @@ def crossover(rows: list[dict]) -> list[dict]:
     """Per (bench, device, shape, batch, pass, provider): the densities measured, and the highest density d
     such that the provider beats the baseline (ratio > 1) at d and at every lower measured density."""
     groups: dict[tuple, dict[float, float]] = {}
+    best_groups: dict[tuple, dict[float, float]] = {}
     for r in rows:
         if not r.get("ratio_vs_baseline") or r["provider"] == r.get("baseline") or r["bench"] == "train_breakdown":
             continue
@@ -328,22 +332,47 @@ def crossover(rows: list[dict]) -> list[dict]:
             continue
         key = (r["bench"], r["device_name"], r["shape"], str(r["batch"]), r["pass"], r["provider"])
         groups.setdefault(key, {})[d] = ratio
+        best = _num(r.get("ratio_best_vs_baseline"))
+        if best is not None:
+            best_groups.setdefault(key, {})[d] = best
     out = []
-    for (bench, dev, shape, batch, pass_, prov), by_d in sorted(groups.items()):
+    for key, by_d in sorted(groups.items()):
+        bench, dev, shape, batch, pass_, prov = key
         ds = sorted(by_d)
-        beats = None
-        for d in ds:  # from the sparsest up: the run of wins that starts at the lowest density
-            if by_d[d] > 1.0:
-                beats = d
-            else:
-                break
+        beats = _beats(by_d)
+        best = best_groups.get(key, {})
+        beats_best = _beats(best) if best else None
         out.append({"bench": bench, "device_name": dev, "shape": shape, "batch": batch, "pass": pass_,
                     "provider": prov, "densities": " ".join(f"{d:g}" for d in ds),
                     "ratios": " ".join(f"{by_d[d]:.2f}" for d in ds),
+                    "ratios_best": " ".join(f"{best[d]:.2f}" for d in ds if d in best),
                     "beats_dense_up_to_density": "" if beats is None else f"{beats:g}",
+                    "beats_dense_up_to_density_best": "" if beats_best is None else f"{beats_best:g}",
                     "verdict": ("never faster at the measured densities" if beats is None else
                                 f"faster at density <= {beats:g}")})
     return out
+
+
+def _num(x) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _beats(by_d: dict[float, float]) -> float | None:
+    """The highest density of the run of wins (ratio > 1) that starts at the lowest measured density."""
+    beats = None
+    for d in sorted(by_d):
+        if by_d[d] > 1.0:
+            beats = d
+        else:
+            break
+    return beats
+
+
+CROSS_FIELDS = ["bench", "device_name", "shape", "batch", "pass", "provider", "densities", "ratios", "ratios_best",
+                "beats_dense_up_to_density", "beats_dense_up_to_density_best", "verdict"]
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -356,6 +385,13 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in fields})
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def run_script(b: Bench, level: str, raw: Path, device: str, timeout: float) -> tuple[str, list[dict], float]:
@@ -398,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="without a GPU, still run the Triton benchmarks in the interpreter (smoke only)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per script (default: by level)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs (also skipped without matplotlib)")
+    p.add_argument("--collect-only", action="store_true",
+                   help="run nothing: rebuild the suite CSV, crossover and plots from the raw CSVs of the last run")
     args = p.parse_args(argv)
     level = "smoke" if args.smoke else "quick" if args.quick else "full"
 
@@ -418,11 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         t0 = time.perf_counter()
         if name == "train_breakdown":
-            try:
-                got = train_breakdown(level, env, device)
-                st = "ok"
-            except Exception as e:  # noqa: BLE001 - reported in the status file and on stdout, not hidden
-                got, st = [], f"failed: {type(e).__name__}: {e}"
+            raw_bd = raw / "train_breakdown.csv"
+            if args.collect_only:
+                got, st = _read_csv(raw_bd), "collected" if raw_bd.is_file() else "no raw CSV"
+            else:
+                try:
+                    got = train_breakdown(level, env, device)
+                    st = "ok"
+                    write_csv(raw_bd, got, FIELDS)
+                except Exception as e:  # noqa: BLE001 - reported in the status file and on stdout, not hidden
+                    got, st = [], f"failed: {type(e).__name__}: {e}"
             status[name] = {"status": st, "rows": len(got), "seconds": round(time.perf_counter() - t0, 1)}
             rows += got
             print(f"[bench] {name}: {st} ({len(got)} rows, {time.perf_counter() - t0:.0f}s)", flush=True)
@@ -434,7 +477,11 @@ def main(argv: list[str] | None = None) -> int:
             status[name] = {"status": why, "rows": 0, "seconds": 0.0}
             print(f"[bench] {name}: {why}", flush=True)
             continue
-        st, raw_rows, dt = run_script(b, level, raw, device, timeout)
+        if args.collect_only:
+            raw_rows, dt = _read_csv(raw / b.csv_name), 0.0
+            st = "collected" if raw_rows else f"no raw CSV {raw / b.csv_name}"
+        else:
+            st, raw_rows, dt = run_script(b, level, raw, device, timeout)
         mode = level if device == "cuda" or not b.triton else f"{level}-interpreter"
         mapped = MAPPERS[name](raw_rows, env, mode) if raw_rows else []
         rows += mapped
@@ -445,11 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(suite_csv, rows, FIELDS)
     cross = crossover(rows)
     cross_csv = args.out / f"crossover_{device}.csv"
-    write_csv(cross_csv, cross, ["bench", "device_name", "shape", "batch", "pass", "provider", "densities", "ratios",
-                                 "beats_dense_up_to_density", "verdict"])
-    (args.out / f"status_{device}.json").write_text(json.dumps(
-        {"level": level, "device": device, "environment": env, "benches": status,
-         "seconds": round(time.perf_counter() - t_all, 1)}, indent=1))
+    write_csv(cross_csv, cross, CROSS_FIELDS)
+    status_path = args.out / f"status_{device}.json"
+    if not args.collect_only:  # the status file records the run that measured
+        status_path.write_text(json.dumps(
+            {"level": level, "device": device, "environment": env, "benches": status,
+             "seconds": round(time.perf_counter() - t_all, 1)}, indent=1))
     print(f"[bench] wrote {len(rows)} rows to {suite_csv} and {len(cross)} crossover rows to {cross_csv}")
     if not args.no_plot:
         sys.path.insert(0, str(ROOT / "bench"))

@@ -106,18 +106,40 @@ def ablation(d: dict, extras: list[dict]) -> None:
         print(f"| {name} | {ms(s['test_acc'])} | {dtxt} | {bt} | {s['sign_flips']['mean']:.0f} | {btxt} |")
 
 
-def crossover(path: Path) -> None:
-    if not path.is_file():
-        print(f"\n(missing: {path})\n")
-        return
+def _suite():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("_run_suite", ROOT / "bench" / "run_suite.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def crossover_rows(path: Path) -> list[dict]:
+    """Crossover rows of a suite crossover CSV, or computed from a raw bench_compact_linear CSV."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    print("| benchmark | device | shape | batch | provider | densities measured | speed-up over dense | "
-          "beats dense at density ≤ |")
-    print("|---|---|---|---|---|---|---|---|")
+    if rows and "verdict" in rows[0]:
+        return rows
+    suite = _suite()
+    env = {"device_name": rows[0]["machine"] if rows else "", "machine": "", "torch": "", "triton": "", "commit": "",
+           "date": ""}
+    return suite.crossover(suite.map_compact_linear(rows, env, path.stem))
+
+
+def crossover(path: Path) -> None:
+    rows = crossover_rows(path)
+    print("| benchmark | device | shape | batch | provider | densities | speed-up over dense (median) | "
+          "(best runs) | beats dense at density ≤ (median / best) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r["pass"] not in ("fwd", "infer", "train_step"):
+            continue
         print(f"| {r['bench']} | {r['device_name']} | {r['shape']} | {r['batch']} | {r['provider']} | {r['densities']} | "
-              f"{r['ratios']} | {r['beats_dense_up_to_density'] or 'never'} |")
+              f"{r['ratios']} | {r.get('ratios_best', '')} | {r['beats_dense_up_to_density'] or 'never'} / "
+              f"{(r.get('beats_dense_up_to_density_best') or 'never') if r.get('ratios_best') else '—'} |")
 
 
 def main(argv=None) -> int:
@@ -140,11 +162,9 @@ def main(argv=None) -> int:
     if d is not None:
         extras = [json.loads(f.read_text()) for f in sorted(ex.glob("signin_ablation_*.json"))]
         ablation(d, extras)
-    for dev in ("cpu", "cuda"):
-        path = args.results / f"crossover_{dev}.csv"
-        if path.is_file():
-            print(f"\n### Crossover ({dev})\n")
-            crossover(path)
+    for path in [*sorted(args.results.glob("crossover_*.csv")), *sorted(args.results.glob("compact_linear_*.csv"))]:
+        print(f"\n### Crossover from {path.name}\n")
+        crossover(path)
     return 0
 
 
