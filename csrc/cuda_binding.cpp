@@ -292,7 +292,8 @@ std::tuple<Tensor, Tensor, Tensor> compact_linear_bwd(const Tensor& grad_y, cons
                                                       const optional<Tensor>& m_values, const Tensor& w_values,
                                                       const Tensor& crow, const Tensor& col, const Tensor& row,
                                                       const Tensor& ccol, const Tensor& row_t, const Tensor& perm,
-                                                      int64_t out_features, int64_t in_features, int64_t stream) {
+                                                      int64_t out_features, int64_t in_features, bool needs_x_grad,
+                                                      int64_t stream) {
   Csr c = check_csr(m_values, w_values, crow, col, row, ccol, row_t, perm, out_features, in_features);
   Tensor xc = activations(x, c, "x", c.K, "in_features");
   Tensor gy = activations(grad_y, c, "grad_y", c.N, "out_features");
@@ -306,7 +307,10 @@ std::tuple<Tensor, Tensor, Tensor> compact_linear_bwd(const Tensor& grad_y, cons
   Tensor gx;
   Tensor gyT, xT;
   // dX = dY θ through the transposed pattern: CSC pointers (ccol), rows (row_t), values via perm.
-  if (B <= se_cuda::kSmallBatch) {
+  // Not launched at all when x needs no gradient (a network input): g_x is then the (0,) placeholder.
+  if (!needs_x_grad) {
+    gx = at::empty({0}, xc.options());
+  } else if (B <= se_cuda::kSmallBatch) {
     gx = at::empty({B, c.K}, xc.options());
     cuda_check(se_cuda::csr_spmm(c.dt, B, c.K, c.N, c.nnz, i32(c.ccol), i32(c.row_t), i32(c.perm), ptr_or_null(c.m),
                                  c.w.data_ptr(), gy.data_ptr(), nullptr, gx.data_ptr(), dev, s),
@@ -359,8 +363,8 @@ TORCH_LIBRARY(sparse_engine_cuda, m) {
       &compact_linear_fwd);
   m.def(
       "compact_linear_bwd(Tensor grad_y, Tensor x, Tensor? m_values, Tensor w_values, Tensor crow, Tensor col, "
-      "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_features, int in_features, int stream) "
-      "-> (Tensor, Tensor, Tensor)",
+      "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_features, int in_features, "
+      "bool needs_x_grad, int stream) -> (Tensor, Tensor, Tensor)",
       &compact_linear_bwd);
   m.def("index_error(int device) -> int", &index_error);
 }

@@ -193,20 +193,24 @@ std::tuple<Tensor, Tensor, Tensor> compact_linear_bwd(const Tensor& grad_y, cons
                                                       const optional<Tensor>& m_values, const Tensor& w_values,
                                                       const Tensor& crow, const Tensor& col, const Tensor& row,
                                                       const Tensor& ccol, const Tensor& row_t, const Tensor& perm,
-                                                      int64_t out_features, int64_t in_features) {
+                                                      int64_t out_features, int64_t in_features,
+                                                      bool needs_x_grad) {
   Compact c = check_compact(m_values, w_values, crow, col, row, ccol, row_t, perm, out_features, in_features, true);
   Tensor xc = activations(x, "x", c.K, c, "in_features");
   Tensor gy = activations(grad_y, "grad_y", c.N, c, "out_features");
   TORCH_CHECK_VALUE(gy.size(0) == xc.size(0), "grad_y must have the batch size of x (", num(xc.size(0)), "), got ",
                     num(gy.size(0)));
   const int64_t B = xc.size(0);
-  Tensor gx = at::empty({B, c.K}, xc.options());
+  // Without needs_x_grad (x is a network input) g_x is the (0,) placeholder: the kernel gets a null g_x and
+  // skips the dX scatter and its panels.
+  Tensor gx = needs_x_grad ? at::empty({B, c.K}, xc.options()) : at::empty({0}, xc.options());
   Tensor gw = at::empty_like(c.w);
   Tensor gm = c.has_m ? at::empty_like(c.w) : at::empty({0}, c.w.options());
-  Tensor ws = workspace(se_cpu::backward_workspace_bytes(c.dt, B, c.N, c.K, c.nnzb, c.bn, c.bk));
+  Tensor ws = workspace(se_cpu::backward_workspace_bytes(c.dt, B, c.N, c.K, c.nnzb, c.bn, c.bk, needs_x_grad));
   const int err = se_cpu::compact_linear_backward(
       c.dt, gy.data_ptr(), xc.data_ptr(), B, c.N, c.K, ptr_or_null(c.m), c.w.data_ptr(), c.crow.data_ptr<int32_t>(),
-      c.col.data_ptr<int32_t>(), c.nnzb, c.bn, c.bk, gx.data_ptr(), c.has_m ? gm.data_ptr() : nullptr, gw.data_ptr(), ws.data_ptr());
+      c.col.data_ptr<int32_t>(), c.nnzb, c.bn, c.bk, needs_x_grad ? gx.data_ptr() : nullptr,
+      c.has_m ? gm.data_ptr() : nullptr, gw.data_ptr(), ws.data_ptr());
   raise_kernel_error(err, "backward");
   return {gx, gm, gw};
 }
@@ -325,8 +329,8 @@ TORCH_LIBRARY(sparse_engine_C, m) {
       "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_features, int in_features) -> Tensor");
   m.def(
       "compact_linear_bwd(Tensor grad_y, Tensor x, Tensor? m_values, Tensor w_values, Tensor crow, Tensor col, "
-      "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_features, int in_features) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_features, int in_features, "
+      "bool needs_x_grad=True) -> (Tensor, Tensor, Tensor)");
   m.def("reparam_fwd(Tensor? m, Tensor w, Tensor? mask) -> Tensor");
   m.def("reparam_bwd(Tensor grad, Tensor? m, Tensor w, Tensor? mask) -> (Tensor, Tensor)");
   m.def("signin_reset(Tensor m, Tensor w, Tensor? mask, float beta) -> (Tensor, Tensor)");

@@ -207,12 +207,16 @@ def compact_linear_fwd(
 def compact_linear_bwd(
     grad_y: Tensor, x: Tensor, m_values: Tensor | None, w_values: Tensor,
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
-    out_features: int, in_features: int,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(g_x (B, K), g_m_values | None, g_w_values): transposed SpMM and SDDMM on the pattern."""
+    out_features: int, in_features: int, needs_x_grad: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """(g_x (B, K) | None, g_m_values | None, g_w_values): transposed SpMM and SDDMM on the pattern.
+
+    needs_x_grad=False skips the dX scatter; g_x is then None.
+    """
     g_x, g_m, g_w = torch.ops.sparse_engine_C.compact_linear_bwd(
-        grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, int(out_features), int(in_features))
-    return g_x, (g_m if m_values is not None else None), g_w
+        grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, int(out_features), int(in_features),
+        bool(needs_x_grad))
+    return (g_x if needs_x_grad else None), (g_m if m_values is not None else None), g_w
 
 
 @_dtype_guard("fused_step", "param")

@@ -200,13 +200,14 @@ def compact_linear_fwd(
 def compact_linear_bwd(
     grad_y: Tensor, x: Tensor, m_values: Tensor | None, w_values: Tensor,
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
-    out_features: int, in_features: int,
-) -> tuple[Tensor, Tensor | None, Tensor]:
+    out_features: int, in_features: int, needs_x_grad: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """(g_x (B, K) | None, g_m_values | None, g_w_values); needs_x_grad=False skips the dX launch."""
     g_x, g_m, g_w = torch.ops.sparse_engine_cuda.compact_linear_bwd(
         grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, int(out_features), int(in_features),
-        _stream(x))
+        bool(needs_x_grad), _stream(x))
     _raise_on_index_error(x, "backward")
-    return g_x, (g_m if m_values is not None else None), g_w
+    return (g_x if needs_x_grad else None), (g_m if m_values is not None else None), g_w
 
 
 @_guard("fused_step", "param")

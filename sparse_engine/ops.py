@@ -322,18 +322,22 @@ def _(x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, out_featur
 def _compact_linear_backward(
     grad_y: Tensor, x: Tensor, m_values: Optional[Tensor], w_values: Tensor,
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
-    out_features: int, in_features: int,
+    out_features: int, in_features: int, needs_x_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # needs_x_grad=False: g_x comes back as the (0,) "no tensor" placeholder and dX is never computed.
     g_x, g_m, g_w = _run("compact_linear_bwd", x.device, w_values.dtype, grad_y, x, m_values, w_values, crow,
-                         col, row, ccol, row_t, perm, out_features, in_features,
+                         col, row, ccol, row_t, perm, out_features, in_features, needs_x_grad,
                          empty=x.numel() == 0 or out_features * in_features == 0)
-    return g_x, (g_m if g_m is not None else _empty_like(w_values)), g_w
+    return ((g_x if g_x is not None else _empty_like(x)), (g_m if g_m is not None else _empty_like(w_values)),
+            g_w)
 
 
 @_compact_linear_backward.register_fake
-def _(grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, out_features, in_features):
+def _(grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, out_features, in_features,
+      needs_x_grad):
+    g_x = torch.empty_like(x) if needs_x_grad else x.new_empty(_EMPTY_SHAPE)
     g_m = torch.empty_like(w_values) if m_values is not None else w_values.new_empty(_EMPTY_SHAPE)
-    return torch.empty_like(x), g_m, torch.empty_like(w_values)
+    return g_x, g_m, torch.empty_like(w_values)
 
 
 def _cl_setup(ctx, inputs, output):
@@ -345,9 +349,10 @@ def _cl_setup(ctx, inputs, output):
 def _cl_grad(ctx, grad_y):
     x, m_values, w_values, *index = ctx.saved_tensors
     grad_y = grad_y.contiguous()
-    g_x, g_m, g_w = _compact_linear_backward(grad_y, x, m_values, w_values, *index, *ctx.dims)
+    needs_x_grad = bool(ctx.needs_input_grad[0])
+    g_x, g_m, g_w = _compact_linear_backward(grad_y, x, m_values, w_values, *index, *ctx.dims, needs_x_grad)
     g_b = grad_y.sum(0) if ctx.has_bias else None
-    return (g_x, (g_m if m_values is not None else None), g_w, g_b) + (None,) * 8
+    return ((g_x if needs_x_grad else None), (g_m if m_values is not None else None), g_w, g_b) + (None,) * 8
 
 
 _compact_linear.register_autograd(_cl_grad, setup_context=_cl_setup)

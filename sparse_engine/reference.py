@@ -234,11 +234,16 @@ def compact_linear_backward_ref(
     perm: Tensor,
     out_features: int,
     in_features: int,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(g_x, g_m_values, g_w_values): dX by the transposed product, dθ only on the pattern (SDDMM)."""
+    needs_x_grad: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """(g_x, g_m_values, g_w_values): dX by the transposed product, dθ only on the pattern (SDDMM).
+
+    ``needs_x_grad=False`` (x is the network input, or frozen upstream) skips the dX product, about a
+    third of the backward's work, and returns None for g_x; the weight gradients do not change.
+    """
     shape = (out_features, in_features)
     theta_values = w_values if m_values is None else m_values * w_values
-    g_x = grad_y @ compact_to_dense_ref(theta_values, row, col, shape)
+    g_x = grad_y @ compact_to_dense_ref(theta_values, row, col, shape) if needs_x_grad else None
     g_theta = dense_to_compact_ref(grad_y.t() @ x, row, col, _block_shape(w_values))
     if m_values is None:
         return g_x, None, g_theta

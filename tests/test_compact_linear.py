@@ -62,6 +62,8 @@ def test_hand_case_csr_reference():
     assert torch.equal(g_w, _t([1.0, 6.0, 2.0]))  # dθ·m
     _, g_m, g_w = compact_linear_backward_ref(_t([[1.0, 2.0]]), x, None, w_v, *_index_args(idx))
     assert g_m is None and torch.equal(g_w, _t([1.0, 3.0, 4.0]))
+    g_x, g_m, g_w = compact_linear_backward_ref(_t([[1.0, 2.0]]), x, m_v, w_v, *_index_args(idx), False)
+    assert g_x is None and torch.equal(g_m, _t([2.0, -3.0, 12.0])) and torch.equal(g_w, _t([1.0, 6.0, 2.0]))
 
 
 def test_hand_case_bsr_layout():
@@ -176,8 +178,65 @@ def test_opcheck(backend, layout, factored):
     with run_on(backend):
         torch.library.opcheck(torch.ops.sparse_engine.compact_linear.default,
                               (leaf(x), leaf(m_v), leaf(w_v), leaf(b), *_index_args(index)))
-        torch.library.opcheck(torch.ops.sparse_engine.compact_linear_backward.default,
-                              (gy, x, m_v, w_v, *_index_args(index)))
+        for needs_x_grad in (True, False):
+            torch.library.opcheck(torch.ops.sparse_engine.compact_linear_backward.default,
+                                  (gy, x, m_v, w_v, *_index_args(index), needs_x_grad))
+
+
+# ------------------------------------------------------------------------- no dX for a network input
+
+
+@pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
+@pytest.mark.parametrize("layout", ["csr", (4, 8)], ids=["csr", "bsr4x8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@over_backends
+def test_backward_without_x_grad(backend, dtype, layout, factored):
+    """needs_x_grad=False gives no g_x and the very same weight gradients, called directly and through
+    autograd (x a leaf without requires_grad), where the selected backend must be told False."""
+    B, N, K = 7, 33, 129
+    require(backend, IMPLS, "cpu", dtype)
+    index = _make_index((N, K), layout, 0.3, "cpu")
+    w_v = index.gather(randn(N, K, dtype=dtype))
+    m_v = index.gather(randn(N, K, dtype=dtype)) if factored else None
+    x, b, gy = randn(B, K, dtype=dtype), randn(N, dtype=dtype), randn(B, N, dtype=dtype)
+
+    with run_on(backend):
+        _, fn = backends.select("compact_linear_bwd", torch.device("cpu"), dtype)
+        full = fn(gy, x, m_v, w_v, *_index_args(index))
+        skip = fn(gy, x, m_v, w_v, *_index_args(index), needs_x_grad=False)
+    assert full[0] is not None and full[0].shape == (B, K)
+    assert skip[0] is None, f"{backend}: g_x must be None with needs_x_grad=False"
+    for name, a, c in zip(("g_m_values", "g_w_values"), full[1:], skip[1:]):
+        assert (a is None and c is None) if a is None else torch.equal(a, c), f"{backend}: {name} differs"
+
+    told: list[bool] = []
+    real_select = backends.select
+
+    def spy_select(impl, *args, **kwargs):
+        name, fn = real_select(impl, *args, **kwargs)
+        if impl != "compact_linear_bwd":
+            return name, fn
+
+        def spy(*a, **k):
+            told.append(k.get("needs_x_grad", a[12] if len(a) > 12 else True))
+            return fn(*a, **k)
+
+        return name, spy
+
+    def weight_grads(x_requires_grad):
+        inputs = [leaf(t) for t in (m_v, w_v, b)]
+        xx = x.clone().requires_grad_(x_requires_grad)
+        with run_on(backend), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(backends, "select", spy_select)
+            y = ops.compact_linear(xx, *inputs[:2], index, inputs[2])
+            y.backward(gy)
+        assert (xx.grad is not None) == x_requires_grad
+        return [None if t is None else t.grad for t in inputs]
+
+    with_x, without_x = weight_grads(True), weight_grads(False)
+    assert told == [True, False], f"{backend}: the backend was told needs_x_grad={told}, expected [True, False]"
+    for name, a, c in zip(("g_m_values", "g_w_values", "g_bias"), with_x, without_x):
+        assert (a is None and c is None) if a is None else torch.equal(a, c), f"{backend}: {name} differs"
 
 
 # --------------------------------------------------------------------------------- input validation

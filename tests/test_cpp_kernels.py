@@ -122,6 +122,11 @@ def _check_compact_linear(n, k, b, density, block, dtype, *, use_m=True, use_bia
         _assert_sums_close(g_m, r_m, a_m, dtype, "g_m_values")
     else:
         assert g_m is None
+    # without dX (first layer): no g_x, and the weight gradients are the very same numbers
+    n_x, n_m, n_w = _cpp.compact_linear_bwd(gy, x, m, w, *f, n, k, needs_x_grad=False)
+    assert n_x is None
+    assert torch.equal(n_w, g_w), "g_w_values differs with needs_x_grad=False"
+    assert (n_m is None) if not use_m else torch.equal(n_m, g_m), "g_m_values differs with needs_x_grad=False"
     if block is not None and w.numel():
         # gradients of the zero padding of edge blocks are exactly zero
         pad = idx.gather(torch.ones(idx.shape, dtype=dtype)) == 0
@@ -179,6 +184,8 @@ def test_compact_linear_empty_batch_and_zero_features():
     assert y.shape == (0, 6)
     g_x, _, g_w = _cpp.compact_linear_bwd(torch.randn(0, 6), torch.randn(0, 4), None, w, *f, 6, 4)
     assert g_x.shape == (0, 4) and torch.all(g_w == 0)
+    g_x, _, g_w = _cpp.compact_linear_bwd(torch.randn(0, 6), torch.randn(0, 4), None, w, *f, 6, 4, False)
+    assert g_x is None and torch.all(g_w == 0)
     idx0 = _index(torch.zeros(3, 0, dtype=torch.bool), None)
     y0 = _cpp.compact_linear_fwd(torch.randn(2, 0), None, torch.randn(0), torch.ones(3), *_fields(idx0), 3, 0)
     assert torch.equal(y0, torch.ones(2, 3))
@@ -224,6 +231,8 @@ def test_out_of_range_col_raises(batch, bad):
         _cpp.compact_linear_fwd(x, None, w, None, *f, 9, 11)
     with pytest.raises(ValueError, match="out of range"):
         _cpp.compact_linear_bwd(gy, x, None, w, *f, 9, 11)
+    with pytest.raises(ValueError, match="out of range"):  # the SDDMM alone still catches it
+        _cpp.compact_linear_bwd(gy, x, None, w, *f, 9, 11, needs_x_grad=False)
 
 
 @pytest.mark.parametrize("field", ["ccol", "row_t", "perm"])

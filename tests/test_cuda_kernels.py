@@ -85,6 +85,11 @@ def _check_linear(cu, n, k, b, density, dtype, *, use_m=True, use_bias=True, emp
         _close(g_m, r_m, a_m, dtype, "g_m_values")
     else:
         assert g_m is None
+    # without dX (first layer): the dX launch is skipped and the SDDMM gives the very same numbers
+    n_x, n_m, n_w = cu.compact_linear_bwd(gy, x, m, w, *f, n, k, needs_x_grad=False)
+    assert n_x is None
+    assert torch.equal(n_w, g_w), "g_w_values differs with needs_x_grad=False"
+    assert (n_m is None) if not use_m else torch.equal(n_m, g_m), "g_m_values differs with needs_x_grad=False"
     assert cu.index_errors() == 0
 
 
@@ -119,6 +124,8 @@ def test_index_errors_are_caught_in_debug_mode(cu, monkeypatch):
             cu.compact_linear_fwd(x, None, w, None, *f, 20, 30)
         with pytest.raises(ValueError, match="out of range"):
             cu.compact_linear_bwd(torch.randn(b, 20, device="cuda"), x, None, w, *f, 20, 30)
+        with pytest.raises(ValueError, match="out of range"):  # the SDDMM alone still flags it
+            cu.compact_linear_bwd(torch.randn(b, 20, device="cuda"), x, None, w, *f, 20, 30, needs_x_grad=False)
     assert cu.index_errors() == 0  # read-and-clear
 
 

@@ -349,12 +349,13 @@ int64_t forward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64
 }
 
 int64_t backward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t nnzb, int64_t bn,
-                                 int64_t bk) {
+                                 int64_t bk, bool with_dx) {
   if (B == 0) return 0;
   const int64_t es = elem_size(dt);
   const int64_t BC = panel_width(dt, B, N > K ? N : K), nchunks = ceil_div(B, BC);
   int64_t bytes = 0;
   if (BC > 1) bytes += align64(nchunks * K * BC * es) + align64(nchunks * N * BC * es);
+  if (!with_dx) return bytes;
   const int nt = scatter_threads(dt, K, BC, nnzb * bn * bk * BC * nchunks);
   return bytes + align64(static_cast<int64_t>(nt) * K * BC * es);
 }

@@ -88,8 +88,9 @@ int64_t forward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64
 int compact_linear_backward(Dtype dt, const void* grad_y, const void* x, int64_t B, int64_t N, int64_t K,
                             const void* m, const void* w, const int32_t* crow, const int32_t* col, int64_t nnzb,
                             int64_t bn, int64_t bk, void* g_x, void* g_m, void* g_w, void* workspace);
+// with_dx = false: no room for the dX scatter panels (the backward is then called with g_x null).
 int64_t backward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t nnzb, int64_t bn,
-                                 int64_t bk);
+                                 int64_t bk, bool with_dx = true);
 
 // Elementwise ops (any contiguous tensor of n elements; mask is bool bytes or null).
 void reparam_forward(Dtype dt, int64_t n, const void* m, const void* w, const uint8_t* mask, void* theta);
