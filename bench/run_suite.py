@@ -177,7 +177,9 @@ def map_train_step(rows: list[dict], env: dict, mode: str) -> list[dict]:
 
 def map_extract(rows: list[dict], env: dict, mode: str) -> list[dict]:
     dense = {(r["model"], r["density"]): r["latency_b1_ms"] for r in rows if r["provider"] == "dense"}
-    return [{**env, "bench": "extract", "mode": mode, "machine": r.get("machine", env["machine"]),
+    dense_min = {(r["model"], r["density"]): r.get("latency_b1_min_ms") for r in rows if r["provider"] == "dense"}
+    return [{**env, "bench": "extract",
+             "ratio_best_vs_baseline": _ratio(dense_min.get((r["model"], r["density"])), r.get("latency_b1_min_ms")), "mode": mode, "machine": r.get("machine", env["machine"]),
              "commit": r.get("commit", env["commit"]), "shape": r["model"], "batch": 1, "dtype": "float32",
              "density": _f(r["density"]), "provider": r["provider"], "pass": "infer",
              "median_ms": _f(r["latency_b1_ms"]), "min_ms": _f(r.get("latency_b1_min_ms")), "max_ms": "",
@@ -446,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     env = environment(device)
+    if args.collect_only and (args.out / f"status_{device}.json").is_file():  # the measuring run's environment
+        env = json.loads((args.out / f"status_{device}.json").read_text()).get("environment", env)
     raw = args.out / "raw" / device
     raw.mkdir(parents=True, exist_ok=True)
     timeout = args.timeout or {"smoke": 300.0, "quick": 900.0, "full": 3600.0}[level]

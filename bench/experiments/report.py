@@ -84,7 +84,16 @@ def ablation(d: dict, extras: list[dict]) -> None:
         for name in extra["conditions"]:
             rs = [r for r in extra["runs"] if r["condition"] == name]
             acc = [100 * r["final"]["test_acc"] for r in rs]
-            diffs = [100 * (r["final"]["test_acc"] - static[r["seed"]]) for r in rs if r["seed"] in static]
+            # the baseline: a static condition of the same file with the same weight decay on θ (Sign-In's
+            # λ/2 on both factors matches static's λ), else the main static
+            wd_ = extra["conditions"][name].get("weight_decay")
+            local = [c for c, o in extra["conditions"].items() if o["method"] == "static" and c != name
+                     and wd_ is not None and o.get("weight_decay") in (wd_, 2 * wd_) and "lr" not in o]
+            base = static if not local or name in local else {
+                r["seed"]: r["final"]["test_acc"] for r in extra["runs"] if r["condition"] == local[0]}
+            if extra["conditions"][name]["method"] == "static" and wd_ is not None:
+                base = {}  # a baseline itself
+            diffs = [100 * (r["final"]["test_acc"] - base[r["seed"]]) for r in rs if r["seed"] in base]
             sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
             rows[name + " (separate run)"] = {
                 "test_acc": {"mean": statistics.fmean(acc), "std": sd(acc)},

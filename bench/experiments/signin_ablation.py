@@ -45,6 +45,14 @@ CONDITIONS = {
     # gain the larger effective step or the sign flips? static with the same effective learning rate
     "static lr x2": ("static", {"lr": 0.1}),
     "static lr x4": ("static", {"lr": 0.2}),
+    # a regime where β erodes between resets (10x the weight decay: β falls to ~0.7 per 8 epochs without
+    # resets instead of ~0.99), closer to the papers' long schedules where Σ ηλ is large
+    "static wd 5e-3": ("static", {"weight_decay": 5e-3}),
+    "signin wd 5e-3": ("signin", {"weight_decay": 5e-3}),
+    "signin no reset wd 5e-3": ("signin", {"weight_decay": 5e-3, "reset_until": 0.0}),
+    # λ/2 on both factors decays θ at about the rate λ does on θ: the matched comparison to "static wd 5e-3"
+    "signin wd 2.5e-3": ("signin", {"weight_decay": 2.5e-3}),
+    "signin no reset wd 2.5e-3": ("signin", {"weight_decay": 2.5e-3, "reset_until": 0.0}),
 }
 SETTINGS = {"n_train": 10000, "n_test": 10000, "epochs": 8, "batch_size": 128, "lr": 0.05, "sparsity": 0.9}
 QUICK = {"n_train": 1000, "n_test": 500, "epochs": 2, "batch_size": 128, "lr": 0.05, "sparsity": 0.9}
