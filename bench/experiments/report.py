@@ -95,11 +95,14 @@ def ablation(d: dict, extras: list[dict]) -> None:
                 base = {}  # a baseline itself
             diffs = [100 * (r["final"]["test_acc"] - base[r["seed"]]) for r in rs if r["seed"] in base]
             sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+            base_acc = [100 * v for v in base.values()]
+            beyond = (abs(statistics.fmean(acc) - statistics.fmean(base_acc)) > sd(acc) + sd(base_acc)
+                      if base_acc and diffs else None)
             rows[name + " (separate run)"] = {
                 "test_acc": {"mean": statistics.fmean(acc), "std": sd(acc)},
                 "paired_diff_vs_static": {"mean": statistics.fmean(diffs), "std": sd(diffs)} if diffs else None,
                 "sign_flips": {"mean": statistics.fmean([r["sign_flips"] for r in rs]), "std": 0.0},
-                "vs_static_exceeds_spread": None}
+                "vs_static_exceeds_spread": beyond}
     print("| condition | test acc % | paired diff vs static | beyond spread? | sign flips (sum of per-epoch) | "
           "mean β before last reset |")
     print("|---|---|---|---|---|---|")

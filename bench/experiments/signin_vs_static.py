@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--sparsities", nargs="+", type=float, default=None)
     p.add_argument("--epochs", type=int, default=None, help="override the epochs of every model")
+    p.add_argument("--n-train", type=int, default=None, help="override the training subset of every model")
+    p.add_argument("--n-test", type=int, default=None, help="override the test subset of every model")
     p.add_argument("--signin-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Sign-In option (beta, reset_every, reset_policy, factor_lr_scale, ...)")
     p.add_argument("--name", default="signin_vs_static", help="output file stem")
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
     for model in args.models:
         n_train, n_test, epochs, batch, lr = (QUICK if args.quick else SETTINGS)[model]
         epochs = args.epochs or epochs
+        n_train, n_test = args.n_train or n_train, args.n_test or n_test
         out["settings"][model] = {"n_train": n_train, "n_test": n_test, "epochs": epochs, "batch_size": batch,
                                   "lr": lr, "momentum": 0.9, "weight_decay": 5e-4, "distribution": "erk"}
         ds = dataset(model, n_train, n_test)
