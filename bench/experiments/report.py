@@ -172,7 +172,8 @@ def main(argv=None) -> int:
     print("\n### Sign-In ablation\n")
     d = load(ex / "signin_ablation.json")
     if d is not None:
-        extras = [json.loads(f.read_text()) for f in sorted(ex.glob("signin_ablation_*.json"))]
+        extras = [json.loads(f.read_text()) for f in sorted(ex.glob("signin_ablation_*.json"))
+                  if f.stem != "signin_ablation_all"]  # the merged file repeats the others
         ablation(d, extras)
     for path in [*sorted(args.results.glob("crossover_*.csv")), *sorted(args.results.glob("compact_linear_*.csv"))]:
         print(f"\n### Crossover from {path.name}\n")

@@ -11,6 +11,8 @@ epoch with the "transform" policy, β = 1, factor lr scale 1. Writes signin_abla
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 from _common import (
     TrainConfig,
@@ -63,7 +65,12 @@ def main(argv=None) -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--conditions", nargs="+", default=None, choices=list(CONDITIONS))
     p.add_argument("--name", default="signin_ablation", help="output file stem")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="no training: merge these result files (the main run and separately run conditions) "
+                        "into <out>/<name>.json and draw one PNG")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args)
     seeds = seeds_of(args)
     st = dict(QUICK if args.quick else SETTINGS)
     names = args.conditions or (list(QUICK_CONDITIONS) if args.quick else list(CONDITIONS))
@@ -89,7 +96,40 @@ def main(argv=None) -> int:
                                 "beta_before_reset": [e.get("beta_before_reset") for e in r["epochs"]],
                                 "test_acc_per_epoch": [e["test_acc"] for e in r["epochs"]], "time_s": r["time_s"]})
             write_json(path, out)
+    summarize(out, names)
+    write_json(path, out)
+    if not args.no_plot:
+        plot(out, args.out / f"{args.name}.png")
+    print(table(out))
+    return 0
+
+
+def merge(args) -> int:
+    parts = [json.loads(Path(f).read_text()) for f in args.merge]
+    out = {**parts[0], "experiment": args.name, "merged_from": [str(f) for f in args.merge], "conditions": {},
+           "runs": [], "summary": {}}
+    seen = set()
+    for part in parts:
+        if part["settings"] != parts[0]["settings"]:
+            raise SystemExit(f"--merge: settings differ: {part['settings']} vs {parts[0]['settings']}")
+        out["conditions"].update(part["conditions"])
+        for r in part["runs"]:  # a condition run twice (same seed: the same deterministic run) counts once
+            if (r["condition"], r["seed"]) not in seen:
+                seen.add((r["condition"], r["seed"]))
+                out["runs"].append(r)
+    summarize(out, list(out["conditions"]))
+    write_json(args.out / f"{args.name}.json", out)
+    if not args.no_plot:
+        plot(out, args.out / f"{args.name}.png")
+    print(table(out))
+    return 0
+
+
+def summarize(out: dict, names: list[str]) -> None:
+    """Per condition: mean ± std of test / train accuracy, flips and time; paired difference against
+    ``static (PaI)`` when the file has it."""
     static = None
+    names = sorted(names, key=lambda n: n != "static (PaI)")  # the baseline first
     for name in names:
         rs = [r for r in out["runs"] if r["condition"] == name]
         s = {"test_acc": mean_std([100 * r["final"]["test_acc"] for r in rs]),
@@ -104,11 +144,6 @@ def main(argv=None) -> int:
                      for b in out["runs"] if b["condition"] == "static (PaI)" and b["seed"] == a["seed"]]
             s["paired_diff_vs_static"] = mean_std(diffs)
         out["summary"][name] = s
-    write_json(path, out)
-    if not args.no_plot:
-        plot(out, args.out / f"{args.name}.png")
-    print(table(out))
-    return 0
 
 
 def table(out: dict) -> str:
