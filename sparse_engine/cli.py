@@ -150,7 +150,9 @@ def _train_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--device", default=d.device)
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for the mlp, whose matmuls are too small to share; "
+                        "torch's choice otherwise)")
     g.add_argument("--step-in-backward", action="store_true",
                    help="update each tensor inside backward and free its gradient at once")
     g.add_argument("--nonfinite", choices=NONFINITE_POLICIES, default=d.nonfinite,

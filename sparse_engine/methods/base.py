@@ -4,7 +4,7 @@ Life of a method (``train.py`` does exactly this; a user's own loop does the sam
 
     method = make_method("signin", density=0.1)     # or SignIn(SignInConfig(density=0.1))
     report = method.prepare(model)                  # sparsify the model in place (before the optimizer)
-    opt = method.make_optimizer(model, "sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)  # or your own
+    opt = method.make_optimizer(model, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)  # or your own
     method.apply(model, opt, epochs=E, steps_per_epoch=S)   # binds roles, registers the per-step hook
     for epoch in range(1, E + 1):
         for x, y in batches:                        # optimizer.step() runs the per-step hook itself
@@ -130,7 +130,7 @@ class Method:
             kwargs["beta"] = beta
         return sparsify(model, **kwargs)
 
-    def make_optimizer(self, model: nn.Module, name: str = "sgd", lr: float = 0.05, **kwargs: Any):
+    def make_optimizer(self, model: nn.Module, name: str = "sgd", lr: float = 0.1, **kwargs: Any):
         """The method's recommended optimizer: ``name`` "sgd" or "adamw"; the factors get
         ``lr * factor_lr_scale`` when the method sets one."""
         from ..optim import SGD, AdamW

@@ -30,7 +30,7 @@ REWIND = ("lr", "weight")
 @dataclass
 class PILoTConfig(MethodConfig):
     beta: float = 1.0
-    alpha: float = 1e-4
+    alpha: float = 1e-3
     alpha_schedule: str = "controller"   # or one of ALPHA_SCHEDULES
     delta: float = 1.2
     target_l1: float | None = None        # K of the controller; None: target_l1_ratio × initial ‖θ‖₁
