@@ -163,6 +163,8 @@ class TrainConfig:
                                 "seed": self.seed}
         if self.method in ("dense", "wd_switchoff"):
             opts["density"] = 1.0
+        if self.method == "wd_switchoff" and self.wd_switchoff is not None:
+            opts["at"] = self.wd_switchoff
         for name in ("beta", "factor_lr_scale", "reset_every", "reset_unit", "reset_until", "reset_policy", "alpha",
                      "alpha_schedule", "prune_scope", "iterative", "rewind", "retrain_epochs"):
             value = getattr(self, name)
@@ -309,7 +311,8 @@ def _train(cfg: TrainConfig, dataset: data_mod.Dataset | None, stream: TextIO | 
     ds = dataset if dataset is not None else load_data(cfg)
     progress = Progress(cfg.progress, stream, prefix=f"[{cfg.method}] ")
     try:
-        method = make_method(cfg.method, wd_switchoff=cfg.wd_switchoff, **cfg.method_options())
+        wd_off = None if cfg.method == "wd_switchoff" else cfg.wd_switchoff  # for that method it is its `at`
+        method = make_method(cfg.method, wd_switchoff=wd_off, **cfg.method_options())
     except ValueError as e:  # the option values come from the user
         raise ConfigError(str(e)) from None
 

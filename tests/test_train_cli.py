@@ -178,3 +178,18 @@ def test_main_job_command_on_fashion_mnist_subset(tmp_path, capsys):
     summary = json.loads((tmp_path / "compare.json").read_text())
     for m in ("dense", "static", "signin", "pilot"):
         assert summary["results"][m]["final"]["test_acc"] > 0.5  # far above chance (0.1) after one epoch
+
+
+def test_wd_switchoff_and_iterative_pilot_from_the_cli(tmp_path, capsys):
+    code, _, err = run_cli(["train", "--method", "wd_switchoff", "--wd-switchoff", "0.3", "--epochs", "2",
+                            "--out", str(tmp_path / "wd"), *TINY], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "wd" / "result.json").read_text())
+    assert r["method"] == "wd_switchoff@0.3" and [e["wd_off"] for e in r["epochs"]] == [True, True]
+    assert r["epochs"][0]["wd_dose"] == r["epochs"][1]["wd_dose"] > 0  # no decay after the switch-off
+    code, _, err = run_cli(["train", "--method", "pilot", "--iterative", "--retrain-epochs", "1", "--density", "0.6",
+                            "--epochs", "1", "--out", str(tmp_path / "pilot"), *TINY], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "pilot" / "result.json").read_text())
+    assert [e["phase"] for e in r["epochs"]] == ["train", "retrain1", "retrain2", "retrain3"]  # 0.8, 0.64, 0.6
+    assert r["density"] == pytest.approx(0.6, abs=0.01)
