@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     ex = args.results / "experiments"
     for title, fn, files in (
         ("Sign-In vs static", signin_vs_static, ["signin_vs_static_all.json"]),
+        ("Sign-In vs static, CNN on 6 000 images", signin_vs_static, ["signin_vs_static_cnn6k.json"]),
         ("PILoT one-shot", pilot, ["pilot_oneshot.json"]),
         ("Weight-decay switch-off", wd, ["wd_switchoff.json"]),
         ("Sparse regression", regression, ["sparse_regression.json"]),
