@@ -16,8 +16,8 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 PROG = "sparse-engine"
 

@@ -101,7 +101,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d)
         b, t, d = x.shape
-        split = lambda z: z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        split = lambda z: z.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)
         y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
         return self.o(y.transpose(1, 2).reshape(b, t, d))
 

@@ -99,7 +99,7 @@ class TrainConfig:
     progress: bool = True
     out_dir: str | None = None
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         def choice(name, choices):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {tuple(choices)}, got {getattr(self, name)!r}")
@@ -533,7 +533,7 @@ def epoch_table(results: dict[str, dict]) -> str:
 
 def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths)), *(fmt(r) for r in rows)])
 
@@ -576,6 +576,17 @@ def default_out_dir(cfg: TrainConfig, methods: list[str] | None = None, root: st
     return str(Path(root) / f"{cfg.model}-{what}-d{cfg.density:g}-s{cfg.seed}")
 
 
-__all__ = ["TrainConfig", "ConfigError", "TrainingDiverged", "train", "compare", "evaluate", "load_data",
-           "summary_table", "epoch_table", "default_out_dir", "Progress"]
+__all__ = [
+    "ConfigError",
+    "Progress",
+    "TrainConfig",
+    "TrainingDiverged",
+    "compare",
+    "default_out_dir",
+    "epoch_table",
+    "evaluate",
+    "load_data",
+    "summary_table",
+    "train",
+]
 

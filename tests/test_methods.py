@@ -112,7 +112,7 @@ def test_signin_reset_by_epoch_until_fraction():
     m.prepare(model)
     opt = m.make_optimizer(model, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-2)
     m.apply(model, opt, epochs=6, steps_per_epoch=2)
-    x, y = data(32)
+    x, _ = data(32)
     fired = []
     for epoch in range(1, 7):
         run_steps(model, opt, 2)

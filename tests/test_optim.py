@@ -137,7 +137,7 @@ def test_adamw_matches_torch_every_step_and_buffer(cfg, dtype):
             torch.testing.assert_close(p, q, **tol(dtype), msg=lambda s, step=step: f"param differs at step {step + 1}: {s}")
             for name in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(ours.state[p][name], ref.state[q][name], **tol(dtype),
-                                           msg=lambda s, step=step: f"{name} differs at step {step + 1}: {s}")
+                                           msg=lambda s, step=step, name=name: f"{name} differs at step {step + 1}: {s}")
             assert float(ours.state[p]["step"]) == float(ref.state[q]["step"]) == step + 1
 
 

@@ -94,7 +94,7 @@ def test_other_models_train(model, data):
     (["--model", "transformer", "--data", "teacher"], "transformer"),
 ])
 def test_user_errors_exit_nonzero_without_traceback(args, match, capsys, tmp_path):
-    code, out, err = run_cli(["train", *args, "--out", str(tmp_path), *TINY[:2]], capsys)
+    code, _, err = run_cli(["train", *args, "--out", str(tmp_path), *TINY[:2]], capsys)
     assert code == 2
     assert "Traceback" not in err
     import re
@@ -153,7 +153,7 @@ def test_cli_usage_and_unknown_command(capsys):
 def test_entry_point_process_reports_user_errors_cleanly(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "sparse_engine.cli", "train", "--density", "2"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False)
     assert proc.returncode == 2
     assert "density must be in (0, 1]" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -171,7 +171,7 @@ def test_main_job_command_on_fashion_mnist_subset(tmp_path, capsys):
     d = _fashion_mnist_dir()
     if d is None:
         pytest.skip("Fashion-MNIST files not found (apt-get install dataset-fashion-mnist, or set SPARSE_ENGINE_DATA)")
-    code, out, err = run_cli(["train", "--compare", "dense,static,signin,pilot", "--density", "0.1", "--epochs", "1",
+    code, _, err = run_cli(["train", "--compare", "dense,static,signin,pilot", "--density", "0.1", "--epochs", "1",
                               "--n-train", "3000", "--n-test", "1000", "--no-progress", "--out", str(tmp_path)],
                              capsys)
     assert code == 0, err

@@ -28,9 +28,9 @@ METHODS: dict[str, type[Method]] = {
 
 
 def make_method(name: str, wd_switchoff: float | None = None, **options: Any) -> Method:
-    """A method by name with its config options; ``wd_switchoff=at`` composes the weight-decay
-    switch-off (at that fraction of training) with it. Options that the method's config lacks are an
-    error, except the common ones (density, distribution, layout, filter, seed) for methods that ignore them.
+    """A method by name with its config options (``density``, ``distribution``, ``layout``, ``filter``,
+    ``seed`` for every method, plus the method's own; an unknown option is an error).
+    ``wd_switchoff=at`` composes the weight-decay switch-off (at that fraction of training) with it.
     """
     if name not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {name!r}")
@@ -45,7 +45,21 @@ def make_method(name: str, wd_switchoff: float | None = None, **options: Any) ->
 
 
 __all__ = [
-    "Method", "MethodConfig", "Retrain", "Compose", "METHODS", "make_method", "check_density",
-    "Dense", "DenseConfig", "Static", "StaticConfig", "SignIn", "SignInConfig",
-    "PILoT", "PILoTConfig", "WDSwitchOff", "WDSwitchOffConfig",
+    "METHODS",
+    "Compose",
+    "Dense",
+    "DenseConfig",
+    "Method",
+    "MethodConfig",
+    "PILoT",
+    "PILoTConfig",
+    "Retrain",
+    "SignIn",
+    "SignInConfig",
+    "Static",
+    "StaticConfig",
+    "WDSwitchOff",
+    "WDSwitchOffConfig",
+    "check_density",
+    "make_method",
 ]

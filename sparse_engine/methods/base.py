@@ -19,8 +19,9 @@ non-finite gradient does not count.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,7 +148,7 @@ class Method:
 
         return any(pz.factored for _, pz in parameterizations(model))
 
-    def apply(self, model: nn.Module, optimizer, *, epochs: int = 1, steps_per_epoch: int = 1) -> "Method":
+    def apply(self, model: nn.Module, optimizer, *, epochs: int = 1, steps_per_epoch: int = 1) -> Method:
         """Attach to ``model`` and ``optimizer`` (a sparse_engine optimizer): bind roles, register hooks."""
         from ..optim import SparseOptimizer
 

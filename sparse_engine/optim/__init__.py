@@ -5,14 +5,32 @@
     opt.attach()                                                # optional: update inside backward
 """
 from .adamw import AdamW
-from .base import NONFINITE_POLICIES, RESET_POLICIES, ROLES, NonFiniteGradError, SparseOptimizer, parameterizations
+from .base import (
+    NONFINITE_POLICIES,
+    RESET_POLICIES,
+    ROLES,
+    NonFiniteGradError,
+    SparseOptimizer,
+    parameterizations,
+)
 from .reset import transform_adam, transform_momentum
 from .schedules import ALPHA_SCHEDULES, AlphaController, AlphaSchedule, ResetSchedule, WeightDecaySwitchOff
 from .sgd import SGD
 
 __all__ = [
-    "SGD", "AdamW", "SparseOptimizer", "NonFiniteGradError", "parameterizations",
-    "ROLES", "RESET_POLICIES", "NONFINITE_POLICIES",
-    "transform_momentum", "transform_adam",
-    "ResetSchedule", "WeightDecaySwitchOff", "AlphaController", "AlphaSchedule", "ALPHA_SCHEDULES",
+    "ALPHA_SCHEDULES",
+    "NONFINITE_POLICIES",
+    "RESET_POLICIES",
+    "ROLES",
+    "SGD",
+    "AdamW",
+    "AlphaController",
+    "AlphaSchedule",
+    "NonFiniteGradError",
+    "ResetSchedule",
+    "SparseOptimizer",
+    "WeightDecaySwitchOff",
+    "parameterizations",
+    "transform_adam",
+    "transform_momentum",
 ]

@@ -6,7 +6,8 @@ Same math as ``torch.optim.AdamW`` (amsgrad=False) on every tensor; PILoT's α e
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -146,7 +147,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         if isinstance(params, (Tensor, nn.Module)):
             params = [params]
         expanded: list[Tensor] = []
-        for p in list(params):
+        for p in params:
             if isinstance(p, nn.Module):
                 self.bind(p)
                 expanded.extend(q for q in p.parameters() if q.requires_grad)
@@ -163,7 +164,7 @@ class SparseOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Subclasses check their hyperparameters (errors name the argument)."""
 
-    def bind(self, model: nn.Module) -> "SparseOptimizer":
+    def bind(self, model: nn.Module) -> SparseOptimizer:
         """Learn the role (m / w / theta) and mask source of every parameterized tensor in ``model``."""
         for _, pz in parameterizations(model):  # includes ``model`` itself if it is a Parameterization
             for role, p, _ in pz.step_targets():
@@ -283,7 +284,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ step-in-backward
 
-    def attach(self, model: nn.Module | None = None) -> "SparseOptimizer":
+    def attach(self, model: nn.Module | None = None) -> SparseOptimizer:
         """Update each tensor inside backward as soon as its gradient is accumulated, then free it.
 
         ``model`` (optional) is bound first. Idempotent. :meth:`detach` returns to ordinary steps.

@@ -49,9 +49,8 @@ class ResetSchedule:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
         self.unit = unit
         self.until = _check_float("until", until, 0.0, 1.0)
-        if self.until < 1.0:
-            if total is None:
-                raise ValueError("total (training length in units) is needed when until < 1")
+        if self.until < 1.0 and total is None:
+            raise ValueError("total (training length in units) is needed when until < 1")
         self.total = None if total is None else _check_int("total", total)
         self.count = 0          # resets done
         self.last: int | None = None

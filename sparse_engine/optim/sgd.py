@@ -5,7 +5,8 @@ step); see :mod:`sparse_engine.optim.base` for roles, masks, α, resets and step
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
