@@ -92,6 +92,7 @@ def test_other_models_train(model, data):
     (["--compare", "dense,lottery"], "method must be one of"),
     (["--lr", "-1"], "lr must be"),
     (["--model", "transformer", "--data", "teacher"], "transformer"),
+    (["--method", "pilot", "--layout", "csr"], "layout must be 'dense' or 'auto'"),
 ])
 def test_user_errors_exit_nonzero_without_traceback(args, match, capsys, tmp_path):
     code, _, err = run_cli(["train", *args, "--out", str(tmp_path), *TINY[:2]], capsys)

@@ -46,6 +46,8 @@ class PILoTConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.layout not in ("dense", "auto"):
+            raise ValueError(f"pilot trains dense until it prunes: layout must be 'dense' or 'auto', got {self.layout!r}")
         if not (isinstance(self.beta, (int, float)) and 0 < self.beta < float("inf")):
             raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
         if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha < float("inf")):
