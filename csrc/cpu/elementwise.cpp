@@ -7,6 +7,8 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -15,30 +17,66 @@ namespace {
 
 bool worth_threads(int64_t n) { return n >= (1 << 16) && omp_get_max_threads() > 1; }
 
+// on ? a : b without a branch: a bitwise blend. A `?:` on a random mask compiled to a scalar branch
+// here (the baseline ISA has no byte-to-float blend), mispredicting on every other pruned coordinate
+// (measured: ~10x slower than a plain multiply on a 300x784 layer at 10% density). Bitwise selection
+// is exact (NaN/inf at a pruned coordinate never leak) and vectorises with integer ops.
 template <typename T>
-void reparam_fwd_t(int64_t n, const T* __restrict m, const T* __restrict w, const uint8_t* __restrict mask,
-                   T* __restrict out) {
+inline T blend(bool on, T a, T b) {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  U ua, ub;
+  std::memcpy(&ua, &a, sizeof(T));
+  std::memcpy(&ub, &b, sizeof(T));
+  const U keep = U(0) - U(on);
+  const U r = (ua & keep) | (ub & ~keep);
+  T out;
+  std::memcpy(&out, &r, sizeof(T));
+  return out;
+}
+
+// The mask and m presence are template parameters: a per-element `mask ? ... : ...` on a runtime
+// pointer kept the loops scalar and branchy (a random 10% mask mispredicts), ~10x slower than a
+// vectorised select. With them fixed at compile time the selects become blends.
+template <typename T, bool HasM, bool HasMask>
+void reparam_fwd_loop(int64_t n, const T* __restrict m, const T* __restrict w, const uint8_t* __restrict mask,
+                      T* __restrict out) {
 #pragma omp parallel for simd schedule(static) if (worth_threads(n))
   for (int64_t i = 0; i < n; ++i) {
-    const T t = m ? m[i] * w[i] : w[i];
-    out[i] = (!mask || mask[i]) ? t : T(0);
+    const T t = HasM ? m[i] * w[i] : w[i];
+    out[i] = HasMask ? blend(mask[i] != 0, t, T(0)) : t;
   }
 }
 
 template <typename T>
-void reparam_bwd_t(int64_t n, const T* __restrict g, const T* __restrict m, const T* __restrict w,
-                   const uint8_t* __restrict mask, T* __restrict gm, T* __restrict gw) {
+void reparam_fwd_t(int64_t n, const T* m, const T* w, const uint8_t* mask, T* out) {
+  if (m && mask) reparam_fwd_loop<T, true, true>(n, m, w, mask, out);
+  else if (m) reparam_fwd_loop<T, true, false>(n, m, w, mask, out);
+  else if (mask) reparam_fwd_loop<T, false, true>(n, m, w, mask, out);
+  else reparam_fwd_loop<T, false, false>(n, m, w, mask, out);
+}
+
+template <typename T, bool HasM, bool HasMask>
+void reparam_bwd_loop(int64_t n, const T* __restrict g, const T* __restrict m, const T* __restrict w,
+                      const uint8_t* __restrict mask, T* __restrict gm, T* __restrict gw) {
 #pragma omp parallel for simd schedule(static) if (worth_threads(n))
   for (int64_t i = 0; i < n; ++i) {
     // Select after multiplying: a pruned w or m may hold anything, and 0 * NaN would be NaN.
-    const bool on = !mask || mask[i];
-    if (m) {
-      gm[i] = on ? g[i] * w[i] : T(0);
-      gw[i] = on ? g[i] * m[i] : T(0);
+    const bool on = !HasMask || mask[i] != 0;
+    if (HasM) {
+      gm[i] = blend(on, g[i] * w[i], T(0));
+      gw[i] = blend(on, g[i] * m[i], T(0));
     } else {
-      gw[i] = on ? g[i] : T(0);
+      gw[i] = blend(on, g[i], T(0));
     }
   }
+}
+
+template <typename T>
+void reparam_bwd_t(int64_t n, const T* g, const T* m, const T* w, const uint8_t* mask, T* gm, T* gw) {
+  if (m && mask) reparam_bwd_loop<T, true, true>(n, g, m, w, mask, gm, gw);
+  else if (m) reparam_bwd_loop<T, true, false>(n, g, m, w, mask, gm, gw);
+  else if (mask) reparam_bwd_loop<T, false, true>(n, g, m, w, mask, gm, gw);
+  else reparam_bwd_loop<T, false, false>(n, g, m, w, mask, gm, gw);
 }
 
 // m = sqrt((β + hypot(β, 2θ)) / 2), w = θ / m (0 where m == 0): no overflow of 4θ² for huge |θ| and no
@@ -49,7 +87,7 @@ void signin_t(int64_t n, const T* __restrict m, const T* __restrict w, const uin
   const T beta = static_cast<T>(beta_d);
 #pragma omp parallel for schedule(static) if (worth_threads(n))
   for (int64_t i = 0; i < n; ++i) {
-    const T t = (!mask || mask[i]) ? m[i] * w[i] : T(0);
+    const T t = blend(!mask || mask[i], m[i] * w[i], T(0));
     const T s = std::hypot(beta, T(2) * t);
     const T mm = std::sqrt((beta + s) * T(0.5));
     mo[i] = mm;
@@ -76,9 +114,9 @@ void fused_step_t(int64_t n, T* __restrict p, const T* __restrict grad, T* __res
       if (use_mom) {
         const T nb = first ? g : b1[i] * mom + one_m_damp * g;
         g = nest ? g + mom * nb : nb;
-        b1[i] = on ? nb : T(0);
+        b1[i] = blend(on, nb, T(0));
       }
-      p[i] = on ? pi - lr * g : pi;
+      p[i] = blend(on, pi - lr * g, pi);
     }
   } else {
     const T decay = T(1) - lr * wd;
@@ -102,9 +140,9 @@ void fused_step_t(int64_t n, T* __restrict p, const T* __restrict grad, T* __res
       const T eas = b2[i] * b2c + one_m_b2 * g * g;
       const T denom = std::sqrt(eas) / sqrt_bc2 + eps;
       const T np = decayed - step_size * ea / denom;
-      b1[i] = on ? ea : T(0);
-      b2[i] = on ? eas : T(0);
-      p[i] = on ? np : pi;
+      b1[i] = blend(on, ea, T(0));
+      b2[i] = blend(on, eas, T(0));
+      p[i] = blend(on, np, pi);
     }
   }
 }
