@@ -230,3 +230,20 @@ def fused_step(
         param, grad, buf1, buf2, mask, lr, int(step), str(kind), float(momentum), float(dampening),
         bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay), float(alpha), bool(maximize))
 
+
+
+# masked_linear on CPU: the matmuls are MKL's (nothing beats them at dense shapes); what the C++ side adds
+# is θ = M ⊙ m ⊙ w and the g_m / g_w epilogue in one vectorised pass each, where the reference spends
+# a temporary and a slow bool-mask select per step.
+@_dtype_guard("masked_linear_fwd", "w")
+def masked_linear_fwd(x: Tensor, m: Tensor | None, w: Tensor, mask: Tensor | None, bias: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(x, torch.ops.sparse_engine_C.reparam_fwd(m, w, mask), bias)
+
+
+@_dtype_guard("masked_linear_bwd", "w")
+def masked_linear_bwd(
+    grad_y: Tensor, x: Tensor, m: Tensor | None, w: Tensor, mask: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    g_x = grad_y @ torch.ops.sparse_engine_C.reparam_fwd(m, w, mask)
+    g_m, g_w = reparam_bwd(grad_y.t() @ x, m, w, mask)
+    return g_x, g_m, g_w
