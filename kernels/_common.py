@@ -154,16 +154,42 @@ def check_mask(mask: torch.Tensor | None, ref: torch.Tensor) -> None:
     check_same("mask", mask, ref, dtype=False)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision for fp32 operands, following torch's own matmul setting.
+#: the largest tile side any kernel here addresses with int32 tile-local offsets
+MAX_TILE = 256
 
-    torch computes fp32 matmuls in full precision unless the user allowed TF32
-    (``torch.set_float32_matmul_precision("high")``); the kernels do the same so that switching backend
-    does not silently change the numerics. fp16/bf16 operands ignore it.
+
+def check_tile_offsets(name: str, t: torch.Tensor | None, tile: int = MAX_TILE) -> None:
+    """Epilogues address a (tile × tile) piece of a 2-D tensor as a 64-bit origin plus int32 offsets
+    (64-bit offsets per element cost registers and made tiles spill); refuse strides where they overflow."""
+    if t is None:
+        return
+    reach = (tile - 1) * sum(abs(s) for s in t.stride())
+    if reach > INT32_MAX:
+        raise ValueError(
+            f"{name} has strides {tuple(t.stride())}: a {tile}×{tile} tile spans {reach} elements, more than "
+            f"the int32 tile offsets of the Triton kernels allow ({INT32_MAX}); use a contiguous tensor or "
+            "the reference backend"
+        )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for fp32 operands, following torch's matmul precision setting.
+
+    * ``"highest"`` (torch's default) -> ``"tf32x3"``: each fp32 operand is split into a TF32 high part
+      and a TF32 remainder and three tensor-core products are summed (the lo·lo term is dropped), so
+      every product keeps about 21 of fp32's 24 significant bits, accumulated in fp32 -- fp32-class
+      results at tensor-core speed. Triton's exact-IEEE fp32 ``tl.dot`` is a scalar FMA loop instead:
+      on sm_90 ptxas gives the masked_linear forward tile 32 registers and 10.7 KB of spill stores per
+      thread (bench/kernel_resources.py), and the H200 ran it 25x slower than cuBLAS
+      (bench/results/gpu/README.md). Users who need bit-exact IEEE fp32 products take the reference
+      backend (``SPARSE_ENGINE_BACKEND=reference``: θ materialised + cuBLAS).
+    * ``"high"`` / ``"medium"`` -> ``"tf32"``: what torch's own matmul does under those settings.
+
+    fp16/bf16 operands ignore it.
     """
     if dtype != torch.float32:
         return "ieee"  # irrelevant for 16-bit operands; one value keeps the number of variants down
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 @dataclasses.dataclass
@@ -278,25 +304,6 @@ def signature_of(launch: Launch, aligned: bool, config) -> tuple[dict, dict, dic
             continue
         raise TypeError(f"{fn.__name__}: cannot specialise argument {name}={v!r}")
     return signature, constexprs, attrs
-
-
-def aot_compile(launch: Launch, arch: int, aligned: bool = True):
-    """Compile every config of ``launch`` for ``sm_<arch>``; returns [(config, CompiledKernel)]."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    out = []
-    fn = jit_of(launch.kernel)
-    for cfg in configs_of(launch.kernel, launch.config):
-        sig, consts, attrs = signature_of(launch, aligned, cfg)
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        ck = triton.compile(
-            src,
-            target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-        )
-        out.append((cfg, ck))
-    return out
 
 
 #: the most dynamic shared memory one block may use, by SM major.minor (CUDA programming guide)

@@ -34,6 +34,7 @@ from ._common import (
     check_device,
     check_dtype,
     check_same,
+    check_tile_offsets,
     dot_precision,
     next_pow2,
     ordered_args,
@@ -52,7 +53,8 @@ def _cfg(bm, warps, stages):
 
 #: forward / dX: BLOCK_M tokens per program; the other tile side is the (padded) block size
 SPMM_CONFIGS_16 = [_cfg(128, 8, 3), _cfg(128, 4, 4), _cfg(64, 4, 4), _cfg(256, 8, 3)]
-SPMM_CONFIGS_32 = [_cfg(64, 4, 3), _cfg(128, 8, 3)]
+#: fp32 (TF32 / 3xTF32 operands): 8 warps, because at 4 warps the 3xTF32 split spills on sm_80
+SPMM_CONFIGS_32 = [_cfg(64, 8, 3), _cfg(128, 8, 3), _cfg(64, 4, 3), _cfg(32, 8, 3)]
 SPMM_INTERP = _cfg(64, 4, 1)
 
 #: dθ: BLOCK_B tokens per step of the reduction
@@ -64,6 +66,8 @@ SDDMM_CONFIGS_16 = [
 SDDMM_CONFIGS_32 = [
     triton.Config({"BLOCK_B": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_B": 64}, num_warps=8, num_stages=2),
+    # 128×128 fp32 blocks: the accumulator alone is 128 registers per thread at 4 warps
+    triton.Config({"BLOCK_B": 32}, num_warps=8, num_stages=3),
 ]
 SDDMM_INTERP = triton.Config({"BLOCK_B": 64}, num_warps=4, num_stages=1)
 
@@ -311,16 +315,21 @@ def _block_sparse_linear_dtheta_kernel(
     dtype = w_ptr.dtype.element_ty
     g = cast_out(acc, dtype, UPCAST).to(tl.float32)  # dθ in the storage dtype, like the reference
     inb = n_in[:, None] & k_in[None, :]
-    rows = offs_n[:, None].to(tl.int64)
-    cols = offs_k[None, :]
-    out = rows * s_gn + cols * s_gk  # g_m and g_w are allocated together: same strides
+    # Epilogue addresses: the block origin as one 64-bit scalar per tensor plus int32 block-local
+    # offsets (the launcher checks they fit). 64-bit offsets for a whole 128×128 tile held 64 register
+    # pairs per thread across the loads and stores, and the tile spilled.
+    r0 = (r * BN).to(tl.int64)
+    c0 = (c * BK).to(tl.int64)
+    lanes_n = tl.arange(0, BN_P)[:, None]
+    lanes_k = tl.arange(0, BK_P)[None, :]
+    out = lanes_n * s_gn + lanes_k * s_gk  # g_m and g_w are allocated together: same strides
     if HAS_M:
-        m = tl.load(m_ptr + rows * s_mn + cols * s_mk, mask=inb, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows * s_wn + cols * s_wk, mask=inb, other=0.0).to(tl.float32)
-        tl.store(gm_ptr + out, cast_out(g * w, dtype, UPCAST), mask=inb)
-        tl.store(gw_ptr + out, cast_out(g * m, dtype, UPCAST), mask=inb)
+        w = tl.load(w_ptr + (r0 * s_wn + c0 * s_wk) + (lanes_n * s_wn + lanes_k * s_wk), mask=inb, other=0.0)
+        tl.store(gm_ptr + (r0 * s_gn + c0 * s_gk) + out, cast_out(g * w.to(tl.float32), dtype, UPCAST), mask=inb)
+        m = tl.load(m_ptr + (r0 * s_mn + c0 * s_mk) + (lanes_n * s_mn + lanes_k * s_mk), mask=inb, other=0.0)
+        tl.store(gw_ptr + (r0 * s_gn + c0 * s_gk) + out, cast_out(g * m.to(tl.float32), dtype, UPCAST), mask=inb)
     else:
-        tl.store(gw_ptr + out, cast_out(g, dtype, UPCAST), mask=inb)
+        tl.store(gw_ptr + (r0 * s_gn + c0 * s_gk) + out, cast_out(g, dtype, UPCAST), mask=inb)
 
 
 # one autotuner per operand width (fp32 needs other tiles; the key does not see dtypes)
@@ -399,6 +408,8 @@ def _block_consts(block_n: int, block_k: int, dtype: torch.dtype, reduce_over: s
 
 def prepare_fwd(x, m, w, bias, crow, col, row, ccol, row_t, block_n, block_k, config=None):
     _check("x", x, m, w, w.shape[1], (crow, col, row, ccol, row_t), block_n, block_k)
+    check_tile_offsets("m", m, MAX_BLOCK)
+    check_tile_offsets("w", w, MAX_BLOCK)
     n, k = w.shape
     if bias is not None:
         check_same("bias", bias, w, shape=False)
@@ -492,6 +503,7 @@ def prepare_dtheta(grad_y, x, m, w, crow, col, row, ccol, row_t, block_n, block_
     # zero outside the blocks: the kernel writes only the non-empty blocks
     g_m = None if m is None else torch.zeros(n, k, dtype=w.dtype, device=w.device)
     g_w = torch.zeros(n, k, dtype=w.dtype, device=w.device)
+    check_tile_offsets("g_w", g_w, MAX_BLOCK)  # g_m has the same strides
     dm = m if m is not None else w
     args = dict(
         dy_ptr=grad_y,
@@ -554,15 +566,15 @@ def block_sparse_linear_bwd(grad_y, x, m, w, crow, col, row, ccol, row_t, perm, 
 def aot_launches():
     """(name, Launch, sweep) covering every specialisation a GPU run can launch, on meta tensors.
 
-    sweep=True (every autotune config): 64×64 and 128×128 blocks in bf16 and fp32/TF32 with m, the
-    shared-memory extremes. sweep=False (first config): other block shapes (16×16, a non-power-of-two
-    48×80 padded one, 32×128, 128×16), fp16, fp32/IEEE, and m absent, rotating through the kernels.
+    sweep=True (every autotune config): 64×64 and 128×128 blocks in bf16, fp32/TF32 and fp32/3xTF32
+    with m, the shared-memory and register extremes. sweep=False (first config): other block shapes (16×16, a non-power-of-two
+    48×80 padded one, 32×128, 128×16), fp16, fp32/3xTF32, and m absent, rotating through the kernels.
     """
     variants = {
         "bf16": (torch.bfloat16, "ieee"),
         "fp16": (torch.float16, "ieee"),
         "tf32": (torch.float32, "tf32"),
-        "fp32": (torch.float32, "ieee"),
+        "fp32": (torch.float32, "tf32x3"),
     }
 
     def launches(bn, bk, v, has_m):
@@ -593,7 +605,7 @@ def aot_launches():
 
     out = []
     for bn, bk in ((64, 64), (128, 128)):
-        for v in ("bf16", "tf32"):
+        for v in ("bf16", "tf32", "fp32"):
             out += [(name, launch, True) for name, launch in launches(bn, bk, v, True)]
     rotation = ["fp16", "fp32", "bf16", "tf32"]
     cases = [(16, 16, True), (48, 80, True), (32, 128, True), (128, 16, True), (64, 64, False)]

@@ -11,8 +11,9 @@ g_w = dθ ⊙ M, no g_m).
 
 Numerics follow the reference: θ = m·w is rounded to the storage dtype before the product (as torch
 does when it materialises θ), products accumulate in fp32, dθ is rounded to the storage dtype before the
-epilogue multiplies it with w and m. fp32 operands use TF32 only when torch's own matmul precision
-allows it (``torch.set_float32_matmul_precision``), see ``_common.dot_precision``.
+epilogue multiplies it with w and m. fp32 operands run on tensor cores: 3xTF32 (fp32-class products)
+under torch's default matmul precision, plain TF32 when the user allowed it
+(``torch.set_float32_matmul_precision``), see ``_common.dot_precision``.
 
 One kernel, ``_masked_mm_kernel``, computes both out = A · Θ' (forward: A = x, Θ' = θᵀ) and
 (dX: A = dY, Θ' = θ); Θ' is addressed through strides, so transposes cost nothing and strided inputs
@@ -35,6 +36,7 @@ from ._common import (
     check_dtype,
     check_mask,
     check_same,
+    check_tile_offsets,
     dot_precision,
     ordered_args,
     small_problem_config,
@@ -62,11 +64,13 @@ MM_CONFIGS_16 = [
     _mm_cfg(128, 256, 64, 8, 3, lhs=True),
     _mm_cfg(64, 128, 64, 4, 4),
 ]
-#: fp32 operands take twice the shared memory per tile: smaller reduction steps
+#: fp32 operands take twice the shared memory per tile: smaller reduction steps. The last two do not
+#: spill on sm_80 with 3xTF32, whose split operands triple the registers of mma.sync
 MM_CONFIGS_32 = [
     _mm_cfg(128, 128, 32, 8, 3),
     _mm_cfg(64, 128, 32, 4, 3),
-    _mm_cfg(64, 64, 32, 4, 3),
+    _mm_cfg(128, 128, 16, 8, 3),
+    _mm_cfg(64, 64, 32, 8, 3),
 ]
 MM_INTERP = _mm_cfg(64, 64, 64, 4, 1)
 
@@ -287,23 +291,33 @@ def _masked_linear_dtheta_kernel(
     dtype = w_ptr.dtype.element_ty
     g = cast_out(acc, dtype, UPCAST).to(tl.float32)
     inb = n_in[:, None] & k_in[None, :]
-    rows = offs_n[:, None].to(tl.int64)
-    cols = offs_k[None, :].to(tl.int64)
+    # Epilogue addresses: the tile origin as one 64-bit scalar per tensor plus int32 tile-local offsets
+    # (the launcher checks they fit). 64-bit offsets for the whole tile, live across four loads and
+    # stores, made the 128×128 tiles spill (bench/kernel_resources.py).
+    n0 = (pid_n * BLOCK_N).to(tl.int64)
+    k0 = (pid_k * BLOCK_K).to(tl.int64)
+    ln = tl.arange(0, BLOCK_N)[:, None]
+    lk = tl.arange(0, BLOCK_K)[None, :]
     if HAS_MASK:
-        keep = tl.load(mask_ptr + rows * s_qn + cols * s_qk, mask=inb, other=0) != 0
+        q_tile = mask_ptr + (n0 * s_qn + k0 * s_qk)
+        keep = tl.load(q_tile + (ln * s_qn + lk * s_qk), mask=inb, other=0) != 0
         g = tl.where(keep, g, 0.0)
+    gw_tile = gw_ptr + (n0 * s_gwn + k0 * s_gwk)
     if HAS_M:
-        m = tl.load(m_ptr + rows * s_mn + cols * s_mk, mask=inb, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rows * s_wn + cols * s_wk, mask=inb, other=0.0).to(tl.float32)
-        gm = g * w
-        gw = g * m
+        # one factor at a time: g·w is stored before m is loaded, so fewer tiles are live at once
+        w = tl.load(w_ptr + (n0 * s_wn + k0 * s_wk) + (ln * s_wn + lk * s_wk), mask=inb, other=0.0)
+        gm = g * w.to(tl.float32)
         if HAS_MASK:
             gm = tl.where(keep, gm, 0.0)
+        gm_tile = gm_ptr + (n0 * s_gmn + k0 * s_gmk)
+        tl.store(gm_tile + (ln * s_gmn + lk * s_gmk), cast_out(gm, dtype, UPCAST), mask=inb)
+        m = tl.load(m_ptr + (n0 * s_mn + k0 * s_mk) + (ln * s_mn + lk * s_mk), mask=inb, other=0.0)
+        gw = g * m.to(tl.float32)
+        if HAS_MASK:
             gw = tl.where(keep, gw, 0.0)
-        tl.store(gm_ptr + rows * s_gmn + cols * s_gmk, cast_out(gm, dtype, UPCAST), mask=inb)
-        tl.store(gw_ptr + rows * s_gwn + cols * s_gwk, cast_out(gw, dtype, UPCAST), mask=inb)
+        tl.store(gw_tile + (ln * s_gwn + lk * s_gwk), cast_out(gw, dtype, UPCAST), mask=inb)
     else:
-        tl.store(gw_ptr + rows * s_gwn + cols * s_gwk, cast_out(g, dtype, UPCAST), mask=inb)
+        tl.store(gw_tile + (ln * s_gwn + lk * s_gwk), cast_out(g, dtype, UPCAST), mask=inb)
 
 
 # One autotuner per operand width: the autotune key does not see dtypes, and fp32 needs other tiles.
@@ -434,10 +448,13 @@ def prepare_dtheta(grad_y, x, m, w, mask, config: triton.Config | None = None):
     n, k = w.shape
     _check_act("grad_y", grad_y, w, n, "out_features")
     _check_act("x", x, w, k, "in_features")
+    for name, t in (("m", m), ("w", w), ("mask", mask)):
+        check_tile_offsets(name, t)
     if grad_y.shape[0] != x.shape[0]:
         raise ValueError(f"grad_y has {grad_y.shape[0]} rows but x has {x.shape[0]}")
     g_m = None if m is None else torch.empty(n, k, dtype=w.dtype, device=w.device)
     g_w = torch.empty(n, k, dtype=w.dtype, device=w.device)
+    check_tile_offsets("g_w", g_w)  # g_m has the same strides
     dm = m if m is not None else w
     dq = mask if mask is not None else w
     dgm = g_m if g_m is not None else g_w
@@ -511,8 +528,8 @@ def masked_linear_bwd(
 def aot_launches():
     """(name, Launch, sweep) covering every specialisation a GPU run can launch, on meta tensors.
 
-    sweep=True: compile every autotune config (bf16 and fp32/TF32 with all flags on: the shared-memory
-    extremes; fp16 tiles are bf16's, IEEE fp32 compiles slowly and runs off the tensor cores anyway).
+    sweep=True: compile every autotune config (bf16, fp32/TF32 and fp32/3xTF32 with all flags on: the
+    shared-memory and register extremes; fp16 tiles are bf16's).
     sweep=False: the first config, one launch per remaining flag combination (m / mask absent),
     rotating through the dtypes.
     """
@@ -521,7 +538,7 @@ def aot_launches():
         (torch.bfloat16, "ieee"),
         (torch.float16, "ieee"),
         (torch.float32, "tf32"),
-        (torch.float32, "ieee"),
+        (torch.float32, "tf32x3"),
     ]
 
     def launches(dtype, prec, has_m, has_mask):
@@ -542,7 +559,7 @@ def aot_launches():
         return res
 
     for dtype, prec in variants:
-        sweep = (dtype, prec) in ((torch.bfloat16, "ieee"), (torch.float32, "tf32"))
+        sweep = (dtype, prec) in ((torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "tf32x3"))
         out += [(name, launch, sweep) for name, launch in launches(dtype, prec, True, True)]
     for i, (has_m, has_mask) in enumerate([(False, False), (False, True), (True, False)]):
         for j in range(3):  # kernel j of (fwd, dx, dθ) with a dtype that rotates with i and j

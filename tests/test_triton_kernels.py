@@ -232,6 +232,40 @@ def test_masked_linear_rejects_bad_inputs():
         ML.masked_linear_bwd(_rand(2, 6), _rand(3, 8), None, w, None)
 
 
+def test_fp32_dot_precision_follows_torch_setting():
+    """fp32 operands: 3xTF32 (fp32-class) under torch's default "highest", TF32 when the user allows it;
+    every launcher passes that choice to the kernel."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        for setting, expected in (("highest", "tf32x3"), ("high", "tf32"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert _common.dot_precision(torch.float32) == expected
+            assert _common.dot_precision(torch.bfloat16) == "ieee"  # ignored for 16-bit operands
+            w = torch.empty(64, 32, device="meta")
+            x, gy = torch.empty(8, 32, device="meta"), torch.empty(8, 64, device="meta")
+            assert ML.prepare_fwd(x, None, w, None, None)[0].args["PREC"] == expected
+            assert ML.prepare_dx(gy, None, w, None)[0].args["PREC"] == expected
+            assert ML.prepare_dtheta(gy, x, None, w, None)[0].args["PREC"] == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_tile_offsets_refuse_strides_that_overflow_int32():
+    """The dθ epilogues address tiles with int32 offsets from a 64-bit origin: strides whose tile span
+    exceeds int32 are refused by name instead of wrapping around (meta tensors: nothing allocated)."""
+    ok = torch.empty(64, 32, device="meta")
+    huge = torch.empty_strided((64, 32), (2**24, 1), device="meta")  # 255 rows span > 2**31 elements
+    x, gy = torch.empty(8, 32, device="meta"), torch.empty(8, 64, device="meta")
+    ML.prepare_dtheta(gy, x, None, ok, None)
+    with pytest.raises(ValueError, match="^w has strides"):
+        ML.prepare_dtheta(gy, x, None, huge, None)
+    with pytest.raises(ValueError, match="^m has strides"):
+        ML.prepare_dtheta(gy, x, huge, ok, None)
+    _common.check_tile_offsets("w", torch.empty_strided((64, 32), (2**23, 1), device="meta"), tile=128)
+    with pytest.raises(ValueError, match="^w has strides"):
+        _common.check_tile_offsets("w", torch.empty_strided((64, 32), (2**24 + 2**20, 1), device="meta"), tile=128)
+
+
 # ---------------------------------------------------------------------------------- block_sparse_linear
 
 
