@@ -12,7 +12,8 @@
 #      install (SPARSE_ENGINE_BUILD=0), then a symlinked package tree on PYTHONPATH as the last resort
 #   3. the benchmarks (bench_*.py --out OUTDIR)                         -> <bench>.csv, bench_<op>.log
 #   4. tests/test_triton_kernels.py on CUDA, then pytest -m gpu (the rest) -> pytest_*.log, pytest_*.xml
-#   5. summary                                                          -> summary.txt
+#   5. registers / spills of every kernel config (bench/kernel_resources.py) -> kernel_resources.csv
+#   6. summary                                                          -> summary.txt
 # The Python used is $PYTHON, else python3 (on the GPU machines: the one that has torch).
 # Exit: 0 all steps passed, 1 some step failed or was cut short, 2 no GPU / usage.
 set -u -o pipefail
@@ -155,7 +156,11 @@ for f in pytest_triton_kernels pytest_gpu; do
   fi
 done
 
-# --------------------------------------------------------------------------------------- 5. summary
+# ------------------------------------------------------- 5. registers / spills of every kernel config
+# (static, no GPU needed: what this image's triton and ptxas make of every config; explains slow ones)
+run_step kernel_resources 90 20 "$PY" bench/kernel_resources.py --modules all --out "$OUT"
+
+# --------------------------------------------------------------------------------------- 6. summary
 rc=0
 {
   echo "gpu_check summary ($(date -Is), $((SECONDS - START))s of ${BUDGET}s)"

@@ -96,3 +96,25 @@ def test_plan_covers_every_kernel(module_name):
     assert kernels <= planned, (
         f"kernels missing from {module_name}.aot_launches(): {sorted(kernels - planned)}"
     )
+
+
+def test_kernel_resources_script_writes_its_table(tmp_path):
+    """bench/kernel_resources.py (the registers / spills table) runs and writes one row per compile."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "kernel_resources.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--modules", "signin_reset", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "kernel_resources.csv")))
+    assert len(rows) == len(_aot.jobs("signin_reset"))
+    assert all(int(r["registers"]) > 0 and r["error"] == "" for r in rows)
+    assert {r["arch"] for r in rows} == {"80", "90"}
