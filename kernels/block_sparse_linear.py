@@ -323,13 +323,16 @@ def _block_sparse_linear_dtheta_kernel(
     lanes_n = tl.arange(0, BN_P)[:, None]
     lanes_k = tl.arange(0, BK_P)[None, :]
     out = lanes_n * s_gn + lanes_k * s_gk  # g_m and g_w are allocated together: same strides
+    gw_block = gw_ptr + (r0 * s_gn + c0 * s_gk)
     if HAS_M:
+        # one factor at a time: g·w is stored before m is loaded, so fewer tiles are live at once
         w = tl.load(w_ptr + (r0 * s_wn + c0 * s_wk) + (lanes_n * s_wn + lanes_k * s_wk), mask=inb, other=0.0)
-        tl.store(gm_ptr + (r0 * s_gn + c0 * s_gk) + out, cast_out(g * w.to(tl.float32), dtype, UPCAST), mask=inb)
+        gm_block = gm_ptr + (r0 * s_gn + c0 * s_gk)
+        tl.store(gm_block + out, cast_out(g * w.to(tl.float32), dtype, UPCAST), mask=inb)
         m = tl.load(m_ptr + (r0 * s_mn + c0 * s_mk) + (lanes_n * s_mn + lanes_k * s_mk), mask=inb, other=0.0)
-        tl.store(gw_ptr + (r0 * s_gn + c0 * s_gk) + out, cast_out(g * m.to(tl.float32), dtype, UPCAST), mask=inb)
+        tl.store(gw_block + out, cast_out(g * m.to(tl.float32), dtype, UPCAST), mask=inb)
     else:
-        tl.store(gw_ptr + (r0 * s_gn + c0 * s_gk) + out, cast_out(g, dtype, UPCAST), mask=inb)
+        tl.store(gw_block + out, cast_out(g, dtype, UPCAST), mask=inb)
 
 
 # one autotuner per operand width (fp32 needs other tiles; the key does not see dtypes)
@@ -408,8 +411,6 @@ def _block_consts(block_n: int, block_k: int, dtype: torch.dtype, reduce_over: s
 
 def prepare_fwd(x, m, w, bias, crow, col, row, ccol, row_t, block_n, block_k, config=None):
     _check("x", x, m, w, w.shape[1], (crow, col, row, ccol, row_t), block_n, block_k)
-    check_tile_offsets("m", m, MAX_BLOCK)
-    check_tile_offsets("w", w, MAX_BLOCK)
     n, k = w.shape
     if bias is not None:
         check_same("bias", bias, w, shape=False)
@@ -503,7 +504,8 @@ def prepare_dtheta(grad_y, x, m, w, crow, col, row, ccol, row_t, block_n, block_
     # zero outside the blocks: the kernel writes only the non-empty blocks
     g_m = None if m is None else torch.zeros(n, k, dtype=w.dtype, device=w.device)
     g_w = torch.zeros(n, k, dtype=w.dtype, device=w.device)
-    check_tile_offsets("g_w", g_w, MAX_BLOCK)  # g_m has the same strides
+    for name, t in (("m", m), ("w", w), ("g_w", g_w)):  # g_m has g_w's strides
+        check_tile_offsets(name, t, MAX_BLOCK)
     dm = m if m is not None else w
     args = dict(
         dy_ptr=grad_y,
@@ -567,8 +569,9 @@ def aot_launches():
     """(name, Launch, sweep) covering every specialisation a GPU run can launch, on meta tensors.
 
     sweep=True (every autotune config): 64×64 and 128×128 blocks in bf16, fp32/TF32 and fp32/3xTF32
-    with m, the shared-memory and register extremes. sweep=False (first config): other block shapes (16×16, a non-power-of-two
-    48×80 padded one, 32×128, 128×16), fp16, fp32/3xTF32, and m absent, rotating through the kernels.
+    with m, the shared-memory and register extremes. sweep=False (first config): other block shapes
+    (16×16, a non-power-of-two 48×80 padded one, 32×128, 128×16), fp16, fp32/3xTF32, and m absent,
+    rotating through the kernels.
     """
     variants = {
         "bf16": (torch.bfloat16, "ieee"),
