@@ -59,51 +59,37 @@ from ._common import (
     ew_at,
     ew_offsets,
     factorize,
+    strides_2d,
     upcast_flag,
 )
 
-__all__ = ["fused_step", "fused_step_multi", "fused_step_signin", "SUPPORTED_DTYPES"]
+__all__ = ["SUPPORTED_DTYPES", "fused_step", "fused_step_multi", "fused_step_signin"]
 
 STEP_KINDS = ("sgd", "adamw")
 RESET_STATES = ("keep", "zero", "transform")
 _KIND_ID = {"sgd": 0, "adamw": 1}
 
 
-# ----------------------------------------------------------------------------------------- the math
+# ------------------------------------------------------------------------- the math, shared by all kernels
+#
+# The three kernels differ only in where their tensors are (strided views, a pointer table, a Sign-In
+# pair) and in what follows the step (the Sign-In reset); loading, the update, the mask and the stores
+# are these helpers. The kernels hand the hyper-parameters on as tuples, hyper = (lr, maximize, sgd,
+# adam) with sgd = (momentum, 1 − dampening, first, nesterov) and adam = (β1, 1 − β1, β2, 1 − β2, ε,
+# 1/(1 − β1ᵗ), 1/sqrt(1 − β2ᵗ)); λ and 2α stay separate because the multi-tensor kernel reads them per
+# tensor. first / nesterov / maximize are runtime ints: selects cost nothing in a memory-bound kernel,
+# and each constexpr would double the number of compiled variants. The kernels' signatures list their
+# parameters by role, a line each (pointers, sizes, hyper-parameters, runtime flags, constexprs).
 
 
 @triton.jit
-def _update(
-    p,
-    g,
-    b1,
-    b2,
-    lr,
-    momentum,
-    one_minus_damp,
-    beta1,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    wd,
-    two_alpha,
-    inv_bc1,
-    inv_sqrt_bc2,
-    first,
-    nesterov,
-    maximize,
-    KIND: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr,
-):
-    """One step on fp32 values; returns (new p, new buf1, new buf2). Mirrors fused_step_ref's op order.
-
-    first / nesterov / maximize are runtime ints (selects cost nothing in a memory-bound kernel, and
-    each constexpr would double the number of compiled variants).
-    """
+def _update(p, g, b1, b2, wd, two_alpha, hyper, KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr):
+    """One step on fp32 values; returns (new p, new buf1, new buf2). Mirrors fused_step_ref's op order."""
+    lr, maximize, sgd, adam = hyper
     g = tl.where(maximize != 0, -g, g)
     g = tl.where(two_alpha != 0.0, g + two_alpha * p, g)
     if KIND == 0:
+        momentum, one_minus_damp, first, nesterov = sgd
         g = tl.where(wd != 0.0, g + wd * p, g)
         if HAS_MOMENTUM:
             # step 1: buf = g (the old buffer, possibly uninitialised, is ignored)
@@ -111,6 +97,7 @@ def _update(
             g = tl.where(nesterov != 0, g + momentum * b1, b1)
         new_p = p - lr * g
     else:
+        beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2 = adam
         decayed = p * (1.0 - lr * wd)
         # torch.lerp(start, end, wt): start + wt·(end − start) for wt < 0.5, else end − (end − start)·(1 − wt)
         diff = g - b1
@@ -119,6 +106,54 @@ def _update(
         denom = tl.sqrt_rn(b2) * inv_sqrt_bc2 + eps
         new_p = decayed - (lr * inv_bc1) * tl.div_rn(b1, denom)
     return new_p, b1, b2
+
+
+@triton.jit
+def _load(at, lanes):
+    """fp32 whatever the storage dtype: all the math runs in fp32."""
+    return tl.load(at, mask=lanes, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(at, x, lanes, UPCAST: tl.constexpr):
+    """fp32 ``x`` rounded once (to nearest even) to the dtype ``at`` points to."""
+    tl.store(at, cast_out(x, at.dtype.element_ty, UPCAST), mask=lanes)
+
+
+@triton.jit
+def _load_and_step(
+    p_at, g_at, b1_at, b2_at, lanes, wd, two_alpha, hyper, KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr
+):
+    """Step one tensor's elements at the pointers ``*_at``: returns fp32 (p, new p, new buf1, new buf2).
+
+    A buffer the kind does not use is neither read nor written (its pointer is a placeholder) and is 0.
+    """
+    p = _load(p_at, lanes)
+    b1 = tl.zeros_like(p)
+    b2 = tl.zeros_like(p)
+    if (KIND == 1) or HAS_MOMENTUM:
+        b1 = _load(b1_at, lanes)
+    if KIND == 1:
+        b2 = _load(b2_at, lanes)
+    new_p, b1, b2 = _update(p, _load(g_at, lanes), b1, b2, wd, two_alpha, hyper, KIND, HAS_MOMENTUM)
+    return p, new_p, b1, b2
+
+
+@triton.jit
+def _apply_mask(keep, new_p, p, b1, b2):
+    """The mask contract: pruned coordinates keep p and get exactly zero state, whatever the update
+    computed there (a NaN gradient included)."""
+    return tl.where(keep, new_p, p), tl.where(keep, b1, 0.0), tl.where(keep, b2, 0.0)
+
+
+@triton.jit
+def _store_state(
+    b1_at, b2_at, b1, b2, lanes, UPCAST: tl.constexpr, KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr
+):
+    if (KIND == 1) or HAS_MOMENTUM:
+        _store(b1_at, b1, lanes, UPCAST)
+    if KIND == 1:
+        _store(b2_at, b2, lanes, UPCAST)
 
 
 class _Hyper:
@@ -131,43 +166,70 @@ class _Hyper:
             raise ValueError(f"kind must be one of {STEP_KINDS}, got {kind!r}")
         if not isinstance(step, int) or step < 1:
             raise ValueError(f"step must be an int >= 1 (1-based count of this step), got {step!r}")
-        for name, v in (
-            ("momentum", momentum),
-            ("dampening", dampening),
-            ("beta1", beta1),
-            ("beta2", beta2),
-            ("eps", eps),
-        ):
+        finite = {"momentum": momentum, "dampening": dampening, "beta1": beta1, "beta2": beta2, "eps": eps}
+        for name, v in finite.items():
             if not math.isfinite(float(v)):
                 raise ValueError(f"{name} must be finite, got {v}")
         if nesterov and kind == "sgd" and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov requires momentum > 0 and dampening == 0")
         self.kind = kind
-        self.step = step
         self.has_momentum = kind == "sgd" and momentum != 0.0
-        self.first = step == 1
-        self.nesterov = bool(nesterov)
-        self.maximize = bool(maximize)
+        #: one float, or (fused_step_multi) one per tensor
         self.weight_decay = weight_decay
         self.alpha = alpha
+        adamw = kind == "adamw"
         # Python doubles rounded once to fp32 by the launch, as torch does with scalar operands
-        self.scalars = dict(
-            momentum=float(momentum),
-            one_minus_damp=1.0 - float(dampening),
-            beta1=float(beta1),
-            one_minus_beta1=1.0 - float(beta1),
-            beta2=float(beta2),
-            one_minus_beta2=1.0 - float(beta2),
-            eps=float(eps),
-            inv_bc1=1.0 / (1.0 - float(beta1) ** step) if kind == "adamw" else 1.0,
-            inv_sqrt_bc2=1.0 / math.sqrt(1.0 - float(beta2) ** step) if kind == "adamw" else 1.0,
-        )
-        self.flags = dict(KIND=_KIND_ID[kind], HAS_MOMENTUM=self.has_momentum)
-        self.runtime = dict(first=int(self.first), nesterov=int(self.nesterov), maximize=int(self.maximize))
+        self.kernel_args = {
+            "momentum": float(momentum),
+            "one_minus_damp": 1.0 - float(dampening),
+            "beta1": float(beta1),
+            "one_minus_beta1": 1.0 - float(beta1),
+            "beta2": float(beta2),
+            "one_minus_beta2": 1.0 - float(beta2),
+            "eps": float(eps),
+            "inv_bc1": 1.0 / (1.0 - float(beta1) ** step) if adamw else 1.0,
+            "inv_sqrt_bc2": 1.0 / math.sqrt(1.0 - float(beta2) ** step) if adamw else 1.0,
+            "first": int(step == 1),
+            "nesterov": int(bool(nesterov)),
+            "maximize": int(bool(maximize)),
+            "KIND": _KIND_ID[kind],
+            "HAS_MOMENTUM": self.has_momentum,
+            "UPCAST": upcast_flag(),
+        }
 
     def needs(self) -> tuple[bool, bool]:
         """(buf1 needed, buf2 needed)."""
         return (self.has_momentum or self.kind == "adamw"), self.kind == "adamw"
+
+    def check(self, ref_name, ref, like, states, mask):
+        """Check the tensors of one step against ``ref`` (the parameter); errors name the argument.
+
+        ``like``: (name, tensor) pairs that must match ``ref`` in shape, dtype and device (the grads, the
+        other factor of a pair); ``states``: (name, tensor, slot), slot 0 for a buf1, 1 for a buf2, which
+        must be given where the kind uses that slot. Returns the states the kind uses, None for the others.
+        """
+        check_device(ref_name, ref)
+        check_dtype(ref_name, ref)
+        want = f"shape {tuple(ref.shape)}, {ref.dtype}, {ref.device}"
+        for name, t in like:
+            if t is None or t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+                got = None if t is None else f"{tuple(t.shape)}, {t.dtype}, {t.device}"
+                raise ValueError(f"{name} must match {ref_name} ({want}), got {got}")
+        needs = self.needs()
+        used = []
+        for name, t, slot in states:
+            if t is None:
+                if needs[slot]:
+                    raise ValueError(f"{name} must be given for this kind / momentum, got None")
+            elif t.shape != ref.shape:
+                raise ValueError(f"{name} must have shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+            elif t.device != ref.device:
+                raise ValueError(f"{name} must be on {ref.device}, got {t.device}")
+            else:
+                check_dtype(name, t)
+            used.append(t if needs[slot] else None)
+        check_mask(mask, ref)
+        return used
 
 
 def _lr_on(lr: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -176,113 +238,38 @@ def _lr_on(lr: torch.Tensor, device: torch.device) -> torch.Tensor:
     return lr if lr.device == device else lr.to(device)
 
 
+def _or(t, placeholder):
+    """``t``, or a pointer the kernel never dereferences (for an operand that is absent)."""
+    return placeholder if t is None else t
+
+
 # --------------------------------------------------------------------------------- single tensor
 
 
 @triton.jit(do_not_specialize=["first", "nesterov", "maximize"])
 def _fused_step_kernel(
-    p_ptr,
-    g_ptr,
-    b1_ptr,
-    b2_ptr,
-    mask_ptr,
-    lr_ptr,
-    numel,
-    rows,
-    cols,
-    s_p0,
-    s_p1,
-    s_g0,
-    s_g1,
-    s_b10,
-    s_b11,
-    s_b20,
-    s_b21,
-    s_q0,
-    s_q1,
-    momentum,
-    one_minus_damp,
-    beta1,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    wd,
-    two_alpha,
-    inv_bc1,
-    inv_sqrt_bc2,
-    first,
-    nesterov,
-    maximize,
-    KIND: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    FLAT: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+    p_ptr, g_ptr, b1_ptr, b2_ptr, mask_ptr, lr_ptr,
+    numel, rows, cols, s_p0, s_p1, s_g0, s_g1, s_b10, s_b11, s_b20, s_b21, s_q0, s_q1,
+    wd, two_alpha,
+    momentum, one_minus_damp, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2,
+    first, nesterov, maximize,
+    KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_MASK: tl.constexpr, FLAT: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    sgd = (momentum, one_minus_damp, first, nesterov)
+    adam = (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2)
+    hyper = (tl.load(lr_ptr).to(tl.float32), maximize, sgd, adam)
     r, c, inb = ew_offsets(FLAT, BLOCK, BLOCK_R, BLOCK_C, numel, rows, cols)
-    lr = tl.load(lr_ptr).to(tl.float32)
     p_at = p_ptr + ew_at(FLAT, r, c, s_p0, s_p1)
-    p = tl.load(p_at, mask=inb, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + ew_at(FLAT, r, c, s_g0, s_g1), mask=inb, other=0.0).to(tl.float32)
-    b1 = tl.zeros_like(p)
-    b2 = tl.zeros_like(p)
-    if (KIND == 1) or HAS_MOMENTUM:
-        b1 = tl.load(b1_ptr + ew_at(FLAT, r, c, s_b10, s_b11), mask=inb, other=0.0).to(tl.float32)
-    if KIND == 1:
-        b2 = tl.load(b2_ptr + ew_at(FLAT, r, c, s_b20, s_b21), mask=inb, other=0.0).to(tl.float32)
-    new_p, b1, b2 = _update(
-        p,
-        g,
-        b1,
-        b2,
-        lr,
-        momentum,
-        one_minus_damp,
-        beta1,
-        one_minus_beta1,
-        beta2,
-        one_minus_beta2,
-        eps,
-        wd,
-        two_alpha,
-        inv_bc1,
-        inv_sqrt_bc2,
-        first,
-        nesterov,
-        maximize,
-        KIND,
-        HAS_MOMENTUM,
-    )
+    b1_at = b1_ptr + ew_at(FLAT, r, c, s_b10, s_b11)
+    b2_at = b2_ptr + ew_at(FLAT, r, c, s_b20, s_b21)
+    g_at = g_ptr + ew_at(FLAT, r, c, s_g0, s_g1)
+    p, new_p, b1, b2 = _load_and_step(p_at, g_at, b1_at, b2_at, inb, wd, two_alpha, hyper, KIND, HAS_MOMENTUM)
     if HAS_MASK:
         keep = tl.load(mask_ptr + ew_at(FLAT, r, c, s_q0, s_q1), mask=inb, other=0) != 0
-        new_p = tl.where(keep, new_p, p)
-        b1 = tl.where(keep, b1, 0.0)
-        b2 = tl.where(keep, b2, 0.0)
-    tl.store(p_at, cast_out(new_p, p_ptr.dtype.element_ty, UPCAST), mask=inb)
-    if (KIND == 1) or HAS_MOMENTUM:
-        tl.store(
-            b1_ptr + ew_at(FLAT, r, c, s_b10, s_b11), cast_out(b1, b1_ptr.dtype.element_ty, UPCAST), mask=inb
-        )
-    if KIND == 1:
-        tl.store(
-            b2_ptr + ew_at(FLAT, r, c, s_b20, s_b21), cast_out(b2, b2_ptr.dtype.element_ty, UPCAST), mask=inb
-        )
-
-
-def _check_state(name, t, param, needed: bool):
-    if t is None:
-        if needed:
-            raise ValueError(f"{name} must be given for this kind / momentum, got None")
-        return
-    if t.shape != param.shape:
-        raise ValueError(f"{name} must have shape {tuple(param.shape)}, got {tuple(t.shape)}")
-    if t.device != param.device:
-        raise ValueError(f"{name} must be on {param.device}, got {t.device}")
-    check_dtype(name, t)
+        new_p, b1, b2 = _apply_mask(keep, new_p, p, b1, b2)
+    _store(p_at, new_p, inb, UPCAST)
+    _store_state(b1_at, b2_at, b1, b2, inb, UPCAST, KIND, HAS_MOMENTUM)
 
 
 def _views(tensors):
@@ -301,84 +288,35 @@ def _views(tensors):
     return views, copies
 
 
-def prepare(
-    param,
-    grad,
-    buf1,
-    buf2,
-    mask,
-    lr,
-    step,
-    kind,
-    momentum,
-    dampening,
-    nesterov,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    alpha,
-    maximize,
-    config=None,
-):
-    hp = _Hyper(step, kind, momentum, dampening, nesterov, beta1, beta2, eps, weight_decay, alpha, maximize)
-    check_device("param", param)
-    check_dtype("param", param)
-    if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
-        raise ValueError(
-            f"grad must match param (shape {tuple(param.shape)}, {param.dtype}, {param.device}), "
-            f"got {tuple(grad.shape)}, {grad.dtype}, {grad.device}"
-        )
-    need1, need2 = hp.needs()
-    _check_state("buf1", buf1, param, need1)
-    _check_state("buf2", buf2, param, need2)
-    check_mask(mask, param)
-    buf1 = buf1 if need1 else None
-    buf2 = buf2 if need2 else None
+def prepare(param, grad, buf1, buf2, mask, lr, hp: _Hyper, config=None):
+    """The Launch of a single-tensor step, plus the (tensor, copy) pairs to write back after it runs."""
+    buf1, buf2 = hp.check("param", param, [("grad", grad)], [("buf1", buf1, 0), ("buf2", buf2, 1)], mask)
     lr_t = _lr_on(lr, param.device)
     flat = all_contiguous(param, grad, buf1, buf2, mask)
     (p2, g2, b12, b22, q2), copies = _views((param, grad, buf1, buf2, mask))
     rows, cols = p2.shape
-
-    def st(t):
-        return (0, 0) if t is None else (t.stride(0), t.stride(1))
-
+    strides = {}
+    for name, t in (("p", p2), ("g", g2), ("b1", b12), ("b2", b22), ("q", q2)):
+        strides[f"s_{name}0"], strides[f"s_{name}1"] = strides_2d(t)
     args = dict(
         p_ptr=p2,
         g_ptr=g2,
-        b1_ptr=p2 if b12 is None else b12,
-        b2_ptr=p2 if b22 is None else b22,
-        mask_ptr=p2 if q2 is None else q2,
+        b1_ptr=_or(b12, p2),
+        b2_ptr=_or(b22, p2),
+        mask_ptr=_or(q2, p2),
         lr_ptr=lr_t,
         numel=param.numel(),
         rows=rows,
         cols=cols,
-        s_p0=st(p2)[0],
-        s_p1=st(p2)[1],
-        s_g0=st(g2)[0],
-        s_g1=st(g2)[1],
-        s_b10=st(b12)[0],
-        s_b11=st(b12)[1],
-        s_b20=st(b22)[0],
-        s_b21=st(b22)[1],
-        s_q0=st(q2)[0],
-        s_q1=st(q2)[1],
-        wd=float(weight_decay),
-        two_alpha=2.0 * float(alpha),
-        **hp.scalars,
-        **hp.flags,
-        **hp.runtime,
+        **strides,
+        wd=float(hp.weight_decay),
+        two_alpha=2.0 * float(hp.alpha),
+        **hp.kernel_args,
         HAS_MASK=mask is not None,
         FLAT=flat,
-        UPCAST=upcast_flag(),
     )
-    launch = Launch(
-        _fused_step_kernel,
-        elementwise_grid(flat, param.numel(), rows, cols),
-        args,
-        config or elementwise_config(),
-    )
-    return launch, copies
+    grid = elementwise_grid(flat, param.numel(), rows, cols)
+    return Launch(_fused_step_kernel, grid, args, config or elementwise_config()), copies
 
 
 def fused_step(
@@ -401,25 +339,8 @@ def fused_step(
     maximize: bool,
 ) -> None:
     """One in-place step on ``param``, ``buf1``, ``buf2`` (see reference.fused_step_ref for the math)."""
-    launch, copies = prepare(
-        param,
-        grad,
-        buf1,
-        buf2,
-        mask,
-        lr,
-        step,
-        kind,
-        momentum,
-        dampening,
-        nesterov,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        alpha,
-        maximize,
-    )
+    hp = _Hyper(step, kind, momentum, dampening, nesterov, beta1, beta2, eps, weight_decay, alpha, maximize)
+    launch, copies = prepare(param, grad, buf1, buf2, mask, lr, hp)
     if param.numel():
         launch.run()
     for t, v in copies:
@@ -431,92 +352,38 @@ def fused_step(
 
 @triton.jit(do_not_specialize=["first", "nesterov", "maximize"])
 def _fused_step_multi_kernel(
-    table_ptr,
-    numel_ptr,
-    prog_tensor_ptr,
-    prog_start_ptr,
-    wd_ptr,
-    two_alpha_ptr,
-    lr_ptr,
-    momentum,
-    one_minus_damp,
-    beta1,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    inv_bc1,
-    inv_sqrt_bc2,
-    P_DTYPE: tl.constexpr,
-    B1_DTYPE: tl.constexpr,
-    B2_DTYPE: tl.constexpr,
-    first,
-    nesterov,
-    maximize,
-    KIND: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+    table_ptr, numel_ptr, prog_tensor_ptr, prog_start_ptr, wd_ptr, two_alpha_ptr, lr_ptr,
+    momentum, one_minus_damp, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2,
+    first, nesterov, maximize,
+    P_DTYPE: tl.constexpr, B1_DTYPE: tl.constexpr, B2_DTYPE: tl.constexpr,
+    KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     """Program i steps elements [start, start + BLOCK) of tensor prog_tensor[i].
 
     table row t: (param, grad, buf1, buf2, mask) addresses; a mask address of 0 means "no mask".
     """
+    sgd = (momentum, one_minus_damp, first, nesterov)
+    adam = (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2)
+    hyper = (tl.load(lr_ptr).to(tl.float32), maximize, sgd, adam)
     pid = tl.program_id(0)
     t = tl.load(prog_tensor_ptr + pid).to(tl.int64)
-    start = tl.load(prog_start_ptr + pid)
-    n = tl.load(numel_ptr + t)
-    offs = start + tl.arange(0, BLOCK)
-    inb = offs < n
+    offs = tl.load(prog_start_ptr + pid) + tl.arange(0, BLOCK)
+    inb = offs < tl.load(numel_ptr + t)
     row = table_ptr + t * 5
-    p_base = tl.load(row).to(tl.pointer_type(P_DTYPE))
-    g_base = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
-    q_addr = tl.load(row + 4)
-    lr = tl.load(lr_ptr).to(tl.float32)
+    p_at = tl.load(row).to(tl.pointer_type(P_DTYPE)) + offs
+    g_at = tl.load(row + 1).to(tl.pointer_type(P_DTYPE)) + offs
+    # address 0 where the kind has no such buffer: never dereferenced (see _load_and_step)
+    b1_at = tl.load(row + 2).to(tl.pointer_type(B1_DTYPE)) + offs
+    b2_at = tl.load(row + 3).to(tl.pointer_type(B2_DTYPE)) + offs
     wd = tl.load(wd_ptr + t)
     two_alpha = tl.load(two_alpha_ptr + t)
-    p = tl.load(p_base + offs, mask=inb, other=0.0).to(tl.float32)
-    g = tl.load(g_base + offs, mask=inb, other=0.0).to(tl.float32)
-    b1 = tl.zeros_like(p)
-    b2 = tl.zeros_like(p)
-    if (KIND == 1) or HAS_MOMENTUM:
-        b1_base = tl.load(row + 2).to(tl.pointer_type(B1_DTYPE))
-        b1 = tl.load(b1_base + offs, mask=inb, other=0.0).to(tl.float32)
-    if KIND == 1:
-        b2_base = tl.load(row + 3).to(tl.pointer_type(B2_DTYPE))
-        b2 = tl.load(b2_base + offs, mask=inb, other=0.0).to(tl.float32)
-    new_p, b1, b2 = _update(
-        p,
-        g,
-        b1,
-        b2,
-        lr,
-        momentum,
-        one_minus_damp,
-        beta1,
-        one_minus_beta1,
-        beta2,
-        one_minus_beta2,
-        eps,
-        wd,
-        two_alpha,
-        inv_bc1,
-        inv_sqrt_bc2,
-        first,
-        nesterov,
-        maximize,
-        KIND,
-        HAS_MOMENTUM,
-    )
+    p, new_p, b1, b2 = _load_and_step(p_at, g_at, b1_at, b2_at, inb, wd, two_alpha, hyper, KIND, HAS_MOMENTUM)
     # no mask: address 0, nothing loaded (masked-off lanes are never dereferenced), keep everything
-    q_base = q_addr.to(tl.pointer_type(tl.int8))
-    keep = tl.load(q_base + offs, mask=inb & (q_addr != 0), other=1) != 0
-    new_p = tl.where(keep, new_p, p)
-    tl.store(p_base + offs, cast_out(new_p, P_DTYPE, UPCAST), mask=inb)
-    if (KIND == 1) or HAS_MOMENTUM:
-        tl.store(b1_base + offs, cast_out(tl.where(keep, b1, 0.0), B1_DTYPE, UPCAST), mask=inb)
-    if KIND == 1:
-        tl.store(b2_base + offs, cast_out(tl.where(keep, b2, 0.0), B2_DTYPE, UPCAST), mask=inb)
+    q_addr = tl.load(row + 4)
+    keep = tl.load(q_addr.to(tl.pointer_type(tl.int8)) + offs, mask=inb & (q_addr != 0), other=1) != 0
+    new_p, b1, b2 = _apply_mask(keep, new_p, p, b1, b2)
+    _store(p_at, new_p, inb, UPCAST)
+    _store_state(b1_at, b2_at, b1, b2, inb, UPCAST, KIND, HAS_MOMENTUM)
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -535,53 +402,29 @@ def _per_tensor(name: str, value, count: int) -> list[float]:
     return values
 
 
-def prepare_multi(
-    params,
-    grads,
-    buf1s,
-    buf2s,
-    masks,
-    lr,
-    step,
-    kind,
-    momentum=0.0,
-    dampening=0.0,
-    nesterov=False,
-    beta1=0.9,
-    beta2=0.999,
-    eps=1e-8,
-    weight_decay=0.0,
-    alpha=0.0,
-    maximize=False,
-    block=None,
-):
-    """The launches (one per dtype group) of a multi-tensor step, plus the tensors they read."""
-    hp = _Hyper(step, kind, momentum, dampening, nesterov, beta1, beta2, eps, 0.0, 0.0, maximize)
+def _addr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def prepare_multi(params, grads, buf1s, buf2s, masks, lr, hp: _Hyper, block=None):
+    """The launches (one per dtype group) of a multi-tensor step, plus the host tables they read."""
     count = len(params)
     if len(grads) != count:
         raise ValueError(f"grads must have one tensor per param ({count}), got {len(grads)}")
     need1, need2 = hp.needs()
     lists = {}
-    for name, lst, needed in (("buf1s", buf1s, need1), ("buf2s", buf2s, need2), ("masks", masks, False)):
-        if lst is None:
-            lst = [None] * count
+    for name, lst, needed in (("buf1s", buf1s, need1), ("buf2s", buf2s, need2), ("masks", masks, True)):
+        lst = [None] * count if lst is None else lst
         if len(lst) != count:
             raise ValueError(f"{name} must have one entry per param ({count}), got {len(lst)}")
-        lists[name] = list(lst) if (needed or name == "masks") else [None] * count
-    wds = _per_tensor("weight_decay", weight_decay, count)
-    alphas = _per_tensor("alpha", alpha, count)
+        # state a kind does not use is not looked at (fused_step_multi's doc allows None lists for it)
+        lists[name] = list(lst) if needed else [None] * count
+    wds = _per_tensor("weight_decay", hp.weight_decay, count)
+    alphas = _per_tensor("alpha", hp.alpha, count)
     groups: dict[tuple, list[int]] = {}
-    for i, (p, g) in enumerate(zip(params, grads)):
-        check_device(f"params[{i}]", p)
-        check_dtype(f"params[{i}]", p)
-        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            raise ValueError(
-                f"grads[{i}] must match params[{i}] (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
-            )
-        b1, b2, q = lists["buf1s"][i], lists["buf2s"][i], lists["masks"][i]
-        _check_state(f"buf1s[{i}]", b1, p, need1)
-        _check_state(f"buf2s[{i}]", b2, p, need2)
-        check_mask(q, p)
+    operands = list(zip(params, grads, lists["buf1s"], lists["buf2s"], lists["masks"]))
+    for i, (p, g, b1, b2, q) in enumerate(operands):
+        hp.check(f"params[{i}]", p, [(f"grads[{i}]", g)], [(f"buf1s[{i}]", b1, 0), (f"buf2s[{i}]", b2, 1)], q)
         if not all_contiguous(p, g, b1, b2, q):
             raise ValueError(
                 f"params[{i}], its grad, state and mask must be contiguous for fused_step_multi "
@@ -589,8 +432,8 @@ def prepare_multi(
             )
         if p.device != params[0].device:
             raise ValueError(f"params[{i}] is on {p.device} but params[0] is on {params[0].device}")
-        key = (p.dtype, None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
-        groups.setdefault(key, []).append(i)
+        if p.numel():
+            groups.setdefault((p.dtype, _or(b1, p).dtype, _or(b2, p).dtype), []).append(i)
     if count == 0:
         return [], []
     device = params[0].device
@@ -598,26 +441,7 @@ def prepare_multi(
     block = block or multi_block()
     launches, keep_alive = [], []
     for (pdt, b1dt, b2dt), idx in groups.items():
-        idx = [i for i in idx if params[i].numel() > 0]
-        if not idx:
-            continue
-
-        def addr(t):
-            return 0 if t is None else t.data_ptr()
-
-        table = torch.tensor(
-            [
-                [
-                    addr(params[i]),
-                    addr(grads[i]),
-                    addr(lists["buf1s"][i]),
-                    addr(lists["buf2s"][i]),
-                    addr(lists["masks"][i]),
-                ]
-                for i in idx
-            ],
-            dtype=torch.int64,
-        )
+        table = torch.tensor([[_addr(t) for t in operands[i]] for i in idx], dtype=torch.int64)
         numels = torch.tensor([params[i].numel() for i in idx], dtype=torch.int64)
         blocks = (numels + block - 1) // block
         prog_tensor = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int32), blocks)
@@ -625,41 +449,22 @@ def prepare_multi(
         prog_start = (
             torch.arange(int(blocks.sum()), dtype=torch.int64) - torch.repeat_interleave(first_prog, blocks)
         ) * block
-        host = [
-            table,
-            numels,
-            prog_tensor,
-            prog_start,
-            torch.tensor([wds[i] for i in idx], dtype=torch.float32),
-            torch.tensor([2.0 * alphas[i] for i in idx], dtype=torch.float32),
-        ]
+        wd = torch.tensor([wds[i] for i in idx], dtype=torch.float32)
+        two_alpha = torch.tensor([2.0 * alphas[i] for i in idx], dtype=torch.float32)
+        host = [table, numels, prog_tensor, prog_start, wd, two_alpha]
         dev = [t.to(device, non_blocking=True) if device.type == "cuda" else t for t in host]
-        table_d, numel_d, pt_d, ps_d, wd_d, a_d = dev
+        names = ("table_ptr", "numel_ptr", "prog_tensor_ptr", "prog_start_ptr", "wd_ptr", "two_alpha_ptr")
         args = dict(
-            table_ptr=table_d,
-            numel_ptr=numel_d,
-            prog_tensor_ptr=pt_d,
-            prog_start_ptr=ps_d,
-            wd_ptr=wd_d,
-            two_alpha_ptr=a_d,
+            zip(names, dev),
             lr_ptr=lr_t,
-            **{k: v for k, v in hp.scalars.items()},
+            **hp.kernel_args,
             P_DTYPE=_TL_DTYPE[pdt],
-            B1_DTYPE=_TL_DTYPE[b1dt or pdt],
-            B2_DTYPE=_TL_DTYPE[b2dt or pdt],
-            **hp.flags,
-            **hp.runtime,
-            UPCAST=upcast_flag(),
+            B1_DTYPE=_TL_DTYPE[b1dt],
+            B2_DTYPE=_TL_DTYPE[b2dt],
             BLOCK=block,
         )
-        launches.append(
-            Launch(
-                _fused_step_multi_kernel,
-                (int(blocks.sum()),),
-                args,
-                triton.Config({}, num_warps=8 if block >= 2048 else 4, num_stages=1),
-            )
-        )
+        cfg = triton.Config({}, num_warps=8 if block >= 2048 else 4, num_stages=1)
+        launches.append(Launch(_fused_step_multi_kernel, (int(blocks.sum()),), args, cfg))
         keep_alive.append(host)
     return launches, keep_alive
 
@@ -685,25 +490,8 @@ def fused_step_multi(
     maximize: bool = False,
 ) -> None:
     """fused_step over many tensors, one launch per dtype group (see the module doc)."""
-    launches, _host = prepare_multi(
-        params,
-        grads,
-        buf1s,
-        buf2s,
-        masks,
-        lr,
-        step,
-        kind,
-        momentum,
-        dampening,
-        nesterov,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        alpha,
-        maximize,
-    )
+    hp = _Hyper(step, kind, momentum, dampening, nesterov, beta1, beta2, eps, weight_decay, alpha, maximize)
+    launches, _host = prepare_multi(params, grads, buf1s, buf2s, masks, lr, hp)
     for launch in launches:
         launch.run()
 
@@ -713,114 +501,32 @@ def fused_step_multi(
 
 @triton.jit(do_not_specialize=["first", "nesterov", "maximize", "reset", "state"])
 def _fused_step_signin_kernel(
-    m_ptr,
-    w_ptr,
-    gm_ptr,
-    gw_ptr,
-    mb1_ptr,
-    mb2_ptr,
-    wb1_ptr,
-    wb2_ptr,
-    mask_ptr,
-    lr_ptr,
-    numel,
-    half_beta,
-    momentum,
-    one_minus_damp,
-    beta1,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    wd,
-    two_alpha,
-    inv_bc1,
-    inv_sqrt_bc2,
-    first,
-    nesterov,
-    maximize,
-    reset,
-    state,
-    KIND: tl.constexpr,
-    HAS_MOMENTUM: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    UPCAST: tl.constexpr,
+    m_ptr, w_ptr, gm_ptr, gw_ptr, mb1_ptr, mb2_ptr, wb1_ptr, wb2_ptr, mask_ptr, lr_ptr,
+    numel, half_beta, wd, two_alpha,
+    momentum, one_minus_damp, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2,
+    first, nesterov, maximize, reset, state,
+    KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK: tl.constexpr,
-):
+):  # fmt: skip
     """Step m and w (same hyper-parameters), then, if ``reset``, re-factor the pair to β; ``state``:
     0 keep, 1 zero, 2 transform (see the module doc)."""
+    sgd = (momentum, one_minus_damp, first, nesterov)
+    adam = (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2)
+    hyper = (tl.load(lr_ptr).to(tl.float32), maximize, sgd, adam)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < numel
-    lr = tl.load(lr_ptr).to(tl.float32)
     dtype = w_ptr.dtype.element_ty
-    m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    gm = tl.load(gm_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    gw = tl.load(gw_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    mb1 = tl.zeros_like(m)
-    mb2 = tl.zeros_like(m)
-    wb1 = tl.zeros_like(m)
-    wb2 = tl.zeros_like(m)
-    if (KIND == 1) or HAS_MOMENTUM:
-        mb1 = tl.load(mb1_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        wb1 = tl.load(wb1_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    if KIND == 1:
-        mb2 = tl.load(mb2_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        wb2 = tl.load(wb2_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    new_m, mb1, mb2 = _update(
-        m,
-        gm,
-        mb1,
-        mb2,
-        lr,
-        momentum,
-        one_minus_damp,
-        beta1,
-        one_minus_beta1,
-        beta2,
-        one_minus_beta2,
-        eps,
-        wd,
-        two_alpha,
-        inv_bc1,
-        inv_sqrt_bc2,
-        first,
-        nesterov,
-        maximize,
-        KIND,
-        HAS_MOMENTUM,
+    mb1_at, mb2_at, wb1_at, wb2_at = mb1_ptr + offs, mb2_ptr + offs, wb1_ptr + offs, wb2_ptr + offs
+    m, new_m, mb1, mb2 = _load_and_step(
+        m_ptr + offs, gm_ptr + offs, mb1_at, mb2_at, inb, wd, two_alpha, hyper, KIND, HAS_MOMENTUM
     )
-    new_w, wb1, wb2 = _update(
-        w,
-        gw,
-        wb1,
-        wb2,
-        lr,
-        momentum,
-        one_minus_damp,
-        beta1,
-        one_minus_beta1,
-        beta2,
-        one_minus_beta2,
-        eps,
-        wd,
-        two_alpha,
-        inv_bc1,
-        inv_sqrt_bc2,
-        first,
-        nesterov,
-        maximize,
-        KIND,
-        HAS_MOMENTUM,
+    w, new_w, wb1, wb2 = _load_and_step(
+        w_ptr + offs, gw_ptr + offs, wb1_at, wb2_at, inb, wd, two_alpha, hyper, KIND, HAS_MOMENTUM
     )
     if HAS_MASK:
         keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
-        new_m = tl.where(keep, new_m, m)
-        new_w = tl.where(keep, new_w, w)
-        mb1 = tl.where(keep, mb1, 0.0)
-        mb2 = tl.where(keep, mb2, 0.0)
-        wb1 = tl.where(keep, wb1, 0.0)
-        wb2 = tl.where(keep, wb2, 0.0)
+        new_m, mb1, mb2 = _apply_mask(keep, new_m, m, mb1, mb2)
+        new_w, wb1, wb2 = _apply_mask(keep, new_w, w, wb1, wb2)
     # the stepped values as stored (the reset of the reference starts from the stored tensors)
     sm = cast_out(new_m, dtype, UPCAST)
     sw = cast_out(new_w, dtype, UPCAST)
@@ -839,7 +545,8 @@ def _fused_step_signin_kernel(
     wb1 = tl.where(zero, 0.0, wb1)
     mb2 = tl.where(zero, 0.0, mb2)
     wb2 = tl.where(zero, 0.0, wb2)
-    # transform: the state in the new coordinates through the θ-gradient it represents (module doc)
+    # transform: the state in the new coordinates through the θ-gradient it represents (module doc),
+    # computed from the state as stored
     transform = do_reset & (state == 2)
     frm = rm_s.to(tl.float32)
     frw = rw_s.to(tl.float32)
@@ -856,91 +563,46 @@ def _fused_step_signin_kernel(
         s_theta = tl.where(norm > 0, tl.div_rn(b2m + b2w, safe), 0.0)
         mb2 = tl.where(transform, s_theta * (frw * frw), mb2)
         wb2 = tl.where(transform, s_theta * (frm * frm), wb2)
-    sm = tl.where(do_reset, rm_s, sm)
-    sw = tl.where(do_reset, rw_s, sw)
-    tl.store(m_ptr + offs, sm, mask=inb)
-    tl.store(w_ptr + offs, sw, mask=inb)
-    if (KIND == 1) or HAS_MOMENTUM:
-        tl.store(mb1_ptr + offs, cast_out(mb1, mb1_ptr.dtype.element_ty, UPCAST), mask=inb)
-        tl.store(wb1_ptr + offs, cast_out(wb1, wb1_ptr.dtype.element_ty, UPCAST), mask=inb)
-    if KIND == 1:
-        tl.store(mb2_ptr + offs, cast_out(mb2, mb2_ptr.dtype.element_ty, UPCAST), mask=inb)
-        tl.store(wb2_ptr + offs, cast_out(wb2, wb2_ptr.dtype.element_ty, UPCAST), mask=inb)
+    tl.store(m_ptr + offs, tl.where(do_reset, rm_s, sm), mask=inb)
+    tl.store(w_ptr + offs, tl.where(do_reset, rw_s, sw), mask=inb)
+    _store_state(mb1_at, mb2_at, mb1, mb2, inb, UPCAST, KIND, HAS_MOMENTUM)
+    _store_state(wb1_at, wb2_at, wb1, wb2, inb, UPCAST, KIND, HAS_MOMENTUM)
 
 
 def prepare_signin(
-    m,
-    w,
-    g_m,
-    g_w,
-    m_buf1,
-    m_buf2,
-    w_buf1,
-    w_buf2,
-    mask,
-    lr,
-    step,
-    kind,
-    momentum=0.0,
-    dampening=0.0,
-    nesterov=False,
-    beta1=0.9,
-    beta2=0.999,
-    eps=1e-8,
-    weight_decay=0.0,
-    alpha=0.0,
-    maximize=False,
-    beta=None,
-    state="keep",
-    config=None,
+    m, w, g_m, g_w, m_buf1, m_buf2, w_buf1, w_buf2, mask, lr, hp: _Hyper, beta=None, state="keep", config=None
 ):
-    hp = _Hyper(step, kind, momentum, dampening, nesterov, beta1, beta2, eps, weight_decay, alpha, maximize)
+    """The Launch of a Sign-In pair step (+ reset)."""
     if state not in RESET_STATES:
         raise ValueError(f"state must be one of {RESET_STATES}, got {state!r}")
     if beta is not None and not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0 (or None for no reset), got {beta}")
-    check_device("w", w)
-    check_dtype("w", w)
-    for name, t in (("m", m), ("g_m", g_m), ("g_w", g_w)):
-        if t is None or t.shape != w.shape or t.dtype != w.dtype or t.device != w.device:
-            raise ValueError(f"{name} must match w (shape {tuple(w.shape)}, {w.dtype}, {w.device})")
-    need1, need2 = hp.needs()
-    for name, t, needed in (
-        ("m_buf1", m_buf1, need1),
-        ("w_buf1", w_buf1, need1),
-        ("m_buf2", m_buf2, need2),
-        ("w_buf2", w_buf2, need2),
-    ):
-        _check_state(name, t, w, needed)
-    check_mask(mask, w)
-    used = [m, w, g_m, g_w, mask] + ([m_buf1, w_buf1] if need1 else []) + ([m_buf2, w_buf2] if need2 else [])
-    if not all_contiguous(*used):
+    like = [("m", m), ("g_m", g_m), ("g_w", g_w)]
+    states = [("m_buf1", m_buf1, 0), ("w_buf1", w_buf1, 0), ("m_buf2", m_buf2, 1), ("w_buf2", w_buf2, 1)]
+    mb1, wb1, mb2, wb2 = hp.check("w", w, like, states, mask)
+    if not all_contiguous(m, w, g_m, g_w, mask, mb1, wb1, mb2, wb2):
         raise ValueError("m, w, their grads, state and mask must be contiguous for fused_step_signin")
-    lr_t = _lr_on(lr, w.device)
-    pick = lambda t, ok: t if (ok and t is not None) else w
     args = dict(
         m_ptr=m,
         w_ptr=w,
         gm_ptr=g_m,
         gw_ptr=g_w,
-        mb1_ptr=pick(m_buf1, need1),
-        mb2_ptr=pick(m_buf2, need2),
-        wb1_ptr=pick(w_buf1, need1),
-        wb2_ptr=pick(w_buf2, need2),
-        mask_ptr=w if mask is None else mask,
-        lr_ptr=lr_t,
+        mb1_ptr=_or(mb1, w),
+        mb2_ptr=_or(mb2, w),
+        wb1_ptr=_or(wb1, w),
+        wb2_ptr=_or(wb2, w),
+        mask_ptr=_or(mask, w),
+        lr_ptr=_lr_on(lr, w.device),
         numel=w.numel(),
         half_beta=0.5 * float(beta or 0.0),
-        wd=float(weight_decay),
-        two_alpha=2.0 * float(alpha),
-        **hp.scalars,
-        **hp.flags,
-        **hp.runtime,
+        wd=float(hp.weight_decay),
+        two_alpha=2.0 * float(hp.alpha),
+        **hp.kernel_args,
         reset=int(beta is not None),
         state=RESET_STATES.index(state),
         HAS_MASK=mask is not None,
-        UPCAST=upcast_flag(),
     )
+    # the flat layout only: the config's 2-D tile sizes are no parameters of this kernel
     cfg = config or elementwise_config()
     cfg = triton.Config({"BLOCK": cfg.kwargs["BLOCK"]}, num_warps=cfg.num_warps, num_stages=1)
     grid = lambda meta: (triton.cdiv(w.numel(), meta["BLOCK"]),)
@@ -974,31 +636,8 @@ def fused_step_signin(
     state: str = "keep",
 ) -> None:
     """Step a Sign-In pair (m, w) and optionally reset it to β, in one pass, in place (module doc)."""
-    launch = prepare_signin(
-        m,
-        w,
-        g_m,
-        g_w,
-        m_buf1,
-        m_buf2,
-        w_buf1,
-        w_buf2,
-        mask,
-        lr,
-        step,
-        kind,
-        momentum,
-        dampening,
-        nesterov,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        alpha,
-        maximize,
-        beta,
-        state,
-    )
+    hp = _Hyper(step, kind, momentum, dampening, nesterov, beta1, beta2, eps, weight_decay, alpha, maximize)
+    launch = prepare_signin(m, w, g_m, g_w, m_buf1, m_buf2, w_buf1, w_buf2, mask, lr, hp, beta, state)
     if w.numel():
         launch.run()
 
@@ -1012,120 +651,36 @@ def aot_launches():
     Constexprs: the kind (sgd without / with momentum, adamw), the mask, the layout and the dtypes
     (parameter, state); step 1 / Nesterov / maximize / reset / state are runtime values. Each
     (parameter, state) dtype pair gets every kind with and without a mask, the strided layout once, and
-    the multi-tensor and Sign-In kernels once per kind. ``sweep`` is False: one config each.
+    the multi-tensor and Sign-In kernels once per kind. ``sweep`` is False: one config each. The
+    launches are prepared by the launchers themselves, so the plan is what a GPU run launches.
     """
     out = []
     cfg = elementwise_config(gpu=True)
-    meta = dict(device="meta")
+    lr = torch.empty((), dtype=torch.float32, device="meta")
     kinds = [("sgd", 0.0), ("sgd", 0.9), ("adamw", 0.0)]
     for dtype in SUPPORTED_DTYPES:
         for state_dtype in sorted({dtype, torch.float32}, key=str):
-            lr = torch.empty((), dtype=torch.float32, **meta)
+            dtypes = f"{str(dtype)[6:]}-state{str(state_dtype)[6:]}"
+            p = torch.empty((64, 96), dtype=dtype, device="meta")
+            b1, b2 = torch.empty_like(p, dtype=state_dtype), torch.empty_like(p, dtype=state_dtype)
+            q = torch.empty_like(p, dtype=torch.bool)
             for i, (kind, mom) in enumerate(kinds):
-                tag = f"{str(dtype)[6:]}-state{str(state_dtype)[6:]}-{kind}-mom{mom}"
-                p = torch.empty((64, 96), dtype=dtype, **meta)
-                b1 = torch.empty_like(p, dtype=state_dtype)
-                b2 = torch.empty_like(p, dtype=state_dtype)
-                for has_mask in (False, True):
-                    q = torch.empty_like(p, dtype=torch.bool) if has_mask else None
-                    launch, _ = prepare(
-                        p,
-                        torch.empty_like(p),
-                        b1,
-                        b2,
-                        q,
-                        lr,
-                        2,
-                        kind,
-                        mom,
-                        0.0,
-                        False,
-                        0.9,
-                        0.999,
-                        1e-8,
-                        0.01,
-                        0.001,
-                        False,
-                        config=cfg,
-                    )
-                    out.append((f"fused_step-{tag}-mask{int(has_mask)}", launch, False))
-                q = torch.empty_like(p, dtype=torch.bool) if i % 2 else None
-                launch = prepare_signin(
-                    torch.empty_like(p),
-                    p,
-                    torch.empty_like(p),
-                    torch.empty_like(p),
-                    b1,
-                    b2,
-                    torch.empty_like(b1),
-                    torch.empty_like(b2),
-                    q,
-                    lr,
-                    2,
-                    kind,
-                    mom,
-                    0.0,
-                    False,
-                    beta=1.0,
-                    state="transform",
-                    config=cfg,
-                )
-                out.append((f"fused_step_signin-{tag}-mask{int(q is not None)}", launch, False))
-                out.append(
-                    (
-                        f"fused_step_multi-{tag}",
-                        _multi_meta(p, b1, b2, lr, False, kind, mom, False, False),
-                        False,
-                    )
-                )
+                tag = f"{dtypes}-{kind}-mom{mom}"
+                hp = _Hyper(2, kind, mom, 0.0, False, 0.9, 0.999, 1e-8, 0.01, 0.001, False)
+                for mask in (None, q):
+                    launch, _ = prepare(p, torch.empty_like(p), b1, b2, mask, lr, hp, cfg)
+                    out.append((f"fused_step-{tag}-mask{int(mask is not None)}", launch, False))
+                mask = q if i % 2 else None
+                m, g, mb1, mb2 = (torch.empty_like(t) for t in (p, p, b1, b2))
+                launch = prepare_signin(m, p, g, g, mb1, mb2, b1, b2, mask, lr, hp, 1.0, "transform", cfg)
+                out.append((f"fused_step_signin-{tag}-mask{int(mask is not None)}", launch, False))
+                launches, _ = prepare_multi([p], [g], [b1], [b2], None, lr, hp)
+                out.append((f"fused_step_multi-{tag}", launches[0], False))
             # the strided (2-D tiled) layout, once per dtype pair
-            pt = torch.empty((96, 64), dtype=dtype, **meta).t()
+            pt = torch.empty((96, 64), dtype=dtype, device="meta").t()
             bt = torch.empty_like(pt, dtype=state_dtype)
-            launch, _ = prepare(
-                pt,
-                torch.empty_like(pt),
-                bt,
-                torch.empty_like(bt),
-                torch.empty_like(pt, dtype=torch.bool),
-                lr,
-                2,
-                "adamw",
-                0.0,
-                0.0,
-                False,
-                0.9,
-                0.999,
-                1e-8,
-                0.01,
-                0.0,
-                False,
-                config=cfg,
-            )
-            out.append(
-                (f"fused_step-{str(dtype)[6:]}-state{str(state_dtype)[6:]}-adamw-strided", launch, False)
-            )
+            hp = _Hyper(2, "adamw", 0.0, 0.0, False, 0.9, 0.999, 1e-8, 0.01, 0.0, False)
+            qt = torch.empty_like(pt, dtype=torch.bool)
+            launch, _ = prepare(pt, torch.empty_like(pt), bt, torch.empty_like(bt), qt, lr, hp, cfg)
+            out.append((f"fused_step-{dtypes}-adamw-strided", launch, False))
     return out
-
-
-def _multi_meta(p, b1, b2, lr, first, kind, mom, nest, maximize):
-    """A multi-tensor Launch for the AOT check (the tables are device tensors of fixed dtypes)."""
-    hp = _Hyper(1 if first else 2, kind, mom, 0.0, nest, 0.9, 0.999, 1e-8, 0.0, 0.0, maximize)
-    i64 = torch.empty(8, dtype=torch.int64, device="meta")
-    args = dict(
-        table_ptr=i64,
-        numel_ptr=i64,
-        prog_tensor_ptr=torch.empty(8, dtype=torch.int32, device="meta"),
-        prog_start_ptr=i64,
-        wd_ptr=torch.empty(8, dtype=torch.float32, device="meta"),
-        two_alpha_ptr=torch.empty(8, dtype=torch.float32, device="meta"),
-        lr_ptr=lr,
-        **hp.scalars,
-        P_DTYPE=_TL_DTYPE[p.dtype],
-        B1_DTYPE=_TL_DTYPE[b1.dtype],
-        B2_DTYPE=_TL_DTYPE[b2.dtype],
-        **hp.flags,
-        **hp.runtime,
-        UPCAST=False,
-        BLOCK=2048,
-    )
-    return Launch(_fused_step_multi_kernel, (1,), args, triton.Config({}, num_warps=8, num_stages=1))
