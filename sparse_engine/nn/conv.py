@@ -42,8 +42,50 @@ def _tuple(name: str, value, n: int, *, minimum: int) -> tuple[int, ...]:
 
 
 class _SparseConvNd(SparseModule):
+    """What SparseConv1d and SparseConv2d share; a subclass sets only ``_nd`` and ``_dense_cls``."""
+
     _nd: int = 2
     _dense_cls: type = nn.Conv2d
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        kind: str = "masked",
+        density: float = 1.0,
+        mask: Tensor | None = None,
+        beta: float = 1.0,
+        layout: str = "dense",
+        block_shape: tuple[int, int] = (32, 32),
+        seed: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self._setup_conv(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
+        density = self._configure(
+            kind=kind,
+            density=density,
+            mask=mask,
+            beta=beta,
+            layout=layout,
+            block_shape=block_shape,
+            seed=seed,
+        )
+        weight = self._init_weights(bias, device, dtype)
+        self._build_param(weight, self._make_mask(mask, density, weight.device))
+        self._register_hooks()
+
 
     def _setup_conv(
         self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
@@ -132,20 +174,8 @@ class _SparseConvNd(SparseModule):
             module.groups,
             module.padding_mode,
         )
-        density = obj._configure(
-            kind=kind,
-            density=density,
-            mask=mask,
-            beta=beta,
-            layout=layout,
-            block_shape=block_shape,
-            seed=seed,
-        )
-        weight = module.weight.detach()
-        obj.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
-        obj._build_param(weight, obj._make_mask(mask, density, weight.device))
-        obj._register_hooks()
-        obj.train(module.training)
+        obj._adopt(module, dict(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
+                                block_shape=block_shape, seed=seed))
         return obj
 
     def to_dense(self) -> nn.Module:
@@ -332,45 +362,6 @@ class SparseConv2d(_SparseConvNd):
     _nd = 2
     _dense_cls = nn.Conv2d
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        *,
-        kind: str = "masked",
-        density: float = 1.0,
-        mask: Tensor | None = None,
-        beta: float = 1.0,
-        layout: str = "dense",
-        block_shape: tuple[int, int] = (32, 32),
-        seed: int = 0,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        self._setup_conv(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
-        )
-        density = self._configure(
-            kind=kind,
-            density=density,
-            mask=mask,
-            beta=beta,
-            layout=layout,
-            block_shape=block_shape,
-            seed=seed,
-        )
-        weight = self._init_weights(bias, device, dtype)
-        self._build_param(weight, self._make_mask(mask, density, weight.device))
-        self._register_hooks()
-
 
 class SparseConv1d(_SparseConvNd):
     """A 1-D convolution with a sparse weight θ = M ⊙ m ⊙ w. Input (B, C, L) or (C, L)."""
@@ -378,42 +369,3 @@ class SparseConv1d(_SparseConvNd):
     __doc__ = (__doc__ or "") + _DOC_ARGS
     _nd = 1
     _dense_cls = nn.Conv1d
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        *,
-        kind: str = "masked",
-        density: float = 1.0,
-        mask: Tensor | None = None,
-        beta: float = 1.0,
-        layout: str = "dense",
-        block_shape: tuple[int, int] = (32, 32),
-        seed: int = 0,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        self._setup_conv(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
-        )
-        density = self._configure(
-            kind=kind,
-            density=density,
-            mask=mask,
-            beta=beta,
-            layout=layout,
-            block_shape=block_shape,
-            seed=seed,
-        )
-        weight = self._init_weights(bias, device, dtype)
-        self._build_param(weight, self._make_mask(mask, density, weight.device))
-        self._register_hooks()

@@ -524,6 +524,18 @@ class SparseModule(nn.Module):
     def _register_hooks(self) -> None:
         self.register_load_state_dict_post_hook(SparseModule._after_load)
 
+    def _adopt(self, module: nn.Module, options: dict) -> None:
+        """The end of ``from_dense``: take ``module``'s weight (masked by ``options``), bias and mode.
+
+        ``options``: the keyword arguments of ``_configure`` (kind, density, mask, beta, layout, ...).
+        """
+        density = self._configure(**options)
+        weight = module.weight.detach()
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
+        self._build_param(weight, self._make_mask(options["mask"], density, weight.device))
+        self._register_hooks()
+        self.train(module.training)
+
     # ---------------------------------------------------------------------------------- display
 
     def _sparse_repr(self) -> str:
@@ -623,20 +635,8 @@ class SparseLinear(SparseModule):
         SparseModule.__init__(obj)
         obj.in_features, obj.out_features = module.in_features, module.out_features
         obj.weight_shape = (module.out_features, module.in_features)
-        density = obj._configure(
-            kind=kind,
-            density=density,
-            mask=mask,
-            beta=beta,
-            layout=layout,
-            block_shape=block_shape,
-            seed=seed,
-        )
-        weight = module.weight.detach()
-        obj.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
-        obj._build_param(weight, obj._make_mask(mask, density, weight.device))
-        obj._register_hooks()
-        obj.train(module.training)
+        obj._adopt(module, dict(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
+                                block_shape=block_shape, seed=seed))
         return obj
 
     def to_dense(self) -> nn.Linear:
