@@ -18,13 +18,12 @@ import contextlib
 import functools
 import logging
 import warnings
-from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from . import backends, env
+from . import _ext, backends
 
 log = logging.getLogger("sparse_engine")
 
@@ -34,39 +33,23 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 #: None when the extension is loaded, else why it is not (read by backends.py)
 UNAVAILABLE: str | None = None
 
-_ROOT = Path(__file__).resolve().parent.parent
 _OPS = ("compact_linear_fwd", "compact_linear_bwd", "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step")
 
 
 def _registered() -> bool:
-    try:
-        return all(hasattr(torch.ops.sparse_engine_C, op) for op in _OPS)
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _load_build_ext():
-    import importlib.util
-
-    path = _ROOT / "csrc" / "build_ext.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found (JIT builds need a source checkout)")
-    spec = importlib.util.spec_from_file_location("_sparse_engine_build_ext", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return _ext.registered("sparse_engine_C", _OPS)
 
 
 def jit_build(verbose: bool = False) -> None:
     """Build and load the C++ extension with torch.utils.cpp_extension.load (cached between runs)."""
     from torch.utils.cpp_extension import load
 
-    be = _load_build_ext()
-    build_dir = Path(env.cache_dir()) / "torch_extensions" / f"sparse_engine_C-torch{torch.__version__}"
+    be = _ext.build_ext_module()
+    build_dir = _ext.build_dir("sparse_engine_C")
     build_dir.mkdir(parents=True, exist_ok=True)
     load(
         name="sparse_engine_C_jit",
-        sources=[str(_ROOT / s) for s in be.CPP_SOURCES],
+        sources=[str(_ext.ROOT / s) for s in be.CPP_SOURCES],
         extra_cflags=be.CXX_FLAGS,
         extra_ldflags=be.LD_FLAGS,
         build_directory=str(build_dir),
@@ -77,22 +60,13 @@ def jit_build(verbose: bool = False) -> None:
 
 def _load() -> str | None:
     """Load the ops; None on success, else the reason."""
-    if _registered():
-        return None
-    try:
-        import sparse_engine._C  # noqa: F401  (registers torch.ops.sparse_engine_C)
-    except ImportError as e:
-        prebuilt = f"sparse_engine._C is not importable ({e})"
-    else:
-        return None if _registered() else "sparse_engine._C loaded but registered no ops (stale build?)"
-    if env.get("SPARSE_ENGINE_JIT", "0") == "1":
-        try:
-            jit_build()
-        except Exception as e:  # compiler missing or failing: say so, keep the library usable
-            return f"{prebuilt}; the SPARSE_ENGINE_JIT=1 build failed: {type(e).__name__}: {str(e)[-1500:]}"
-        return None if _registered() else "the JIT build registered no ops"
-    return (f"{prebuilt}: reinstall with a C++ compiler present (pip install --no-build-isolation -e .) "
-            "or set SPARSE_ENGINE_JIT=1 to build it at first use")
+    return _ext.load(
+        "sparse_engine._C",
+        _registered,
+        jit_build,
+        "reinstall with a C++ compiler present (pip install --no-build-isolation -e .) "
+        "or set SPARSE_ENGINE_JIT=1 to build it at first use",
+    )
 
 
 UNAVAILABLE = _load()

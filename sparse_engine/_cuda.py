@@ -20,13 +20,12 @@ import functools
 import inspect
 import logging
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from . import backends, env
+from . import _ext, backends
 
 log = logging.getLogger("sparse_engine")
 
@@ -35,39 +34,28 @@ UNAVAILABLE: str | None = None
 #: check the kernels' index-error word after every compact_linear call (synchronises; for debugging)
 DEBUG = False
 
-_ROOT = Path(__file__).resolve().parent.parent
 _OPS = ("compact_linear_fwd", "compact_linear_bwd", "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step",
         "index_error")
 
 
 def _registered() -> bool:
-    try:
-        return all(hasattr(torch.ops.sparse_engine_cuda, op) for op in _OPS)
-    except (AttributeError, RuntimeError):
-        return False
+    return _ext.registered("sparse_engine_cuda", _OPS)
 
 
 def jit_build(verbose: bool = False) -> None:
     """nvcc the .cu files, then build and load the binding with torch.utils.cpp_extension.load."""
-    import importlib.util
-
     from torch.utils.cpp_extension import load
 
-    path = _ROOT / "csrc" / "build_ext.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found (JIT builds need a source checkout)")
-    spec = importlib.util.spec_from_file_location("_sparse_engine_build_ext", path)
-    be = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(be)  # type: ignore[union-attr]
+    be = _ext.build_ext_module()
     nvcc = be.find_nvcc()
     if nvcc is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    build_dir = Path(env.cache_dir()) / "torch_extensions" / f"sparse_engine_cuda-torch{torch.__version__}"
+    build_dir = _ext.build_dir("sparse_engine_cuda")
     objs = be.compile_cuda_objects(nvcc, str(build_dir / "objects"))
     lib_dirs, libs = be.cuda_link_args(nvcc)
     load(
         name="sparse_engine_cuda_jit",
-        sources=[str(_ROOT / be.CUDA_BINDING)],
+        sources=[str(_ext.ROOT / be.CUDA_BINDING)],
         extra_cflags=["-O2", "-g0"],
         extra_include_paths=be.cuda_include_dirs(nvcc),
         extra_ldflags=[*objs, *(f"-L{d}" for d in lib_dirs), *(f"-l{lib}" for lib in libs)],
@@ -78,22 +66,13 @@ def jit_build(verbose: bool = False) -> None:
 
 
 def _load() -> str | None:
-    if _registered():
-        return None
-    try:
-        import sparse_engine._cuda_C  # noqa: F401
-    except ImportError as e:
-        prebuilt = f"sparse_engine._cuda_C is not importable ({e})"
-    else:
-        return None if _registered() else "sparse_engine._cuda_C loaded but registered no ops (stale build?)"
-    if env.get("SPARSE_ENGINE_JIT", "0") == "1":
-        try:
-            jit_build()
-        except Exception as e:
-            return f"{prebuilt}; the SPARSE_ENGINE_JIT=1 build failed: {type(e).__name__}: {str(e)[-1500:]}"
-        return None if _registered() else "the JIT build registered no ops"
-    return (f"{prebuilt}: build it with SPARSE_ENGINE_CUDA=1 pip install --no-build-isolation -e . "
-            "(needs nvcc) or set SPARSE_ENGINE_JIT=1")
+    return _ext.load(
+        "sparse_engine._cuda_C",
+        _registered,
+        jit_build,
+        "build it with SPARSE_ENGINE_CUDA=1 pip install --no-build-isolation -e . (needs nvcc) "
+        "or set SPARSE_ENGINE_JIT=1",
+    )
 
 
 UNAVAILABLE = _load()
