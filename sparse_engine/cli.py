@@ -18,6 +18,7 @@ import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 PROG = "sparse-engine"
 
@@ -175,14 +176,18 @@ def _train_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output directory (default runs/<model>-<method>-d<density>-s<seed>)")
     g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    g.add_argument("--resume", metavar="PATH", default=None,
+                   help="continue an interrupted run from its checkpoint (a run directory, its checkpoint.pt, or "
+                        "a --compare run directory); the configuration comes from the checkpoint, and options "
+                        "given with it must agree (--out, --threads, --data-dir, --step-in-backward and "
+                        "--no-progress may change)")
     return p
 
 
-def train_main(argv: list[str]) -> int:
+def _config_from_args(args: argparse.Namespace):
     from . import train as T
 
-    args = _train_parser().parse_args(argv)
-    cfg = T.TrainConfig(
+    return T.TrainConfig(
         model=args.model, method=args.method, density=args.density, distribution=args.distribution,
         layout=args.layout, data=args.data, data_dir=args.data_dir, n_train=args.n_train, n_test=args.n_test,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
@@ -194,14 +199,94 @@ def train_main(argv: list[str]) -> int:
         alpha_schedule=args.alpha_schedule, prune_scope=args.prune_scope, iterative=args.iterative,
         rewind=args.rewind, retrain_epochs=args.retrain_epochs, progress=not args.no_progress,
     )
+
+
+def _given(argv: list[str]) -> set[str]:
+    """The destinations of the options written on the command line (not left at their defaults)."""
+    p = _train_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def _methods(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def train_main(argv: list[str]) -> int:
+    from . import train as T
+
+    args = _train_parser().parse_args(argv)
+    if args.resume is not None:
+        return _resume(args, _given(argv))
+    cfg = _config_from_args(args)
     if args.compare is not None:
-        methods = [m.strip() for m in args.compare.split(",") if m.strip()]
+        methods = _methods(args.compare)
         cfg.out_dir = args.out or T.default_out_dir(cfg, methods)
-        T.compare(cfg, methods)
+        _run(lambda: T.compare(cfg, methods), cfg.out_dir)
         print(f"results: {cfg.out_dir}/compare.json (per method: {cfg.out_dir}/<method>/result.json)")
         return 0
     cfg.out_dir = args.out or T.default_out_dir(cfg)
-    result = T.train(cfg)
+    result = _run(lambda: T.train(cfg), cfg.out_dir)
+    print(T.summary_table({cfg.method: result}))
+    print(f"results: {cfg.out_dir}/result.json")
+    return 0
+
+
+def _run(job: Callable[[], Any], out_dir: str) -> Any:
+    """Run ``job``; on Ctrl-C, say how to continue (train writes a checkpoint after every epoch)."""
+    from pathlib import Path
+
+    from .train import CHECKPOINT_FILE
+
+    try:
+        return job()
+    except KeyboardInterrupt:
+        if any(Path(out_dir).glob(f"**/{CHECKPOINT_FILE}")):
+            print(f"\n{PROG} train: continue from the last finished epoch with: {PROG} train --resume {out_dir}",
+                  file=sys.stderr)
+        raise
+
+
+def _resume(args: argparse.Namespace, given: set[str]) -> int:
+    """``train --resume PATH``: the configuration comes from the checkpoint (or a compare's plan); options
+    on the command line must agree with it, except those of ``train.RESUME_MAY_CHANGE`` (how the run
+    executes, not what it computes) and --out."""
+    from pathlib import Path
+
+    from . import train as T
+
+    path = Path(args.resume)
+    compare = path.is_dir() and (path / T.COMPARE_PLAN).is_file() and not (path / T.CHECKPOINT_FILE).is_file()
+    if compare:
+        plan = T.read_compare_plan(path)
+        saved, methods = plan["config"], list(plan["methods"])
+        if "compare" in given and _methods(args.compare) != methods:
+            raise UserError(f"cannot resume {path}: --compare is {args.compare} here but {','.join(methods)} "
+                            "in the run")
+        if "out" in given and Path(args.out).resolve() != path.resolve():
+            raise UserError(f"--out: a resumed --compare run continues in its own directory ({path}); "
+                            "drop --out")
+    else:
+        ckpt_path, ckpt = T.read_checkpoint(path)
+        saved = ckpt["config"]
+        if "compare" in given:
+            raise UserError(f"--compare: {ckpt_path} is the checkpoint of one run (method {saved.get('method')!r}); "
+                            "to resume a compare, give its directory")
+    cfg = T.config_from_checkpoint(saved)
+    explicit = _config_from_args(args)
+    for dest in given - {"compare", "resume", "out", "no_progress"}:
+        setattr(cfg, dest, getattr(explicit, dest))
+    cfg.progress = not args.no_progress
+    cfg.validate()
+    T.check_resume_config(cfg, saved, path, option=lambda name: "--" + name.replace("_", "-"))
+    if compare:
+        cfg.out_dir = str(path)
+        _run(lambda: T.compare(cfg, methods, resume=True), cfg.out_dir)
+        print(f"results: {cfg.out_dir}/compare.json (per method: {cfg.out_dir}/<method>/result.json)")
+        return 0
+    cfg.out_dir = args.out or str(ckpt_path.parent)
+    result = _run(lambda: T.train(cfg, resume=ckpt_path), cfg.out_dir)
     print(T.summary_table({cfg.method: result}))
     print(f"results: {cfg.out_dir}/result.json")
     return 0
