@@ -7,7 +7,10 @@
     in ``--format`` (``auto``: measured on this machine, at ``--batch`` sizes) and writes the compact
     file, recording the input shape in its metadata for ``bench-infer``. A torch checkpoint holding
     ``{"config": {...TrainConfig fields...}, "model_state": state_dict}`` (loaded with
-    ``weights_only=True``) is accepted too: the model is rebuilt with ``sparsify`` from the config.
+    ``weights_only=True``) is accepted too: the model is rebuilt with ``sparsify`` from the config. That is
+    what train leaves for a model without sparse layers (the dense baseline of ``--compare``, exported
+    as dense inference layers: ``--format dense`` or ``auto``; a sparse format is refused, since every
+    weight is nonzero) and what its per-epoch ``checkpoint.pt`` holds (so an unfinished run exports too).
 
 ``bench-infer MODEL.sparse --batch 1,16,64``
     Latency (median ms per call) and throughput (samples/s) of the file's model against its dense
@@ -56,10 +59,12 @@ def _batches(text: str) -> tuple[int, ...]:
 
 def _resolve_checkpoint(path: str) -> str:
     if os.path.isdir(path):
-        for name in ("model.pt", "model.sparse"):
+        # checkpoint.pt last: the training state of a run that has not finished (yet)
+        for name in ("model.pt", "model.sparse", "checkpoint.pt"):
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
-        raise _user_error(f"{path} is a directory without model.pt (is it a `sparse-engine train` run directory?)")
+        raise _user_error(f"{path} is a directory without model.pt or checkpoint.pt (is it a `sparse-engine train` "
+                          "run directory? a --compare run has one per method: <dir>/<method>)")
     if not os.path.isfile(path):
         raise _user_error(f"{path} does not exist")
     return path
@@ -67,6 +72,12 @@ def _resolve_checkpoint(path: str) -> str:
 
 def load_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any]]:
     """(model, input description) from a train checkpoint or a sparse_engine file."""
+    model, info, _ = _load(path)
+    return model, info
+
+
+def _load(path: str) -> tuple[nn.Module, dict[str, Any], str | None]:
+    """(model, input description, the training method if the run trained a dense model, else None)."""
     from . import io
 
     path = _resolve_checkpoint(path)
@@ -78,19 +89,21 @@ def load_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any]]:
             model = io.load(path)
         except io.SparseFileError as e:
             raise _user_error(str(e)) from None
-        return model, _input_from_metadata(header.get("metadata", {}))
+        return model, _input_from_metadata(header.get("metadata", {})), None
     return _load_training_checkpoint(path)
 
 
-def _load_training_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any]]:
+def _load_training_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any], str | None]:
     from .extract import extract
+    from .methods import METHODS
     from .models import build_model
     from .nn import sparsify
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary objects
     except Exception as e:  # noqa: BLE001  (any unreadable file is a user error here)
-        raise _user_error(f"{path} is neither a sparse_engine file nor a readable torch checkpoint ({e})") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise _user_error(f"{path} is neither a sparse_engine file nor a readable torch checkpoint ({first})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model_state"), dict)):
         raise _user_error(f"{path}: a torch checkpoint must hold {{'config': ..., 'model_state': ...}}")
     cfg, state = ckpt["config"], ckpt["model_state"]
@@ -98,17 +111,49 @@ def _load_training_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any]]:
     if not shape or "n_classes" not in cfg:
         raise _user_error(f"{path}: config lacks input_shape / n_classes needed to rebuild the model")
     model = build_model(cfg.get("model", "mlp"), shape, int(cfg["n_classes"]), cfg.get("vocab_size"))
-    method = {"signin": "signin", "pilot": "pilot", "static": "static", "dense": "dense"}.get(cfg.get("method"),
-                                                                                              "static")
-    sparsify(model, method, float(cfg.get("density", 1.0)), distribution=cfg.get("distribution", "erk"),
-             seed=int(cfg.get("seed", 0)))
+    method = cfg.get("method")
+    # dense and wd_switchoff leave the model dense (plain nn.Linear / nn.Conv*): nothing to sparsify
+    dense = method in METHODS and METHODS[method].sparsify_as is None
+    if not dense:
+        sparsify(model, {"signin": "signin", "pilot": "pilot"}.get(method, "static"), float(cfg.get("density", 1.0)),
+                 distribution=cfg.get("distribution", "erk"), seed=int(cfg.get("seed", 0)))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise _user_error(f"{path}: the state does not fit the model rebuilt from its config: {e}") from None
     info = {"input_shape": list(shape), "input_dtype": "int64" if cfg.get("vocab_size") else "float32",
             "vocab_size": cfg.get("vocab_size")}
-    return extract(model.eval(), "dense"), info
+    if dense:
+        return _dense_inference(model.eval()), info, method
+    return extract(model.eval(), "dense"), info, None
+
+
+def _dense_inference(model: nn.Module) -> nn.Module:
+    """Every nn.Linear / nn.Conv1d / nn.Conv2d of a dense model as a dense inference layer with the same
+    weights, so that the file, ``sparse_engine.load`` and ``bench-infer`` treat it like an exported model."""
+    from .infer import InferConv1d, InferConv2d, InferLinear
+
+    for name, mod in list(model.named_modules()):
+        kind = type(mod)
+        if kind not in (nn.Linear, nn.Conv1d, nn.Conv2d):
+            continue
+        w = mod.weight.detach()
+        bias = None if mod.bias is None else mod.bias.detach()
+        every = torch.ones(w.shape, dtype=torch.bool)  # all trained: even a weight that happens to be 0.0
+        if kind is nn.Linear:
+            new = InferLinear(w, bias, "dense", every)
+        else:
+            cls = InferConv2d if kind is nn.Conv2d else InferConv1d
+            new = cls(w, bias, "dense", every, stride=tuple(mod.stride), dilation=tuple(mod.dilation),
+                      padding=mod.padding if isinstance(mod.padding, str) else tuple(mod.padding),
+                      groups=mod.groups, padding_mode=mod.padding_mode)
+        new.extract_info = {"format": "dense", "reason": "trained dense (nothing pruned)", "density": 1.0,
+                            "times": {}}
+        if name:
+            model.set_submodule(name, new)
+        else:
+            model = new
+    return model.eval()
 
 
 def _input_from_metadata(meta: dict) -> dict[str, Any]:
@@ -180,15 +225,23 @@ def export_main(argv: list[str]) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     batches = _batches(args.batch)
-    model, info = load_checkpoint(args.checkpoint)
+    model, info, dense_method = _load(args.checkpoint)
     info = guess_input(model, info)
-    example = None
-    if info.get("input_shape"):
-        example = (make_input(info, 1, _model_dtype(model)),)
-    try:
-        out = reformat(model, args.format, example_inputs=example, batch_sizes=batches, inplace=True)
-    except ValueError as e:
-        raise _user_error(str(e)) from None
+    if dense_method is not None:
+        # A dense run has no pruned weight: a sparse format would store every weight plus its index.
+        if args.format not in ("auto", "dense"):
+            raise _user_error(f"{args.checkpoint} is a dense model (trained with method {dense_method!r}, every "
+                              f"weight nonzero): --format {args.format} would only make it larger and slower; "
+                              "export it with --format dense (or auto)")
+        out = model
+    else:
+        example = None
+        if info.get("input_shape"):
+            example = (make_input(info, 1, _model_dtype(model)),)
+        try:
+            out = reformat(model, args.format, example_inputs=example, batch_sizes=batches, inplace=True)
+        except ValueError as e:
+            raise _user_error(str(e)) from None
     path = args.out or os.path.join(os.path.dirname(_resolve_checkpoint(args.checkpoint)), "model.sparse")
     meta = {k: json.dumps(v) for k, v in info.items() if v is not None}
     size = io.save(out, path, metadata=meta)

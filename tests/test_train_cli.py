@@ -194,3 +194,51 @@ def test_wd_switchoff_and_iterative_pilot_from_the_cli(tmp_path, capsys):
     r = json.loads((tmp_path / "pilot" / "result.json").read_text())
     assert [e["phase"] for e in r["epochs"]] == ["train", "retrain1", "retrain2", "retrain3"]  # 0.8, 0.64, 0.6
     assert r["density"] == pytest.approx(0.6, abs=0.01)
+
+
+def test_export_the_dense_baseline_of_a_compare_run(tmp_path, capsys):
+    """`train --compare dense,...` leaves the dense baseline as a torch checkpoint; export writes it as a
+    compact file of dense inference layers (the same network), refuses sparse formats, and bench-infer
+    reads the file."""
+    from sparse_engine import io
+    from sparse_engine.infer import InferModule
+    from sparse_engine.train import evaluate, load_data
+
+    code, _, err = run_cli(["train", "--compare", "dense,static", "--density", "0.25", "--epochs", "1",
+                            "--out", str(tmp_path), *TINY], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "dense" / "result.json").read_text())
+    ds = load_data(TrainConfig(data="teacher", n_train=384, n_test=128))
+    for fmt in ("auto", "dense"):
+        out = tmp_path / f"dense-{fmt}.sparse"
+        code, text, err = run_cli(["export", str(tmp_path / "dense"), "--format", fmt, "--out", str(out)], capsys)
+        assert code == 0, err
+        assert "wrote" in text and "trained dense" in text
+        model = io.load(out)
+        layers = [m for m in model.modules() if isinstance(m, InferModule)]
+        assert len(layers) == 3 and {m.format for m in layers} == {"dense"} and all(m.density == 1.0 for m in layers)
+        # the same network: the run's final test loss and accuracy, exactly
+        assert evaluate(model, ds.x_test, ds.y_test) == (r["final"]["test_loss"], r["final"]["test_acc"])
+    code, _, err = run_cli(["export", str(tmp_path / "dense"), "--format", "csr"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "dense model" in err and "--format dense" in err
+    code, text, err = run_cli(["bench-infer", str(tmp_path / "dense-auto.sparse"), "--batch", "1,2", "--budget", "0.01",
+                               "--json"], capsys)
+    assert code == 0, err
+    assert [row["batch"] for row in json.loads(text)["rows"]] == [1, 2]
+
+
+def test_export_a_run_that_has_not_finished(tmp_path, capsys):
+    """A run directory with only the per-epoch checkpoint (the run was stopped) exports too."""
+    from sparse_engine import io
+    from sparse_engine.train import evaluate, load_data
+
+    cfg = TrainConfig(method="signin", density=0.25, data="teacher", n_train=384, n_test=128, epochs=1,
+                      batch_size=64, progress=False, out_dir=str(tmp_path / "run"))
+    r = train(cfg)
+    (tmp_path / "run" / "model.pt").unlink()  # as if stopped before the end
+    code, _, err = run_cli(["export", str(tmp_path / "run"), "--format", "csr", "--out", str(tmp_path / "m.sparse")],
+                           capsys)
+    assert code == 0, err
+    ds = load_data(cfg)
+    assert evaluate(io.load(tmp_path / "m.sparse"), ds.x_test, ds.y_test)[1] == r["final"]["test_acc"]
