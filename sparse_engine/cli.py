@@ -242,10 +242,11 @@ def _run(job: Callable[[], Any], out_dir: str) -> Any:
     try:
         return job()
     except KeyboardInterrupt:
+        how = ""
         if any(Path(out_dir).glob(f"**/{CHECKPOINT_FILE}")):
-            print(f"\n{PROG} train: continue from the last finished epoch with: {PROG} train --resume {out_dir}",
-                  file=sys.stderr)
-        raise
+            how = f"; continue from the last finished epoch with: {PROG} train --resume {out_dir}"
+        print(f"\n{PROG} train: interrupted{how}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def _resume(args: argparse.Namespace, given: set[str]) -> int:

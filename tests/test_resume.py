@@ -154,6 +154,31 @@ def test_resume_continues_the_random_streams(tmp_path, monkeypatch):
     assert metrics(resumed) == metrics(straight) and resumed["final"] == straight["final"]
 
 
+def test_resume_keeps_the_measured_layouts(tmp_path, monkeypatch):
+    """layout="auto" (the main job's): a resumed run uses the layouts its first part measured, not a new
+    measurement, which may choose otherwise (here: forced to) and would rebuild the weights' storage
+    under the optimizer."""
+    from sparse_engine.nn import autolayout
+
+    def measurements_choose(layout):
+        monkeypatch.setattr(autolayout, "choose", lambda key, make_runners, **kw: autolayout.Decision(layout))
+
+    cfg = dict(BASE, method="signin", layout="auto", epochs=3)
+    measurements_choose("dense")
+    straight = train(TrainConfig(**cfg, out_dir=str(tmp_path / "a")))
+    with monkeypatch.context() as m:
+        interrupt_in_epoch(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(**cfg, out_dir=str(tmp_path / "b")))
+    _, ck = read_checkpoint(tmp_path / "b")
+    assert ck["layouts"] and set(ck["layouts"].values()) == {"dense"}
+    measurements_choose("csr")
+    resumed = train(TrainConfig(**cfg, out_dir=str(tmp_path / "b")), resume=tmp_path / "b")
+    assert metrics(resumed) == metrics(straight) and resumed["final"] == straight["final"]
+    assert {lay["name"]: lay["kind"] for lay in resumed["layers"]} == {lay["name"]: lay["kind"] for lay in
+                                                                        straight["layers"]}
+
+
 def test_a_resume_that_loses_state_would_be_caught(tmp_path, monkeypatch):
     """The comparison above can fail: the same interrupted run resumed with its momentum buffers zeroed
     (what a resume that restores the weights alone does) ends elsewhere."""
