@@ -332,6 +332,15 @@ def train(cfg: TrainConfig, dataset: data_mod.Dataset | None = None, *, stream: 
         torch.set_num_threads(before)
 
 
+def _method_of(cfg: TrainConfig):
+    """The method ``cfg`` asks for; its options are checked here (ConfigError: they come from the user)."""
+    try:
+        wd_off = None if cfg.method == "wd_switchoff" else cfg.wd_switchoff  # for that method it is its `at`
+        return make_method(cfg.method, wd_switchoff=wd_off, **cfg.method_options())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _train(cfg: TrainConfig, dataset: data_mod.Dataset | None, stream: TextIO | None, write: bool,
            ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
     device = torch.device(cfg.device)
@@ -340,11 +349,7 @@ def _train(cfg: TrainConfig, dataset: data_mod.Dataset | None, stream: TextIO | 
     if ckpt is not None:
         _check_resume_data(ds, fingerprint, ckpt)
     progress = Progress(cfg.progress, stream, prefix=f"[{cfg.method}] ")
-    try:
-        wd_off = None if cfg.method == "wd_switchoff" else cfg.wd_switchoff  # for that method it is its `at`
-        method = make_method(cfg.method, wd_switchoff=wd_off, **cfg.method_options())
-    except ValueError as e:  # the option values come from the user
-        raise ConfigError(str(e)) from None
+    method = _method_of(cfg)
 
     # A resumed run rebuilds the model exactly as the fresh run did (seeded init, same masks), then
     # overwrites every tensor from the checkpoint.
@@ -906,6 +911,8 @@ def compare(cfg: TrainConfig, methods: list[str], *, stream: TextIO | None = Non
     if len(set(methods)) != len(methods):
         raise ConfigError(f"compare lists a method twice: {methods}")
     cfg.validate()
+    for m in methods:  # every method's options, before the first one trains (not minutes later)
+        _method_of(dataclasses.replace(cfg, method=m))
     if resume:
         if not cfg.out_dir:
             raise ConfigError("resuming a compare needs its run directory (out_dir)")

@@ -65,6 +65,15 @@ def test_compare_prints_methods_side_by_side(tmp_path, capsys):
     assert (tmp_path / "table.txt").read_text() == summary["table"]
 
 
+def test_compare_checks_every_method_before_the_first_trains(tmp_path, capsys):
+    """An option one method of the comparison refuses (PILoT trains dense: no csr) stops the run before
+    anything trains, instead of after the methods listed before it."""
+    code, _, err = run_cli(["train", "--compare", "dense,static,pilot", "--layout", "csr", "--epochs", "1",
+                            "--out", str(tmp_path), *TINY], capsys)
+    assert code == 2 and "layout must be 'dense' or 'auto'" in err, err
+    assert not (tmp_path / "dense").exists() and not (tmp_path / "static").exists()
+
+
 def test_step_in_backward_gives_the_same_run():
     cfg = dict(model="mlp", method="signin", density=0.3, data="teacher", n_train=256, n_test=64, epochs=2,
                batch_size=64, progress=False, reset_every=2, reset_unit="step")
