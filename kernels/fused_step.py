@@ -21,7 +21,9 @@ nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, alpha=0.0, m
     program. ``params``/``grads``: lists of contiguous tensors; ``buf1s``/``buf2s``: lists (entries
     None where a kind needs none) or None; ``masks``: list with None entries, or None; ``weight_decay``
     and ``alpha``: one float or one per tensor. Use it for the many small tensors of a model (biases,
-    norms, small layers) where per-tensor launches dominate.
+    norms, small layers) where per-tensor launches dominate. Whole blocks of tensors whose addresses are
+    all multiples of 16 bytes (what the allocator gives) use 16-byte vector loads and stores; a tensor at
+    another address (a view at an odd storage offset) goes to a launch of its own, without them.
 
 ``fused_step_signin(m, w, g_m, g_w, m_buf1, m_buf2, w_buf1, w_buf2, mask, lr, step, kind, *,
 momentum=0.0, dampening=0.0, nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
@@ -110,14 +112,26 @@ def _update(p, g, b1, b2, wd, two_alpha, hyper, KIND: tl.constexpr, HAS_MOMENTUM
 
 @triton.jit
 def _load(at, lanes):
-    """fp32 whatever the storage dtype: all the math runs in fp32."""
-    return tl.load(at, mask=lanes, other=0.0).to(tl.float32)
+    """fp32 whatever the storage dtype: all the math runs in fp32.
+
+    ``lanes``: which lanes are in bounds, or None for a block known to be whole (no per-lane predicate,
+    so the compiler may use vector loads where it knows the alignment; the multi-tensor kernel).
+    """
+    if lanes is None:
+        x = tl.load(at)
+    else:
+        x = tl.load(at, mask=lanes, other=0.0)
+    return x.to(tl.float32)
 
 
 @triton.jit
 def _store(at, x, lanes, UPCAST: tl.constexpr):
-    """fp32 ``x`` rounded once (to nearest even) to the dtype ``at`` points to."""
-    tl.store(at, cast_out(x, at.dtype.element_ty, UPCAST), mask=lanes)
+    """fp32 ``x`` rounded once (to nearest even) to the dtype ``at`` points to; ``lanes`` as in _load."""
+    x = cast_out(x, at.dtype.element_ty, UPCAST)
+    if lanes is None:
+        tl.store(at, x)
+    else:
+        tl.store(at, x, mask=lanes)
 
 
 @triton.jit
@@ -350,40 +364,75 @@ def fused_step(
 # ---------------------------------------------------------------------------------- multi tensor
 
 
+@triton.jit
+def _as_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """An address read from the pointer table as a pointer to DTYPE.
+
+    ALIGNED: the launcher checked that every address of this launch is a multiple of 16 bytes, which the
+    compiler cannot know about a value read from memory; with it (and whole blocks), loads and stores
+    become 16-byte vectors, as they do in the single-tensor kernel whose pointers are arguments.
+    """
+    ptr = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _multi_block(
+    at, has_mask, lanes, wd, two_alpha, hyper, UPCAST: tl.constexpr, KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+):  # fmt: skip
+    """One block of one tensor of the multi-tensor step: ``at`` its (param, grad, buf1, buf2, mask)
+    pointers, ``lanes`` as in _load."""
+    p_at, g_at, b1_at, b2_at, q_at = at
+    p, new_p, b1, b2 = _load_and_step(
+        p_at, g_at, b1_at, b2_at, lanes, wd, two_alpha, hyper, KIND, HAS_MOMENTUM
+    )
+    # no mask (address 0): the load is off in every lane and every coordinate is kept
+    on = has_mask if lanes is None else lanes & has_mask
+    keep = tl.load(q_at, mask=on, other=1) != 0
+    new_p, b1, b2 = _apply_mask(keep, new_p, p, b1, b2)
+    _store(p_at, new_p, lanes, UPCAST)
+    _store_state(b1_at, b2_at, b1, b2, lanes, UPCAST, KIND, HAS_MOMENTUM)
+
+
 @triton.jit(do_not_specialize=["first", "nesterov", "maximize"])
 def _fused_step_multi_kernel(
     table_ptr, numel_ptr, prog_tensor_ptr, prog_start_ptr, wd_ptr, two_alpha_ptr, lr_ptr,
     momentum, one_minus_damp, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2,
     first, nesterov, maximize,
-    P_DTYPE: tl.constexpr, B1_DTYPE: tl.constexpr, B2_DTYPE: tl.constexpr,
+    P_DTYPE: tl.constexpr, B1_DTYPE: tl.constexpr, B2_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
     KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Program i steps elements [start, start + BLOCK) of tensor prog_tensor[i].
 
-    table row t: (param, grad, buf1, buf2, mask) addresses; a mask address of 0 means "no mask".
+    table row t: (param, grad, buf1, buf2, mask) addresses; a mask address of 0 means "no mask", a
+    buffer address of 0 one the kind does not use (never dereferenced, see _load_and_step).
     """
     sgd = (momentum, one_minus_damp, first, nesterov)
     adam = (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2)
     hyper = (tl.load(lr_ptr).to(tl.float32), maximize, sgd, adam)
     pid = tl.program_id(0)
     t = tl.load(prog_tensor_ptr + pid).to(tl.int64)
-    offs = tl.load(prog_start_ptr + pid) + tl.arange(0, BLOCK)
-    inb = offs < tl.load(numel_ptr + t)
+    # prepare_multi makes every start a multiple of BLOCK: the hint keeps vectors aligned
+    start = tl.multiple_of(tl.load(prog_start_ptr + pid), BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    n = tl.load(numel_ptr + t)
     row = table_ptr + t * 5
-    p_at = tl.load(row).to(tl.pointer_type(P_DTYPE)) + offs
-    g_at = tl.load(row + 1).to(tl.pointer_type(P_DTYPE)) + offs
-    # address 0 where the kind has no such buffer: never dereferenced (see _load_and_step)
-    b1_at = tl.load(row + 2).to(tl.pointer_type(B1_DTYPE)) + offs
-    b2_at = tl.load(row + 3).to(tl.pointer_type(B2_DTYPE)) + offs
+    p_at = _as_ptr(tl.load(row), P_DTYPE, ALIGNED) + offs
+    g_at = _as_ptr(tl.load(row + 1), P_DTYPE, ALIGNED) + offs
+    b1_at = _as_ptr(tl.load(row + 2), B1_DTYPE, ALIGNED) + offs
+    b2_at = _as_ptr(tl.load(row + 3), B2_DTYPE, ALIGNED) + offs
+    q_addr = tl.load(row + 4)
+    at = (p_at, g_at, b1_at, b2_at, _as_ptr(q_addr, tl.int8, ALIGNED) + offs)
     wd = tl.load(wd_ptr + t)
     two_alpha = tl.load(two_alpha_ptr + t)
-    p, new_p, b1, b2 = _load_and_step(p_at, g_at, b1_at, b2_at, inb, wd, two_alpha, hyper, KIND, HAS_MOMENTUM)
-    # no mask: address 0, nothing loaded (masked-off lanes are never dereferenced), keep everything
-    q_addr = tl.load(row + 4)
-    keep = tl.load(q_addr.to(tl.pointer_type(tl.int8)) + offs, mask=inb & (q_addr != 0), other=1) != 0
-    new_p, b1, b2 = _apply_mask(keep, new_p, p, b1, b2)
-    _store(p_at, new_p, inb, UPCAST)
-    _store_state(b1_at, b2_at, b1, b2, inb, UPCAST, KIND, HAS_MOMENTUM)
+    # n is read from memory, so the compiler cannot tell whole blocks from the last, partial one of a
+    # tensor: branch, so that whole blocks run without per-lane bounds (vectorisable)
+    if start + BLOCK <= n:
+        _multi_block(at, q_addr != 0, None, wd, two_alpha, hyper, UPCAST, KIND, HAS_MOMENTUM)
+    else:
+        _multi_block(at, q_addr != 0, offs < n, wd, two_alpha, hyper, UPCAST, KIND, HAS_MOMENTUM)
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -407,7 +456,8 @@ def _addr(t) -> int:
 
 
 def prepare_multi(params, grads, buf1s, buf2s, masks, lr, hp: _Hyper, block=None):
-    """The launches (one per dtype group) of a multi-tensor step, plus the host tables they read."""
+    """The launches (one per group of dtypes and alignment) of a multi-tensor step, plus the host tables
+    they read."""
     count = len(params)
     if len(grads) != count:
         raise ValueError(f"grads must have one tensor per param ({count}), got {len(grads)}")
@@ -433,14 +483,17 @@ def prepare_multi(params, grads, buf1s, buf2s, masks, lr, hp: _Hyper, block=None
         if p.device != params[0].device:
             raise ValueError(f"params[{i}] is on {p.device} but params[0] is on {params[0].device}")
         if p.numel():
-            groups.setdefault((p.dtype, _or(b1, p).dtype, _or(b2, p).dtype), []).append(i)
+            # a tensor at an address that is no multiple of 16 (a view at an odd storage offset) goes to
+            # a launch of its own without the alignment hint, so the others keep their vector loads
+            aligned = all(_addr(t) % 16 == 0 for t in (p, g, b1, b2, q))
+            groups.setdefault((p.dtype, _or(b1, p).dtype, _or(b2, p).dtype, aligned), []).append(i)
     if count == 0:
         return [], []
     device = params[0].device
     lr_t = _lr_on(lr, device)
     block = block or multi_block()
     launches, keep_alive = [], []
-    for (pdt, b1dt, b2dt), idx in groups.items():
+    for (pdt, b1dt, b2dt, aligned), idx in groups.items():
         table = torch.tensor([[_addr(t) for t in operands[i]] for i in idx], dtype=torch.int64)
         numels = torch.tensor([params[i].numel() for i in idx], dtype=torch.int64)
         blocks = (numels + block - 1) // block
@@ -461,6 +514,7 @@ def prepare_multi(params, grads, buf1s, buf2s, masks, lr, hp: _Hyper, block=None
             P_DTYPE=_TL_DTYPE[pdt],
             B1_DTYPE=_TL_DTYPE[b1dt],
             B2_DTYPE=_TL_DTYPE[b2dt],
+            ALIGNED=aligned,
             BLOCK=block,
         )
         cfg = triton.Config({}, num_warps=8 if block >= 2048 else 4, num_stages=1)
@@ -650,9 +704,10 @@ def aot_launches():
 
     Constexprs: the kind (sgd without / with momentum, adamw), the mask, the layout and the dtypes
     (parameter, state); step 1 / Nesterov / maximize / reset / state are runtime values. Each
-    (parameter, state) dtype pair gets every kind with and without a mask, the strided layout once, and
-    the multi-tensor and Sign-In kernels once per kind. ``sweep`` is False: one config each. The
-    launches are prepared by the launchers themselves, so the plan is what a GPU run launches.
+    (parameter, state) dtype pair gets every kind with and without a mask, the strided layout once, the
+    multi-tensor and Sign-In kernels once per kind, and the multi-tensor kernel without its alignment
+    hint (ALIGNED, tensors at addresses that are no multiple of 16) once. ``sweep`` is False: one config
+    each. The launches are prepared by the launchers themselves, so the plan is what a GPU run launches.
     """
     out = []
     cfg = elementwise_config(gpu=True)
@@ -683,4 +738,10 @@ def aot_launches():
             qt = torch.empty_like(pt, dtype=torch.bool)
             launch, _ = prepare(pt, torch.empty_like(pt), bt, torch.empty_like(bt), qt, lr, hp, cfg)
             out.append((f"fused_step-{dtypes}-adamw-strided", launch, False))
+            # a tensor at an address that is no multiple of 16: the multi-tensor kernel without ALIGNED
+            pu, bu = (
+                torch.empty(p.numel() + 1, dtype=t.dtype, device="meta")[1:].view(p.shape) for t in (p, b1)
+            )
+            launches, _ = prepare_multi([pu], [pu], [bu], [bu], None, lr, hp)
+            out.append((f"fused_step_multi-{dtypes}-adamw-unaligned", launches[0], False))
     return out

@@ -5,10 +5,14 @@
 * Every backend against ``fused_step_ref`` with masks, α, several dtypes.
 * The mask contract (METHODS.md §4 item 5): pruned coordinates keep their value, get exactly zero
   state, and a NaN gradient there is ignored.
+* The Triton multi-tensor kernel: whole blocks (no per-lane bounds) and partial ones, tensors at odd
+  addresses (no alignment hint for them), and, under ``-m aot``, its 16-byte vector loads on sm_90.
 """
 from __future__ import annotations
 
 import itertools
+import os
+import re
 
 import pytest
 import torch
@@ -298,3 +302,120 @@ def test_empty_param(backend):
     with backends.force(backend):
         ops.fused_step(p, g, b1, b2, None, _lr(0.1), 1, "adamw")
     assert p.shape == (0, 3)
+
+
+# ------------------------------------------------------- Triton multi-tensor kernel: whole blocks, alignment
+#
+# The multi-tensor kernel steps whole blocks without per-lane bounds and, when its launcher found every
+# address of a launch 16-byte aligned (constexpr ALIGNED), tells the compiler so: 16-byte vector loads
+# and stores. A tensor at an address that is no multiple of 16 (a view at an odd storage offset) must go
+# to a launch without the hint (a vector access there faults on a GPU) and still be stepped correctly.
+
+def _triton_fused_step():
+    """sparse_engine.kernels.fused_step, or a skip saying why its kernels cannot run here."""
+    pytest.importorskip("triton", reason="triton is not installed: no Triton backend to test")
+    from sparse_engine.kernels import _common
+    from sparse_engine.kernels import fused_step as FS
+    if not torch.cuda.is_available() and not _common.interpreting():
+        pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1: Triton kernels cannot run here")
+    return FS
+
+
+def _at_odd_address(t):
+    """A copy of ``t`` one element into a fresh buffer: for every dtype here, no multiple of 16 bytes."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    buf[0] = True if t.dtype == torch.bool else 7
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+MULTI_BLOCK = 256  # small blocks, so that the interpreter meets whole blocks and partial ones cheaply
+#: sizes: whole blocks only, whole blocks + a tail, a tail only, one block, 1 element
+MULTI_SHAPES = [(2, 256), (700,), (3,), (16, 16), (1,)]
+#: which operand of each tensor lies at an odd address (None: all aligned), by tensor index
+ODD_CASES = {"aligned": [None] * 5, "odd": ["param", "grad", "buf1", "buf2", "mask"]}
+
+
+@pytest.mark.parametrize("odd", list(ODD_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("config", [("sgd", dict(momentum=0.9, weight_decay=1e-2)),
+                                    ("adamw", dict(weight_decay=1e-2, alpha=1e-3))], ids=lambda c: c[0])
+def test_triton_multi_whole_blocks_and_alignment(config, dtype, odd):
+    """prepare_multi's launches against the reference over whole and partial blocks, with every operand
+    in turn at an odd address: the hint only where all addresses are aligned, and the same results."""
+    FS = _triton_fused_step()
+    kind, h = config
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # an operand the kind does not use (buf2 of sgd) is not in the table: it cannot make a tensor odd
+    odd_of = [None if (n == "buf2" and kind != "adamw") else n for n in ODD_CASES[odd]]
+    ps, gs, b1s, b2s, masks, want = [], [], [], [], [], []
+    for i, shape in enumerate(MULTI_SHAPES):
+        mask = make_mask(shape, 0.5, device)
+        t = dict(param=randn(*shape, dtype=dtype, device=device), grad=randn(*shape, dtype=dtype, device=device),
+                 buf1=randn(*shape, dtype=torch.float32, device=device).abs(),
+                 buf2=randn(*shape, dtype=torch.float32, device=device).abs(), mask=mask)
+        t["grad"] = torch.where(mask, t["grad"], torch.full_like(t["grad"], float("nan")))  # ignored there
+        if odd_of[i] is not None:
+            t[odd_of[i]] = _at_odd_address(t[odd_of[i]])
+        b2 = t["buf2"] if kind == "adamw" else None
+        want.append([t["param"].clone(), t["buf1"].clone(), None if b2 is None else b2.clone()])
+        _ref(want[-1][0], t["grad"], want[-1][1], want[-1][2], t["mask"], 0.01, 2, kind, **h)
+        for lst, x in ((ps, t["param"]), (gs, t["grad"]), (b1s, t["buf1"]), (b2s, b2), (masks, t["mask"])):
+            lst.append(x)
+    hp = FS._Hyper(2, kind, **(dict(momentum=0.0, dampening=0.0, nesterov=False, beta1=0.9, beta2=0.999,
+                                    eps=1e-8, weight_decay=0.0, alpha=0.0, maximize=False) | h))
+    launches, host = FS.prepare_multi(ps, gs, b1s, b2s if kind == "adamw" else None, masks, _lr(0.01), hp,
+                                      block=MULTI_BLOCK)
+    # every launch holds the hint only if every address of its table is 16-byte aligned, and a tensor with
+    # one odd operand lands in a launch without it
+    by_addr = {p.data_ptr(): i for i, p in enumerate(ps)}
+    for launch, tables in zip(launches, host):
+        table = tables[0]
+        assert launch.args["ALIGNED"] == bool((table % 16 == 0).all()), table
+        for row in table.tolist():
+            assert launch.args["ALIGNED"] == (odd_of[by_addr[row[0]]] is None), (row, odd_of)
+    assert {la.args["ALIGNED"] for la in launches} == {n is None for n in odd_of}
+    for launch in launches:
+        launch.run()
+    for i, (p, b1, b2, mask) in enumerate(zip(ps, b1s, b2s, masks)):
+        for what, got, exp in (("param", p, want[i][0]), ("buf1", b1, want[i][1]), ("buf2", b2, want[i][2])):
+            if exp is not None:
+                assert_close(got, exp, got.dtype, f"tensor {i} {what}", device=device, elementwise=True)
+        off = ~mask
+        assert torch.equal(p[off], want[i][0][off]), f"tensor {i}: pruned coordinates of param changed"
+        assert bool((b1[off] == 0).all()) and (b2 is None or bool((b2[off] == 0).all())), f"tensor {i} state"
+    for i, name in enumerate(odd_of):  # the element in front of an odd view is left alone
+        t = None if name is None else dict(param=ps[i], grad=gs[i], buf1=b1s[i], buf2=b2s[i], mask=masks[i])[name]
+        if t is not None:
+            neighbour = torch.as_strided(t, (1,), (1,), t.storage_offset() - 1).item()
+            assert neighbour == (True if t.dtype == torch.bool else 7), f"tensor {i}: the element before {name}"
+
+
+@pytest.mark.aot
+def test_triton_multi_kernel_vector_loads_sm90():
+    """The multi-tensor kernel compiles to 16-byte vector loads and stores (``ld/st.global...v4``) for
+    every launch of the AOT plan whose tensors are aligned, and to none without the alignment hint."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("AOT compile needs TRITON_INTERPRET=0 (run `TRITON_INTERPRET=0 pytest -m aot` in its own "
+                    "process, as scripts/test.sh does)")
+    pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
+    from sparse_engine.kernels import _aot
+    from sparse_engine.kernels import fused_step as FS
+    checked = 0
+    for name, launch, sweep in FS.aot_launches():
+        if not name.startswith("fused_step_multi-"):
+            continue
+        ptx = _aot.compile_launch(launch, _aot.plan_configs(launch, sweep)[0], 90).asm["ptx"]
+        loads = len(re.findall(r"\bld\.global\S*\.v4\.", ptx))
+        stores = len(re.findall(r"\bst\.global\S*\.v4\.", ptx))
+        kind = name.split("-")[3]
+        streams = 2 + ("mom0.9" in name) + 2 * (kind == "adamw")  # p, grad and the state the kind reads
+        if name.endswith("-unaligned"):
+            assert loads == 0 and stores == 0, f"{name}: vector accesses without the alignment hint"
+        else:
+            assert launch.args["ALIGNED"], name
+            assert loads >= streams and stores >= streams - 1, f"{name}: {loads} v4 loads, {stores} v4 stores"
+        checked += 1
+    assert checked >= 20, f"only {checked} multi-tensor launches in the plan"
