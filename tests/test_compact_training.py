@@ -1,4 +1,8 @@
-"""A Sign-In training run with compact (CSR/BSR) layers follows the dense+mask run: same losses over 50 steps."""
+"""A Sign-In training run with compact (CSR/BSR) layers follows the dense+mask run: same losses over 50 steps.
+
+In float64: the layouts sum in different orders, and in float32 those last-bit differences, amplified by
+momentum and the resets' sign decisions, occasionally (a few seeds in a hundred) grew past any tolerance
+that would still catch a real error."""
 import pytest
 import torch
 from torch import nn
@@ -8,7 +12,7 @@ import sparse_engine as se
 
 def _model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+    return nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5)).double()
 
 
 def _losses(layout: str, seed: int, x: torch.Tensor, y: torch.Tensor) -> tuple[list[float], torch.Tensor]:
@@ -32,11 +36,11 @@ def _losses(layout: str, seed: int, x: torch.Tensor, y: torch.Tensor) -> tuple[l
 @pytest.mark.parametrize("layout", ["csr", "bsr"])
 def test_signin_compact_matches_dense_mask_over_50_steps(layout):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    x = torch.randn(64, 40, dtype=torch.float32)
+    x = torch.randn(64, 40, dtype=torch.float64)
     y = torch.randint(0, 5, (64,))
     ref_layout = "dense" if layout == "csr" else "block"
     dense_losses, dense_out = _losses(ref_layout, seed, x, y)
     compact_losses, compact_out = _losses(layout, seed, x, y)
     assert dense_losses[-1] < dense_losses[0]  # it trains at all
-    torch.testing.assert_close(torch.tensor(compact_losses), torch.tensor(dense_losses), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(compact_out, dense_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(compact_losses), torch.tensor(dense_losses), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(compact_out, dense_out, rtol=1e-9, atol=1e-9)
