@@ -53,14 +53,19 @@ def tolerance(dtype: torch.dtype, device: torch.device | str = "cpu", *, element
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, *,
-                 device: torch.device | str = "cpu", elementwise: bool = False) -> None:
-    """Compare ``actual`` (computed in ``dtype``) with ``expected`` (usually float64), naming ``what``."""
+                 device: torch.device | str = "cpu", elementwise: bool = False, scale: float | None = None) -> None:
+    """Compare ``actual`` (computed in ``dtype``) with ``expected`` (usually float64), naming ``what``.
+
+    scale: the magnitude atol is relative to (default: max |expected|). Give the inputs' magnitude where the
+    expected value may be a near-cancellation of them (an optimizer state of a one-element tensor).
+    """
     assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual).__name__}"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
     rtol, atol_rel = tolerance(dtype, device, elementwise=elementwise)
     exp = expected.detach().to(torch.float64)
-    scale = float(exp.abs().max()) if exp.numel() else 0.0
+    if scale is None:
+        scale = float(exp.abs().max()) if exp.numel() else 0.0
     torch.testing.assert_close(
         actual.detach().to(torch.float64).cpu(), exp.cpu(), rtol=rtol, atol=atol_rel * scale, equal_nan=False,
         msg=lambda m: f"{what} ({dtype}, rtol={rtol}, atol={atol_rel}*{scale:.3g}): {m}",
