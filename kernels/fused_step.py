@@ -10,7 +10,10 @@ Per element, in fp32 whatever the storage dtype (reference.fused_step_ref is the
 
 The step reads p, grad, the state and the mask once and writes p and the state once: the optimizer is
 memory bound, and torch.optim's for-each path makes several passes with temporaries. ``lr`` is read
-from a 0-dim tensor on the device, so a schedule never recompiles anything or syncs the host.
+from a 0-dim tensor on the device, so a schedule never recompiles anything or syncs the host. Every
+kernel steps whole blocks without per-lane bounds checks, so that where addresses and strides allow,
+they get 16-byte vector loads and stores whatever the tensor's size; only the last, partial block (tile)
+checks each lane.
 
 Extra entry points (used by sparse_engine.optim; each in place, returning None):
 
@@ -115,7 +118,9 @@ def _load(at, lanes):
     """fp32 whatever the storage dtype: all the math runs in fp32.
 
     ``lanes``: which lanes are in bounds, or None for a block known to be whole (no per-lane predicate,
-    so the compiler may use vector loads where it knows the alignment; the multi-tensor kernel).
+    so the compiler may use vector loads where it knows the alignment). Every kernel branches on
+    whether its block is whole: the bounds of a masked access are per lane unless the size is a
+    multiple of 16 (Triton's specialisation of integer arguments), and scalar accesses follow.
     """
     if lanes is None:
         x = tl.load(at)
@@ -127,11 +132,26 @@ def _load(at, lanes):
 @triton.jit
 def _store(at, x, lanes, UPCAST: tl.constexpr):
     """fp32 ``x`` rounded once (to nearest even) to the dtype ``at`` points to; ``lanes`` as in _load."""
-    x = cast_out(x, at.dtype.element_ty, UPCAST)
+    _put(at, cast_out(x, at.dtype.element_ty, UPCAST), lanes)
+
+
+@triton.jit
+def _put(at, x, lanes):
+    """Store ``x``, already in the dtype ``at`` points to; ``lanes`` as in _load."""
     if lanes is None:
         tl.store(at, x)
     else:
         tl.store(at, x, mask=lanes)
+
+
+@triton.jit
+def _get_mask(at, lanes):
+    """The mask's keep flags (bool); ``lanes`` as in _load."""
+    if lanes is None:
+        q = tl.load(at)
+    else:
+        q = tl.load(at, mask=lanes, other=0)
+    return q != 0
 
 
 @triton.jit
@@ -260,6 +280,37 @@ def _or(t, placeholder):
 # --------------------------------------------------------------------------------- single tensor
 
 
+@triton.jit
+def _whole_tile(
+    FLAT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, numel, rows, cols
+):
+    """Whether this program's tile (ew_offsets) lies inside the tensor: no lane needs a bounds check."""
+    if FLAT:
+        whole = (tl.program_id(0).to(tl.int64) + 1) * BLOCK <= numel
+    else:
+        whole = ((tl.program_id(0).to(tl.int64) + 1) * BLOCK_R <= rows) & (
+            (tl.program_id(1).to(tl.int64) + 1) * BLOCK_C <= cols
+        )
+    return whole
+
+
+@triton.jit
+def _single_block(
+    at, lanes, wd, two_alpha, hyper,
+    KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """One tile of the single-tensor step: ``at`` its (param, grad, buf1, buf2, mask) pointers,
+    ``lanes`` as in _load."""
+    p_at, g_at, b1_at, b2_at, q_at = at
+    p, new_p, b1, b2 = _load_and_step(
+        p_at, g_at, b1_at, b2_at, lanes, wd, two_alpha, hyper, KIND, HAS_MOMENTUM
+    )
+    if HAS_MASK:
+        new_p, b1, b2 = _apply_mask(_get_mask(q_at, lanes), new_p, p, b1, b2)
+    _store(p_at, new_p, lanes, UPCAST)
+    _store_state(b1_at, b2_at, b1, b2, lanes, UPCAST, KIND, HAS_MOMENTUM)
+
+
 @triton.jit(do_not_specialize=["first", "nesterov", "maximize"])
 def _fused_step_kernel(
     p_ptr, g_ptr, b1_ptr, b2_ptr, mask_ptr, lr_ptr,
@@ -274,16 +325,19 @@ def _fused_step_kernel(
     adam = (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2)
     hyper = (tl.load(lr_ptr).to(tl.float32), maximize, sgd, adam)
     r, c, inb = ew_offsets(FLAT, BLOCK, BLOCK_R, BLOCK_C, numel, rows, cols)
-    p_at = p_ptr + ew_at(FLAT, r, c, s_p0, s_p1)
-    b1_at = b1_ptr + ew_at(FLAT, r, c, s_b10, s_b11)
-    b2_at = b2_ptr + ew_at(FLAT, r, c, s_b20, s_b21)
-    g_at = g_ptr + ew_at(FLAT, r, c, s_g0, s_g1)
-    p, new_p, b1, b2 = _load_and_step(p_at, g_at, b1_at, b2_at, inb, wd, two_alpha, hyper, KIND, HAS_MOMENTUM)
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + ew_at(FLAT, r, c, s_q0, s_q1), mask=inb, other=0) != 0
-        new_p, b1, b2 = _apply_mask(keep, new_p, p, b1, b2)
-    _store(p_at, new_p, inb, UPCAST)
-    _store_state(b1_at, b2_at, b1, b2, inb, UPCAST, KIND, HAS_MOMENTUM)
+    at = (
+        p_ptr + ew_at(FLAT, r, c, s_p0, s_p1),
+        g_ptr + ew_at(FLAT, r, c, s_g0, s_g1),
+        b1_ptr + ew_at(FLAT, r, c, s_b10, s_b11),
+        b2_ptr + ew_at(FLAT, r, c, s_b20, s_b21),
+        mask_ptr + ew_at(FLAT, r, c, s_q0, s_q1),
+    )
+    # whole tiles without per-lane bounds (vector accesses whatever numel is); the last, partial tile of
+    # each dimension keeps them
+    if _whole_tile(FLAT, BLOCK, BLOCK_R, BLOCK_C, numel, rows, cols):
+        _single_block(at, None, wd, two_alpha, hyper, KIND, HAS_MOMENTUM, HAS_MASK, UPCAST)
+    else:
+        _single_block(at, inb, wd, two_alpha, hyper, KIND, HAS_MOMENTUM, HAS_MASK, UPCAST)
 
 
 def _views(tensors):
@@ -553,32 +607,24 @@ def fused_step_multi(
 # ------------------------------------------------------------------------- step + Sign-In reset
 
 
-@triton.jit(do_not_specialize=["first", "nesterov", "maximize", "reset", "state"])
-def _fused_step_signin_kernel(
-    m_ptr, w_ptr, gm_ptr, gw_ptr, mb1_ptr, mb2_ptr, wb1_ptr, wb2_ptr, mask_ptr, lr_ptr,
-    numel, half_beta, wd, two_alpha,
-    momentum, one_minus_damp, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2,
-    first, nesterov, maximize, reset, state,
+@triton.jit
+def _signin_block(
+    at, lanes, scalars,
     KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Step m and w (same hyper-parameters), then, if ``reset``, re-factor the pair to β; ``state``:
-    0 keep, 1 zero, 2 transform (see the module doc)."""
-    sgd = (momentum, one_minus_damp, first, nesterov)
-    adam = (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2)
-    hyper = (tl.load(lr_ptr).to(tl.float32), maximize, sgd, adam)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < numel
-    dtype = w_ptr.dtype.element_ty
-    mb1_at, mb2_at, wb1_at, wb2_at = mb1_ptr + offs, mb2_ptr + offs, wb1_ptr + offs, wb2_ptr + offs
+    """One block of the Sign-In pair step (+ reset): ``at`` the pointers (m, w, g_m, g_w, m_buf1,
+    m_buf2, w_buf1, w_buf2, mask), ``lanes`` as in _load, ``scalars`` (β/2, λ, 2α, hyper, reset, state)."""
+    m_at, w_at, gm_at, gw_at, mb1_at, mb2_at, wb1_at, wb2_at, q_at = at
+    half_beta, wd, two_alpha, hyper, reset, state = scalars
+    dtype = w_at.dtype.element_ty
     m, new_m, mb1, mb2 = _load_and_step(
-        m_ptr + offs, gm_ptr + offs, mb1_at, mb2_at, inb, wd, two_alpha, hyper, KIND, HAS_MOMENTUM
+        m_at, gm_at, mb1_at, mb2_at, lanes, wd, two_alpha, hyper, KIND, HAS_MOMENTUM
     )
     w, new_w, wb1, wb2 = _load_and_step(
-        w_ptr + offs, gw_ptr + offs, wb1_at, wb2_at, inb, wd, two_alpha, hyper, KIND, HAS_MOMENTUM
+        w_at, gw_at, wb1_at, wb2_at, lanes, wd, two_alpha, hyper, KIND, HAS_MOMENTUM
     )
     if HAS_MASK:
-        keep = tl.load(mask_ptr + offs, mask=inb, other=0) != 0
+        keep = _get_mask(q_at, lanes)
         new_m, mb1, mb2 = _apply_mask(keep, new_m, m, mb1, mb2)
         new_w, wb1, wb2 = _apply_mask(keep, new_w, w, wb1, wb2)
     # the stepped values as stored (the reset of the reference starts from the stored tensors)
@@ -604,23 +650,51 @@ def _fused_step_signin_kernel(
     transform = do_reset & (state == 2)
     frm = rm_s.to(tl.float32)
     frw = rw_s.to(tl.float32)
-    b1m = cast_out(mb1, mb1_ptr.dtype.element_ty, UPCAST).to(tl.float32)
-    b1w = cast_out(wb1, wb1_ptr.dtype.element_ty, UPCAST).to(tl.float32)
+    b1m = cast_out(mb1, mb1_at.dtype.element_ty, UPCAST).to(tl.float32)
+    b1w = cast_out(wb1, wb1_at.dtype.element_ty, UPCAST).to(tl.float32)
     norm = fm * fm + fw * fw
     safe = tl.where(norm > 0, norm, 1.0)
     g_theta = tl.where(norm > 0, tl.div_rn(b1m * fw + b1w * fm, safe), 0.0)
     mb1 = tl.where(transform, g_theta * frw, mb1)
     wb1 = tl.where(transform, g_theta * frm, wb1)
     if KIND == 1:
-        b2m = cast_out(mb2, mb2_ptr.dtype.element_ty, UPCAST).to(tl.float32)
-        b2w = cast_out(wb2, wb2_ptr.dtype.element_ty, UPCAST).to(tl.float32)
+        b2m = cast_out(mb2, mb2_at.dtype.element_ty, UPCAST).to(tl.float32)
+        b2w = cast_out(wb2, wb2_at.dtype.element_ty, UPCAST).to(tl.float32)
         s_theta = tl.where(norm > 0, tl.div_rn(b2m + b2w, safe), 0.0)
         mb2 = tl.where(transform, s_theta * (frw * frw), mb2)
         wb2 = tl.where(transform, s_theta * (frm * frm), wb2)
-    tl.store(m_ptr + offs, tl.where(do_reset, rm_s, sm), mask=inb)
-    tl.store(w_ptr + offs, tl.where(do_reset, rw_s, sw), mask=inb)
-    _store_state(mb1_at, mb2_at, mb1, mb2, inb, UPCAST, KIND, HAS_MOMENTUM)
-    _store_state(wb1_at, wb2_at, wb1, wb2, inb, UPCAST, KIND, HAS_MOMENTUM)
+    _put(m_at, tl.where(do_reset, rm_s, sm), lanes)
+    _put(w_at, tl.where(do_reset, rw_s, sw), lanes)
+    _store_state(mb1_at, mb2_at, mb1, mb2, lanes, UPCAST, KIND, HAS_MOMENTUM)
+    _store_state(wb1_at, wb2_at, wb1, wb2, lanes, UPCAST, KIND, HAS_MOMENTUM)
+
+
+@triton.jit(do_not_specialize=["first", "nesterov", "maximize", "reset", "state"])
+def _fused_step_signin_kernel(
+    m_ptr, w_ptr, gm_ptr, gw_ptr, mb1_ptr, mb2_ptr, wb1_ptr, wb2_ptr, mask_ptr, lr_ptr,
+    numel, half_beta, wd, two_alpha,
+    momentum, one_minus_damp, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2,
+    first, nesterov, maximize, reset, state,
+    KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Step m and w (same hyper-parameters), then, if ``reset``, re-factor the pair to β; ``state``:
+    0 keep, 1 zero, 2 transform (see the module doc)."""
+    sgd = (momentum, one_minus_damp, first, nesterov)
+    adam = (beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_bc1, inv_sqrt_bc2)
+    hyper = (tl.load(lr_ptr).to(tl.float32), maximize, sgd, adam)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    at = (
+        m_ptr + offs, w_ptr + offs, gm_ptr + offs, gw_ptr + offs,
+        mb1_ptr + offs, mb2_ptr + offs, wb1_ptr + offs, wb2_ptr + offs, mask_ptr + offs,
+    )  # fmt: skip
+    # whole blocks without per-lane bounds (vector accesses whatever numel is), as in _fused_step_kernel
+    scalars = (half_beta, wd, two_alpha, hyper, reset, state)
+    if start + BLOCK <= numel:
+        _signin_block(at, None, scalars, KIND, HAS_MOMENTUM, HAS_MASK, UPCAST)
+    else:
+        _signin_block(at, offs < numel, scalars, KIND, HAS_MOMENTUM, HAS_MASK, UPCAST)
 
 
 def prepare_signin(
@@ -699,6 +773,10 @@ def fused_step_signin(
 # ------------------------------------------------------------------------------------------------ AOT
 
 
+#: a shape whose numel (903) is no multiple of 16, for the AOT plan
+ODD_SHAPE = (7, 129)
+
+
 def aot_launches():
     """(name, Launch, sweep) covering every specialisation a GPU run can launch, on meta tensors.
 
@@ -706,8 +784,12 @@ def aot_launches():
     (parameter, state); step 1 / Nesterov / maximize / reset / state are runtime values. Each
     (parameter, state) dtype pair gets every kind with and without a mask, the strided layout once, the
     multi-tensor and Sign-In kernels once per kind, and the multi-tensor kernel without its alignment
-    hint (ALIGNED, tensors at addresses that are no multiple of 16) once. ``sweep`` is False: one config
-    each. The launches are prepared by the launchers themselves, so the plan is what a GPU run launches.
+    hint (ALIGNED, tensors at addresses that are no multiple of 16) once. Sizes that are no multiple of
+    16 are specialised apart from the others (Triton's divisibility hint on integer arguments), so the
+    single-tensor kernel (sgd with momentum, adamw), its strided layout (an odd number of columns) and
+    the Sign-In kernel (adamw) also appear at such sizes (names ending in ``-odd``). ``sweep`` is False:
+    one config each. The launches are prepared by the launchers themselves, so the plan is what a GPU run
+    launches.
     """
     out = []
     cfg = elementwise_config(gpu=True)
@@ -731,6 +813,20 @@ def aot_launches():
                 out.append((f"fused_step_signin-{tag}-mask{int(mask is not None)}", launch, False))
                 launches, _ = prepare_multi([p], [g], [b1], [b2], None, lr, hp)
                 out.append((f"fused_step_multi-{tag}", launches[0], False))
+                if mom or kind == "adamw":
+                    # numel no multiple of 16: no divisibility hint on numel (the masked path is
+                    # scalar, only whole blocks have vector accesses)
+                    po = torch.empty(ODD_SHAPE, dtype=dtype, device="meta")
+                    b1o, b2o = (torch.empty_like(po, dtype=state_dtype) for _ in range(2))
+                    qo = torch.empty_like(po, dtype=torch.bool) if kind == "adamw" else None
+                    launch, _ = prepare(po, torch.empty_like(po), b1o, b2o, qo, lr, hp, cfg)
+                    out.append((f"fused_step-{tag}-mask{int(qo is not None)}-odd", launch, False))
+                    if kind == "adamw":
+                        mo, go, mb1o, mb2o = (torch.empty_like(t) for t in (po, po, b1o, b2o))
+                        launch = prepare_signin(
+                            mo, po, go, go, mb1o, mb2o, b1o, b2o, qo, lr, hp, 1.0, "transform", cfg
+                        )
+                        out.append((f"fused_step_signin-{tag}-mask1-odd", launch, False))
             # the strided (2-D tiled) layout, once per dtype pair
             pt = torch.empty((96, 64), dtype=dtype, device="meta").t()
             bt = torch.empty_like(pt, dtype=state_dtype)
@@ -738,6 +834,13 @@ def aot_launches():
             qt = torch.empty_like(pt, dtype=torch.bool)
             launch, _ = prepare(pt, torch.empty_like(pt), bt, torch.empty_like(bt), qt, lr, hp, cfg)
             out.append((f"fused_step-{dtypes}-adamw-strided", launch, False))
+            # rows of a wider tensor, an odd number of columns: tiles whole in both dimensions use vector
+            # accesses, the others are masked per lane
+            ps = torch.empty((32, 160), dtype=dtype, device="meta")[:, : ODD_SHAPE[1]]
+            bs = torch.empty((32, 160), dtype=state_dtype, device="meta")[:, : ODD_SHAPE[1]]
+            qs = torch.empty((32, 160), dtype=torch.bool, device="meta")[:, : ODD_SHAPE[1]]
+            launch, _ = prepare(ps, ps, bs, bs, qs, lr, hp, cfg)
+            out.append((f"fused_step-{dtypes}-adamw-strided-odd", launch, False))
             # a tensor at an address that is no multiple of 16: the multi-tensor kernel without ALIGNED
             pu, bu = (
                 torch.empty(p.numel() + 1, dtype=t.dtype, device="meta")[1:].view(p.shape) for t in (p, b1)

@@ -7,6 +7,9 @@
   state, and a NaN gradient there is ignored.
 * The Triton multi-tensor kernel: whole blocks (no per-lane bounds) and partial ones, tensors at odd
   addresses (no alignment hint for them), and, under ``-m aot``, its 16-byte vector loads on sm_90.
+* The Triton single-tensor (flat and strided) and Sign-In kernels: whole blocks and the partial last one
+  at sizes that are no multiple of 16, against the reference and the all-masked path, and, under
+  ``-m aot``, vector loads on sm_90 at such sizes.
 """
 from __future__ import annotations
 
@@ -393,10 +396,206 @@ def test_triton_multi_whole_blocks_and_alignment(config, dtype, odd):
             assert neighbour == (True if t.dtype == torch.bool else 7), f"tensor {i}: the element before {name}"
 
 
+# ------------------------------------------ Triton single-tensor and Sign-In kernels: whole blocks, odd sizes
+#
+# Both kernels branch on whether a program's block (flat) or tile (strided, BLOCK_R x BLOCK_C) lies inside
+# the tensor: whole ones run without per-lane bounds (vector accesses whatever the size), the last,
+# partial one keeps them. Small blocks make the interpreter meet both, at sizes that are no multiple of
+# 16; the results must be those of the reference, and bit for bit those of one masked block over the
+# whole tensor (the path every size took before); nothing outside the tensor may be touched.
+
+SENTINEL = 7.0
+
+
+def _embedded(t, layout):
+    """``t`` copied into a view inside a larger buffer filled with SENTINEL (True for bool).
+
+    layout: "flat" (contiguous, SENTINEL after its end), "rows" (the first columns of a wider matrix:
+    strided rows, unit column stride) or "cols" (a transposed view: unit row stride), both with
+    SENTINEL in the extra columns / rows. Returns (view, buffer, view_of) with view_of(buffer) the view.
+    """
+    rows, cols = t.shape
+    fill = True if t.dtype == torch.bool else SENTINEL
+    if layout == "flat":
+        buf = torch.full((t.numel() + 37,), fill, dtype=t.dtype)
+        view_of = lambda b: b[: t.numel()].view(rows, cols)
+    elif layout == "rows":
+        buf = torch.full((rows, cols + 31), fill, dtype=t.dtype)
+        view_of = lambda b: b[:, :cols]
+    else:
+        buf = torch.full((cols, rows + 3), fill, dtype=t.dtype)
+        view_of = lambda b: b[:, :rows].t()
+    view = view_of(buf)
+    view.copy_(t)
+    assert view.is_contiguous() == (layout == "flat")
+    return view, buf, view_of
+
+
+def _untouched_outside(buf, view_of, what):
+    rest = buf.clone()
+    fill = True if buf.dtype == torch.bool else SENTINEL
+    view_of(rest).fill_(fill)
+    assert bool((rest == fill).all()), f"{what}: an element outside the tensor was written"
+
+
+def _cfg(block, block_r=1, block_c=1):
+    import triton
+    return triton.Config({"BLOCK": block, "BLOCK_R": block_r, "BLOCK_C": block_c}, num_warps=4, num_stages=1)
+
+
+def _pow2(n):
+    from sparse_engine.kernels._common import next_pow2
+    return next_pow2(n)
+
+
+def _whole_and_partial(n, block):
+    """The sizes must give the kernel whole blocks and one partial block, at a size the divisibility
+    hint does not cover."""
+    assert n > block and n % block and n % 16, (n, block)
+
+
+#: (parameter dtype, state dtype)
+ODD_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)]
+ODD_KINDS = [("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2, "alpha": 1e-3}),
+             ("adamw", {"weight_decay": 1e-2, "alpha": 1e-3})]
+_FULL_H = {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+           "weight_decay": 0.0, "alpha": 0.0, "maximize": False}
+
+
+def _hyper(FS, step, kind, h):
+    return FS._Hyper(step, kind, **(_FULL_H | h))
+
+
+def _dtype_id(d):
+    return f"{str(d[0])[6:]}-state{str(d[1])[6:]}"
+
+
+#: (kind config, dtypes, layout, shape): every small case, and 1000003 elements (16 blocks of 65536) once
+SINGLE_ODD_CASES = [(c, d, layout, (37, 129)) for c in ODD_KINDS for d in ODD_DTYPES
+                    for layout in ("flat", "rows", "cols")]
+SINGLE_ODD_CASES.append((ODD_KINDS[1], ODD_DTYPES[0], "flat", (1, 1000003)))
+SINGLE_ODD_IDS = [f"{c[0]}-{_dtype_id(d)}-{lay}-{r}x{k}" for c, d, lay, (r, k) in SINGLE_ODD_CASES]
+
+
+@pytest.mark.parametrize("config,dtypes,layout,shape", SINGLE_ODD_CASES, ids=SINGLE_ODD_IDS)
+def test_triton_single_whole_and_partial_blocks_odd_sizes(config, dtypes, layout, shape):
+    """_fused_step_kernel with small blocks / tiles (flat and both strided layouts) against the reference
+    and against one masked block over the whole tensor, at sizes that are no multiple of 16."""
+    FS = _triton_fused_step()
+    kind, h = config
+    pdt, sdt = dtypes
+    rows, cols = shape
+    if layout == "flat":
+        small, big = _cfg(256 if rows * cols < 10**5 else 65536), _cfg(_pow2(rows * cols))
+        _whole_and_partial(rows * cols, small.kwargs["BLOCK"])
+    else:
+        small, big = _cfg(1, 8, 64), _cfg(1, _pow2(rows), _pow2(cols))
+        _whole_and_partial(rows, 8)
+        _whole_and_partial(cols, 64)
+    mask = make_mask(shape, 0.5)
+    grad = randn(*shape, dtype=pdt)
+    grad = torch.where(mask, grad, torch.full_like(grad, float("nan")))  # ignored there
+    start = {"param": randn(*shape, dtype=pdt), "buf1": randn(*shape, dtype=sdt).abs(),
+             "buf2": randn(*shape, dtype=sdt).abs()}
+    if kind != "adamw":
+        start["buf2"] = None
+    want = {k: None if v is None else v.clone() for k, v in start.items()}
+    _ref(want["param"], grad, want["buf1"], want["buf2"], mask, 0.01, 2, kind, **h)
+    hp = _hyper(FS, 2, kind, h)
+    got = {}
+    for label, cfg in (("small blocks", small), ("one block", big)):
+        emb = {k: None if v is None else _embedded(v, layout) for k, v in start.items()}
+        g, gbuf, gview = _embedded(grad, layout)
+        q, qbuf, qview = _embedded(mask, layout)
+        views = {k: None if e is None else e[0] for k, e in emb.items()}
+        launch, copies = FS.prepare(views["param"], g, views["buf1"], views["buf2"], q, _lr(0.01), hp, cfg)
+        assert not copies and launch.args["FLAT"] == (layout == "flat")
+        launch.run()
+        got[label] = {k: None if v is None else v.clone() for k, v in views.items()}
+        for k, e in emb.items():
+            if e is not None:
+                _untouched_outside(e[1], e[2], f"{label}: {k}")
+        _untouched_outside(gbuf, gview, f"{label}: grad")
+        _untouched_outside(qbuf, qview, f"{label}: mask")
+    for k, exp in want.items():
+        if exp is None:
+            continue
+        small_k, big_k = got["small blocks"][k], got["one block"][k]
+        assert_close(small_k, exp, exp.dtype, f"{k} (small blocks)", elementwise=True)
+        assert torch.equal(small_k, big_k), f"{k}: whole blocks differ from the masked path"
+    off = ~mask
+    assert torch.equal(got["small blocks"]["param"][off], start["param"][off]), "pruned coordinates changed"
+
+
+def _signin_ref(m, w, gm, gw, st, mask, step, kind, h, beta, state):
+    """The Sign-In pair step as fused_step_ref on each factor, then signin_reset_ref ("keep" / "zero")."""
+    from sparse_engine.reference import signin_reset_ref
+    m, w = m.clone(), w.clone()
+    st = [None if t is None else t.clone() for t in st]
+    _ref(m, gm, st[0], st[1], mask, 0.01, step, kind, **h)
+    _ref(w, gw, st[2], st[3], mask, 0.01, step, kind, **h)
+    if beta is not None:
+        m, w = signin_reset_ref(m, w, mask, beta)
+        if state == "zero":
+            st = [None if t is None else torch.zeros_like(t) for t in st]
+    return [m, w] + st
+
+
+@pytest.mark.parametrize("reset", [None, "keep", "zero", "transform"])
+@pytest.mark.parametrize("dtypes", ODD_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("config", ODD_KINDS, ids=lambda c: c[0])
+def test_triton_signin_whole_and_partial_blocks_odd_sizes(config, dtypes, reset):
+    """_fused_step_signin_kernel with small blocks against the reference (step, then reset with the state
+    kept or zeroed) and, every reset mode, bit for bit against one masked block over the whole pair."""
+    FS = _triton_fused_step()
+    kind, h = config
+    pdt, sdt = dtypes
+    shape, block = (37, 129), 256
+    _whole_and_partial(shape[0] * shape[1], block)
+    mask = make_mask(shape, 0.5)
+    m = (randn(*shape).abs() + 0.5).to(pdt)
+    w, gm, gw = (randn(*shape, dtype=pdt) for _ in range(3))
+    used = [True, kind == "adamw"] * 2
+    st = [randn(*shape, dtype=sdt).abs() if u else None for u in used]
+    beta = None if reset is None else 1.0
+    state = reset or "keep"
+    hp = _hyper(FS, 2, kind, h)
+    got = {}
+    for label, cfg in (("small blocks", _cfg(block)), ("one block", _cfg(_pow2(m.numel())))):
+        emb = [None if t is None else _embedded(t, "flat") for t in [m, w] + st]
+        views = [None if e is None else e[0] for e in emb]
+        launch = FS.prepare_signin(views[0], views[1], gm, gw, views[2], views[3], views[4], views[5], mask,
+                                   _lr(0.01), hp, beta, state, cfg)
+        launch.run()
+        got[label] = [None if v is None else v.clone() for v in views]
+        for e, what in zip(emb, ("m", "w", "m_buf1", "m_buf2", "w_buf1", "w_buf2")):
+            if e is not None:
+                _untouched_outside(e[1], e[2], f"{label}: {what}")
+    names = ("m", "w", "m_buf1", "m_buf2", "w_buf1", "w_buf2")
+    # "transform": bit for bit against the masked path (test_triton_kernels checks that one against the
+    # reference)
+    want = [None] * 6
+    if state != "transform":
+        want = _signin_ref(m, w, gm, gw, st, mask, 2, kind, h, beta, state)
+    for i, what in enumerate(names):
+        small, big = got["small blocks"][i], got["one block"][i]
+        if small is None:
+            continue
+        assert torch.equal(small, big), f"{what}: whole blocks differ from the masked path"
+        if want[i] is not None:
+            assert_close(small, want[i], small.dtype, f"{what} (small blocks)", elementwise=True)
+    if beta is not None:  # pruned: m = sqrt(β), w = 0
+        assert bool((got["small blocks"][0][~mask].float() == 1.0).all())
+        assert bool((got["small blocks"][1][~mask] == 0).all())
+
+
 @pytest.mark.aot
-def test_triton_multi_kernel_vector_loads_sm90():
-    """The multi-tensor kernel compiles to 16-byte vector loads and stores (``ld/st.global...v4``) for
-    every launch of the AOT plan whose tensors are aligned, and to none without the alignment hint."""
+@pytest.mark.parametrize("family", ["multi", "single", "signin"])
+def test_triton_vector_loads_sm90(family):
+    """16-byte vector loads and stores (``ld/st.global...v4``) on sm_90. Multi-tensor kernel: every
+    launch of the AOT plan whose tensors are aligned, none without the alignment hint. Single-tensor
+    (flat and strided) and Sign-In kernels: the plan's launches at sizes that are no multiple of 16 (no
+    divisibility hint on the size, so the masked path is scalar): their whole blocks are vectorised."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         pytest.skip("AOT compile needs TRITON_INTERPRET=0 (run `TRITON_INTERPRET=0 pytest -m aot` in its own "
                     "process, as scripts/test.sh does)")
@@ -405,17 +604,27 @@ def test_triton_multi_kernel_vector_loads_sm90():
     from sparse_engine.kernels import fused_step as FS
     checked = 0
     for name, launch, sweep in FS.aot_launches():
-        if not name.startswith("fused_step_multi-"):
+        if family == "multi" and not name.startswith("fused_step_multi-"):
             continue
+        if family != "multi" and not (name.startswith(f"fused_step{'_signin' if family == 'signin' else ''}-")
+                                      and name.endswith("-odd")):
+            continue
+        if family != "multi":  # the size really is no multiple of 16
+            size = launch.args["numel"] if launch.args.get("FLAT", True) else launch.args["cols"]
+            assert size % 16, f"{name}: size {size} is a multiple of 16"
         ptx = _aot.compile_launch(launch, _aot.plan_configs(launch, sweep)[0], 90).asm["ptx"]
         loads = len(re.findall(r"\bld\.global\S*\.v4\.", ptx))
         stores = len(re.findall(r"\bst\.global\S*\.v4\.", ptx))
         kind = name.split("-")[3]
         streams = 2 + ("mom0.9" in name) + 2 * (kind == "adamw")  # p, grad and the state the kind reads
+        tensors = 2 if family == "signin" else 1  # the Sign-In kernel steps two factors
         if name.endswith("-unaligned"):
             assert loads == 0 and stores == 0, f"{name}: vector accesses without the alignment hint"
         else:
-            assert launch.args["ALIGNED"], name
-            assert loads >= streams and stores >= streams - 1, f"{name}: {loads} v4 loads, {stores} v4 stores"
+            assert family != "multi" or launch.args["ALIGNED"], name
+            assert loads >= tensors * streams and stores >= tensors * (streams - 1), (
+                f"{name}: {loads} v4 loads, {stores} v4 stores"
+            )
         checked += 1
-    assert checked >= 20, f"only {checked} multi-tensor launches in the plan"
+    least = {"multi": 20, "single": 15, "signin": 5}[family]
+    assert checked >= least, f"only {checked} {family} launches checked"
