@@ -31,6 +31,7 @@ CPP_SOURCES = [
     "csrc/ops.cpp",
     "csrc/cpu/compact_linear.cpp",
     "csrc/cpu/elementwise.cpp",
+    "csrc/cpu/sparse_conv.cpp",
     "csrc/cpu/isa_base.cpp",
     "csrc/cpu/isa_avx2.cpp",
     "csrc/cpu/isa_avx512.cpp",

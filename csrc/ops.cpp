@@ -22,8 +22,10 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/sparse_conv.h"
 
 namespace {
 
@@ -215,6 +217,137 @@ std::tuple<Tensor, Tensor, Tensor> compact_linear_bwd(const Tensor& grad_y, cons
   return {gx, gm, gw};
 }
 
+// -------------------------------------------------------------------------------- sparse_conv2d
+
+// Checks of one sparse_conv2d call: x (B, C, H, W), CSR values (nnz,) over the (O, C*kh*kw) weight view.
+// Unlike compact_linear, every index entry is range-checked here, up front: O(nnz) reads, nothing next to
+// the O(nnz * B * Ho * Wo) convolution.
+struct ConvCall {
+  se_cpu::ConvGeom g;
+  se_cpu::Dtype dt;
+  Tensor x, m, w, crow, col, ccol, row_t, perm;
+  int64_t nnz;
+  bool has_m;
+};
+
+void check_entries(const Tensor& t, int64_t bound, const char* name, const char* what) {
+  const int32_t* p = t.data_ptr<int32_t>();
+  for (int64_t e = 0; e < t.numel(); ++e)
+    TORCH_CHECK_VALUE(p[e] >= 0 && p[e] < bound, name, "[", num(e), "] = ", num(p[e]), " is out of range [0, ",
+                      num(bound), ") (", what, "); rebuild the index or call index.validate()");
+}
+
+ConvCall check_conv(const Tensor& x, const optional<Tensor>& m_values, const Tensor& w_values, const Tensor& crow,
+                    const Tensor& col, const Tensor& row, const Tensor& ccol, const Tensor& row_t, const Tensor& perm,
+                    int64_t out_channels, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
+                    int64_t padding_h, int64_t padding_w, bool backward) {
+  ConvCall c;
+  check_cpu(w_values, "w_values");
+  c.dt = dtype_of(w_values, "w_values");
+  TORCH_CHECK_VALUE(w_values.dim() == 1, "w_values must be 1-D (CSR values (nnz,)); sparse_conv2d has no BSR "
+                    "kernel, got shape ", shape(w_values.sizes()));
+  check_cpu(x, "x");
+  TORCH_CHECK_VALUE(x.scalar_type() == w_values.scalar_type(), "x must have the dtype of w_values (",
+                    w_values.scalar_type(), "), got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be 4-D (B, C, H, W), got shape ", shape(x.sizes()));
+  TORCH_CHECK_VALUE(kernel_h >= 1 && kernel_w >= 1, "kernel size must be >= 1, got ", num(kernel_h), "x",
+                    num(kernel_w));
+  TORCH_CHECK_VALUE(stride_h >= 1 && stride_w >= 1, "stride must be >= 1, got (", num(stride_h), ", ",
+                    num(stride_w), ")");
+  TORCH_CHECK_VALUE(padding_h >= 0 && padding_w >= 0, "padding must be >= 0, got (", num(padding_h), ", ",
+                    num(padding_w), ")");
+  check_int32_dim(out_channels, "out_channels");
+  se_cpu::ConvGeom& g = c.g;
+  g.B = x.size(0);
+  g.C = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.O = out_channels;
+  g.kh = kernel_h;
+  g.kw = kernel_w;
+  g.sh = stride_h;
+  g.sw = stride_w;
+  g.ph = padding_h;
+  g.pw = padding_w;
+  TORCH_CHECK_VALUE(g.H + 2 * g.ph >= g.kh && g.W + 2 * g.pw >= g.kw, "x is too small for the kernel ",
+                    num(g.kh), "x", num(g.kw), " after padding: got shape ", shape(x.sizes()));
+  g.Ho = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
+  const int64_t K = g.C * g.kh * g.kw;
+  check_int32_dim(K, "in_channels * kernel_h * kernel_w");
+  c.nnz = w_values.size(0);
+  check_int32_dim(c.nnz, "nnz (w_values.shape[0])");
+  c.has_m = m_values.has_value();
+  if (c.has_m) check_same(*m_values, w_values, "m_values", "w_values");
+  c.x = x.contiguous();
+  c.w = w_values.contiguous();
+  c.m = c.has_m ? m_values->contiguous() : Tensor();
+  c.crow = index_tensor(crow, "crow", g.O + 1);
+  c.col = index_tensor(col, "col", c.nnz);
+  index_tensor(row, "row", c.nnz);
+  check_pointers(c.crow, c.nnz, "crow");
+  check_entries(c.col, K, "col", "in_channels * kernel_h * kernel_w columns");
+  c.ccol = index_tensor(ccol, "ccol", K + 1);
+  c.row_t = index_tensor(row_t, "row_t", c.nnz);
+  c.perm = index_tensor(perm, "perm", c.nnz);
+  if (backward) {  // only the backward reads the CSC side (dX gathers per input channel)
+    check_pointers(c.ccol, c.nnz, "ccol");
+    check_entries(c.row_t, g.O, "row_t", "out_channels rows");
+    check_entries(c.perm, c.nnz, "perm", "stored values");
+  }
+  return c;
+}
+
+Tensor sparse_conv2d_fwd(const Tensor& x, const optional<Tensor>& m_values, const Tensor& w_values,
+                         const optional<Tensor>& bias, const Tensor& crow, const Tensor& col, const Tensor& row,
+                         const Tensor& ccol, const Tensor& row_t, const Tensor& perm, int64_t out_channels,
+                         int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t padding_h,
+                         int64_t padding_w) {
+  ConvCall c = check_conv(x, m_values, w_values, crow, col, row, ccol, row_t, perm, out_channels, kernel_h, kernel_w,
+                          stride_h, stride_w, padding_h, padding_w, false);
+  Tensor b;
+  if (bias) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->scalar_type() == c.w.scalar_type() && bias->dim() == 1 && bias->size(0) == c.g.O,
+                      "bias must be (", num(c.g.O), ",) of dtype ", c.w.scalar_type(), ", got ", shape(bias->sizes()),
+                      " ", bias->scalar_type());
+    b = bias->contiguous();
+  }
+  Tensor y = at::empty({c.g.B, c.g.O, c.g.Ho, c.g.Wo}, c.x.options());
+  const int err = se_cpu::sparse_conv2d_forward(c.dt, c.g, c.x.data_ptr(), ptr_or_null(c.m), c.w.data_ptr(),
+                                                ptr_or_null(b), c.crow.data_ptr<int32_t>(), c.col.data_ptr<int32_t>(),
+                                                c.nnz, y.data_ptr());
+  TORCH_CHECK(err == 0, "sparse_conv2d forward: internal error ", num(err));
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> sparse_conv2d_bwd(const Tensor& grad_y, const Tensor& x,
+                                                     const optional<Tensor>& m_values, const Tensor& w_values,
+                                                     const Tensor& crow, const Tensor& col, const Tensor& row,
+                                                     const Tensor& ccol, const Tensor& row_t, const Tensor& perm,
+                                                     int64_t out_channels, int64_t kernel_h, int64_t kernel_w,
+                                                     int64_t stride_h, int64_t stride_w, int64_t padding_h,
+                                                     int64_t padding_w, bool needs_x_grad) {
+  ConvCall c = check_conv(x, m_values, w_values, crow, col, row, ccol, row_t, perm, out_channels, kernel_h, kernel_w,
+                          stride_h, stride_w, padding_h, padding_w, true);
+  check_cpu(grad_y, "grad_y");
+  TORCH_CHECK_VALUE(grad_y.scalar_type() == c.w.scalar_type(), "grad_y must have the dtype of w_values (",
+                    c.w.scalar_type(), "), got ", grad_y.scalar_type());
+  const std::vector<int64_t> ys{c.g.B, c.g.O, c.g.Ho, c.g.Wo};
+  TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(ys), "grad_y must have the output shape ",
+                    shape(at::IntArrayRef(ys)), ", got ", shape(grad_y.sizes()));
+  Tensor gy = grad_y.contiguous();
+  Tensor gx = needs_x_grad ? at::empty_like(c.x) : at::empty({0}, c.x.options());
+  Tensor gw = at::empty_like(c.w);
+  Tensor gm = c.has_m ? at::empty_like(c.w) : at::empty({0}, c.w.options());
+  const int err = se_cpu::sparse_conv2d_backward(
+      c.dt, c.g, gy.data_ptr(), c.x.data_ptr(), ptr_or_null(c.m), c.w.data_ptr(), c.crow.data_ptr<int32_t>(),
+      c.col.data_ptr<int32_t>(), c.ccol.data_ptr<int32_t>(), c.row_t.data_ptr<int32_t>(), c.perm.data_ptr<int32_t>(),
+      c.nnz, needs_x_grad ? gx.data_ptr() : nullptr, c.has_m ? gm.data_ptr() : nullptr, gw.data_ptr());
+  TORCH_CHECK(err == 0, "sparse_conv2d backward: internal error ", num(err));
+  return {gx, gm, gw};
+}
+
 // --------------------------------------------------------------------------------- elementwise ops
 
 Tensor reparam_fwd(const optional<Tensor>& m, const Tensor& w, const optional<Tensor>& mask) {
@@ -331,6 +464,14 @@ TORCH_LIBRARY(sparse_engine_C, m) {
       "compact_linear_bwd(Tensor grad_y, Tensor x, Tensor? m_values, Tensor w_values, Tensor crow, Tensor col, "
       "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_features, int in_features, "
       "bool needs_x_grad=True) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sparse_conv2d_fwd(Tensor x, Tensor? m_values, Tensor w_values, Tensor? bias, Tensor crow, Tensor col, "
+      "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_channels, int kernel_h, int kernel_w, "
+      "int stride_h, int stride_w, int padding_h, int padding_w) -> Tensor");
+  m.def(
+      "sparse_conv2d_bwd(Tensor grad_y, Tensor x, Tensor? m_values, Tensor w_values, Tensor crow, Tensor col, "
+      "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_channels, int kernel_h, int kernel_w, "
+      "int stride_h, int stride_w, int padding_h, int padding_w, bool needs_x_grad=True) -> (Tensor, Tensor, Tensor)");
   m.def("reparam_fwd(Tensor? m, Tensor w, Tensor? mask) -> Tensor");
   m.def("reparam_bwd(Tensor grad, Tensor? m, Tensor w, Tensor? mask) -> (Tensor, Tensor)");
   m.def("signin_reset(Tensor m, Tensor w, Tensor? mask, float beta) -> (Tensor, Tensor)");
@@ -346,6 +487,8 @@ TORCH_LIBRARY(sparse_engine_C, m) {
 TORCH_LIBRARY_IMPL(sparse_engine_C, CPU, m) {
   m.impl("compact_linear_fwd", &compact_linear_fwd);
   m.impl("compact_linear_bwd", &compact_linear_bwd);
+  m.impl("sparse_conv2d_fwd", &sparse_conv2d_fwd);
+  m.impl("sparse_conv2d_bwd", &sparse_conv2d_bwd);
   m.impl("reparam_fwd", &reparam_fwd);
   m.impl("reparam_bwd", &reparam_bwd);
   m.impl("signin_reset", &signin_reset);

@@ -33,7 +33,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 #: None when the extension is loaded, else why it is not (read by backends.py)
 UNAVAILABLE: str | None = None
 
-_OPS = ("compact_linear_fwd", "compact_linear_bwd", "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step")
+_OPS = ("compact_linear_fwd", "compact_linear_bwd", "sparse_conv2d_fwd", "sparse_conv2d_bwd", "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step")
 
 
 def _registered() -> bool:
@@ -192,6 +192,32 @@ def compact_linear_bwd(
         bool(needs_x_grad))
     return (g_x if needs_x_grad else None), (g_m if m_values is not None else None), g_w
 
+
+@_dtype_guard("sparse_conv2d_fwd", "w_values")
+def sparse_conv2d_fwd(
+    x: Tensor, m_values: Tensor | None, w_values: Tensor, bias: Tensor | None,
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_channels: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, padding_h: int,
+    padding_w: int,
+) -> Tensor:
+    """y (B, O, Ho, Wo): the direct sparse convolution (csrc/cpu/sparse_conv.cpp), no im2col."""
+    return torch.ops.sparse_engine_C.sparse_conv2d_fwd(
+        x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, int(out_channels), int(kernel_h),
+        int(kernel_w), int(stride_h), int(stride_w), int(padding_h), int(padding_w))
+
+
+@_dtype_guard("sparse_conv2d_bwd", "w_values")
+def sparse_conv2d_bwd(
+    grad_y: Tensor, x: Tensor, m_values: Tensor | None, w_values: Tensor,
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_channels: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, padding_h: int,
+    padding_w: int, needs_x_grad: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """(g_x | None, g_m_values | None, g_w_values): transposed convolution and SDDMM on the pattern."""
+    g_x, g_m, g_w = torch.ops.sparse_engine_C.sparse_conv2d_bwd(
+        grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, int(out_channels), int(kernel_h),
+        int(kernel_w), int(stride_h), int(stride_w), int(padding_h), int(padding_w), bool(needs_x_grad))
+    return (g_x if needs_x_grad else None), (g_m if m_values is not None else None), g_w
 
 @_dtype_guard("fused_step", "param")
 def fused_step(

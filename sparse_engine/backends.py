@@ -50,6 +50,8 @@ REFERENCE: dict[str, Callable] = {
     "block_sparse_linear_bwd": reference.block_sparse_linear_backward_ref,
     "compact_linear_fwd": reference.compact_linear_ref,
     "compact_linear_bwd": reference.compact_linear_backward_ref,
+    "sparse_conv2d_fwd": reference.sparse_conv2d_ref,
+    "sparse_conv2d_bwd": reference.sparse_conv2d_backward_ref,
     "fused_step": reference.fused_step_ref,
     "signin_reset": reference.signin_reset_ref,
     "prune_threshold": reference.prune_threshold_ref,

@@ -383,6 +383,131 @@ def compact_linear(
     return y.reshape(*lead, n)
 
 
+# ------------------------------------------------------------------------------------ sparse_conv2d
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+@torch.library.custom_op(f"{_NS}::sparse_conv2d", mutates_args=())
+def _sparse_conv2d(
+    x: Tensor, m_values: Optional[Tensor], w_values: Tensor, bias: Optional[Tensor],
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_channels: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, padding_h: int,
+    padding_w: int,
+) -> Tensor:
+    return _run("sparse_conv2d_fwd", x.device, w_values.dtype, x, m_values, w_values, bias, crow, col, row,
+                ccol, row_t, perm, out_channels, kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w,
+                empty=x.numel() == 0 or out_channels == 0)
+
+
+@_sparse_conv2d.register_fake
+def _(x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, out_channels, kernel_h, kernel_w,
+      stride_h, stride_w, padding_h, padding_w):
+    return x.new_empty(x.shape[0], out_channels, _conv_out(x.shape[2], kernel_h, stride_h, padding_h),
+                       _conv_out(x.shape[3], kernel_w, stride_w, padding_w))
+
+
+@torch.library.custom_op(f"{_NS}::sparse_conv2d_backward", mutates_args=())
+def _sparse_conv2d_backward(
+    grad_y: Tensor, x: Tensor, m_values: Optional[Tensor], w_values: Tensor,
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_channels: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, padding_h: int,
+    padding_w: int, needs_x_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    g_x, g_m, g_w = _run("sparse_conv2d_bwd", x.device, w_values.dtype, grad_y, x, m_values, w_values, crow,
+                         col, row, ccol, row_t, perm, out_channels, kernel_h, kernel_w, stride_h, stride_w,
+                         padding_h, padding_w, needs_x_grad, empty=x.numel() == 0 or out_channels == 0)
+    return ((g_x if g_x is not None else _empty_like(x)), (g_m if g_m is not None else _empty_like(w_values)),
+            g_w)
+
+
+@_sparse_conv2d_backward.register_fake
+def _(grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, out_channels, kernel_h, kernel_w,
+      stride_h, stride_w, padding_h, padding_w, needs_x_grad):
+    g_x = torch.empty_like(x) if needs_x_grad else x.new_empty(_EMPTY_SHAPE)
+    g_m = torch.empty_like(w_values) if m_values is not None else w_values.new_empty(_EMPTY_SHAPE)
+    return g_x, g_m, torch.empty_like(w_values)
+
+
+def _sc_setup(ctx, inputs, output):
+    x, m_values, w_values, bias, *rest = inputs
+    index, dims = rest[:6], rest[6:]
+    ctx.has_bias, ctx.dims = bias is not None, tuple(dims)
+    ctx.save_for_backward(x, m_values, w_values, *index)
+
+
+def _sc_grad(ctx, grad_y):
+    x, m_values, w_values, *index = ctx.saved_tensors
+    grad_y = grad_y.contiguous()
+    needs_x_grad = bool(ctx.needs_input_grad[0])
+    g_x, g_m, g_w = _sparse_conv2d_backward(grad_y, x, m_values, w_values, *index, *ctx.dims, needs_x_grad)
+    g_b = grad_y.sum((0, 2, 3)) if ctx.has_bias else None
+    return ((g_x if needs_x_grad else None), (g_m if m_values is not None else None), g_w, g_b) + (None,) * 13
+
+
+_sparse_conv2d.register_autograd(_sc_grad, setup_context=_sc_setup)
+
+
+def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of such ints, got {value!r}")
+    return pair
+
+
+def sparse_conv2d(
+    x: Tensor, m_values: Tensor | None, w_values: Tensor, index, kernel_size, bias: Tensor | None = None,
+    stride=1, padding=0,
+) -> Tensor:
+    """y = conv2d(x, θ) + b, θ = m ⊙ w stored only at the active coordinates of ``index`` (a
+    layout.CSRIndex over the (out_channels, in_channels · kh · kw) view of the weight, values (nnz,)).
+
+    x: (B, C, H, W) or unbatched (C, H, W) -> (B, O, Ho, Wo). Zero padding, dilation 1, groups 1 (other
+    configurations: see nn/conv.py, which keeps im2col + compact_linear for them). On CPU the C++ backend
+    computes it directly (no im2col): work ∝ nnz · B · Ho · Wo.
+    """
+    from .layout import CSRIndex
+
+    _check_tensor("x", x)
+    x, m_values, w_values, bias = _autocast(x, m_values, w_values, bias)
+    _check_tensor("w_values", w_values)
+    _check_index(index, w_values.device, bsr_only=False)
+    if not isinstance(index, CSRIndex):
+        raise TypeError(f"index must be a layout.CSRIndex (sparse_conv2d has no block layout), got "
+                        f"{type(index).__name__}")
+    kh, kw = _pair("kernel_size", kernel_size, 1)
+    sh, sw = _pair("stride", stride, 1)
+    ph, pw = _pair("padding", padding, 0)
+    o, k = index.shape
+    _check_factors(m_values, w_values, None, w_dim=None, w_name="w_values", m_name="m_values")
+    _check_tensor("w_values", w_values, shape=(index.nnz,))
+    unbatched = x.dim() == 3
+    if x.dim() not in (3, 4):
+        raise ValueError(f"x must be 4-D (B, C, H, W) or 3-D (C, H, W), got shape {tuple(x.shape)}")
+    x4 = x.unsqueeze(0) if unbatched else x
+    c = x4.shape[1]
+    if c * kh * kw != k:
+        raise ValueError(f"x must have {k // (kh * kw) if k % (kh * kw) == 0 else k / (kh * kw)} channels "
+                         f"(index columns {k} / kernel {kh}x{kw}), got shape {tuple(x.shape)}")
+    if x4.dtype != w_values.dtype:
+        raise ValueError(f"x must have the weight dtype {w_values.dtype}, got {x4.dtype}")
+    if x4.device != w_values.device:
+        raise ValueError(f"x must be on the weight's device {w_values.device}, got {x4.device}")
+    if bias is not None:
+        _check_tensor("bias", bias, shape=(o,), dtype=w_values.dtype, device=w_values.device)
+    if x4.shape[2] + 2 * ph < kh or x4.shape[3] + 2 * pw < kw:
+        raise ValueError(f"x is too small for kernel_size={(kh, kw)} with padding={(ph, pw)}: got shape "
+                         f"{tuple(x.shape)}")
+    y = _sparse_conv2d(x4.contiguous(), _c(m_values), w_values.contiguous(), _c(bias), *_index_tensors(index),
+                       o, kh, kw, sh, sw, ph, pw)
+    return y.squeeze(0) if unbatched else y
+
 # --------------------------------------------------------------------------------------- fused_step
 
 

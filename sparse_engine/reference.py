@@ -250,6 +250,80 @@ def compact_linear_backward_ref(
     return g_x, g_theta * w_values, g_theta * m_values
 
 
+# ------------------------------------------------------------------------------------- sparse_conv2d
+
+
+def _conv_theta(m_values: Tensor | None, w_values: Tensor, row: Tensor, col: Tensor, out_channels: int,
+                in_channels: int, kernel_h: int, kernel_w: int) -> Tensor:
+    """θ (O, C, kh, kw) scattered from CSR values over the (O, C·kh·kw) view."""
+    theta_values = w_values if m_values is None else m_values * w_values
+    theta = compact_to_dense_ref(theta_values, row, col, (out_channels, in_channels * kernel_h * kernel_w))
+    return theta.reshape(out_channels, in_channels, kernel_h, kernel_w)
+
+
+def sparse_conv2d_ref(
+    x: Tensor,
+    m_values: Tensor | None,
+    w_values: Tensor,
+    bias: Tensor | None,
+    crow: Tensor,
+    col: Tensor,
+    row: Tensor,
+    ccol: Tensor,
+    row_t: Tensor,
+    perm: Tensor,
+    out_channels: int,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    padding_h: int,
+    padding_w: int,
+) -> Tensor:
+    """y (B, O, Ho, Wo) = conv2d(x (B, C, H, W), θ) + b, zero padding, dilation 1, groups 1.
+
+    θ = m ⊙ w is stored only at the active coordinates of a CSR index over the (O, C·kh·kw) view of the
+    weight (the order of ``F.unfold`` patches: channel, kernel row, kernel column); the index tensors are
+    those of compact_linear. CSR values only (1-D).
+    """
+    theta = _conv_theta(m_values, w_values, row, col, out_channels, x.shape[1], kernel_h, kernel_w)
+    return F.conv2d(x, theta, bias, (stride_h, stride_w), (padding_h, padding_w))
+
+
+def sparse_conv2d_backward_ref(
+    grad_y: Tensor,
+    x: Tensor,
+    m_values: Tensor | None,
+    w_values: Tensor,
+    crow: Tensor,
+    col: Tensor,
+    row: Tensor,
+    ccol: Tensor,
+    row_t: Tensor,
+    perm: Tensor,
+    out_channels: int,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    padding_h: int,
+    padding_w: int,
+    needs_x_grad: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """(g_x, g_m_values, g_w_values): the transposed convolution, and dθ only on the pattern (SDDMM)
+    with g_m = dθ ⊙ w, g_w = dθ ⊙ m. ``needs_x_grad=False`` returns None for g_x. (The bias gradient,
+    grad_y summed over batch and space, is left to the caller as for compact_linear.)"""
+    c = x.shape[1]
+    stride, padding = (stride_h, stride_w), (padding_h, padding_w)
+    theta = _conv_theta(m_values, w_values, row, col, out_channels, c, kernel_h, kernel_w)
+    g_x = torch.nn.grad.conv2d_input(x.shape, theta, grad_y, stride, padding) if needs_x_grad else None
+    g_dense = torch.nn.grad.conv2d_weight(x, theta.shape, grad_y, stride, padding)
+    g_theta = dense_to_compact_ref(g_dense.reshape(out_channels, -1), row, col, (1, 1))
+    if m_values is None:
+        return g_x, None, g_theta
+    return g_x, g_theta * w_values, g_theta * m_values
+
+
 # ------------------------------------------------------------------------------------------ fused_step
 
 #: optimizer kinds fused_step understands

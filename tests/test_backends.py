@@ -296,6 +296,7 @@ OPCHECKED = {
     "block_sparse_linear": "test_block_sparse_linear.py",
     "block_sparse_linear_backward": "test_block_sparse_linear.py",
     "compact_linear": "test_compact_linear.py", "compact_linear_backward": "test_compact_linear.py",
+    "sparse_conv2d": "test_sparse_conv.py", "sparse_conv2d_backward": "test_sparse_conv.py",
     "fused_step": "test_fused_step.py", "signin_reset": "test_signin_reset.py",
     "prune_threshold": "test_prune.py",
 }

@@ -9,10 +9,11 @@ Two ways to compute:
 * materialise θ with ``param.theta()`` (one fused reparam; the weight is small next to the
   activations) and run the library convolution, whose dθ the reparam backward maps to (g_m, g_w).
   Layouts dense, block and any grouped convolution.
-* compact (layouts csr and bsr, ``groups == 1``): pad, ``unfold`` the input into patches (B·L, C·kh·kw)
-  and multiply by the compact weight with ``ops.compact_linear``: FLOPs ∝ density, which pays on CPU at
-  high sparsity once a compiled compact kernel exists. ``layout="auto"`` picks it only where it is
-  measured more than 5 % faster than the dense convolution (see :mod:`sparse_engine.nn.autolayout`).
+* compact (layouts csr and bsr, ``groups == 1``): FLOPs ∝ density. CSR on CPU with dilation 1 runs the
+  direct sparse convolution ``ops.sparse_conv2d`` (C++: no im2col); everything else pads, unfolds the
+  input into patches (B·L, C·kh·kw) and multiplies by the compact weight with ``ops.compact_linear``.
+  ``layout="auto"`` picks a compact layout only where it is measured more than 5 % faster than the dense
+  convolution (see :mod:`sparse_engine.nn.autolayout`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..layout import CSRIndex
 from .linear import SparseModule, _check_positive_int, _fwd_bwd
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -261,28 +263,50 @@ class _SparseConvNd(SparseModule):
         return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _compact_conv(self, input: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """im2col + compact_linear: patches (B·L, C·k) times θᵀ stored compactly. groups == 1 only."""
+        """The compact layouts (csr, bsr), groups == 1 only.
+
+        * CSR on CPU with dilation 1: the direct sparse convolution ``ops.sparse_conv2d`` (C++ kernel,
+          no im2col: work ∝ nnz · B · Ho · Wo; the patch copy alone cost more than the dense conv).
+        * otherwise (BSR, dilation > 1, CUDA tensors): im2col + compact_linear, patches (B·L, C·k) times
+          θᵀ stored compactly. The direct op has no BSR or dilated kernel, and on CUDA compact_linear has
+          GPU kernels where the direct op would only run its reference.
+        """
         nd = self._nd
         unbatched = input.dim() == nd + 1
         x = input.unsqueeze(0) if unbatched else input
         pads = self._reversed_padding_repeated_twice
-        if any(pads):
-            x = F.pad(x, pads, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         if nd == 1:  # a 1-D convolution is a 2-D one over a height-1 image
-            x = x.unsqueeze(2)
             kernel, dilation, stride = (1,) + self.kernel_size, (1,) + self.dilation, (1,) + self.stride
         else:
             kernel, dilation, stride = self.kernel_size, self.dilation, self.stride
-        spatial = [(x.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)]
+        index = self.param.index
+        direct = (isinstance(index, CSRIndex) and x.device.type == "cpu" and all(d == 1 for d in dilation))
+        # (left, right) per spatial dim, height first; 1-D: no height padding
+        pairs = [(pads[2 * j], pads[2 * j + 1]) for j in reversed(range(nd))]
+        if nd == 1:
+            pairs = [(0, 0)] + pairs
+        padding = (0, 0)
+        if direct and self.padding_mode == "zeros" and all(a == b for a, b in pairs):
+            padding = (pairs[0][0], pairs[1][0])  # the kernel pads with zeros itself: no padded copy
+        elif any(pads):
+            x = F.pad(x, pads, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        if nd == 1:
+            x = x.unsqueeze(2)
+        spatial = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+                   for i in range(2)]
         if min(spatial) <= 0:
             raise ValueError(
                 f"input is too small for kernel_size={self.kernel_size}, dilation={self.dilation} after "
                 f"padding: got shape {tuple(input.shape)}"
             )
+        m, w, bias = self._factors(dtype)
+        if direct:
+            y = ops.sparse_conv2d(x, m, w, index, kernel, bias, stride, padding)  # (B, out, *spatial)
+            y = y.squeeze(2) if nd == 1 else y
+            return y.squeeze(0) if unbatched else y
         # unfold orders a patch as (channel, kh, kw): the same order as the flattened weight rows.
         cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # (B, C·k, L)
-        m, w, bias = self._factors(dtype)
-        y = ops.compact_linear(cols.transpose(1, 2), m, w, self.param.index, bias)  # (B, L, out)
+        y = ops.compact_linear(cols.transpose(1, 2), m, w, index, bias)  # (B, L, out)
         out_spatial = spatial if nd == 2 else spatial[1:]
         y = y.transpose(1, 2).reshape(x.shape[0], self.out_channels, *out_spatial)
         return y.squeeze(0) if unbatched else y

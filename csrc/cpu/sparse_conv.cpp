@@ -1,0 +1,352 @@
+// Direct sparse 2-D convolution on CPU: y = conv(x, theta) + b, theta = m*w stored only at the active
+// coordinates of a CSR over the (O, C*kh*kw) view of the weight. No im2col: the work is
+// nnz * B * Ho * Wq (Wq ~ Wo + kw/stride), with no (B*Ho*Wo, C*kh*kw) patch matrix, whose copy alone
+// cost more than the whole dense convolution at the shapes this layout is for.
+//
+// Layout trick (what makes the inner loops plain, border-free streams):
+//   * the input is zero-padded and split into its stride phases once per call:
+//       xs[b, c, pr, pc, r, q] = xpad[r*sh + pr, q*sw + pc],  planes of Hq x Wq = ceil(Hp/sh) x ceil(Wp/sw).
+//     A weight entry (o, c, i, j) then reads ONE phase plane at the constant offset
+//       off = (i / sh) * Wq + j / sw     for every output position t = ho*Wq + wo,
+//     so the forward is, per (b, o), acc[t] += theta * xs_plane[t + off] over t in [0, (Ho-1)*Wq + Wo):
+//     a stride-1 axpy over the whole flattened plane. Columns wo >= Wo are computed and dropped (Wq - Wo
+//     of them per row: the stride-1 loops are worth more than that waste).
+//   * dX: grad_y is copied into zero-margined planes gye[b, o, M + t] (M = the largest offset; zero in the
+//     dropped columns), so the transposed product gathers per (b, c) over the whole phase plane:
+//       gxs_plane[t] += theta * gye[M - off + t] — again border-free and race-free (CSC side of the index
+//     groups the entries by input channel), then the phases are folded back into g_x.
+//   * dtheta (SDDMM): g(e) = sum_b <gye[b, o], xs_plane(b, c) + off>, thread-private sums over (b, o)
+//     items, then the g_m = g*w, g_w = g*m epilogue.
+// Any stride and zero padding; dilation 1 and groups 1 only (nn/conv.py keeps the unfold path otherwise).
+#include "sparse_conv.h"
+
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+namespace se_conv_base {
+#include "sparse_conv_impl.h"
+}  // namespace se_conv_base
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SC_HAVE_X86 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace se_conv_avx2 {
+#include "sparse_conv_impl.h"
+}  // namespace se_conv_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")
+#endif
+namespace se_conv_avx512 {
+#include "sparse_conv_impl.h"
+}  // namespace se_conv_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+namespace se_cpu {
+
+namespace {
+
+template <typename T>
+struct ConvKernels {
+  void (*axpy)(T*, int64_t, const T* const*, const T*, int64_t);
+  void (*dot)(const T*, int64_t, const T* const*, int64_t, T*);
+};
+
+// The variant of the compact_linear row kernels in use (set_isa / use_isa steer both).
+template <typename T>
+ConvKernels<T> kernels() {
+  const char* isa = isa_name();
+#ifdef SC_HAVE_X86
+  if (!std::strcmp(isa, "avx512")) return {&se_conv_avx512::axpy_multi, &se_conv_avx512::dot_multi};
+  if (!std::strcmp(isa, "avx2")) return {&se_conv_avx2::axpy_multi, &se_conv_avx2::dot_multi};
+#endif
+  (void)isa;
+  return {&se_conv_base::axpy_multi, &se_conv_base::dot_multi};
+}
+
+bool worth_threads(int64_t work) { return work >= (1 << 15) && omp_get_max_threads() > 1; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Plan {
+  int64_t P;      // stride phases sh * sw
+  int64_t Hq, Wq; // one phase plane
+  int64_t plane;  // Hq * Wq
+  int64_t L;      // flattened output positions computed: (Ho - 1) * Wq + Wo
+  int64_t M;      // largest entry offset (the zero margin in front of each grad_y plane)
+  int64_t E;      // one grad_y plane with its margins: M + plane
+  explicit Plan(const ConvGeom& g) {
+    P = g.sh * g.sw;
+    Hq = ceil_div(g.H + 2 * g.ph, g.sh);
+    Wq = ceil_div(g.W + 2 * g.pw, g.sw);
+    plane = Hq * Wq;
+    L = (g.Ho - 1) * Wq + g.Wo;
+    M = ((g.kh - 1) / g.sh) * Wq + (g.kw - 1) / g.sw;
+    E = M + plane;
+  }
+};
+
+// (phase, offset) of column k = c*kh*kw + i*kw + j, as an offset into one batch row of xs.
+int64_t entry_offset(const ConvGeom& g, const Plan& p, int64_t k, int64_t* phase_out, int64_t* off_out) {
+  const int64_t khw = g.kh * g.kw, c = k / khw, r = k % khw, i = r / g.kw, j = r % g.kw;
+  const int64_t phase = (i % g.sh) * g.sw + j % g.sw, off = (i / g.sh) * p.Wq + j / g.sw;
+  if (phase_out) *phase_out = phase;
+  if (off_out) *off_out = off;
+  return (c * p.P + phase) * p.plane + off;
+}
+
+// xs (B, C, P, Hq, Wq) from x (B, C, H, W): padded with zeros and split into stride phases.
+template <typename T>
+void phase_split(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __restrict xs) {
+  const int64_t BC = g.B * g.C;
+#pragma omp parallel for schedule(static) if (worth_threads(BC * p.P * p.plane))
+  for (int64_t bc = 0; bc < BC; ++bc) {
+    const T* src = x + bc * g.H * g.W;
+    T* dst = xs + bc * p.P * p.plane;
+    for (int64_t pr = 0; pr < g.sh; ++pr) {
+      for (int64_t pc = 0; pc < g.sw; ++pc) {
+        T* d = dst + (pr * g.sw + pc) * p.plane;
+        for (int64_t r = 0; r < p.Hq; ++r) {
+          const int64_t h = r * g.sh + pr - g.ph;
+          T* drow = d + r * p.Wq;
+          if (h < 0 || h >= g.H) {
+            for (int64_t q = 0; q < p.Wq; ++q) drow[q] = T(0);
+            continue;
+          }
+          const T* srow = src + h * g.W;
+          if (g.sw == 1) {
+            // the common case: a zero border and one contiguous copy
+            const int64_t lo = g.pw < p.Wq ? g.pw : p.Wq;
+            const int64_t n = g.W < p.Wq - lo ? g.W : p.Wq - lo;
+            for (int64_t q = 0; q < lo; ++q) drow[q] = T(0);
+            std::memcpy(drow + lo, srow, n * sizeof(T));
+            for (int64_t q = lo + n; q < p.Wq; ++q) drow[q] = T(0);
+          } else {
+            for (int64_t q = 0; q < p.Wq; ++q) {
+              const int64_t w = q * g.sw + pc - g.pw;
+              drow[q] = (w >= 0 && w < g.W) ? srow[w] : T(0);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+std::vector<T> theta_values(const T* m, const T* w, int64_t nnz) {
+  std::vector<T> theta(nnz);
+  for (int64_t e = 0; e < nnz; ++e) theta[e] = m ? m[e] * w[e] : w[e];
+  return theta;
+}
+
+template <typename T>
+int forward_t(const ConvGeom& g, const T* x, const T* m, const T* w, const T* bias, const int32_t* crow,
+              const int32_t* col, int64_t nnz, T* y) {
+  const int64_t B = g.B, O = g.O, out_plane = g.Ho * g.Wo;
+  if (B == 0 || O == 0 || out_plane == 0) return 0;
+  const Plan p(g);
+  const ConvKernels<T> kern = kernels<T>();
+  const std::vector<T> theta = theta_values(m, w, nnz);
+  std::vector<int64_t> xoff(nnz);
+  for (int64_t e = 0; e < nnz; ++e) xoff[e] = entry_offset(g, p, col[e], nullptr, nullptr);
+  int64_t max_row = 0;
+  for (int64_t o = 0; o < O; ++o) max_row = crow[o + 1] - crow[o] > max_row ? crow[o + 1] - crow[o] : max_row;
+  const int64_t xrow = g.C * p.P * p.plane;
+  std::unique_ptr<T[]> xs(new T[B * xrow > 0 ? B * xrow : 1]);
+  if (nnz > 0) phase_split(g, p, x, xs.get());
+  const int64_t items = B * O;
+#pragma omp parallel if (worth_threads(nnz * B * p.L + items * out_plane) && items > 1)
+  {
+    std::vector<T> acc(p.L);
+    std::vector<const T*> src(max_row > 0 ? max_row : 1);
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t b = it / O, o = it % O, e0 = crow[o], n = crow[o + 1] - e0;
+      T* dst = y + it * out_plane;
+      const T bo = bias ? bias[o] : T(0);
+      if (n == 0) {
+        for (int64_t t = 0; t < out_plane; ++t) dst[t] = bo;
+        continue;
+      }
+      const T* xb = xs.get() + b * xrow;
+      for (int64_t k = 0; k < n; ++k) src[k] = xb + xoff[e0 + k];
+      std::memset(acc.data(), 0, p.L * sizeof(T));
+      kern.axpy(acc.data(), p.L, src.data(), theta.data() + e0, n);
+      for (int64_t ho = 0; ho < g.Ho; ++ho)
+        for (int64_t wo = 0; wo < g.Wo; ++wo) dst[ho * g.Wo + wo] = acc[ho * p.Wq + wo] + bo;
+    }
+  }
+  return 0;
+}
+
+template <typename T>
+int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* w, const int32_t* crow,
+               const int32_t* col, const int32_t* ccol, const int32_t* row_t, const int32_t* perm, int64_t nnz,
+               T* gx, T* gm, T* gw) {
+  const int64_t B = g.B, O = g.O, C = g.C, out_plane = g.Ho * g.Wo, khw = g.kh * g.kw;
+  if (B == 0 || nnz == 0 || out_plane == 0) {
+    // dtheta is an empty sum, and no entry carries grad_y back into x
+    std::memset(gw, 0, nnz * sizeof(T));
+    if (gm) std::memset(gm, 0, nnz * sizeof(T));
+    if (gx) std::memset(gx, 0, B * C * g.H * g.W * sizeof(T));
+    return 0;
+  }
+  const Plan p(g);
+  const ConvKernels<T> kern = kernels<T>();
+  const std::vector<T> theta = theta_values(m, w, nnz);
+  const int64_t work = nnz * B * p.L;
+
+  // grad_y with zero margins, rows padded to Wq
+  std::unique_ptr<T[]> gye(new T[B * O * p.E]);
+#pragma omp parallel for schedule(static) if (worth_threads(B * O * p.E))
+  for (int64_t bo = 0; bo < B * O; ++bo) {
+    T* d = gye.get() + bo * p.E;
+    const T* s = gy + bo * out_plane;
+    std::memset(d, 0, p.E * sizeof(T));
+    for (int64_t ho = 0; ho < g.Ho; ++ho)
+      std::memcpy(d + p.M + ho * p.Wq, s + ho * g.Wo, g.Wo * sizeof(T));
+  }
+
+  if (gx) {
+    // per input channel: the CSC columns c*khw .. (c+1)*khw, processed phase by phase
+    int64_t max_col = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t n = ccol[(c + 1) * khw] - ccol[c * khw];
+      max_col = n > max_col ? n : max_col;
+    }
+    const int64_t items = B * C;
+    std::vector<int64_t> wcol(g.W);  // column w of g_x inside its phase row: (pc * plane) + q
+    for (int64_t x0 = 0; x0 < g.W; ++x0) wcol[x0] = ((x0 + g.pw) % g.sw) * p.plane + (x0 + g.pw) / g.sw;
+#pragma omp parallel if (worth_threads(work) && items > 1)
+    {
+      std::vector<T> acc(p.P * p.plane);
+      std::vector<const T*> src(max_col > 0 ? max_col : 1);
+      std::vector<T> val(max_col > 0 ? max_col : 1);
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t b = it / C, c = it % C;
+        T* dst = gx + it * g.H * g.W;
+        if (ccol[(c + 1) * khw] == ccol[c * khw]) {
+          std::memset(dst, 0, g.H * g.W * sizeof(T));
+          continue;
+        }
+        std::memset(acc.data(), 0, p.P * p.plane * sizeof(T));
+        const T* gyb = gye.get() + b * O * p.E + p.M;
+        for (int64_t ph = 0; ph < p.P; ++ph) {
+          int64_t n = 0;
+          for (int64_t k = c * khw; k < (c + 1) * khw; ++k) {
+            int64_t phase, off;
+            entry_offset(g, p, k, &phase, &off);
+            if (phase != ph) continue;
+            for (int64_t s = ccol[k]; s < ccol[k + 1]; ++s) {
+              src[n] = gyb + row_t[s] * p.E - off;
+              val[n] = theta[perm[s]];
+              ++n;
+            }
+          }
+          if (n) kern.axpy(acc.data() + ph * p.plane, p.plane, src.data(), val.data(), n);
+        }
+        // fold the phases back: g_x[h, w] = gx_pad[h + ph, w + pw] (per-column offsets precomputed: no
+        // integer division per element)
+        for (int64_t h = 0; h < g.H; ++h) {
+          const int64_t hp = h + g.ph;
+          const T* arow = acc.data() + (hp % g.sh) * g.sw * p.plane + (hp / g.sh) * p.Wq;
+          T* drow = dst + h * g.W;
+          if (g.sw == 1) {
+            std::memcpy(drow, arow + g.pw, g.W * sizeof(T));
+          } else {
+            for (int64_t x0 = 0; x0 < g.W; ++x0) drow[x0] = arow[wcol[x0]];
+          }
+        }
+      }
+    }
+  }
+
+  // dtheta on the pattern. Items (output channel, batch chunk), dynamically scheduled; each item writes
+  // its own partial sums, added in chunk order afterwards: the result does not depend on the thread count
+  // or on which thread ran what (a fixed number of chunks, chosen from B alone).
+  const int64_t xrow = C * p.P * p.plane;
+  std::unique_ptr<T[]> xs(new T[B * xrow]);
+  phase_split(g, p, x, xs.get());
+  std::vector<int64_t> xoff(nnz);
+  for (int64_t e = 0; e < nnz; ++e) xoff[e] = entry_offset(g, p, col[e], nullptr, nullptr);
+  int64_t max_row = 0;
+  for (int64_t o = 0; o < O; ++o) max_row = crow[o + 1] - crow[o] > max_row ? crow[o + 1] - crow[o] : max_row;
+  const int64_t nchunks = B < 8 ? B : 8, chunk = ceil_div(B, nchunks);
+  const int64_t items = O * nchunks;
+  std::vector<T> partial(static_cast<size_t>(nchunks) * nnz, T(0));
+#pragma omp parallel if (worth_threads(work) && items > 1)
+  {
+    std::vector<const T*> src(max_row > 0 ? max_row : 1);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t o = it / nchunks, ch = it % nchunks, e0 = crow[o], n = crow[o + 1] - e0;
+      if (n == 0) continue;
+      T* mine = partial.data() + ch * nnz + e0;
+      const int64_t b1 = (ch + 1) * chunk < B ? (ch + 1) * chunk : B;
+      for (int64_t b = ch * chunk; b < b1; ++b) {
+        const T* xb = xs.get() + b * xrow;
+        for (int64_t k = 0; k < n; ++k) src[k] = xb + xoff[e0 + k];
+        kern.dot(gye.get() + (b * O + o) * p.E + p.M, p.L, src.data(), n, mine);
+      }
+    }
+  }
+  const int64_t team = nchunks;
+  for (int64_t e = 0; e < nnz; ++e) {
+    T s = partial[e];
+    for (int t = 1; t < team; ++t) s += partial[static_cast<int64_t>(t) * nnz + e];
+    if (gm) {
+      gm[e] = s * w[e];
+      gw[e] = s * m[e];
+    } else {
+      gw[e] = s;
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int sparse_conv2d_forward(Dtype dt, const ConvGeom& g, const void* x, const void* m, const void* w,
+                          const void* bias, const int32_t* crow, const int32_t* col, int64_t nnz, void* y) {
+  if (dt == kFloat32)
+    return forward_t<float>(g, static_cast<const float*>(x), static_cast<const float*>(m),
+                            static_cast<const float*>(w), static_cast<const float*>(bias), crow, col, nnz,
+                            static_cast<float*>(y));
+  return forward_t<double>(g, static_cast<const double*>(x), static_cast<const double*>(m),
+                           static_cast<const double*>(w), static_cast<const double*>(bias), crow, col, nnz,
+                           static_cast<double*>(y));
+}
+
+int sparse_conv2d_backward(Dtype dt, const ConvGeom& g, const void* gy, const void* x, const void* m,
+                           const void* w, const int32_t* crow, const int32_t* col, const int32_t* ccol,
+                           const int32_t* row_t, const int32_t* perm, int64_t nnz, void* gx, void* gm, void* gw) {
+  if (dt == kFloat32)
+    return backward_t<float>(g, static_cast<const float*>(gy), static_cast<const float*>(x),
+                             static_cast<const float*>(m), static_cast<const float*>(w), crow, col, ccol, row_t,
+                             perm, nnz, static_cast<float*>(gx), static_cast<float*>(gm), static_cast<float*>(gw));
+  return backward_t<double>(g, static_cast<const double*>(gy), static_cast<const double*>(x),
+                            static_cast<const double*>(m), static_cast<const double*>(w), crow, col, ccol, row_t,
+                            perm, nnz, static_cast<double*>(gx), static_cast<double*>(gm), static_cast<double*>(gw));
+}
+
+}  // namespace se_cpu
