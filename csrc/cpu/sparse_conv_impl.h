@@ -3,17 +3,51 @@
 // `#pragma GCC target`, so no wide instruction leaks into code that runs on a CPU without it. No include
 // guard on purpose; it includes nothing itself (the includer has <cstdint>).
 //
-// Both loops run over whole flattened planes of uniform length: the driver lays the operands out so that
-// every stored weight entry reads a plane at a constant offset (phase-split padded input, zero-margined
-// grad_y), which leaves no per-entry border arithmetic in here. Entries are taken four at a time so that
-// the destination plane is loaded and stored once per four FMAs.
+// Both loops run over whole flattened planes whose length is a multiple of the 64-byte vector (CV<T>::W
+// elements): the driver lays the operands out so that every stored weight entry reads a plane at a
+// constant offset (phase-split padded input, zero-margined grad_y) and pads every plane with zeros up to
+// that length, so there is neither border arithmetic nor a scalar tail in here. Entries are taken four at
+// a time, so the destination plane (axpy) or the shared grad_y plane (dot) is loaded once per four FMAs.
 
 #ifndef SC_INLINE
 #define SC_INLINE inline __attribute__((always_inline))
 #endif
 
 template <typename T>
+struct CV;
+template <>
+struct CV<float> {
+  typedef float v __attribute__((vector_size(64)));
+  typedef float vu __attribute__((vector_size(64), aligned(4), may_alias));
+  static constexpr int W = 16;
+};
+template <>
+struct CV<double> {
+  typedef double v __attribute__((vector_size(64)));
+  typedef double vu __attribute__((vector_size(64), aligned(8), may_alias));
+  static constexpr int W = 8;
+};
+
+template <typename T>
+SC_INLINE typename CV<T>::v cld(const T* p) {
+  return *reinterpret_cast<const typename CV<T>::vu*>(p);
+}
+template <typename T>
+SC_INLINE void cst(T* p, typename CV<T>::v x) {
+  *reinterpret_cast<typename CV<T>::vu*>(p) = x;
+}
+template <typename T>
+SC_INLINE T chsum(typename CV<T>::v x) {
+  T s = 0;
+  for (int i = 0; i < CV<T>::W; ++i) s += x[i];
+  return s;
+}
+
+// acc[t] += sum_k v[k] * src[k][t] for t in [0, L), L a multiple of CV<T>::W
+template <typename T>
 SC_INLINE void axpy_multi_t(T* __restrict acc, int64_t L, const T* const* src, const T* v, int64_t n) {
+  typedef typename CV<T>::v V;
+  constexpr int W = CV<T>::W;
   int64_t k = 0;
   for (; k + 4 <= n; k += 4) {
     const T* __restrict s0 = src[k];
@@ -21,67 +55,71 @@ SC_INLINE void axpy_multi_t(T* __restrict acc, int64_t L, const T* const* src, c
     const T* __restrict s2 = src[k + 2];
     const T* __restrict s3 = src[k + 3];
     const T v0 = v[k], v1 = v[k + 1], v2 = v[k + 2], v3 = v[k + 3];
-#pragma omp simd
-    for (int64_t t = 0; t < L; ++t) acc[t] += (v0 * s0[t] + v1 * s1[t]) + (v2 * s2[t] + v3 * s3[t]);
-  }
-  if (k + 2 <= n) {
-    const T* __restrict s0 = src[k];
-    const T* __restrict s1 = src[k + 1];
-    const T v0 = v[k], v1 = v[k + 1];
-#pragma omp simd
-    for (int64_t t = 0; t < L; ++t) acc[t] += v0 * s0[t] + v1 * s1[t];
-    k += 2;
-  }
-  if (k < n) {
-    const T* __restrict s0 = src[k];
-    const T v0 = v[k];
-#pragma omp simd
-    for (int64_t t = 0; t < L; ++t) acc[t] += v0 * s0[t];
-  }
-}
-
-template <typename T>
-SC_INLINE void dot_multi_t(const T* __restrict g, int64_t L, const T* const* src, int64_t n, T* __restrict out) {
-  int64_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-    const T* __restrict s0 = src[k];
-    const T* __restrict s1 = src[k + 1];
-    const T* __restrict s2 = src[k + 2];
-    const T* __restrict s3 = src[k + 3];
-    T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-    for (int64_t t = 0; t < L; ++t) {
-      const T gv = g[t];
-      a0 += gv * s0[t];
-      a1 += gv * s1[t];
-      a2 += gv * s2[t];
-      a3 += gv * s3[t];
+    for (int64_t t = 0; t < L; t += W) {
+      V a = cld(acc + t);
+      a += v0 * cld(s0 + t) + v1 * cld(s1 + t);
+      a += v2 * cld(s2 + t) + v3 * cld(s3 + t);
+      cst(acc + t, a);
     }
-    out[k] += a0;
-    out[k + 1] += a1;
-    out[k + 2] += a2;
-    out[k + 3] += a3;
   }
   for (; k < n; ++k) {
     const T* __restrict s0 = src[k];
-    T a0 = 0;
-#pragma omp simd reduction(+ : a0)
-    for (int64_t t = 0; t < L; ++t) a0 += g[t] * s0[t];
-    out[k] += a0;
+    const T v0 = v[k];
+    for (int64_t t = 0; t < L; t += W) cst(acc + t, cld(acc + t) + v0 * cld(s0 + t));
   }
 }
 
-// acc[t] += sum_k v[k] * src[k][t] for t in [0, L)
+// out[k] += sum_b <g + b*gs, src[k] + b*ss> over [0, L), for nb batch rows; L a multiple of CV<T>::W.
+// The lane sums run over the whole batch range and are reduced once at the end.
+template <typename T>
+SC_INLINE void dot_multi_t(const T* __restrict g, int64_t gs, int64_t L, const T* const* src, int64_t ss,
+                           int64_t nb, int64_t n, T* __restrict out) {
+  typedef typename CV<T>::v V;
+  constexpr int W = CV<T>::W;
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t b = 0; b < nb; ++b) {
+      const T* __restrict gb = g + b * gs;
+      const T* __restrict s0 = src[k] + b * ss;
+      const T* __restrict s1 = src[k + 1] + b * ss;
+      const T* __restrict s2 = src[k + 2] + b * ss;
+      const T* __restrict s3 = src[k + 3] + b * ss;
+      for (int64_t t = 0; t < L; t += W) {
+        const V gv = cld(gb + t);
+        a0 += gv * cld(s0 + t);
+        a1 += gv * cld(s1 + t);
+        a2 += gv * cld(s2 + t);
+        a3 += gv * cld(s3 + t);
+      }
+    }
+    out[k] += chsum<T>(a0);
+    out[k + 1] += chsum<T>(a1);
+    out[k + 2] += chsum<T>(a2);
+    out[k + 3] += chsum<T>(a3);
+  }
+  for (; k < n; ++k) {
+    V a0 = {};
+    for (int64_t b = 0; b < nb; ++b) {
+      const T* __restrict gb = g + b * gs;
+      const T* __restrict s0 = src[k] + b * ss;
+      for (int64_t t = 0; t < L; t += W) a0 += cld(gb + t) * cld(s0 + t);
+    }
+    out[k] += chsum<T>(a0);
+  }
+}
+
 void axpy_multi(float* acc, int64_t L, const float* const* src, const float* v, int64_t n) {
   axpy_multi_t<float>(acc, L, src, v, n);
 }
 void axpy_multi(double* acc, int64_t L, const double* const* src, const double* v, int64_t n) {
   axpy_multi_t<double>(acc, L, src, v, n);
 }
-// out[k] += <g, src[k]> over [0, L)
-void dot_multi(const float* g, int64_t L, const float* const* src, int64_t n, float* out) {
-  dot_multi_t<float>(g, L, src, n, out);
+void dot_multi(const float* g, int64_t gs, int64_t L, const float* const* src, int64_t ss, int64_t nb, int64_t n,
+               float* out) {
+  dot_multi_t<float>(g, gs, L, src, ss, nb, n, out);
 }
-void dot_multi(const double* g, int64_t L, const double* const* src, int64_t n, double* out) {
-  dot_multi_t<double>(g, L, src, n, out);
+void dot_multi(const double* g, int64_t gs, int64_t L, const double* const* src, int64_t ss, int64_t nb,
+               int64_t n, double* out) {
+  dot_multi_t<double>(g, gs, L, src, ss, nb, n, out);
 }
