@@ -326,3 +326,15 @@ def test_nn_csr_float32_with_the_cpp_backend():
     with backends.force("cpp"):
         y = csr(x)
     torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_key_names_the_csr_conv_kernel():
+    """layout="auto" caches measurements by key: the key must say which kernel the csr candidate ran, so
+    that a measurement of the unfold path is never reused for the direct kernel (or the reverse)."""
+    x = torch.randn(2, 4, 8, 8)
+    mod = SparseConv2d(4, 6, 3, padding=1, kind="signin", density=0.2, layout="csr")
+    assert mod._auto_key(x, mod.mask2d())["extra"]["csr_conv"] == "sparse_conv2d:cpp"
+    with backends.force("reference"):
+        assert mod._auto_key(x, mod.mask2d())["extra"]["csr_conv"] == "sparse_conv2d:reference"
+    dilated = SparseConv2d(4, 6, 3, padding=2, dilation=2, kind="signin", density=0.2, layout="csr")
+    assert dilated._auto_key(x, dilated.mask2d())["extra"]["csr_conv"] == "unfold+compact_linear"

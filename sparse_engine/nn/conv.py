@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from .. import backends, ops
 from ..layout import CSRIndex
 from .linear import SparseModule, _check_positive_int, _fwd_bwd
 
@@ -329,6 +329,9 @@ class _SparseConvNd(SparseModule):
             "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
             "padding_mode": self.padding_mode,
             "groups": self.groups,
+            # which kernel the csr candidate runs (make_key records compact_linear's backend only): a
+            # measurement of the unfold path must not be reused for the direct kernel, nor the reverse
+            "csr_conv": self._csr_conv_kernel(input),
         }
         return autolayout.make_key(
             f"conv{self._nd}d",
@@ -341,6 +344,15 @@ class _SparseConvNd(SparseModule):
             block_shape=self.block_shape,
             extra=extra,
         )
+
+    def _csr_conv_kernel(self, input: Tensor) -> str:
+        """What layout="csr" computes with for this input: the direct op on its backend, or unfold."""
+        if input.device.type != "cpu" or any(d != 1 for d in self.dilation):
+            return "unfold+compact_linear"
+        try:
+            return "sparse_conv2d:" + backends.select("sparse_conv2d_fwd", input.device, input.dtype)[0]
+        except RuntimeError as e:  # a forced backend that cannot run it: part of the situation
+            return f"sparse_conv2d: unavailable: {e}"
 
     def _auto_runners(self, input: Tensor, mask2d, candidates: list[str]) -> dict[str, Callable]:
         x = torch.randn(input.shape, dtype=input.dtype, device=input.device, requires_grad=True)
