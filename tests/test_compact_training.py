@@ -37,10 +37,12 @@ def _losses(layout: str, seed: int, x: torch.Tensor, y: torch.Tensor) -> tuple[l
 def test_signin_compact_matches_dense_mask_over_50_steps(layout):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     x = torch.randn(64, 40, dtype=torch.float64)
-    y = torch.randint(0, 5, (64,))
+    y = (x @ torch.randn(40, 5, dtype=torch.float64)).argmax(1)  # labels a linear teacher gives
     ref_layout = "dense" if layout == "csr" else "block"
     dense_losses, dense_out = _losses(ref_layout, seed, x, y)
     compact_losses, compact_out = _losses(layout, seed, x, y)
-    assert dense_losses[-1] < dense_losses[0]  # it trains at all
+    # it trains at all: the mean loss of the last 10 steps is below that of the first 10 (single
+    # minibatch losses are too noisy to compare; over 120 seeds the ratio stayed below 0.992)
+    assert sum(dense_losses[-10:]) < sum(dense_losses[:10])
     torch.testing.assert_close(torch.tensor(compact_losses), torch.tensor(dense_losses), rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(compact_out, dense_out, rtol=1e-9, atol=1e-9)
