@@ -99,3 +99,19 @@ def test_gpu_check_usage_and_syntax():
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")]).returncode == 0
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "usage" in (proc.stdout + proc.stderr).lower()
+
+
+def test_bench_sparse_conv_quick_writes_its_csv(tmp_path):
+    """bench/bench_sparse_conv.py --quick: every provider on every shape, ratios against nn.Conv2d."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_sparse_conv.py"), "--quick", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "sparse_conv_cpu_quick.csv")))
+    assert {r["provider"] for r in rows} == {"nn.Conv2d", "layout=dense", "layout=csr", "F.unfold only"}
+    assert len(rows) == 4 * 3
+    for r in rows:
+        assert float(r["time_ms"]) > 0 and r["commit"] and r["torch"]
+        if r["provider"] == "nn.Conv2d":
+            assert float(r["vs_dense"]) == pytest.approx(1.0)
