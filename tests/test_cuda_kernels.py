@@ -212,10 +212,14 @@ def test_fused_step_multi(cu, dtype, kind, count, step):
         R.fused_step_ref(p, grads[i], b, c, masks[i], lr, step, kind, cfg["momentum"], cfg["dampening"],
                          cfg["nesterov"], cfg["beta1"], cfg["beta2"], cfg["eps"], cfg["weight_decay"], cfg["alpha"],
                          cfg["maximize"])
-        assert_close(params[i].cpu(), p.cpu(), dtype, f"param[{i}]", elementwise=True)
-        assert_close(b1s[i].cpu(), b.cpu(), dtype, f"buf1[{i}]", elementwise=True)
+        # atol relative to the inputs too: the (1,) tensor's state can be a near-cancellation
+        g = grads[i][torch.isfinite(grads[i])]
+        scale = max([float(t.abs().max()) for t in (originals[i], g, b1s[i], p, b) if t.numel()], default=0.0)
+        assert_close(params[i].cpu(), p.cpu(), dtype, f"param[{i}]", elementwise=True, scale=scale)
+        assert_close(b1s[i].cpu(), b.cpu(), dtype, f"buf1[{i}]", elementwise=True, scale=scale)
         if c is not None:
-            assert_close(b2s[i].cpu(), c.cpu(), dtype, f"buf2[{i}]", elementwise=True)
+            assert_close(b2s[i].cpu(), c.cpu(), dtype, f"buf2[{i}]", elementwise=True,
+                         scale=max(scale, float(c.abs().max()) if c.numel() else 0.0))
         if masks[i] is not None:
             assert torch.equal(params[i][~masks[i]], originals[i][~masks[i]])
             assert torch.all(b1s[i][~masks[i]] == 0)

@@ -176,17 +176,22 @@ def test_matches_reference(backend, device, dtype, config, shape, density):
     b2 = randn(*shape, dtype=dtype, device=device).abs() if kind == "adamw" else None
     rp, rb1, rb2 = (None if t is None else t.clone() for t in (p, b1, b2))
     p_before = p.clone()
+    # atol relative to the magnitudes that enter the update, not only to the result: a state of one
+    # element can be a near-cancellation of β·buf and (1-β)·g, far smaller than either
+    scale = max([float(t.abs().max()) for t in (p, b1, b2) if t is not None and t.numel()], default=0.0)
     for step in (1, 2, 3):
         g = randn(*shape, dtype=dtype, device=device)
+        if g.numel():
+            scale = max(scale, float(g.abs().max()))
         if mask is not None and not bool(mask.all()):
             g = torch.where(mask, g, torch.full_like(g, float("nan")))  # must be ignored there
         with run_on(backend):
             _step(p, g, b1, b2, mask, 0.01, step, kind, **h)
         _ref(rp, g, rb1, rb2, mask, 0.01, step, kind, **h)
-    assert_close(p, rp, dtype, "param", device=device, elementwise=True)
-    for name, t, r in (("buf1", b1, rb1), ("buf2", b2, rb2)):
+    for name, t, r in (("param", p, rp), ("buf1", b1, rb1), ("buf2", b2, rb2)):
         if t is not None:
-            assert_close(t, r, dtype, name, device=device, elementwise=True)
+            own = float(r.abs().max()) if r.numel() else 0.0
+            assert_close(t, r, dtype, name, device=device, elementwise=True, scale=max(scale, own))
     if mask is not None:
         off = ~mask
         assert torch.equal(p[off], p_before[off]), "pruned coordinates of param changed"
