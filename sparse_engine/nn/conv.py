@@ -216,17 +216,7 @@ class _SparseConvNd(SparseModule):
             self.groups,
             self.padding_mode,
         )
-        obj._configure(
-            kind=self.kind,
-            density=1.0,
-            mask=None,
-            beta=self.beta_init,
-            layout="dense",
-            block_shape=self.block_shape,
-            seed=self.seed,
-        )
-        obj.bias = None if self.bias is None else nn.Parameter(torch.randn_like(self.bias))
-        return obj
+        return self._configure_copy(obj)
 
     # ---------------------------------------------------------------------------------- forward
 

@@ -524,6 +524,21 @@ class SparseModule(nn.Module):
     def _register_hooks(self) -> None:
         self.register_load_state_dict_post_hook(SparseModule._after_load)
 
+    def _configure_copy(self, obj: "SparseModule") -> "SparseModule":
+        """The end of ``_empty_copy``: ``obj`` takes this layer's options, a dense layout and a bias of the
+        right shape (values are filled in by the caller)."""
+        obj._configure(
+            kind=self.kind,
+            density=1.0,
+            mask=None,
+            beta=self.beta_init,
+            layout="dense",
+            block_shape=self.block_shape,
+            seed=self.seed,
+        )
+        obj.bias = None if self.bias is None else nn.Parameter(torch.randn_like(self.bias))
+        return obj
+
     def _adopt(self, module: nn.Module, options: dict) -> None:
         """The end of ``from_dense``: take ``module``'s weight (masked by ``options``), bias and mode.
 
@@ -660,17 +675,7 @@ class SparseLinear(SparseModule):
             self.out_features,
             self.weight_shape,
         )
-        obj._configure(
-            kind=self.kind,
-            density=1.0,
-            mask=None,
-            beta=self.beta_init,
-            layout="dense",
-            block_shape=self.block_shape,
-            seed=self.seed,
-        )
-        obj.bias = None if self.bias is None else nn.Parameter(torch.randn_like(self.bias))
-        return obj
+        return self._configure_copy(obj)
 
     def _check_input(self, input: Tensor, amp: torch.dtype | None = None) -> None:
         if not isinstance(input, Tensor):
