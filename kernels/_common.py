@@ -117,6 +117,15 @@ def factorize(theta, half_beta):
     return m, w
 
 
+@triton.jit
+def tile_ptrs(ptr, row0, col0, lanes_r, lanes_c, s_r, s_c):
+    """Pointers to a tile of a 2-D tensor: the tile origin (row0, col0: int64 scalars) as one 64-bit
+    offset, the lanes (lanes_r (R, 1), lanes_c (1, C), int32) as int32 offsets. 64-bit offsets for every
+    element held two registers each across an epilogue's loads and stores and made 128×128 tiles spill;
+    launchers check the int32 part with :func:`check_tile_offsets`."""
+    return ptr + (row0 * s_r + col0 * s_c) + (lanes_r * s_r + lanes_c * s_c)
+
+
 def check_device(name: str, t: torch.Tensor) -> None:
     if t.device.type == "cuda" or t.device.type == "meta":
         return

@@ -39,6 +39,7 @@ from ._common import (
     next_pow2,
     ordered_args,
     small_problem_config,
+    tile_ptrs,
     upcast_flag,
 )
 
@@ -315,24 +316,21 @@ def _block_sparse_linear_dtheta_kernel(
     dtype = w_ptr.dtype.element_ty
     g = cast_out(acc, dtype, UPCAST).to(tl.float32)  # dθ in the storage dtype, like the reference
     inb = n_in[:, None] & k_in[None, :]
-    # Epilogue addresses: the block origin as one 64-bit scalar per tensor plus int32 block-local
-    # offsets (the launcher checks they fit). 64-bit offsets for a whole 128×128 tile held 64 register
-    # pairs per thread across the loads and stores, and the tile spilled.
-    r0 = (r * BN).to(tl.int64)
+    r0 = (r * BN).to(tl.int64)  # block origin; tile_ptrs keeps the per-element offsets int32
     c0 = (c * BK).to(tl.int64)
     lanes_n = tl.arange(0, BN_P)[:, None]
     lanes_k = tl.arange(0, BK_P)[None, :]
-    out = lanes_n * s_gn + lanes_k * s_gk  # g_m and g_w are allocated together: same strides
-    gw_block = gw_ptr + (r0 * s_gn + c0 * s_gk)
+    # g_m and g_w are allocated together: same strides
+    gw_ptrs = tile_ptrs(gw_ptr, r0, c0, lanes_n, lanes_k, s_gn, s_gk)
     if HAS_M:
         # one factor at a time: g·w is stored before m is loaded, so fewer tiles are live at once
-        w = tl.load(w_ptr + (r0 * s_wn + c0 * s_wk) + (lanes_n * s_wn + lanes_k * s_wk), mask=inb, other=0.0)
-        gm_block = gm_ptr + (r0 * s_gn + c0 * s_gk)
-        tl.store(gm_block + out, cast_out(g * w.to(tl.float32), dtype, UPCAST), mask=inb)
-        m = tl.load(m_ptr + (r0 * s_mn + c0 * s_mk) + (lanes_n * s_mn + lanes_k * s_mk), mask=inb, other=0.0)
-        tl.store(gw_block + out, cast_out(g * m.to(tl.float32), dtype, UPCAST), mask=inb)
+        w = tl.load(tile_ptrs(w_ptr, r0, c0, lanes_n, lanes_k, s_wn, s_wk), mask=inb, other=0.0)
+        gm_ptrs = tile_ptrs(gm_ptr, r0, c0, lanes_n, lanes_k, s_gn, s_gk)
+        tl.store(gm_ptrs, cast_out(g * w.to(tl.float32), dtype, UPCAST), mask=inb)
+        m = tl.load(tile_ptrs(m_ptr, r0, c0, lanes_n, lanes_k, s_mn, s_mk), mask=inb, other=0.0)
+        tl.store(gw_ptrs, cast_out(g * m.to(tl.float32), dtype, UPCAST), mask=inb)
     else:
-        tl.store(gw_block + out, cast_out(g, dtype, UPCAST), mask=inb)
+        tl.store(gw_ptrs, cast_out(g, dtype, UPCAST), mask=inb)
 
 
 # one autotuner per operand width (fp32 needs other tiles; the key does not see dtypes)

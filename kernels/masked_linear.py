@@ -40,6 +40,7 @@ from ._common import (
     dot_precision,
     ordered_args,
     small_problem_config,
+    tile_ptrs,
     upcast_flag,
 )
 
@@ -291,33 +292,28 @@ def _masked_linear_dtheta_kernel(
     dtype = w_ptr.dtype.element_ty
     g = cast_out(acc, dtype, UPCAST).to(tl.float32)
     inb = n_in[:, None] & k_in[None, :]
-    # Epilogue addresses: the tile origin as one 64-bit scalar per tensor plus int32 tile-local offsets
-    # (the launcher checks they fit). 64-bit offsets for the whole tile, live across four loads and
-    # stores, made the 128×128 tiles spill (bench/kernel_resources.py).
-    n0 = (pid_n * BLOCK_N).to(tl.int64)
+    n0 = (pid_n * BLOCK_N).to(tl.int64)  # tile origin; tile_ptrs keeps the per-element offsets int32
     k0 = (pid_k * BLOCK_K).to(tl.int64)
     ln = tl.arange(0, BLOCK_N)[:, None]
     lk = tl.arange(0, BLOCK_K)[None, :]
     if HAS_MASK:
-        q_tile = mask_ptr + (n0 * s_qn + k0 * s_qk)
-        keep = tl.load(q_tile + (ln * s_qn + lk * s_qk), mask=inb, other=0) != 0
+        keep = tl.load(tile_ptrs(mask_ptr, n0, k0, ln, lk, s_qn, s_qk), mask=inb, other=0) != 0
         g = tl.where(keep, g, 0.0)
-    gw_tile = gw_ptr + (n0 * s_gwn + k0 * s_gwk)
+    gw_ptrs = tile_ptrs(gw_ptr, n0, k0, ln, lk, s_gwn, s_gwk)
     if HAS_M:
         # one factor at a time: g·w is stored before m is loaded, so fewer tiles are live at once
-        w = tl.load(w_ptr + (n0 * s_wn + k0 * s_wk) + (ln * s_wn + lk * s_wk), mask=inb, other=0.0)
+        w = tl.load(tile_ptrs(w_ptr, n0, k0, ln, lk, s_wn, s_wk), mask=inb, other=0.0)
         gm = g * w.to(tl.float32)
         if HAS_MASK:
             gm = tl.where(keep, gm, 0.0)
-        gm_tile = gm_ptr + (n0 * s_gmn + k0 * s_gmk)
-        tl.store(gm_tile + (ln * s_gmn + lk * s_gmk), cast_out(gm, dtype, UPCAST), mask=inb)
-        m = tl.load(m_ptr + (n0 * s_mn + k0 * s_mk) + (ln * s_mn + lk * s_mk), mask=inb, other=0.0)
+        tl.store(tile_ptrs(gm_ptr, n0, k0, ln, lk, s_gmn, s_gmk), cast_out(gm, dtype, UPCAST), mask=inb)
+        m = tl.load(tile_ptrs(m_ptr, n0, k0, ln, lk, s_mn, s_mk), mask=inb, other=0.0)
         gw = g * m.to(tl.float32)
         if HAS_MASK:
             gw = tl.where(keep, gw, 0.0)
-        tl.store(gw_tile + (ln * s_gwn + lk * s_gwk), cast_out(gw, dtype, UPCAST), mask=inb)
+        tl.store(gw_ptrs, cast_out(gw, dtype, UPCAST), mask=inb)
     else:
-        tl.store(gw_tile + (ln * s_gwn + lk * s_gwk), cast_out(g, dtype, UPCAST), mask=inb)
+        tl.store(gw_ptrs, cast_out(g, dtype, UPCAST), mask=inb)
 
 
 # One autotuner per operand width: the autotune key does not see dtypes, and fp32 needs other tiles.
