@@ -320,16 +320,18 @@ def _block_sparse_linear_dtheta_kernel(
     c0 = (c * BK).to(tl.int64)
     lanes_n = tl.arange(0, BN_P)[:, None]
     lanes_k = tl.arange(0, BK_P)[None, :]
-    # g_m and g_w are allocated together: same strides
-    gw_ptrs = tile_ptrs(gw_ptr, r0, c0, lanes_n, lanes_k, s_gn, s_gk)
+    # g_m and g_w are allocated together: same strides. Pointer blocks are built where they are used
+    # (a block held across the other factor's load costs registers: measured spills)
     if HAS_M:
         # one factor at a time: g·w is stored before m is loaded, so fewer tiles are live at once
         w = tl.load(tile_ptrs(w_ptr, r0, c0, lanes_n, lanes_k, s_wn, s_wk), mask=inb, other=0.0)
         gm_ptrs = tile_ptrs(gm_ptr, r0, c0, lanes_n, lanes_k, s_gn, s_gk)
         tl.store(gm_ptrs, cast_out(g * w.to(tl.float32), dtype, UPCAST), mask=inb)
         m = tl.load(tile_ptrs(m_ptr, r0, c0, lanes_n, lanes_k, s_mn, s_mk), mask=inb, other=0.0)
+        gw_ptrs = tile_ptrs(gw_ptr, r0, c0, lanes_n, lanes_k, s_gn, s_gk)
         tl.store(gw_ptrs, cast_out(g * m.to(tl.float32), dtype, UPCAST), mask=inb)
     else:
+        gw_ptrs = tile_ptrs(gw_ptr, r0, c0, lanes_n, lanes_k, s_gn, s_gk)
         tl.store(gw_ptrs, cast_out(g, dtype, UPCAST), mask=inb)
 
 

@@ -434,7 +434,8 @@ def _as_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _multi_block(
-    at, has_mask, lanes, wd, two_alpha, hyper, UPCAST: tl.constexpr, KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    at, has_mask, lanes, wd, two_alpha, hyper,
+    UPCAST: tl.constexpr, KIND: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
 ):  # fmt: skip
     """One block of one tensor of the multi-tensor step: ``at`` its (param, grad, buf1, buf2, mask)
     pointers, ``lanes`` as in _load."""

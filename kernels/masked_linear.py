@@ -299,7 +299,6 @@ def _masked_linear_dtheta_kernel(
     if HAS_MASK:
         keep = tl.load(tile_ptrs(mask_ptr, n0, k0, ln, lk, s_qn, s_qk), mask=inb, other=0) != 0
         g = tl.where(keep, g, 0.0)
-    gw_ptrs = tile_ptrs(gw_ptr, n0, k0, ln, lk, s_gwn, s_gwk)
     if HAS_M:
         # one factor at a time: g·w is stored before m is loaded, so fewer tiles are live at once
         w = tl.load(tile_ptrs(w_ptr, n0, k0, ln, lk, s_wn, s_wk), mask=inb, other=0.0)
@@ -311,9 +310,9 @@ def _masked_linear_dtheta_kernel(
         gw = g * m.to(tl.float32)
         if HAS_MASK:
             gw = tl.where(keep, gw, 0.0)
-        tl.store(gw_ptrs, cast_out(gw, dtype, UPCAST), mask=inb)
+        tl.store(tile_ptrs(gw_ptr, n0, k0, ln, lk, s_gwn, s_gwk), cast_out(gw, dtype, UPCAST), mask=inb)
     else:
-        tl.store(gw_ptrs, cast_out(g, dtype, UPCAST), mask=inb)
+        tl.store(tile_ptrs(gw_ptr, n0, k0, ln, lk, s_gwn, s_gwk), cast_out(g, dtype, UPCAST), mask=inb)
 
 
 # One autotuner per operand width: the autotune key does not see dtypes, and fp32 needs other tiles.
