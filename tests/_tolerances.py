@@ -70,3 +70,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         actual.detach().to(torch.float64).cpu(), exp.cpu(), rtol=rtol, atol=atol_rel * scale, equal_nan=False,
         msg=lambda m: f"{what} ({dtype}, rtol={rtol}, atol={atol_rel}*{scale:.3g}): {m}",
     )
+
+
+def linear_terms_scale(x: torch.Tensor, m: torch.Tensor | None, w: torch.Tensor, mask: torch.Tensor | None,
+                       bias: torch.Tensor | None) -> float:
+    """Largest |x| |θ|ᵀ + |b| of y = x θᵀ + b (θ = M ⊙ m ⊙ w): the scale for y's atol. x θᵀ and b can nearly
+    cancel (seen at 1×1×1 in fp16), leaving a result far smaller than the rounding of θ = m·w that the
+    kernels do in the storage dtype; zero where the mask removes everything, so density 0 stays exact."""
+    with torch.no_grad():
+        theta = (w if m is None else m * w).detach().double().abs()
+        if mask is not None:
+            theta = torch.where(mask.to(theta.device), theta, torch.zeros_like(theta))
+        terms = x.detach().double().abs() @ theta.t()
+        if bias is not None:
+            terms = terms + bias.detach().double().abs()
+        return float(terms.max()) if terms.numel() else 0.0
