@@ -2,7 +2,7 @@
 
 * The C++ CPU extension (csrc/ops.cpp + csrc/cpu/*.cpp) is built when a C++ compiler is found, unless
   SPARSE_ENGINE_BUILD=0. A failed build prints one warning and the install goes on: the library then
-  runs its other backends (python -m sparse_engine.info says which). SPARSE_ENGINE_BUILD=1 makes a
+  runs its other backends (sparse-engine info says which). SPARSE_ENGINE_BUILD=1 makes a
   failure fatal.
 * The CUDA extension (csrc/cuda/*.cu) is built with SPARSE_ENGINE_CUDA=1, or automatically when the
   installed torch has CUDA and nvcc is found.

@@ -127,10 +127,10 @@ def run(args) -> list[dict]:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA GPU visible to torch")
-        import sparse_engine._cuda as backend
+        import sparse_engine.ops._cuda as backend
         ours = "cuda"
     else:
-        import sparse_engine._cpp as backend
+        import sparse_engine.ops._cpp as backend
         ours = "cpp"
     if backend.UNAVAILABLE:
         raise SystemExit(f"the {ours} extension is unavailable: {backend.UNAVAILABLE}")

@@ -39,10 +39,11 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import sparse_engine
-from sparse_engine import backends, io
-from sparse_engine.extract import extract, reformat, report
-from sparse_engine.infer import InferConv2d, InferLinear
-from sparse_engine.models import MLP, SmallResNet, TinyTransformer
+from sparse_engine.ops import backends
+from sparse_engine.export import io
+from sparse_engine.export.extract import extract, reformat, report
+from sparse_engine.export.infer import InferConv2d, InferLinear
+from sparse_engine.app.models import MLP, SmallResNet, TinyTransformer
 from sparse_engine.nn import sparsify
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -263,7 +264,7 @@ def cuda_time(fn, budget_s: float) -> float:
 
 def run_gpu(budget: float) -> list[dict]:
     """2:4 semi-structured InferLinear against dense F.linear on the GPU, per layer and for a model."""
-    from sparse_engine.infer import semi_structured_support
+    from sparse_engine.export.infer import semi_structured_support
     from sparse_engine.masks import nm_mask
     from sparse_engine.nn import SparseLinear
 

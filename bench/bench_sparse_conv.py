@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from sparse_engine import backends
+    from sparse_engine.ops import backends
     from sparse_engine.nn import SparseConv2d
 
     torch.set_num_threads(args.threads)

@@ -108,7 +108,7 @@ def build(provider: str, sizes, torch):
     from torch import nn
 
     from sparse_engine import layout, ops
-    from sparse_engine.reference import factorize_ref
+    from sparse_engine.ops.reference import factorize_ref
 
     masks = _masks(sizes, torch)
     loss_fn = nn.CrossEntropyLoss()
@@ -258,10 +258,10 @@ def worker(provider: str, model: str, steps: int, threads: int) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, sizes[0], generator=g)
     y = torch.randint(0, sizes[-1], (BATCH,), generator=g)
-    import sparse_engine._cpp as cpp  # load the extension before the baseline
+    import sparse_engine.ops._cpp as cpp  # load the extension before the baseline
     import sparse_engine.nn  # noqa: F401
     import sparse_engine.optim  # noqa: F401
-    from sparse_engine import backends
+    from sparse_engine.ops import backends
 
     backend = backends.select("compact_linear_fwd", torch.device("cpu"), torch.float32)[0]
     _warm_up_torch(torch)  # thread pools, autograd engine, lazy libraries: not the model's memory

@@ -123,7 +123,7 @@ else
   log "FAIL: sparse_engine.kernels still not importable (see build.log); tests and benchmarks will fail"
 fi
 (cd "$OUT" && "$PY" -c '
-import sparse_engine._cuda as c
+import sparse_engine.ops._cuda as c
 why = getattr(c, "UNAVAILABLE", None)
 print("CUDA extension:", "unavailable: " + str(why) if why else "loaded")
 ' ) 2>&1 | tail -n 1 | tee -a "$LOG" "$OUT/env.txt" > /dev/null

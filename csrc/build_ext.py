@@ -2,7 +2,7 @@
 
 Used in three places:
 * ``setup.py`` calls :func:`extensions` (ext_modules, cmdclass) on ``pip install``;
-* ``sparse_engine/_cpp.py`` and ``sparse_engine/_cuda.py`` build the same sources at first use with
+* ``sparse_engine/ops/_cpp.py`` and ``sparse_engine/ops/_cuda.py`` build the same sources at first use with
   ``torch.utils.cpp_extension.load`` when ``SPARSE_ENGINE_JIT=1`` and no prebuilt library is installed.
 
 C++ (CPU): ``sparse_engine._C`` = ops.cpp (the one TORCH_LIBRARY(sparse_engine_C) schema file) + cpu/*.cpp.
@@ -209,6 +209,6 @@ def extensions():
                 if strict:
                     raise
                 _warn(f"{ext.name} not built ({type(e).__name__}: {str(e)[:2000]}); "
-                      "the other backends serve (python -m sparse_engine.info says which)")
+                      "the other backends serve (sparse-engine info says which)")
 
     return exts, {"build_ext": OptionalBuildExt}

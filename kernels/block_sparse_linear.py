@@ -391,7 +391,7 @@ def _check(x_name, x, m, w, feats, index, block_n, block_k):
 
 
 def unsupported(impl: str, args: tuple) -> str:
-    """Backend hook (sparse_engine.backends): why these exact arguments cannot run here ("" if they can)."""
+    """Backend hook (sparse_engine.ops.backends): why these exact arguments cannot run here ("" if they can)."""
     if impl in ("block_sparse_linear_fwd", "block_sparse_linear_bwd") and len(args) >= 2:
         for name, b in (("block_n", args[-2]), ("block_k", args[-1])):
             if not isinstance(b, int) or not 1 <= b <= MAX_BLOCK:

@@ -19,9 +19,9 @@ _EXPORTS = {
     "Parameterization": "sparse_engine.param",
     "SGD": "sparse_engine.optim",
     "AdamW": "sparse_engine.optim",
-    "extract": "sparse_engine.extract",
-    "save": "sparse_engine.io",
-    "load": "sparse_engine.io",
+    "extract": "sparse_engine.export.extract",
+    "save": "sparse_engine.export.io",
+    "load": "sparse_engine.export.io",
     "layer_stats": "sparse_engine.diagnostics",
 }
 

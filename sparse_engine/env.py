@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-#: name -> what it does. `python -m sparse_engine.info` prints this table.
+#: name -> what it does. `sparse-engine info` prints this table.
 VARIABLES: dict[str, str] = {
     "SPARSE_ENGINE_BACKEND": "force one backend for every op: reference | triton | cpp | cuda "
     "(an explicit request that cannot be met raises)",

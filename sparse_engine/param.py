@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .layout import BSRIndex, CSRIndex
-from .reference import factorize_ref
+from .ops.reference import factorize_ref
 
 KINDS = ("masked", "signin", "pilot")
 LAYOUTS = ("dense", "csr", "bsr")

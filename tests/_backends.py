@@ -1,7 +1,7 @@
 """Shared helpers of the per-op tests: the backend parametrization, device × dtype grid, input makers.
 
 Every op test is parametrised over ``BACKENDS`` (decorator ``over_backends``); a backend that cannot run
-the case skips with the reason ``sparse_engine.backends`` gives (missing module, missing function, wrong
+the case skips with the reason ``sparse_engine.ops.backends`` gives (missing module, missing function, wrong
 device, unsupported dtype, or the backend's own ``unsupported`` hook), prefixed by the backend name, e.g.
 ``triton: sparse_engine.kernels.masked_linear does not exist (no triton kernel for masked_linear)``.
 Triton runs on CPU tensors through the interpreter (conftest sets TRITON_INTERPRET=1 when no GPU is
@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import pytest
 import torch
 
-from sparse_engine import backends
+from sparse_engine.ops import backends
 
 BACKENDS = backends.BACKENDS  # ("reference", "triton", "cpp", "cuda")
 

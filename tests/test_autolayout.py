@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_engine import backends
+from sparse_engine.ops import backends
 from sparse_engine.nn import SparseConv2d, SparseLinear, autolayout, sparsify
 from sparse_engine.nn.linear import SparseModule
 

@@ -1,5 +1,5 @@
 """Backend selection: SPARSE_ENGINE_BACKEND / force(), explicit requests that cannot be met, automatic
-fallback, dtype and argument declarations of backend modules, lazy imports, and ``sparse_engine.info``.
+fallback, dtype and argument declarations of backend modules, lazy imports, and ``sparse_engine.app.info``.
 
 Most tests replace ``backends._module`` with a stub, so they check the selection logic whatever kernels
 happen to be built on this machine.
@@ -18,7 +18,8 @@ import pytest
 import torch
 from _backends import randn
 
-from sparse_engine import backends, env, ops
+from sparse_engine.ops import backends
+from sparse_engine import env, ops
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +73,7 @@ def test_env_reference_runs_everything(monkeypatch):
 
 
 def test_env_reference_end_to_end_in_a_fresh_process():
-    code = ("import torch; from sparse_engine import ops, backends, reference as R\n"
+    code = ("import torch; from sparse_engine import ops; from sparse_engine.ops import backends, reference as R\n"
             "seen = []\n"
             "orig = backends.select\n"
             "def spy(impl, device, dtype=None, args=()):\n"
@@ -94,7 +95,7 @@ def test_explicit_request_that_cannot_be_met_raises_naming_what_is_missing(stub,
                                            r"sparse_engine._C is not importable \(no compiler\)"):
         ops.reparam(randn(2, 3), randn(2, 3))
     stub("cpp", types.SimpleNamespace())  # imports, but lacks the function
-    with pytest.raises(RuntimeError, match="sparse_engine._cpp has no reparam_fwd"):
+    with pytest.raises(RuntimeError, match="sparse_engine.ops._cpp has no reparam_fwd"):
         ops.reparam(randn(2, 3), randn(2, 3))
 
 
@@ -205,14 +206,14 @@ def test_unavailable_flag_and_missing_function_through_the_real_loader(monkeypat
     """A compiled backend module that imports but sets UNAVAILABLE, or lacks an implementation."""
     backends._module.cache_clear()
     try:
-        monkeypatch.setitem(sys.modules, "sparse_engine._cpp",
+        monkeypatch.setitem(sys.modules, "sparse_engine.ops._cpp",
                             types.SimpleNamespace(UNAVAILABLE="the .so was built for another torch"))
         assert backends.reason("cpp", "reparam_fwd", "cpu") == "the .so was built for another torch"
         backends._module.cache_clear()
-        monkeypatch.setitem(sys.modules, "sparse_engine._cpp", types.SimpleNamespace(UNAVAILABLE=None))
-        assert backends.reason("cpp", "reparam_fwd", "cpu") == "sparse_engine._cpp has no reparam_fwd"
+        monkeypatch.setitem(sys.modules, "sparse_engine.ops._cpp", types.SimpleNamespace(UNAVAILABLE=None))
+        assert backends.reason("cpp", "reparam_fwd", "cpu") == "sparse_engine.ops._cpp has no reparam_fwd"
         with backends.force("cpp"), \
-                pytest.raises(RuntimeError, match="sparse_engine._cpp has no reparam_fwd"):
+                pytest.raises(RuntimeError, match="sparse_engine.ops._cpp has no reparam_fwd"):
             ops.reparam(randn(2, 3), randn(2, 3))
     finally:
         backends._module.cache_clear()
@@ -231,9 +232,9 @@ def test_real_module_resolution_reports_missing_modules():
 
 
 def test_nothing_is_imported_until_an_op_runs():
-    code = ("import sys, sparse_engine, sparse_engine.ops, sparse_engine.backends, sparse_engine.param\n"
+    code = ("import sys, sparse_engine, sparse_engine.ops, sparse_engine.ops.backends, sparse_engine.param\n"
             "print(sorted(m for m in sys.modules if m.startswith('sparse_engine.kernels.') or m in "
-            "('sparse_engine._cpp', 'sparse_engine._cuda', 'triton')))\n")
+            "('sparse_engine.ops._cpp', 'sparse_engine.ops._cuda', 'triton')))\n")
     out = _run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
@@ -243,7 +244,7 @@ def test_nothing_is_imported_until_an_op_runs():
 
 
 def test_info_runs_and_prints_versions_env_and_table():
-    out = _run_python("import sys; from sparse_engine.info import main; sys.exit(main([]))")
+    out = _run_python("import sys; from sparse_engine.app.info import main; sys.exit(main([]))")
     assert out.returncode == 0, out.stderr
     text = out.stdout
     for needle in ("versions", f"torch             {torch.__version__}", "triton", "python", "CUDA available",
@@ -262,7 +263,7 @@ def test_info_runs_and_prints_versions_env_and_table():
 
 def test_info_module_entry_point_and_json():
     environ = {k: v for k, v in os.environ.items() if k != "SPARSE_ENGINE_BACKEND"}
-    out = subprocess.run([sys.executable, "-m", "sparse_engine.info", "--json"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "sparse_engine.app.info", "--json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=environ)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
@@ -278,7 +279,7 @@ def test_info_module_entry_point_and_json():
 
 
 def test_info_reports_an_invalid_env_value_instead_of_crashing(monkeypatch):
-    from sparse_engine import info
+    from sparse_engine.app import info
 
     monkeypatch.setenv("SPARSE_ENGINE_BACKEND", "bogus")
     data = info.collect()

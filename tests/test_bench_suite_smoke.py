@@ -71,7 +71,7 @@ def test_mappers_keep_values_and_compute_ratios(suite):
 
 
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(check=False, args=[sys.executable, "-m", "sparse_engine.bench_cli", "--out", str(tmp_path), *args],
+    return subprocess.run(check=False, args=[sys.executable, "-m", "sparse_engine.app.bench_cli", "--out", str(tmp_path), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -116,8 +116,8 @@ def test_bench_rejects_unknown_benchmark(tmp_path):
 
 
 def test_bench_dir_must_hold_the_suite(tmp_path):
-    from sparse_engine.bench_cli import main
-    from sparse_engine.cli import UserError
+    from sparse_engine.app.bench_cli import main
+    from sparse_engine.app.cli import UserError
 
     with pytest.raises(UserError, match="run_suite.py"):
         main(["--bench-dir", str(tmp_path)])

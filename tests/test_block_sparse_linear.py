@@ -22,9 +22,10 @@ from _backends import (
 )
 from _tolerances import assert_close, linear_terms_scale
 
-from sparse_engine import backends, ops
+from sparse_engine.ops import backends
+from sparse_engine import ops
 from sparse_engine.layout import BSRIndex, CSRIndex
-from sparse_engine.reference import (
+from sparse_engine.ops.reference import (
     block_mask_from_index_ref,
     block_sparse_linear_backward_ref,
     block_sparse_linear_ref,

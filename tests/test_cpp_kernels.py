@@ -1,4 +1,4 @@
-"""The C++ (CPU) kernels of sparse_engine._cpp against their references in reference.py.
+"""The C++ (CPU) kernels of sparse_engine.ops._cpp against their references in reference.py.
 
 Every compiled op: output and every gradient, float32 and float64, shapes with 1 and odd sizes, batch
 sizes that hit every panel width of the SpMM/SDDMM kernels (1: gather path; 3, 17, 65, 200: one, two
@@ -20,11 +20,12 @@ import textwrap
 import pytest
 import torch
 
-from sparse_engine import backends, layout, ops, reference as R
+from sparse_engine.ops import backends, reference as R
+from sparse_engine import layout, ops
 
 from _tolerances import assert_close
 
-_cpp = pytest.importorskip("sparse_engine._cpp", reason="sparse_engine._cpp failed to import")
+_cpp = pytest.importorskip("sparse_engine.ops._cpp", reason="sparse_engine.ops._cpp failed to import")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -474,8 +475,9 @@ def test_missing_extension_warns_once_and_reference_serves():
         import torch
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            import sparse_engine._cpp as c
-            from sparse_engine import backends, ops
+            import sparse_engine.ops._cpp as c
+            from sparse_engine.ops import backends
+            from sparse_engine import ops
             y = ops.reparam(None, torch.ones(3), None)
         msgs = [str(w.message) for w in caught if "C++ backend unavailable" in str(w.message)]
         assert len(msgs) == 1, msgs
@@ -494,9 +496,9 @@ def test_jit_build(tmp_path):
     """SPARSE_ENGINE_JIT=1 builds the extension with torch.utils.cpp_extension.load when no .so is installed."""
     code = _BLOCK_PREBUILT + textwrap.dedent("""
         import torch
-        import sparse_engine._cpp as c
+        import sparse_engine.ops._cpp as c
         assert c.UNAVAILABLE is None, c.UNAVAILABLE
-        from sparse_engine import reference as R
+        from sparse_engine.ops import reference as R
         w, m = torch.randn(50), torch.randn(50)
         assert torch.allclose(c.reparam_fwd(m, w, None), R.reparam_ref(m, w, None))
         print("OK", c.isa())

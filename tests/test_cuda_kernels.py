@@ -1,4 +1,4 @@
-"""The CUDA kernels of sparse_engine._cuda against their references (marker ``gpu``).
+"""The CUDA kernels of sparse_engine.ops._cuda against their references (marker ``gpu``).
 
 compact_linear (CSR: forward SpMM, dX by the transposed SpMM, SDDMM with the g_m/g_w epilogue) over both
 kernel paths (batch <= 8: row-major, lanes over the row; larger: batch-contiguous, lanes over the batch;
@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_engine import backends, layout, reference as R
+from sparse_engine.ops import backends, reference as R
+from sparse_engine import layout
 
 from _tolerances import assert_close
 
@@ -26,7 +27,7 @@ DTYPES = [torch.float32, torch.float64]
 def cu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: none visible to torch")
-    import sparse_engine._cuda as module
+    import sparse_engine.ops._cuda as module
 
     if module.UNAVAILABLE:
         pytest.skip(f"CUDA extension unavailable: {module.UNAVAILABLE}")

@@ -1,4 +1,4 @@
-"""Tests for sparse_engine.data: IDX parsing, locating Fashion-MNIST, batching, synthetic tasks.
+"""Tests for sparse_engine.app.data: IDX parsing, locating Fashion-MNIST, batching, synthetic tasks.
 
 No test touches the network: every test that could reach the download path replaces
 `data._fetch_url` (the single HTTP call) first.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparse_engine import data
-from sparse_engine.data import DataError
+from sparse_engine.app import data
+from sparse_engine.app.data import DataError
 
 STEMS = data.FASHION_MNIST_FILES
 

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from _tolerances import assert_close
 from torch import nn
 
-from sparse_engine.extract import extract, report
-from sparse_engine.infer import InferConv1d, InferConv2d, InferLinear, InferModule
-from sparse_engine.models import build_model
+from sparse_engine.export.extract import extract, report
+from sparse_engine.export.infer import InferConv1d, InferConv2d, InferLinear, InferModule
+from sparse_engine.app.models import build_model
 from sparse_engine.nn import SparseConv2d, SparseLinear, sparsify
 
-extract_mod = importlib.import_module("sparse_engine.extract")
+extract_mod = importlib.import_module("sparse_engine.export.extract")
 FORMATS = ("dense", "csr", "bsr")
 DTYPES = (torch.float32, torch.float64, torch.float16)
 
@@ -408,7 +408,7 @@ def test_moves_between_cpu_and_gpu(fmt):
 
 @pytest.mark.gpu
 def test_nm_semi_structured_on_gpu():
-    from sparse_engine.infer import semi_structured_support
+    from sparse_engine.export.infer import semi_structured_support
 
     n, k = 128, 128
     why = semi_structured_support("cuda", torch.float16, (n, k))
@@ -443,7 +443,7 @@ def _tiny_causal_lms():
 
 @pytest.mark.parametrize("which", [0, 1], ids=["llama", "opt"])
 def test_huggingface_forward_generate_and_reload(which, tmp_path):
-    from sparse_engine import io
+    from sparse_engine.export import io
 
     cls, cfg = _tiny_causal_lms()[which]
     model = cls(cfg).eval()
@@ -472,10 +472,10 @@ def test_package_level_names():
     import sparse_engine
 
     model = nn.Sequential(SparseLinear(6, 4, density=0.5))
-    importlib.import_module("sparse_engine.extract")  # binds the submodule on the package
+    importlib.import_module("sparse_engine.export.extract")  # binds the submodule on the package
     out = sparse_engine.extract(model, "csr")  # still callable
     assert isinstance(out[0], InferLinear)
-    assert sparse_engine.save is importlib.import_module("sparse_engine.io").save
+    assert sparse_engine.save is importlib.import_module("sparse_engine.export.io").save
 
 
 # ------------------------------------------------------------------------------ export / bench-infer
@@ -484,9 +484,9 @@ def test_package_level_names():
 def test_export_and_bench_infer_commands(tmp_path, capsys):
     import json
 
-    from sparse_engine import io
-    from sparse_engine.cli import UserError
-    from sparse_engine.extract_cli import bench_infer_main, export_main
+    from sparse_engine.export import io
+    from sparse_engine.app.cli import UserError
+    from sparse_engine.app.extract_cli import bench_infer_main, export_main
 
     model = build_model("mlp", (784,), 10).eval()
     sparsify(model, "signin", 0.1)

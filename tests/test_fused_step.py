@@ -22,8 +22,9 @@ import torch
 from _backends import DEVICE_DTYPES, make_mask, over_backends, randn, require, run_on
 from _tolerances import assert_close
 
-from sparse_engine import backends, ops
-from sparse_engine.reference import fused_step_ref
+from sparse_engine.ops import backends
+from sparse_engine import ops
+from sparse_engine.ops.reference import fused_step_ref
 
 IMPL = ("fused_step",)
 F64 = torch.float64
@@ -534,7 +535,7 @@ def test_triton_single_whole_and_partial_blocks_odd_sizes(config, dtypes, layout
 
 def _signin_ref(m, w, gm, gw, st, mask, step, kind, h, beta, state):
     """The Sign-In pair step as fused_step_ref on each factor, then signin_reset_ref ("keep" / "zero")."""
-    from sparse_engine.reference import signin_reset_ref
+    from sparse_engine.ops.reference import signin_reset_ref
     m, w = m.clone(), w.clone()
     st = [None if t is None else t.clone() for t in st]
     _ref(m, gm, st[0], st[1], mask, 0.01, step, kind, **h)

@@ -12,7 +12,7 @@ from _backends import make_mask, over_backends, randn, require, run_on
 
 from sparse_engine import ops
 from sparse_engine.param import Parameterization
-from sparse_engine.reference import factorize_ref
+from sparse_engine.ops.reference import factorize_ref
 
 F64 = torch.float64
 

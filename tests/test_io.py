@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_engine import io
-from sparse_engine.extract import extract
-from sparse_engine.infer import InferConv2d, InferLinear, InferModule
-from sparse_engine.models import MLP, build_model
+from sparse_engine.export import io
+from sparse_engine.export.extract import extract
+from sparse_engine.export.infer import InferConv2d, InferLinear, InferModule
+from sparse_engine.app.models import MLP, build_model
 from sparse_engine.nn import SparseLinear, sparsify
 
 

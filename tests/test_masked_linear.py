@@ -23,8 +23,9 @@ from _backends import (
 )
 from _tolerances import assert_close, linear_terms_scale
 
-from sparse_engine import backends, ops
-from sparse_engine.reference import masked_linear_backward_ref, masked_linear_ref
+from sparse_engine.ops import backends
+from sparse_engine import ops
+from sparse_engine.ops.reference import masked_linear_backward_ref, masked_linear_ref
 
 IMPLS = ("masked_linear_fwd", "masked_linear_bwd")
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sparse_engine.masks import layer_densities, num_active
 from sparse_engine.methods import Compose, PILoT, SignIn, Static, WDSwitchOff, make_method
-from sparse_engine.models import MLP
+from sparse_engine.app.models import MLP
 from sparse_engine.optim import SGD, AdamW, parameterizations
 
 

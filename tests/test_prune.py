@@ -9,7 +9,7 @@ import torch
 from _backends import DEVICE_DTYPES, over_backends, randn, require, run_on
 
 from sparse_engine import ops
-from sparse_engine.reference import prune_threshold_ref
+from sparse_engine.ops.reference import prune_threshold_ref
 
 IMPL = ("prune_threshold",)
 

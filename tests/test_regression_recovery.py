@@ -14,7 +14,7 @@ from torch import nn
 from sparse_engine.methods import make_method
 from sparse_engine.optim import SGD, AlphaSchedule
 from sparse_engine.param import Parameterization
-from sparse_engine.reference import factorize_ref
+from sparse_engine.ops.reference import factorize_ref
 
 N, D, K = 40, 100, 5
 EPOCHS, STEPS, LR, ALPHA0, RATE = 20, 50, 0.2, 0.1, 0.8

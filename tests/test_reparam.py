@@ -18,8 +18,9 @@ from _backends import (
 )
 from _tolerances import assert_close
 
-from sparse_engine import backends, ops
-from sparse_engine.reference import reparam_backward_ref, reparam_ref
+from sparse_engine.ops import backends
+from sparse_engine import ops
+from sparse_engine.ops.reference import reparam_backward_ref, reparam_ref
 
 IMPLS = ("reparam_fwd", "reparam_bwd")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_engine import cli
-from sparse_engine import data as data_mod
-from sparse_engine.train import (
+from sparse_engine.app import cli
+from sparse_engine.app import data as data_mod
+from sparse_engine.app.train import (
     CHECKPOINT_FILE,
     CheckpointError,
     ConfigError,
@@ -182,7 +182,7 @@ def test_resume_keeps_the_measured_layouts(tmp_path, monkeypatch):
 def test_a_resume_that_loses_state_would_be_caught(tmp_path, monkeypatch):
     """The comparison above can fail: the same interrupted run resumed with its momentum buffers zeroed
     (what a resume that restores the weights alone does) ends elsewhere."""
-    from sparse_engine.train import _digest, _save_atomic
+    from sparse_engine.app.train import _digest, _save_atomic
 
     cfg = dict(BASE, method="signin", epochs=3)
     straight = train(TrainConfig(**cfg, out_dir=str(tmp_path / "a")))
@@ -267,7 +267,7 @@ def test_api_resume_refuses_a_different_configuration(finished_run):
     with pytest.raises(ConfigError, match=r"density is 0\.5 here but 0\.3"):
         train(TrainConfig(**dict(BASE, method="pilot", epochs=1, density=0.5)), write=False, resume=finished_run)
     # the data behind the same options must be the same samples too
-    from sparse_engine.data import synthetic_teacher
+    from sparse_engine.app.data import synthetic_teacher
 
     other = synthetic_teacher(192, 64, seed=7)
     with pytest.raises(ConfigError, match="the data differs"):

@@ -11,8 +11,9 @@ import torch
 from _backends import DEVICE_DTYPES, make_mask, over_backends, randn, require, run_on
 from _tolerances import assert_close
 
-from sparse_engine import backends, ops
-from sparse_engine.reference import factorize_ref, reparam_ref, signin_reset_ref
+from sparse_engine.ops import backends
+from sparse_engine import ops
+from sparse_engine.ops.reference import factorize_ref, reparam_ref, signin_reset_ref
 
 IMPL = ("signin_reset",)
 F64 = torch.float64

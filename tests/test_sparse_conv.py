@@ -19,12 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_engine import backends, ops
-from sparse_engine import reference as R
+from sparse_engine.ops import backends
+from sparse_engine import ops
+from sparse_engine.ops import reference as R
 from sparse_engine.layout import BSRIndex, CSRIndex
 from sparse_engine.nn import SparseConv1d, SparseConv2d
 
-_cpp = pytest.importorskip("sparse_engine._cpp", reason="sparse_engine._cpp failed to import")
+_cpp = pytest.importorskip("sparse_engine.ops._cpp", reason="sparse_engine.ops._cpp failed to import")
 
 
 @pytest.fixture(autouse=True, scope="module")

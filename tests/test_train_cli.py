@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sparse_engine import cli
-from sparse_engine.data import FASHION_MNIST_FILES, DataError, find_fashion_mnist
-from sparse_engine.train import ConfigError, TrainConfig, TrainingDiverged, train
+from sparse_engine.app import cli
+from sparse_engine.app.data import FASHION_MNIST_FILES, DataError, find_fashion_mnist
+from sparse_engine.app.train import ConfigError, TrainConfig, TrainingDiverged, train
 
 TINY = ["--data", "teacher", "--n-train", "384", "--n-test", "128", "--batch-size", "64", "--no-progress"]
 
@@ -41,8 +41,8 @@ def test_train_writes_table_and_json(tmp_path, capsys):
     assert sparse and all(0 < lay["density"] <= 1 for lay in sparse)
     assert abs(r["density"] - 0.2) < 0.01 and isinstance(r["sign_flips"], int)
     # the run directory holds the trained model as a compact file that reproduces the final accuracy
-    from sparse_engine import io
-    from sparse_engine.train import evaluate, load_data
+    from sparse_engine.export import io
+    from sparse_engine.app.train import evaluate, load_data
 
     loaded = io.load(out_dir / "model.pt")
     ds = load_data(TrainConfig(data="teacher", n_train=384, n_test=128))
@@ -162,7 +162,7 @@ def test_cli_usage_and_unknown_command(capsys):
 
 def test_entry_point_process_reports_user_errors_cleanly(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "sparse_engine.cli", "train", "--density", "2"],
+    proc = subprocess.run([sys.executable, "-m", "sparse_engine.app.cli", "train", "--density", "2"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False)
     assert proc.returncode == 2
     assert "density must be in (0, 1]" in proc.stderr and "Traceback" not in proc.stderr
@@ -209,9 +209,9 @@ def test_export_the_dense_baseline_of_a_compare_run(tmp_path, capsys):
     """`train --compare dense,...` leaves the dense baseline as a torch checkpoint; export writes it as a
     compact file of dense inference layers (the same network), refuses sparse formats, and bench-infer
     reads the file."""
-    from sparse_engine import io
-    from sparse_engine.infer import InferModule
-    from sparse_engine.train import evaluate, load_data
+    from sparse_engine.export import io
+    from sparse_engine.export.infer import InferModule
+    from sparse_engine.app.train import evaluate, load_data
 
     code, _, err = run_cli(["train", "--compare", "dense,static", "--density", "0.25", "--epochs", "1",
                             "--out", str(tmp_path), *TINY], capsys)
@@ -239,8 +239,8 @@ def test_export_the_dense_baseline_of_a_compare_run(tmp_path, capsys):
 
 def test_export_a_run_that_has_not_finished(tmp_path, capsys):
     """A run directory with only the per-epoch checkpoint (the run was stopped) exports too."""
-    from sparse_engine import io
-    from sparse_engine.train import evaluate, load_data
+    from sparse_engine.export import io
+    from sparse_engine.app.train import evaluate, load_data
 
     cfg = TrainConfig(method="signin", density=0.25, data="teacher", n_train=384, n_test=128, epochs=1,
                       batch_size=64, progress=False, out_dir=str(tmp_path / "run"))

@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from sparse_engine import reference as R
+from sparse_engine.ops import reference as R
 
 triton = pytest.importorskip("triton", reason="triton is not installed: no Triton backend to test")
 

@@ -1,7 +1,7 @@
 """Shared pieces of the experiment scripts: a training loop that keeps the model, seeds, JSON output,
 mean ± std, and optional plotting.
 
-Why a loop of our own instead of ``sparse_engine.train.train``: the experiments need the trained model
+Why a loop of our own instead of ``sparse_engine.app.train.train``: the experiments need the trained model
 (PILoT is pruned at several densities after one training run), per-layer sign flips per epoch, and
 hooks between method preparation and training (the β = 0 "spred" start). The loop does exactly what
 ``train.train`` does (same data, same seeded init, same method life cycle, per-step cosine learning
@@ -30,12 +30,12 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 import torch
 import torch.nn.functional as F
 
-from sparse_engine import data as data_mod
+from sparse_engine.app import data as data_mod
 from sparse_engine.diagnostics import layer_stats
 from sparse_engine.methods import make_method
-from sparse_engine.models import build_model
+from sparse_engine.app.models import build_model
 from sparse_engine.optim import parameterizations
-from sparse_engine.train import TrainConfig, evaluate, load_data
+from sparse_engine.app.train import TrainConfig, evaluate, load_data
 
 RESULTS = ROOT / "bench" / "results" / "experiments"
 

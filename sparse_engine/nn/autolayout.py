@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .. import backends, env
+from .. import env
+from ..ops import backends
 
 log = logging.getLogger("sparse_engine")
 

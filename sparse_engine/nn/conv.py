@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import backends, ops
+from .. import ops
+from ..ops import backends
 from ..layout import CSRIndex
 from .linear import SparseModule, _check_positive_int, _fwd_bwd
 

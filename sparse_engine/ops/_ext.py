@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from . import env
+from .. import env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def registered(namespace: str, ops: tuple[str, ...]) -> bool:

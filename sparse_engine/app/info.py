@@ -1,4 +1,4 @@
-"""``python -m sparse_engine.info`` (also ``sparse-engine info``): what this installation can run.
+"""``sparse-engine info`` (also ``python -m sparse_engine.app.info``): what this installation can run.
 
 Prints the versions (sparse_engine, torch, triton, numpy, Python, CUDA), the environment variables of
 :mod:`sparse_engine.env` with their current values, and a table of every implementation × backend:
@@ -17,7 +17,8 @@ from typing import Sequence
 
 import torch
 
-from . import __version__, backends, env
+from .. import __version__, env
+from ..ops import backends
 
 
 def _version(module: str) -> str:

@@ -7,8 +7,8 @@ function listed in ``REFERENCE`` (see reference.py). Backends:
 * ``reference`` – reference.py; always available, every device.
 * ``triton``    – ``sparse_engine.kernels.<op>`` module, attribute ``<impl name>``; CUDA tensors, or CPU
   tensors under ``TRITON_INTERPRET=1`` (only when requested explicitly: the interpreter is for tests).
-* ``cpp``       – the compiled CPU extension, loaded by ``sparse_engine._cpp``; CPU tensors.
-* ``cuda``      – the compiled CUDA extension, loaded by ``sparse_engine._cuda``; CUDA tensors.
+* ``cpp``       – the compiled CPU extension, loaded by ``sparse_engine.ops._cpp``; CPU tensors.
+* ``cuda``      – the compiled CUDA extension, loaded by ``sparse_engine.ops._cuda``; CUDA tensors.
 
 Automatic choice takes the first backend of ``PREFERENCE[device type]`` that provides the implementation
 and accepts the arguments; it falls back quietly with one log line per (impl, backend, reason). The
@@ -34,7 +34,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import env, reference
+from .. import env
+from . import reference
 
 log = logging.getLogger("sparse_engine")
 
@@ -73,7 +74,7 @@ def _op_of(impl: str) -> str:
     return impl
 
 
-_MODULE_OF = {"cpp": "sparse_engine._cpp", "cuda": "sparse_engine._cuda"}
+_MODULE_OF = {"cpp": "sparse_engine.ops._cpp", "cuda": "sparse_engine.ops._cuda"}
 
 
 def module_name(backend: str, impl: str) -> str:
@@ -244,7 +245,7 @@ def select(
 
 
 def availability() -> dict[str, dict[str, str]]:
-    """impl -> backend -> "available" or the reason it is not (for `python -m sparse_engine.info`)."""
+    """impl -> backend -> "available" or the reason it is not (for `sparse-engine info`)."""
     table: dict[str, dict[str, str]] = {}
     for impl in REFERENCE:
         row = {}

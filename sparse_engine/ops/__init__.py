@@ -1,6 +1,6 @@
 """Every op, registered once with ``torch.library`` (schema, fake implementation, autograd).
 
-This is the only place that picks a backend (through :func:`sparse_engine.backends.select`). Public
+This is the only place that picks a backend (through :func:`sparse_engine.ops.backends.select`). Public
 functions validate their inputs (errors name the argument) and then call ``torch.ops.sparse_engine.*``,
 which torch.compile traces through thanks to the fake implementations.
 
@@ -90,7 +90,7 @@ def _c(t: Tensor | None) -> Tensor | None:
 
 
 def _check_index(index, w_device: torch.device, *, bsr_only: bool) -> None:
-    from .layout import BSRIndex, CSRIndex  # layout is light, but keep ops importable on its own
+    from ..layout import BSRIndex, CSRIndex  # layout is light, but keep ops importable on its own
 
     allowed = (BSRIndex,) if bsr_only else (CSRIndex, BSRIndex)
     if not isinstance(index, allowed):
@@ -472,7 +472,7 @@ def sparse_conv2d(
     configurations: see nn/conv.py, which keeps im2col + compact_linear for them). On CPU the C++ backend
     computes it directly (no im2col): work ∝ nnz · B · Ho · Wo.
     """
-    from .layout import CSRIndex
+    from ..layout import CSRIndex
 
     _check_tensor("x", x)
     x, m_values, w_values, bias = _autocast(x, m_values, w_values, bias)

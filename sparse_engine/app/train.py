@@ -1,6 +1,6 @@
 """The training loop behind ``sparse-engine train`` and the experiments.
 
-    from sparse_engine.train import TrainConfig, train
+    from sparse_engine.app.train import TrainConfig, train
     result = train(TrainConfig(model="mlp", method="signin", density=0.1, epochs=5))
     result["final"]["test_acc"]
 
@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
-from .methods import METHODS, make_method
+from ..methods import METHODS, make_method
 from .models import MODELS, build_model
-from .optim import NONFINITE_POLICIES, NonFiniteGradError, parameterizations
+from ..optim import NONFINITE_POLICIES, NonFiniteGradError, parameterizations
 
 DATASETS = ("auto", "fashion-mnist", "teacher", "sequences")
 OPTIMIZERS = ("sgd", "adamw")
@@ -265,7 +265,7 @@ def _cosine(total: int):
 
 
 def _sparse_stats(model: nn.Module) -> list[dict]:
-    from .diagnostics import layer_stats
+    from ..diagnostics import layer_stats
 
     return layer_stats(model)
 
@@ -361,7 +361,7 @@ def _train(cfg: TrainConfig, dataset: data_mod.Dataset | None, stream: TextIO | 
     x_test, y_test = ds.x_test.to(device), ds.y_test.to(device)
     if cfg.layout == "auto" and method.sparsify_as is not None:
         if ckpt is None:
-            from .nn import autolayout
+            from ..nn import autolayout
 
             autolayout.tune(model, x_train[: cfg.batch_size])  # before the optimizer: layouts may rebuild params
         else:  # the layouts the interrupted run measured, not a new measurement that may choose otherwise
@@ -585,7 +585,7 @@ class CheckpointError(ConfigError):
 
 
 def _library_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -751,14 +751,14 @@ def _set_method_logs(method, logs: dict[str, Any]) -> None:
 
 
 def _layouts(model: nn.Module) -> dict[str, str]:
-    from .nn.linear import SparseModule
+    from ..nn.linear import SparseModule
 
     return {name: m.resolved_layout for name, m in model.named_modules()
             if isinstance(m, SparseModule) and m.layout == "auto" and m.resolved_layout is not None}
 
 
 def _restore_layouts(model: nn.Module, ckpt: dict[str, Any]) -> None:
-    from .nn.linear import SparseModule
+    from ..nn.linear import SparseModule
 
     saved = ckpt.get("layouts") or {}
     for name, m in model.named_modules():
@@ -823,12 +823,12 @@ def save_model(model: nn.Module, path: Path, cfg: TrainConfig, ds: data_mod.Data
     file with the input description in its metadata; a model without sparse layers (the dense baseline)
     as a torch checkpoint ``{"config": ..., "model_state": ...}``.
     """
-    from .extract import extract, sparse_layers
+    from ..export.extract import extract, sparse_layers
 
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
     if sparse_layers(model):
-        from . import io
+        from ..export import io
 
         meta = {"input_shape": json.dumps(list(ds.input_shape)),
                 "input_dtype": json.dumps("int64" if ds.vocab_size else "float32"),

@@ -1,7 +1,7 @@
 """``extract(model)``: collapse a trained sparse model into a compact inference model.
 
 Every sparse layer (SparseLinear, SparseConv2d, SparseConv1d: any module whose ``.param`` is a
-:class:`~sparse_engine.param.Parameterization`) becomes an :mod:`sparse_engine.infer` module holding only
+:class:`~sparse_engine.param.Parameterization`) becomes an :mod:`sparse_engine.export.infer` module holding only
 θ = M ⊙ m ⊙ w and the bias: m, w, β and (since the new module shares nothing with the old one) every
 optimizer state are gone. Other modules are kept as they are.
 
@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from ..ops import backends
 from .infer import FORMATS, InferConv1d, InferConv2d, InferLinear, InferModule, semi_structured_support
-from .masks import magnitude_masks
+from ..masks import magnitude_masks
 
 log = logging.getLogger("sparse_engine")
 
@@ -58,7 +58,7 @@ _cache: dict[tuple, float] = {}  # (format, layer key, input shape, device, dtyp
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every training-time sparse layer of ``model`` (modules with a ``.param``)."""
-    from .param import Parameterization
+    from ..param import Parameterization
 
     return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "param", None), Parameterization)]
 
@@ -376,7 +376,7 @@ def _extract_layer(name: str, mod: nn.Module, theta: Tensor, mask: Tensor | None
             notes.append("no example_inputs: a conv layer needs an input shape to be measured")
         else:
             candidates["csr"] = make("csr")
-            from .layout import reduce_to_blocks
+            from ..layout import reduce_to_blocks
 
             nnz = int(mask2d.sum())
             nnzb = int(reduce_to_blocks(mask2d, block_shape).sum())

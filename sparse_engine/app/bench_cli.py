@@ -38,7 +38,7 @@ def _find_bench_dir(argv: list[str]) -> tuple[Path | None, list[str]]:
 
             raise UserError(f"--bench-dir {given!r} holds no run_suite.py")
         return d, rest
-    candidates = [Path(__file__).resolve().parent.parent / "bench", Path.cwd() / "bench"]
+    candidates = [Path(__file__).resolve().parent.parent.parent / "bench", Path.cwd() / "bench"]
     for d in candidates:
         if (d / "run_suite.py").is_file():
             return d, rest
@@ -67,5 +67,5 @@ def main(argv: list[str]) -> int:
 
 __all__ = ["main"]
 
-if __name__ == "__main__":  # python -m sparse_engine.bench_cli (before the CLI table names this module)
+if __name__ == "__main__":  # python -m sparse_engine.app.bench_cli (before the CLI table names this module)
     sys.exit(main(sys.argv[1:]))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import __version__
+from .. import __version__
 from .infer import LAYER_TYPES, InferModule
 
 __all__ = ["MAGIC", "SparseFileError", "load", "read_header", "register", "save"]
@@ -174,13 +174,13 @@ _BUILTIN_DONE = False
 
 
 def _register_builtin() -> None:
-    """Register the models of sparse_engine.models (the CLI's): rebuilt from sizes read off the module."""
+    """Register the models of sparse_engine.app.models (the CLI's): rebuilt from sizes read off the module."""
     global _BUILTIN_DONE
     if _BUILTIN_DONE:
         return
     _BUILTIN_DONE = True
     try:
-        from . import models
+        from ..app import models
     except ImportError:
         return
 
@@ -259,7 +259,7 @@ def _describe(module: nn.Module, path: str, layers: set[str], seen: set[int]) ->
     if cls not in _TABLE:
         raise _NotDescribable(
             f"{where}: {name} is not a torch.nn building block that can be described without code; "
-            "pass model=<a freshly built instance> to load(), or sparse_engine.io.register() the class")
+            "pass model=<a freshly built instance> to load(), or sparse_engine.export.io.register() the class")
     if any(True for _ in module.children()):
         raise _NotDescribable(f"{where} has children")
     args = {}

@@ -17,7 +17,7 @@
     equivalent (the same θ as dense weights) at each batch size, under ``torch.inference_mode()``.
 
 Each function takes argv (without the subcommand name) and returns an exit code; user errors raise
-``sparse_engine.cli.UserError`` (one line, exit code 2).
+``sparse_engine.app.cli.UserError`` (one line, exit code 2).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def load_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any]]:
 
 def _load(path: str) -> tuple[nn.Module, dict[str, Any], str | None]:
     """(model, input description, the training method if the run trained a dense model, else None)."""
-    from . import io
+    from ..export import io
 
     path = _resolve_checkpoint(path)
     with open(path, "rb") as f:
@@ -94,10 +94,10 @@ def _load(path: str) -> tuple[nn.Module, dict[str, Any], str | None]:
 
 
 def _load_training_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any], str | None]:
-    from .extract import extract
-    from .methods import METHODS
+    from ..export.extract import extract
+    from ..methods import METHODS
     from .models import build_model
-    from .nn import sparsify
+    from ..nn import sparsify
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary objects
@@ -131,7 +131,7 @@ def _load_training_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any], str
 def _dense_inference(model: nn.Module) -> nn.Module:
     """Every nn.Linear / nn.Conv1d / nn.Conv2d of a dense model as a dense inference layer with the same
     weights, so that the file, ``sparse_engine.load`` and ``bench-infer`` treat it like an exported model."""
-    from .infer import InferConv1d, InferConv2d, InferLinear
+    from ..export.infer import InferConv1d, InferConv2d, InferLinear
 
     for name, mod in list(model.named_modules()):
         kind = type(mod)
@@ -170,7 +170,7 @@ def _input_from_metadata(meta: dict) -> dict[str, Any]:
 def guess_input(model: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
     """Fill the input description from the model when the file did not record it."""
     from . import models
-    from .infer import InferModule
+    from ..export.infer import InferModule
 
     if info.get("input_shape"):
         return info
@@ -218,8 +218,8 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: list[str]) -> int:
-    from . import io
-    from .extract import reformat, report
+    from ..export import io
+    from ..export.extract import reformat, report
 
     args = _export_parser().parse_args(argv)
     if args.threads is not None:
@@ -290,8 +290,8 @@ def time_call(fn, budget_s: float, min_rounds: int = 5) -> float:
 
 
 def bench_infer_main(argv: list[str]) -> int:
-    from . import io
-    from .extract import reformat
+    from ..export import io
+    from ..export.extract import reformat
 
     args = _bench_parser().parse_args(argv)
     if args.threads is not None:
@@ -347,11 +347,11 @@ def bench_infer_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sparse_engine.extract_cli export|bench-infer ...`` (the same as the sparse-engine ones)."""
+    """``python -m sparse_engine.app.extract_cli export|bench-infer ...`` (the same as the sparse-engine ones)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"export": export_main, "bench-infer": bench_infer_main}
     if not argv or argv[0] not in commands:
-        print(f"usage: python -m sparse_engine.extract_cli {{{','.join(commands)}}} ...", file=sys.stderr)
+        print(f"usage: python -m sparse_engine.app.extract_cli {{{','.join(commands)}}} ...", file=sys.stderr)
         return 2
     try:
         return commands[argv[0]](argv[1:])

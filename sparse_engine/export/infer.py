@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
-from .layout import BSRIndex, CSRIndex, NMIndex, matrix_shape
+from .. import ops
+from ..layout import BSRIndex, CSRIndex, NMIndex, matrix_shape
 
 __all__ = ["FORMATS", "InferConv1d", "InferConv2d", "InferLinear", "InferModule", "semi_structured_support"]
 

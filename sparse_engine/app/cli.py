@@ -49,14 +49,14 @@ class Command:
 
 #: name -> Command. A command whose module is missing (e.g. bench before it exists) is not listed.
 COMMANDS: dict[str, Command] = {
-    "train": Command("train a model with a sparse method, or --compare several", "sparse_engine.cli:train_main"),
-    "info": Command("versions, backends and their availability, environment variables", "sparse_engine.info:main"),
+    "train": Command("train a model with a sparse method, or --compare several", "sparse_engine.app.cli:train_main"),
+    "info": Command("versions, backends and their availability, environment variables", "sparse_engine.app.info:main"),
     "bench": Command("run the benchmark suite (bench/): ops, layers, crossover, train-step breakdown",
-                     "sparse_engine.bench_cli:main"),
+                     "sparse_engine.app.bench_cli:main"),
     "export": Command("re-lay a trained model (a train run directory) into a compact inference file",
-                      "sparse_engine.extract_cli:export_main"),
+                      "sparse_engine.app.extract_cli:export_main"),
     "bench-infer": Command("latency and throughput of an exported model against its dense equivalent",
-                           "sparse_engine.extract_cli:bench_infer_main"),
+                           "sparse_engine.app.extract_cli:bench_infer_main"),
 }
 
 
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] == "--version":
-        from . import __version__
+        from .. import __version__
 
         print(f"{PROG} {__version__}")
         return 0
@@ -115,11 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from .masks import DISTRIBUTIONS
-    from .methods import METHODS
-    from .methods.base import LAYOUTS
+    from ..masks import DISTRIBUTIONS
+    from ..methods import METHODS
+    from ..methods.base import LAYOUTS
     from .models import MODELS
-    from .optim import ALPHA_SCHEDULES, NONFINITE_POLICIES, RESET_POLICIES
+    from ..optim import ALPHA_SCHEDULES, NONFINITE_POLICIES, RESET_POLICIES
     from .train import DATASETS, LR_SCHEDULES, OPTIMIZERS, TrainConfig
 
     d = TrainConfig()
@@ -293,5 +293,5 @@ def _resume(args: argparse.Namespace, given: set[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m sparse_engine.cli
+if __name__ == "__main__":  # python -m sparse_engine.app.cli
     sys.exit(main())

@@ -1,0 +1,1 @@
+"""Export: extraction of trained models into compact inference modules, and their file format."""
