@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..export import io
+
 MODELS = ("mlp", "cnn", "transformer")
 
 
@@ -45,6 +47,16 @@ class MLP(nn.Module):
         for layer in self.hidden:
             x = F.relu(layer(x))
         return self.out(x)
+
+    def file_config(self) -> dict:
+        """The constructor arguments, read off the layers (for sparse_engine.save / load)."""
+        first = (list(self.hidden) or [self.out])[0]
+        return {"in_features": int(first.in_features), "hidden": [int(h.out_features) for h in self.hidden],
+                "n_classes": int(self.out.out_features)}
+
+    @classmethod
+    def from_file_config(cls, c: dict) -> MLP:
+        return cls(int(c["in_features"]), tuple(int(h) for h in c["hidden"]), int(c["n_classes"]))
 
 
 class BasicBlock(nn.Module):
@@ -87,6 +99,16 @@ class SmallResNet(nn.Module):
         x = F.relu(self.bn(self.stem(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(x.mean((2, 3)))
+
+    def file_config(self) -> dict:
+        widths = [self.stem.out_channels, self.layer2.conv1.out_channels, self.layer3.conv1.out_channels]
+        return {"in_channels": int(self.in_channels), "n_classes": int(self.fc.out_features),
+                "widths": [int(w) for w in widths], "image_size": int(self.image_size)}
+
+    @classmethod
+    def from_file_config(cls, c: dict) -> SmallResNet:
+        return cls(int(c["in_channels"]), int(c["n_classes"]), tuple(int(w) for w in c["widths"]),
+                   int(c["image_size"]))
 
 
 class SelfAttention(nn.Module):
@@ -141,6 +163,21 @@ class TinyTransformer(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(self.ln(h).mean(1))
+
+    def file_config(self) -> dict:
+        return {"vocab_size": int(self.embed.num_embeddings), "seq_len": int(self.pos.shape[0]),
+                "n_classes": int(self.head.out_features), "d": int(self.embed.embedding_dim),
+                "heads": int(self.blocks[0].attn.heads), "layers": len(self.blocks)}
+
+    @classmethod
+    def from_file_config(cls, c: dict) -> TinyTransformer:
+        return cls(int(c["vocab_size"]), int(c["seq_len"]), int(c["n_classes"]), int(c["d"]), int(c["heads"]),
+                   int(c["layers"]))
+
+
+# sparse_engine.load rebuilds these models from a file alone (no instance given) once this module is imported.
+for _cls in (MLP, SmallResNet, TinyTransformer):
+    io.register(_cls, _cls.file_config, _cls.from_file_config)
 
 
 def build_model(

@@ -32,9 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import sys
 import time
-import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -473,14 +471,3 @@ def report(model: nn.Module) -> list[dict[str, Any]]:
             rows.append({"name": name, "type": type(mod).__name__, "shape": mod.weight_shape, "format": mod.format,
                          "density": mod.density, "reason": info.get("reason", ""), "times": info.get("times", {})})
     return rows
-
-
-class _CallableModule(types.ModuleType):
-    """``sparse_engine.extract`` names both this module and its function: whichever the attribute holds
-    (the import system binds the submodule on the package when anything imports it), calling it extracts."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
-        return extract(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

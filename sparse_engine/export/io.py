@@ -170,46 +170,6 @@ def register(cls: type, to_config: Callable[[nn.Module], dict], from_config: Cal
     _REGISTRY[f"{cls.__module__}.{cls.__qualname__}"] = (cls, to_config, from_config)
 
 
-_BUILTIN_DONE = False
-
-
-def _register_builtin() -> None:
-    """Register the models of sparse_engine.app.models (the CLI's): rebuilt from sizes read off the module."""
-    global _BUILTIN_DONE
-    if _BUILTIN_DONE:
-        return
-    _BUILTIN_DONE = True
-    try:
-        from ..app import models
-    except ImportError:
-        return
-
-    def linear_sizes(mod: nn.Module) -> tuple[int, int]:
-        return int(mod.in_features), int(mod.out_features)
-
-    if hasattr(models, "MLP"):
-        register(models.MLP,
-                 lambda m: {"in_features": linear_sizes((list(m.hidden) or [m.out])[0])[0],
-                            "hidden": [linear_sizes(h)[1] for h in m.hidden],
-                            "n_classes": linear_sizes(m.out)[1]},
-                 lambda c: models.MLP(int(c["in_features"]), tuple(int(h) for h in c["hidden"]), int(c["n_classes"])))
-    if hasattr(models, "SmallResNet"):
-        register(models.SmallResNet,
-                 lambda m: {"in_channels": int(m.in_channels), "n_classes": linear_sizes(m.fc)[1],
-                            "widths": [int(m.stem.out_channels), int(m.layer2.conv1.out_channels),
-                                       int(m.layer3.conv1.out_channels)],
-                            "image_size": int(m.image_size)},
-                 lambda c: models.SmallResNet(int(c["in_channels"]), int(c["n_classes"]),
-                                              tuple(int(w) for w in c["widths"]), int(c["image_size"])))
-    if hasattr(models, "TinyTransformer"):
-        register(models.TinyTransformer,
-                 lambda m: {"vocab_size": int(m.embed.num_embeddings), "seq_len": int(m.pos.shape[0]),
-                            "n_classes": linear_sizes(m.head)[1], "d": int(m.embed.embedding_dim),
-                            "heads": int(m.blocks[0].attn.heads), "layers": len(m.blocks)},
-                 lambda c: models.TinyTransformer(int(c["vocab_size"]), int(c["seq_len"]), int(c["n_classes"]),
-                                                  int(c["d"]), int(c["heads"]), int(c["layers"])))
-
-
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -483,7 +443,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         state[key] = add(t)
 
     architecture, note = None, ""
-    _register_builtin()
     try:
         architecture = _describe(model, "", set(layers), set())
         _verify_description(model, architecture, set(layers))
@@ -667,7 +626,6 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, device: str
                 raise SparseFileError(f"{path}: a single-layer model cannot have other state")
             model = layers[""]
         else:
-            _register_builtin()
             model = _build_hf(arch) if isinstance(arch, dict) and "hf_class" in arch else _build(arch, layers)
             _match_dtypes(model, state)  # a rebuilt model starts in the default dtype
             _fill(model, layers, specs, state, path)
