@@ -453,9 +453,13 @@ def test_fused_step_errors():
 
 
 def test_unsupported_dtype_goes_to_reference_unless_forced():
+    # The choice is made in one place, backends.select: it reads SUPPORTED_DTYPES and sends bfloat16 to the
+    # reference, or raises when cpp was requested. The kernel module itself only checks its arguments.
     w = torch.randn(4, 3, dtype=torch.bfloat16)
-    assert torch.equal(_cpp.reparam_fwd(None, w, None), R.reparam_ref(None, w, None))
-    with backends.force("cpp"), pytest.raises(ValueError, match="float32"):
+    assert torch.equal(ops.reparam(None, w, None), R.reparam_ref(None, w, None))
+    with backends.force("cpp"), pytest.raises(RuntimeError, match="float32"):
+        ops.reparam(None, w, None)
+    with pytest.raises(ValueError, match="float32"):
         _cpp.reparam_fwd(None, w, None)
     assert set(_cpp.SUPPORTED_DTYPES) == {torch.float32, torch.float64}
 

@@ -52,24 +52,13 @@ def collect() -> dict:
                  for name, meaning in env.VARIABLES.items()}
 
     devices = ["cpu"] + (["cuda"] if cuda else [])
-    table: dict[str, dict] = {}
     with warnings.catch_warnings():  # a backend that warns on load: its reason is in the table anyway
         warnings.simplefilter("ignore")
-        for impl in backends.REFERENCE:
-            for backend in backends.BACKENDS:
-                backends._module(backend, impl)  # cached: the table below reads the same results
-    for impl in backends.REFERENCE:
-        row: dict = {}
-        for backend in backends.BACKENDS:
-            fn, why = backends._load(backend, impl)
-            cell = {"available": fn is not None, "reason": why}
-            if fn is not None:
-                dtypes = backends.supported_dtypes(backend, impl)
-                cell["dtypes"] = None if dtypes is None else _dtype_names(dtypes)
-            row[backend] = cell
-        with backends.force(None):  # the automatic choice, whatever SPARSE_ENGINE_BACKEND says
-            row["auto"] = {dev: backends.select(impl, torch.device(dev), torch.float32)[0] for dev in devices}
-        table[impl] = row
+        table: dict[str, dict] = backends.availability()
+    for impl, row in table.items():
+        for cell in row.values():
+            cell["dtypes"] = None if cell["dtypes"] is None else _dtype_names(cell["dtypes"])
+        row["auto"] = {dev: backends.automatic(impl, dev, torch.float32) for dev in devices}
     try:
         requested = backends.requested()
         request_note = f"SPARSE_ENGINE_BACKEND requests {requested!r}" if requested else "automatic choice"

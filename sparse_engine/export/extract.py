@@ -170,24 +170,12 @@ def _measure(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: in
     return best
 
 
-def _backend_key(device: torch.device, dtype: torch.dtype) -> tuple:
-    out = []
-    for impl in ("compact_linear_fwd",):
-        try:
-            out.append(backends.select(impl, device, dtype)[0])
-        except TypeError:  # older select(impl, device)
-            out.append(backends.select(impl, device)[0])
-        except RuntimeError as e:
-            out.append(f"unavailable: {e}")
-    return tuple(out)
-
-
 def _choose(candidates: dict[str, Callable[[], InferModule]], shapes: list[tuple[int, ...]], key: tuple,
             device: torch.device, dtype: torch.dtype, input_dtype: torch.dtype, margin: float
             ) -> tuple[str, dict[str, dict[str, float]], str]:
     """(format, times {format: {shape: s}}, reason) by the rule of the module docstring."""
     times: dict[str, dict[str, float]] = {fmt: {} for fmt in candidates}
-    bkey = _backend_key(device, dtype)
+    bkey = backends.which("compact_linear_fwd", device, dtype)
     if next(iter(candidates)) != "dense":
         raise ValueError("the first candidate must be 'dense' (the baseline)")
     mods: dict[str, InferModule] = {}

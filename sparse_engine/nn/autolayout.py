@@ -106,12 +106,7 @@ def make_key(
     numel = math.prod(weight_shape)
     density = 1.0 if mask2d is None else int(mask2d.sum()) / numel
     impls = sorted({impl for pair in _IMPLS.values() for impl in pair} | {"reparam_fwd", "reparam_bwd"})
-    used = {}
-    for impl in impls:
-        try:
-            used[impl] = backends.select(impl, device, dtype)[0]
-        except RuntimeError as e:  # a forced backend that cannot run this op: part of the situation
-            used[impl] = f"unavailable: {e}"
+    used = {impl: backends.which(impl, device, dtype) for impl in impls}
     return {
         "op": op,
         "shape": list(weight_shape),

@@ -340,10 +340,7 @@ class _SparseConvNd(SparseModule):
         """What layout="csr" computes with for this input: the direct op on its backend, or unfold."""
         if input.device.type != "cpu" or any(d != 1 for d in self.dilation):
             return "unfold+compact_linear"
-        try:
-            return "sparse_conv2d:" + backends.select("sparse_conv2d_fwd", input.device, input.dtype)[0]
-        except RuntimeError as e:  # a forced backend that cannot run it: part of the situation
-            return f"sparse_conv2d: unavailable: {e}"
+        return "sparse_conv2d:" + backends.which("sparse_conv2d_fwd", input.device, input.dtype)
 
     def _auto_runners(self, input: Tensor, mask2d, candidates: list[str]) -> dict[str, Callable]:
         x = torch.randn(input.shape, dtype=input.dtype, device=input.device, requires_grad=True)

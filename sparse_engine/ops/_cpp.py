@@ -9,23 +9,19 @@ it and serves the reference) and one warning is issued.
 This module is imported lazily by backends.py, when an op first runs on a CPU tensor: loading happens
 then, not when ``sparse_engine`` is imported.
 
-The kernels compute in float32 and float64 (:data:`SUPPORTED_DTYPES`). Other dtypes go to the reference
-(one log line), unless the C++ backend was requested explicitly, which raises.
+The kernels compute in float32 and float64 (:data:`SUPPORTED_DTYPES`); backends.py reads that and sends
+other dtypes elsewhere. A direct call with another dtype raises ValueError.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
 import warnings
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from . import _ext, backends
-
-log = logging.getLogger("sparse_engine")
+from . import _ext
 
 #: dtypes the C++ kernels compute in
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -106,67 +102,31 @@ def use_isa(name: str) -> Iterator[None]:
         set_isa(before)
 
 
-_fallback_logged: set[tuple[str, torch.dtype]] = set()
-
-
-def _supported(impl: str, dtype: torch.dtype) -> bool:
-    """True if the kernels take ``dtype``; else log (once) or raise when cpp was requested explicitly."""
-    if dtype in SUPPORTED_DTYPES:
-        return True
-    if backends.requested() == "cpp":
-        raise ValueError(f"the C++ backend computes in {SUPPORTED_DTYPES} only, got {dtype} for {impl}")
-    if (impl, dtype) not in _fallback_logged:
-        _fallback_logged.add((impl, dtype))
-        log.info("sparse_engine: %s: C++ kernels take float32/float64, %s goes to the reference", impl, dtype)
-    return False
-
-
-def _or_none(t: Tensor) -> Tensor | None:
-    return None if t.dim() == 1 and t.numel() == 0 else t
-
-
-def _dtype_guard(impl: str, dtype_arg: str):
-    """Route unsupported dtypes to the reference (see module doc)."""
-    ref = backends.REFERENCE[impl]
-
-    def deco(fn):
-        import inspect
-
-        position = list(inspect.signature(ref).parameters).index(dtype_arg)
-
-        @functools.wraps(ref)
-        def wrapper(*args, **kwargs):
-            t = kwargs[dtype_arg] if dtype_arg in kwargs else args[position]
-            if not _supported(impl, t.dtype):
-                return ref(*args, **kwargs)
-            return fn(*args, **kwargs)
-
-        wrapper.__wrapped__ = fn
-        return wrapper
-
-    return deco
-
-
 # --------------------------------------------------------------------------------------------- ops
 
 
-@_dtype_guard("reparam_fwd", "w")
+def _takes(arg: str):
+    return _ext.takes("C++", arg, SUPPORTED_DTYPES, device_type="cpu")
+
+
+
+@_takes("w")
 def reparam_fwd(m: Tensor | None, w: Tensor, mask: Tensor | None) -> Tensor:
     return torch.ops.sparse_engine_C.reparam_fwd(m, w, mask)
 
 
-@_dtype_guard("reparam_bwd", "w")
+@_takes("w")
 def reparam_bwd(grad: Tensor, m: Tensor | None, w: Tensor, mask: Tensor | None) -> tuple[Tensor | None, Tensor]:
     g_m, g_w = torch.ops.sparse_engine_C.reparam_bwd(grad, m, w, mask)
     return (g_m if m is not None else None), g_w
 
 
-@_dtype_guard("signin_reset", "w")
+@_takes("w")
 def signin_reset(m: Tensor, w: Tensor, mask: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
     return tuple(torch.ops.sparse_engine_C.signin_reset(m, w, mask, float(beta)))  # type: ignore[return-value]
 
 
-@_dtype_guard("compact_linear_fwd", "w_values")
+@_takes("w_values")
 def compact_linear_fwd(
     x: Tensor, m_values: Tensor | None, w_values: Tensor, bias: Tensor | None,
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
@@ -177,7 +137,7 @@ def compact_linear_fwd(
         x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, int(out_features), int(in_features))
 
 
-@_dtype_guard("compact_linear_bwd", "w_values")
+@_takes("w_values")
 def compact_linear_bwd(
     grad_y: Tensor, x: Tensor, m_values: Tensor | None, w_values: Tensor,
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
@@ -193,7 +153,7 @@ def compact_linear_bwd(
     return (g_x if needs_x_grad else None), (g_m if m_values is not None else None), g_w
 
 
-@_dtype_guard("sparse_conv2d_fwd", "w_values")
+@_takes("w_values")
 def sparse_conv2d_fwd(
     x: Tensor, m_values: Tensor | None, w_values: Tensor, bias: Tensor | None,
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
@@ -206,7 +166,7 @@ def sparse_conv2d_fwd(
         int(kernel_w), int(stride_h), int(stride_w), int(padding_h), int(padding_w))
 
 
-@_dtype_guard("sparse_conv2d_bwd", "w_values")
+@_takes("w_values")
 def sparse_conv2d_bwd(
     grad_y: Tensor, x: Tensor, m_values: Tensor | None, w_values: Tensor,
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
@@ -219,7 +179,7 @@ def sparse_conv2d_bwd(
         int(kernel_w), int(stride_h), int(stride_w), int(padding_h), int(padding_w), bool(needs_x_grad))
     return (g_x if needs_x_grad else None), (g_m if m_values is not None else None), g_w
 
-@_dtype_guard("fused_step", "param")
+@_takes("param")
 def fused_step(
     param: Tensor, grad: Tensor, buf1: Tensor | None, buf2: Tensor | None, mask: Tensor | None, lr: Tensor,
     step: int, kind: str, momentum: float, dampening: float, nesterov: bool, beta1: float, beta2: float,
@@ -235,12 +195,12 @@ def fused_step(
 # masked_linear on CPU: the matmuls are MKL's (nothing beats them at dense shapes); what the C++ side adds
 # is θ = M ⊙ m ⊙ w and the g_m / g_w epilogue in one vectorised pass each, where the reference spends
 # a temporary and a slow bool-mask select per step.
-@_dtype_guard("masked_linear_fwd", "w")
+@_takes("w")
 def masked_linear_fwd(x: Tensor, m: Tensor | None, w: Tensor, mask: Tensor | None, bias: Tensor | None) -> Tensor:
     return torch.nn.functional.linear(x, torch.ops.sparse_engine_C.reparam_fwd(m, w, mask), bias)
 
 
-@_dtype_guard("masked_linear_bwd", "w")
+@_takes("w")
 def masked_linear_bwd(
     grad_y: Tensor, x: Tensor, m: Tensor | None, w: Tensor, mask: Tensor | None
 ) -> tuple[Tensor, Tensor | None, Tensor]:

@@ -11,23 +11,20 @@ and :func:`index_errors` (the kernels skip and count out-of-range index entries 
 bounds; with :data:`DEBUG` set, every compact_linear call checks the count and raises).
 
 Kernels compute in float32 and float64 (:data:`SUPPORTED_DTYPES`); compact_linear takes CSR values only
-(BSR goes to the other backends). Other inputs go to the reference (one log line) unless the CUDA backend
-was requested explicitly, which raises.
+(:func:`unsupported` says so to backends.py, which sends BSR elsewhere). A direct call with other inputs
+raises ValueError.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import warnings
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from . import _ext, backends
-
-log = logging.getLogger("sparse_engine")
+from . import _ext
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 UNAVAILABLE: str | None = None
@@ -109,60 +106,39 @@ def _raise_on_index_error(t: Tensor, what: str) -> None:
                          "of range; those entries were skipped. Rebuild the index or call index.validate()")
 
 
-_fallback_logged: set[tuple[str, str]] = set()
-
-
-def _fallback(impl: str, why: str) -> None:
-    if backends.requested() == "cuda":
-        raise ValueError(f"the CUDA backend cannot run {impl}: {why}")
-    if (impl, why) not in _fallback_logged:
-        _fallback_logged.add((impl, why))
-        log.info("sparse_engine: %s: CUDA kernel not used (%s); the reference serves", impl, why)
-
-
-def _guard(impl: str, dtype_arg: str, *, csr_only: bool = False):
-    """Route inputs the kernels do not take to the reference (see module doc)."""
-    ref = backends.REFERENCE[impl]
-    position = list(inspect.signature(ref).parameters).index(dtype_arg)
-
+def _guard(arg: str, *, csr_only: bool = False):
+    """The argument check (see _ext.takes), then the kernel on the argument's device."""
     def deco(fn):
-        @functools.wraps(ref)
-        def wrapper(*args, **kwargs):
-            t = kwargs[dtype_arg] if dtype_arg in kwargs else args[position]
-            if not t.is_cuda:
-                raise ValueError(f"{dtype_arg} must be a CUDA tensor for the CUDA backend, got {t.device}")
-            if t.dtype not in SUPPORTED_DTYPES:
-                _fallback(impl, f"dtype {t.dtype} (kernels take float32/float64)")
-                return ref(*args, **kwargs)
-            if csr_only and t.dim() != 1:
-                _fallback(impl, "BSR values (the CUDA kernels take CSR)")
-                return ref(*args, **kwargs)
+        @_ext.takes("CUDA", arg, SUPPORTED_DTYPES, device_type="cuda", csr_only=csr_only)
+        @functools.wraps(fn)
+        def on_device(*args, **kwargs):
+            t = kwargs[arg] if arg in kwargs else args[position]
             with torch.cuda.device(t.device):
                 return fn(*args, **kwargs)
 
-        wrapper.__wrapped__ = fn
-        return wrapper
+        position = list(inspect.signature(fn).parameters).index(arg)
+        return on_device
 
     return deco
 
 
-@_guard("reparam_fwd", "w")
+@_guard("w")
 def reparam_fwd(m: Tensor | None, w: Tensor, mask: Tensor | None) -> Tensor:
     return torch.ops.sparse_engine_cuda.reparam_fwd(m, w, mask, _stream(w))
 
 
-@_guard("reparam_bwd", "w")
+@_guard("w")
 def reparam_bwd(grad: Tensor, m: Tensor | None, w: Tensor, mask: Tensor | None) -> tuple[Tensor | None, Tensor]:
     g_m, g_w = torch.ops.sparse_engine_cuda.reparam_bwd(grad, m, w, mask, _stream(w))
     return (g_m if m is not None else None), g_w
 
 
-@_guard("signin_reset", "w")
+@_guard("w")
 def signin_reset(m: Tensor, w: Tensor, mask: Tensor | None, beta: float) -> tuple[Tensor, Tensor]:
     return tuple(torch.ops.sparse_engine_cuda.signin_reset(m, w, mask, float(beta), _stream(w)))  # type: ignore
 
 
-@_guard("compact_linear_fwd", "w_values", csr_only=True)
+@_guard("w_values", csr_only=True)
 def compact_linear_fwd(
     x: Tensor, m_values: Tensor | None, w_values: Tensor, bias: Tensor | None,
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
@@ -175,7 +151,7 @@ def compact_linear_fwd(
     return y
 
 
-@_guard("compact_linear_bwd", "w_values", csr_only=True)
+@_guard("w_values", csr_only=True)
 def compact_linear_bwd(
     grad_y: Tensor, x: Tensor, m_values: Tensor | None, w_values: Tensor,
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
@@ -189,7 +165,7 @@ def compact_linear_bwd(
     return (g_x if needs_x_grad else None), (g_m if m_values is not None else None), g_w
 
 
-@_guard("fused_step", "param")
+@_guard("param")
 def fused_step(
     param: Tensor, grad: Tensor, buf1: Tensor | None, buf2: Tensor | None, mask: Tensor | None, lr: Tensor,
     step: int, kind: str, momentum: float, dampening: float, nesterov: bool, beta1: float, beta2: float,

@@ -7,12 +7,15 @@ why not (the caller stores that as its ``UNAVAILABLE`` and the reference serves 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from .. import env
 
@@ -64,3 +67,33 @@ def load(library: str, is_registered: Callable[[], bool], jit_build: Callable[[]
             return f"{prebuilt}; the SPARSE_ENGINE_JIT=1 build failed: {type(e).__name__}: {str(e)[-1500:]}"
         return None if is_registered() else "the JIT build registered no ops"
     return f"{prebuilt}: {hint}"
+
+
+def takes(backend: str, arg: str, dtypes: tuple[torch.dtype, ...], *, device_type: str = "cpu",
+          csr_only: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator of a compiled kernel's wrapper: the tensor argument ``arg`` must have one of ``dtypes``,
+    be on ``device_type`` and (``csr_only``) hold 1-D CSR values, else ValueError naming what is wrong.
+
+    Only a check: backends.select never sends such arguments here (it reads SUPPORTED_DTYPES and the
+    ``unsupported`` hook), so a call that fails it comes from code calling the kernel module directly.
+    """
+    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+    def deco(fn: Callable) -> Callable:
+        position = list(inspect.signature(fn).parameters).index(arg)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            t = kwargs[arg] if arg in kwargs else args[position]
+            if t.device.type != device_type:
+                raise ValueError(f"{arg} must be a {device_type.upper()} tensor for the {backend} backend, "
+                                 f"got {t.device}")
+            if t.dtype not in dtypes:
+                raise ValueError(f"the {backend} backend computes {fn.__name__} in {names} only, got {t.dtype}")
+            if csr_only and t.dim() != 1:
+                raise ValueError(f"the {backend} {fn.__name__} takes CSR values (nnz,), got shape {tuple(t.shape)}")
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco

@@ -244,13 +244,34 @@ def select(
     return "reference", REFERENCE[impl]
 
 
-def availability() -> dict[str, dict[str, str]]:
-    """impl -> backend -> "available" or the reason it is not (for `sparse-engine info`)."""
-    table: dict[str, dict[str, str]] = {}
+def which(impl: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend :func:`select` takes for ``impl`` now (a request included), or ``"unavailable: why"``
+    when a requested backend cannot run it. For the cache keys of measurements: a new kernel, or another
+    request, is another situation."""
+    try:
+        return select(impl, torch.device(device), dtype)[0]
+    except RuntimeError as e:
+        return f"unavailable: {e}"
+
+
+def automatic(impl: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend the automatic choice takes for ``impl``, whatever is requested."""
+    with force(None):
+        return select(impl, torch.device(device), dtype)[0]
+
+
+def availability() -> dict[str, dict[str, dict]]:
+    """impl -> backend -> ``{"available": bool, "reason": why not ("" if available), "dtypes": the dtypes
+    the backend declares, or None for every floating dtype}`` (what ``sparse-engine info`` prints).
+
+    Imports every backend module (the loads are cached, as for :func:`select`).
+    """
+    table: dict[str, dict[str, dict]] = {}
     for impl in REFERENCE:
         row = {}
         for backend in BACKENDS:
             fn, why = _load(backend, impl)
-            row[backend] = "available" if fn is not None else why
+            row[backend] = {"available": fn is not None, "reason": why,
+                            "dtypes": supported_dtypes(backend, impl) if fn is not None else None}
         table[impl] = row
     return table

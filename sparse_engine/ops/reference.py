@@ -2,7 +2,7 @@
 
 Every kernel (Triton, C++, CUDA) is tested against the function here with the same name and the suffix
 `_ref`; every backend implementation takes exactly the same arguments and returns the same results.
-Vectorised torch only, no Python loops over elements. See ../shared/METHODS.md §0 for the math.
+Vectorised torch only, no Python loops over elements.
 
 Conventions shared by all ops
 -----------------------------
@@ -29,10 +29,6 @@ from torch import Tensor
 
 def _apply_mask(t: Tensor, mask: Tensor | None) -> Tensor:
     return t if mask is None else torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
-def _maybe(t: Tensor | None, fn):
-    return None if t is None else fn(t)
 
 
 # --------------------------------------------------------------------------------------------- reparam
