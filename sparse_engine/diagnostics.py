@@ -15,7 +15,7 @@ import math
 
 from torch import nn
 
-from .param import Parameterization
+from .param import sparse_layers
 
 _COLUMNS = (
     "name",
@@ -32,13 +32,6 @@ _COLUMNS = (
 )
 
 
-def _sparse_layers(model: nn.Module):
-    for name, module in model.named_modules():
-        param = getattr(module, "param", None)
-        if isinstance(param, Parameterization):
-            yield name, module, param
-
-
 def layer_stats(model: nn.Module) -> list[dict]:
     """One dict per sparse layer (a module holding a Parameterization as ``.param``), in module order.
 
@@ -47,7 +40,8 @@ def layer_stats(model: nn.Module) -> list[dict]:
     target_density (PILoT's pruning target, else None).
     """
     out = []
-    for name, module, param in _sparse_layers(model):
+    for name, module in sparse_layers(model):
+        param = module.param
         d = param.diagnostics()
         numel = math.prod(param.weight_shape)
         nnz = module.nnz() if hasattr(module, "nnz") else round(d["density"] * numel)

@@ -29,10 +29,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .checks import check_positive_int
+
 __all__ = [
     "INT32_MAX",
     "INDEX_DTYPE",
+    "FORMATS",
     "LAYOUTS",
+    "check_block_shape",
     "check_int32",
     "check_mask",
     "matrix_shape",
@@ -51,7 +55,12 @@ __all__ = [
 
 INT32_MAX = 2**31 - 1
 INDEX_DTYPE = torch.int32
-LAYOUTS = ("dense", "csr", "bsr", "nm")
+#: how a stored weight's index lays out its active entries (make_index; the inference layers' formats)
+FORMATS = ("dense", "csr", "bsr", "nm")
+#: what a training layer (sparse_engine.nn) computes with: a dense weight times its mask, the block-sparse
+#: matmuls over a dense weight with a block mask ("block"), the compact csr / bsr storage, or "auto"
+#: (measured per layer). Here, not in nn, so that a method config can check it without loading the ops.
+LAYOUTS = ("dense", "block", "csr", "bsr", "auto")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -73,12 +82,6 @@ def check_int32(name: str, value: int) -> int:
     return value
 
 
-def _check_pos_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_shape2(name: str, shape) -> tuple[int, int]:
     try:
         dims = tuple(int(d) for d in shape)
@@ -89,14 +92,15 @@ def _check_shape2(name: str, shape) -> tuple[int, int]:
     return dims
 
 
-def _check_block_shape(block_shape) -> tuple[int, int]:
+def check_block_shape(block_shape) -> tuple[int, int]:
+    """``block_shape`` as a pair of positive ints (bn, bk)."""
     try:
         bs = tuple(block_shape)
     except TypeError:
-        raise ValueError(f"block_shape must be a 2-tuple of positive ints, got {block_shape!r}") from None
-    if len(bs) != 2:
-        raise ValueError(f"block_shape must be a 2-tuple of positive ints, got {block_shape!r}")
-    return (_check_pos_int("block_shape[0]", bs[0]), _check_pos_int("block_shape[1]", bs[1]))
+        bs = ()
+    if len(bs) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in bs):
+        raise ValueError(f"block_shape must be a pair of positive ints, got {block_shape!r}")
+    return bs  # type: ignore[return-value]
 
 
 def _check_2d_bool(name: str, mask) -> Tensor:
@@ -152,7 +156,7 @@ def matrix_view(t: Tensor) -> Tensor:
 def block_grid(shape, block_shape) -> tuple[int, int]:
     """Number of block rows and block columns, counting partial edge blocks."""
     n, k = _check_shape2("shape", shape)
-    bn, bk = _check_block_shape(block_shape)
+    bn, bk = check_block_shape(block_shape)
     return -(-n // bn), -(-k // bk)
 
 
@@ -164,7 +168,7 @@ def to_blocks(dense: Tensor, block_shape) -> Tensor:
     if dense.ndim < 2:
         raise ValueError(f"dense must have at least 2 dims, got shape {tuple(dense.shape)}")
     n, k = dense.shape[0], dense.shape[1]
-    bn, bk = _check_block_shape(block_shape)
+    bn, bk = check_block_shape(block_shape)
     nbr, nbc = -(-n // bn), -(-k // bk)
     rest = tuple(dense.shape[2:])
     if nbr * bn == n and nbc * bk == k:
@@ -193,7 +197,7 @@ def expand_block_mask(block_mask: Tensor, block_shape, shape) -> Tensor:
     """Block mask (nbr, nbc) -> element mask (N, K): blocks expanded, cropped to ``shape``."""
     _check_2d_bool("block_mask", block_mask)
     n, k = _check_shape2("shape", shape)
-    bn, bk = _check_block_shape(block_shape)
+    bn, bk = check_block_shape(block_shape)
     if tuple(block_mask.shape) != block_grid((n, k), (bn, bk)):
         raise ValueError(
             f"block_mask must have shape {block_grid((n, k), (bn, bk))} for shape {(n, k)} and "
@@ -512,7 +516,7 @@ class BSRIndex:
         n, k = _check_shape2("shape", shape)
         check_int32("shape[0]", n)
         check_int32("shape[1]", k)
-        bs = _check_block_shape(block_shape)
+        bs = check_block_shape(block_shape)
         grid = block_grid((n, k), bs)
         if tuple(block_mask.shape) != grid:
             raise ValueError(
@@ -525,7 +529,7 @@ class BSRIndex:
     def from_mask(cls, mask: Tensor, block_shape) -> "BSRIndex":
         """mask: bool (N, K); a block is active iff any of its elements is."""
         _check_2d_bool("mask", mask)
-        bs = _check_block_shape(block_shape)
+        bs = check_block_shape(block_shape)
         return cls.from_block_mask(reduce_to_blocks(mask, bs), bs, tuple(mask.shape))
 
     @property
@@ -600,7 +604,7 @@ class BSRIndex:
         check_int32("shape[1]", k)
         if not isinstance(tensors, dict) or "block_shape" not in tensors:
             raise ValueError("tensors must be a dict holding 'block_shape', 'crow' and 'col' for BSRIndex")
-        bs = _check_block_shape(tuple(int(v) for v in torch.as_tensor(tensors["block_shape"]).flatten()))
+        bs = check_block_shape(tuple(int(v) for v in torch.as_tensor(tensors["block_shape"]).flatten()))
         nbr, nbc = block_grid((n, k), bs)
         built = _compressed_from_tensors(tensors, nbr, nbc, "BSRIndex")
         _check_derived(built, tensors, "BSRIndex")
@@ -609,7 +613,7 @@ class BSRIndex:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is inconsistent."""
         _check_shape2("shape", self.shape)
-        _check_block_shape(self.block_shape)
+        check_block_shape(self.block_shape)
         nbr, nbc = self.grid
         _validate_compressed(self, nbr, nbc, "BSRIndex")
 
@@ -626,10 +630,10 @@ class BSRIndex:
 
 
 def _check_nm(n, m) -> tuple[int, int]:
-    m = _check_pos_int("m", m)
+    m = check_positive_int("m", m)
     if m > 256:
         raise ValueError(f"m must be at most 256 (positions are stored as uint8), got {m}")
-    n = _check_pos_int("n", n)
+    n = check_positive_int("n", n)
     if n > m:
         raise ValueError(f"n must be in [1, m] = [1, {m}], got {n}")
     return n, m
@@ -793,7 +797,7 @@ def make_index(mask: Tensor, layout: str, *, block_shape=None, n: int = 2, m: in
         return BSRIndex.from_mask(mask, block_shape)
     if layout == "nm":
         return NMIndex.from_mask(mask, n, m)
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    raise ValueError(f"layout must be one of {FORMATS}, got {layout!r}")
 
 
 def convert(values: Tensor, index_from: Index, index_to: Index) -> Tensor:

@@ -42,19 +42,21 @@ SCOPES = ("layer", "global")
 # --------------------------------------------------------------------------------------------------
 
 
-def check_density(density) -> float:
-    """Mask makers accept densities in [0, 1]; 0 gives an all-False mask."""
+def check_density(density, *, zero_ok: bool = False) -> float:
+    """``density`` as a float in (0, 1] (a network with no weight left is an input error), or in [0, 1]
+    with ``zero_ok`` (the mask makers: 0 gives an all-False mask)."""
+    interval = "[0, 1]" if zero_ok else "(0, 1]"
     if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+        raise ValueError(f"density must be a number in {interval}, got {density!r}")
     density = float(density)
-    if not (0.0 <= density <= 1.0):  # also rejects NaN
-        raise ValueError(f"density must be in [0, 1], got {density}")
+    if not ((0.0 <= density if zero_ok else 0.0 < density) and density <= 1.0):  # also rejects NaN
+        raise ValueError(f"density must be in {interval}, got {density}")
     return density
 
 
 def num_active(density: float, numel: int) -> int:
     """Number of active entries for ``density`` over ``numel`` entries: ``round(density * numel)``."""
-    return min(int(numel), max(0, round(check_density(density) * int(numel))))
+    return min(int(numel), max(0, round(check_density(density, zero_ok=True) * int(numel))))
 
 
 def _check_seed(seed) -> int:
@@ -167,7 +169,7 @@ def layer_densities(shapes: dict, density: float, distribution: str = "erk") -> 
     exceeds 1. All layers that exceed at a given eps are capped together: capping only frees budget,
     so eps can only grow and they would exceed again.
     """
-    density = check_density(density)
+    density = check_density(density, zero_ok=True)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     dims = _check_shapes(shapes)
@@ -249,7 +251,7 @@ def magnitude_masks(tensors: dict, density: float, scope: str = "layer") -> dict
     over all tensors together. Ties: lower flat index first; globally, earlier layer (dict order) first.
     Masks are returned on each tensor's device.
     """
-    density = check_density(density)
+    density = check_density(density, zero_ok=True)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not isinstance(tensors, dict) or not tensors:
@@ -301,7 +303,7 @@ def magnitude_block_mask(tensor: Tensor, block_shape, density: float) -> Tensor:
     Edge blocks are partial (their norm is over the elements they have). Ties: lower block index in
     row-major block order first.
     """
-    density = check_density(density)
+    density = check_density(density, zero_ok=True)
     s = _scores(tensor, "tensor")
     mat, grid = _block_args(tuple(tensor.shape), block_shape)
     # Sum in float64 so that equal blocks give equal norms and near-ties are not decided by rounding.

@@ -28,17 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .checks import check_choice
 from .layout import BSRIndex, CSRIndex
 from .ops.reference import factorize_ref
 
 KINDS = ("masked", "signin", "pilot")
-LAYOUTS = ("dense", "csr", "bsr")
+#: the layout.FORMATS a Parameterization trains in (no trainable N:M)
+STORAGES = ("dense", "csr", "bsr")
 _INDEX_FIELDS = ("crow", "col", "row", "ccol", "row_t", "perm")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 class Parameterization(nn.Module):
@@ -64,8 +61,8 @@ class Parameterization(nn.Module):
         block_shape: tuple[int, int] = (32, 32),
     ) -> None:
         super().__init__()
-        _check_choice("kind", kind, KINDS)
-        _check_choice("layout", layout, LAYOUTS)
+        check_choice("kind", kind, KINDS)
+        check_choice("layout", layout, STORAGES)
         if not isinstance(theta, Tensor):
             raise TypeError(f"theta must be a torch.Tensor, got {type(theta).__name__}")
         if theta.dim() < 2:
@@ -75,7 +72,7 @@ class Parameterization(nn.Module):
             raise ValueError(f"theta must be floating point, got {theta.dtype}")
         if not bool(torch.isfinite(theta).all()):
             raise ValueError("theta must be finite, got NaN or inf entries")
-        _check_beta(beta)
+        check_beta(beta)
         if mask is not None:
             if not isinstance(mask, Tensor):
                 raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
@@ -209,7 +206,7 @@ class Parameterization(nn.Module):
             raise RuntimeError("reset() needs a factored parameterization (signin/pilot), this one is "
                                f"{self.kind!r}")
         if beta is not None:
-            _check_beta(beta)
+            check_beta(beta)
             self.beta.fill_(beta)
         m, w = ops.signin_reset(self.m, self.w, self.step_mask(), float(self.beta))
         self.m.copy_(m)
@@ -314,9 +311,22 @@ class Parameterization(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
-def _check_beta(beta) -> None:
+def is_sparse_layer(module: nn.Module) -> bool:
+    """A training-time sparse layer: a module holding a Parameterization as ``.param`` (SparseLinear,
+    SparseConv1d / 2d, or a user's own module built the same way)."""
+    return isinstance(getattr(module, "param", None), Parameterization)
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every training-time sparse layer of ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if is_sparse_layer(m)]
+
+
+def check_beta(beta) -> float:
+    """``beta`` (the scale m² − w²) as a float: finite and >= 0."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    return float(beta)
 
 
 def _check_mask_dtype(mask: Tensor) -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 from _backends import make_mask, randn
 
-from sparse_engine.param import KINDS, LAYOUTS, Parameterization
+from sparse_engine.param import KINDS, Parameterization
+from sparse_engine.param import STORAGES as LAYOUTS
 
 # (weight shape, BSR block shape): a Linear weight whose edges cut partial blocks on both sides, and a
 # Conv weight (viewed as 6 × 27).

@@ -46,6 +46,7 @@ from . import data as data_mod
 from ..methods import METHODS, make_method
 from .models import MODELS, build_model
 from ..optim import NONFINITE_POLICIES, NonFiniteGradError, parameterizations
+from ..param import sparse_layers
 
 DATASETS = ("auto", "fashion-mnist", "teacher", "sequences")
 OPTIMIZERS = ("sgd", "adamw")
@@ -750,20 +751,19 @@ def _set_method_logs(method, logs: dict[str, Any]) -> None:
         m.log = dict(log)
 
 
-def _layouts(model: nn.Module) -> dict[str, str]:
-    from ..nn.linear import SparseModule
+def _auto_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in sparse_layers(model) if getattr(m, "layout", None) == "auto"]
 
-    return {name: m.resolved_layout for name, m in model.named_modules()
-            if isinstance(m, SparseModule) and m.layout == "auto" and m.resolved_layout is not None}
+
+def _layouts(model: nn.Module) -> dict[str, str]:
+    return {name: m.resolved_layout for name, m in _auto_layers(model) if m.resolved_layout is not None}
 
 
 def _restore_layouts(model: nn.Module, ckpt: dict[str, Any]) -> None:
-    from ..nn.linear import SparseModule
-
     saved = ckpt.get("layouts") or {}
-    for name, m in model.named_modules():
-        if isinstance(m, SparseModule) and m.layout == "auto" and name in saved:
-            _load_part(ckpt, "layout", lambda m=m, name=name: m._use_layout(saved[name]))
+    for name, m in _auto_layers(model):
+        if name in saved:
+            _load_part(ckpt, "layout", lambda m=m, name=name: m.use_layout(saved[name]))
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

@@ -32,33 +32,27 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .. import tuning
+from ..layout import FORMATS, reduce_to_blocks
+from ..masks import SCOPES, magnitude_masks
 from ..ops import backends
-from .infer import FORMATS, InferConv1d, InferConv2d, InferLinear, InferModule, semi_structured_support
-from ..masks import magnitude_masks
+from ..param import sparse_layers
+from .infer import InferConv1d, InferConv2d, InferLinear, InferModule, semi_structured_support
 
 log = logging.getLogger("sparse_engine")
 
 __all__ = ["MARGIN", "extract", "reformat", "report", "sparse_layers"]
 
 #: a sparse format must be more than this fraction faster than dense at every measured shape
-MARGIN = 0.05
-SCOPES = ("layer", "global")
+MARGIN = tuning.MARGIN
 
 _cache: dict[tuple, float] = {}  # (format, layer key, input shape, device, dtype, backend) -> seconds
-
-
-def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every training-time sparse layer of ``model`` (modules with a ``.param``)."""
-    from ..param import Parameterization
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "param", None), Parameterization)]
 
 
 def _kind_of(mod: nn.Module) -> str:
@@ -123,51 +117,16 @@ def _pilot_masks(layers: list[tuple[str, nn.Module]], thetas: dict[str, Tensor],
 # -------------------------------------------------------------------------------------- measuring
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 #: timing effort of "auto": interleaved rounds per shape, seconds per burst of one candidate
 ROUNDS = 7
 BURST_S = 0.004
 
 
-def _measure(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int | None = None,
-             burst_s: float | None = None) -> dict[str, float]:
-    """Seconds per call of each function: interleaved rounds of short bursts; the fastest single call.
-
-    Interleaving gives every candidate the same machine conditions; the fastest call ignores the calls
-    that another process interrupted (on a shared CPU the median is that process's noise). On a GPU a
-    single call is timed with a synchronize on each side. A candidate already 1.5x slower than the first
-    one (the dense baseline) after 3 rounds stops there.
-    """
-    rounds = ROUNDS if rounds is None else rounds
-    burst_s = BURST_S if burst_s is None else burst_s
-    names = list(fns)
-    bursts = {}
-    for name in names:
-        fns[name]()  # warm-up (allocations, first-call paths)
-        _sync(device)
-        t0 = time.perf_counter()
-        fns[name]()
-        _sync(device)
-        one = max(time.perf_counter() - t0, 1e-7)
-        bursts[name] = max(1, min(200, int(burst_s / one)))
-    best = {name: math.inf for name in names}
-    active = list(names)
-    for r in range(rounds):
-        for name in active:
-            fn, n = fns[name], bursts[name]
-            for _ in range(n):
-                t0 = time.perf_counter()
-                fn()
-                _sync(device)
-                best[name] = min(best[name], time.perf_counter() - t0)
-        if r == 2:
-            base = best[names[0]]
-            active = [n for n in active if n == names[0] or best[n] <= 1.5 * base]
-    return best
+def _measure(fns: dict[str, Callable[[], Any]], device: torch.device) -> dict[str, float]:
+    """Seconds per call of each function (tuning.measure: interleaved rounds of short bursts, the
+    fastest single call); a candidate 1.5x slower than the first (dense) after 3 rounds stops there."""
+    return tuning.measure(fns, device, warmup=1, rounds=ROUNDS, budget_s=math.inf, burst_s=BURST_S,
+                          drop_slower=1.5)
 
 
 def _choose(candidates: dict[str, Callable[[], InferModule]], shapes: list[tuple[int, ...]], key: tuple,
@@ -197,20 +156,13 @@ def _choose(candidates: dict[str, Callable[[], InferModule]], shapes: list[tuple
                 _cache[keys[fmt]] = measured[fmt]
         for fmt in candidates:
             times[fmt][name] = _cache[keys[fmt]]
-    dense = times["dense"]
-    best, best_score = "dense", 1.0
-    for fmt, t in times.items():
-        if fmt == "dense":
-            continue
-        if all(t[s] * (1 + margin) < dense[s] for s in dense):
-            score = math.exp(sum(math.log(t[s] / dense[s]) for s in dense) / len(dense))
-            if score < best_score:
-                best, best_score = fmt, score
+    best = tuning.decide(times, margin)
     if best == "dense":
         reason = "no sparse format measured faster than dense at every batch size" if len(times) > 1 \
             else "only candidate"
     else:
-        reason = f"measured {1 / best_score:.2f}x faster than dense (geometric mean over batch sizes)"
+        speedup = 1 / tuning.ratio(times, best)
+        reason = f"measured {speedup:.2f}x faster than dense (geometric mean over batch sizes)"
     return best, times, reason
 
 
@@ -362,8 +314,6 @@ def _extract_layer(name: str, mod: nn.Module, theta: Tensor, mask: Tensor | None
             notes.append("no example_inputs: a conv layer needs an input shape to be measured")
         else:
             candidates["csr"] = make("csr")
-            from ..layout import reduce_to_blocks
-
             nnz = int(mask2d.sum())
             nnzb = int(reduce_to_blocks(mask2d, block_shape).sum())
             if nnzb and nnz / (nnzb * block_shape[0] * block_shape[1]) >= 0.5:

@@ -35,11 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..layout import BSRIndex, CSRIndex, NMIndex, matrix_shape
+from ..layout import FORMATS, BSRIndex, CSRIndex, NMIndex, matrix_shape
 
 __all__ = ["FORMATS", "InferConv1d", "InferConv2d", "InferLinear", "InferModule", "semi_structured_support"]
 
-FORMATS = ("dense", "csr", "bsr", "nm")
 _DERIVED = ("row", "ccol", "row_t", "perm")
 
 

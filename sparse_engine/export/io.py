@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..param import sparse_layers
 from .infer import LAYER_TYPES, InferModule
 
 __all__ = ["MAGIC", "SparseFileError", "load", "read_header", "register", "save"]
@@ -370,10 +371,6 @@ def _skeleton_compatible(target: nn.Module, spec: dict, path: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _training_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if type(getattr(m, "param", None)).__name__ == "Parameterization"]
-
-
 def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> int:
     """Write an extracted model (see :func:`sparse_engine.extract`) to ``path``; returns the file size.
 
@@ -387,7 +384,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
     if metadata is not None and not (isinstance(metadata, dict) and
                                      all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise ValueError("metadata must be a dict of str -> str")
-    training = _training_layers(model)
+    training = [name for name, _ in sparse_layers(model)]
     if training:
         raise ValueError(
             f"model still holds training-time sparse layers ({', '.join(training[:3])}"

@@ -26,20 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..masks import DISTRIBUTIONS
-
-# Layouts of sparse_engine.nn (checked there too; repeated here so a config fails before any work).
-LAYOUTS = ("dense", "block", "csr", "bsr", "auto")
-
-
-def check_density(density) -> float:
-    """Methods accept densities in (0, 1] (a network with no weight left is an input error)."""
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
-    density = float(density)
-    if not 0.0 < density <= 1.0:  # also rejects NaN
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return density
+from ..checks import check_choice
+from ..layout import LAYOUTS
+from ..masks import DISTRIBUTIONS, check_density
 
 
 @dataclass
@@ -61,10 +50,8 @@ class MethodConfig:
 
     def validate(self) -> None:
         self.density = check_density(self.density)
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        check_choice("layout", self.layout, LAYOUTS)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 

@@ -5,14 +5,15 @@
 model in place; ``autolayout.tune(model, example_input)`` picks each ``layout="auto"`` layer's layout.
 """
 
+from ..layout import LAYOUTS
 from . import autolayout
 from .conv import SparseConv1d, SparseConv2d
-from .linear import LAYOUTS, SparseLinear, SparseModule
-from .sparsify import METHODS, SparsifyReport, sparsify
+from .linear import SparseLinear, SparseModule
+from .sparsify import SPARSIFY_METHODS, SparsifyReport, sparsify
 
 __all__ = [
     "LAYOUTS",
-    "METHODS",
+    "SPARSIFY_METHODS",
     "SparseConv1d",
     "SparseConv2d",
     "SparseLinear",

@@ -4,7 +4,8 @@ For one layer the candidates are the layouts that keep its semantics (dense alwa
 mask; block and bsr only when the mask is block-aligned, since those layouts train whole blocks). Each
 candidate is timed as one forward + backward on an input with the layer's number of rows, with fresh
 random weights of the layer's shape, dtype, device and mask; the candidates are timed round-robin and
-each keeps its fastest run (robust to load from other processes). The rule:
+each keeps its fastest run (robust to load from other processes; :func:`sparse_engine.tuning.measure`).
+The rule (:func:`sparse_engine.tuning.decide`):
 
     a sparse layout is chosen only when it is more than 5 % faster than dense (dense wins ties within 5 %)
 
@@ -29,7 +30,6 @@ import logging
 import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,11 +38,11 @@ from torch import Tensor, nn
 
 from .. import env
 from ..ops import backends
+from ..param import sparse_layers
+from ..tuning import decide, measure
 
 log = logging.getLogger("sparse_engine")
 
-#: a sparse layout must beat dense by more than this fraction to be chosen
-MARGIN = 0.05
 CACHE_FILE = "autolayout.json"
 _FORMAT = 1
 
@@ -63,17 +63,6 @@ class Decision:
     times: dict[str, float] = field(default_factory=dict)
     key: str = ""
     source: str = "measured"  # "measured" | "memory" | "disk" | "only candidate"
-
-
-def decide(times: dict[str, float], margin: float = MARGIN) -> str:
-    """The rule: the fastest non-dense layout if it is more than ``margin`` faster than dense, else dense."""
-    if "dense" not in times:
-        raise ValueError(f"times must include the 'dense' baseline, got {sorted(times)}")
-    others = {k: v for k, v in times.items() if k != "dense" and math.isfinite(v)}
-    if not others:
-        return "dense"
-    best = min(others, key=others.get)
-    return best if others[best] * (1.0 + margin) < times["dense"] else "dense"
 
 
 # -------------------------------------------------------------------------------------------- keys
@@ -179,42 +168,6 @@ def _memory_for(path: str) -> dict[str, Decision]:
 # --------------------------------------------------------------------------------------- measuring
 
 
-def _sync(device: torch.device | None) -> None:
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(
-    runners: dict[str, Callable[[], None]],
-    device=None,
-    *,
-    warmup: int = 2,
-    rounds: int = 7,
-    budget_s: float = 1.0,
-) -> dict[str, float]:
-    """Seconds per call of each runner: the minimum over ``rounds`` (at least 3 while over ``budget_s``).
-
-    The runners are timed round-robin, one call each per round, so that load from other processes
-    hits every candidate alike; the minimum is the run least disturbed by it.
-    """
-    device = None if device is None else torch.device(device)
-    for _ in range(warmup):
-        for fn in runners.values():
-            fn()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    start = time.perf_counter()
-    for r in range(rounds):
-        for name, fn in runners.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-        if r >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return {name: min(ts) for name, ts in times.items()}
-
-
 def choose(
     key: dict, make_runners: Callable[[], dict[str, Callable[[], None]]], *, retune: bool = False, device=None
 ) -> Decision:
@@ -260,14 +213,10 @@ def tune(model: nn.Module, example_input, *, retune: bool = False) -> dict[str, 
     ``retune=True`` measures again even where a decision exists. Returns name -> Decision.
     Call it before creating the optimizer.
     """
-    from .linear import SparseModule
-
-    layers = {
-        name: m for name, m in model.named_modules() if isinstance(m, SparseModule) and m.layout == "auto"
-    }
+    layers = {name: m for name, m in sparse_layers(model) if getattr(m, "layout", None) == "auto"}
     for m in layers.values():
         if retune:
-            m._retune = True
+            m.request_retune()
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -286,6 +235,4 @@ def tune(model: nn.Module, example_input, *, retune: bool = False) -> dict[str, 
 
 def layouts(model: nn.Module) -> dict[str, str | None]:
     """name -> the layout each sparse layer uses now (None: auto, not chosen yet)."""
-    from .linear import SparseModule
-
-    return {name: m.resolved_layout for name, m in model.named_modules() if isinstance(m, SparseModule)}
+    return {name: m.resolved_layout for name, m in sparse_layers(model)}

@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import backends
 from ..layout import CSRIndex
-from .linear import SparseModule, _check_positive_int, _fwd_bwd
+from ..checks import check_positive_int
+from . import autolayout
+from .linear import SparseModule, _fwd_bwd
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -94,9 +96,9 @@ class _SparseConvNd(SparseModule):
         self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
     ):
         nd = self._nd
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        self.out_channels = _check_positive_int("out_channels", out_channels)
-        self.groups = _check_positive_int("groups", groups)
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_channels = check_positive_int("out_channels", out_channels)
+        self.groups = check_positive_int("groups", groups)
         if in_channels % groups:
             raise ValueError(
                 f"groups must divide in_channels, got in_channels={in_channels}, groups={groups}"
@@ -310,8 +312,6 @@ class _SparseConvNd(SparseModule):
         return ["dense", "csr"]
 
     def _auto_key(self, input: Tensor, mask2d: Tensor | None) -> dict:
-        from . import autolayout
-
         batch = 1 if input.dim() == self._nd + 1 else input.shape[0]
         extra = {
             "input": list(input.shape[-self._nd :]),

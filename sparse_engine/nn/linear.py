@@ -29,61 +29,22 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..layout import BSRIndex, CSRIndex, check_mask, expand_block_mask, reduce_to_blocks
+from ..checks import check_choice, check_positive_int
+from ..layout import (LAYOUTS, BSRIndex, CSRIndex, check_block_shape, check_mask, expand_block_mask,
+                      reduce_to_blocks)
 from ..masks import block_mask as _random_block_mask
+from ..masks import check_density
 from ..masks import random_mask as _random_mask
-from ..param import KINDS, Parameterization
+from ..param import KINDS, Parameterization, check_beta
+from . import autolayout
 
 log = logging.getLogger("sparse_engine")
 
-#: layouts a sparse layer accepts
-LAYOUTS = ("dense", "block", "csr", "bsr", "auto")
 _COMPACT = ("csr", "bsr")
 _INDEX_FIELDS = ("crow", "col", "row", "ccol", "row_t", "perm")
 
 
 # ------------------------------------------------------------------------------------------ checks
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_density(density) -> float:
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
-    density = float(density)
-    if not 0.0 < density <= 1.0:  # also rejects NaN
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return density
-
-
-def _check_beta(beta) -> float:
-    if (
-        isinstance(beta, bool)
-        or not isinstance(beta, (int, float))
-        or not (math.isfinite(beta) and beta >= 0)
-    ):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    return float(beta)
-
-
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def _check_block_shape(block_shape) -> tuple[int, int]:
-    try:
-        bs = tuple(block_shape)
-    except TypeError:
-        raise ValueError(f"block_shape must be a pair of positive ints, got {block_shape!r}") from None
-    if len(bs) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in bs):
-        raise ValueError(f"block_shape must be a pair of positive ints, got {block_shape!r}")
-    return bs  # type: ignore[return-value]
 
 
 def is_block_aligned(mask2d: Tensor, block_shape: tuple[int, int]) -> bool:
@@ -112,11 +73,11 @@ class SparseModule(nn.Module):
     # ----------------------------------------------------------------------------- construction
 
     def _configure(self, *, kind: str, density, mask, beta, layout: str, block_shape, seed) -> float:
-        _check_choice("kind", kind, KINDS)
-        _check_choice("layout", layout, LAYOUTS)
-        density = _check_density(density)
-        beta = _check_beta(beta)
-        self.block_shape = _check_block_shape(block_shape)
+        check_choice("kind", kind, KINDS)
+        check_choice("layout", layout, LAYOUTS)
+        density = check_density(density)
+        beta = check_beta(beta)
+        self.block_shape = check_block_shape(block_shape)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if mask is not None and density != 1.0:
@@ -134,7 +95,7 @@ class SparseModule(nn.Module):
         self.target_density: float | None = density if (kind == "pilot" and mask is None) else None
         # Layout actually in use: "auto" stays unresolved (dense storage) until first use or tune().
         self._resolved: str | None = None if layout == "auto" else layout
-        self._retune = False
+        self._retune = False  # measure again at the next forward (request_retune)
         self._block_key: tuple | None = None
         for f in _INDEX_FIELDS:
             self.register_buffer(f"_bsr_{f}", None, persistent=False)
@@ -355,8 +316,8 @@ class SparseModule(nn.Module):
         mask = self.mask2d()
         return w, torch.where(mask, index.scatter(p.m.detach()), fill)
 
-    def _use_layout(self, layout: str) -> None:
-        """Switch the compute layout (used by the automatic choice); storage follows."""
+    def use_layout(self, layout: str) -> None:
+        """Switch the compute layout (the automatic choice, or a resumed run restoring it); storage follows."""
         storage = layout if layout in _COMPACT else "dense"
         self._resolved = layout
         if storage != self.storage:
@@ -421,9 +382,11 @@ class SparseModule(nn.Module):
         with torch.inference_mode(False):
             self._autotune(input)
 
-    def _autotune(self, input: Tensor) -> None:
-        from . import autolayout
+    def request_retune(self) -> None:
+        """Measure the layout choice again at the next forward (``layout="auto"`` only)."""
+        self._retune = True
 
+    def _autotune(self, input: Tensor) -> None:
         mask2d = self.mask2d()
         candidates = self._auto_candidates(mask2d)
         if len(candidates) <= 1:
@@ -436,7 +399,7 @@ class SparseModule(nn.Module):
             )
         self._retune = False
         self.autolayout_decision = decision
-        self._use_layout(decision.layout)
+        self.use_layout(decision.layout)
 
     def _auto_candidates(self, mask2d: Tensor | None) -> list[str]:
         raise NotImplementedError
@@ -605,8 +568,8 @@ class SparseLinear(SparseModule):
         dtype=None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
         self.weight_shape = (out_features, in_features)
         density = self._configure(
             kind=kind,
@@ -706,8 +669,6 @@ class SparseLinear(SparseModule):
         return out
 
     def _auto_key(self, input: Tensor, mask2d: Tensor | None) -> dict:
-        from . import autolayout
-
         rows = input.numel() // self.in_features
         return autolayout.make_key(
             "linear",

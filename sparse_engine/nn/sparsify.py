@@ -34,12 +34,16 @@ import torch
 from torch import nn
 
 from .. import masks as masks_mod
+from ..checks import check_choice
+from ..layout import LAYOUTS, check_block_shape
+from ..masks import check_density
+from ..param import is_sparse_layer
 from .conv import SparseConv1d, SparseConv2d
-from .linear import LAYOUTS, SparseModule, _check_block_shape, _check_choice, _check_density
+from .linear import SparseLinear
 
-METHODS = ("static", "signin", "pilot", "dense")
-_KIND = {"static": "masked", "signin": "signin", "pilot": "pilot", "dense": "masked"}
-_SPARSE_OF = ((nn.Conv2d, SparseConv2d), (nn.Conv1d, SparseConv1d), (nn.Linear, None))
+#: the ``method`` argument of sparsify -> the parameterization kind its layers get (module docstring)
+SPARSIFY_METHODS = {"static": "masked", "signin": "signin", "pilot": "pilot", "dense": "masked"}
+_SPARSE_OF = ((nn.Conv2d, SparseConv2d), (nn.Conv1d, SparseConv1d), (nn.Linear, SparseLinear))
 
 
 @dataclass
@@ -127,11 +131,9 @@ class SparsifyReport:
 
 
 def _sparse_class(module: nn.Module):
-    from .linear import SparseLinear
-
     for dense_cls, sparse_cls in _SPARSE_OF:
         if isinstance(module, dense_cls):
-            return sparse_cls or SparseLinear
+            return sparse_cls
     return None
 
 
@@ -180,11 +182,11 @@ def sparsify(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_choice("method", method, METHODS)
-    density = _check_density(density)
-    _check_choice("distribution", distribution, masks_mod.DISTRIBUTIONS)
-    _check_choice("layout", layout, LAYOUTS)
-    block_shape = _check_block_shape(block_shape)
+    check_choice("method", method, SPARSIFY_METHODS)
+    density = check_density(density)
+    check_choice("distribution", distribution, masks_mod.DISTRIBUTIONS)
+    check_choice("layout", layout, LAYOUTS)
+    block_shape = check_block_shape(block_shape)
     if filter is not None and not callable(filter):
         raise TypeError(f"filter must be callable (name, module) -> bool, got {type(filter).__name__}")
     if method == "pilot" and layout in ("block", "csr", "bsr"):
@@ -203,7 +205,7 @@ def sparsify(
 
     targets: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if isinstance(module, SparseModule) or _sparse_class(module) is None:
+        if is_sparse_layer(module) or _sparse_class(module) is None:
             continue
         why = _default_exclusion(name, module, parents, owners)
         if why is None and filter is not None and not filter(name, module):
@@ -225,7 +227,7 @@ def sparsify(
     if not targets:
         return report
 
-    kind = _KIND[method]
+    kind = SPARSIFY_METHODS[method]
     shapes = {name: tuple(module.weight.shape) for name, module in targets}
     layer_masks: dict[str, torch.Tensor | None] = {name: None for name in shapes}
     if method in ("static", "signin") and density < 1.0:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..checks import check_choice
 from ..param import Parameterization
 
 ROLES = ("m", "w", "theta", "other")
@@ -62,12 +63,6 @@ def _check_number(name: str, value, *, low: float = 0.0, high: float | None = No
     if not ok:
         hi = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
         raise ValueError(f"{name} must be a finite number >= {low}{hi}, got {value}")
-    return value
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
 
@@ -105,8 +100,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         nonfinite: str = "skip",
         reset_policy: str = "transform",
     ) -> None:
-        self.nonfinite = _check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        self.reset_policy = _check_choice("reset_policy", reset_policy, RESET_POLICIES)
+        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        self.reset_policy = check_choice("reset_policy", reset_policy, RESET_POLICIES)
         self._bindings: dict[Tensor, tuple[str, Parameterization]] = {}
         self._handles: list = []
         self.num_steps = 0        # steps applied (or, attached, iterations whose step() was called)
@@ -338,7 +333,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         ``policy`` (default: the optimizer's ``reset_policy``): "keep", "zero" or "transform"
         (see :mod:`sparse_engine.optim.reset`). Returns the number of weights reset.
         """
-        policy = _check_choice("policy", policy or self.reset_policy, RESET_POLICIES)
+        policy = check_choice("policy", policy or self.reset_policy, RESET_POLICIES)
         n = 0
         for pz in self._bound_parameterizations():
             if not pz.factored or pz.kind not in kinds:
