@@ -492,7 +492,7 @@ def test_export_and_bench_infer_commands(tmp_path, capsys):
     sparsify(model, "signin", 0.1)
     run = tmp_path / "run"
     run.mkdir()
-    io.save(extract(model, "dense"), run / "model.pt")  # what `sparse-engine train` leaves
+    io.save(extract(model, "dense"), run / "model.sparse")  # an exported file, re-laid by export
     assert export_main([str(run), "--format", "csr", "--out", str(tmp_path / "m.sparse")]) == 0
     text = capsys.readouterr().out
     assert "wrote" in text and "csr" in text

@@ -19,14 +19,9 @@ import torch
 
 from sparse_engine.app import cli
 from sparse_engine.app import data as data_mod
-from sparse_engine.app.train import (
-    CHECKPOINT_FILE,
-    CheckpointError,
-    ConfigError,
-    TrainConfig,
-    read_checkpoint,
-    train,
-)
+from sparse_engine.app.checkpoint import CHECKPOINT_FILE, CheckpointError, read_checkpoint
+from sparse_engine.app.config import ConfigError, TrainConfig
+from sparse_engine.app.loop import train
 
 BASE = {"model": "mlp", "density": 0.3, "data": "teacher", "n_train": 192, "n_test": 64, "batch_size": 64,
         "epochs": 4, "progress": False}
@@ -117,7 +112,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(case, tmp_path, monkeypatc
         assert_same(a[key], b[key], key)
     assert any(v for v in a["optimizer_state"]["state"].values())  # there was optimizer state to restore
     # the exported models are the same too
-    assert (tmp_path / "straight" / "model.pt").read_bytes() == (tmp_path / "resumed" / "model.pt").read_bytes()
+    for run in ("straight", "resumed"):
+        assert cli.main(["export", str(tmp_path / run), "--format", "dense", "--out", str(tmp_path / f"{run}.sparse")]) == 0
+    assert (tmp_path / "straight.sparse").read_bytes() == (tmp_path / "resumed.sparse").read_bytes()
 
 
 def test_resume_continues_the_random_streams(tmp_path, monkeypatch):
@@ -182,7 +179,8 @@ def test_resume_keeps_the_measured_layouts(tmp_path, monkeypatch):
 def test_a_resume_that_loses_state_would_be_caught(tmp_path, monkeypatch):
     """The comparison above can fail: the same interrupted run resumed with its momentum buffers zeroed
     (what a resume that restores the weights alone does) ends elsewhere."""
-    from sparse_engine.app.train import _digest, _save_atomic
+    from sparse_engine.app.checkpoint import digest as _digest
+    from sparse_engine.app.checkpoint import save_atomic as _save_atomic
 
     cfg = dict(BASE, method="signin", epochs=3)
     straight = train(TrainConfig(**cfg, out_dir=str(tmp_path / "a")))
@@ -289,7 +287,8 @@ def _bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
     for i in range(len(raw) // 2, len(raw) // 2 + 8):  # inside tensor data: torch.load does not notice
         flipped[i] ^= 0x10
     add("flipped.pt", bytes(flipped), "corrupt")
-    files["exported"] = (good / "model.pt", "exported model")
+    assert cli.main(["export", str(good), "--format", "dense", "--out", str(tmp_path / "model.sparse")]) == 0
+    files["exported"] = (tmp_path / "model.sparse", "exported model")
     torch.save({"weights": torch.ones(3)}, tmp_path / "foreign.pt")
     files["foreign"] = (tmp_path / "foreign.pt", "not a `sparse-engine train` checkpoint")
     torch.save({"module": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")
@@ -317,7 +316,7 @@ def test_checkpoint_is_written_atomically_and_loads_safely(tmp_path, monkeypatch
     before = path.read_bytes()
     ck = torch.load(path, weights_only=True)  # tensors and plain containers only
     assert ck["format"] == "sparse_engine.train_checkpoint" and ck["position"]["epoch"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "model.pt", "result.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "result.json"]
 
     real_save = torch.save
 

@@ -11,7 +11,8 @@ import pytest
 
 from sparse_engine.app import cli
 from sparse_engine.app.data import FASHION_MNIST_FILES, DataError, find_fashion_mnist
-from sparse_engine.app.train import ConfigError, TrainConfig, TrainingDiverged, train
+from sparse_engine.app.config import ConfigError, TrainConfig, load_data
+from sparse_engine.app.loop import TrainingDiverged, evaluate, train
 
 TINY = ["--data", "teacher", "--n-train", "384", "--n-test", "128", "--batch-size", "64", "--no-progress"]
 
@@ -40,11 +41,12 @@ def test_train_writes_table_and_json(tmp_path, capsys):
     sparse = [lay for lay in r["layers"] if lay["kind"] == "signin"]
     assert sparse and all(0 < lay["density"] <= 1 for lay in sparse)
     assert abs(r["density"] - 0.2) < 0.01 and isinstance(r["sign_flips"], int)
-    # the run directory holds the trained model as a compact file that reproduces the final accuracy
+    # the run directory holds the trained model: exported from it, it reproduces the final accuracy
     from sparse_engine.export import io
-    from sparse_engine.app.train import evaluate, load_data
 
-    loaded = io.load(out_dir / "model.pt")
+    code, _, err = run_cli(["export", str(out_dir), "--format", "dense", "--out", str(tmp_path / "m.sparse")], capsys)
+    assert code == 0, err
+    loaded = io.load(tmp_path / "m.sparse")
     ds = load_data(TrainConfig(data="teacher", n_train=384, n_test=128))
     assert evaluate(loaded, ds.x_test, ds.y_test)[1] == r["final"]["test_acc"]
 
@@ -206,12 +208,11 @@ def test_wd_switchoff_and_iterative_pilot_from_the_cli(tmp_path, capsys):
 
 
 def test_export_the_dense_baseline_of_a_compare_run(tmp_path, capsys):
-    """`train --compare dense,...` leaves the dense baseline as a torch checkpoint; export writes it as a
+    """`train --compare dense,...` leaves the dense baseline's checkpoint; export writes it as a
     compact file of dense inference layers (the same network), refuses sparse formats, and bench-infer
     reads the file."""
     from sparse_engine.export import io
     from sparse_engine.export.infer import InferModule
-    from sparse_engine.app.train import evaluate, load_data
 
     code, _, err = run_cli(["train", "--compare", "dense,static", "--density", "0.25", "--epochs", "1",
                             "--out", str(tmp_path), *TINY], capsys)
@@ -238,14 +239,13 @@ def test_export_the_dense_baseline_of_a_compare_run(tmp_path, capsys):
 
 
 def test_export_a_run_that_has_not_finished(tmp_path, capsys):
-    """A run directory with only the per-epoch checkpoint (the run was stopped) exports too."""
+    """A run directory exports from its checkpoint: the per-epoch one of a stopped run, the last one of a
+    finished run (the only record of the model a run directory holds)."""
     from sparse_engine.export import io
-    from sparse_engine.app.train import evaluate, load_data
 
     cfg = TrainConfig(method="signin", density=0.25, data="teacher", n_train=384, n_test=128, epochs=1,
                       batch_size=64, progress=False, out_dir=str(tmp_path / "run"))
     r = train(cfg)
-    (tmp_path / "run" / "model.pt").unlink()  # as if stopped before the end
     code, _, err = run_cli(["export", str(tmp_path / "run"), "--format", "csr", "--out", str(tmp_path / "m.sparse")],
                            capsys)
     assert code == 0, err

@@ -1,11 +1,11 @@
 """Shared pieces of the experiment scripts: a training loop that keeps the model, seeds, JSON output,
 mean ± std, and optional plotting.
 
-Why a loop of our own instead of ``sparse_engine.app.train.train``: the experiments need the trained model
+Why a loop of our own instead of ``sparse_engine.app.loop.train``: the experiments need the trained model
 (PILoT is pruned at several densities after one training run), per-layer sign flips per epoch, and
 hooks between method preparation and training (the β = 0 "spred" start). The loop does exactly what
-``train.train`` does (same data, same seeded init, same method life cycle, per-step cosine learning
-rate, evaluation after every epoch), through the same public API: ``make_method``, ``build_model``,
+``loop.train`` does (same data, same seeded init, same method life cycle, per-step cosine learning
+rate, evaluation after every epoch), through the same public API: ``build_model_and_method``,
 ``Method.make_optimizer`` / ``apply`` / ``after_epoch`` / ``end_of_training``.
 """
 from __future__ import annotations
@@ -32,10 +32,9 @@ import torch.nn.functional as F
 
 from sparse_engine.app import data as data_mod
 from sparse_engine.diagnostics import layer_stats
-from sparse_engine.methods import make_method
-from sparse_engine.app.models import build_model
 from sparse_engine.optim import parameterizations
-from sparse_engine.app.train import TrainConfig, evaluate, load_data
+from sparse_engine.app.config import TrainConfig, build_model_and_method, load_data
+from sparse_engine.app.loop import evaluate
 
 RESULTS = ROOT / "bench" / "results" / "experiments"
 
@@ -124,10 +123,8 @@ def run(cfg: TrainConfig, ds: data_mod.Dataset, *, before_training: Callable | N
     ``result``."""
     cfg.validate()
     torch.set_num_threads(cfg.threads or 1)
-    method = make_method(cfg.method, wd_switchoff=cfg.wd_switchoff, **cfg.method_options())
-    torch.manual_seed(cfg.seed)  # the same dense init for every method of a seed
-    model = build_model(cfg.model, ds.input_shape, ds.n_classes, ds.vocab_size)
-    method.prepare(model)
+    # the same dense init for every method of a seed
+    model, method, _ = build_model_and_method(cfg, ds.input_shape, ds.n_classes, ds.vocab_size)
     if before_training is not None:
         before_training(model, method)
     opt_kwargs: dict[str, Any] = {"weight_decay": cfg.weight_decay, "momentum": cfg.momentum}

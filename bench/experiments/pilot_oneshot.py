@@ -34,7 +34,7 @@ from torch import nn
 
 from sparse_engine.masks import magnitude_masks
 from sparse_engine.optim import parameterizations
-from sparse_engine.app.train import evaluate
+from sparse_engine.app.loop import evaluate
 
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 #: variant -> (method, options, β = 0 start)

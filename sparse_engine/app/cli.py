@@ -7,12 +7,13 @@ listing (and says so when called). To add one, add a line to ``COMMANDS``.
 
 User errors (bad option, missing or corrupt data, a diverging run) print one line,
 ``sparse-engine <cmd>: error: ...``, and exit non-zero; a traceback means a bug. A subcommand signals a
-user error by raising :class:`UserError`, ``train.ConfigError`` or ``data.DataError``.
+user error by raising :class:`UserError`, ``config.ConfigError`` or ``data.DataError``.
 Exit codes: 0 done, 2 usage / input error, 3 training diverged, 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import sys
@@ -69,8 +70,8 @@ def _usage() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
     from .data import DataError
-    from .train import ConfigError
 
     return (UserError, ConfigError, DataError)
 
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{PROG} {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from .train import TrainingDiverged
+        from .loop import TrainingDiverged
 
         if isinstance(e, TrainingDiverged):
             print(f"{PROG} {name}: error: {e}", file=sys.stderr)
@@ -114,33 +115,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------------ train
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (an option unset: its help says what applies)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _train_parser() -> argparse.ArgumentParser:
-    from ..masks import DISTRIBUTIONS
     from ..methods import METHODS
-    from ..methods.base import LAYOUTS
+    from ..optim import NONFINITE_POLICIES
+    from .config import DATASETS, LR_SCHEDULES, OPTIMIZERS, TrainConfig
     from .models import MODELS
-    from ..optim import ALPHA_SCHEDULES, NONFINITE_POLICIES, RESET_POLICIES
-    from .train import DATASETS, LR_SCHEDULES, OPTIMIZERS, TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog=f"{PROG} train",
         description="Train a model with a sparse-training method; prints a table and writes JSON under --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
-    g = p.add_argument_group("what to train")
-    g.add_argument("--model", choices=MODELS, default=d.model)
-    g.add_argument("--method", choices=tuple(METHODS), default=d.method)
-    g.add_argument("--compare", metavar="M1,M2,...", default=None,
-                   help="run several methods on the same seed and data and print them side by side")
-    g.add_argument("--density", type=float, default=d.density, help="fraction of weights kept, in (0, 1]")
-    g.add_argument("--distribution", choices=DISTRIBUTIONS, default=d.distribution)
-    g.add_argument("--layout", choices=LAYOUTS, default=d.layout)
-    g.add_argument("--data", choices=DATASETS, default=d.data,
-                   help="auto: Fashion-MNIST (token sequences for the transformer)")
-    g.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST IDX files")
-    g.add_argument("--n-train", type=int, default=None, help="use only the first N training samples")
-    g.add_argument("--n-test", type=int, default=None, help="use only the first N test samples")
+    what = p.add_argument_group("what to train")
+    what.add_argument("--model", choices=MODELS, default=d.model)
+    what.add_argument("--method", choices=tuple(METHODS), default=d.method)
+    what.add_argument("--compare", metavar="M1,M2,...", default=None,
+                      help="run several methods on the same seed and data and print them side by side")
+    _method_arguments(what, p.add_argument_group("method options (default: the method's own)"))
+    what.add_argument("--data", choices=DATASETS, default=d.data,
+                      help="auto: Fashion-MNIST (token sequences for the transformer)")
+    what.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST IDX files")
+    what.add_argument("--n-train", type=int, default=None, help="use only the first N training samples")
+    what.add_argument("--n-test", type=int, default=None, help="use only the first N test samples")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -158,21 +162,6 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="update each tensor inside backward and free its gradient at once")
     g.add_argument("--nonfinite", choices=NONFINITE_POLICIES, default=d.nonfinite,
                    help="what a NaN/inf gradient does: skip the step (counted) or stop")
-    g = p.add_argument_group("method options (default: the method's own)")
-    g.add_argument("--wd-switchoff", type=float, default=None, metavar="AT",
-                   help="switch weight decay off after this fraction of training (any method)")
-    g.add_argument("--beta", type=float, default=None, help="Sign-In / PILoT scale m² − w²")
-    g.add_argument("--factor-lr-scale", type=float, default=None, help="lr multiplier of the factors m, w")
-    g.add_argument("--reset-every", type=int, default=None, help="Sign-In reset period")
-    g.add_argument("--reset-unit", choices=("epoch", "step"), default=None)
-    g.add_argument("--reset-until", type=float, default=None, help="reset only in this first fraction of training")
-    g.add_argument("--reset-policy", choices=RESET_POLICIES, default=None, help="optimizer state at a reset")
-    g.add_argument("--alpha", type=float, default=None, help="PILoT's initial α")
-    g.add_argument("--alpha-schedule", choices=("controller", *ALPHA_SCHEDULES), default=None)
-    g.add_argument("--prune-scope", choices=("global", "layer"), default=None, help="PILoT's final prune")
-    g.add_argument("--iterative", action="store_true", default=None, help="PILoT: iterative prune-retrain")
-    g.add_argument("--rewind", choices=("lr", "weight"), default=None, help="PILoT iterative: rewinding")
-    g.add_argument("--retrain-epochs", type=int, default=None, help="PILoT iterative: epochs per round")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output directory (default runs/<model>-<method>-d<density>-s<seed>)")
     g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -184,21 +173,28 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_from_args(args: argparse.Namespace):
-    from . import train as T
+def _method_arguments(common: argparse._ArgumentGroup, own: argparse._ArgumentGroup) -> None:
+    """One option per method option (sparse_engine.methods.options(): declared in the method configs);
+    the common ones (every method has them) with their default, the others with None: the method's own."""
+    from ..methods import options
 
-    return T.TrainConfig(
-        model=args.model, method=args.method, density=args.density, distribution=args.distribution,
-        layout=args.layout, data=args.data, data_dir=args.data_dir, n_train=args.n_train, n_test=args.n_test,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        momentum=args.momentum, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, seed=args.seed,
-        device=args.device, threads=args.threads, step_in_backward=args.step_in_backward,
-        nonfinite=args.nonfinite, wd_switchoff=args.wd_switchoff, beta=args.beta,
-        factor_lr_scale=args.factor_lr_scale, reset_every=args.reset_every, reset_unit=args.reset_unit,
-        reset_until=args.reset_until, reset_policy=args.reset_policy, alpha=args.alpha,
-        alpha_schedule=args.alpha_schedule, prune_scope=args.prune_scope, iterative=args.iterative,
-        rewind=args.rewind, retrain_epochs=args.retrain_epochs, progress=not args.no_progress,
-    )
+    for opt in options().values():
+        flag = "--" + opt.name.replace("_", "-")
+        if opt.common:
+            common.add_argument(flag, type=opt.type, choices=opt.choices, default=opt.default, help=opt.help)
+            continue
+        text = f"{opt.help} (default: {', '.join(f'{m} {v}' for m, v in opt.defaults.items())})"
+        if opt.type is bool:
+            own.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            own.add_argument(flag, type=opt.type, choices=opt.choices, default=None, help=text)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .config import TrainConfig
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**given, progress=not args.no_progress)
 
 
 def _given(argv: list[str]) -> set[str]:
@@ -214,7 +210,9 @@ def _methods(text: str) -> list[str]:
 
 
 def train_main(argv: list[str]) -> int:
-    from . import train as T
+    from . import compare as C
+    from . import config as T
+    from .loop import train
 
     args = _train_parser().parse_args(argv)
     if args.resume is not None:
@@ -223,12 +221,12 @@ def train_main(argv: list[str]) -> int:
     if args.compare is not None:
         methods = _methods(args.compare)
         cfg.out_dir = args.out or T.default_out_dir(cfg, methods)
-        _run(lambda: T.compare(cfg, methods), cfg.out_dir)
+        _run(lambda: C.compare(cfg, methods), cfg.out_dir)
         print(f"results: {cfg.out_dir}/compare.json (per method: {cfg.out_dir}/<method>/result.json)")
         return 0
     cfg.out_dir = args.out or T.default_out_dir(cfg)
-    result = _run(lambda: T.train(cfg), cfg.out_dir)
-    print(T.summary_table({cfg.method: result}))
+    result = _run(lambda: train(cfg), cfg.out_dir)
+    print(C.summary_table({cfg.method: result}))
     print(f"results: {cfg.out_dir}/result.json")
     return 0
 
@@ -237,7 +235,7 @@ def _run(job: Callable[[], Any], out_dir: str) -> Any:
     """Run ``job``; on Ctrl-C, say how to continue (train writes a checkpoint after every epoch)."""
     from pathlib import Path
 
-    from .train import CHECKPOINT_FILE
+    from .checkpoint import CHECKPOINT_FILE
 
     try:
         return job()
@@ -251,16 +249,18 @@ def _run(job: Callable[[], Any], out_dir: str) -> Any:
 
 def _resume(args: argparse.Namespace, given: set[str]) -> int:
     """``train --resume PATH``: the configuration comes from the checkpoint (or a compare's plan); options
-    on the command line must agree with it, except those of ``train.RESUME_MAY_CHANGE`` (how the run
+    on the command line must agree with it, except those of ``checkpoint.RESUME_MAY_CHANGE`` (how the run
     executes, not what it computes) and --out."""
     from pathlib import Path
 
-    from . import train as T
+    from . import checkpoint as T
+    from . import compare as C
+    from .loop import train
 
     path = Path(args.resume)
     compare = path.is_dir() and (path / T.COMPARE_PLAN).is_file() and not (path / T.CHECKPOINT_FILE).is_file()
     if compare:
-        plan = T.read_compare_plan(path)
+        plan = C.read_compare_plan(path)
         saved, methods = plan["config"], list(plan["methods"])
         if "compare" in given and _methods(args.compare) != methods:
             raise UserError(f"cannot resume {path}: --compare is {args.compare} here but {','.join(methods)} "
@@ -283,12 +283,12 @@ def _resume(args: argparse.Namespace, given: set[str]) -> int:
     T.check_resume_config(cfg, saved, path, option=lambda name: "--" + name.replace("_", "-"))
     if compare:
         cfg.out_dir = str(path)
-        _run(lambda: T.compare(cfg, methods, resume=True), cfg.out_dir)
+        _run(lambda: C.compare(cfg, methods, resume=True), cfg.out_dir)
         print(f"results: {cfg.out_dir}/compare.json (per method: {cfg.out_dir}/<method>/result.json)")
         return 0
     cfg.out_dir = args.out or str(ckpt_path.parent)
-    result = _run(lambda: T.train(cfg, resume=ckpt_path), cfg.out_dir)
-    print(T.summary_table({cfg.method: result}))
+    result = _run(lambda: train(cfg, resume=ckpt_path), cfg.out_dir)
+    print(C.summary_table({cfg.method: result}))
     print(f"results: {cfg.out_dir}/result.json")
     return 0
 

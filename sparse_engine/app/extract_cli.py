@@ -1,16 +1,13 @@
 """``sparse-engine export`` and ``sparse-engine bench-infer``.
 
-``export CHECKPOINT --format auto --out model.sparse``
-    CHECKPOINT is what ``sparse-engine train`` leaves in its run directory (the directory itself, or the
-    file): ``model.pt``, a sparse_engine file of the trained model written with
-    ``sparse_engine.save(extract(model, "dense"), ...)`` (θ only; no pickle). Export re-lays every layer
-    in ``--format`` (``auto``: measured on this machine, at ``--batch`` sizes) and writes the compact
-    file, recording the input shape in its metadata for ``bench-infer``. A torch checkpoint holding
-    ``{"config": {...TrainConfig fields...}, "model_state": state_dict}`` (loaded with
-    ``weights_only=True``) is accepted too: the model is rebuilt with ``sparsify`` from the config. That is
-    what train leaves for a model without sparse layers (the dense baseline of ``--compare``, exported
-    as dense inference layers: ``--format dense`` or ``auto``; a sparse format is refused, since every
-    weight is nonzero) and what its per-epoch ``checkpoint.pt`` holds (so an unfinished run exports too).
+``export RUN --format auto --out model.sparse``
+    RUN is a ``sparse-engine train`` run directory (or its ``checkpoint.pt``, the training state, loaded
+    with ``weights_only=True``): the model is rebuilt from the checkpoint's configuration, its weights
+    loaded, and extracted once in ``--format`` (``auto``: measured on this machine, at ``--batch`` sizes)
+    into a compact file recording the input shape in its metadata for ``bench-infer``. A run that has not
+    finished exports its last finished epoch. A dense run (``dense``, ``wd_switchoff``) is exported as
+    dense inference layers (``--format dense`` or ``auto``; a sparse format is refused, since every weight
+    is nonzero). A file written by export is accepted too and re-laid in ``--format``.
 
 ``bench-infer MODEL.sparse --batch 1,16,64``
     Latency (median ms per call) and throughput (samples/s) of the file's model against its dense
@@ -57,30 +54,30 @@ def _batches(text: str) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------- reading inputs
 
 
-def _resolve_checkpoint(path: str) -> str:
+def _resolve(path: str) -> str:
+    """The file of ``path``: the file itself, or a run directory's checkpoint.pt (else its model.sparse)."""
+    from .checkpoint import CHECKPOINT_FILE
+
     if os.path.isdir(path):
-        # checkpoint.pt last: the training state of a run that has not finished (yet)
-        for name in ("model.pt", "model.sparse", "checkpoint.pt"):
+        for name in (CHECKPOINT_FILE, "model.sparse"):
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
-        raise _user_error(f"{path} is a directory without model.pt or checkpoint.pt (is it a `sparse-engine train` "
-                          "run directory? a --compare run has one per method: <dir>/<method>)")
+        raise _user_error(f"{path} is a directory without {CHECKPOINT_FILE} or model.sparse (is it a `sparse-engine "
+                          "train` run directory? a --compare run has one per method: <dir>/<method>)")
     if not os.path.isfile(path):
         raise _user_error(f"{path} does not exist")
     return path
 
 
-def load_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any]]:
-    """(model, input description) from a train checkpoint or a sparse_engine file."""
-    model, info, _ = _load(path)
-    return model, info
-
-
 def _load(path: str) -> tuple[nn.Module, dict[str, Any], str | None]:
-    """(model, input description, the training method if the run trained a dense model, else None)."""
-    from ..export import io
+    """(model, input description, the training method if the run trained a dense model, else None).
 
-    path = _resolve_checkpoint(path)
+    A sparse_engine file gives its inference model; a training checkpoint gives the trained model (its
+    sparse layers, not extracted yet), or for a dense run its layers as dense inference layers."""
+    from ..export import extract_dense, io
+    from . import checkpoint as ck
+
+    path = _resolve(path)
     with open(path, "rb") as f:
         magic = f.read(len(io.MAGIC))
     if magic == io.MAGIC:
@@ -90,70 +87,18 @@ def _load(path: str) -> tuple[nn.Module, dict[str, Any], str | None]:
         except io.SparseFileError as e:
             raise _user_error(str(e)) from None
         return model, _input_from_metadata(header.get("metadata", {})), None
-    return _load_training_checkpoint(path)
-
-
-def _load_training_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any], str | None]:
-    from ..export.extract import extract
-    from ..methods import METHODS
-    from .models import build_model
-    from ..nn import sparsify
-
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary objects
-    except Exception as e:  # noqa: BLE001  (any unreadable file is a user error here)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise _user_error(f"{path} is neither a sparse_engine file nor a readable torch checkpoint ({first})") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model_state"), dict)):
-        raise _user_error(f"{path}: a torch checkpoint must hold {{'config': ..., 'model_state': ...}}")
-    cfg, state = ckpt["config"], ckpt["model_state"]
-    shape = tuple(cfg.get("input_shape") or ())
-    if not shape or "n_classes" not in cfg:
-        raise _user_error(f"{path}: config lacks input_shape / n_classes needed to rebuild the model")
-    model = build_model(cfg.get("model", "mlp"), shape, int(cfg["n_classes"]), cfg.get("vocab_size"))
-    method = cfg.get("method")
-    # dense and wd_switchoff leave the model dense (plain nn.Linear / nn.Conv*): nothing to sparsify
-    dense = method in METHODS and METHODS[method].sparsify_as is None
-    if not dense:
-        sparsify(model, {"signin": "signin", "pilot": "pilot"}.get(method, "static"), float(cfg.get("density", 1.0)),
-                 distribution=cfg.get("distribution", "erk"), seed=int(cfg.get("seed", 0)))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise _user_error(f"{path}: the state does not fit the model rebuilt from its config: {e}") from None
-    info = {"input_shape": list(shape), "input_dtype": "int64" if cfg.get("vocab_size") else "float32",
-            "vocab_size": cfg.get("vocab_size")}
-    if dense:
-        return _dense_inference(model.eval()), info, method
-    return extract(model.eval(), "dense"), info, None
-
-
-def _dense_inference(model: nn.Module) -> nn.Module:
-    """Every nn.Linear / nn.Conv1d / nn.Conv2d of a dense model as a dense inference layer with the same
-    weights, so that the file, ``sparse_engine.load`` and ``bench-infer`` treat it like an exported model."""
-    from ..export.infer import InferConv1d, InferConv2d, InferLinear
-
-    for name, mod in list(model.named_modules()):
-        kind = type(mod)
-        if kind not in (nn.Linear, nn.Conv1d, nn.Conv2d):
-            continue
-        w = mod.weight.detach()
-        bias = None if mod.bias is None else mod.bias.detach()
-        every = torch.ones(w.shape, dtype=torch.bool)  # all trained: even a weight that happens to be 0.0
-        if kind is nn.Linear:
-            new = InferLinear(w, bias, "dense", every)
-        else:
-            cls = InferConv2d if kind is nn.Conv2d else InferConv1d
-            new = cls(w, bias, "dense", every, stride=tuple(mod.stride), dilation=tuple(mod.dilation),
-                      padding=mod.padding if isinstance(mod.padding, str) else tuple(mod.padding),
-                      groups=mod.groups, padding_mode=mod.padding_mode)
-        new.extract_info = {"format": "dense", "reason": "trained dense (nothing pruned)", "density": 1.0,
-                            "times": {}}
-        if name:
-            model.set_submodule(name, new)
-        else:
-            model = new
-    return model.eval()
+        ckpt_path, ckpt = ck.read_checkpoint(path)
+        ckpt["path"] = str(ckpt_path)
+        model, method, cfg = ck.model_from_checkpoint(ckpt)
+    except ck.CheckpointError as e:
+        raise _user_error(f"{path} is neither a sparse_engine file nor a usable training checkpoint: {e}") from None
+    saved = ckpt["config"]
+    info = {"input_shape": list(saved["input_shape"]), "input_dtype": "int64" if saved.get("vocab_size") else
+            "float32", "vocab_size": saved.get("vocab_size")}
+    if method.sparsify_as is None:  # dense and wd_switchoff leave the model dense: nothing was pruned
+        return extract_dense(model), info, cfg.method
+    return model, info, None
 
 
 def _input_from_metadata(meta: dict) -> dict[str, Any]:
@@ -169,8 +114,8 @@ def _input_from_metadata(meta: dict) -> dict[str, Any]:
 
 def guess_input(model: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
     """Fill the input description from the model when the file did not record it."""
+    from ..export import InferModule
     from . import models
-    from ..export.infer import InferModule
 
     if info.get("input_shape"):
         return info
@@ -208,7 +153,8 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"{PROG} export", description="Extract a trained sparse model into a "
                                 "compact file (values + indices; no pickle).")
-    p.add_argument("checkpoint", help="a `sparse-engine train` run directory or its model.pt")
+    p.add_argument("checkpoint", help="a `sparse-engine train` run directory, its checkpoint.pt, or a file "
+                   "written by export (to re-lay it)")
     p.add_argument("--format", default="auto", choices=("auto", "dense", "csr", "bsr", "nm"),
                    help="per-layer format; auto = fastest measured on this machine")
     p.add_argument("--out", default=None, help="output file (default: <checkpoint dir>/model.sparse)")
@@ -218,8 +164,7 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: list[str]) -> int:
-    from ..export import io
-    from ..export.extract import reformat, report
+    from ..export import extract, io, reformat, report, sparse_layers
 
     args = _export_parser().parse_args(argv)
     if args.threads is not None:
@@ -238,11 +183,12 @@ def export_main(argv: list[str]) -> int:
         example = None
         if info.get("input_shape"):
             example = (make_input(info, 1, _model_dtype(model)),)
+        relay = extract if sparse_layers(model) else reformat  # a trained model is extracted once
         try:
-            out = reformat(model, args.format, example_inputs=example, batch_sizes=batches, inplace=True)
+            out = relay(model, args.format, example_inputs=example, batch_sizes=batches, inplace=True)
         except ValueError as e:
             raise _user_error(str(e)) from None
-    path = args.out or os.path.join(os.path.dirname(_resolve_checkpoint(args.checkpoint)), "model.sparse")
+    path = args.out or os.path.join(os.path.dirname(_resolve(args.checkpoint)), "model.sparse")
     meta = {k: json.dumps(v) for k, v in info.items() if v is not None}
     size = io.save(out, path, metadata=meta)
     rows = report(out)
@@ -290,8 +236,7 @@ def time_call(fn, budget_s: float, min_rounds: int = 5) -> float:
 
 
 def bench_infer_main(argv: list[str]) -> int:
-    from ..export import io
-    from ..export.extract import reformat
+    from ..export import io, reformat
 
     args = _bench_parser().parse_args(argv)
     if args.threads is not None:

@@ -7,7 +7,7 @@
 ``extract`` / ``reformat`` (extract.py) build the inference layers (infer.py); ``save`` / ``load`` (io.py)
 are the one writer and reader of inference files. Nothing here imports the application (sparse_engine.app).
 """
-from .extract import extract, reformat, report, sparse_layers
+from .extract import extract, extract_dense, reformat, report, sparse_layers
 from .infer import FORMATS, InferConv1d, InferConv2d, InferLinear, InferModule
 from .io import SparseFileError, load, read_header, register, save
 
@@ -19,6 +19,7 @@ __all__ = [
     "InferModule",
     "SparseFileError",
     "extract",
+    "extract_dense",
     "load",
     "read_header",
     "reformat",

@@ -47,7 +47,7 @@ from .infer import InferConv1d, InferConv2d, InferLinear, InferModule, semi_stru
 
 log = logging.getLogger("sparse_engine")
 
-__all__ = ["MARGIN", "extract", "reformat", "report", "sparse_layers"]
+__all__ = ["MARGIN", "extract", "extract_dense", "reformat", "report", "sparse_layers"]
 
 #: a sparse format must be more than this fraction faster than dense at every measured shape
 MARGIN = tuning.MARGIN
@@ -336,6 +336,28 @@ def _extract_layer(name: str, mod: nn.Module, theta: Tensor, mask: Tensor | None
         log.info("sparse_engine: extract: %s -> %s (%s)", where, chosen, info["reason"])
     new.extract_info = info
     return new
+
+
+def extract_dense(model: nn.Module) -> nn.Module:
+    """A model without sparse layers (a dense baseline) in inference layers, in place, in eval mode: every
+    nn.Linear / nn.Conv1d / nn.Conv2d becomes a dense InferLinear / InferConv* with the same weights, every
+    weight kept (even one that is 0.0), so that save, load and bench-infer treat it as an extracted model."""
+    kinds = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+    for name, mod in list(model.named_modules()):
+        kind = kinds.get(type(mod))
+        if kind is None:
+            continue
+        w = mod.weight.detach()
+        bias = None if mod.bias is None else mod.bias.detach()
+        every = torch.ones(w.shape, dtype=torch.bool, device=w.device)
+        new = _build(kind, w, every, bias, "dense", _conv_args(mod) if kind != "linear" else None, (32, 32))
+        new.extract_info = {"format": "dense", "reason": "trained dense (nothing pruned)", "density": 1.0,
+                            "times": {}}
+        if name:
+            model.set_submodule(name, new)
+        else:
+            model = new
+    return model.eval()
 
 
 def reformat(

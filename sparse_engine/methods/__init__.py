@@ -7,9 +7,11 @@ See :mod:`sparse_engine.methods.base` for the life of a method.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
-from .base import Method, MethodConfig, Retrain, check_density
+from .base import Method, MethodConfig, Retrain, check_density, option
 from .compose import Compose
 from .dense import Dense, DenseConfig
 from .pilot import PILoT, PILoTConfig
@@ -44,6 +46,53 @@ def make_method(name: str, wd_switchoff: float | None = None, **options: Any) ->
     return Compose([method, WDSwitchOff(at=wd_switchoff, **common)])
 
 
+_TYPES = {"float": float, "int": int, "str": str, "bool": bool}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One method option as the command line and the training configuration offer it.
+
+    name: its name there (``--reset-every`` / ``TrainConfig.reset_every``); field: the config field;
+    type: float, int, str or bool; default: the declared default; defaults: method name -> that method's
+    default (a method may override it); common: declared on :class:`MethodConfig` (every method has it).
+    """
+
+    name: str
+    field: str
+    type: type
+    help: str
+    choices: tuple | None
+    default: Any
+    defaults: dict[str, Any]
+    common: bool
+
+
+def options() -> dict[str, Option]:
+    """Every option declared with :func:`~sparse_engine.methods.base.option` in the method configs, by
+    name: the common ones (MethodConfig) first, then each method's own in the order of :data:`METHODS`."""
+    table: dict[str, Option] = {}
+    common = {f.name for f in dataclasses.fields(MethodConfig)}
+    for cls in (MethodConfig, *(m.config_class for m in METHODS.values())):
+        for f in dataclasses.fields(cls):
+            if "help" not in f.metadata or (cls is not MethodConfig and f.name in common):
+                continue
+            name = f.metadata["name"] or f.name
+            if name not in table:
+                kind = _TYPES[str(f.type).split("|")[0].strip()]
+                table[name] = Option(name, f.name, kind, f.metadata["help"], f.metadata["choices"], f.default, {},
+                                     cls is MethodConfig)
+            for method, m in METHODS.items():
+                if m.config_class is cls or cls is MethodConfig:
+                    table[name].defaults.setdefault(method, _default(m.config_class, f.name))
+    return table
+
+
+def _default(cls: type[MethodConfig], name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default
+
+
 __all__ = [
     "METHODS",
     "Compose",
@@ -51,6 +100,7 @@ __all__ = [
     "DenseConfig",
     "Method",
     "MethodConfig",
+    "Option",
     "PILoT",
     "PILoTConfig",
     "Retrain",
@@ -62,4 +112,6 @@ __all__ = [
     "WDSwitchOffConfig",
     "check_density",
     "make_method",
+    "option",
+    "options",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +29,13 @@ from torch import nn
 from ..checks import check_choice
 from ..layout import LAYOUTS
 from ..masks import DISTRIBUTIONS, check_density
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, name: str | None = None) -> Any:
+    """A method option: a config field whose help text (and choices) the command line and the training
+    configuration read, so that an option is declared only here. ``name``: its name there, when it is not
+    the field's (the weight-decay switch-off point ``at`` is ``wd_switchoff``)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "name": name})
 
 
 @dataclass
@@ -42,9 +49,9 @@ class MethodConfig:
     seed: seed of the random masks.
     """
 
-    density: float = 0.1
-    distribution: str = "erk"
-    layout: str = "dense"
+    density: float = option(0.1, "fraction of weights kept, in (0, 1]")
+    distribution: str = option("erk", "how the density spreads over layers", choices=DISTRIBUTIONS)
+    layout: str = option("dense", "storage and kernels of the sparse layers", choices=LAYOUTS)
     filter: Callable[[str, nn.Module], bool] | None = None
     seed: int = 0
 

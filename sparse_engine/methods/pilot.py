@@ -22,27 +22,29 @@ import torch
 
 from ..masks import SCOPES, layer_densities, magnitude_masks
 from ..optim.schedules import ALPHA_SCHEDULES, AlphaController, AlphaSchedule
-from .base import Method, MethodConfig, Retrain
+from .base import Method, MethodConfig, Retrain, option
 
 REWIND = ("lr", "weight")
 
 
 @dataclass
 class PILoTConfig(MethodConfig):
-    beta: float = 1.0
-    alpha: float = 1e-3
-    alpha_schedule: str = "controller"   # or one of ALPHA_SCHEDULES
-    delta: float = 1.2
-    target_l1: float | None = None        # K of the controller; None: target_l1_ratio × initial ‖θ‖₁
-    target_l1_ratio: float = 0.5
-    alpha_rate: float = 0.95              # geometric schedule
-    prune_scope: str = "global"
-    iterative: bool = False
-    prune_fraction: float = 0.2
-    retrain_epochs: int = 1
-    rewind: str = "lr"
-    rewind_epoch: int = 0
-    factor_lr_scale: float = 1.0
+    beta: float = option(1.0, "the scale m² − w² of the factors at initialisation")
+    alpha: float = option(1e-3, "PILoT's initial α (regulariser α(‖m‖² + ‖w‖²))")
+    alpha_schedule: str = option("controller", "α's schedule: the controller of Algorithm 1 or a fixed one",
+                                 choices=("controller", *ALPHA_SCHEDULES))
+    delta: float = option(1.2, "factor by which the α controller raises or lowers α (> 1)")
+    target_l1: float | None = option(None, "the controller's ‖θ‖₁ target K (None: target_l1_ratio × the "
+                                           "initial ‖θ‖₁)")
+    target_l1_ratio: float = option(0.5, "K as a fraction of the initial ‖θ‖₁")
+    alpha_rate: float = option(0.95, "rate of the geometric α schedule")
+    prune_scope: str = option("global", "PILoT's final prune: one threshold or one per layer", choices=SCOPES)
+    iterative: bool = option(False, "PILoT: iterative prune-retrain")
+    prune_fraction: float = option(0.2, "PILoT iterative: fraction of the remaining weights pruned per round")
+    retrain_epochs: int = option(1, "PILoT iterative: epochs per round")
+    rewind: str = option("lr", "PILoT iterative: rewind the lr schedule, or the weights too", choices=REWIND)
+    rewind_epoch: int = option(0, "PILoT weight rewinding: the epoch whose weights return (0: the init)")
+    factor_lr_scale: float = option(1.0, "lr multiplier of the factors m, w")
 
     def validate(self) -> None:
         super().validate()

@@ -21,17 +21,17 @@ import torch
 
 from ..optim.base import RESET_POLICIES
 from ..optim.schedules import UNITS, ResetSchedule
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, option
 
 
 @dataclass
 class SignInConfig(MethodConfig):
-    beta: float = 1.0
-    reset_every: int = 1
-    reset_unit: str = "epoch"
-    reset_until: float = 1.0
-    reset_policy: str = "transform"
-    factor_lr_scale: float = 1.0
+    beta: float = option(1.0, "the scale m² − w² of the factors (what a reset restores)")
+    reset_every: int = option(1, "Sign-In reset period, in reset units")
+    reset_unit: str = option("epoch", "unit of the reset period", choices=UNITS)
+    reset_until: float = option(1.0, "reset only in this first fraction of training")
+    reset_policy: str = option("transform", "optimizer state at a reset", choices=RESET_POLICIES)
+    factor_lr_scale: float = option(1.0, "lr multiplier of the factors m, w")
 
     def validate(self) -> None:
         super().validate()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..optim.schedules import WeightDecaySwitchOff
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, option
 
 
 @dataclass
@@ -20,7 +20,8 @@ class WDSwitchOffConfig(MethodConfig):
     """at: fraction of training (in steps) after which every group's weight decay is 0."""
 
     density: float = 1.0
-    at: float = 0.5
+    at: float = option(0.5, "switch weight decay off after this fraction of training (any method: composed "
+                            "with it)", name="wd_switchoff")
 
     def validate(self) -> None:
         super().validate()
