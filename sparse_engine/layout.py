@@ -320,13 +320,43 @@ def _check_derived(built: dict[str, Tensor], given: dict, where: str) -> None:
                 raise ValueError(f"{where}.{name} in tensors does not match the one rebuilt from crow, col")
 
 
+def _matrix_shape(shape) -> tuple[int, int]:
+    """(N, K) of an index's matrix: non-negative, each within int32."""
+    n, k = _check_shape2("shape", shape)
+    return check_int32("shape[0]", n), check_int32("shape[1]", k)
+
+
+class _Index:
+    """What every index shares (subclasses have ``shape`` (N, K) and ``nnz``)."""
+
+    @property
+    def density(self) -> float:
+        numel = self.shape[0] * self.shape[1]
+        return self.nnz / numel if numel else 0.0
+
+
+class _Compressed(_Index):
+    """CSR and BSR: the compressed-row fields (_COMPRESSED_FIELDS) over rows of elements or of blocks."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.crow.device
+
+    def _fields(self, full: bool) -> dict[str, Tensor]:
+        """The fields a file stores: crow and col (the rest is rebuilt on load), or all with ``full``."""
+        return {f: getattr(self, f) for f in (_COMPRESSED_FIELDS if full else ("crow", "col"))}
+
+    def _moved(self, device) -> dict[str, Tensor]:
+        return {f: getattr(self, f).to(device) for f in _COMPRESSED_FIELDS}
+
+
 # --------------------------------------------------------------------------------------------------
 # dense + mask
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass(eq=False, repr=False)
-class DenseIndex:
+class DenseIndex(_Index):
     """Dense storage with a bool mask: values are the full (N, K) matrix, zero where the mask is False."""
 
     shape: tuple[int, int]
@@ -340,11 +370,6 @@ class DenseIndex:
     @property
     def nnz(self) -> int:
         return int(self.mask.sum())
-
-    @property
-    def density(self) -> float:
-        numel = self.shape[0] * self.shape[1]
-        return self.nnz / numel if numel else 0.0
 
     @property
     def device(self) -> torch.device:
@@ -408,7 +433,7 @@ def _check_values(values, lead: tuple[int, ...], device: torch.device) -> None:
 
 
 @dataclass(eq=False, repr=False)
-class CSRIndex:
+class CSRIndex(_Compressed):
     """Compressed sparse rows of an (N, K) pattern, with its transpose for the dX pass.
 
     crow (N+1,), col (nnz,), row (nnz,): CSR order (row-major). ccol (K+1,), row_t (nnz,): CSC order;
@@ -433,15 +458,6 @@ class CSRIndex:
     def nnz(self) -> int:
         return int(self.col.numel())
 
-    @property
-    def density(self) -> float:
-        numel = self.shape[0] * self.shape[1]
-        return self.nnz / numel if numel else 0.0
-
-    @property
-    def device(self) -> torch.device:
-        return self.crow.device
-
     def gather(self, dense: Tensor) -> Tensor:
         """(N, K, *rest) -> values (nnz, *rest) in CSR (row-major) order."""
         _check_dense(dense, self.shape, self.device)
@@ -460,19 +476,16 @@ class CSRIndex:
         return out
 
     def to(self, device) -> "CSRIndex":
-        return CSRIndex(self.shape, **{f: getattr(self, f).to(device) for f in _COMPRESSED_FIELDS})
+        return CSRIndex(self.shape, **self._moved(device))
 
     def tensors(self, full: bool = False) -> dict[str, Tensor]:
         """The tensors to store. Only crow and col by default (the rest is rebuilt on load) so that a
         file holds 4 bytes of index per nonzero; ``full=True`` adds the derived fields."""
-        names = _COMPRESSED_FIELDS if full else ("crow", "col")
-        return {f: getattr(self, f) for f in names}
+        return self._fields(full)
 
     @classmethod
     def from_tensors(cls, shape, tensors: dict) -> "CSRIndex":
-        n, k = _check_shape2("shape", shape)
-        check_int32("shape[0]", n)
-        check_int32("shape[1]", k)
+        n, k = _matrix_shape(shape)
         built = _compressed_from_tensors(tensors, n, k, "CSRIndex")
         _check_derived(built, tensors, "CSRIndex")
         return cls((n, k), **built)
@@ -492,7 +505,7 @@ class CSRIndex:
 
 
 @dataclass(eq=False, repr=False)
-class BSRIndex:
+class BSRIndex(_Compressed):
     """Compressed rows of (bn, bk) blocks over an (N, K) matrix; N, K need not divide evenly.
 
     Block grid (nbr, nbc) = (ceil(N/bn), ceil(K/bk)). crow (nbr+1,), col/row (nnzb,) in block-row-major
@@ -513,9 +526,7 @@ class BSRIndex:
     def from_block_mask(cls, block_mask: Tensor, block_shape, shape) -> "BSRIndex":
         """block_mask: bool (nbr, nbc) for a matrix of ``shape`` cut into ``block_shape`` blocks."""
         _check_2d_bool("block_mask", block_mask)
-        n, k = _check_shape2("shape", shape)
-        check_int32("shape[0]", n)
-        check_int32("shape[1]", k)
+        n, k = _matrix_shape(shape)
         bs = check_block_shape(block_shape)
         grid = block_grid((n, k), bs)
         if tuple(block_mask.shape) != grid:
@@ -551,18 +562,9 @@ class BSRIndex:
         return int((h * w).sum())
 
     @property
-    def density(self) -> float:
-        numel = self.shape[0] * self.shape[1]
-        return self.nnz / numel if numel else 0.0
-
-    @property
     def block_density(self) -> float:
         nb = self.grid[0] * self.grid[1]
         return self.nnzb / nb if nb else 0.0
-
-    @property
-    def device(self) -> torch.device:
-        return self.crow.device
 
     def block_mask(self) -> Tensor:
         """bool (nbr, nbc)."""
@@ -587,21 +589,17 @@ class BSRIndex:
         return expand_block_mask(self.block_mask(), self.block_shape, self.shape)
 
     def to(self, device) -> "BSRIndex":
-        moved = {f: getattr(self, f).to(device) for f in _COMPRESSED_FIELDS}
-        return BSRIndex(self.shape, self.block_shape, **moved)
+        return BSRIndex(self.shape, self.block_shape, **self._moved(device))
 
     def tensors(self, full: bool = False) -> dict[str, Tensor]:
         """crow, col and block_shape (int64 pair) by default; ``full=True`` adds the derived fields."""
-        names = _COMPRESSED_FIELDS if full else ("crow", "col")
-        out = {f: getattr(self, f) for f in names}
+        out = self._fields(full)
         out["block_shape"] = torch.tensor(self.block_shape, dtype=torch.int64)
         return out
 
     @classmethod
     def from_tensors(cls, shape, tensors: dict) -> "BSRIndex":
-        n, k = _check_shape2("shape", shape)
-        check_int32("shape[0]", n)
-        check_int32("shape[1]", k)
+        n, k = _matrix_shape(shape)
         if not isinstance(tensors, dict) or "block_shape" not in tensors:
             raise ValueError("tensors must be a dict holding 'block_shape', 'crow' and 'col' for BSRIndex")
         bs = check_block_shape(tuple(int(v) for v in torch.as_tensor(tensors["block_shape"]).flatten()))
@@ -640,7 +638,7 @@ def _check_nm(n, m) -> tuple[int, int]:
 
 
 @dataclass(eq=False, repr=False)
-class NMIndex:
+class NMIndex(_Index):
     """N:M sparsity along K: every group of m consecutive inputs keeps (at most) n.
 
     Each group has exactly n slots. idx (N, K//m*n) uint8 is the position of each slot inside its group,
@@ -688,11 +686,6 @@ class NMIndex:
     @property
     def nnz(self) -> int:
         return int(self.valid.sum())
-
-    @property
-    def density(self) -> float:
-        numel = self.shape[0] * self.shape[1]
-        return self.nnz / numel if numel else 0.0
 
     @property
     def device(self) -> torch.device:

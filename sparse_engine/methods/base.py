@@ -64,6 +64,23 @@ class MethodConfig:
 
 
 @dataclass
+class FactoredConfig(MethodConfig):
+    """The options of the methods that train θ = m ⊙ w (Sign-In, PILoT)."""
+
+    beta: float = option(1.0, "the scale m² − w² of the factors (at initialisation, and what a Sign-In reset "
+                              "restores)")
+    factor_lr_scale: float = option(1.0, "lr multiplier of the factors m, w")
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta < float("inf"):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        if isinstance(self.factor_lr_scale, bool) or not isinstance(self.factor_lr_scale, (int, float)) \
+                or not self.factor_lr_scale > 0:
+            raise ValueError(f"factor_lr_scale must be > 0, got {self.factor_lr_scale}")
+
+
+@dataclass
 class Retrain:
     """A request from :meth:`Method.end_of_training` for one more round of training.
 
@@ -83,8 +100,6 @@ class Method:
     config_class: type[MethodConfig] = MethodConfig
     #: the ``method`` argument of nn.sparsify (None: the model stays dense)
     sparsify_as: str | None = None
-    #: learning-rate multiplier for the factors m, w (None: same lr as everything else)
-    factor_lr_scale: float | None = None
 
     def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
         if config is None:
@@ -124,6 +139,12 @@ class Method:
         if beta is not None:
             kwargs["beta"] = beta
         return sparsify(model, **kwargs)
+
+    @property
+    def factor_lr_scale(self) -> float | None:
+        """Learning-rate multiplier for the factors m, w (None: the same lr as everything else)."""
+        scale = getattr(self.config, "factor_lr_scale", None)
+        return None if scale is None or scale == 1.0 else scale
 
     def make_optimizer(self, model: nn.Module, name: str = "sgd", lr: float = 0.1, **kwargs: Any):
         """The method's recommended optimizer: ``name`` "sgd" or "adamw"; the factors get

@@ -22,14 +22,13 @@ import torch
 
 from ..masks import SCOPES, layer_densities, magnitude_masks
 from ..optim.schedules import ALPHA_SCHEDULES, AlphaController, AlphaSchedule
-from .base import Method, MethodConfig, Retrain, option
+from .base import FactoredConfig, Method, Retrain, option
 
 REWIND = ("lr", "weight")
 
 
 @dataclass
-class PILoTConfig(MethodConfig):
-    beta: float = option(1.0, "the scale m² − w² of the factors at initialisation")
+class PILoTConfig(FactoredConfig):
     alpha: float = option(1e-3, "PILoT's initial α (regulariser α(‖m‖² + ‖w‖²))")
     alpha_schedule: str = option("controller", "α's schedule: the controller of Algorithm 1 or a fixed one",
                                  choices=("controller", *ALPHA_SCHEDULES))
@@ -44,14 +43,11 @@ class PILoTConfig(MethodConfig):
     retrain_epochs: int = option(1, "PILoT iterative: epochs per round")
     rewind: str = option("lr", "PILoT iterative: rewind the lr schedule, or the weights too", choices=REWIND)
     rewind_epoch: int = option(0, "PILoT weight rewinding: the epoch whose weights return (0: the init)")
-    factor_lr_scale: float = option(1.0, "lr multiplier of the factors m, w")
 
     def validate(self) -> None:
         super().validate()
         if self.layout not in ("dense", "auto"):
             raise ValueError(f"pilot trains dense until it prunes: layout must be 'dense' or 'auto', got {self.layout!r}")
-        if not (isinstance(self.beta, (int, float)) and 0 < self.beta < float("inf")):
-            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
         if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha < float("inf")):
             raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
         if self.alpha_schedule not in ("controller", *ALPHA_SCHEDULES):
@@ -69,18 +65,12 @@ class PILoTConfig(MethodConfig):
             raise ValueError(f"rewind must be one of {REWIND}, got {self.rewind!r}")
         if isinstance(self.rewind_epoch, bool) or not isinstance(self.rewind_epoch, int) or self.rewind_epoch < 0:
             raise ValueError(f"rewind_epoch must be an int >= 0, got {self.rewind_epoch!r}")
-        if not self.factor_lr_scale > 0:
-            raise ValueError(f"factor_lr_scale must be > 0, got {self.factor_lr_scale}")
 
 
 class PILoT(Method):
     name = "pilot"
     config_class = PILoTConfig
     sparsify_as = "pilot"
-
-    @property
-    def factor_lr_scale(self) -> float | None:  # type: ignore[override]
-        return self.config.factor_lr_scale if self.config.factor_lr_scale != 1.0 else None
 
     def _layers(self) -> dict[str, Any]:
         from ..optim import parameterizations

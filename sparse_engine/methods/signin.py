@@ -21,22 +21,18 @@ import torch
 
 from ..optim.base import RESET_POLICIES
 from ..optim.schedules import UNITS, ResetSchedule
-from .base import Method, MethodConfig, option
+from .base import FactoredConfig, Method, option
 
 
 @dataclass
-class SignInConfig(MethodConfig):
-    beta: float = option(1.0, "the scale m² − w² of the factors (what a reset restores)")
+class SignInConfig(FactoredConfig):
     reset_every: int = option(1, "Sign-In reset period, in reset units")
     reset_unit: str = option("epoch", "unit of the reset period", choices=UNITS)
     reset_until: float = option(1.0, "reset only in this first fraction of training")
     reset_policy: str = option("transform", "optimizer state at a reset", choices=RESET_POLICIES)
-    factor_lr_scale: float = option(1.0, "lr multiplier of the factors m, w")
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 < self.beta < float("inf"):
-            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
         if isinstance(self.reset_every, bool) or not isinstance(self.reset_every, int) or self.reset_every < 1:
             raise ValueError(f"reset_every must be an int >= 1, got {self.reset_every!r}")
         if self.reset_unit not in UNITS:
@@ -45,18 +41,12 @@ class SignInConfig(MethodConfig):
             raise ValueError(f"reset_until must be in [0, 1], got {self.reset_until}")
         if self.reset_policy not in RESET_POLICIES:
             raise ValueError(f"reset_policy must be one of {RESET_POLICIES}, got {self.reset_policy!r}")
-        if not self.factor_lr_scale > 0:
-            raise ValueError(f"factor_lr_scale must be > 0, got {self.factor_lr_scale}")
 
 
 class SignIn(Method):
     name = "signin"
     config_class = SignInConfig
     sparsify_as = "signin"
-
-    @property
-    def factor_lr_scale(self) -> float | None:  # type: ignore[override]
-        return self.config.factor_lr_scale if self.config.factor_lr_scale != 1.0 else None
 
     def setup(self) -> None:
         c = self.config

@@ -53,26 +53,10 @@ class _SparseConvNd(SparseModule):
     _dense_cls: type = nn.Conv2d
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        *,
-        kind: str = "masked",
-        density: float = 1.0,
-        mask: Tensor | None = None,
-        beta: float = 1.0,
-        layout: str = "dense",
-        block_shape: tuple[int, int] = (32, 32),
-        seed: int = 0,
-        device=None,
-        dtype=None,
+        self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+        groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, kind: str = "masked",
+        density: float = 1.0, mask: Tensor | None = None, beta: float = 1.0, layout: str = "dense",
+        block_shape: tuple[int, int] = (32, 32), seed: int = 0, device=None, dtype=None,
     ) -> None:
         super().__init__()
         self._setup_conv(
@@ -153,16 +137,8 @@ class _SparseConvNd(SparseModule):
 
     @classmethod
     def from_dense(
-        cls,
-        module: nn.Module,
-        *,
-        kind: str = "masked",
-        mask: Tensor | None = None,
-        density: float = 1.0,
-        beta: float = 1.0,
-        layout: str = "dense",
-        block_shape: tuple[int, int] = (32, 32),
-        seed: int = 0,
+        cls, module: nn.Module, *, kind: str = "masked", mask: Tensor | None = None, density: float = 1.0,
+        beta: float = 1.0, layout: str = "dense", block_shape: tuple[int, int] = (32, 32), seed: int = 0,
     ):
         """A sparse convolution with ``module``'s weight (masked), bias and options, device and dtype."""
         if not isinstance(module, cls._dense_cls):

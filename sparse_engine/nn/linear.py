@@ -552,20 +552,9 @@ class SparseLinear(SparseModule):
     """
 
     def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        kind: str = "masked",
-        density: float = 1.0,
-        mask: Tensor | None = None,
-        beta: float = 1.0,
-        layout: str = "dense",
-        block_shape: tuple[int, int] = (32, 32),
-        seed: int = 0,
-        device=None,
-        dtype=None,
+        self, in_features: int, out_features: int, bias: bool = True, *, kind: str = "masked",
+        density: float = 1.0, mask: Tensor | None = None, beta: float = 1.0, layout: str = "dense",
+        block_shape: tuple[int, int] = (32, 32), seed: int = 0, device=None, dtype=None,
     ) -> None:
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
@@ -595,16 +584,8 @@ class SparseLinear(SparseModule):
 
     @classmethod
     def from_dense(
-        cls,
-        module: nn.Linear,
-        *,
-        kind: str = "masked",
-        mask: Tensor | None = None,
-        density: float = 1.0,
-        beta: float = 1.0,
-        layout: str = "dense",
-        block_shape: tuple[int, int] = (32, 32),
-        seed: int = 0,
+        cls, module: nn.Linear, *, kind: str = "masked", mask: Tensor | None = None, density: float = 1.0,
+        beta: float = 1.0, layout: str = "dense", block_shape: tuple[int, int] = (32, 32), seed: int = 0,
     ) -> "SparseLinear":
         """A SparseLinear holding ``module``'s weight (masked) and bias, on its device and dtype."""
         if not isinstance(module, nn.Linear):

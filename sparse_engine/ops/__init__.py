@@ -37,6 +37,18 @@ def _empty_like(ref: Tensor) -> Tensor:
     return ref.new_empty(_EMPTY_SHAPE)
 
 
+def _grads_out(x: Tensor, w: Tensor, g_x: Tensor | None, g_m: Tensor | None, g_w: Tensor) -> tuple[Tensor, ...]:
+    """A linear op's backward results (g_x, g_m, g_w) as a custom op returns them: None as the placeholder."""
+    return (g_x if g_x is not None else _empty_like(x)), (g_m if g_m is not None else _empty_like(w)), g_w
+
+
+def _fake_grads(x: Tensor, m: Tensor | None, w: Tensor, needs_x_grad: bool = True) -> tuple[Tensor, ...]:
+    """The fake (shape-only) results of a linear op's backward, placeholders where a gradient is None."""
+    g_x = torch.empty_like(x) if needs_x_grad else _empty_like(x)
+    g_m = torch.empty_like(w) if m is not None else _empty_like(w)
+    return g_x, g_m, torch.empty_like(w)
+
+
 def _run(impl: str, device: torch.device, dtype: torch.dtype, *args, empty: bool = False):
     """Run ``impl`` on the selected backend; ``empty`` work (a zero-size dim) always runs the reference."""
     if empty:
@@ -140,7 +152,7 @@ def _reparam_backward(
 
 @_reparam_backward.register_fake
 def _(grad, m, w, mask):
-    return (torch.empty_like(w) if m is not None else w.new_empty(_EMPTY_SHAPE)), torch.empty_like(w)
+    return _fake_grads(w, m, w)[1:]
 
 
 def _reparam_setup(ctx, inputs, output):
@@ -185,13 +197,12 @@ def _masked_linear_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     g_x, g_m, g_w = _run("masked_linear_bwd", x.device, w.dtype, grad_y, x, m, w, mask,
                          empty=x.numel() == 0 or w.numel() == 0)
-    return g_x, (g_m if g_m is not None else _empty_like(w)), g_w
+    return _grads_out(x, w, g_x, g_m, g_w)
 
 
 @_masked_linear_backward.register_fake
 def _(grad_y, x, m, w, mask):
-    g_m = torch.empty_like(w) if m is not None else w.new_empty(_EMPTY_SHAPE)
-    return torch.empty_like(x), g_m, torch.empty_like(w)
+    return _fake_grads(x, m, w)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -253,13 +264,12 @@ def _block_sparse_linear_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     g_x, g_m, g_w = _run("block_sparse_linear_bwd", x.device, w.dtype, grad_y, x, m, w, crow, col, row, ccol,
                          row_t, perm, block_n, block_k, empty=x.numel() == 0 or w.numel() == 0)
-    return g_x, (g_m if g_m is not None else _empty_like(w)), g_w
+    return _grads_out(x, w, g_x, g_m, g_w)
 
 
 @_block_sparse_linear_backward.register_fake
 def _(grad_y, x, m, w, crow, col, row, ccol, row_t, perm, block_n, block_k):
-    g_m = torch.empty_like(w) if m is not None else w.new_empty(_EMPTY_SHAPE)
-    return torch.empty_like(x), g_m, torch.empty_like(w)
+    return _fake_grads(x, m, w)
 
 
 def _bsl_setup(ctx, inputs, output):
@@ -330,16 +340,13 @@ def _compact_linear_backward(
     g_x, g_m, g_w = _run("compact_linear_bwd", x.device, w_values.dtype, grad_y, x, m_values, w_values, crow,
                          col, row, ccol, row_t, perm, out_features, in_features, needs_x_grad,
                          empty=x.numel() == 0 or out_features * in_features == 0)
-    return ((g_x if g_x is not None else _empty_like(x)), (g_m if g_m is not None else _empty_like(w_values)),
-            g_w)
+    return _grads_out(x, w_values, g_x, g_m, g_w)
 
 
 @_compact_linear_backward.register_fake
 def _(grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, out_features, in_features,
       needs_x_grad):
-    g_x = torch.empty_like(x) if needs_x_grad else x.new_empty(_EMPTY_SHAPE)
-    g_m = torch.empty_like(w_values) if m_values is not None else w_values.new_empty(_EMPTY_SHAPE)
-    return g_x, g_m, torch.empty_like(w_values)
+    return _fake_grads(x, m_values, w_values, needs_x_grad)
 
 
 def _cl_setup(ctx, inputs, output):
@@ -419,16 +426,13 @@ def _sparse_conv2d_backward(
     g_x, g_m, g_w = _run("sparse_conv2d_bwd", x.device, w_values.dtype, grad_y, x, m_values, w_values, crow,
                          col, row, ccol, row_t, perm, out_channels, kernel_h, kernel_w, stride_h, stride_w,
                          padding_h, padding_w, needs_x_grad, empty=x.numel() == 0 or out_channels == 0)
-    return ((g_x if g_x is not None else _empty_like(x)), (g_m if g_m is not None else _empty_like(w_values)),
-            g_w)
+    return _grads_out(x, w_values, g_x, g_m, g_w)
 
 
 @_sparse_conv2d_backward.register_fake
 def _(grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, out_channels, kernel_h, kernel_w,
       stride_h, stride_w, padding_h, padding_w, needs_x_grad):
-    g_x = torch.empty_like(x) if needs_x_grad else x.new_empty(_EMPTY_SHAPE)
-    g_m = torch.empty_like(w_values) if m_values is not None else w_values.new_empty(_EMPTY_SHAPE)
-    return g_x, g_m, torch.empty_like(w_values)
+    return _fake_grads(x, m_values, w_values, needs_x_grad)
 
 
 def _sc_setup(ctx, inputs, output):

@@ -38,34 +38,15 @@ def _registered() -> bool:
 
 def jit_build(verbose: bool = False) -> None:
     """Build and load the C++ extension with torch.utils.cpp_extension.load (cached between runs)."""
-    from torch.utils.cpp_extension import load
-
     be = _ext.build_ext_module()
-    build_dir = _ext.build_dir("sparse_engine_C")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    load(
-        name="sparse_engine_C_jit",
-        sources=[str(_ext.ROOT / s) for s in be.CPP_SOURCES],
-        extra_cflags=be.CXX_FLAGS,
-        extra_ldflags=be.LD_FLAGS,
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=verbose,
-    )
+    _ext.jit_load("sparse_engine_C_jit", _ext.build_dir("sparse_engine_C"), verbose,
+                  sources=[str(_ext.ROOT / s) for s in be.CPP_SOURCES], extra_cflags=be.CXX_FLAGS,
+                  extra_ldflags=be.LD_FLAGS)
 
 
-def _load() -> str | None:
-    """Load the ops; None on success, else the reason."""
-    return _ext.load(
-        "sparse_engine._C",
-        _registered,
-        jit_build,
-        "reinstall with a C++ compiler present (pip install --no-build-isolation -e .) "
-        "or set SPARSE_ENGINE_JIT=1 to build it at first use",
-    )
-
-
-UNAVAILABLE = _load()
+UNAVAILABLE = _ext.load("sparse_engine._C", _registered, jit_build,
+                        "reinstall with a C++ compiler present (pip install --no-build-isolation -e .) "
+                        "or set SPARSE_ENGINE_JIT=1 to build it at first use")
 if UNAVAILABLE:
     warnings.warn(f"sparse_engine: C++ backend unavailable, the reference serves CPU ops: {UNAVAILABLE}",
                   RuntimeWarning, stacklevel=2)

@@ -41,8 +41,6 @@ def _registered() -> bool:
 
 def jit_build(verbose: bool = False) -> None:
     """nvcc the .cu files, then build and load the binding with torch.utils.cpp_extension.load."""
-    from torch.utils.cpp_extension import load
-
     be = _ext.build_ext_module()
     nvcc = be.find_nvcc()
     if nvcc is None:
@@ -50,29 +48,14 @@ def jit_build(verbose: bool = False) -> None:
     build_dir = _ext.build_dir("sparse_engine_cuda")
     objs = be.compile_cuda_objects(nvcc, str(build_dir / "objects"))
     lib_dirs, libs = be.cuda_link_args(nvcc)
-    load(
-        name="sparse_engine_cuda_jit",
-        sources=[str(_ext.ROOT / be.CUDA_BINDING)],
-        extra_cflags=["-O2", "-g0"],
-        extra_include_paths=be.cuda_include_dirs(nvcc),
-        extra_ldflags=[*objs, *(f"-L{d}" for d in lib_dirs), *(f"-l{lib}" for lib in libs)],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=verbose,
-    )
+    _ext.jit_load("sparse_engine_cuda_jit", build_dir, verbose, sources=[str(_ext.ROOT / be.CUDA_BINDING)],
+                  extra_cflags=["-O2", "-g0"], extra_include_paths=be.cuda_include_dirs(nvcc),
+                  extra_ldflags=[*objs, *(f"-L{d}" for d in lib_dirs), *(f"-l{lib}" for lib in libs)])
 
 
-def _load() -> str | None:
-    return _ext.load(
-        "sparse_engine._cuda_C",
-        _registered,
-        jit_build,
-        "build it with SPARSE_ENGINE_CUDA=1 pip install --no-build-isolation -e . (needs nvcc) "
-        "or set SPARSE_ENGINE_JIT=1",
-    )
-
-
-UNAVAILABLE = _load()
+UNAVAILABLE = _ext.load("sparse_engine._cuda_C", _registered, jit_build,
+                        "build it with SPARSE_ENGINE_CUDA=1 pip install --no-build-isolation -e . (needs nvcc) "
+                        "or set SPARSE_ENGINE_JIT=1")
 if UNAVAILABLE:
     warnings.warn(f"sparse_engine: CUDA backend unavailable: {UNAVAILABLE}", RuntimeWarning, stacklevel=2)
 

@@ -47,6 +47,15 @@ def build_dir(name: str) -> Path:
     return Path(env.cache_dir()) / "torch_extensions" / f"{name}-torch{torch.__version__}"
 
 
+def jit_load(name: str, build_dir: Path, verbose: bool, **options) -> None:
+    """torch.utils.cpp_extension.load of a library that only registers ops (no Python module), built in
+    ``build_dir`` (kept between runs); ``options``: sources and flags."""
+    from torch.utils.cpp_extension import load as cpp_load
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_load(name=name, build_directory=str(build_dir), is_python_module=False, verbose=verbose, **options)
+
+
 def load(library: str, is_registered: Callable[[], bool], jit_build: Callable[[], None], hint: str) -> str | None:
     """Load ``library`` (a module name); None when its ops are registered, else why not.
 

@@ -120,18 +120,8 @@ def block_mask_from_index_ref(
 
 
 def block_sparse_linear_ref(
-    x: Tensor,
-    m: Tensor | None,
-    w: Tensor,
-    bias: Tensor | None,
-    crow: Tensor,
-    col: Tensor,
-    row: Tensor,
-    ccol: Tensor,
-    row_t: Tensor,
-    perm: Tensor,
-    block_n: int,
-    block_k: int,
+    x: Tensor, m: Tensor | None, w: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor, row: Tensor,
+    ccol: Tensor, row_t: Tensor, perm: Tensor, block_n: int, block_k: int,
 ) -> Tensor:
     """y = x θᵀ + b with θ = B ⊙ m ⊙ w, B the block mask of a BSRIndex (its six index tensors).
 
@@ -144,18 +134,8 @@ def block_sparse_linear_ref(
 
 
 def block_sparse_linear_backward_ref(
-    grad_y: Tensor,
-    x: Tensor,
-    m: Tensor | None,
-    w: Tensor,
-    crow: Tensor,
-    col: Tensor,
-    row: Tensor,
-    ccol: Tensor,
-    row_t: Tensor,
-    perm: Tensor,
-    block_n: int,
-    block_k: int,
+    grad_y: Tensor, x: Tensor, m: Tensor | None, w: Tensor, crow: Tensor, col: Tensor, row: Tensor,
+    ccol: Tensor, row_t: Tensor, perm: Tensor, block_n: int, block_k: int,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """(g_x, g_m, g_w); g_m and g_w are dense (N, K) and exactly zero outside the active blocks."""
     mask = block_mask_from_index_ref(row, col, tuple(w.shape), (block_n, block_k))
@@ -193,18 +173,8 @@ def _block_shape(values: Tensor) -> tuple[int, int]:
 
 
 def compact_linear_ref(
-    x: Tensor,
-    m_values: Tensor | None,
-    w_values: Tensor,
-    bias: Tensor | None,
-    crow: Tensor,
-    col: Tensor,
-    row: Tensor,
-    ccol: Tensor,
-    row_t: Tensor,
-    perm: Tensor,
-    out_features: int,
-    in_features: int,
+    x: Tensor, m_values: Tensor | None, w_values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor,
+    row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor, out_features: int, in_features: int,
 ) -> Tensor:
     """y = x θᵀ + b where θ holds m ⊙ w only at the active coordinates (CSR or BSR, see module doc).
 
@@ -218,18 +188,8 @@ def compact_linear_ref(
 
 
 def compact_linear_backward_ref(
-    grad_y: Tensor,
-    x: Tensor,
-    m_values: Tensor | None,
-    w_values: Tensor,
-    crow: Tensor,
-    col: Tensor,
-    row: Tensor,
-    ccol: Tensor,
-    row_t: Tensor,
-    perm: Tensor,
-    out_features: int,
-    in_features: int,
+    grad_y: Tensor, x: Tensor, m_values: Tensor | None, w_values: Tensor, crow: Tensor, col: Tensor,
+    row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor, out_features: int, in_features: int,
     needs_x_grad: bool = True,
 ) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """(g_x, g_m_values, g_w_values): dX by the transposed product, dθ only on the pattern (SDDMM).
@@ -258,23 +218,9 @@ def _conv_theta(m_values: Tensor | None, w_values: Tensor, row: Tensor, col: Ten
 
 
 def sparse_conv2d_ref(
-    x: Tensor,
-    m_values: Tensor | None,
-    w_values: Tensor,
-    bias: Tensor | None,
-    crow: Tensor,
-    col: Tensor,
-    row: Tensor,
-    ccol: Tensor,
-    row_t: Tensor,
-    perm: Tensor,
-    out_channels: int,
-    kernel_h: int,
-    kernel_w: int,
-    stride_h: int,
-    stride_w: int,
-    padding_h: int,
-    padding_w: int,
+    x: Tensor, m_values: Tensor | None, w_values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor,
+    row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor, out_channels: int, kernel_h: int, kernel_w: int,
+    stride_h: int, stride_w: int, padding_h: int, padding_w: int,
 ) -> Tensor:
     """y (B, O, Ho, Wo) = conv2d(x (B, C, H, W), θ) + b, zero padding, dilation 1, groups 1.
 
@@ -287,24 +233,9 @@ def sparse_conv2d_ref(
 
 
 def sparse_conv2d_backward_ref(
-    grad_y: Tensor,
-    x: Tensor,
-    m_values: Tensor | None,
-    w_values: Tensor,
-    crow: Tensor,
-    col: Tensor,
-    row: Tensor,
-    ccol: Tensor,
-    row_t: Tensor,
-    perm: Tensor,
-    out_channels: int,
-    kernel_h: int,
-    kernel_w: int,
-    stride_h: int,
-    stride_w: int,
-    padding_h: int,
-    padding_w: int,
-    needs_x_grad: bool = True,
+    grad_y: Tensor, x: Tensor, m_values: Tensor | None, w_values: Tensor, crow: Tensor, col: Tensor,
+    row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor, out_channels: int, kernel_h: int, kernel_w: int,
+    stride_h: int, stride_w: int, padding_h: int, padding_w: int, needs_x_grad: bool = True,
 ) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """(g_x, g_m_values, g_w_values): the transposed convolution, and dθ only on the pattern (SDDMM)
     with g_m = dθ ⊙ w, g_w = dθ ⊙ m. ``needs_x_grad=False`` returns None for g_x. (The bias gradient,
@@ -327,23 +258,9 @@ STEP_KINDS = ("sgd", "adamw")
 
 
 def fused_step_ref(
-    param: Tensor,
-    grad: Tensor,
-    buf1: Tensor | None,
-    buf2: Tensor | None,
-    mask: Tensor | None,
-    lr: Tensor,
-    step: int,
-    kind: str,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    alpha: float,
-    maximize: bool,
+    param: Tensor, grad: Tensor, buf1: Tensor | None, buf2: Tensor | None, mask: Tensor | None, lr: Tensor,
+    step: int, kind: str, momentum: float, dampening: float, nesterov: bool, beta1: float, beta2: float,
+    eps: float, weight_decay: float, alpha: float, maximize: bool,
 ) -> None:
     """One optimizer step on one tensor, in place on ``param``, ``buf1``, ``buf2``.
 
