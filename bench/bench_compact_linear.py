@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -40,6 +38,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import cpu_name, git_commit  # noqa: E402  (bench/, the script's folder)
 
 from sparse_engine import layout  # noqa: E402
 
@@ -52,24 +52,7 @@ BATCHES = (1, 16, 64, 256)
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cpus)"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return f"{cpu_name()} ({os.cpu_count()} cpus)"
 
 
 def loadavg() -> str:
@@ -138,7 +121,7 @@ def run(args) -> list[dict]:
         torch.set_num_threads(args.threads)
     layers = {k: v for k, v in LAYERS.items() if k in args.layers}
     info = dict(machine=machine() if device == "cpu" else torch.cuda.get_device_name(),
-                torch=torch.__version__, commit=commit(), threads=torch.get_num_threads(),
+                torch=torch.__version__, commit=git_commit(), threads=torch.get_num_threads(),
                 isa=backend.isa() if ours == "cpp" else "sm_%d%d" % torch.cuda.get_device_capability())
     print(f"# {info['machine']} | torch {info['torch']} | commit {info['commit']} | threads {info['threads']} | "
           f"{ours} kernels: {info['isa']} | load average {loadavg()}")

@@ -24,9 +24,7 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import sparse_engine
+from common import cpu_name, git_commit  # bench/, the script's folder
 from sparse_engine.ops import backends
 from sparse_engine.export import io
 from sparse_engine.export.extract import extract, reformat, report
@@ -133,20 +132,9 @@ def interleaved(fns: dict, budget_s: float, burst_s: float = 0.01) -> dict[str, 
 
 
 def machine() -> dict[str, str]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = ""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"machine": f"{cpu} ({torch.get_num_threads()} threads)", "torch": torch.__version__,
-            "sparse_engine": sparse_engine.__version__, "commit": commit,
-            "compact_backend": backends.select("compact_linear_fwd", torch.device("cpu"), torch.float32)[0],
+    return {"machine": f"{cpu_name()} ({torch.get_num_threads()} threads)", "torch": torch.__version__,
+            "sparse_engine": sparse_engine.__version__, "commit": git_commit(),
+            "compact_backend": backends.which("compact_linear_fwd", "cpu", torch.float32),
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 

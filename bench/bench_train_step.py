@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -310,12 +309,13 @@ def main(argv=None) -> None:
         provider, model, steps = args.worker
         print("RESULT " + json.dumps(worker(provider, model, int(steps), args.threads)))
         return
-    from bench_compact_linear import commit, loadavg, machine
+    from bench_compact_linear import loadavg, machine
+    from common import git_commit
 
     import torch
 
     models = ["mlp784"] if args.quick else args.models
-    info = dict(machine=machine(), torch=torch.__version__, commit=commit())
+    info = dict(machine=machine(), torch=torch.__version__, commit=git_commit())
     print(f"# {info['machine']} | torch {info['torch']} | commit {info['commit']} | load average {loadavg()}")
     rows = []
     for model in models:

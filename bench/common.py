@@ -199,7 +199,18 @@ class Registry:
 # ------------------------------------------------------------------------------------------ results
 
 
-def _git_commit() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        return cpu
+
+
+def git_commit() -> str:
+    """The checkout's short commit, with "-dirty" when tracked files are modified ("unknown" outside git)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
@@ -225,25 +236,16 @@ def environment(mode: str, device: str) -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    name = torch.cuda.get_device_name() if device == "cuda" else cpu
+    name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     return dict(
         mode=mode,
         device_name=name,
-        machine=f"{platform.node()} {cpu} ({os.cpu_count()} cpus)",
+        machine=f"{platform.node()} {cpu_name()} ({os.cpu_count()} cpus)",
         torch=torch.__version__,
         triton=triton_version,
         cuda=str(torch.version.cuda),
         python=platform.python_version(),
-        commit=_git_commit(),
+        commit=git_commit(),
         date=datetime.datetime.now().isoformat(timespec="seconds"),
     )
 

@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):  # run as a script from a checkout: the package, and bench/common.py
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch
 import torch.nn.functional as F
+from common import cpu_name, git_commit
 
 from sparse_engine.app import data as data_mod
 from sparse_engine.diagnostics import layer_stats
@@ -62,20 +63,7 @@ def seeds_of(args) -> list[int]:
 
 
 def environment() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(check=False, args=["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    cpu, commit = cpu_name(), git_commit()
     try:
         load = list(os.getloadavg())
     except OSError:

@@ -16,20 +16,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from _common import (
-    TrainConfig,
-    dataset,
-    environment,
-    exceeds_spread,
-    log,
-    mean_std,
-    parser,
-    pyplot,
-    run,
-    save_fig,
-    seeds_of,
-    write_json,
-)
+from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run,
+                     save_fig, seeds_of, write_json)
 from torch import nn
 
 from sparse_engine.masks import magnitude_masks

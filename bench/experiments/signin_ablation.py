@@ -14,20 +14,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from _common import (
-    TrainConfig,
-    dataset,
-    environment,
-    exceeds_spread,
-    log,
-    mean_std,
-    parser,
-    pyplot,
-    run,
-    save_fig,
-    seeds_of,
-    write_json,
-)
+from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run,
+                     save_fig, seeds_of, write_json)
 
 #: condition -> (method, TrainConfig overrides)
 CONDITIONS = {

@@ -15,20 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from _common import (
-    TrainConfig,
-    dataset,
-    environment,
-    exceeds_spread,
-    log,
-    mean_std,
-    parser,
-    pyplot,
-    run,
-    save_fig,
-    seeds_of,
-    write_json,
-)
+from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run,
+                     save_fig, seeds_of, write_json)
 
 #: model -> (n_train, n_test, epochs, batch, lr): sized to fit the CPU budget (subsets of Fashion-MNIST).
 SETTINGS = {"mlp": (20000, 10000, 10, 128, 0.05), "cnn": (2000, 1000, 3, 128, 0.05)}

@@ -14,20 +14,8 @@ makes θ easier to prune). Writes wd_switchoff.json and wd_switchoff.png.
 from __future__ import annotations
 
 import torch
-from _common import (
-    TrainConfig,
-    dataset,
-    environment,
-    exceeds_spread,
-    log,
-    mean_std,
-    parser,
-    pyplot,
-    run,
-    save_fig,
-    seeds_of,
-    write_json,
-)
+from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run,
+                     save_fig, seeds_of, write_json)
 from pilot_oneshot import pruned_accuracy, weights
 
 from sparse_engine.optim import parameterizations

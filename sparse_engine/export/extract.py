@@ -262,12 +262,17 @@ def extract(
             fmt = format.get(name, "auto") if isinstance(format, dict) else format
             built[name] = _extract_layer(name, mod, thetas[name], masks[name], fmt, shapes.get(name), batch_sizes,
                                          block_shape, margin)
-    for name, new in built.items():
+    return _replace(out, built)
+
+
+def _replace(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
+    """``model`` with each named submodule replaced (the name "" replaces the model itself), in eval mode."""
+    for name, new in layers.items():
         if name:
-            out.set_submodule(name, new)
+            model.set_submodule(name, new)
         else:
-            out = new
-    return out.eval()
+            model = new
+    return model.eval()
 
 
 def _extract_layer(name: str, mod: nn.Module, theta: Tensor, mask: Tensor | None, fmt: str,
@@ -343,7 +348,8 @@ def extract_dense(model: nn.Module) -> nn.Module:
     nn.Linear / nn.Conv1d / nn.Conv2d becomes a dense InferLinear / InferConv* with the same weights, every
     weight kept (even one that is 0.0), so that save, load and bench-infer treat it as an extracted model."""
     kinds = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
-    for name, mod in list(model.named_modules()):
+    built: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
         kind = kinds.get(type(mod))
         if kind is None:
             continue
@@ -353,11 +359,8 @@ def extract_dense(model: nn.Module) -> nn.Module:
         new = _build(kind, w, every, bias, "dense", _conv_args(mod) if kind != "linear" else None, (32, 32))
         new.extract_info = {"format": "dense", "reason": "trained dense (nothing pruned)", "density": 1.0,
                             "times": {}}
-        if name:
-            model.set_submodule(name, new)
-        else:
-            model = new
-    return model.eval()
+        built[name] = new
+    return _replace(model, built)
 
 
 def reformat(
@@ -392,12 +395,7 @@ def reformat(
             fmt = format.get(name, "auto") if isinstance(format, dict) else format
             built[name] = _extract_layer(name, mod, mod.dense_weight(), mod.mask(), fmt, shapes.get(name),
                                          batch_sizes, block_shape, margin)
-    for name, new in built.items():
-        if name:
-            out.set_submodule(name, new)
-        else:
-            out = new
-    return out.eval()
+    return _replace(out, built)
 
 
 def _check_format_arg(format) -> None:

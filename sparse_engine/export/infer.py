@@ -93,13 +93,8 @@ class InferModule(nn.Module):
     # ------------------------------------------------------------------------------- construction
 
     def _init_storage(
-        self,
-        theta: Tensor,
-        mask: Tensor | None,
-        bias: Tensor | None,
-        format: str,
-        block_shape: tuple[int, int] | None = None,
-        nm: tuple[int, int] = (2, 4),
+        self, theta: Tensor, mask: Tensor | None, bias: Tensor | None, format: str,
+        block_shape: tuple[int, int] | None = None, nm: tuple[int, int] = (2, 4),
     ) -> None:
         """θ: dense, weight's shape. mask: bool of θ's shape (None: θ != 0 in bits, -0.0 kept)."""
         _check_format(format)
@@ -422,13 +417,8 @@ class InferLinear(InferModule):
     """y = x θᵀ + b with θ (out_features, in_features) in ``format``. x: (..., in) -> (..., out)."""
 
     def __init__(
-        self,
-        theta: Tensor,
-        bias: Tensor | None = None,
-        format: str = "dense",
-        mask: Tensor | None = None,
-        block_shape: tuple[int, int] | None = None,
-        nm: tuple[int, int] = (2, 4),
+        self, theta: Tensor, bias: Tensor | None = None, format: str = "dense", mask: Tensor | None = None,
+        block_shape: tuple[int, int] | None = None, nm: tuple[int, int] = (2, 4),
     ) -> None:
         super().__init__()
         if theta.dim() != 2:
@@ -456,19 +446,9 @@ class _InferConvNd(InferModule):
     _nd: int = 2
 
     def __init__(
-        self,
-        theta: Tensor,
-        bias: Tensor | None = None,
-        format: str = "dense",
-        mask: Tensor | None = None,
-        *,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        padding_mode: str = "zeros",
-        block_shape: tuple[int, int] | None = None,
-        nm: tuple[int, int] = (2, 4),
+        self, theta: Tensor, bias: Tensor | None = None, format: str = "dense", mask: Tensor | None = None, *,
+        stride=1, padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros",
+        block_shape: tuple[int, int] | None = None, nm: tuple[int, int] = (2, 4),
     ) -> None:
         super().__init__()
         nd = self._nd

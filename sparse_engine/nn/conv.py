@@ -62,15 +62,8 @@ class _SparseConvNd(SparseModule):
         self._setup_conv(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
         )
-        density = self._configure(
-            kind=kind,
-            density=density,
-            mask=mask,
-            beta=beta,
-            layout=layout,
-            block_shape=block_shape,
-            seed=seed,
-        )
+        density = self._configure(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
+                                  block_shape=block_shape, seed=seed)
         weight = self._init_weights(bias, device, dtype)
         self._build_param(weight, self._make_mask(mask, density, weight.device))
         self._register_hooks()
@@ -162,19 +155,8 @@ class _SparseConvNd(SparseModule):
     def to_dense(self) -> nn.Module:
         """The plain torch convolution with weight θ = M ⊙ m ⊙ w (same options, device, dtype)."""
         theta = self.theta().detach()
-        out = self._dense_cls(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.bias is not None,
-            self.padding_mode,
-            device=theta.device,
-            dtype=theta.dtype,
-        )
+        out = self._dense_cls(*self._geometry(), self.bias is not None, self.padding_mode, device=theta.device,
+                              dtype=theta.dtype)
         with torch.no_grad():
             out.weight.copy_(theta)
             if self.bias is not None:
@@ -185,17 +167,13 @@ class _SparseConvNd(SparseModule):
     def _empty_copy(self):
         obj = type(self).__new__(type(self))
         SparseModule.__init__(obj)
-        obj._setup_conv(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.padding_mode,
-        )
+        obj._setup_conv(*self._geometry(), self.padding_mode)
         return self._configure_copy(obj)
+
+    def _geometry(self) -> tuple:
+        """in_channels, out_channels, kernel_size, stride, padding, dilation, groups: torch's argument order."""
+        return (self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                self.groups)
 
     # ---------------------------------------------------------------------------------- forward
 

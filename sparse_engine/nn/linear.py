@@ -560,15 +560,8 @@ class SparseLinear(SparseModule):
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         self.weight_shape = (out_features, in_features)
-        density = self._configure(
-            kind=kind,
-            density=density,
-            mask=mask,
-            beta=beta,
-            layout=layout,
-            block_shape=block_shape,
-            seed=seed,
-        )
+        density = self._configure(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
+                                  block_shape=block_shape, seed=seed)
         factory = {"device": device, "dtype": dtype}
         # Same calls in the same order as nn.Linear.reset_parameters: same values for the same RNG state.
         weight = torch.empty(self.weight_shape, **factory)

@@ -124,9 +124,11 @@ def _check_input(x: Tensor, w: Tensor, in_features: int, bias: Tensor | None, ou
         _check_tensor("bias", bias, shape=(out_features,), dtype=w.dtype, device=w.device)
 
 
-def _flatten(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+def _on_rows(op, x: Tensor, n: int, *args) -> Tensor:
+    """``op(x2, *args)`` on the rows of ``x`` (leading dims flattened: x2 is (B, K), contiguous), the result
+    (B, n) shaped back to (..., n)."""
     lead = tuple(x.shape[:-1])
-    return x.reshape(-1, x.shape[-1]), lead
+    return op(x.reshape(-1, x.shape[-1]).contiguous(), *args).reshape(*lead, n)
 
 
 # ------------------------------------------------------------------------------------------ reparam
@@ -233,9 +235,7 @@ def masked_linear(
     x, m, w, bias = _autocast(x, m, w, bias)
     _check_factors(m, w, mask)
     _check_input(x, w, w.shape[1], bias, w.shape[0])
-    x2, lead = _flatten(x)
-    y = _masked_linear(x2.contiguous(), _c(m), w.contiguous(), _c(mask), _c(bias))
-    return y.reshape(*lead, w.shape[0])
+    return _on_rows(_masked_linear, x, w.shape[0], _c(m), w.contiguous(), _c(mask), _c(bias))
 
 
 # ------------------------------------------------------------------------------ block_sparse_linear
@@ -306,9 +306,8 @@ def block_sparse_linear(x: Tensor, m: Tensor | None, w: Tensor, index, bias: Ten
     if tuple(index.shape) != tuple(w.shape):
         raise ValueError(f"index must describe a {tuple(w.shape)} weight, got shape {tuple(index.shape)}")
     bn, bk = index.block_shape
-    x2, lead = _flatten(x)
-    y = _block_sparse_linear(x2.contiguous(), _c(m), w.contiguous(), _c(bias), *_index_tensors(index), bn, bk)
-    return y.reshape(*lead, w.shape[0])
+    return _on_rows(_block_sparse_linear, x, w.shape[0], _c(m), w.contiguous(), _c(bias), *_index_tensors(index),
+                    bn, bk)
 
 
 # ----------------------------------------------------------------------------------- compact_linear
@@ -384,10 +383,8 @@ def compact_linear(
     _check_factors(m_values, w_values, None, w_dim=None, w_name="w_values", m_name="m_values")
     _check_tensor("w_values", w_values, shape=expect)
     _check_input(x, w_values, k, bias, n)
-    x2, lead = _flatten(x)
-    y = _compact_linear(x2.contiguous(), _c(m_values), w_values.contiguous(), _c(bias),
-                        *_index_tensors(index), n, k)
-    return y.reshape(*lead, n)
+    return _on_rows(_compact_linear, x, n, _c(m_values), w_values.contiguous(), _c(bias), *_index_tensors(index),
+                    n, k)
 
 
 # ------------------------------------------------------------------------------------ sparse_conv2d
