@@ -68,41 +68,8 @@ class Case:
         return (i.crow, i.col, i.row, i.ccol, i.row_t, i.perm, self.block, self.block)
 
 
-@REGISTRY.add("dense", "torch F.linear, dense weight (cuBLAS), autograd")
-def _dense(c: Case, pass_: str):
-    import torch.nn.functional as F
-
-    w = c.w.detach().clone().requires_grad_(True)
-    x = c.x.detach().clone().requires_grad_(pass_ != "fwd")
-    if pass_ == "fwd":
-        return lambda: F.linear(x, w)
-
-    def run():
-        w.grad = x.grad = None
-        F.linear(x, w).backward(c.gy)
-
-    return run
-
-
-@REGISTRY.add("naive", "theta = m * w * block_mask, F.linear, autograd")
-def _naive(c: Case, pass_: str):
-    import torch.nn.functional as F
-
-    m = c.m.detach().clone().requires_grad_(True)
-    w = c.w.detach().clone().requires_grad_(True)
-    x = c.x.detach().clone().requires_grad_(True)
-
-    def fwd():
-        return F.linear(x, m * w * c.mask)
-
-    if pass_ == "fwd":
-        return fwd
-
-    def run():
-        m.grad = w.grad = x.grad = None
-        fwd().backward(c.gy)
-
-    return run
+REGISTRY.add("dense", "torch F.linear, dense weight (cuBLAS), autograd")(common.linear_dense)
+REGISTRY.add("naive", "theta = m * w * block_mask, F.linear, autograd")(common.linear_naive)
 
 
 @REGISTRY.add("torch_bsr", "F.linear(x, theta.to_sparse_bsr(block)), forward only, conversion untimed")

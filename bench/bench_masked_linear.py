@@ -56,42 +56,8 @@ class Case:
         self.gy = common.rand(t, n, dtype=dtype, device=device)
 
 
-@REGISTRY.add("dense", "torch F.linear, dense weight (cuBLAS), autograd")
-def _dense(c: Case, pass_: str):
-    import torch.nn.functional as F
-
-    w = c.w.detach().clone().requires_grad_(True)
-    x = c.x.detach().clone().requires_grad_(pass_ != "fwd")
-    if pass_ == "fwd":
-        return lambda: F.linear(x, w)
-
-    def run():
-        w.grad = x.grad = None
-        F.linear(x, w).backward(c.gy)
-
-    return run
-
-
-@REGISTRY.add("naive", "theta = m * w * mask in the forward, F.linear, autograd")
-def _naive(c: Case, pass_: str):
-    import torch.nn.functional as F
-
-    m = c.m.detach().clone().requires_grad_(True)
-    w = c.w.detach().clone().requires_grad_(True)
-    x = c.x.detach().clone().requires_grad_(True)
-    mask = c.mask
-
-    def fwd():
-        return F.linear(x, m * w * mask)
-
-    if pass_ == "fwd":
-        return fwd
-
-    def run():
-        m.grad = w.grad = x.grad = None
-        fwd().backward(c.gy)
-
-    return run
+REGISTRY.add("dense", "torch F.linear, dense weight (cuBLAS), autograd")(common.linear_dense)
+REGISTRY.add("naive", "theta = m * w * mask in the forward, F.linear, autograd")(common.linear_naive)
 
 
 @REGISTRY.add("reparam_cublas", "sparse_engine reparam kernels + cuBLAS GEMMs")

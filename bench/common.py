@@ -196,6 +196,44 @@ class Registry:
         return "\n".join(f"  {p.name:<16} {p.doc}" for p in self)
 
 
+def linear_dense(c, pass_: str):
+    """Baseline provider of the linear benchmarks: F.linear on a dense weight ``c.w`` (cuBLAS / MKL),
+    autograd; ``pass_`` "fwd" or forward + backward of ``c.gy``."""
+    import torch.nn.functional as F
+
+    w = c.w.detach().clone().requires_grad_(True)
+    x = c.x.detach().clone().requires_grad_(pass_ != "fwd")
+    if pass_ == "fwd":
+        return lambda: F.linear(x, w)
+
+    def run():
+        w.grad = x.grad = None
+        F.linear(x, w).backward(c.gy)
+
+    return run
+
+
+def linear_naive(c, pass_: str):
+    """What a user writes without the engine: θ = m * w * mask built in the forward, F.linear, autograd."""
+    import torch.nn.functional as F
+
+    m = c.m.detach().clone().requires_grad_(True)
+    w = c.w.detach().clone().requires_grad_(True)
+    x = c.x.detach().clone().requires_grad_(True)
+
+    def fwd():
+        return F.linear(x, m * w * c.mask)
+
+    if pass_ == "fwd":
+        return fwd
+
+    def run():
+        m.grad = w.grad = x.grad = None
+        fwd().backward(c.gy)
+
+    return run
+
+
 # ------------------------------------------------------------------------------------------ results
 
 

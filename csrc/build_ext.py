@@ -10,7 +10,7 @@ No ``-march=native``: the build must run on any x86-64 (CI, other machines). The
 compiled three times instead (cpu/isa_{base,avx2,avx512}.cpp, each under its own ``#pragma GCC target``)
 and picked at run time from what the CPU supports.
 
-CUDA: ``sparse_engine._cuda_C``, a split build (BUILD-NOTES §4(a)): each cuda/*.cu (no torch headers) is
+CUDA: ``sparse_engine._cuda_C``, a split build: each cuda/*.cu (no torch headers) is
 compiled by nvcc into an object, and the objects are linked with the static CUDA runtime into a plain
 C++ extension around cuda_binding.cpp. It builds and imports with a CPU-only torch as well.
 """

@@ -1,11 +1,11 @@
 // The CUDA ops of sparse_engine: TORCH_LIBRARY(sparse_engine_cuda) around the launchers of cuda/*.cu.
 //
 // Only ATen/c10 CPU headers are used (no c10/cuda, no libtorch_cuda at link time), so this file builds
-// against any torch, CPU-only included (BUILD-NOTES §4(a)). Consequences:
+// against any torch, CPU-only included (the split build of csrc/build_ext.py). Consequences:
 // * the caller passes the CUDA stream as an integer (torch.cuda.current_stream().cuda_stream);
 // * outputs and transposed copies are allocated through the dispatcher (torch's CUDA allocator);
 // * the launchers select the tensors' device themselves.
-// sparse_engine/_cuda.py maps the reference signatures onto these schemas.
+// sparse_engine/ops/_cuda.py maps the reference signatures onto these schemas.
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
@@ -21,29 +21,18 @@
 #include <vector>
 
 #include "cuda/kernels.h"
+#include "messages.h"
 
 namespace {
 
 using at::Tensor;
 using c10::optional;
 
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-
-// Numbers and shapes enter error messages as strings made here, never through std::ostream's numeric
-// insertion (c10::str): on the GPU image (torch 2.11 wheel, extension built by Ubuntu's GCC 13.3) an
-// integer formatted into a TORCH_CHECK message from an extension segfaulted, while strings and dtypes
-// did not. std::to_string / snprintf need no C++ locale.
-std::string num(int64_t v) { return std::to_string(v); }
-std::string real(double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.17g", v);
-  return buf;
-}
-std::string shape(at::IntArrayRef s) {
-  std::string out = "(";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + (s.size() == 1 ? ",)" : ")");
-}
+// error-message helpers (messages.h): numbers and shapes as strings, the int32 index range
+using se_msg::check_int32_dim;
+using se_msg::num;
+using se_msg::real;
+using se_msg::shape;
 
 cudaStream_t as_stream(int64_t s) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(s)); }
 
@@ -213,11 +202,6 @@ Tensor index_tensor(const Tensor& t, const Tensor& ref, const char* name, int64_
   TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == numel, name, " must be 1-D with ", num(numel), " entries, got shape ",
                     shape(t.sizes()));
   return t.contiguous();
-}
-
-void check_int32_dim(int64_t v, const char* name) {
-  TORCH_CHECK_VALUE(v >= 0 && v <= kInt32Max, name, " = ", num(v), " is outside the int32 index range [0, ", num(kInt32Max),
-                    "]: compact layouts index with int32; split the layer or keep it dense");
 }
 
 Csr check_csr(const optional<Tensor>& m_values, const Tensor& w_values, const Tensor& crow, const Tensor& col,

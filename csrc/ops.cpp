@@ -1,9 +1,9 @@
 // The C++ (CPU) ops of sparse_engine: one TORCH_LIBRARY(sparse_engine_C) schema file.
 //
-// Each op takes exactly the arguments of its reference in sparse_engine/reference.py (see
-// sparse_engine/_cpp.py, which maps the Python signatures onto these schemas). This file only checks
+// Each op takes exactly the arguments of its reference in sparse_engine/ops/reference.py (see
+// sparse_engine/ops/_cpp.py, which maps the Python signatures onto these schemas). This file only checks
 // arguments and allocates; the kernels (csrc/cpu/*.cpp) see raw pointers. Namespace `sparse_engine_C`
-// because `sparse_engine` belongs to the Python custom ops (sparse_engine/ops.py) that dispatch to us.
+// because `sparse_engine` belongs to the Python custom ops (sparse_engine/ops/__init__.py) that dispatch to us.
 //
 // Index structures are checked cheaply here (dtypes, sizes, compressed pointers: O(rows)); every
 // col entry is range-checked inside the kernels as it is read, so a corrupt index
@@ -24,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "messages.h"
 #include "cpu/kernels.h"
 #include "cpu/sparse_conv.h"
 
@@ -32,23 +33,11 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-
-// Numbers and shapes enter error messages as strings made here, never through std::ostream's numeric
-// insertion (c10::str): on one GPU image (torch 2.11 wheel, extension built by Ubuntu's GCC 13.3) an
-// integer formatted into a TORCH_CHECK message from an extension segfaulted, while strings and dtypes
-// did not. std::to_string / snprintf need no C++ locale.
-std::string num(int64_t v) { return std::to_string(v); }
-std::string real(double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.17g", v);
-  return buf;
-}
-std::string shape(at::IntArrayRef s) {
-  std::string out = "(";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + (s.size() == 1 ? ",)" : ")");
-}
+// error-message helpers (messages.h): numbers and shapes as strings, the int32 index range
+using se_msg::check_int32_dim;
+using se_msg::num;
+using se_msg::real;
+using se_msg::shape;
 
 se_cpu::Dtype dtype_of(const Tensor& t, const char* name) {
   if (t.scalar_type() == at::kFloat) return se_cpu::kFloat32;
@@ -76,11 +65,6 @@ void check_mask(const optional<Tensor>& mask, const Tensor& ref, const char* ref
   TORCH_CHECK_VALUE(mask->scalar_type() == at::kBool, "mask must be torch.bool, got ", mask->scalar_type());
   TORCH_CHECK_VALUE(mask->sizes() == ref.sizes(), "mask must have the shape of ", ref_name, " ", shape(ref.sizes()),
                     ", got ", shape(mask->sizes()));
-}
-
-void check_int32_dim(int64_t v, const char* name) {
-  TORCH_CHECK_VALUE(v >= 0 && v <= kInt32Max, name, " = ", num(v), " is outside the int32 index range [0, ",
-                    num(kInt32Max), "]: compact layouts index with int32; split the layer or keep it dense");
 }
 
 Tensor index_tensor(const Tensor& t, const char* name, int64_t numel) {

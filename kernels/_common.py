@@ -386,3 +386,14 @@ def ew_at(FLAT: tl.constexpr, r, c, s0, s1):
 
 def strides_2d(t: torch.Tensor | None) -> tuple[int, int]:
     return (0, 0) if t is None else (t.stride(0), t.stride(1))
+
+
+def strides(dims: str, order: tuple[int, int] = (0, 1), **tensors: torch.Tensor | None) -> dict[str, int]:
+    """A kernel's stride arguments of 2-D tensors, named ``s_<name><dim>``:
+    ``strides("mk", x=x)`` -> ``{"s_xm": x.stride(0), "s_xk": x.stride(1)}``. ``order``: the tensor dim of
+    each name dim (``(1, 0)``: a transposed view); a None tensor gets strides 0 (the kernel never reads it)."""
+    out = {}
+    for name, t in tensors.items():
+        st = strides_2d(t)
+        out.update({f"s_{name}{d}": st[i] for d, i in zip(dims, order)})
+    return out

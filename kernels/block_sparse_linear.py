@@ -26,22 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    SUPPORTED_DTYPES,
-    Launch,
-    autotune,
-    cast_out,
-    check_device,
-    check_dtype,
-    check_same,
-    check_tile_offsets,
-    dot_precision,
-    next_pow2,
-    ordered_args,
-    small_problem_config,
-    tile_ptrs,
-    upcast_flag,
-)
+from ._common import (SUPPORTED_DTYPES, autotune, cast_out, check_device, check_dtype, check_same,
+                      check_tile_offsets, dot_precision, Launch, next_pow2, ordered_args,
+                      small_problem_config, strides, tile_ptrs, upcast_flag)
 
 __all__ = ["block_sparse_linear_fwd", "block_sparse_linear_bwd", "SUPPORTED_DTYPES"]
 
@@ -420,29 +407,10 @@ def prepare_fwd(x, m, w, bias, crow, col, row, ccol, row_t, block_n, block_k, co
     y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
     dm = m if m is not None else w
     args = dict(
-        x_ptr=x,
-        m_ptr=dm,
-        w_ptr=w,
-        bias_ptr=bias.contiguous() if bias is not None else w,
-        y_ptr=y,
-        crow_ptr=crow,
-        col_ptr=col,
-        M=bsz,
-        N=n,
-        K=k,
-        s_xm=x.stride(0),
-        s_xk=x.stride(1),
-        s_mn=dm.stride(0),
-        s_mk=dm.stride(1),
-        s_wn=w.stride(0),
-        s_wk=w.stride(1),
-        s_ym=y.stride(0),
-        s_yn=y.stride(1),
-        has_bias=int(bias is not None),
-        HAS_M=m is not None,
-        UPCAST=upcast_flag(),
-        PREC=dot_precision(w.dtype),
-        **_block_consts(block_n, block_k, w.dtype, "k"),
+        x_ptr=x, m_ptr=dm, w_ptr=w, bias_ptr=bias.contiguous() if bias is not None else w, y_ptr=y,
+        crow_ptr=crow, col_ptr=col, M=bsz, N=n, K=k, **strides("mk", x=x), **strides("nk", m=dm, w=w),
+        **strides("mn", y=y), has_bias=int(bias is not None), HAS_M=m is not None, UPCAST=upcast_flag(),
+        PREC=dot_precision(w.dtype), **_block_consts(block_n, block_k, w.dtype, "k"),
     )
     nbr = -(-n // block_n)
     grid = lambda meta: (triton.cdiv(bsz, meta["BLOCK_M"]), nbr)
@@ -462,27 +430,9 @@ def prepare_dx(grad_y, m, w, crow, col, row, ccol, row_t, block_n, block_k, conf
     g_x = torch.empty(bsz, k, dtype=w.dtype, device=w.device)
     dm = m if m is not None else w
     args = dict(
-        dy_ptr=grad_y,
-        m_ptr=dm,
-        w_ptr=w,
-        dx_ptr=g_x,
-        ccol_ptr=ccol,
-        row_t_ptr=row_t,
-        M=bsz,
-        N=n,
-        K=k,
-        s_dym=grad_y.stride(0),
-        s_dyn=grad_y.stride(1),
-        s_mn=dm.stride(0),
-        s_mk=dm.stride(1),
-        s_wn=w.stride(0),
-        s_wk=w.stride(1),
-        s_dxm=g_x.stride(0),
-        s_dxk=g_x.stride(1),
-        HAS_M=m is not None,
-        UPCAST=upcast_flag(),
-        PREC=dot_precision(w.dtype),
-        **_block_consts(block_n, block_k, w.dtype, "n"),
+        dy_ptr=grad_y, m_ptr=dm, w_ptr=w, dx_ptr=g_x, ccol_ptr=ccol, row_t_ptr=row_t, M=bsz, N=n, K=k,
+        **strides("mn", dy=grad_y), **strides("nk", m=dm, w=w), **strides("mk", dx=g_x), HAS_M=m is not None,
+        UPCAST=upcast_flag(), PREC=dot_precision(w.dtype), **_block_consts(block_n, block_k, w.dtype, "n"),
     )
     nbc = -(-k // block_k)
     grid = lambda meta: (triton.cdiv(bsz, meta["BLOCK_M"]), nbc)
@@ -508,31 +458,10 @@ def prepare_dtheta(grad_y, x, m, w, crow, col, row, ccol, row_t, block_n, block_
         check_tile_offsets(name, t, MAX_BLOCK)
     dm = m if m is not None else w
     args = dict(
-        dy_ptr=grad_y,
-        x_ptr=x,
-        m_ptr=dm,
-        w_ptr=w,
-        gm_ptr=g_m if g_m is not None else g_w,
-        gw_ptr=g_w,
-        row_ptr=row,
-        col_ptr=col,
-        M=x.shape[0],
-        N=n,
-        K=k,
-        s_dym=grad_y.stride(0),
-        s_dyn=grad_y.stride(1),
-        s_xm=x.stride(0),
-        s_xk=x.stride(1),
-        s_mn=dm.stride(0),
-        s_mk=dm.stride(1),
-        s_wn=w.stride(0),
-        s_wk=w.stride(1),
-        s_gn=g_w.stride(0),
-        s_gk=g_w.stride(1),
-        HAS_M=m is not None,
-        UPCAST=upcast_flag(),
-        PREC=dot_precision(w.dtype),
-        **_block_consts(block_n, block_k, w.dtype, None),
+        dy_ptr=grad_y, x_ptr=x, m_ptr=dm, w_ptr=w, gm_ptr=g_m if g_m is not None else g_w, gw_ptr=g_w,
+        row_ptr=row, col_ptr=col, M=x.shape[0], N=n, K=k, **strides("mn", dy=grad_y), **strides("mk", x=x),
+        **strides("nk", m=dm, w=w, g=g_w), HAS_M=m is not None, UPCAST=upcast_flag(),
+        PREC=dot_precision(w.dtype), **_block_consts(block_n, block_k, w.dtype, None),
     )
     grid = (col.numel(),)
     config = small_problem_config(

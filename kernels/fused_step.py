@@ -50,23 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    SUPPORTED_DTYPES,
-    Launch,
-    all_contiguous,
-    as_2d,
-    cast_out,
-    check_device,
-    check_dtype,
-    check_mask,
-    elementwise_config,
-    elementwise_grid,
-    ew_at,
-    ew_offsets,
-    factorize,
-    strides_2d,
-    upcast_flag,
-)
+from ._common import (SUPPORTED_DTYPES, Launch, all_contiguous, as_2d, cast_out, check_device, check_dtype,
+                      check_mask, elementwise_config, elementwise_grid, ew_at, ew_offsets, factorize,
+                      strides_2d, upcast_flag)
 
 __all__ = ["SUPPORTED_DTYPES", "fused_step", "fused_step_multi", "fused_step_signin"]
 
@@ -367,21 +353,9 @@ def prepare(param, grad, buf1, buf2, mask, lr, hp: _Hyper, config=None):
     for name, t in (("p", p2), ("g", g2), ("b1", b12), ("b2", b22), ("q", q2)):
         strides[f"s_{name}0"], strides[f"s_{name}1"] = strides_2d(t)
     args = dict(
-        p_ptr=p2,
-        g_ptr=g2,
-        b1_ptr=_or(b12, p2),
-        b2_ptr=_or(b22, p2),
-        mask_ptr=_or(q2, p2),
-        lr_ptr=lr_t,
-        numel=param.numel(),
-        rows=rows,
-        cols=cols,
-        **strides,
-        wd=float(hp.weight_decay),
-        two_alpha=2.0 * float(hp.alpha),
-        **hp.kernel_args,
-        HAS_MASK=mask is not None,
-        FLAT=flat,
+        p_ptr=p2, g_ptr=g2, b1_ptr=_or(b12, p2), b2_ptr=_or(b22, p2), mask_ptr=_or(q2, p2), lr_ptr=lr_t,
+        numel=param.numel(), rows=rows, cols=cols, **strides, wd=float(hp.weight_decay),
+        two_alpha=2.0 * float(hp.alpha), **hp.kernel_args, HAS_MASK=mask is not None, FLAT=flat,
     )
     grid = elementwise_grid(flat, param.numel(), rows, cols)
     return Launch(_fused_step_kernel, grid, args, config or elementwise_config()), copies
@@ -563,14 +537,8 @@ def prepare_multi(params, grads, buf1s, buf2s, masks, lr, hp: _Hyper, block=None
         dev = [t.to(device, non_blocking=True) if device.type == "cuda" else t for t in host]
         names = ("table_ptr", "numel_ptr", "prog_tensor_ptr", "prog_start_ptr", "wd_ptr", "two_alpha_ptr")
         args = dict(
-            zip(names, dev),
-            lr_ptr=lr_t,
-            **hp.kernel_args,
-            P_DTYPE=_TL_DTYPE[pdt],
-            B1_DTYPE=_TL_DTYPE[b1dt],
-            B2_DTYPE=_TL_DTYPE[b2dt],
-            ALIGNED=aligned,
-            BLOCK=block,
+            zip(names, dev), lr_ptr=lr_t, **hp.kernel_args, P_DTYPE=_TL_DTYPE[pdt], B1_DTYPE=_TL_DTYPE[b1dt],
+            B2_DTYPE=_TL_DTYPE[b2dt], ALIGNED=aligned, BLOCK=block,
         )
         cfg = triton.Config({}, num_warps=8 if block >= 2048 else 4, num_stages=1)
         launches.append(Launch(_fused_step_multi_kernel, (int(blocks.sum()),), args, cfg))
@@ -718,24 +686,11 @@ def prepare_signin(
     if not all_contiguous(m, w, g_m, g_w, mask, mb1, wb1, mb2, wb2):
         raise ValueError("m, w, their grads, state and mask must be contiguous for fused_step_signin")
     args = dict(
-        m_ptr=m,
-        w_ptr=w,
-        gm_ptr=g_m,
-        gw_ptr=g_w,
-        mb1_ptr=_or(mb1, w),
-        mb2_ptr=_or(mb2, w),
-        wb1_ptr=_or(wb1, w),
-        wb2_ptr=_or(wb2, w),
-        mask_ptr=_or(mask, w),
-        lr_ptr=_lr_on(lr, w.device),
-        numel=w.numel(),
-        half_beta=0.5 * float(beta or 0.0),
-        wd=float(hp.weight_decay),
-        two_alpha=2.0 * float(hp.alpha),
-        **hp.kernel_args,
-        reset=int(beta is not None),
-        state=RESET_STATES.index(state),
-        HAS_MASK=mask is not None,
+        m_ptr=m, w_ptr=w, gm_ptr=g_m, gw_ptr=g_w, mb1_ptr=_or(mb1, w), mb2_ptr=_or(mb2, w),
+        wb1_ptr=_or(wb1, w), wb2_ptr=_or(wb2, w), mask_ptr=_or(mask, w), lr_ptr=_lr_on(lr, w.device),
+        numel=w.numel(), half_beta=0.5 * float(beta or 0.0), wd=float(hp.weight_decay),
+        two_alpha=2.0 * float(hp.alpha), **hp.kernel_args, reset=int(beta is not None),
+        state=RESET_STATES.index(state), HAS_MASK=mask is not None,
     )
     # the flat layout only: the config's 2-D tile sizes are no parameters of this kernel
     cfg = config or elementwise_config()

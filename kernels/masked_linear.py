@@ -27,22 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    SUPPORTED_DTYPES,
-    Launch,
-    autotune,
-    cast_out,
-    check_device,
-    check_dtype,
-    check_mask,
-    check_same,
-    check_tile_offsets,
-    dot_precision,
-    ordered_args,
-    small_problem_config,
-    tile_ptrs,
-    upcast_flag,
-)
+from ._common import (SUPPORTED_DTYPES, autotune, cast_out, check_device, check_dtype, check_mask, check_same,
+                      check_tile_offsets, dot_precision, Launch, ordered_args, small_problem_config, strides,
+                      tile_ptrs, upcast_flag)
 
 __all__ = ["masked_linear_fwd", "masked_linear_bwd", "SUPPORTED_DTYPES"]
 
@@ -356,15 +343,8 @@ def _theta_args(m, w, mask, r_dim: int) -> dict:
     dummy_m = m if m is not None else w
     dummy_q = mask if mask is not None else w
     return dict(
-        m_ptr=dummy_m,
-        w_ptr=w,
-        mask_ptr=dummy_q,
-        s_mr=dummy_m.stride(r_dim),
-        s_mq=dummy_m.stride(q_dim),
-        s_wr=w.stride(r_dim),
-        s_wq=w.stride(q_dim),
-        s_qr=dummy_q.stride(r_dim),
-        s_qq=dummy_q.stride(q_dim),
+        m_ptr=dummy_m, w_ptr=w, mask_ptr=dummy_q,
+        **strides("rq", order=(r_dim, q_dim), m=dummy_m, w=w, q=dummy_q),
     )
 
 
@@ -379,21 +359,9 @@ def prepare_fwd(x, m, w, mask, bias, config: triton.Config | None = None) -> tup
     bsz = x.shape[0]
     y = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
     args = dict(
-        a_ptr=x,
-        bias_ptr=bias.contiguous() if bias is not None else w,
-        out_ptr=y,
-        P=bsz,
-        Q=n,
-        R=k,
-        s_ap=x.stride(0),
-        s_ar=x.stride(1),
-        s_op=y.stride(0),
-        s_oq=y.stride(1),
-        has_bias=int(bias is not None),
-        HAS_M=m is not None,
-        HAS_MASK=mask is not None,
-        UPCAST=upcast_flag(),
-        PREC=dot_precision(w.dtype),
+        a_ptr=x, bias_ptr=bias.contiguous() if bias is not None else w, out_ptr=y, P=bsz, Q=n, R=k,
+        **strides("pr", a=x), **strides("pq", o=y), has_bias=int(bias is not None), HAS_M=m is not None,
+        HAS_MASK=mask is not None, UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
     )
     args.update(_theta_args(m, w, mask, r_dim=1))
     config = small_problem_config(config, bsz * n * k, MM_SMALL[w.element_size()])
@@ -412,21 +380,9 @@ def prepare_dx(grad_y, m, w, mask, config: triton.Config | None = None) -> tuple
     bsz = grad_y.shape[0]
     g_x = torch.empty(bsz, k, dtype=w.dtype, device=w.device)
     args = dict(
-        a_ptr=grad_y,
-        bias_ptr=w,
-        out_ptr=g_x,
-        P=bsz,
-        Q=k,
-        R=n,
-        s_ap=grad_y.stride(0),
-        s_ar=grad_y.stride(1),
-        s_op=g_x.stride(0),
-        s_oq=g_x.stride(1),
-        has_bias=0,
-        HAS_M=m is not None,
-        HAS_MASK=mask is not None,
-        UPCAST=upcast_flag(),
-        PREC=dot_precision(w.dtype),
+        a_ptr=grad_y, bias_ptr=w, out_ptr=g_x, P=bsz, Q=k, R=n, **strides("pr", a=grad_y),
+        **strides("pq", o=g_x), has_bias=0, HAS_M=m is not None, HAS_MASK=mask is not None,
+        UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
     )
     args.update(_theta_args(m, w, mask, r_dim=0))
     config = small_problem_config(config, bsz * n * k, MM_SMALL[w.element_size()])
@@ -454,34 +410,10 @@ def prepare_dtheta(grad_y, x, m, w, mask, config: triton.Config | None = None):
     dq = mask if mask is not None else w
     dgm = g_m if g_m is not None else g_w
     args = dict(
-        dy_ptr=grad_y,
-        x_ptr=x,
-        m_ptr=dm,
-        w_ptr=w,
-        mask_ptr=dq,
-        gm_ptr=dgm,
-        gw_ptr=g_w,
-        N=n,
-        K=k,
-        B=x.shape[0],
-        s_dyb=grad_y.stride(0),
-        s_dyn=grad_y.stride(1),
-        s_xb=x.stride(0),
-        s_xk=x.stride(1),
-        s_mn=dm.stride(0),
-        s_mk=dm.stride(1),
-        s_wn=w.stride(0),
-        s_wk=w.stride(1),
-        s_qn=dq.stride(0),
-        s_qk=dq.stride(1),
-        s_gmn=dgm.stride(0),
-        s_gmk=dgm.stride(1),
-        s_gwn=g_w.stride(0),
-        s_gwk=g_w.stride(1),
-        HAS_M=m is not None,
-        HAS_MASK=mask is not None,
-        UPCAST=upcast_flag(),
-        PREC=dot_precision(w.dtype),
+        dy_ptr=grad_y, x_ptr=x, m_ptr=dm, w_ptr=w, mask_ptr=dq, gm_ptr=dgm, gw_ptr=g_w, N=n, K=k,
+        B=x.shape[0], **strides("bn", dy=grad_y), **strides("bk", x=x),
+        **strides("nk", m=dm, w=w, q=dq, gm=dgm, gw=g_w), HAS_M=m is not None, HAS_MASK=mask is not None,
+        UPCAST=upcast_flag(), PREC=dot_precision(w.dtype),
     )
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)
     config = small_problem_config(config, x.shape[0] * n * k, DT_SMALL[w.element_size()])

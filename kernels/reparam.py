@@ -20,23 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    SUPPORTED_DTYPES,
-    Launch,
-    all_contiguous,
-    as_2d,
-    cast_out,
-    check_device,
-    check_dtype,
-    check_mask,
-    check_same,
-    elementwise_config,
-    elementwise_grid,
-    ew_at,
-    ew_offsets,
-    strides_2d,
-    upcast_flag,
-)
+from ._common import (SUPPORTED_DTYPES, all_contiguous, as_2d, cast_out, check_device, check_dtype,
+                      check_mask, check_same, elementwise_config, elementwise_grid, ew_at, ew_offsets, Launch,
+                      strides, upcast_flag)
 
 __all__ = ["reparam_fwd", "reparam_bwd", "SUPPORTED_DTYPES"]
 
@@ -161,25 +147,9 @@ def prepare_fwd(
     m2, w2, q2, o2 = (None if t is None else as_2d(t) for t in (m, w, mask, out))
     rows, cols = w2.shape
     args = dict(
-        m_ptr=w2 if m2 is None else m2,
-        w_ptr=w2,
-        mask_ptr=w2 if q2 is None else q2,
-        out_ptr=o2,
-        numel=w.numel(),
-        rows=rows,
-        cols=cols,
-        s_m0=strides_2d(m2)[0],
-        s_m1=strides_2d(m2)[1],
-        s_w0=w2.stride(0),
-        s_w1=w2.stride(1),
-        s_q0=strides_2d(q2)[0],
-        s_q1=strides_2d(q2)[1],
-        s_o0=o2.stride(0),
-        s_o1=o2.stride(1),
-        HAS_M=m is not None,
-        HAS_MASK=mask is not None,
-        FLAT=flat,
-        UPCAST=upcast_flag(),
+        m_ptr=w2 if m2 is None else m2, w_ptr=w2, mask_ptr=w2 if q2 is None else q2, out_ptr=o2,
+        numel=w.numel(), rows=rows, cols=cols, **strides("01", m=m2, w=w2, q=q2, o=o2), HAS_M=m is not None,
+        HAS_MASK=mask is not None, FLAT=flat, UPCAST=upcast_flag(),
     )
     cfg = config or elementwise_config()
     return Launch(_reparam_fwd_kernel, elementwise_grid(flat, w.numel(), rows, cols), args, cfg), out
@@ -206,31 +176,10 @@ def prepare_bwd(
     g2, m2, w2, q2, gm2, gw2 = (None if t is None else as_2d(t) for t in (grad, m, w, mask, g_m, g_w))
     rows, cols = w2.shape
     args = dict(
-        g_ptr=g2,
-        m_ptr=w2 if m2 is None else m2,
-        w_ptr=w2,
-        mask_ptr=w2 if q2 is None else q2,
-        gm_ptr=gw2 if gm2 is None else gm2,
-        gw_ptr=gw2,
-        numel=w.numel(),
-        rows=rows,
-        cols=cols,
-        s_g0=g2.stride(0),
-        s_g1=g2.stride(1),
-        s_m0=strides_2d(m2)[0],
-        s_m1=strides_2d(m2)[1],
-        s_w0=w2.stride(0),
-        s_w1=w2.stride(1),
-        s_q0=strides_2d(q2)[0],
-        s_q1=strides_2d(q2)[1],
-        s_gm0=strides_2d(gm2)[0],
-        s_gm1=strides_2d(gm2)[1],
-        s_gw0=gw2.stride(0),
-        s_gw1=gw2.stride(1),
-        HAS_M=m is not None,
-        HAS_MASK=mask is not None,
-        FLAT=flat,
-        UPCAST=upcast_flag(),
+        g_ptr=g2, m_ptr=w2 if m2 is None else m2, w_ptr=w2, mask_ptr=w2 if q2 is None else q2,
+        gm_ptr=gw2 if gm2 is None else gm2, gw_ptr=gw2, numel=w.numel(), rows=rows, cols=cols,
+        **strides("01", g=g2, m=m2, w=w2, q=q2, gm=gm2, gw=gw2), HAS_M=m is not None,
+        HAS_MASK=mask is not None, FLAT=flat, UPCAST=upcast_flag(),
     )
     cfg = config or elementwise_config()
     return Launch(_reparam_bwd_kernel, elementwise_grid(flat, w.numel(), rows, cols), args, cfg), (g_m, g_w)

@@ -16,24 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    SUPPORTED_DTYPES,
-    Launch,
-    all_contiguous,
-    as_2d,
-    cast_out,
-    check_device,
-    check_dtype,
-    check_mask,
-    check_same,
-    elementwise_config,
-    elementwise_grid,
-    ew_at,
-    ew_offsets,
-    factorize,
-    strides_2d,
-    upcast_flag,
-)
+from ._common import (SUPPORTED_DTYPES, all_contiguous, as_2d, cast_out, check_device, check_dtype,
+                      check_mask, check_same, elementwise_config, elementwise_grid, ew_at, ew_offsets,
+                      factorize, Launch, strides, upcast_flag)
 
 __all__ = ["signin_reset", "SUPPORTED_DTYPES"]
 
@@ -98,26 +83,9 @@ def prepare(m, w, mask, beta, config=None):
     m2, w2, q2, o2 = (None if t is None else as_2d(t) for t in (m, w, mask, new_m))
     rows, cols = w2.shape
     args = dict(
-        m_ptr=m2,
-        w_ptr=w2,
-        mask_ptr=w2 if q2 is None else q2,
-        m_out_ptr=o2,
-        w_out_ptr=as_2d(new_w),
-        numel=w.numel(),
-        rows=rows,
-        cols=cols,
-        half_beta=0.5 * beta,
-        s_m0=m2.stride(0),
-        s_m1=m2.stride(1),
-        s_w0=w2.stride(0),
-        s_w1=w2.stride(1),
-        s_q0=strides_2d(q2)[0],
-        s_q1=strides_2d(q2)[1],
-        s_o0=o2.stride(0),
-        s_o1=o2.stride(1),
-        HAS_MASK=mask is not None,
-        FLAT=flat,
-        UPCAST=upcast_flag(),
+        m_ptr=m2, w_ptr=w2, mask_ptr=w2 if q2 is None else q2, m_out_ptr=o2, w_out_ptr=as_2d(new_w),
+        numel=w.numel(), rows=rows, cols=cols, half_beta=0.5 * beta, **strides("01", m=m2, w=w2, q=q2, o=o2),
+        HAS_MASK=mask is not None, FLAT=flat, UPCAST=upcast_flag(),
     )
     launch = Launch(
         _signin_reset_kernel,

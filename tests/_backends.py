@@ -13,6 +13,8 @@ bf16): ``pytest -m gpu`` runs only the latter, on a GPU machine.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from typing import Iterable, Iterator
 
 import pytest
@@ -107,3 +109,41 @@ def assert_zero_where(t: torch.Tensor | None, off: torch.Tensor | None, what: st
         return
     bad = int((t.detach()[off] != 0).sum())
     assert bad == 0, f"{what}: {bad} pruned coordinates are not exactly zero"
+
+
+def require_cpp_extension(cpp) -> None:
+    """Skip when there is no C++ compiler and no prebuilt extension; fail when a compiler is present
+    but ``cpp`` (sparse_engine.ops._cpp) says the extension is unavailable."""
+    if cpp.UNAVAILABLE:
+        if shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++"):
+            pytest.fail(f"a C++ compiler is present but the C++ extension is unavailable: {cpp.UNAVAILABLE}")
+        pytest.skip(f"no C++ compiler and no prebuilt extension: {cpp.UNAVAILABLE}")
+
+
+def check_compact_linear_kernel(mod, close, x, m, w, bias, gy, fields, n: int, k: int, dtype) -> tuple:
+    """A compiled backend ``mod``'s compact_linear_fwd / _bwd against the float64 reference: y and every
+    gradient through ``close(actual, expected, magnitude, dtype, what)`` (magnitude: the reference on
+    absolute values), no g_m without m, and without dX the very same weight gradients. Returns
+    (g_x, g_m, g_w)."""
+    from sparse_engine.ops import reference as R
+
+    up = (lambda t: None if t is None else t.double())
+    ab = (lambda t: None if t is None else t.double().abs())
+    y = mod.compact_linear_fwd(x, m, w, bias, *fields, n, k)
+    y_ref = R.compact_linear_ref(x.double(), up(m), w.double(), up(bias), *fields, n, k)
+    close(y, y_ref, R.compact_linear_ref(ab(x), ab(m), ab(w), ab(bias), *fields, n, k), dtype, "y")
+    g_x, g_m, g_w = mod.compact_linear_bwd(gy, x, m, w, *fields, n, k)
+    r_x, r_m, r_w = R.compact_linear_backward_ref(gy.double(), x.double(), up(m), w.double(), *fields, n, k)
+    a_x, a_m, a_w = R.compact_linear_backward_ref(ab(gy), ab(x), ab(m), ab(w), *fields, n, k)
+    close(g_x, r_x, a_x, dtype, "g_x")
+    close(g_w, r_w, a_w, dtype, "g_w_values")
+    if m is not None:
+        close(g_m, r_m, a_m, dtype, "g_m_values")
+    else:
+        assert g_m is None
+    # without dX (the first layer): no g_x, and the weight gradients are the very same numbers
+    n_x, n_m, n_w = mod.compact_linear_bwd(gy, x, m, w, *fields, n, k, needs_x_grad=False)
+    assert n_x is None
+    assert torch.equal(n_w, g_w), "g_w_values differs with needs_x_grad=False"
+    assert (n_m is None) if m is None else torch.equal(n_m, g_m), "g_m_values differs with needs_x_grad=False"
+    return g_x, g_m, g_w

@@ -7,30 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _backends import (
-    BACKENDS,
-    DENSITIES,
-    DEVICE_DTYPES,
-    assert_zero_where,
-    grads,
-    leaf,
-    over_backends,
-    randn,
-    require,
-    run_on,
-    upcast_leaf,
-)
+from _backends import (BACKENDS, DENSITIES, DEVICE_DTYPES, assert_zero_where, grads, leaf, over_backends,
+                       randn, require, run_on, upcast_leaf)
 from _tolerances import assert_close, linear_terms_scale
 
 from sparse_engine.ops import backends
 from sparse_engine import ops
 from sparse_engine.layout import BSRIndex, CSRIndex
-from sparse_engine.ops.reference import (
-    block_mask_from_index_ref,
-    block_sparse_linear_backward_ref,
-    block_sparse_linear_ref,
-    masked_linear_ref,
-)
+from sparse_engine.ops.reference import (block_mask_from_index_ref, block_sparse_linear_backward_ref,
+                                         block_sparse_linear_ref, masked_linear_ref)
 
 IMPLS = ("block_sparse_linear_fwd", "block_sparse_linear_bwd")
 

@@ -8,30 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _backends import (
-    BACKENDS,
-    DEVICE_DTYPES,
-    assert_zero_where,
-    grads,
-    leaf,
-    make_mask,
-    over_backends,
-    randn,
-    require,
-    run_on,
-)
+from _backends import (BACKENDS, DEVICE_DTYPES, assert_zero_where, grads, leaf, make_mask, over_backends,
+                       randn, require, run_on)
 from _tolerances import assert_close, linear_terms_scale
 
 from sparse_engine.ops import backends
 from sparse_engine import ops
 from sparse_engine.layout import BSRIndex, CSRIndex
-from sparse_engine.ops.reference import (
-    compact_linear_backward_ref,
-    compact_linear_ref,
-    compact_to_dense_ref,
-    dense_to_compact_ref,
-    masked_linear_ref,
-)
+from sparse_engine.ops.reference import (compact_linear_backward_ref, compact_linear_ref,
+                                         compact_to_dense_ref, dense_to_compact_ref, masked_linear_ref)
 
 IMPLS = ("compact_linear_fwd", "compact_linear_bwd")
 

@@ -12,7 +12,6 @@ C++ compiler is present (a broken build must not pass CI as skips) and skip, say
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,15 +24,14 @@ from sparse_engine import layout, ops
 
 from _tolerances import assert_close
 
+from _backends import check_compact_linear_kernel, require_cpp_extension  # noqa: E402
+
 _cpp = pytest.importorskip("sparse_engine.ops._cpp", reason="sparse_engine.ops._cpp failed to import")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _need_extension():
-    if _cpp.UNAVAILABLE:
-        if shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++"):
-            pytest.fail(f"a C++ compiler is present but the C++ extension is unavailable: {_cpp.UNAVAILABLE}")
-        pytest.skip(f"no C++ compiler and no prebuilt extension: {_cpp.UNAVAILABLE}")
+    require_cpp_extension(_cpp)
     yield
 
 
@@ -107,27 +105,8 @@ def _check_compact_linear(n, k, b, density, block, dtype, *, use_m=True, use_bia
     bias = torch.randn(n, dtype=dtype) if use_bias else None
     x = torch.randn(b, k, dtype=dtype)
     gy = torch.randn(b, n, dtype=dtype)
-    f = _fields(idx)
-    up = (lambda t: None if t is None else t.double())
-    ab = (lambda t: None if t is None else t.double().abs())
-    y = _cpp.compact_linear_fwd(x, m, w, bias, *f, n, k)
-    y_ref = R.compact_linear_ref(x.double(), up(m), w.double(), up(bias), *f, n, k)
-    y_abs = R.compact_linear_ref(ab(x), ab(m), ab(w), ab(bias), *f, n, k)
-    _assert_sums_close(y, y_ref, y_abs, dtype, "y")
-    g_x, g_m, g_w = _cpp.compact_linear_bwd(gy, x, m, w, *f, n, k)
-    r_x, r_m, r_w = R.compact_linear_backward_ref(gy.double(), x.double(), up(m), w.double(), *f, n, k)
-    a_x, a_m, a_w = R.compact_linear_backward_ref(ab(gy), ab(x), ab(m), ab(w), *f, n, k)
-    _assert_sums_close(g_x, r_x, a_x, dtype, "g_x")
-    _assert_sums_close(g_w, r_w, a_w, dtype, "g_w_values")
-    if use_m:
-        _assert_sums_close(g_m, r_m, a_m, dtype, "g_m_values")
-    else:
-        assert g_m is None
-    # without dX (first layer): no g_x, and the weight gradients are the very same numbers
-    n_x, n_m, n_w = _cpp.compact_linear_bwd(gy, x, m, w, *f, n, k, needs_x_grad=False)
-    assert n_x is None
-    assert torch.equal(n_w, g_w), "g_w_values differs with needs_x_grad=False"
-    assert (n_m is None) if not use_m else torch.equal(n_m, g_m), "g_m_values differs with needs_x_grad=False"
+    _, _, g_w = check_compact_linear_kernel(_cpp, _assert_sums_close, x, m, w, bias, gy, _fields(idx), n, k,
+                                            dtype)
     if block is not None and w.numel():
         # gradients of the zero padding of edge blocks are exactly zero
         pad = idx.gather(torch.ones(idx.shape, dtype=dtype)) == 0

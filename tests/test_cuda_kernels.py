@@ -16,6 +16,7 @@ import torch
 from sparse_engine.ops import backends, reference as R
 from sparse_engine import layout
 
+from _backends import check_compact_linear_kernel
 from _tolerances import assert_close
 
 pytestmark = pytest.mark.gpu
@@ -71,26 +72,7 @@ def _check_linear(cu, n, k, b, density, dtype, *, use_m=True, use_bias=True, emp
     bias = torch.randn(n, dtype=dtype, device=dev) if use_bias else None
     x = torch.randn(b, k, dtype=dtype, device=dev)
     gy = torch.randn(b, n, dtype=dtype, device=dev)
-    f = _fields(idx)
-    up = (lambda t: None if t is None else t.double())
-    ab = (lambda t: None if t is None else t.double().abs())
-    y = cu.compact_linear_fwd(x, m, w, bias, *f, n, k)
-    y_ref = R.compact_linear_ref(x.double(), up(m), w.double(), up(bias), *f, n, k)
-    _close(y, y_ref, R.compact_linear_ref(ab(x), ab(m), ab(w), ab(bias), *f, n, k), dtype, "y")
-    g_x, g_m, g_w = cu.compact_linear_bwd(gy, x, m, w, *f, n, k)
-    r_x, r_m, r_w = R.compact_linear_backward_ref(gy.double(), x.double(), up(m), w.double(), *f, n, k)
-    a_x, a_m, a_w = R.compact_linear_backward_ref(ab(gy), ab(x), ab(m), ab(w), *f, n, k)
-    _close(g_x, r_x, a_x, dtype, "g_x")
-    _close(g_w, r_w, a_w, dtype, "g_w_values")
-    if use_m:
-        _close(g_m, r_m, a_m, dtype, "g_m_values")
-    else:
-        assert g_m is None
-    # without dX (first layer): the dX launch is skipped and the SDDMM gives the very same numbers
-    n_x, n_m, n_w = cu.compact_linear_bwd(gy, x, m, w, *f, n, k, needs_x_grad=False)
-    assert n_x is None
-    assert torch.equal(n_w, g_w), "g_w_values differs with needs_x_grad=False"
-    assert (n_m is None) if not use_m else torch.equal(n_m, g_m), "g_m_values differs with needs_x_grad=False"
+    check_compact_linear_kernel(cu, _close, x, m, w, bias, gy, _fields(idx), n, k, dtype)
     assert cu.index_errors() == 0
 
 

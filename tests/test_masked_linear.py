@@ -7,20 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _backends import (
-    BACKENDS,
-    DENSITIES,
-    DEVICE_DTYPES,
-    assert_zero_where,
-    grads,
-    leaf,
-    make_mask,
-    over_backends,
-    randn,
-    require,
-    run_on,
-    upcast_leaf,
-)
+from _backends import (BACKENDS, DENSITIES, DEVICE_DTYPES, assert_zero_where, grads, leaf, make_mask,
+                       over_backends, randn, require, run_on, upcast_leaf)
 from _tolerances import assert_close, linear_terms_scale
 
 from sparse_engine.ops import backends

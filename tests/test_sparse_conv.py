@@ -12,8 +12,6 @@ of the absolute values (a tolerance relative to max|expected| would fail spuriou
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
 
 import pytest
 import torch
@@ -25,15 +23,14 @@ from sparse_engine.ops import reference as R
 from sparse_engine.layout import BSRIndex, CSRIndex
 from sparse_engine.nn import SparseConv1d, SparseConv2d
 
+from _backends import require_cpp_extension  # noqa: E402
+
 _cpp = pytest.importorskip("sparse_engine.ops._cpp", reason="sparse_engine.ops._cpp failed to import")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _need_extension():
-    if _cpp.UNAVAILABLE:
-        if shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++"):
-            pytest.fail(f"a C++ compiler is present but the C++ extension is unavailable: {_cpp.UNAVAILABLE}")
-        pytest.skip(f"no C++ compiler and no prebuilt extension: {_cpp.UNAVAILABLE}")
+    require_cpp_extension(_cpp)
     yield
 
 

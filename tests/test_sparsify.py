@@ -12,32 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_engine import diagnostics
+from sparse_engine.app.models import BasicBlock as Block  # conv-bn-relu, conv-bn, (projected) residual, relu
 from sparse_engine.nn import SparseConv2d, SparseLinear, SparsifyReport, sparsify
 from sparse_engine.nn.linear import SparseModule, is_block_aligned
 
 
 def mlp():
     return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 7))
-
-
-class Block(nn.Module):
-    """conv-bn-relu, conv-bn, plus a (projected) residual, then relu."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
-            )
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
 
 
 class SmallResNet(nn.Module):

@@ -200,6 +200,16 @@ def pyplot():
     return plt
 
 
+def finish(args, out: dict, plot: Callable, table: Callable | None, png: str) -> int:
+    """The end of an experiment: its figure, ``plot(plt, out, path)`` (not with --no-plot or without
+    matplotlib), and its table on stdout."""
+    if not args.no_plot and (plt := pyplot()) is not None:
+        plot(plt, out, args.out / png)
+    if table is not None:
+        print(table(out))
+    return 0
+
+
 def save_fig(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)  # small PNGs: they are committed

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run,
+from _common import (TrainConfig, dataset, environment, exceeds_spread, finish, log, mean_std, parser, run,
                      save_fig, seeds_of, write_json)
 from torch import nn
 
@@ -117,10 +117,7 @@ def main(argv=None) -> int:
                                for s in out["summary"][other] if s != "unpruned"}
                        for other in ("dense+prune", "spred (b=0) a=1e-3")}
     write_json(path, out)
-    if not args.no_plot:
-        plot(out, args.out / "pilot_oneshot.png")
-    print(table(out))
-    return 0
+    return finish(args, out, plot, table, "pilot_oneshot.png")
 
 
 def table(out: dict) -> str:
@@ -133,10 +130,7 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(out: dict, path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
+def plot(plt, out: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xs = [100 * s for s in out["sparsities"]]
     for name, s in out["summary"].items():

@@ -14,7 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run,
+from _common import (TrainConfig, dataset, environment, exceeds_spread, finish, log, mean_std, parser, run,
                      save_fig, seeds_of, write_json)
 
 #: condition -> (method, TrainConfig overrides)
@@ -86,10 +86,7 @@ def main(argv=None) -> int:
             write_json(path, out)
     summarize(out, names)
     write_json(path, out)
-    if not args.no_plot:
-        plot(out, args.out / f"{args.name}.png")
-    print(table(out))
-    return 0
+    return finish(args, out, plot, table, f"{args.name}.png")
 
 
 def merge(args) -> int:
@@ -107,10 +104,7 @@ def merge(args) -> int:
                 out["runs"].append(r)
     summarize(out, list(out["conditions"]))
     write_json(args.out / f"{args.name}.json", out)
-    if not args.no_plot:
-        plot(out, args.out / f"{args.name}.png")
-    print(table(out))
-    return 0
+    return finish(args, out, plot, table, f"{args.name}.png")
 
 
 def summarize(out: dict, names: list[str]) -> None:
@@ -144,10 +138,7 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(out: dict, path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
+def plot(plt, out: dict, path) -> None:
     names = list(out["summary"])
     ms = [out["summary"][n]["test_acc"]["mean"] for n in names]
     ss = [out["summary"][n]["test_acc"]["std"] for n in names]

@@ -15,7 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run,
+from _common import (TrainConfig, dataset, environment, exceeds_spread, finish, log, mean_std, parser, run,
                      save_fig, seeds_of, write_json)
 
 #: model -> (n_train, n_test, epochs, batch, lr): sized to fit the CPU budget (subsets of Fashion-MNIST).
@@ -74,10 +74,7 @@ def main(argv=None) -> int:
                     write_json(path, out)  # partial results survive an interrupted run
             summarize(out, model, sparsity)
             write_json(path, out)
-    if not args.no_plot:
-        plot(out, args.out / f"{args.name}.png")
-    print(table(out))
-    return 0
+    return finish(args, out, plot, table, f"{args.name}.png")
 
 
 def merge(args) -> int:
@@ -95,10 +92,7 @@ def merge(args) -> int:
         for sparsity in sorted({r["sparsity"] for r in out["runs"] if r["model"] == model}):
             summarize(out, model, sparsity)
     write_json(args.out / f"{args.name}.json", out)
-    if not args.no_plot:
-        plot(out, args.out / f"{args.name}.png")
-    print(table(out))
-    return 0
+    return finish(args, out, plot, table, f"{args.name}.png")
 
 
 def summarize(out: dict, model: str, sparsity: float) -> None:
@@ -127,10 +121,7 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(out: dict, path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
+def plot(plt, out: dict, path) -> None:
     models = list(out["settings"])
     fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 7), squeeze=False)
     for j, model in enumerate(models):

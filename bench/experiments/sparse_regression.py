@@ -18,7 +18,7 @@ Writes sparse_regression.json and sparse_regression.png.
 from __future__ import annotations
 
 import torch
-from _common import environment, exceeds_spread, log, mean_std, parser, pyplot, save_fig, seeds_of, write_json
+from _common import environment, exceeds_spread, finish, log, mean_std, parser, save_fig, seeds_of, write_json
 
 from sparse_engine.optim import SGD, AlphaSchedule
 from sparse_engine.param import Parameterization
@@ -107,8 +107,7 @@ def main(argv=None) -> int:
             for name in VARIANTS if not name.startswith("pilot")}
     path = args.out / "sparse_regression.json"
     write_json(path, out)
-    if not args.no_plot:
-        plot(out, args.out / "sparse_regression.png")
+    finish(args, out, plot, None, "sparse_regression.png")
     for k, s in out["summary"].items():
         if "rel_error" in s:
             print(f"{k:<45} rel error {s['rel_error']['mean']:.4f} ± {s['rel_error']['std']:.4f}  "
@@ -116,10 +115,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def plot(out: dict, path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
+def plot(plt, out: dict, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, signs in zip(axes, SIGNS):
         for i, name in enumerate(out["variants"]):

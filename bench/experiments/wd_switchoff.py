@@ -14,7 +14,7 @@ makes θ easier to prune). Writes wd_switchoff.json and wd_switchoff.png.
 from __future__ import annotations
 
 import torch
-from _common import (TrainConfig, dataset, environment, exceeds_spread, log, mean_std, parser, pyplot, run,
+from _common import (TrainConfig, dataset, environment, exceeds_spread, finish, log, mean_std, parser, run,
                      save_fig, seeds_of, write_json)
 from pilot_oneshot import pruned_accuracy, weights
 
@@ -83,10 +83,7 @@ def main(argv=None) -> int:
                                  "pruned_acc_exceeds_spread": exceeds_spread(s["pruned_acc"], c["pruned_acc"])}
                           for name, s in out["summary"].items() if name != "constant"}
     write_json(path, out)
-    if not args.no_plot:
-        plot(out, args.out / "wd_switchoff.png")
-    print(table(out))
-    return 0
+    return finish(args, out, plot, table, "wd_switchoff.png")
 
 
 def table(out: dict) -> str:
@@ -99,10 +96,7 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(out: dict, path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
+def plot(plt, out: dict, path) -> None:
     names = list(out["summary"])
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, label in ((axes[0], "test_acc", "test accuracy %"), (axes[1], "pruned_acc",
