@@ -62,29 +62,8 @@ class Case:
         self.nbytes = self.numel * (2 * es + es + 2 * n_state * ss + 1)
 
     def hyper(self):
-        if self.kind == "sgd":
-            return dict(
-                momentum=MOMENTUM,
-                dampening=0.0,
-                nesterov=False,
-                beta1=0.9,
-                beta2=0.999,
-                eps=1e-8,
-                weight_decay=WD,
-                alpha=0.0,
-                maximize=False,
-            )
-        return dict(
-            momentum=0.0,
-            dampening=0.0,
-            nesterov=False,
-            beta1=0.9,
-            beta2=0.999,
-            eps=1e-8,
-            weight_decay=WD,
-            alpha=0.0,
-            maximize=False,
-        )
+        return dict(momentum=MOMENTUM if self.kind == "sgd" else 0.0, dampening=0.0, nesterov=False, beta1=0.9,
+                    beta2=0.999, eps=1e-8, weight_decay=WD, alpha=0.0, maximize=False)
 
 
 def _torch_optimizer(c: Case, **extra):

@@ -101,6 +101,18 @@ def _masks(sizes, torch):
     return out
 
 
+def _module_step(model, opt, loss_fn):
+    """One training step of ``model`` with ``opt``: zero the gradients, forward, loss, backward, update."""
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
 def build(provider: str, sizes, torch):
     """(step function, tensors to count as training state)."""
     import torch.nn.functional as F
@@ -116,12 +128,7 @@ def build(provider: str, sizes, torch):
         model = nn.Sequential(*[m for k, n in zip(sizes[:-1], sizes[1:]) for m in (nn.Linear(k, n), nn.ReLU())][:-1])
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
-        def step(x, y):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
+        step = _module_step(model, opt, loss_fn)
 
         return step, lambda: [*model.parameters(), *(p.grad for p in model.parameters()),
                               *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))]
@@ -161,12 +168,7 @@ def build(provider: str, sizes, torch):
         model = nn.Sequential(*layers[:-1])
         opt = SGD(model, lr=LR, momentum=MOMENTUM, weight_decay=WD)
 
-        def step(x, y):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
+        step = _module_step(model, opt, loss_fn)
 
         def state():
             tensors = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters())]

@@ -90,6 +90,10 @@ def _speedup(plt, rows: list[dict], bench: str, path: Path) -> Path | None:
         ax.grid(alpha=0.3, which="both")
     dev = rows[0].get("device_name", "")
     fig.suptitle(f"{bench} on {dev} ({rows[0].get('mode', '')}, commit {rows[0].get('commit', '')})", fontsize=9)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=75)
@@ -131,11 +135,7 @@ def _breakdown(plt, rows: list[dict], path: Path) -> Path | None:
         ax.set_title("full training step (Sign-In at density 0.1)", fontsize=9)
     dev = (bd or steps)[0].get("device_name", "")
     fig.suptitle(f"training-step time on {dev}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=75)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def main(argv=None) -> int:

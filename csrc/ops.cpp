@@ -33,11 +33,7 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-// error-message helpers (messages.h): numbers and shapes as strings, the int32 index range
-using se_msg::check_int32_dim;
-using se_msg::num;
-using se_msg::real;
-using se_msg::shape;
+using se_msg::check_int32_dim, se_msg::num, se_msg::real, se_msg::shape;  // messages.h
 
 se_cpu::Dtype dtype_of(const Tensor& t, const char* name) {
   if (t.scalar_type() == at::kFloat) return se_cpu::kFloat32;

@@ -221,18 +221,8 @@ def test_auto_measures_for_real_and_never_worse_than_rule():
 
 def test_conv_auto_compact_path(monkeypatch):
     fake_timer(monkeypatch, {"dense": 1.0, "csr": 0.1})
-    conv = SparseConv2d(
-        4,
-        6,
-        3,
-        stride=2,
-        padding=1,
-        padding_mode="circular",
-        kind="signin",
-        density=0.3,
-        layout="auto",
-        dtype=torch.float64,
-    )
+    conv = SparseConv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular", kind="signin", density=0.3,
+                        layout="auto", dtype=torch.float64)
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
     theta = conv.weight.detach().clone()
     y = conv(x)

@@ -21,18 +21,8 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = SparseConv2d(3, 8, 3, padding=1, kind="signin", density=0.4, seed=1)
-        self.conv2 = SparseConv2d(
-            8,
-            8,
-            3,
-            stride=2,
-            padding=1,
-            padding_mode="reflect",
-            kind="masked",
-            density=0.5,
-            layout="csr",
-            seed=2,
-        )
+        self.conv2 = SparseConv2d(8, 8, 3, stride=2, padding=1, padding_mode="reflect", kind="masked", density=0.5,
+                                  layout="csr", seed=2)
         self.fc1 = SparseLinear(8 * 4 * 4, 32, kind="signin", density=0.3, layout="csr", seed=3)
         blocks = torch.rand(2, 2) < 0.6
         blocks[0, 0] = True

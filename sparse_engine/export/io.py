@@ -377,6 +377,41 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
     The file is written to a temporary file in the same directory and renamed over ``path``, so an
     interrupted save never leaves a partial file. ``metadata``: extra str -> str entries for the header.
     """
+    layers = _saveable_layers(model, metadata)
+    entries: list[tuple[dict, Tensor, str | None]] = []  # (entry dict to fill, tensor, encoding)
+
+    def add(t: Tensor, encoding: str | None = None) -> dict:
+        e = {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+        if encoding:
+            e["encoding"] = encoding
+        entries.append((e, t, encoding))
+        return e
+
+    layer_header, layer_keys = _layer_entries(layers, add)
+    state, aliases, extra = _state_entries(model, layer_keys, add)
+    architecture, note = _architecture(model, set(layers))
+    offset = 0
+    for e, t, enc in entries:
+        nbytes = t.numel() * (2 if enc == "uint16" else t.element_size())
+        e["offset"], e["nbytes"] = offset, nbytes
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    header = {
+        "format": "sparse_engine", "format_version": FORMAT_VERSION, "library_version": __version__,
+        "torch_version": torch.__version__, "model_class": _qualname(type(model)),
+        "layers": layer_header, "state": state, "aliases": aliases, "extra_state": extra,
+        "architecture": architecture, "architecture_note": note, "metadata": metadata or {},
+        "data_nbytes": offset,
+    }
+    header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    prefix_bytes = MAGIC + len(header_bytes).to_bytes(8, "little") + header_bytes
+    prefix_bytes += b"\0" * (-len(prefix_bytes) % _ALIGN)
+    path = os.fspath(path)
+    _write_atomic(path, prefix_bytes, entries, offset)
+    return os.path.getsize(path)
+
+
+def _saveable_layers(model: nn.Module, metadata) -> dict[str, InferModule]:
+    """The inference layers of a model that :func:`save` can write (else why not, naming it)."""
     if sys.byteorder != "little":
         raise NotImplementedError("sparse_engine files are little-endian; this machine is big-endian")
     if not isinstance(model, nn.Module):
@@ -394,16 +429,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         raise ValueError(
             f"not a sparse_engine model: {type(model).__name__} holds no extracted sparse layer "
             "(InferLinear / InferConv*); sparsify, train and extract it first (use torch.save for dense models)")
+    return layers
 
-    entries: list[tuple[dict, Tensor, str | None]] = []  # (entry dict to fill, tensor, encoding)
 
-    def add(t: Tensor, encoding: str | None = None) -> dict:
-        e = {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
-        if encoding:
-            e["encoding"] = encoding
-        entries.append((e, t, encoding))
-        return e
-
+def _layer_entries(layers: dict[str, InferModule], add: Callable) -> tuple[dict[str, dict], set[str]]:
+    """(the header's ``layers``, the state_dict keys they cover): each layer's storage tensors, column
+    indices of narrow matrices as uint16."""
     layer_keys: set[str] = set()
     layer_header: dict[str, dict] = {}
     for name, mod in layers.items():
@@ -416,6 +447,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
             "spec": mod.file_spec(), "storage": storage,
             "tensors": {k: add(t, enc.get(k)) for k, t in tensors.items()},
         }
+    return layer_header, layer_keys
+
+
+def _state_entries(model: nn.Module, layer_keys: set[str], add: Callable) -> tuple[dict, dict, dict]:
+    """(state, aliases, extra state) of every state_dict entry outside the layers: a tensor shared with an
+    earlier key (tied weights) is an alias of it; extra state must be plain JSON data."""
     state: dict[str, dict] = {}
     aliases: dict[str, str] = {}
     owners: dict[tuple, str] = {}
@@ -438,35 +475,23 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         if ident is not None:
             owners[ident] = key
         state[key] = add(t)
+    return state, aliases, extra
 
-    architecture, note = None, ""
+
+def _architecture(model: nn.Module, layers: set[str]) -> tuple[dict | None, str]:
+    """(the description load rebuilds the model from, or None; the note saying why not)."""
     try:
-        architecture = _describe(model, "", set(layers), set())
-        _verify_description(model, architecture, set(layers))
+        architecture = _describe(model, "", layers, set())
+        _verify_description(model, architecture, layers)
+        return architecture, ""
     except _NotDescribable as e:
         hf = _hf_description(model)
-        if hf is not None:
-            architecture = hf
-        else:
-            note = str(e)
+        return (hf, "") if hf is not None else (None, str(e))
 
-    offset = 0
-    for e, t, enc in entries:
-        nbytes = t.numel() * (2 if enc == "uint16" else t.element_size())
-        e["offset"], e["nbytes"] = offset, nbytes
-        offset += -(-nbytes // _ALIGN) * _ALIGN
-    header = {
-        "format": "sparse_engine", "format_version": FORMAT_VERSION, "library_version": __version__,
-        "torch_version": torch.__version__, "model_class": _qualname(type(model)),
-        "layers": layer_header, "state": state, "aliases": aliases, "extra_state": extra,
-        "architecture": architecture, "architecture_note": note, "metadata": metadata or {},
-        "data_nbytes": offset,
-    }
-    header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    prefix_bytes = MAGIC + len(header_bytes).to_bytes(8, "little") + header_bytes
-    prefix_bytes += b"\0" * (-len(prefix_bytes) % _ALIGN)
 
-    path = os.fspath(path)
+def _write_atomic(path: str, prefix_bytes: bytes, entries: list, offset: int) -> None:
+    """Header, then every tensor aligned, then the SHA-256 of all of it: into a temporary file in the same
+    directory, flushed to disk, renamed over ``path`` (an interrupted save leaves no partial file)."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
     try:
@@ -500,7 +525,6 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         except FileNotFoundError:
             pass
         raise
-    return os.path.getsize(path)
 
 
 # --------------------------------------------------------------------------------------------------
