@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import math
 import pickle
 
@@ -515,3 +516,22 @@ def test_export_and_bench_infer_commands(tmp_path, capsys):
         export_main([str(tmp_path / "junk.pt")])
     with pytest.raises(UserError, match="--batch"):
         bench_infer_main([str(tmp_path / "m.sparse"), "--batch", "0"])
+
+
+def test_bench_infer_reads_an_example_model_file_in_a_fresh_process(tmp_path):
+    """A file of the CLI's MLP loads in a process that never imported the example models (they register
+    themselves with io when the command reads the file)."""
+    import subprocess
+    import sys
+
+    from sparse_engine.export import io
+
+    model = build_model("mlp", (784,), 10).eval()
+    sparsify(model, "static", 0.2)
+    io.save(extract(model, "csr"), tmp_path / "m.sparse")
+    code = ("import sys; from sparse_engine.app.extract_cli import main\n"
+            f"sys.exit(main(['bench-infer', {str(tmp_path / 'm.sparse')!r}, '--batch', '1', '--budget', '0.01', "
+            "'--input-shape', '784', '--json']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["rows"][0]["batch"] == 1

@@ -69,6 +69,18 @@ def _resolve(path: str) -> str:
     return path
 
 
+def _read_file(path: str) -> tuple[nn.Module, dict]:
+    """(model, header) of a sparse_engine file; the example models are registered first, so that a file
+    of one of them loads without being given an instance."""
+    from ..export import io
+    from . import models  # noqa: F401  (importing registers MLP, SmallResNet, TinyTransformer with io)
+
+    try:
+        return io.load(path), io.read_header(path)
+    except io.SparseFileError as e:
+        raise _user_error(str(e)) from None
+
+
 def _load(path: str) -> tuple[nn.Module, dict[str, Any], str | None]:
     """(model, input description, the training method if the run trained a dense model, else None).
 
@@ -81,11 +93,7 @@ def _load(path: str) -> tuple[nn.Module, dict[str, Any], str | None]:
     with open(path, "rb") as f:
         magic = f.read(len(io.MAGIC))
     if magic == io.MAGIC:
-        try:
-            header = io.read_header(path)
-            model = io.load(path)
-        except io.SparseFileError as e:
-            raise _user_error(str(e)) from None
+        model, header = _read_file(path)
         return model, _input_from_metadata(header.get("metadata", {})), None
     try:
         ckpt_path, ckpt = ck.read_checkpoint(path)
@@ -236,7 +244,7 @@ def time_call(fn, budget_s: float, min_rounds: int = 5) -> float:
 
 
 def bench_infer_main(argv: list[str]) -> int:
-    from ..export import io, reformat
+    from ..export import reformat
 
     args = _bench_parser().parse_args(argv)
     if args.threads is not None:
@@ -244,11 +252,7 @@ def bench_infer_main(argv: list[str]) -> int:
     batches = _batches(args.batch)
     if not os.path.isfile(args.model):
         raise _user_error(f"{args.model} does not exist")
-    try:
-        header = io.read_header(args.model)
-        model = io.load(args.model)
-    except io.SparseFileError as e:
-        raise _user_error(str(e)) from None
+    model, header = _read_file(args.model)
     info = _input_from_metadata(header.get("metadata", {}))
     if args.input_shape:
         try:

@@ -216,12 +216,12 @@ class InferModule(nn.Module):
                 and x.numel() > 0):
             # The registered op: autograd, torch.compile (fake kernels) and every input check.
             return ops.compact_linear(x, None, values, self.index(), bias)
-        # Eager inference: the same backend function that op would run (ops._run picks it), without the
+        # Eager inference: the same backend function that op would run (chosen by ops), without the
         # dispatcher round trip and re-validation of an index this module built and validated itself;
         # at batch 1 those cost more than the SpMV.
         lead = x.shape[:-1]
-        y = ops._run("compact_linear_fwd", x.device, x.dtype, x.reshape(-1, k).contiguous(), None, values, bias,
-                     b["crow"], b["col"], b["row"], b["ccol"], b["row_t"], b["perm"], n, k)
+        y = ops.run_unchecked("compact_linear_fwd", x.device, x.dtype, x.reshape(-1, k).contiguous(), None, values,
+                              bias, b["crow"], b["col"], b["row"], b["ccol"], b["row_t"], b["perm"], n, k)
         return y.reshape(*lead, n)
 
     # ------------------------------------------------------------------- 2:4 semi-structured cache

@@ -30,7 +30,7 @@ from ..ops import backends
 from ..layout import CSRIndex
 from ..checks import check_positive_int
 from . import autolayout
-from .linear import SparseModule, _fwd_bwd
+from .linear import SparseModule, fwd_bwd_runner
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -299,7 +299,7 @@ class _SparseConvNd(SparseModule):
     def _auto_runners(self, input: Tensor, mask2d, candidates: list[str]) -> dict[str, Callable]:
         x = torch.randn(input.shape, dtype=input.dtype, device=input.device, requires_grad=True)
         return {
-            layout: _fwd_bwd(self._probe(layout, mask2d, input.dtype), x, layout) for layout in candidates
+            layout: fwd_bwd_runner(self._probe(layout, mask2d, input.dtype), x, layout) for layout in candidates
         }
 
     def extra_repr(self) -> str:

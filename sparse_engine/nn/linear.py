@@ -661,7 +661,7 @@ class SparseLinear(SparseModule):
         runners = {}
         for layout in candidates:
             probe = self._probe(layout, mask2d, input.dtype)
-            runners[layout] = _fwd_bwd(probe, x, layout)
+            runners[layout] = fwd_bwd_runner(probe, x, layout)
         return runners
 
     def extra_repr(self) -> str:
@@ -671,7 +671,7 @@ class SparseLinear(SparseModule):
         )
 
 
-def _fwd_bwd(probe: SparseModule, x: Tensor, layout: str) -> Callable[[], None]:
+def fwd_bwd_runner(probe: SparseModule, x: Tensor, layout: str) -> Callable[[], None]:
     """One forward + backward of ``probe`` on ``x`` (grads by autograd.grad: nothing accumulates)."""
     params = [t for t in (x, probe.param.m, probe.param.w, probe.bias) if t is not None]
 

@@ -61,6 +61,14 @@ def _run(impl: str, device: torch.device, dtype: torch.dtype, *args, empty: bool
         return fn(*args)
 
 
+def run_unchecked(impl: str, device: torch.device, dtype: torch.dtype, *args):
+    """Implementation ``impl`` (a backends.REFERENCE name) on the backend this module chooses, called
+    directly: no registered op, so no autograd, no input checks, no dispatcher. For callers that built
+    and validated their arguments themselves and need no gradient (the inference layers' eager path,
+    where the op's overhead costs more than the SpMV at batch 1)."""
+    return _run(impl, device, dtype, *args, empty=False)
+
+
 def _autocast(x: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Under autocast, cast the floating inputs of a linear op to the autocast dtype, as F.linear does."""
     kind = x.device.type

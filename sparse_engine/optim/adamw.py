@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from . import reset as _reset
-from .base import SparseOptimizer, _check_number
+from .base import SparseOptimizer, check_number
 
 
 class AdamW(SparseOptimizer):
@@ -52,10 +52,10 @@ class AdamW(SparseOptimizer):
         betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _check_number("betas[0]", betas[0], high=1.0, high_open=True)
-        _check_number("betas[1]", betas[1], high=1.0, high_open=True)
-        _check_number("eps", group["eps"])
-        _check_number("weight_decay", group["weight_decay"])
+        check_number("betas[0]", betas[0], high=1.0, high_open=True)
+        check_number("betas[1]", betas[1], high=1.0, high_open=True)
+        check_number("eps", group["eps"])
+        check_number("weight_decay", group["weight_decay"])
 
     def _init_state(self, p, group):
         state = super()._init_state(p, group)

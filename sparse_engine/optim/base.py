@@ -49,7 +49,7 @@ class NonFiniteGradError(FloatingPointError):
     """A gradient holds NaN or inf at an active coordinate and the optimizer was told to raise."""
 
 
-def _check_number(name: str, value, *, low: float = 0.0, high: float | None = None, high_open: bool = False) -> float:
+def check_number(name: str, value, *, low: float = 0.0, high: float | None = None, high_open: bool = False) -> float:
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
@@ -128,7 +128,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             raise ValueError("params: the model has no trainable parameters")
         if factor_lr is None:
             return [{"params": params}]
-        _check_number("factor_lr", factor_lr)
+        check_number("factor_lr", factor_lr)
         factors = {id(p) for _, pz in parameterizations(model) if pz.factored for p in (pz.m, pz.w)}
         groups = [
             {"params": [p for p in params if id(p) in factors], "lr": factor_lr, "name": "factors"},
@@ -153,8 +153,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._validate_group(group)
         device = group["params"][0].device if group["params"] else torch.device("cpu")
-        group["lr"] = torch.tensor(_check_number("lr", group["lr"]), dtype=torch.float64, device=device)
-        group["alpha"] = _check_number("alpha", group.get("alpha", 0.0))
+        group["lr"] = torch.tensor(check_number("lr", group["lr"]), dtype=torch.float64, device=device)
+        group["alpha"] = check_number("alpha", group.get("alpha", 0.0))
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Subclasses check their hyperparameters (errors name the argument)."""
@@ -381,7 +381,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def set_alpha(self, alpha: float) -> None:
         """PILoT's α on every group (applied only to the factors m, w)."""
-        alpha = _check_number("alpha", alpha)
+        alpha = check_number("alpha", alpha)
         for g in self.param_groups:
             g["alpha"] = alpha
 

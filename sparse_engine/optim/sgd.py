@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from . import reset as _reset
-from .base import SparseOptimizer, _check_number
+from .base import SparseOptimizer, check_number
 
 
 class SGD(SparseOptimizer):
@@ -52,9 +52,9 @@ class SGD(SparseOptimizer):
             self.set_alpha(alpha)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        _check_number("momentum", group["momentum"])
-        _check_number("dampening", group["dampening"])
-        _check_number("weight_decay", group["weight_decay"])
+        check_number("momentum", group["momentum"])
+        check_number("dampening", group["dampening"])
+        check_number("weight_decay", group["weight_decay"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov needs momentum > 0 and dampening = 0, got "
                              f"momentum={group['momentum']}, dampening={group['dampening']}")
