@@ -278,17 +278,8 @@ class _SparseConvNd(SparseModule):
             # measurement of the unfold path must not be reused for the direct kernel, nor the reverse
             "csr_conv": self._csr_conv_kernel(input),
         }
-        return autolayout.make_key(
-            f"conv{self._nd}d",
-            self.weight_shape,
-            mask2d,
-            input.dtype,
-            self.param.w.device,
-            rows=batch,
-            kind=self.kind,
-            block_shape=self.block_shape,
-            extra=extra,
-        )
+        return autolayout.make_key(f"conv{self._nd}d", self.weight_shape, mask2d, input.dtype, self.param.w.device,
+                                   rows=batch, kind=self.kind, block_shape=self.block_shape, extra=extra)
 
     def _csr_conv_kernel(self, input: Tensor) -> str:
         """What layout="csr" computes with for this input: the direct op on its backend, or unfold."""

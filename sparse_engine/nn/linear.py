@@ -644,16 +644,8 @@ class SparseLinear(SparseModule):
 
     def _auto_key(self, input: Tensor, mask2d: Tensor | None) -> dict:
         rows = input.numel() // self.in_features
-        return autolayout.make_key(
-            "linear",
-            self.weight_shape,
-            mask2d,
-            input.dtype,
-            self.param.w.device,
-            rows=rows,
-            kind=self.kind,
-            block_shape=self.block_shape,
-        )
+        return autolayout.make_key("linear", self.weight_shape, mask2d, input.dtype, self.param.w.device, rows=rows,
+                                   kind=self.kind, block_shape=self.block_shape)
 
     def _auto_runners(self, input: Tensor, mask2d, candidates: list[str]) -> dict[str, Callable]:
         rows = max(1, input.numel() // self.in_features)
