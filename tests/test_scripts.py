@@ -45,7 +45,9 @@ def project(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "_C.py").write_text("")
     (pkg / "kernels" / "k.py").write_text("")
-    (pkg / "data.py").write_text(
+    (pkg / "app").mkdir()
+    (pkg / "app" / "__init__.py").write_text("")
+    (pkg / "app" / "data.py").write_text(
         "import os\n\nclass DataError(Exception):\n    pass\n\n"
         "def find_fashion_mnist(data_dir=None, *, download=True):\n"
         f"    if not os.path.isdir({str(data)!r}):\n        raise DataError('not found')\n"
