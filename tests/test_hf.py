@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-transformers = pytest.importorskip(
-    "transformers", reason="transformers is not installed (pip install -e '.[hf]'); the HF tests need it"
-)
+from _hf import import_transformers  # noqa: E402
+
+transformers = import_transformers()
 
 from sparse_engine import diagnostics  # noqa: E402
 from sparse_engine.nn import SparseLinear, sparsify  # noqa: E402
