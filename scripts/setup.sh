@@ -10,6 +10,6 @@ if ! .venv/bin/python -c "import torch, triton, numpy, pytest, transformers, mat
   # torch pinned to the CPU wheel (a range would pull a multi-GB CUDA build); triton as torch 2.13 declares.
   .venv/bin/pip install -q torch==2.13.0 triton==3.7.1 numpy pytest ninja pybind11
 fi
-if ! .venv/bin/python -c "import sparse_engine" 2>/dev/null || [ "${SPARSE_ENGINE_REINSTALL:-0}" = 1 ]; then
+if ! .venv/bin/python -c "import sparse_engine, accelerate, safetensors" 2>/dev/null || [ "${SPARSE_ENGINE_REINSTALL:-0}" = 1 ]; then
   .venv/bin/pip install -q --no-build-isolation -e '.[test,hf,plot]'
 fi

@@ -23,6 +23,7 @@ _EXPORTS = {
     "save": "sparse_engine.io",
     "load": "sparse_engine.io",
     "layer_stats": "sparse_engine.diagnostics",
+    "from_pretrained": "sparse_engine.integrations.hf.pretrained",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

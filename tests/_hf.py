@@ -39,3 +39,29 @@ def import_transformers():
     return pytest.importorskip(
         "transformers", reason="transformers is not installed (pip install -e '.[hf]'); the HF tests need it"
     )
+
+
+def bert_config(transformers, **kw):
+    """A 2-layer BERT small enough for a unit test (vocab 97, hidden 32), no dropout."""
+    return transformers.BertConfig(**{
+        **dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        **kw})
+
+
+def llama_config(transformers, **kw):
+    """A 2-layer Llama-style decoder (vocab 96, hidden 32, grouped-query attention)."""
+    return transformers.LlamaConfig(**{
+        **dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64),
+        **kw})
+
+
+def word_tokenizer(transformers, vocab_size: int):
+    """A whitespace word-level fast tokenizer over the words w0 ... w{n-3} plus [PAD], [UNK] (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(vocab_size - 2)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
