@@ -175,3 +175,18 @@ def test_needs_a_sparse_engine_optimizer(tmp_path):
         trainer.train()
     with pytest.raises(ValueError, match="iterative=True"):
         SparseTrainerCallback(make_method("pilot", iterative=True))
+
+
+def test_attach_puts_the_figures_before_every_reporter(tmp_path):
+    model, method, opt, sched = build("signin", density=0.2)
+    seen = []
+
+    class Reporter(transformers.TrainerCallback):  # stands for TensorBoard, wandb, ...
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=Task(),
+                                   optimizers=(opt, sched), callbacks=[Reporter()])
+    SparseTrainerCallback(method).attach(trainer)
+    trainer.train()
+    assert len(seen) == 3 and all("sparse/density" in row for row in seen)
