@@ -65,3 +65,32 @@ def word_tokenizer(transformers, vocab_size: int):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+#: (method, layout) pairs that sparsify accepts; "pilot-pruned" is PILoT after its prune (a mask)
+CASES = [(m, lay) for m in ("static", "signin") for lay in ("dense", "block", "csr", "bsr", "auto")] + [
+    ("pilot", "dense"), ("pilot", "auto"), ("pilot-pruned", "dense")]
+
+
+def sparsify_case(model, method: str, layout: str, example: dict, seed: int, **options):
+    """Sparsify ``model`` for a CASES entry, resolve "auto" on ``example`` (keyword inputs), then give every
+    factor values a fresh model cannot have by chance, and prune "pilot-pruned" to a random mask."""
+    import torch
+
+    from sparse_engine.nn import sparsify
+    from sparse_engine.nn.linear import SparseModule
+    from sparse_engine.param import Parameterization
+
+    sparsify(model, method=method.replace("-pruned", ""), layout=layout, seed=seed, **options)
+    with torch.no_grad():
+        if layout == "auto":
+            model(**example)
+        for mod in model.modules():
+            if isinstance(mod, Parameterization):
+                for p in mod.parameters():
+                    p.add_(torch.randn_like(p) * 0.01)
+        if method == "pilot-pruned":
+            for mod in model.modules():
+                if isinstance(mod, SparseModule):
+                    mod.set_mask(torch.rand(mod.weight_shape) < 0.4)
+    return model.eval()

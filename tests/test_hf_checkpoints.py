@@ -11,32 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_engine.nn import sparsify
+from _hf import CASES, sparsify_case
 from sparse_engine.nn.linear import SparseModule
-from sparse_engine.param import Parameterization
-
-# (method, layout) pairs that sparsify accepts; "pilot-pruned" is PILoT after its prune (a mask).
-CASES = [(m, lay) for m in ("static", "signin") for lay in ("dense", "block", "csr", "bsr", "auto")] + [
-    ("pilot", "dense"), ("pilot", "auto"), ("pilot-pruned", "dense")]
-
 
 def _model(method: str, layout: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4))
-    sparsify(model, method=method.replace("-pruned", ""), density=0.3, layout=layout, block_shape=(4, 4),
-             beta=0.5, seed=seed)
-    with torch.no_grad():
-        if layout == "auto":
-            model(torch.randn(2, 3, 8, 8))  # resolve the automatic layouts
-        for mod in model.modules():
-            if isinstance(mod, Parameterization):  # values a fresh model cannot have by chance
-                for p in mod.parameters():
-                    p.add_(torch.randn_like(p) * 0.01)
-        if method == "pilot-pruned":
-            for mod in model.modules():
-                if isinstance(mod, SparseModule):
-                    mod.set_mask(torch.rand(mod.weight_shape) < 0.4)
-    return model.eval()
+    return sparsify_case(model, method, layout, {"input": torch.randn(2, 3, 8, 8)}, seed, density=0.3,
+                         block_shape=(4, 4), beta=0.5)
 
 
 def assert_same_state(a: nn.Module, b: nn.Module, layer_records: bool = True) -> None:

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from _hf import bert_config, import_transformers, llama_config, word_tokenizer
+from _hf import CASES, bert_config, import_transformers, llama_config, sparsify_case, word_tokenizer
 
 transformers = import_transformers()
 
@@ -20,11 +20,6 @@ from sparse_engine.extract import extract  # noqa: E402
 from sparse_engine.infer import InferLinear  # noqa: E402
 from sparse_engine.nn import sparsify  # noqa: E402
 from sparse_engine.nn.linear import SparseModule  # noqa: E402
-from sparse_engine.param import Parameterization  # noqa: E402
-
-CASES = [(m, lay) for m in ("static", "signin") for lay in ("dense", "block", "csr", "bsr", "auto")] + [
-    ("pilot", "dense"), ("pilot", "auto"), ("pilot-pruned", "dense")]
-
 
 def inputs(vocab: int = 97, batch: int = 2, length: int = 9):
     ids = torch.randint(0, vocab, (batch, length))
@@ -34,20 +29,7 @@ def inputs(vocab: int = 97, batch: int = 2, length: int = 9):
 def sparse_bert(method: str, layout: str, seed: int = 0, cls=None):
     torch.manual_seed(seed)
     model = (cls or transformers.BertForSequenceClassification)(bert_config(transformers)).eval()
-    sparsify(model, method=method.replace("-pruned", ""), density=0.3, layout=layout, block_shape=(8, 8),
-             beta=0.7, seed=seed)
-    with torch.no_grad():
-        if layout == "auto":
-            model(**inputs())
-        for mod in model.modules():
-            if isinstance(mod, Parameterization):
-                for p in mod.parameters():
-                    p.add_(torch.randn_like(p) * 0.01)
-        if method == "pilot-pruned":
-            for mod in model.modules():
-                if isinstance(mod, SparseModule):
-                    mod.set_mask(torch.rand(mod.weight_shape) < 0.4)
-    return model
+    return sparsify_case(model, method, layout, inputs(), seed, density=0.3, block_shape=(8, 8), beta=0.7)
 
 
 def layer_options(model):
