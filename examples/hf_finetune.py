@@ -42,16 +42,17 @@ class Options:
     out: str
     model_dir: str | None = None
     density: float = 0.1
-    epochs: int = 3
-    n_train: int = 4000
-    n_test: int = 1000
+    epochs: int = 4
+    n_train: int = 2000
+    n_test: int = 500
     seq_len: int = 24
-    hidden: int = 256
-    layers: int = 4
+    hidden: int = 128
+    layers: int = 2
     batch: int = 32
-    lr: float = 3e-4
+    lr: float = 1e-3
     layout: str = "auto"
     seed: int = 0
+    threads: int = 1  # torch threads for everything (0: torch's default); timings always use 1
 
 
 def make_texts(n: int, seed: int) -> tuple[list[str], list[int]]:
@@ -168,6 +169,8 @@ def run(opts: Options) -> dict:
     from sparse_engine.extract import extract
 
     transformers = _transformers()
+    if opts.threads:  # on a shared machine two spinning OpenMP threads cost ~10x the CPU time of one
+        torch.set_num_threads(opts.threads)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     os.makedirs(opts.out, exist_ok=True)

@@ -102,7 +102,10 @@ class SparseTrainerCallback(TrainerCallback):
 
     def attach(self, trainer) -> SparseTrainerCallback:
         """Add this callback to ``trainer`` as its first callback (so that every reporter sees the figures)."""
-        trainer.callback_handler.callbacks.insert(0, self)
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
         self._hook_optimizer(trainer.optimizer)
         return self
 
