@@ -7,8 +7,9 @@ Steps (everything local, nothing downloaded):
 
 1. The model comes from a local folder (``--model-dir``: a BERT with its tokenizer). Without one, a small
    BERT (random weights) and a word-level tokenizer are built from a config and saved to ``OUT/base``.
-2. The task is generated here: sentences of filler words with a few positive and negative words; the
-   label says whether positive words outnumber negative ones (an odd count, so never a tie).
+2. The task is generated here: sentences of filler words with a few positive and negative words, some
+   negated by a preceding "not"; the label says whether positive words outnumber negative ones after the
+   negations (an odd count, so never a tie).
 3. The same start is fine-tuned twice with the same Trainer settings and sparse_engine.AdamW: dense, and
    with Sign-In at ``--density`` (10 %: 90 % sparse; resets every epoch) through SparseTrainerCallback.
 4. The Sign-In model is extracted (inference layers), ``save_pretrained`` to ``OUT/extracted``, reloaded
@@ -34,6 +35,7 @@ import torch
 POSITIVE = ("good", "great", "fine", "superb", "lovely", "brilliant", "pleasant", "excellent", "happy", "nice")
 NEGATIVE = ("bad", "awful", "poor", "dull", "terrible", "boring", "weak", "sad", "nasty", "horrible")
 FILLER = tuple(f"f{i}" for i in range(80)) + ("the", "a", "movie", "plot", "actor", "scene", "was", "and", "very")
+NEGATION = "not"
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 
 
@@ -42,10 +44,10 @@ class Options:
     out: str
     model_dir: str | None = None
     density: float = 0.1
-    epochs: int = 4
+    epochs: int = 10
     n_train: int = 2000
     n_test: int = 500
-    seq_len: int = 24
+    seq_len: int = 36
     hidden: int = 128
     layers: int = 2
     batch: int = 32
@@ -56,20 +58,26 @@ class Options:
 
 
 def make_texts(n: int, seed: int) -> tuple[list[str], list[int]]:
-    """n sentences of 8-20 words with 1, 3 or 5 sentiment words; label 1 when positive ones outnumber."""
+    """n sentences of 8-20 filler words with 1, 3, 5 or 7 sentiment words, each preceded by "not" (which
+    flips it) with probability 0.3; label 1 when the (flipped) positive words outnumber the negative ones."""
     g = torch.Generator().manual_seed(seed)
+
+    def draw(high: int) -> int:
+        return int(torch.randint(0, high, (), generator=g))
+
     texts, labels = [], []
     for _ in range(n):
-        length = int(torch.randint(8, 21, (), generator=g))
-        words = [FILLER[int(i)] for i in torch.randint(0, len(FILLER), (length,), generator=g)]
-        n_sent = int((1, 3, 5)[int(torch.randint(0, 3, (), generator=g))])
-        n_pos = int(torch.randint(0, n_sent + 1, (), generator=g))
-        picks = [POSITIVE[int(torch.randint(0, 10, (), generator=g))] for _ in range(n_pos)]
-        picks += [NEGATIVE[int(torch.randint(0, 10, (), generator=g))] for _ in range(n_sent - n_pos)]
-        for w in picks:
-            words.insert(int(torch.randint(0, len(words) + 1, (), generator=g)), w)
-        texts.append(" ".join(words))
-        labels.append(int(n_pos > n_sent - n_pos))
+        items = [[FILLER[draw(len(FILLER))]] for _ in range(8 + draw(13))]  # units never split: "not good"
+        score = 0
+        for _ in range((1, 3, 5, 7)[draw(4)]):
+            positive = draw(2) == 1
+            unit = [(POSITIVE if positive else NEGATIVE)[draw(10)]]
+            if draw(10) < 3:
+                unit, positive = [NEGATION] + unit, not positive
+            score += 1 if positive else -1
+            items.insert(draw(len(items) + 1), unit)
+        texts.append(" ".join(w for unit in items for w in unit))
+        labels.append(int(score > 0))
     return texts, labels
 
 
@@ -77,7 +85,7 @@ def build_base(transformers, opts: Options) -> str:
     """A small BERT built from a config plus a word-level tokenizer, saved to OUT/base (the local folder)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    vocab = {w: i for i, w in enumerate(SPECIAL + POSITIVE + NEGATIVE + FILLER)}
+    vocab = {w: i for i, w in enumerate(SPECIAL + (NEGATION,) + POSITIVE + NEGATIVE + FILLER)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[

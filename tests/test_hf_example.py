@@ -28,10 +28,18 @@ def test_generated_task_is_balanced_and_never_tied():
     ex = _example()
     texts, labels = ex.make_texts(400, seed=3)
     assert 0.3 < sum(labels) / len(labels) < 0.7
+    negated = 0
     for text, label in zip(texts, labels):
         words = text.split()
-        pos, neg = sum(w in ex.POSITIVE for w in words), sum(w in ex.NEGATIVE for w in words)
-        assert (pos + neg) % 2 == 1 and label == int(pos > neg)
+        score, count = 0, 0
+        for i, w in enumerate(words):
+            if w in ex.POSITIVE or w in ex.NEGATIVE:
+                flip = i > 0 and words[i - 1] == ex.NEGATION
+                negated += flip
+                score += (1 if w in ex.POSITIVE else -1) * (-1 if flip else 1)
+                count += 1
+        assert count % 2 == 1 and label == int(score > 0)
+    assert negated > 100
 
 
 @pytest.mark.slow
