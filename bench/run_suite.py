@@ -3,6 +3,9 @@
     python bench/run_suite.py --quick          # a few minutes: trimmed grids (CI smoke uses --smoke)
     python bench/run_suite.py                  # the full grids of every benchmark
     python bench/run_suite.py --only compact_linear train_breakdown
+    python bench/run_suite.py --quick --out bench/results   # replace the committed results
+
+Outputs go to ``runs/bench/`` (a scratch folder git ignores) unless ``--out`` says otherwise.
 
 Each benchmark script runs in its own process (they set interpreter / thread state at import) with the
 arguments of the chosen level; its own CSV goes to ``<out>/raw/``. The rows are then mapped onto one
@@ -40,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+# A user's run writes here (ignored by git); the committed results are only updated with --out bench/results.
+SCRATCH = ROOT / "runs" / "bench"
 LEVELS = ("smoke", "quick", "full")
 
 FIELDS = ["bench", "mode", "device_name", "machine", "torch", "triton", "commit", "date", "shape", "batch", "dtype",
@@ -403,7 +407,8 @@ def run_script(b: Bench, level: str, raw: Path, device: str, timeout: float) -> 
     csv_path = raw / b.csv_name
     if csv_path.exists():
         csv_path.unlink()  # never pick up a previous run's rows
-    cmd = [sys.executable, str(script), *b.args[level], "--out", str(raw if b.out_is_dir else csv_path)]
+    # the scripts run in the checkout: a relative --out keeps machine paths out of their logs
+    cmd = [sys.executable, str(script), *b.args[level], "--out", shown(raw if b.out_is_dir else csv_path)]
     if b.device_arg:
         cmd += ["--device", device]
     log = raw / f"{b.name}.log"
@@ -412,7 +417,7 @@ def run_script(b: Bench, level: str, raw: Path, device: str, timeout: float) -> 
         with open(log, "w") as f:
             proc = subprocess.run(cmd, check=False, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return f"timeout after {timeout:.0f}s (log {log})", [], time.perf_counter() - t0
+        return f"timeout after {timeout:.0f}s (log {shown(log)})", [], time.perf_counter() - t0
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
@@ -423,7 +428,13 @@ def run_script(b: Bench, level: str, raw: Path, device: str, timeout: float) -> 
         return "ok", list(csv.DictReader(f)), dt
 
 
-def main(argv: list[str] | None = None) -> int:
+def shown(path: Path) -> str:
+    """``path`` relative to the checkout when inside it: what the logs show (no machine paths in them)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparse-engine bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_mutually_exclusive_group()
@@ -431,14 +442,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--smoke", action="store_true", help="the smallest grids: a CI smoke test, numbers meaningless")
     p.add_argument("--only", nargs="+", choices=ALL, default=None, help="run only these benchmarks")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--out", type=Path, default=RESULTS, help="directory for the suite CSVs and raw/")
+    p.add_argument("--out", type=Path, default=SCRATCH,
+                   help="directory for the suite CSVs and raw/ (a scratch folder by default; --out bench/results "
+                        "replaces the committed results)")
     p.add_argument("--include-interpreter", action="store_true",
                    help="without a GPU, still run the Triton benchmarks in the interpreter (smoke only)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per script (default: by level)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNGs (also skipped without matplotlib)")
     p.add_argument("--collect-only", action="store_true",
                    help="run nothing: rebuild the suite CSV, crossover and plots from the raw CSVs of the last run")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     level = "smoke" if args.smoke else "quick" if args.quick else "full"
 
     import torch
@@ -502,13 +519,14 @@ def main(argv: list[str] | None = None) -> int:
         status_path.write_text(json.dumps(
             {"level": level, "device": device, "environment": env, "benches": status,
              "seconds": round(time.perf_counter() - t_all, 1)}, indent=1))
-    print(f"[bench] wrote {len(rows)} rows to {suite_csv} and {len(cross)} crossover rows to {cross_csv}")
+    print(f"[bench] wrote {len(rows)} rows to {shown(suite_csv)} and {len(cross)} crossover rows to "
+          f"{shown(cross_csv)}")
     if not args.no_plot:
         sys.path.insert(0, str(ROOT / "bench"))
         import plot
 
         for path in plot.plot_suite(suite_csv, args.out):
-            print(f"[bench] plot {path}")
+            print(f"[bench] plot {shown(Path(path))}")
     failed = [n for n, s in status.items() if s["status"].startswith(("failed", "timeout"))]
     if failed:
         print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)

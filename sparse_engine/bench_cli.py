@@ -4,6 +4,9 @@
     sparse-engine bench                # the full grids
     sparse-engine bench --smoke        # seconds: CI smoke test (numbers meaningless)
 
+Results go to runs/bench/ in the checkout (a scratch folder); ``--out bench/results`` replaces the
+committed ones.
+
 The suite lives in the source tree (``bench/run_suite.py`` and the ``bench_<op>.py`` scripts next to it),
 not in the installed package: benchmarks are run from a checkout. ``--bench-dir`` (or running from the
 repository root) says where it is. Every option after ``bench`` goes to ``bench/run_suite.py``

@@ -134,3 +134,11 @@ def test_bench_smoke_everything(tmp_path):
     if not torch.cuda.is_available():  # the Triton benchmarks say why they did not run
         for name in ("masked_linear", "block_sparse_linear", "fused_step"):
             assert status["benches"][name]["status"].startswith("skipped: Triton kernels need a GPU")
+
+
+def test_the_suite_writes_to_a_scratch_folder_by_default(suite):
+    """A user's `sparse-engine bench` must not overwrite the committed bench/results/."""
+    out = suite.parser().parse_args([]).out
+    assert not out.resolve().is_relative_to(ROOT / "bench" / "results"), out
+    assert suite.parser().parse_args(["--out", "x"]).out == Path("x")
+    assert suite.shown(ROOT / "bench" / "results" / "a.csv") == str(Path("bench") / "results" / "a.csv")

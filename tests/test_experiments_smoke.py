@@ -1,6 +1,7 @@
 """Smoke test of bench/experiments/*.py: each runs alone in --quick mode and writes well-formed JSON
 (and a PNG when matplotlib is installed). Values are not checked: quick runs are seconds long and mean
-nothing; the structure (every run recorded, mean ± std summaries over the seeds) is what is checked."""
+nothing; the structure (every run recorded, mean ± std summaries over the seeds) is what is checked.
+The last tests check report.py, which prints the tables of docs/RESULTS.md from the committed results."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "bench" / "experiments"
@@ -101,3 +104,37 @@ def test_signin_ablation(tmp_path):
         check_stat(s["test_acc"], len(data["seeds"]))
         if name != "static (PaI)":
             check_stat(s["paired_diff_vs_static"], len(data["seeds"]))
+
+
+def _report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_report", EXP / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decay_only_beta_follows_the_momentum_formula():
+    """Weight decay alone on both factors, with momentum μ, erodes β as exp(−2 Σ ηλ / (1 − μ)), not as
+    exp(−4 Σ ηλ): the step-by-step recurrence agrees with the former for small steps."""
+    report = _report()
+    lrs, lam = [1e-3] * 20000, 5e-3
+    dose = lam * sum(lrs)
+    for mu in (0.0, 0.9):
+        assert report.decay_only_beta(lrs, lam, mu) == pytest.approx(math.exp(-2 * dose / (1 - mu)), rel=2e-3)
+    assert report.decay_only_beta(lrs, lam, 0.9, off=10000) == pytest.approx(math.exp(-dose / 0.1), rel=2e-3)
+
+
+def test_report_prints_the_numbers_the_results_page_quotes(capsys):
+    """docs/RESULTS.md quotes these rows; they come from the committed result files."""
+    report = _report()
+    assert report.main([]) == 0
+    out = capsys.readouterr().out
+    for row in ("| signin_ablation: no reset | 0.0005 | 632 | 0.0079 | 0.854 | 0.857 | 0.854 |",
+                "| signin_ablation_strong_wd_matched: signin no reset wd 2.5e-3 | 0.0025 | 632 | 0.0396 | 0.453 |",
+                "| signin_ablation_strong_wd: signin no reset wd 5e-3 | 0.005 | 632 | 0.0791 | 0.205 | 0.209 | 0.208 |",
+                "| 90% | 86.24 ± 0.15 | 78.71 ± 1.63: -7.54 (beyond spread) |",
+                ("90%: spred (b=0) a=1e-3 (within spread of pilot a=1e-3); 95%: spred (b=0) a=1e-3 (within spread "
+                 "of pilot a=1e-3); 98%: spred (b=0) a=1e-3 (beyond spread of pilot a=1e-3)")):
+        assert row in out, row

@@ -246,3 +246,26 @@ def test_factor_lr_scale_puts_factors_in_their_own_group():
     groups = {g["name"]: float(g["lr"]) for g in opt.param_groups}
     assert groups == {"factors": pytest.approx(0.1), "other": pytest.approx(0.05)}
     assert isinstance(make_method("static", density=0.5).make_optimizer(small_model(), "adamw"), AdamW)
+
+
+@pytest.mark.parametrize("method, reference", [
+    (lambda: make_method("wd_switchoff", at=0.0), lambda: make_method("dense")),
+    (lambda: make_method("signin", density=0.5, wd_switchoff=0.0), lambda: make_method("signin", density=0.5)),
+], ids=["alone", "with-signin"])
+def test_wd_switchoff_at_zero_never_decays(method, reference):
+    """at=0: no step has weight decay, the first one included; the run equals one with weight_decay=0."""
+    x, y = data(16)
+    runs, logs = [], []
+    for make, wd in ((method, 5e-2), (reference, 0.0)):
+        torch.manual_seed(0)
+        model, m = small_model(), make()
+        m.prepare(model)
+        opt = m.make_optimizer(model, "sgd", lr=0.1, momentum=0.9, weight_decay=wd)
+        m.apply(model, opt, epochs=1, steps_per_epoch=3)
+        assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)  # before the first step
+        run_steps(model, opt, 3, x, y)
+        runs.append([p.detach().clone() for p in model.parameters()])
+        logs.append(m.after_epoch(1, 0.5))
+    assert logs[0]["wd_off"] is True and logs[0]["wd_dose"] == 0.0
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -133,3 +133,23 @@ def test_alpha_schedule_bad_kind():
     with pytest.raises(ValueError, match="rate"):
         AlphaSchedule("geometric", 1e-3, rate=1.5)
     assert math.isclose(AlphaSchedule("geometric", 1.0, rate=0.5).value(3), 0.125)
+
+
+def test_wd_switchoff_at_zero_is_off_before_the_first_step():
+    opt, p = _opt()
+    wd = WeightDecaySwitchOff(at=0.0, total_steps=10)
+    wd.begin(opt)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0] and wd.switch_step == 0
+    p0 = p.detach().clone()
+    p.grad = torch.randn_like(p)
+    opt.step()
+    wd.after_step(opt, 1)
+    torch.testing.assert_close(p.detach(), p0 - 0.1 * p.grad, rtol=0, atol=0)  # plain SGD, no decay
+    assert wd.dose() == [0.0, 0.0] and wd.saved == [0.1, 0.0]
+    # begin() later in a run: off only once T_off steps are done
+    opt2, _ = _opt()
+    wd2 = WeightDecaySwitchOff(at=0.5, total_steps=10)
+    wd2.begin(opt2, steps_done=4)
+    assert not wd2.switched and opt2.param_groups[0]["weight_decay"] == 0.1
+    wd2.begin(opt2, steps_done=5)
+    assert wd2.switched and opt2.param_groups[0]["weight_decay"] == 0.0

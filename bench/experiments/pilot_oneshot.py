@@ -8,8 +8,9 @@ Each seed trains once per method (LeNet-300-100 on a Fashion-MNIST subset, same 
 trained θ (m ⊙ w for PILoT / spred, the weight for dense) is then pruned by one global magnitude
 threshold over all Linear weights at every sparsity of SPARSITIES and the test accuracy measured.
 PILoT is run at two initial α of the paper's range. spred: the PILoT method with every layer
-re-factored to β = 0 (m = |w| = sqrt|θ|) before training; β = 0 is conserved (METHODS.md §0), so no
-weight can change sign. Writes pilot_oneshot.json and pilot_oneshot.png.
+re-factored to β = 0 (m = |w| = sqrt|θ|) before training; β = 0 is conserved (m = ±w stays so under the
+gradient, momentum and weight decay alike), so no weight can change sign. Writes pilot_oneshot.json and
+pilot_oneshot.png.
 """
 from __future__ import annotations
 

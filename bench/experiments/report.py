@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -52,6 +53,84 @@ def pilot(d: dict) -> None:
             diff = d["summary"]["pilot a=1e-3"][s]["mean"] - d["summary"][other][s]["mean"]
             parts.append(f"{float(s):.0%}: {diff:+.2f}{' (beyond spread)' if beyond else ''}")
         print(f"* pilot a=1e-3 minus {other}: " + "; ".join(parts))
+    best_after_prune(d)
+
+
+def beyond_spread(a: dict, b: dict) -> bool:
+    """The page's conservative reading: |mean_a − mean_b| > std_a + std_b."""
+    return abs(a["mean"] - b["mean"]) > a["std"] + b["std"]
+
+
+def best_after_prune(d: dict) -> None:
+    """Per sparsity: the best variant after the one-shot prune, and whether it leads the runner-up
+    beyond the seed spread."""
+    parts = []
+    for s in (f"{x:g}" for x in d["sparsities"]):
+        ranked = sorted(d["summary"], key=lambda n: -d["summary"][n][s]["mean"])
+        best, second = (d["summary"][n][s] for n in ranked[:2])
+        verdict = "beyond spread" if beyond_spread(best, second) else "within spread"
+        parts.append(f"{float(s):.0%}: {ranked[0]} ({verdict} of {ranked[1]})")
+    print("* best after the prune: " + "; ".join(parts))
+
+
+def pai_vs_pruned(static: dict, pilot_: dict) -> None:
+    """Static random PaI (Sign-In vs static file, MLP) against the one-shot-pruned variants of the PILoT
+    file at the sparsities both cover; both: MLP, 20 000 images, 10 epochs, lr 0.05, seeds 0-2."""
+    names = list(pilot_["summary"])
+    print("| sparsity | static PaI (trained sparse) | " + " | ".join(f"{n}, pruned" for n in names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for key, row in static["summary"].items():
+        model, sp = key.split("@")
+        if model != "mlp" or sp not in pilot_["summary"][names[0]]:
+            continue
+        cells = []
+        for n in names:
+            v = pilot_["summary"][n][sp]
+            mark = " (beyond spread)" if beyond_spread(row["static"], v) else ""
+            cells.append(f"{ms(v)}: {v['mean'] - row['static']['mean']:+.2f}{mark}")
+        print(f"| {float(sp):.0%} | {ms(row['static'])} | " + " | ".join(cells) + " |")
+
+
+def _lr_schedule(st: dict) -> list[float]:
+    """The per-step cosine learning rate the experiments ran (bench/experiments/_common.run)."""
+    total = st["epochs"] * math.ceil(st["n_train"] / st["batch_size"])
+    return [st["lr"] * 0.5 * (1.0 + math.cos(math.pi * k / total)) for k in range(total)]
+
+
+def decay_only_beta(lrs: list[float], lam: float, mu: float, off: int | None = None) -> float:
+    """β after the run if weight decay were the only force: SGD with momentum on m (and w) with gradient
+    λm, as torch.optim.SGD steps it (the first step's buffer is the gradient); β scales as m²."""
+    m, buf = 1.0, None
+    for k, eta in enumerate(lrs):
+        g = lam * m if off is None or k < off else 0.0
+        buf = g if buf is None else mu * buf + g
+        m -= eta * buf
+    return m * m
+
+
+def beta_erosion(files: dict[str, dict]) -> None:
+    """β at the end of the runs without resets, measured, against weight decay alone: with momentum μ
+    the decay of both factors erodes β = m² − w² as exp(−2 Σ η_k λ_k / (1 − μ))."""
+    print("| file: condition | λ | decay steps | Σ ηλ | exp(−2Σηλ/(1−μ)) | decay alone, step by step | "
+          "measured mean β (3 seeds) |")
+    print("|---|---|---|---|---|---|---|")
+    for stem, d in files.items():
+        st = d["settings"]
+        for name, opts in d["conditions"].items():
+            opts = opts if isinstance(opts, dict) else {"wd_off": opts}  # wd_switchoff: the switch-off point
+            no_reset = opts.get("method") == "signin" and opts.get("reset_until") == 0.0
+            if not (no_reset or "wd_off" in opts):
+                continue
+            runs = [r for r in d["runs"] if r["condition"] == name]
+            lam = opts.get("weight_decay", st["weight_decay"]) if opts.get("wd_off") != "none" else 0.0
+            lrs = _lr_schedule(st)
+            off = math.ceil(opts["wd_off"] * len(lrs)) if isinstance(opts.get("wd_off"), float) else None
+            dose = lam * sum(lrs[:off])
+            mu = st["momentum"]
+            measured = statistics.fmean(r["beta_per_epoch"][-1] for r in runs)
+            print(f"| {stem}: {name} | {lam:g} | {len(lrs) if off is None else off} | {dose:.4f} | "
+                  f"{math.exp(-2 * dose / (1 - mu)):.3f} | {decay_only_beta(lrs, lam, mu, off):.3f} | "
+                  f"{measured:.3f} |")
 
 
 def wd(d: dict) -> None:
@@ -170,6 +249,14 @@ def main(argv=None) -> int:
         d = load(ex / files[0])
         if d is not None:
             fn(d)
+    print("\n### Static random PaI against one-shot-pruned PILoT\n")
+    static, pruned = load(ex / "signin_vs_static_all.json"), load(ex / "pilot_oneshot.json")
+    if static is not None and pruned is not None:
+        pai_vs_pruned(static, pruned)
+    print("\n### Erosion of β without resets: measured and weight decay alone\n")
+    stems = ("signin_ablation", "signin_ablation_strong_wd_matched", "signin_ablation_strong_wd", "wd_switchoff")
+    files = {stem: load(ex / f"{stem}.json") for stem in stems}
+    beta_erosion({stem: d for stem, d in files.items() if d is not None})
     print("\n### Sign-In ablation\n")
     d = load(ex / "signin_ablation.json")
     if d is not None:

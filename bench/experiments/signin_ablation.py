@@ -1,5 +1,5 @@
 """Sign-In ablation: reset period, optimizer-state policy at a reset (keep / zero / transform), and the
-two knobs METHODS.md leaves open that most change the dynamics (β and the learning rate of m ⊙ w).
+two knobs the papers leave open that most change the dynamics (β and the learning rate of m ⊙ w).
 
     python bench/experiments/signin_ablation.py            # default (about 15-20 min on 2 cores)
     python bench/experiments/signin_ablation.py --quick    # smoke test (seconds)

@@ -7,9 +7,9 @@ on the m ⊙ w parameterization.
 Every Linear weight of LeNet-300-100 is trained as θ = m ⊙ w (β = 1) with weight decay λ on m and w
 and no other regulariser (the PILoT parameterization with α = 0 and no pruning at the end). Conditions
 differ only in when λ becomes 0. Reported per condition: test accuracy, ‖θ‖₁, mean β = m² − w² (the
-accumulated decay shrinks it: the implicit bias moves from L2 to L1, METHODS.md §3), the fraction of
-|θ| < 1e-3, and the accuracy after a one-shot global magnitude prune to 90 % sparsity (an L1-like bias
-makes θ easier to prune). Writes wd_switchoff.json and wd_switchoff.png.
+accumulated decay shrinks it: the implicit bias moves from L2 to L1, as the paper describes), the
+fraction of |θ| < 1e-3, and the accuracy after a one-shot global magnitude prune to 90 % sparsity (an
+L1-like bias makes θ easier to prune). Writes wd_switchoff.json and wd_switchoff.png.
 """
 from __future__ import annotations
 

@@ -75,11 +75,16 @@ class ResetSchedule:
 
 
 class WeightDecaySwitchOff:
-    """λ_t = λ for t < T_off, 0 afterwards, with T_off = at · total_steps; logs the dose A = Σ η_k λ_k.
+    """λ_t = λ for t < T_off, 0 afterwards, with T_off = ⌈at · total_steps⌉; logs the dose A = Σ η_k λ_k.
 
-    Call :meth:`after_step` after every optimizer step (the method registers it as a step hook): it adds
-    this step's η·λ to each group's dose (tensor arithmetic: no device sync) and switches the groups'
-    weight decay off once ``at · total_steps`` steps are done. ``at >= 1`` never switches off (dose only).
+    Call :meth:`begin` before the first step and :meth:`after_step` after every optimizer step (the
+    method does both: ``apply`` and a step hook). ``after_step`` adds this step's η·λ to each group's dose
+    (tensor arithmetic: no device sync); both switch the weight decay off once T_off steps are done, so
+    ``at=0`` never decays, not even on step 1, and ``at >= 1`` never switches off (dose only).
+
+    It switches off every parameter group's ``weight_decay``: whatever the optimizer decays (the factors
+    m, w, and also plain weights, biases and norm parameters where their group has a decay). A group
+    created with ``weight_decay=0`` is left as it is.
     """
 
     def __init__(self, at: float = 0.5, total_steps: int = 1) -> None:
@@ -94,19 +99,31 @@ class WeightDecaySwitchOff:
     def off_step(self) -> int:
         return math.ceil(self.at * self.total_steps)
 
+    def begin(self, optimizer, steps_done: int = 0) -> None:
+        """Before training (or before step ``steps_done + 1``): switch off now if T_off steps are done."""
+        self._ensure_dose(optimizer)
+        self._switch_if_due(optimizer, steps_done)
+
     def after_step(self, optimizer, step: int) -> None:
+        self._ensure_dose(optimizer)
+        for d, g in zip(self._dose, optimizer.param_groups):
+            if g["weight_decay"]:
+                d.add_(g["lr"].to(d.device) * g["weight_decay"])
+        self._switch_if_due(optimizer, step)
+
+    def _ensure_dose(self, optimizer) -> None:
         groups = optimizer.param_groups
         if len(self._dose) != len(groups):
             self._dose = [torch.zeros((), dtype=torch.float64, device=g["lr"].device) for g in groups]
-        for d, g in zip(self._dose, groups):
-            if g["weight_decay"]:
-                d.add_(g["lr"].to(d.device) * g["weight_decay"])
-        if not self.switched and self.at < 1.0 and step >= self.off_step:
+
+    def _switch_if_due(self, optimizer, steps_done: int) -> None:
+        groups = optimizer.param_groups
+        if not self.switched and self.at < 1.0 and steps_done >= self.off_step:
             self.saved = [float(g["weight_decay"]) for g in groups]
             for g in groups:
                 g["weight_decay"] = 0.0
             self.switched = True
-            self.switch_step = step
+            self.switch_step = steps_done
 
     def dose(self) -> list[float]:
         """Accumulated Σ η_k λ_k per parameter group."""

@@ -1,1 +1,0 @@
-"""Triton kernels, installed as `sparse_engine.kernels`. Importing this package imports no kernel."""
