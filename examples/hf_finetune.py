@@ -32,9 +32,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-POSITIVE = ("good", "great", "fine", "superb", "lovely", "brilliant", "pleasant", "excellent", "happy", "nice")
+POSITIVE = ("good", "great", "fine", "superb", "lovely", "brilliant", "pleasant", "excellent", "happy",
+            "nice")
 NEGATIVE = ("bad", "awful", "poor", "dull", "terrible", "boring", "weak", "sad", "nasty", "horrible")
-FILLER = tuple(f"f{i}" for i in range(80)) + ("the", "a", "movie", "plot", "actor", "scene", "was", "and", "very")
+FILLER = tuple(f"f{i}" for i in range(80)) + ("the", "a", "movie", "plot", "actor", "scene", "was", "and",
+                                              "very")
 NEGATION = "not"
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 
@@ -90,11 +92,12 @@ def build_base(transformers, opts: Options) -> str:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
         ("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                                     cls_token="[CLS]", sep_token="[SEP]")
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=opts.hidden, num_hidden_layers=opts.layers,
-                                     num_attention_heads=max(1, opts.hidden // 64), intermediate_size=4 * opts.hidden,
-                                     max_position_embeddings=max(64, opts.seq_len), num_labels=2)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=opts.hidden, num_hidden_layers=opts.layers,
+        num_attention_heads=max(1, opts.hidden // 64), intermediate_size=4 * opts.hidden,
+        max_position_embeddings=max(64, opts.seq_len), num_labels=2)
     torch.manual_seed(opts.seed)
     path = os.path.join(opts.out, "base")
     transformers.BertForSequenceClassification(config).save_pretrained(path)
@@ -130,9 +133,9 @@ def fine_tune(transformers, base: str, train: Encoded, opts: Options, method_nam
     steps = opts.epochs * math.ceil(len(train) / opts.batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / steps))
     args = transformers.TrainingArguments(
-        output_dir=os.path.join(opts.out, f"trainer-{method_name or 'dense'}"), per_device_train_batch_size=opts.batch,
-        num_train_epochs=opts.epochs, logging_steps=max(1, steps // 10), save_strategy="no", report_to="none",
-        use_cpu=True, seed=opts.seed, disable_tqdm=True, dataloader_num_workers=0)
+        output_dir=os.path.join(opts.out, f"trainer-{method_name or 'dense'}"),
+        per_device_train_batch_size=opts.batch, num_train_epochs=opts.epochs, logging_steps=max(1, steps // 10),
+        save_strategy="no", report_to="none", use_cpu=True, seed=opts.seed, disable_tqdm=True, dataloader_num_workers=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train, optimizers=(opt, sched),
                                    callbacks=callbacks)
     trainer.remove_callback(transformers.PrinterCallback)  # the logs stay in trainer.state.log_history
@@ -221,9 +224,10 @@ def run(opts: Options) -> dict:
 
 def report(res: dict) -> str:
     acc, size, spf = res["accuracy"], res["weight_file_bytes"], res["seconds_per_forward"]
+    o = res["options"]
     lines = [
-        f"BERT {res['options']['layers']}x{res['options']['hidden']} fine-tuned {res['options']['epochs']} epochs on "
-        f"{res['options']['n_train']} generated sentences (test {res['options']['n_test']}); torch "
+        f"BERT {o['layers']}x{o['hidden']} fine-tuned {o['epochs']} epochs on "
+        f"{o['n_train']} generated sentences (test {o['n_test']}); torch "
         f"{res['torch']}, transformers {res['transformers']}; load average {res['loadavg']}",
         f"Sign-In: density {res['density']:.3f}, {int(res['resets'])} resets; extracted layer formats "
         f"{res['extracted_formats']}; reloaded logits identical to the extracted model: "

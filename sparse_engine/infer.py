@@ -311,7 +311,8 @@ class InferModule(nn.Module):
         if record is not None:
             _, rec = records.decode(record, "InferModule")
             if rec["type"] != type(self).__name__:
-                raise ValueError(f"the checkpoint holds an {rec['type']}, this layer is an {type(self).__name__}")
+                raise ValueError(f"the checkpoint holds an {rec['type']}, this layer is an "
+                                 f"{type(self).__name__}")
             return rec["storage"], rec
         if "weight" in keys:
             return "dense", None
