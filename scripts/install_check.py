@@ -22,7 +22,7 @@ STAMP = Path(".venv") / "sparse_engine-install.sha256"
 INSTALL_INPUTS = ("pyproject.toml", "setup.py", "csrc")
 # The pinned stack setup.sh installs first, and the modules the install's extras (test, hf, plot) bring.
 STACK = ("torch", "triton", "numpy")
-EXTRAS = ("pytest", "ninja", "pybind11", "transformers", "matplotlib")
+EXTRAS = ("pytest", "ninja", "pybind11", "transformers", "accelerate", "safetensors", "matplotlib")
 
 
 def stamp(root: Path) -> str:

@@ -28,7 +28,8 @@ _EXPORTS = {
     "extract": "sparse_engine.export",
     "save": "sparse_engine.export",
     "load": "sparse_engine.export",
-    "layer_stats": "sparse_engine.diagnostics",
+    "layer_stats": "sparse_engine.nn.diagnostics",
+    "from_pretrained": "sparse_engine.integrations.hf.pretrained",
 }
 
 #: the library's subpackages, imported on first attribute access

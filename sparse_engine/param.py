@@ -15,10 +15,12 @@ Storage: the weight is viewed as 2-D (N, K) (Conv: out × in/groups·kh·kw).
 β is a buffer (float64, 0-dim) so that ``state_dict`` round-trips it exactly. β = 0 is accepted (the
 balanced "spred" start that METHODS.md §2 compares against); a coordinate at θ = 0 then never moves.
 
-Checkpoints: ``state_dict`` holds m, w, the mask or the index tensors, β and an ``_extra_state`` entry
-(kind, layout, weight shape, block shape) that ``load_state_dict`` checks, so a checkpoint never loads
-into a parameterization of another kind or shape. A compact-layout module accepts a checkpoint with a
-different number of active coordinates (the tensors are resized in place: Parameter objects are kept).
+Checkpoints: ``state_dict`` holds tensors only: m, w, the mask or the index tensors, β and an
+``_extra_state`` record (kind, storage, block shape, weight shape as one int64 tensor, see
+:mod:`sparse_engine.records`) that ``load_state_dict`` checks before it changes anything, so a checkpoint
+never loads into a parameterization of another kind or shape. A compact-layout module accepts a checkpoint
+with a different number of active coordinates (the tensors are resized in place: Parameter objects are
+kept). Checkpoints written before the record existed (a dict) still load.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, records
 from .checks import check_choice
 from .layout import BSRIndex, CSRIndex
 from .ops.reference import factorize_ref
@@ -274,20 +276,37 @@ class Parameterization(nn.Module):
 
     # ---------------------------------------------------------------------------------- checkpoints
 
-    def get_extra_state(self) -> dict:
-        return {"kind": self.kind, "layout": self.layout, "weight_shape": list(self.weight_shape),
-                "block_shape": list(self.block_shape)}
+    def get_extra_state(self) -> Tensor:
+        """The structure record (kind, storage, block shape, weight shape): one int64 tensor."""
+        return records.encode("Parameterization", kind=self.kind, storage=self.layout, block_n=self.block_shape[0],
+                              block_k=self.block_shape[1], shape=self.weight_shape)
 
-    def set_extra_state(self, state: dict) -> None:
-        mine = (("kind", self.kind), ("layout", self.layout), ("weight_shape", list(self.weight_shape)))
-        for key, have in mine:
-            got = state.get(key) if isinstance(state, dict) else None
-            if got != have:
-                raise ValueError(f"checkpoint has {key}={got!r} but this parameterization has {key}={have!r}")
-        self.block_shape = tuple(state["block_shape"])
+    def set_extra_state(self, state: Tensor | dict) -> None:
+        self.block_shape = self.check_record(state)
+
+    def check_record(self, state: Tensor | dict, storage: bool = True) -> tuple[int, int]:
+        """Raise ValueError unless a checkpoint's record fits this parameterization (kind, weight shape and,
+        with ``storage``, the storage layout); returns its block shape. Old checkpoints hold a dict."""
+        if isinstance(state, dict):
+            got = {"kind": state.get("kind"), "layout": state.get("layout"),
+                   "weight_shape": tuple(state.get("weight_shape") or ()), "block_shape": state.get("block_shape")}
+        else:
+            _, rec = records.decode(state, "Parameterization")
+            got = {"kind": rec["kind"], "layout": rec["storage"], "weight_shape": rec["shape"],
+                   "block_shape": (rec["block_n"], rec["block_k"])}
+        mine = {"kind": self.kind, "weight_shape": self.weight_shape}
+        if storage:
+            mine["layout"] = self.layout
+        for key, have in mine.items():
+            if got[key] != have:
+                raise ValueError(f"checkpoint has {key}={got[key]!r} but this parameterization has {key}={have!r}")
+        return tuple(got["block_shape"])
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        record = state_dict.get(prefix + "_extra_state")
+        if record is not None:  # before anything changes: a checkpoint of another kind or shape loads nothing
+            self.check_record(record)
         # The dense mask may be None (PILoT before pruning) here and set in the checkpoint, or the reverse.
         key = prefix + "mask"
         if self.layout == "dense":

@@ -9,28 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-transformers = pytest.importorskip(
-    "transformers", reason="transformers is not installed (pip install -e '.[hf]'); the HF tests need it"
-)
+from _hf import bert_config, import_transformers  # noqa: E402
 
-from sparse_engine import diagnostics  # noqa: E402
+transformers = import_transformers()
+
+from sparse_engine.nn import diagnostics  # noqa: E402
 from sparse_engine.nn import SparseLinear, sparsify  # noqa: E402
 from sparse_engine.nn.linear import SparseModule  # noqa: E402
 
 
 def tiny_config(**kw):
-    return transformers.BertConfig(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        **kw,
-    )
+    return bert_config(transformers, **kw)
 
 
 def linears(model):

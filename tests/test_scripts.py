@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("pytest", "ninja", "pybind11", "transformers", "matplotlib")  # what setup.sh checks for
+# what setup.sh checks for
+EXTRAS = ("pytest", "ninja", "pybind11", "transformers", "accelerate", "safetensors", "matplotlib")
 
 
 def _script(path: Path, body: str) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_engine import diagnostics
+from sparse_engine.nn import diagnostics
 from sparse_engine.app.models import BasicBlock as Block  # conv-bn-relu, conv-bn, (projected) residual, relu
 from sparse_engine.nn import SparseConv2d, SparseLinear, SparsifyReport, sparsify
 from sparse_engine.nn.linear import SparseModule, is_block_aligned

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from common import cpu_name, git_commit
 
 from sparse_engine.app import data as data_mod
-from sparse_engine.diagnostics import layer_stats
+from sparse_engine.nn.diagnostics import layer_stats
 from sparse_engine.optim import parameterizations
 from sparse_engine.app.config import TrainConfig, build_model_and_method, load_data
 from sparse_engine.app.loop import evaluate

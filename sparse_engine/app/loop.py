@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diagnostics import layer_stats
+from ..nn.diagnostics import layer_stats
 from ..methods import Method
 from ..optim import NonFiniteGradError, parameterizations
 from . import checkpoint as ck

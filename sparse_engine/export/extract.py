@@ -66,14 +66,18 @@ def _kind_of(mod: nn.Module) -> str:
     raise ValueError(f"cannot extract {type(mod).__name__} with weight shape {shape}: not a Linear, Conv1d or Conv2d")
 
 
-def _conv_args(mod: nn.Module) -> dict[str, Any]:
+def conv_args(mod: nn.Module) -> dict[str, Any]:
+    """The geometry of a convolution (stride, padding, dilation, groups, padding mode) as the inference
+    layers take it."""
     return {"stride": tuple(mod.stride), "padding": mod.padding if isinstance(mod.padding, str) else tuple(mod.padding),
             "dilation": tuple(mod.dilation), "groups": int(mod.groups),
             "padding_mode": getattr(mod, "padding_mode", "zeros")}
 
 
-def _build(kind: str, theta: Tensor, mask: Tensor | None, bias: Tensor | None, format: str,
-           conv: dict | None, block_shape, nm=(2, 4)) -> InferModule:
+def build_layer(kind: str, theta: Tensor, mask: Tensor | None, bias: Tensor | None, format: str,
+                conv: dict | None, block_shape, nm=(2, 4)) -> InferModule:
+    """The inference layer of ``kind`` ("linear", "conv1d", "conv2d") holding θ (masked) in ``format``:
+    the one builder of extract, extract_dense and the Hugging Face loader."""
     if kind == "linear":
         return InferLinear(theta, bias, format, mask, block_shape=block_shape, nm=nm)
     cls = InferConv2d if kind == "conv2d" else InferConv1d
@@ -283,7 +287,7 @@ def _extract_layer(name: str, mod: nn.Module, theta: Tensor, mask: Tensor | None
         raise ValueError(f"{where}: θ holds NaN or inf ({int((~torch.isfinite(theta)).sum())} entries); the "
                          "training diverged or the weights are corrupt: refusing to extract them")
     kind = _kind_of(mod)
-    conv = _conv_args(mod) if kind != "linear" else None
+    conv = conv_args(mod) if kind != "linear" else None
     bias = None if getattr(mod, "bias", None) is None else mod.bias.detach()
     if mask is None:
         mask = torch.ones(theta.shape, dtype=torch.bool, device=theta.device)
@@ -295,7 +299,7 @@ def _extract_layer(name: str, mod: nn.Module, theta: Tensor, mask: Tensor | None
     grouped = conv is not None and conv["groups"] != 1
 
     def make(f: str) -> Callable[[], InferModule]:
-        return lambda: _build(kind, theta, mask, bias, f, conv, block_shape)
+        return lambda: build_layer(kind, theta, mask, bias, f, conv, block_shape)
 
     info: dict[str, Any] = {"density": float(mask.float().mean())}
     if fmt != "auto":
@@ -356,7 +360,7 @@ def extract_dense(model: nn.Module) -> nn.Module:
         w = mod.weight.detach()
         bias = None if mod.bias is None else mod.bias.detach()
         every = torch.ones(w.shape, dtype=torch.bool, device=w.device)
-        new = _build(kind, w, every, bias, "dense", _conv_args(mod) if kind != "linear" else None, (32, 32))
+        new = build_layer(kind, w, every, bias, "dense", conv_args(mod) if kind != "linear" else None, (32, 32))
         new.extract_info = {"format": "dense", "reason": "trained dense (nothing pruned)", "density": 1.0,
                             "times": {}}
         built[name] = new

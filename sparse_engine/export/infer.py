@@ -21,9 +21,11 @@ Convolutions run dense through ``F.conv*``; their sparse formats run im2col (``F
 same matrix product over the (out, in·kh·kw) view of θ. Grouped convolutions only have the dense format.
 
 State: values and bias are ``nn.Parameter`` (requires_grad=False) so that ``parameters()`` counts what
-the model holds; index tensors are buffers. Only ``crow``/``col`` (or ``idx``/``valid``) are persistent:
-``state_dict`` stays proportional to nnz, and loading one rebuilds the derived fields (and resizes the
-module if the pattern differs).
+the model holds; index tensors are buffers. ``state_dict`` holds what :func:`sparse_engine.save` writes
+(:meth:`InferModule.storage_tensors`: ``crow``/``col`` or ``idx``/``valid`` with the values, a dense weight
+as CSR where that is smaller) and an int64 record of format and storage, tensors only: its size is
+proportional to nnz whatever format runs, and safetensors / ``save_pretrained`` can write it. Loading one
+rebuilds the layer in its own format, device and dtype (any nnz, any storage; derived fields rebuilt).
 """
 from __future__ import annotations
 
@@ -34,12 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from .. import ops, records
 from ..layout import FORMATS, BSRIndex, CSRIndex, NMIndex, matrix_shape
 
 __all__ = ["FORMATS", "InferConv1d", "InferConv2d", "InferLinear", "InferModule", "semi_structured_support"]
 
 _DERIVED = ("row", "ccol", "row_t", "perm")
+#: the tensors of each storage (besides the bias) that a state dict / file holds
+_STORAGE_KEYS = {"dense": ("weight",), "csr": ("values", "crow", "col"), "bsr": ("values", "crow", "col"),
+                 "nm": ("values", "idx", "valid")}
 
 
 def _check_format(format: str) -> str:
@@ -245,31 +250,81 @@ class InferModule(nn.Module):
 
     # ---------------------------------------------------------------------------------- state_dict
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # What the compact file holds (storage_tensors: file size ∝ nnz whatever format runs) plus a record
+        # of the format and storage: tensors only, so safetensors / save_pretrained can write it.
+        storage, tensors = self.storage_tensors()
+        for k, t in tensors.items():
+            own = self._parameters.get(k) if keep_vars else None
+            destination[prefix + k] = own if own is not None and own.shape == t.shape else t
+        destination[prefix + "_extra_state"] = self._record(storage)
+
+    def _record(self, storage: str) -> Tensor:
+        bn, bk = self.block_shape or (0, 0)
+        n, m = self.nm or (0, 0)
+        return records.encode("InferModule", type=type(self).__name__, format=self.format, storage=storage,
+                              block_n=bn, block_k=bk, nm_n=n, nm_m=m)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # A pattern of another nnz is still a valid state: resize the storage, rebuild the derived index.
-        if self.format in ("csr", "bsr") and all(prefix + k in state_dict for k in ("values", "crow", "col")):
-            try:
-                tensors = {"crow": state_dict[prefix + "crow"], "col": state_dict[prefix + "col"]}
-                if self.format == "csr":
-                    index = CSRIndex.from_tensors(self.shape2d, tensors)
-                else:
-                    tensors["block_shape"] = torch.tensor(self.block_shape, dtype=torch.int64)
-                    index = BSRIndex.from_tensors(self.shape2d, tensors)
-            except ValueError as e:
-                error_msgs.append(f"{prefix}: invalid index in state_dict: {e}")
-                return
-            device = self.values.device
-            index = index.to(device)
-            values = state_dict[prefix + "values"]
-            self.values = nn.Parameter(torch.empty(values.shape, dtype=self.values.dtype, device=device),
-                                       requires_grad=False)
-            for f in ("crow", "col") + _DERIVED:
-                setattr(self, f, getattr(index, f))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if self.format == "nm":
-            self._refresh_semi()
+        # The layer is rebuilt from the stored tensors (any storage, any nnz) by from_file, which validates
+        # them; it keeps its own format, device and dtype.
+        mine = {k[len(prefix):] for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if not mine:  # nothing of this layer (its record stands for all of it)
+            missing_keys.append(prefix + "_extra_state")
+            return
+        try:
+            storage, rec = self._stored_storage(state_dict.get(prefix + "_extra_state"), mine)
+        except ValueError as e:
+            error_msgs.append(f"{prefix or 'model'}: {e}")
+            return
+        needed = list(_STORAGE_KEYS[storage]) + (["bias"] if "bias" in mine or self.bias is not None else [])
+        absent = [k for k in needed if k not in mine]
+        if absent:
+            missing_keys.extend(prefix + k for k in absent)
+            return
+        if strict:
+            unexpected_keys.extend(prefix + k for k in sorted(mine - set(needed) - {"_extra_state"}))
+        spec = self.file_spec()
+        if storage == "bsr" and rec is not None:
+            spec["block_shape"] = [rec["block_n"], rec["block_k"]]
+        if storage == "nm" and rec is not None:
+            spec["nm"] = [rec["nm_n"], rec["nm_m"]]
+        spec["bias"] = "bias" in needed
+        try:
+            new = type(self).from_file(spec, storage, {k: state_dict[prefix + k] for k in needed})
+        except (ValueError, KeyError, TypeError) as e:
+            error_msgs.append(f"{prefix or 'model'}: cannot load the stored layer: {e}")
+            return
+        ref = self.weight if self.format == "dense" else self.values
+        self._take_storage(new.to(device=ref.device, dtype=ref.dtype))
+
+    def _stored_storage(self, record: Tensor | None, keys: set[str]) -> tuple[str, dict | None]:
+        """(storage of the state dict, its record or None) for this layer's keys (state dicts written before
+        records existed: told apart by their keys)."""
+        if record is not None:
+            _, rec = records.decode(record, "InferModule")
+            if rec["type"] != type(self).__name__:
+                raise ValueError(f"the checkpoint holds an {rec['type']}, this layer is an "
+                                 f"{type(self).__name__}")
+            return rec["storage"], rec
+        if "weight" in keys:
+            return "dense", None
+        if "idx" in keys:
+            return "nm", None
+        return (self.format if self.format in ("csr", "bsr") else "csr"), None
+
+    def _take_storage(self, new: InferModule) -> None:
+        """Adopt ``new``'s tensors and format (the module object, its hooks and mode stay)."""
+        for name in ("weight", "values", "bias"):
+            self._parameters.pop(name, None)
+        for name in ("crow", "col", "idx", "valid") + _DERIVED:
+            self._buffers.pop(name, None)
+            self._non_persistent_buffers_set.discard(name)
+        self._parameters.update(new._parameters)
+        self._buffers.update(new._buffers)
+        self._non_persistent_buffers_set |= new._non_persistent_buffers_set
+        self.format, self.block_shape, self.nm, self._semi = new.format, new.block_shape, new.nm, new._semi
 
     # ------------------------------------------------------------------------------------- files
 

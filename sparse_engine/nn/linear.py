@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from .. import ops, records
 from ..checks import check_choice, check_positive_int
 from ..layout import (LAYOUTS, BSRIndex, CSRIndex, check_block_shape, check_mask, expand_block_mask,
                       reduce_to_blocks)
@@ -428,6 +428,24 @@ class SparseModule(nn.Module):
 
     # ------------------------------------------------------------------------------ checkpoints
 
+    def get_extra_state(self) -> Tensor:
+        """This layer's options (type, layout and its resolution, block shape, seed, β, PILoT's target
+        density) as one int64 tensor (:mod:`sparse_engine.records`): what a loader needs to rebuild it."""
+        return records.encode(
+            "SparseModule", type=type(self).__name__, layout=self.layout, resolved=self._resolved,
+            block_n=self.block_shape[0], block_k=self.block_shape[1], seed=self.seed, beta=self.beta_init,
+            target_density=self.target_density,
+        )
+
+    def set_extra_state(self, state: Tensor) -> None:
+        # The checkpoint's seed, β and target density describe its weights: adopted. The layout stays this
+        # layer's own (its storage is restored by _after_load); an "auto" layer adopts the choice the saving
+        # process measured.
+        _, rec = records.decode(state, "SparseModule")
+        self.seed, self.beta_init, self.target_density = rec["seed"], rec["beta"], rec["target_density"]
+        if self.layout == "auto" and rec["layout"] == "auto":
+            self._loaded_resolved = rec["resolved"]
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
@@ -435,7 +453,16 @@ class SparseModule(nn.Module):
         # process that saved it) or another number of active weights: adopt its structure first, so
         # that the tensors load exactly; an explicit layout is restored afterwards (post hook).
         p = prefix + "param."
+        if p + "w" not in state_dict and prefix + "weight" in state_dict:
+            raise ValueError(
+                f"{prefix[:-1] or 'model'}: the checkpoint holds a dense weight ({prefix}weight) but this layer is a "
+                f"{type(self).__name__} (kind={self.kind}, layout={self.layout}): load the checkpoint into the "
+                "dense model, then sparsify it"
+            )
         if p + "w" in state_dict:
+            record = state_dict.get(p + "_extra_state")
+            if record is not None:  # kind and shape first: a mismatch changes nothing
+                self.param.check_record(record, storage=False)
             try:
                 self._adopt_structure(state_dict, p)
             except (ValueError, RuntimeError) as e:
@@ -443,6 +470,9 @@ class SparseModule(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        key = prefix + "_extra_state"
+        if key not in state_dict and key in missing_keys:  # written before layers had a record
+            missing_keys.remove(key)
 
     def _adopt_structure(self, state_dict, p: str) -> None:
         # Same storage: the parameterization loads (and resizes) by itself. Another storage: convert
@@ -471,9 +501,8 @@ class SparseModule(nn.Module):
 
     @staticmethod
     def _after_load(module: "SparseModule", incompatible) -> None:
-        storage = getattr(module, "_loaded_storage", None)
+        storage = module.__dict__.pop("_loaded_storage", None)
         if storage is not None:
-            del module._loaded_storage
             want = (
                 module.layout if module.layout in _COMPACT else ("dense" if module.layout != "auto" else None)
             )
@@ -481,6 +510,9 @@ class SparseModule(nn.Module):
                 module._resolved = storage if storage in _COMPACT else None
             elif want != storage:
                 module._set_storage(want)
+        resolved = module.__dict__.pop("_loaded_resolved", "unset")
+        if resolved != "unset" and (resolved if resolved in _COMPACT else "dense") == module.storage:
+            module._resolved = resolved  # the saved choice, where the storage allows it
         module._block_key = None
         module._refresh_block_index()
 

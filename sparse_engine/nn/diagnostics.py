@@ -15,7 +15,7 @@ import math
 
 from torch import nn
 
-from .param import sparse_layers
+from ..param import sparse_layers
 
 _COLUMNS = (
     "name",
