@@ -121,7 +121,7 @@ def test_pilot_alpha_controller_and_prune_inside_trainer(tmp_path):
     # the prune: at the last step, in that step's log, to the target density
     assert last["sparse/pruned_to"] == 0.25 and abs(last["sparse/density"] - 0.25) < 0.01
     assert all("sparse/pruned_to" not in r for s, r in rows.items() if s < 2 * STEPS_PER_EPOCH)
-    assert abs(sparse_engine.diagnostics.summary(model)["density"] - 0.25) < 0.01
+    assert abs(sparse_engine.nn.diagnostics.summary(model)["density"] - 0.25) < 0.01
 
 
 @pytest.mark.slow

@@ -648,7 +648,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, device: str
             model = layers[""]
         else:
             model = _build_hf(arch) if isinstance(arch, dict) and "hf_class" in arch else _build(arch, layers)
-            _match_dtypes(model, state)  # a rebuilt model starts in the default dtype
+            match_dtypes(model, state)  # a rebuilt model starts in the default dtype
             _fill(model, layers, specs, state, path)
         if device is not None:
             model.to(device)
@@ -691,7 +691,7 @@ def _fill(model: nn.Module, layers: dict[str, InferModule], specs: dict[str, dic
     _load_state(model, layers, state, path, strict_dtypes=False)
 
 
-def _match_dtypes(model: nn.Module, state: dict[str, Tensor]) -> None:
+def match_dtypes(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Cast the floating tensors of a freshly built model to the dtypes stored in the file."""
     own = model.state_dict(keep_vars=True)
     for key, t in state.items():

@@ -316,6 +316,12 @@ class SparseModule(nn.Module):
         mask = self.mask2d()
         return w, torch.where(mask, index.scatter(p.m.detach()), fill)
 
+    def declare_layout(self, layout: str) -> None:
+        """Set the layout option (``"auto"``: not chosen yet) without converting the storage: for an empty
+        layer about to load a state dict, which brings its own storage."""
+        self.layout = check_choice("layout", layout, LAYOUTS)
+        self._resolved = None if layout == "auto" else layout
+
     def use_layout(self, layout: str) -> None:
         """Switch the compute layout (the automatic choice, or a resumed run restoring it); storage follows."""
         storage = layout if layout in _COMPACT else "dense"

@@ -105,9 +105,9 @@ def from_pretrained(path: str | os.PathLike, model_class: type | None = None, *,
     for name, (schema, rec) in layers.items():
         _place(model, name, schema, rec, state, replace=built)
     if built:
-        from ...io import _match_dtypes
+        from ...export.io import match_dtypes
 
-        _match_dtypes(model, state)
+        match_dtypes(model, state)
     result = model.load_state_dict(state, strict=False)
     _check_load(model, state, result.missing_keys, result.unexpected_keys, os.fspath(path))
     if device is not None:
@@ -161,8 +161,7 @@ def _sparse_layer(dense: nn.Module, rec: dict, state: dict[str, Tensor], name: s
     cls = _SPARSE[rec["type"]]
     new = cls.from_dense(dense, kind=_param_kind(state, name), beta=rec["beta"], block_shape=(rec["block_n"],
                          rec["block_k"]), seed=rec["seed"])
-    new.layout = rec["layout"]
-    new._resolved = None if rec["layout"] == "auto" else rec["layout"]
+    new.declare_layout(rec["layout"])
     return new
 
 
