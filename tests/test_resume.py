@@ -272,6 +272,19 @@ def test_api_resume_refuses_a_different_configuration(finished_run):
         train(TrainConfig(**dict(BASE, method="pilot", epochs=1)), other, write=False, resume=finished_run)
 
 
+def _largest_tensor_data(path: Path) -> int:
+    """Offset of the middle of the largest tensor's bytes in a torch.save file (a zip archive): the
+    middle of the file may be zip structure or alignment padding, which torch.load never reads."""
+    import zipfile
+
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    off = info.header_offset  # local file header: 30 bytes, then the name and the extra field
+    data = off + 30 + int.from_bytes(raw[off + 26:off + 28], "little") + int.from_bytes(raw[off + 28:off + 30], "little")
+    return data + info.file_size // 2
+
+
 def _bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
     raw = (good / CHECKPOINT_FILE).read_bytes()
     files: dict[str, tuple[Path, str]] = {}
@@ -284,7 +297,8 @@ def _bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
     add("empty.pt", b"", "not a torch.save file")
     add("truncated.pt", raw[: len(raw) // 2], "corrupt or truncated")
     flipped = bytearray(raw)
-    for i in range(len(raw) // 2, len(raw) // 2 + 8):  # inside tensor data: torch.load does not notice
+    start = _largest_tensor_data(good / CHECKPOINT_FILE)
+    for i in range(start, start + 8):  # inside tensor data: torch.load does not notice
         flipped[i] ^= 0x10
     add("flipped.pt", bytes(flipped), "corrupt")
     assert cli.main(["export", str(good), "--format", "dense", "--out", str(tmp_path / "model.sparse")]) == 0
