@@ -3,7 +3,7 @@
 Dense to sparse: every sparsified weight is trained as θ = m ⊙ w, factored with β = 1, with the extra
 regulariser α_t(‖m‖² + ‖w‖²) on both factors (the optimizer's α, separate from weight decay). The
 implicit bias of m ⊙ w moves from L2 to L1 as the accumulated regularisation grows, so θ becomes
-sparse-ish while training; at the end θ is magnitude-pruned to the target density (METHODS.md §2).
+sparse-ish while training; at the end θ is magnitude-pruned to the target density.
 
 * α schedule: the controller of Algorithm 1 (once per epoch, fed the train accuracy and ‖θ‖₁; see
   optim.schedules.AlphaController) or a fixed schedule (constant, harmonic, quadratic, geometric).

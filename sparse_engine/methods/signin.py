@@ -2,8 +2,8 @@
 
 Pruning at initialisation with sign flips: a random mask is fixed, every active weight is trained as
 θ = m ⊙ w factored with m² − w² = β (β = 1), and every ``reset_every`` epochs (or steps) θ is
-re-factored back to β, leaving θ unchanged (METHODS.md §1). Training erodes β (weight decay and
-gradient noise shrink it every step, METHODS.md §0); a small β freezes the signs of θ, the reset
+re-factored back to β, leaving θ unchanged. Training erodes β (weight decay and
+gradient noise shrink it every step); a small β freezes the signs of θ, the reset
 restores the ability to flip them.
 
 [open] choices and their defaults (see the README for the measurements behind them):

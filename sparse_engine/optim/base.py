@@ -81,7 +81,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             ``"params"`` may also hold modules: their parameters are used and their roles bound.
         defaults: per-group hyperparameters (each subclass validates its own).
         factor_lr: with a model, put the factors m, w of Sign-In / PILoT weights in their own group with
-            this learning rate (the products m ⊙ w move at a rate ∝ m² + w², see METHODS.md §0).
+            this learning rate (the products m ⊙ w move at a rate ∝ m² + w² = sqrt(β² + 4θ²)).
         nonfinite: "skip" or "raise" (module docstring).
         reset_policy: default state policy of :meth:`signin_reset`: "keep", "zero" or "transform".
     """
