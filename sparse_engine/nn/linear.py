@@ -124,12 +124,13 @@ class SparseModule(nn.Module):
     def _draw_mask(self, density: float, device) -> Tensor:
         """A random mask at ``density``: exact to one weight for the element layouts; for the block
         layouts the nearest whole number of blocks, with a warning naming the achieved density when
-        whole blocks cannot come within half a block of it; refused when it would keep no weight."""
+        whole blocks cannot come within half a block of it, refused when no whole block would be kept (a
+        warning when an element layout keeps no weight)."""
         shape, numel = self.weight_shape, math.prod(self.weight_shape)
         if self.layout not in ("block", "bsr"):
-            if round(density * numel) == 0:
-                raise ValueError(f"density={density:g} keeps no weight of the {tuple(shape)} weight ({numel} "
-                                 f"weights); give density >= {0.5 / numel:.3g}")
+            if round(density * numel) == 0:  # exact to one weight, yet nothing trains: say so
+                warnings.warn(f"{type(self).__name__}: density={density:g} keeps no weight of the {tuple(shape)} "
+                              f"weight ({numel} weights; density >= {0.5 / numel:.3g} keeps one)", stacklevel=4)
             return _random_mask(shape, density, seed=self.seed, device=device)
         mask = _random_block_mask(shape, self.block_shape, density, seed=self.seed, device=device)
         kept, block = int(mask.sum()), self.block_shape[0] * self.block_shape[1]
