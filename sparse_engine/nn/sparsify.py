@@ -204,25 +204,8 @@ def sparsify(
     Returns:
         a :class:`SparsifyReport` (per layer: name, type, shape, density, nnz).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_choice("method", method, SPARSIFY_METHODS)
-    density = check_density(density)
-    check_choice("distribution", distribution, masks_mod.DISTRIBUTIONS)
-    check_choice("layout", layout, LAYOUTS)
-    block_shape = check_block_shape(block_shape)
-    if filter is not None and not callable(filter):
-        raise TypeError(f"filter must be callable (name, module) -> bool, got {type(filter).__name__}")
-    if not isinstance(mask, dict):
-        check_choice("mask", mask, masks_mod.SOURCES)
-    if mask_scope is not None:
-        check_choice("mask_scope", mask_scope, masks_mod.SCOPES)
-    if (isinstance(mask, dict) or mask != "random") and method not in ("static", "signin"):
-        raise ValueError(f"mask={_short(mask)} needs method 'static' or 'signin' (a fixed mask), got {method!r}")
-    if method == "pilot" and layout in ("block", "csr", "bsr"):
-        raise ValueError(
-            f"method='pilot' trains dense until pruned: layout must be 'dense' or 'auto', got {layout!r}"
-        )
+    density, block_shape = _check_args(model, method, density, distribution, layout, block_shape, filter,
+                                       mask, mask_scope)
 
     report = SparsifyReport(method, density, distribution, layout, seed)
     parents: dict[str, nn.Module] = {}
@@ -299,6 +282,30 @@ def sparsify(
             )
         )
     return report
+
+
+def _check_args(model, method, density, distribution, layout, block_shape, filter, mask, mask_scope):
+    """sparsify's argument checks (one line naming the argument); returns (density, block_shape)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_choice("method", method, SPARSIFY_METHODS)
+    density = check_density(density)
+    check_choice("distribution", distribution, masks_mod.DISTRIBUTIONS)
+    check_choice("layout", layout, LAYOUTS)
+    block_shape = check_block_shape(block_shape)
+    if filter is not None and not callable(filter):
+        raise TypeError(f"filter must be callable (name, module) -> bool, got {type(filter).__name__}")
+    if not isinstance(mask, dict):
+        check_choice("mask", mask, masks_mod.SOURCES)
+    if mask_scope is not None:
+        check_choice("mask_scope", mask_scope, masks_mod.SCOPES)
+    if (isinstance(mask, dict) or mask != "random") and method not in ("static", "signin"):
+        raise ValueError(f"mask={_short(mask)} needs method 'static' or 'signin' (a fixed mask), got {method!r}")
+    if method == "pilot" and layout in ("block", "csr", "bsr"):
+        raise ValueError(
+            f"method='pilot' trains dense until pruned: layout must be 'dense' or 'auto', got {layout!r}"
+        )
+    return density, block_shape
 
 
 def _short(mask) -> str:
