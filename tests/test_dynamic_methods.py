@@ -139,3 +139,32 @@ def test_bad_options_name_the_argument(bad, match):
     name, opts = bad
     with pytest.raises(ValueError, match=match):
         make_method(name, **opts)
+
+
+TINY = ["--data", "teacher", "--n-train", "384", "--n-test", "128", "--batch-size", "64", "--no-progress",
+        "--epochs", "2"]
+
+
+def test_the_cli_trains_every_new_mask_option(tmp_path, capsys):
+    import json
+
+    from sparse_engine.app import cli
+
+    def train(*args):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        code = cli.main(["train", *args, "--out", str(out), *TINY])
+        assert code == 0, capsys.readouterr().err
+        return json.loads((out / "result.json").read_text())
+
+    r = train("--method", "signin", "--dynamic", "rigl", "--update-every", "2", "--density", "0.2")
+    assert r["epochs"][-1]["mask_updates"] == 4 and r["epochs"][-1]["regrown"] > 0  # steps 2, 4, 6, 8 of 12
+    assert abs(r["density"] - 0.2) < 0.01
+    for source in ("magnitude", "snip", "synflow"):
+        r = train("--method", "static", "--mask", source, "--density", "0.3")
+        assert abs(r["density"] - 0.3) < 0.01, source
+    r = train("--method", "gmp", "--density", "0.3", "--prune-every", "2")
+    assert r["epochs"][-1]["density"] == pytest.approx(0.3) and abs(r["density"] - 0.3) < 0.01
+    r = train("--method", "acdc", "--signin", "--acdc-phase", "2", "--acdc-unit", "step", "--density", "0.3")
+    assert r["epochs"][-1]["sparse_phase"] is True and abs(r["density"] - 0.3) < 0.01
+    code = cli.main(["train", "--method", "signin", "--mask", str(tmp_path / "none.pt"), *TINY])
+    assert code != 0 and "mask must be one of" in capsys.readouterr().err
