@@ -238,12 +238,15 @@ class MaskUpdater:
     def _capture(self, name: str, module, x: Tensor, g: Tensor) -> None:
         """The layer's dense gradient ∂L/∂θ (formed here, freed on return) reduced to its best n inactive
         coordinates."""
-        theta = module.theta().detach()
-        with torch.enable_grad():
-            weight = theta.clone().requires_grad_(True)
-            xs, gs = x.to(theta.dtype), g.detach().to(theta.dtype)
-            out = module._conv(xs, weight, None) if hasattr(module, "_conv") else torch.nn.functional.linear(xs, weight)
-            (grad,) = torch.autograd.grad(out, weight, gs)
+        dtype = module.param.w.dtype
+        xs, gs = x.to(dtype), g.detach().to(dtype)
+        if hasattr(module, "_conv"):  # a convolution: let autograd form ∂L/∂θ of the dense op
+            with torch.enable_grad():
+                weight = module.theta().detach().clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(module._conv(xs, weight, None), weight, gs)
+        else:  # a linear layer: ∂L/∂θ = gᵀ x over every leading dim
+            n, k = module.param.shape2d
+            grad = gs.reshape(-1, n).t() @ xs.reshape(-1, k)
         score = grad.detach().abs().reshape(-1)
         active = module.mask2d().reshape(-1)
         score = torch.where(active, torch.full_like(score, -1.0), score)
