@@ -179,3 +179,90 @@ def _clone(obj):
 def test_bad_options_name_the_argument(bad, match):
     with pytest.raises(ValueError, match=match):
         make_method("signin", **bad)
+
+
+def test_step_in_backward_gives_the_same_dynamic_run():
+    runs = []
+    for attach in (False, True):
+        model, method, opt = _setup("signin", "dense", "rigl", update_every=5, steps=20)
+        if attach:
+            opt.attach()
+        for x, y in _data(20):
+            if not attach:
+                opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert method.updater.updates == 3
+        runs.append(model.state_dict())
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=0, atol=0)
+
+
+def test_rigl_on_a_convolution_keeps_density_and_grows_by_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 3)).double()
+    method = make_method("signin", density=0.3, distribution="uniform", dynamic="rigl", update_every=3,
+                         stop_at=1.0)
+    method.prepare(model)
+    opt = method.make_optimizer(model, "sgd", lr=0.05, momentum=0.9)
+    method.apply(model, opt, epochs=1, steps_per_epoch=10)
+    nnz = model[0].nnz()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(9):
+        x, y = torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
+        _step(model, opt, x, y)
+        assert model[0].nnz() == nnz
+    assert method.updater.updates == 3 and method.updater.regrown > 0
+    _check_pruned(model, opt)
+
+
+_DDP_WORKER = r'''
+import sys, torch, torch.distributed as dist
+from torch import nn
+sys.path.insert(0, sys.argv[3])
+from sparse_engine.methods import make_method
+from sparse_engine.param import sparse_layers
+
+def run(rank, world, init, out):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 4)).double()
+    method = make_method(sys.argv[4], density=0.3, distribution="uniform", dynamic=sys.argv[5], update_every=5,
+                         stop_at=1.0)
+    method.prepare(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = method.make_optimizer(model, "sgd", lr=0.05, momentum=0.9)
+    method.apply(model, opt, epochs=1, steps_per_epoch=20)
+    g = torch.Generator().manual_seed(100 + rank)  # every rank its own data: different local gradients
+    for _ in range(20):
+        x, y = torch.randn(8, 12, generator=g, dtype=torch.float64), torch.randint(0, 4, (8,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    assert method.updater.updates == 3
+    torch.save({n: m.dense_mask() for n, m in sparse_layers(model)} | {"theta": model[0].theta().detach()},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+    mp.spawn(run, args=(2, "file://" + sys.argv[1] + "/init", sys.argv[1]), nprocs=2)
+'''
+
+
+@pytest.mark.parametrize("name,dynamic", [("signin", "rigl"), ("static", "set")])
+def test_ddp_two_processes_keep_identical_masks(tmp_path, name, dynamic):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER)
+    root = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "x", root, name, dynamic],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -62,7 +62,7 @@ def apply_mask(module, new: Tensor, optimizer) -> None:
     pz = module.param
     old = module.mask2d()
     if pz.layout == "dense":
-        module.set_mask(new)
+        module.set_mask(new.reshape(module.weight_shape))
         keep = new if old is None else old & new
         zero_state_outside(optimizer, [p for _, p, _ in pz.step_targets()], keep)
         return
