@@ -124,12 +124,19 @@ class Method:
 
     # ------------------------------------------------------------------------------------ the calls
 
-    def prepare(self, model: nn.Module) -> Any:
-        """Sparsify ``model`` in place for this method; returns sparsify's report (None for dense)."""
+    def prepare(self, model: nn.Module, batch: tuple | None = None, loss_fn: Callable | None = None) -> Any:
+        """Sparsify ``model`` in place for this method; returns sparsify's report (None for dense).
+
+        ``batch`` ``(inputs, targets)`` and ``loss_fn``: what a mask from data (``mask="snip"``) is scored on.
+        """
         if self.sparsify_as is None:
             return None
         from ..nn import sparsify  # late: nn imports the kernels' dispatch, not needed for dense runs
 
+        return sparsify(model, **self.sparsify_options(), batch=batch, loss_fn=loss_fn)
+
+    def sparsify_options(self) -> dict[str, Any]:
+        """The keyword arguments of nn.sparsify for this method's config."""
         c = self.config
         kwargs: dict[str, Any] = dict(method=self.sparsify_as, density=c.density, distribution=c.distribution,
                                       layout=c.layout, seed=c.seed)
@@ -138,7 +145,9 @@ class Method:
         beta = getattr(c, "beta", None)
         if beta is not None:
             kwargs["beta"] = beta
-        return sparsify(model, **kwargs)
+        if hasattr(c, "mask_dict"):
+            kwargs.update(mask=c.mask_dict(), mask_scope=c.mask_scope)
+        return kwargs
 
     @property
     def factor_lr_scale(self) -> float | None:
