@@ -75,7 +75,7 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(fsdp_results, case):
     one = run_case(case)
     assert _max_diff(r0["state"], one["state"]) <= TOL[case[-1]]
     if case[0] == "signin":
-        assert r0["resets"] == pytest.approx(one["resets"], rel=1e-9)
+        assert r0["resets"] == pytest.approx(one["resets"], rel=1e-6)  # β mean is summed in float32
 
 
 def test_a_method_that_cannot_run_sharded_says_so(fsdp_results):
