@@ -42,6 +42,7 @@ initialised. The report lists every skipped Linear / Conv with the reason.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -209,6 +210,7 @@ def sparsify(
     """
     density, block_shape = _check_args(model, method, density, distribution, layout, block_shape, filter,
                                        mask, mask_scope)
+    _linears_from_hf_conv1d(model)
 
     report = SparsifyReport(method, density, distribution, layout, seed)
     parents: dict[str, nn.Module] = {}
@@ -290,6 +292,15 @@ def sparsify(
         )
     _warn_if_rounded(report, block_shape)
     return report
+
+
+def _linears_from_hf_conv1d(model: nn.Module) -> None:
+    """transformers' Conv1D (GPT-2) becomes the nn.Linear it is; only when transformers is loaded (a model
+    holding a Conv1D was built with it), so that sparsify never imports it."""
+    if "transformers.pytorch_utils" in sys.modules:
+        from ..integrations.hf.conv1d import linears_from_conv1d
+
+        linears_from_conv1d(model)
 
 
 def _warn_if_rounded(report: SparsifyReport, block_shape) -> None:
