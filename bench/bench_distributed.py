@@ -116,7 +116,7 @@ def worker(rank: int, args, wrap: str, world: int, init_file: str, out_file: str
 def run(args, method: str, world: int, wrap: str, scratch: Path) -> list[dict]:
     args = argparse.Namespace(**{**vars(args), "method": method})
     tag = f"{method}_{world}_{wrap}"
-    init_file = scratch / f"{tag}.rendezvous"
+    init_file = scratch.resolve() / f"{tag}.rendezvous"  # file:// needs an absolute path
     init_file.unlink(missing_ok=True)
     outs = [str(scratch / f"{tag}.rank{r}.pt") for r in range(world)]
     mp.spawn(_entry, args=(args, wrap, world, str(init_file), outs), nprocs=world, join=True)
