@@ -2,15 +2,18 @@
 
 Methods (the parameterization and mask each layer gets):
 
-==========  ======================  ==============================================================
+==========  ======================  =======================================================
+
 method      parameterization        mask
-==========  ======================  ==============================================================
+==========  ======================  =======================================================
+
 static      Masked (θ trained)      random pruning-at-initialisation mask (the usual baseline)
 signin      SignIn (m ⊙ w, β)       random mask; train with periodic Sign-In resets
 pilot       PILoT (m ⊙ w, β = 1)    none: dense until pruned; ``density`` is the pruning target,
                                     recorded on every layer as ``target_density``
 dense       Masked                  none: a dense baseline through the same code path
-==========  ======================  ==============================================================
+==========  ======================  =======================================================
+
 
 Where the masks of static / signin come from (``mask``):
 
@@ -243,10 +246,7 @@ def sparsify(
             report.skipped.append((name, "dense_first_last"))
         targets = [t for t in targets if t not in ends]
     if not targets:
-        if not report.skipped:
-            raise ValueError(f"model ({type(model).__name__}) has no nn.Linear / nn.Conv1d / nn.Conv2d to sparsify")
-        warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
-                      + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=2)
+        _nothing_to_replace(model, report)
         return report
 
     kind = SPARSIFY_METHODS[method]
@@ -301,6 +301,14 @@ def _linears_from_hf_conv1d(model: nn.Module) -> None:
         from ..integrations.hf.conv1d import linears_from_conv1d
 
         linears_from_conv1d(model)
+
+
+def _nothing_to_replace(model: nn.Module, report: SparsifyReport) -> None:
+    """A model with no Linear / Conv is refused; one whose every Linear / Conv was skipped is warned about."""
+    if not report.skipped:
+        raise ValueError(f"model ({type(model).__name__}) has no nn.Linear / nn.Conv1d / nn.Conv2d to sparsify")
+    warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
+                  + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=3)
 
 
 def _warn_if_rounded(report: SparsifyReport, block_shape) -> None:
