@@ -90,16 +90,6 @@ def shard(net: nn.Module, world: int) -> nn.Module:
     return fully_shard(net, mesh=mesh)
 
 
-def full_state(net: nn.Module) -> dict:
-    """The state dict with every sharded tensor gathered (a collective under FSDP2)."""
-    out = {}
-    for k, v in net.state_dict().items():
-        if isinstance(v, torch.Tensor):
-            v = v.full_tensor() if hasattr(v, "full_tensor") else v
-            out[k] = v.detach().clone()
-    return out
-
-
 def build(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> dict:
     """Model (sparsified, wrapped for DDP or FSDP2 when ``world`` > 1), method and optimizer of a case."""
     name, layout, opt_name, mode, dtype = case
@@ -141,7 +131,7 @@ def finish(run: dict) -> dict:
     run["method"].end_of_training()
     net = run["net"]
     masks = {n: pz.dense_mask() for n, pz in se.optim.parameterizations(net)}
-    return {"state": full_state(net), "alphas": run["alphas"], "masks": masks,
+    return {"state": se.distributed.full_state_dict(net), "alphas": run["alphas"], "masks": masks,
             "resets": getattr(run["method"], "beta_before", None)}
 
 
@@ -223,6 +213,20 @@ def resumed(rank: int, world: int, wrap: str, ckpt_dir: str) -> dict:
     return {case: resumed_case(case, rank, world, wrap, where) for case, where in checkpoints(wrap, ckpt_dir).items()}
 
 
+#: the FSDP2 case whose gathered model is extracted
+EXTRACT_CASE = ("signin", "csr", "sgd", "step", torch.float64)
+EXTRACT_INPUT = torch.randn(7, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+
+def extracted_output(case: tuple, state: dict) -> torch.Tensor:
+    """Load a gathered state into a fresh unsharded model of the case, extract it, run it on a fixed input."""
+    net = model(case[-1])
+    make_method(case[0], **method_options(case[0], case[1])).prepare(net)
+    net.load_state_dict(state)
+    with torch.no_grad():
+        return se.extract(net).eval()(EXTRACT_INPUT)
+
+
 def ddp_worker(rank: int, world: int, cases: list, ckpt_dir: str) -> dict:
     return {"cases": {case: run_case(case, rank, world) for case in cases}, "errors": user_errors(rank, world),
             "controller": controller_alphas(rank, world, CONTROLLER_ACCS),
@@ -238,6 +242,7 @@ FSDP_CASES += [("signin", "csr", "adamw", "step", torch.float32)]
 def fsdp_worker(rank: int, world: int, cases: list, ckpt_dir: str) -> dict:
     out = {"cases": {case: run_case(case, rank, world, wrap="fsdp") for case in cases},
            "resumed": resumed(rank, world, "fsdp", ckpt_dir)}
+    out["extracted"] = extracted_output(EXTRACT_CASE, out["cases"][EXTRACT_CASE]["state"])
     method = make_method("pilot", **method_options("pilot", "dense"))
     net = model(torch.float64)
     method.prepare(net)

@@ -7,7 +7,7 @@ import torch
 
 import sparse_engine as se
 
-from _dist import (JOIN_TIMEOUT_S, CASES, CONTROLLER_ACCS, FSDP_CASES, RESUME_CASES, build, controller_alphas, ddp_worker, fsdp_worker,
+from _dist import (EXTRACT_CASE, JOIN_TIMEOUT_S, CASES, extracted_output, CONTROLLER_ACCS, FSDP_CASES, RESUME_CASES, build, controller_alphas, ddp_worker, fsdp_worker,
                    run_case, spawn)
 
 CHILD = "import sys; from sparse_engine.app.cli import main; sys.exit(main())"  # the installed command
@@ -82,6 +82,12 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(fsdp_results, case):
     assert _max_diff(r0["state"], one["state"]) <= TOL[case[-1]]
     if case[0] == "signin":
         assert r0["resets"] == pytest.approx(one["resets"], rel=1e-6)  # β mean is summed in float32
+
+
+def test_extract_of_the_gathered_fsdp2_model_equals_the_one_process_model(fsdp_results):
+    one = extracted_output(EXTRACT_CASE, run_case(EXTRACT_CASE)["state"])
+    for r in fsdp_results:
+        torch.testing.assert_close(r["extracted"], one, rtol=0, atol=1e-10)
 
 
 def test_a_method_that_cannot_run_sharded_says_so(fsdp_results):

@@ -16,12 +16,12 @@ is a no-op that costs nothing, so the library calls them unconditionally.
 import importlib
 
 from .checks import MaskMismatchError, check_masks
-from .collectives import all_ranks, is_ddp, is_sharded, local, local_rows, mean_over_ranks, sum_over_ranks, world_size
+from .collectives import all_ranks, full_state_dict, is_ddp, is_sharded, local, local_rows, mean_over_ranks, sum_over_ranks, world_size
 
 #: names whose modules import torch's DDP / DCP machinery: loaded on first use
 _LAZY = {"attach_ddp": ".ddp", "save": ".checkpoint", "load": ".checkpoint"}
 
-__all__ = ["MaskMismatchError", "all_ranks", "attach_ddp", "check_masks", "is_ddp", "is_sharded", "load", "local",
+__all__ = ["MaskMismatchError", "all_ranks", "attach_ddp", "check_masks", "full_state_dict", "is_ddp", "is_sharded", "load", "local",
            "local_rows", "mean_over_ranks", "save", "sum_over_ranks", "world_size"]
 
 

@@ -90,3 +90,14 @@ def all_ranks(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def full_state_dict(model) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every sharded tensor gathered whole (FSDP2), on every rank (a
+    collective). Load it into an unsharded copy of the model to ``extract()`` or save it in one file."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, Tensor) and hasattr(value, "full_tensor"):
+            value = value.full_tensor()
+        out[key] = value.detach().clone() if isinstance(value, Tensor) else value
+    return out
