@@ -140,3 +140,74 @@ def test_resuming_a_finished_run_says_it_is_finished(tmp_path, capsys):
     code, out, err = run_cli(["train", "--resume", str(run), "--no-progress"], capsys)
     assert code == 0, err
     assert "finished" in (out + err).lower(), out + err
+
+
+# ---------------------------------------------------------------------------------- density asked
+
+
+SHAPES = [(20, 10), (100, 64), (64, 64), (10, 300), (300, 784)]  # (out_features, in_features)
+
+
+@pytest.mark.parametrize("layout", ["dense", "block", "csr", "bsr", "auto"])
+def test_density_of_every_layout_is_exact_or_refused(layout):
+    """Element layouts keep exactly round(density × numel) weights; the block layouts the nearest whole
+    number of blocks, with a warning naming the achieved density when that is more than half a block
+    off, and a refusal naming density and block_shape when not one block would be kept."""
+    import warnings
+
+    from sparse_engine.nn import SparseLinear
+
+    refused, want_refused = 0, 0
+    for out_f, in_f in SHAPES:
+        for d in (0.5, 0.1, 0.03):
+            numel = out_f * in_f
+            blocks = -(-out_f // 32) * -(-in_f // 32)
+            want_refused += layout in ("block", "bsr") and round(d * blocks) == 0
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    lin = SparseLinear(in_f, out_f, density=d, layout=layout)
+                except ValueError as e:
+                    assert layout in ("block", "bsr"), e
+                    assert "density=" in str(e) and "block_shape=" in str(e), e
+                    refused += 1
+                    continue
+            said = " ".join(str(w.message) for w in caught)
+            if layout in ("dense", "csr", "auto"):
+                assert lin.nnz() == round(d * numel), (out_f, in_f, d)
+                assert (lin.nnz() == 0) == ("keeps no weight" in said), said
+            else:
+                assert lin.nnz() > 0
+                off = abs(lin.nnz() - d * numel) > min(32, out_f) * min(32, in_f) / 2
+                assert off == ("achieved density" in said), (out_f, in_f, d, lin.nnz(), said)
+                if off:
+                    assert f"{lin.nnz() / numel:.4f}" in said and "density=" in said, said
+    assert refused == want_refused
+
+
+def test_block_layouts_of_the_issue():
+    from sparse_engine.nn import SparseConv2d, SparseLinear
+
+    for layout in ("bsr", "block"):
+        with pytest.raises(ValueError, match=r"density=0.5 keeps no whole block.*block_shape=\(32, 32\)"):
+            SparseLinear(20, 10, density=0.5, layout=layout)
+        with pytest.warns(UserWarning, match="achieved density 0.3600"):
+            SparseLinear(100, 64, density=0.5, layout=layout)
+        with pytest.raises(ValueError, match="block_shape"):
+            SparseConv2d(2, 8, 3, density=0.5, layout=layout)
+    lin = SparseLinear(20, 10, density=0.5, layout="bsr", block_shape=(5, 5))
+    assert lin.density() == 0.5
+
+
+def test_sparsify_of_nothing_says_so():
+    from torch import nn
+
+    from sparse_engine.nn import sparsify
+
+    with pytest.raises(ValueError, match="no nn.Linear / nn.Conv1d / nn.Conv2d"):
+        sparsify(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)), "static", 0.1)
+    with pytest.warns(UserWarning, match="replaced no layer.*dense_first_last"):
+        report = sparsify(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "static", 0.1, dense_first_last=True)
+    assert len(report) == 0
+    with pytest.warns(UserWarning, match="achieved density"):
+        sparsify(nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 10)), "static", 0.1, layout="bsr")

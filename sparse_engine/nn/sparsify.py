@@ -285,7 +285,8 @@ def _warn_if_rounded(report: SparsifyReport, block_shape) -> None:
     a block per layer from the requested one."""
     if report.layout not in ("block", "bsr") or report.method == "pilot" or report.requested_density == 1.0:
         return
-    slack = len(report.layers) * block_shape[0] * block_shape[1] / 2
+    slack = sum(min(block_shape[0], r.shape[0]) * min(block_shape[1], math.prod(r.shape[1:])) / 2
+                for r in report.layers)
     if abs(report.nnz - report.requested_density * report.numel) > slack:
         warnings.warn(f"sparsify: density={report.requested_density:g} rounds to whole {tuple(block_shape)} blocks "
                       f"(at least one per layer): achieved density {report.density:.4f} over the replaced layers",
