@@ -175,7 +175,8 @@ def verdict(samples: Mapping[str, Mapping[Any, list[float]]], margin: float = MA
             unsure.append(name)
         worst = max(est, key=lambda c: est[c][0])
         fast, typ = est[worst]
-        notes.append(f"{name} {1 / fast:.2f}x (paired median {1 / typ:.2f}x) at {_case_name(worst, unit)}")
+        paired = f"paired median {1 / typ:.2f}x" if math.isfinite(typ) else "stopped early as much slower"
+        notes.append(f"{name} speed-up {1 / fast:.2f}x ({paired}) at {_case_name(worst, unit)}")
     measured = "; ".join(notes)
     need_pct = f"{margin:.0%}"
     if winners:

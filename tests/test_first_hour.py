@@ -211,3 +211,42 @@ def test_sparsify_of_nothing_says_so():
     assert len(report) == 0
     with pytest.warns(UserWarning, match="achieved density"):
         sparsify(nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 10)), "static", 0.1, layout="bsr")
+
+
+# ------------------------------------------------------------------------------ automatic choices
+
+
+def test_auto_format_is_stable_under_load(caplog):
+    """Two runs of extract(format="auto") on a 4096² layer at 90 % sparsity, each measured afresh while
+    another process spins on a CPU, choose the same format, and each logs what it measured and why."""
+    import logging
+
+    import torch
+    from torch import nn
+
+    from sparse_engine.export import extract as extract_fn
+    from sparse_engine.export.extract import _cache
+    from sparse_engine.nn import SparseLinear
+
+    model = nn.Sequential(SparseLinear(4096, 4096, density=0.1))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        chosen, reasons = [], []
+        for _ in range(2):
+            _cache.clear()
+            with caplog.at_level(logging.INFO, logger="sparse_engine"):
+                caplog.clear()
+                out = extract_fn(model, "auto")
+            info = out[0].extract_info
+            chosen.append(info["format"])
+            reasons.append(info["reason"])
+            logged = [r.getMessage() for r in caplog.records if "extract:" in r.getMessage()]
+            assert logged and info["reason"] in logged[0] and info["format"] in logged[0], logged
+            assert set(info["times"]) == {"dense", "csr"} and list(info["times"]["dense"]) == ["1x4096"]
+    finally:
+        busy.kill()
+        busy.wait()
+        _cache.clear()
+    assert chosen[0] == chosen[1], reasons
+    assert all("csr" in r and "x" in r for r in reasons), reasons
+    print(f"threads {torch.get_num_threads()}: chose {chosen}; {reasons[0]}")
