@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import ops, records
+from . import distributed, ops, records
 from .checks import check_choice
 from .layout import BSRIndex, CSRIndex
 from .ops.reference import factorize_ref
@@ -210,9 +210,11 @@ class Parameterization(nn.Module):
         if beta is not None:
             check_beta(beta)
             self.beta.fill_(beta)
-        m, w = ops.signin_reset(self.m, self.w, self.step_mask(), float(self.beta))
-        self.m.copy_(m)
-        self.w.copy_(w)
+        # FSDP2: m, w are shards (DTensors) and the mask is whole; the reset is elementwise
+        m_loc, w_loc = distributed.local(self.m), distributed.local(self.w)
+        m, w = ops.signin_reset(m_loc, w_loc, distributed.local_rows(self.step_mask(), self.m), float(self.beta))
+        m_loc.copy_(m)
+        w_loc.copy_(w)
 
     @torch.no_grad()
     def set_mask(self, mask: Tensor | None) -> None:

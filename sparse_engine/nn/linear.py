@@ -457,11 +457,15 @@ class SparseModule(nn.Module):
 
     # ------------------------------------------------------------------------------ checkpoints
 
+    def _type_name(self) -> str:
+        """The layer's class name, also when FSDP2's fully_shard has swapped in its subclass FSDP<name>."""
+        return next(c for c in type(self).__mro__ if c.__module__.startswith("sparse_engine")).__name__
+
     def get_extra_state(self) -> Tensor:
         """This layer's options (type, layout and its resolution, block shape, seed, β, PILoT's target
         density) as one int64 tensor (:mod:`sparse_engine.records`): what a loader needs to rebuild it."""
         return records.encode(
-            "SparseModule", type=type(self).__name__, layout=self.layout, resolved=self._resolved,
+            "SparseModule", type=self._type_name(), layout=self.layout, resolved=self._resolved,
             block_n=self.block_shape[0], block_k=self.block_shape[1], seed=self.seed, beta=self.beta_init,
             target_density=self.target_density,
         )
