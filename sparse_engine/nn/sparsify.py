@@ -241,11 +241,7 @@ def sparsify(
             report.skipped.append((name, "dense_first_last"))
         targets = [t for t in targets if t not in ends]
     if not targets:
-        if not report.skipped:
-            raise ValueError(f"model ({type(model).__name__}) has no nn.Linear / nn.Conv1d / nn.Conv2d to sparsify")
-        warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
-                      + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=2)
-        return report
+        return _nothing_to_replace(model, report)
 
     kind = SPARSIFY_METHODS[method]
     if isinstance(mask, dict):
@@ -289,6 +285,18 @@ def sparsify(
             )
         )
     _warn_if_rounded(report, block_shape)
+    return report
+
+
+def _nothing_to_replace(model: nn.Module, report: SparsifyReport) -> SparsifyReport:
+    """No layer to replace: refused when the model has no Linear / Conv at all, a warning listing why each
+    was skipped when it has some (none when it holds sparse layers already: sparsify again is a no-op)."""
+    already = any(is_sparse_layer(m) for m in model.modules())
+    if not report.skipped and not already:
+        raise ValueError(f"model ({type(model).__name__}) has no nn.Linear / nn.Conv1d / nn.Conv2d to sparsify")
+    if report.skipped and not already:
+        warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
+                      + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=3)
     return report
 
 
