@@ -250,3 +250,33 @@ def test_auto_format_is_stable_under_load(caplog):
     assert chosen[0] == chosen[1], reasons
     assert all("csr" in r and "x" in r for r in reasons), reasons
     print(f"threads {torch.get_num_threads()}: chose {chosen}; {reasons[0]}")
+
+
+# ------------------------------------------------------------------------------- benchmark outputs
+
+
+@pytest.mark.parametrize("script", ["bench_compact_linear", "bench_extract", "bench_sparse_conv", "plot", "run_suite"])
+def test_bench_scripts_write_to_the_scratch_folder_by_default(script, monkeypatch):
+    """A user's benchmark run writes into runs/bench (git ignores it) unless --out is given: no script
+    replaces the committed bench/results by default."""
+    import argparse
+    import importlib
+
+    class Parsed(Exception):
+        pass
+
+    def parse_args(self, args=None, namespace=None):
+        raise Parsed(self.get_default("out"))
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    module = importlib.import_module(script)
+    with pytest.raises(Parsed) as caught:
+        module.main([])
+    out = caught.value.args[0]
+    scratch = ROOT / "runs" / "bench"
+    if out is None:  # the path is made from the device name later
+        source = Path(module.__file__).read_text()
+        assert '"runs" / "bench"' in source and '"bench" / "results"' not in source
+    else:
+        assert Path(out).resolve() == scratch.resolve(), out
