@@ -74,10 +74,14 @@ def test_pilot_run_exports_the_trained_model(tmp_path, capsys):
     _, ckpt = read_checkpoint(run)
     trained = model_from_checkpoint(ckpt)[0]
     assert evaluate(trained, ds.x_test, ds.y_test) == (r["final"]["test_loss"], r["final"]["test_acc"])
-    for fmt in ("dense", "csr"):
+    for fmt in ("dense", "csr", "auto"):
         path = tmp_path / f"{fmt}.sparse"
-        code, _, err = run_cli(["export", str(run), "--format", fmt, "--out", str(path)], capsys)
+        code, out, err = run_cli(["export", str(run), "--format", fmt, "--out", str(path), "--batch-size", "8"],
+                                 capsys)
         assert code == 0, err
+        if fmt == "auto":  # the automatic choice says what it measured and why, layer by layer
+            assert "auto: measured on this machine" in out and "at batch 8" in out, out
+            assert sum("speed-up" in line and "input 8x" in line for line in out.splitlines()) == 3, out
         model = io.load(path)
         shipped = {name: m.density for name, m in model.named_modules() if hasattr(m, "extract_info")
                    or type(m).__name__.startswith("Infer")}
