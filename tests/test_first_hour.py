@@ -284,3 +284,32 @@ def test_bench_scripts_write_to_the_scratch_folder_by_default(script, monkeypatc
         assert '"runs" / "bench"' in source and '"bench" / "results"' not in source
     else:
         assert Path(out).resolve() == scratch.resolve(), out
+
+
+def test_bench_infer_interleaves_and_reports_the_spread(tmp_path, capsys, monkeypatch):
+    """bench-infer times the file's model and its dense equivalent in the same interleaved rounds; the
+    speed-up is the median of the per-round ratios, and a wide spread of them is printed as a warning."""
+    from torch import nn
+
+    from sparse_engine import tuning
+    from sparse_engine.export import extract, io
+    from sparse_engine.nn import SparseLinear
+
+    path = tmp_path / "m.sparse"
+    io.save(extract(nn.Sequential(SparseLinear(16, 8, density=0.5)), "csr"), path)
+    calls = []
+    rounds = {"sparse": [1.0, 2.0, 1.0, 4.0, 1.0], "dense": [2.0, 2.0, 2.0, 2.0, 3.0]}  # ratios 2, 1, 2, .5, 3
+
+    def fake(fns, device=None, **kw):
+        calls.append(sorted(fns))
+        for fn in fns.values():
+            fn()
+        return {k: list(v) for k, v in rounds.items()}
+
+    monkeypatch.setattr(tuning, "measure_rounds", fake)
+    code, out, err = run_cli(["bench-infer", str(path), "--batch", "1,4", "--input-shape", "16"], capsys)
+    assert code == 0, err
+    assert calls == [["dense", "sparse"]] * 2  # both in one interleaved measurement per batch size
+    lines = [ln.split() for ln in out.splitlines() if ln.split() and ln.split()[0] in ("1", "4")]
+    assert [ln[-1] for ln in lines] == ["2.00x", "2.00x"], out
+    assert out.count("warning: batch") == 2 and "1.00x to 2.00x" in out, out
