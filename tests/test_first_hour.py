@@ -143,7 +143,7 @@ def test_resuming_a_finished_run_says_it_is_finished(tmp_path, capsys):
     assert code == 0, err
     code, out, err = run_cli(["train", "--resume", str(run), "--no-progress"], capsys)
     assert code == 0, err
-    assert "finished" in (out + err).lower(), out + err
+    assert "this run had finished (epochs: 1); nothing left to train" in out, out + err
 
 
 # ---------------------------------------------------------------------------------- density asked
