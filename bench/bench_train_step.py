@@ -263,7 +263,7 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
     Sign-In reset of the engine), so machine load hits all sides alike; medians over the rounds."""
     import torch
 
-    from bench_compact_linear import loadavg, machine
+    from bench_compact_linear import loadavg, machine, write_csv
     from common import git_commit
 
     info = dict(machine=machine(), torch=torch.__version__, commit=git_commit())
@@ -300,12 +300,7 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
                   f"(x{med['dense'] / med['engine']:.2f} vs dense) | per-call {med['engine_percall']:8.2f} ms "
                   f"(x{med['dense'] / med['engine_percall']:.2f}) | reset {med['reset']:.2f} ms "
                   f"(per-call {med['reset_percall']:.2f}) | load {load}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"# wrote {out}")
+    write_csv(rows, out)
 
 
 def _warm_up_torch(torch) -> None:
