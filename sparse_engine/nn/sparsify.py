@@ -241,10 +241,7 @@ def sparsify(
             report.skipped.append((name, "dense_first_last"))
         targets = [t for t in targets if t not in ends]
     if not targets:
-        if not report.skipped:
-            raise ValueError(f"model ({type(model).__name__}) has no nn.Linear / nn.Conv1d / nn.Conv2d to sparsify")
-        warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
-                      + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=2)
+        _nothing_to_replace(model, report)
         return report
 
     kind = SPARSIFY_METHODS[method]
@@ -290,6 +287,14 @@ def sparsify(
         )
     _warn_if_rounded(report, block_shape)
     return report
+
+
+def _nothing_to_replace(model: nn.Module, report: SparsifyReport) -> None:
+    """A model with no Linear / Conv is refused; one whose every Linear / Conv was skipped is warned about."""
+    if not report.skipped:
+        raise ValueError(f"model ({type(model).__name__}) has no nn.Linear / nn.Conv1d / nn.Conv2d to sparsify")
+    warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
+                  + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=3)
 
 
 def _warn_if_rounded(report: SparsifyReport, block_shape) -> None:
