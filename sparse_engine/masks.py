@@ -1,4 +1,5 @@
-"""Mask makers: random (uniform / ER / ERK), magnitude (per layer or global), block and N:M.
+"""Mask makers: random (uniform / ER / ERK), magnitude (per layer or global), block and N:M, and the
+data-driven scores of pruning at initialisation (SNIP, SynFlow) with the masks they give.
 
 All makers are deterministic. Random masks are drawn on the CPU with a seeded ``torch.Generator`` and
 then moved, so the same seed gives the same mask on every device. Magnitude masks break ties by
@@ -31,10 +32,17 @@ __all__ = [
     "block_mask",
     "magnitude_block_mask",
     "nm_mask",
+    "SOURCES",
+    "check_mask_dict",
+    "score_masks",
+    "snip_scores",
+    "synflow_scores",
 ]
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 SCOPES = ("layer", "global")
+#: where the masks of ``sparsify(mask=...)`` come from (a dict name -> bool tensor is also accepted)
+SOURCES = ("random", "magnitude", "snip", "synflow")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,3 +346,112 @@ def nm_mask(tensor: Tensor, n: int = 2, m: int = 4) -> Tensor:
     keep = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device)
     keep.scatter_(1, order, True)
     return keep.reshape(tensor.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# scores from data (SNIP, SynFlow), masks from scores, user masks
+# --------------------------------------------------------------------------------------------------
+
+
+def score_masks(scores: dict, density: float, scope: str = "layer", distribution: str = "erk") -> dict[str, Tensor]:
+    """Keep the highest scores: one threshold over all layers (``scope="global"``) or, per layer, the
+    counts of :func:`layer_counts` for ``distribution`` (their sum is exactly ``round(density * total)``).
+    Ties as in :func:`magnitude_masks`. Scores are ranked by absolute value."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "global":
+        return magnitude_masks(scores, density, scope="global")
+    if not isinstance(scores, dict) or not scores:
+        raise ValueError(f"scores must be a non-empty dict name -> Tensor, got {type(scores).__name__}")
+    counts = layer_counts({name: tuple(t.shape) for name, t in scores.items()}, density, distribution)
+    return {
+        name: _topk_mask(_scores(t, f"scores[{name!r}]").flatten(), counts[name]).reshape(t.shape)
+        for name, t in scores.items()
+    }
+
+
+def _copy_for_scoring(model, names, dtype=None):
+    """A deep copy of ``model`` (scoring must not touch the model's weights or running statistics) and
+    the weights named ``names`` in it."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    if dtype is not None:
+        twin.to(dtype)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    weights = {name: twin.get_submodule(name).weight for name in names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    return twin, weights
+
+
+def _check_batch(batch, what: str):
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(t, Tensor) for t in batch):
+        raise ValueError(f"batch must be a pair (inputs, targets) of tensors for {what}, got {type(batch).__name__}")
+    return batch
+
+
+def snip_scores(model, names, batch, loss_fn=None) -> dict[str, Tensor]:
+    """SNIP (Lee et al. 2019): the connection sensitivity |∂L/∂W ⊙ W| of the weights of the layers named
+    ``names`` on one batch ``(x, y)``; ``loss_fn(output, y)`` defaults to cross-entropy. The model runs in
+    its current mode on a copy, so its weights and running statistics are left as they were."""
+    x, y = _check_batch(batch, "snip")
+    loss_fn = torch.nn.functional.cross_entropy if loss_fn is None else loss_fn
+    twin, weights = _copy_for_scoring(model, names)
+    loss = loss_fn(twin(x.to(next(iter(weights.values())).device)), y.to(next(iter(weights.values())).device))
+    grads = torch.autograd.grad(loss, list(weights.values()))
+    return {name: (g * w).detach().abs() for (name, w), g in zip(weights.items(), grads)}
+
+
+def synflow_scores(model, names, input_shape, density: float = 1.0, iterations: int = 100) -> dict[str, Tensor]:
+    """SynFlow (Tanaka et al. 2020): with every parameter replaced by its absolute value (float64, eval
+    mode), R = sum(model(ones(1, *input_shape))) and the score of a weight is |∂R/∂W ⊙ W|. With
+    ``density`` < 1 the scores are recomputed ``iterations`` times while a global mask tightens
+    exponentially (density^(k/iterations)) to ``density``; pruned weights score 0. Needs no data."""
+    density = check_density(density)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    dims = _check_shape("input_shape", input_shape)
+    twin, weights = _copy_for_scoring(model, names, torch.float64)
+    twin.eval()
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.abs_()
+        for b in twin.buffers():
+            if b.is_floating_point():
+                b.abs_()
+    originals = {name: w.detach().clone() for name, w in weights.items()}
+    x = torch.ones((1, *dims), dtype=torch.float64, device=next(iter(weights.values())).device)
+    rounds = iterations if density < 1.0 else 1
+    keep = None
+    for k in range(1, rounds + 1):
+        if keep is not None:
+            with torch.no_grad():
+                for name, w in weights.items():
+                    w.copy_(originals[name] * keep[name])
+        grads = torch.autograd.grad(twin(x).sum(), list(weights.values()))
+        scores = {name: (g * w).detach().abs() for (name, w), g in zip(weights.items(), grads)}
+        if density < 1.0:
+            keep = magnitude_masks(scores, density ** (k / rounds), scope="global")
+    if keep is not None:
+        scores = {name: torch.where(keep[name], s, torch.zeros_like(s)) for name, s in scores.items()}
+    return scores
+
+
+def check_mask_dict(masks, shapes: dict) -> dict[str, Tensor]:
+    """A user's masks ``layer name -> bool tensor``, checked against ``shapes`` (the layers that can take
+    one): every name known, the weight's shape, dtype bool. Returns them (layers without one are absent)."""
+    if not isinstance(masks, dict) or not masks:
+        raise ValueError(f"mask must be a non-empty dict layer name -> bool tensor, got {type(masks).__name__}")
+    unknown = sorted(set(masks) - set(shapes))
+    if unknown:
+        raise ValueError(f"mask names layers that are not sparsified here: {unknown[:5]}; known: {sorted(shapes)[:10]}")
+    for name, m in masks.items():
+        if not isinstance(m, Tensor):
+            raise ValueError(f"mask[{name!r}] must be a torch.Tensor, got {type(m).__name__}")
+        if m.dtype != torch.bool:
+            raise ValueError(f"mask[{name!r}] must have dtype torch.bool, got {m.dtype} (convert with m != 0)")
+        if tuple(m.shape) != tuple(shapes[name]):
+            raise ValueError(f"mask[{name!r}] must have the weight's shape {tuple(shapes[name])}, got {tuple(m.shape)}")
+    return dict(masks)

@@ -150,13 +150,14 @@ def make_method_of(cfg: TrainConfig) -> Method:
 
 
 def build_model_and_method(cfg: TrainConfig, input_shape: tuple[int, ...], n_classes: int,
-                           vocab_size: int | None = None) -> tuple[nn.Module, Method, Any]:
+                           vocab_size: int | None = None, batch: tuple | None = None) -> tuple[nn.Module, Method, Any]:
     """(model, method, sparsify report) for samples of ``input_shape``: the model built from the seed (so
-    every method starts from the same dense init) and sparsified in place by the method."""
+    every method starts from the same dense init) and sparsified in place by the method (``batch``: what a
+    mask from data, ``--mask snip``, is scored on)."""
     method = make_method_of(cfg)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, input_shape, n_classes, vocab_size)
-    return model, method, method.prepare(model)
+    return model, method, method.prepare(model, batch)
 
 
 def load_data(cfg: TrainConfig) -> data_mod.Dataset:

@@ -241,7 +241,8 @@ def _start(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, stream: Tex
     device = torch.device(cfg.device)
     # A resumed run rebuilds the model exactly as the fresh run did (seeded init, same masks), then
     # overwrites every tensor from the checkpoint.
-    model, method, report = build_model_and_method(cfg, ds.input_shape, ds.n_classes, ds.vocab_size)
+    first = (ds.x_train[: cfg.batch_size], ds.y_train[: cfg.batch_size])
+    model, method, report = build_model_and_method(cfg, ds.input_shape, ds.n_classes, ds.vocab_size, first)
     model.to(device)
     data = tuple(t.to(device) for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
     if cfg.layout == "auto" and method.sparsify_as is not None:

@@ -1,7 +1,9 @@
-"""The training recipes: dense, static (random PaI), Sign-In, PILoT, and the weight-decay switch-off.
+"""The training recipes: dense, static (PaI), Sign-In, PILoT, the weight-decay switch-off, gradual
+magnitude pruning (gmp) and AC/DC; static and Sign-In take masks from data and dynamic masks (RigL / SET).
 
     from sparse_engine.methods import make_method
     method = make_method("signin", density=0.1, wd_switchoff=0.5)   # Sign-In + switch-off at half time
+    method = make_method("signin", density=0.1, dynamic="rigl", update_every=100)   # RigL + Sign-In
 
 See :mod:`sparse_engine.methods.base` for the life of a method.
 """
@@ -11,9 +13,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .acdc import ACDC, ACDCConfig
 from .base import Method, MethodConfig, Retrain, check_density, option
 from .compose import Compose
 from .dense import Dense, DenseConfig
+from .dynamic import MaskOptions
+from .gmp import GMP, GMPConfig
 from .pilot import PILoT, PILoTConfig
 from .signin import SignIn, SignInConfig
 from .static import Static, StaticConfig
@@ -26,6 +31,8 @@ METHODS: dict[str, type[Method]] = {
     "signin": SignIn,
     "pilot": PILoT,
     "wd_switchoff": WDSwitchOff,
+    "gmp": GMP,
+    "acdc": ACDC,
 }
 
 
@@ -94,6 +101,11 @@ def _default(cls: type[MethodConfig], name: str) -> Any:
 
 
 __all__ = [
+    "ACDC",
+    "ACDCConfig",
+    "GMP",
+    "GMPConfig",
+    "MaskOptions",
     "METHODS",
     "Compose",
     "Dense",

@@ -100,6 +100,8 @@ class Method:
     config_class: type[MethodConfig] = MethodConfig
     #: the ``method`` argument of nn.sparsify (None: the model stays dense)
     sparsify_as: str | None = None
+    #: whether it trains a model whose parameters are sharded (FSDP2's fully_shard)
+    shardable = True
 
     def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
         if config is None:
@@ -124,12 +126,19 @@ class Method:
 
     # ------------------------------------------------------------------------------------ the calls
 
-    def prepare(self, model: nn.Module) -> Any:
-        """Sparsify ``model`` in place for this method; returns sparsify's report (None for dense)."""
+    def prepare(self, model: nn.Module, batch: tuple | None = None, loss_fn: Callable | None = None) -> Any:
+        """Sparsify ``model`` in place for this method; returns sparsify's report (None for dense).
+
+        ``batch`` ``(inputs, targets)`` and ``loss_fn``: what a mask from data (``mask="snip"``) is scored on.
+        """
         if self.sparsify_as is None:
             return None
         from ..nn import sparsify  # late: nn imports the kernels' dispatch, not needed for dense runs
 
+        return sparsify(model, **self.sparsify_options(), batch=batch, loss_fn=loss_fn)
+
+    def sparsify_options(self) -> dict[str, Any]:
+        """The keyword arguments of nn.sparsify for this method's config."""
         c = self.config
         kwargs: dict[str, Any] = dict(method=self.sparsify_as, density=c.density, distribution=c.distribution,
                                       layout=c.layout, seed=c.seed)
@@ -138,7 +147,9 @@ class Method:
         beta = getattr(c, "beta", None)
         if beta is not None:
             kwargs["beta"] = beta
-        return sparsify(model, **kwargs)
+        if hasattr(c, "mask_dict"):
+            kwargs.update(mask=c.mask_dict(), mask_scope=c.mask_scope)
+        return kwargs
 
     @property
     def factor_lr_scale(self) -> float | None:
@@ -173,6 +184,9 @@ class Method:
         for name, v in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not self.shardable and any(getattr(p, "placements", None) is not None for p in model.parameters()):
+            raise ValueError(f"model: {self.name} cannot train a sharded (FSDP2) model: it reads the whole "
+                             "weights to decide; use DistributedDataParallel")
         self.remove()
         self.model, self.optimizer = model, optimizer
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch

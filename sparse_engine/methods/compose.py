@@ -35,9 +35,9 @@ class Compose(Method):
     def factor_lr_scale(self) -> float | None:  # type: ignore[override]
         return next((m.factor_lr_scale for m in self.methods if m.factor_lr_scale), None)
 
-    def prepare(self, model):
+    def prepare(self, model, batch=None, loss_fn=None):
         main = next((m for m in self.methods if m.sparsify_as is not None), None)
-        return None if main is None else main.prepare(model)
+        return None if main is None else main.prepare(model, batch, loss_fn)
 
     def setup(self) -> None:
         for m in self.methods:

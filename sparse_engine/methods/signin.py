@@ -2,8 +2,8 @@
 
 Pruning at initialisation with sign flips: a random mask is fixed, every active weight is trained as
 θ = m ⊙ w factored with m² − w² = β (β = 1), and every ``reset_every`` epochs (or steps) θ is
-re-factored back to β, leaving θ unchanged (METHODS.md §1). Training erodes β (weight decay and
-gradient noise shrink it every step, METHODS.md §0); a small β freezes the signs of θ, the reset
+re-factored back to β, leaving θ unchanged. Training erodes β (weight decay and
+gradient noise shrink it every step); a small β freezes the signs of θ, the reset
 restores the ability to flip them.
 
 [open] choices and their defaults (see the README for the measurements behind them):
@@ -19,13 +19,15 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..optim.base import RESET_POLICIES
 from ..optim.schedules import UNITS, ResetSchedule
 from .base import FactoredConfig, Method, option
+from .dynamic import MaskOptions, MovingMask
 
 
 @dataclass
-class SignInConfig(FactoredConfig):
+class SignInConfig(MaskOptions, FactoredConfig):
     reset_every: int = option(1, "Sign-In reset period, in reset units")
     reset_unit: str = option("epoch", "unit of the reset period", choices=UNITS)
     reset_until: float = option(1.0, "reset only in this first fraction of training")
@@ -43,12 +45,13 @@ class SignInConfig(FactoredConfig):
             raise ValueError(f"reset_policy must be one of {RESET_POLICIES}, got {self.reset_policy!r}")
 
 
-class SignIn(Method):
+class SignIn(MovingMask, Method):
     name = "signin"
     config_class = SignInConfig
     sparsify_as = "signin"
 
     def setup(self) -> None:
+        super().setup()
         c = self.config
         total = self.epochs if c.reset_unit == "epoch" else self.epochs * self.steps_per_epoch
         self.schedule = ResetSchedule(c.reset_every, c.reset_unit, c.reset_until, total)
@@ -58,16 +61,20 @@ class SignIn(Method):
     def _mean_beta(self) -> float:
         from ..optim import parameterizations
 
-        num, den = 0.0, 0
+        num, den, sharded = 0.0, 0, False
         for _, pz in parameterizations(self.model):
             if pz.kind != "signin":
                 continue
-            beta = pz.m.detach().float() ** 2 - pz.w.detach().float() ** 2
-            mask = pz.step_mask()
+            sharded = sharded or distributed.is_sharded(pz.m)  # FSDP2: sum this rank's shard, then all ranks
+            m, w = distributed.local(pz.m.detach()), distributed.local(pz.w.detach())
+            beta = m.float() ** 2 - w.float() ** 2
+            mask = distributed.local_rows(pz.step_mask(), pz.m)
             if mask is not None:
                 beta = beta[mask]
             num += float(beta.sum())
             den += beta.numel()
+        if sharded:
+            num, den = distributed.sum_over_ranks([num, den]).tolist()
         return num / den if den else float("nan")
 
     def _reset(self, k: int) -> None:
@@ -78,9 +85,10 @@ class SignIn(Method):
     def after_step(self, step: int) -> None:
         if self.config.reset_unit == "step" and self.schedule.due(step):
             self._reset(step)
+        super().after_step(step)
 
     def after_epoch(self, epoch: int, train_acc: float | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = super().after_epoch(epoch, train_acc)
         if self.config.reset_unit == "epoch" and self.schedule.due(epoch):
             self._reset(epoch)
             out["beta_before_reset"] = self.beta_before[-1]
@@ -97,4 +105,5 @@ class SignIn(Method):
 
     def describe(self) -> str:
         c = self.config
-        return f"signin(reset every {c.reset_every} {c.reset_unit}, {c.reset_policy})"
+        moving = "" if c.dynamic is None else f", {c.dynamic} every {c.update_every} steps"
+        return f"signin(reset every {c.reset_every} {c.reset_unit}, {c.reset_policy}{moving})"

@@ -1,5 +1,8 @@
 """static: random pruning at initialisation (PaI) with a fixed mask; θ trained directly.
 
+With ``mask=`` the mask comes from magnitudes, SNIP or SynFlow scores or the user, and with ``dynamic=``
+it moves while training (RigL / SET, see methods.dynamic).
+
 The mask is drawn once (ER / ERK / uniform layer densities, see masks.py) and never changes; pruned
 weights stay exactly 0 and carry no optimizer state. This is the "Random" baseline of the Sign-In paper
 (Gadhikar, Jacobs, Zhou, Burkholz 2025), which Sign-In improves on.
@@ -9,14 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import Method, MethodConfig
+from .dynamic import MaskOptions, MovingMask
 
 
 @dataclass
-class StaticConfig(MethodConfig):
+class StaticConfig(MaskOptions, MethodConfig):
     pass
 
 
-class Static(Method):
+class Static(MovingMask, Method):
     """Random static mask, θ = M ⊙ w trained with the base optimizer."""
 
     name = "static"

@@ -12,11 +12,26 @@ pilot       PILoT (m ⊙ w, β = 1)    none: dense until pruned; ``density`` is 
 dense       Masked                  none: a dense baseline through the same code path
 ==========  ======================  ==============================================================
 
+Where the masks of static / signin come from (``mask``):
+
+* ``"random"`` (default): :func:`sparse_engine.masks.random_masks` (below);
+* ``"magnitude"``: the largest |W| of the model's current (e.g. pretrained) weights;
+* ``"snip"``: the largest |∂L/∂W ⊙ W| on one ``batch`` (SNIP); ``"synflow"``: iterative SynFlow scores,
+  no data (the input shape comes from ``batch``, ``input_shape`` or the first Linear layer);
+* a dict ``layer name -> bool tensor`` of the weight's shape: the user's own masks (layers without one
+  are left dense and listed as skipped).
+
+Scored masks keep, per layer (``mask_scope="layer"``, the default for magnitude), each layer's count for
+``distribution``, or, over all layers (``"global"``, the default for SNIP and SynFlow), one threshold. The
+block layouts score whole blocks (L1 norm of the scores), per layer.
+
 Random masks come from :func:`sparse_engine.masks.random_masks`: the per-layer densities follow
 ``distribution`` (uniform / er / erk) and the number of active weights over all replaced layers is
 exactly ``round(density * total)``, deterministic for a given ``seed``. The block layouts ("block",
 "bsr") need whole blocks active: their masks are random blocks at each layer's density, so the overall
-density is then the nearest that whole blocks allow (the report shows it).
+density is then the nearest that whole blocks allow (the report shows it, and a warning names it when
+it is more than half a block per layer away). A model with no Linear / Conv is refused; one whose
+every Linear / Conv is skipped gets a warning listing why.
 
 Left alone by default: embeddings, normalisation and everything that is not a Linear / Conv1d / Conv2d;
 layers whose weight is tied to another module's (an LM head tied to the embedding); the projections
@@ -27,6 +42,7 @@ initialised. The report lists every skipped Linear / Conv with the reason.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -163,6 +179,11 @@ def sparsify(
     seed: int = 0,
     block_shape: tuple[int, int] = (32, 32),
     dense_first_last: bool = False,
+    mask: str | dict = "random",
+    mask_scope: str | None = None,
+    batch: tuple | None = None,
+    loss_fn: Callable | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> SparsifyReport:
     """Replace every nn.Linear / nn.Conv1d / nn.Conv2d of ``model`` (in place) by its sparse layer.
 
@@ -177,22 +198,17 @@ def sparsify(
         seed: mask seed (same seed, same masks).
         block_shape: blocks of the "block" / "bsr" layouts.
         dense_first_last: leave the first and the last selected layer dense (not replaced).
+        mask: "random" | "magnitude" | "snip" | "synflow" or a dict layer name -> bool tensor (module
+            docstring); static / signin only.
+        mask_scope: "layer" | "global" for scored masks (None: "layer" for magnitude, else "global").
+        batch: ``(inputs, targets)`` for SNIP (SynFlow reads only the input shape from it).
+        loss_fn: ``loss_fn(output, targets)`` for SNIP (default: cross-entropy).
+        input_shape: one sample's shape for SynFlow when no batch is given.
     Returns:
         a :class:`SparsifyReport` (per layer: name, type, shape, density, nnz).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_choice("method", method, SPARSIFY_METHODS)
-    density = check_density(density)
-    check_choice("distribution", distribution, masks_mod.DISTRIBUTIONS)
-    check_choice("layout", layout, LAYOUTS)
-    block_shape = check_block_shape(block_shape)
-    if filter is not None and not callable(filter):
-        raise TypeError(f"filter must be callable (name, module) -> bool, got {type(filter).__name__}")
-    if method == "pilot" and layout in ("block", "csr", "bsr"):
-        raise ValueError(
-            f"method='pilot' trains dense until pruned: layout must be 'dense' or 'auto', got {layout!r}"
-        )
+    density, block_shape = _check_args(model, method, density, distribution, layout, block_shape, filter,
+                                       mask, mask_scope)
 
     report = SparsifyReport(method, density, distribution, layout, seed)
     parents: dict[str, nn.Module] = {}
@@ -225,20 +241,23 @@ def sparsify(
             report.skipped.append((name, "dense_first_last"))
         targets = [t for t in targets if t not in ends]
     if not targets:
+        if not report.skipped:
+            raise ValueError(f"model ({type(model).__name__}) has no nn.Linear / nn.Conv1d / nn.Conv2d to sparsify")
+        warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
+                      + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=2)
         return report
 
     kind = SPARSIFY_METHODS[method]
-    shapes = {name: tuple(module.weight.shape) for name, module in targets}
-    layer_masks: dict[str, torch.Tensor | None] = {name: None for name in shapes}
-    if method in ("static", "signin") and density < 1.0:
-        if layout in ("block", "bsr"):
-            per_layer = masks_mod.layer_densities(shapes, density, distribution)
-            for i, (name, shape) in enumerate(shapes.items()):
-                nbr, nbc = (-(-shape[0] // block_shape[0]), -(-math.prod(shape[1:]) // block_shape[1]))
-                d = max(per_layer[name], 1.0 / (nbr * nbc))  # at least one block per layer
-                layer_masks[name] = masks_mod.block_mask(shape, block_shape, d, seed=seed + i)
-        else:
-            layer_masks.update(masks_mod.random_masks(shapes, density, distribution, seed=seed))
+    if isinstance(mask, dict):
+        given = masks_mod.check_mask_dict(mask, {name: tuple(m.weight.shape) for name, m in targets})
+        report.skipped += [(name, "no mask given") for name, _ in targets if name not in given]
+        targets = [t for t in targets if t[0] in given]
+        layer_masks = {name: given[name].to(m.weight.device) for name, m in targets}
+    elif method in ("static", "signin") and density < 1.0:
+        source = _Source(mask, mask_scope, batch, loss_fn, input_shape)
+        layer_masks = _layer_masks(model, targets, source, density, distribution, layout, block_shape, seed)
+    else:
+        layer_masks = {name: None for name, _ in targets}
 
     for name, module in targets:
         mask = layer_masks[name]
@@ -269,4 +288,93 @@ def sparsify(
                 target_density=new.target_density,
             )
         )
+    _warn_if_rounded(report, block_shape)
     return report
+
+
+def _warn_if_rounded(report: SparsifyReport, block_shape) -> None:
+    """The block layouts keep whole blocks: say so when that moves the overall density by more than half
+    a block per layer from the requested one."""
+    if report.layout not in ("block", "bsr") or report.method == "pilot" or report.requested_density == 1.0:
+        return
+    slack = len(report.layers) * block_shape[0] * block_shape[1] / 2
+    if abs(report.nnz - report.requested_density * report.numel) > slack:
+        warnings.warn(f"sparsify: density={report.requested_density:g} rounds to whole {tuple(block_shape)} blocks "
+                      f"(at least one per layer): achieved density {report.density:.4f} over the replaced layers",
+                      stacklevel=3)
+
+
+def _check_args(model, method, density, distribution, layout, block_shape, filter, mask, mask_scope):
+    """sparsify's argument checks (one line naming the argument); returns (density, block_shape)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_choice("method", method, SPARSIFY_METHODS)
+    density = check_density(density)
+    check_choice("distribution", distribution, masks_mod.DISTRIBUTIONS)
+    check_choice("layout", layout, LAYOUTS)
+    block_shape = check_block_shape(block_shape)
+    if filter is not None and not callable(filter):
+        raise TypeError(f"filter must be callable (name, module) -> bool, got {type(filter).__name__}")
+    if not isinstance(mask, dict):
+        check_choice("mask", mask, masks_mod.SOURCES)
+    if mask_scope is not None:
+        check_choice("mask_scope", mask_scope, masks_mod.SCOPES)
+    if (isinstance(mask, dict) or mask != "random") and method not in ("static", "signin"):
+        raise ValueError(f"mask={_short(mask)} needs method 'static' or 'signin' (a fixed mask), got {method!r}")
+    if method == "pilot" and layout in ("block", "csr", "bsr"):
+        raise ValueError(
+            f"method='pilot' trains dense until pruned: layout must be 'dense' or 'auto', got {layout!r}"
+        )
+    return density, block_shape
+
+
+def _short(mask) -> str:
+    return "a dict of masks" if isinstance(mask, dict) else repr(mask)
+
+
+@dataclass
+class _Source:
+    """Where scored masks come from (sparsify's mask, mask_scope, batch, loss_fn, input_shape)."""
+
+    name: str
+    scope: str | None
+    batch: tuple | None
+    loss_fn: Callable | None
+    input_shape: tuple[int, ...] | None
+
+    def scores(self, model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+        names = [name for name, _ in targets]
+        if self.name == "magnitude":
+            return {name: module.weight.detach().abs() for name, module in targets}
+        if self.name == "snip":
+            if self.batch is None:
+                raise ValueError("mask='snip' needs a batch (inputs, targets) to score the weights on")
+            return masks_mod.snip_scores(model, names, self.batch, self.loss_fn)
+        shape = self.input_shape
+        if shape is None and self.batch is not None:
+            shape = tuple(self.batch[0].shape[1:])
+        if shape is None:
+            first = targets[0][1]
+            if not isinstance(first, nn.Linear):
+                raise ValueError("mask='synflow' needs input_shape (or a batch) when the first layer is not a Linear")
+            shape = (first.in_features,)
+        return masks_mod.synflow_scores(model, names, shape)
+
+
+def _layer_masks(model, targets, source: _Source, density, distribution, layout, block_shape, seed):
+    """name -> initial mask of every target layer (random, or from the scores of ``source``)."""
+    shapes = {name: tuple(module.weight.shape) for name, module in targets}
+    scores = None if source.name == "random" else source.scores(model, targets)
+    if layout in ("block", "bsr"):
+        per_layer = masks_mod.layer_densities(shapes, density, distribution)
+        out = {}
+        for i, (name, shape) in enumerate(shapes.items()):
+            nbr, nbc = (-(-shape[0] // block_shape[0]), -(-math.prod(shape[1:]) // block_shape[1]))
+            d = max(per_layer[name], 1.0 / (nbr * nbc))  # at least one block per layer
+            out[name] = (masks_mod.block_mask(shape, block_shape, d, seed=seed + i) if scores is None
+                         else masks_mod.magnitude_block_mask(scores[name], block_shape, d))
+        return out
+    if scores is None:
+        return masks_mod.random_masks(shapes, density, distribution, seed=seed)
+    scope = source.scope or ("layer" if source.name == "magnitude" else "global")
+    return masks_mod.score_masks(scores, density, scope, distribution)
