@@ -9,7 +9,7 @@ more than the whole dense convolution). Each time is the best single call over i
 (robust to other processes on the machine); ratios are against nn.Conv2d measured in the same run, at
 the same thread count. ``--clock cpu`` times with the process CPU clock instead of the wall clock (one
 thread only: it leaves out the time the process waits for a core on a busy machine). Writes
-sparse_conv_cpu.csv (to runs/bench unless --out) with machine / versions / commit / load average.
+sparse_conv_cpu.csv (sparse_conv_cpu_cpuclock.csv with --clock cpu; to runs/bench unless --out) with machine / versions / commit / load average.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name} {best[name]:.2f} ms ({base / best[name]:.2f}x)" for name in best) + f" | load {load}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("sparse_conv_cpu_quick.csv" if args.quick else "sparse_conv_cpu.csv")
+    name = "sparse_conv_cpu" + ("_quick" if args.quick else "") + ("_cpuclock" if args.clock == "cpu" else "")
+    path = out / f"{name}.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
