@@ -266,3 +266,29 @@ def test_ddp_two_processes_keep_identical_masks(tmp_path, name, dynamic):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_compiled_model_gives_the_same_run_with_a_bounded_number_of_graphs(layout):
+    """torch.compile (dynamo, eager backend: the graphs are what is counted) after method.apply: the mask
+    updates see the compiled model's gradients, and no graph is compiled after the first two updates."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    runs, counts = [], []
+    for compiled in (False, True):
+        model, method, opt = _setup("signin", layout, "rigl", update_every=5, steps=30)
+        run = torch.compile(model, backend=backend) if compiled else model
+        for i, (x, y) in enumerate(_data(30), start=1):
+            _step(run, opt, x, y)
+            if i == 10:
+                counts.append(len(graphs))
+        assert method.updater.updates == 5 and method.updater.regrown > 0
+        runs.append(model)
+    assert counts[-1] == len(graphs) and 0 < len(graphs) <= 8, len(graphs)
+    for (n, a), (_, b) in zip(sparse_layers(runs[0]), sparse_layers(runs[1])):
+        assert torch.equal(a.dense_mask(), b.dense_mask()), n
+        torch.testing.assert_close(a.theta(), b.theta(), rtol=1e-9, atol=1e-12)

@@ -189,6 +189,7 @@ class MaskUpdater:
         self.updates = 0
         self.regrown = 0
         self._hooks: list = []
+        self._armed = False
         self._candidates: dict[str, Tensor] = {}
         self._planned: dict[str, int] = {}
 
@@ -198,6 +199,9 @@ class MaskUpdater:
         self.optimizer = optimizer
         self.layers = [(n, m) for n, m in sparse_layers(model) if m.mask2d() is not None]
         self.stop = max(1, int(self.opts.stop_at * total_steps))
+        self.disarm()
+        if self.opts.dynamic == "rigl":
+            self._hooks = [module.register_forward_hook(self._forward_hook(name)) for name, module in self.layers]
         self.arm(optimizer.num_steps + 1)
 
     def is_update(self, step: int) -> bool:
@@ -214,23 +218,27 @@ class MaskUpdater:
     # ------------------------------------------------------------------ rigl: gradient candidates
 
     def arm(self, step: int) -> None:
-        """Before step ``step``: for RigL, capture gradient candidates in its backward if it updates."""
-        self.disarm()
+        """Before step ``step``: for RigL, capture gradient candidates in its backward if it updates.
+
+        The forward hooks are registered once, in :meth:`bind` (torch.compile does not see hooks added
+        after it traced the model); a plain bool says whether they capture, so a compiled model holds
+        at most two graphs (armed or not)."""
+        self._armed = False
         if self.opts.dynamic != "rigl" or not self.is_update(step):
             return
         self._planned = self._counts(step)
-        for name, module in self.layers:
-            if self._planned[name] > 0:
-                self._hooks.append(module.register_forward_hook(self._forward_hook(name)))
+        self._armed = True
 
     def disarm(self) -> None:
+        """Remove the hooks (the method's remove())."""
+        self._armed = False
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
 
     def _forward_hook(self, name: str):
         def hook(module, args, output):
-            if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
+            if self._armed and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
                 x = args[0].detach()
                 output.register_hook(lambda g: self._capture(name, module, x, g))
         return hook
@@ -238,6 +246,8 @@ class MaskUpdater:
     def _capture(self, name: str, module, x: Tensor, g: Tensor) -> None:
         """The layer's dense gradient ∂L/∂θ (formed here, freed on return) reduced to its best n inactive
         coordinates."""
+        if self._planned.get(name, 0) <= 0:
+            return None
         dtype = module.param.w.dtype
         xs, gs = x.to(dtype), g.detach().to(dtype)
         if hasattr(module, "_conv"):  # a convolution: let autograd form ∂L/∂θ of the dense op
@@ -265,6 +275,10 @@ class MaskUpdater:
     def update(self, step: int) -> dict[str, int]:
         """Drop and grow in every layer (one at a time); returns name -> number regrown."""
         counts = self._counts(step) if self.opts.dynamic == "set" else self._planned
+        if self.opts.dynamic == "rigl" and any(counts.values()) and not self._candidates:
+            raise RuntimeError(
+                f"RigL update at step {step}: no layer's gradient was captured in this step's backward (a model "
+                "compiled before method.apply() runs without the capture hooks: compile it after apply())")
         out = {}
         for i, (name, module) in enumerate(self.layers):
             n = counts.get(name, 0)
