@@ -19,7 +19,7 @@ Providers, all on the same masked weight and input:
 Time: median (headline) and minimum (best run: least disturbed by other processes on a shared
 machine) of repeated calls after warm-up; providers interleaved round by round so that load from
 other processes hits all of them alike. GFLOP/s counts 2·nnz·B for the sparse providers (only the work a
-sparse kernel must do) and 2·N·K·B for dense. Rows go to bench/results/compact_linear_<device>.csv with
+sparse kernel must do) and 2·N·K·B for dense. Rows go to runs/bench/compact_linear_<device>.csv (unless --out) with
 machine, torch version, commit, threads and load average.
 """
 from __future__ import annotations
@@ -191,12 +191,12 @@ def main(argv=None) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     p.add_argument("--min-time", type=float, default=0.4, help="seconds of timed rounds per case")
-    p.add_argument("--out", type=Path, default=None, help="CSV path (default bench/results/compact_linear_<device>.csv)")
+    p.add_argument("--out", type=Path, default=None, help="CSV path (default runs/bench/compact_linear_<device>.csv)")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.sparsities = ["4096x4096"], [0.90, 0.98]
     rows = run(args)
-    write_csv(rows, args.out or ROOT / "bench" / "results" / f"compact_linear_{args.device}.csv")
+    write_csv(rows, args.out or ROOT / "runs" / "bench" / f"compact_linear_{args.device}.csv")
 
 
 if __name__ == "__main__":

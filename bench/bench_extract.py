@@ -13,8 +13,8 @@ the weights were trained), on this machine's CPU:
   (samples/s), all under ``torch.inference_mode()``;
 * file sizes: ``torch.save(dense.state_dict())`` against ``sparse_engine.save`` of the auto model.
 
-Writes ``bench/results/bench_extract.csv`` (one row per model × density × provider, with machine,
-versions and commit) and ``bench/results/bench_extract.txt`` (the printed ratio table).
+Writes ``runs/bench/bench_extract.csv`` (unless --out) (one row per model × density × provider, with machine,
+versions and commit) and ``bench_extract.txt`` (the printed ratio table).
 
 Run: ``python bench/bench_extract.py [--quick] [--models mlp,cnn,transformer] [--densities 0.2,0.1,0.05]``
 """
@@ -45,7 +45,7 @@ from sparse_engine.export.infer import InferConv2d, InferLinear
 from sparse_engine.app.models import MLP, SmallResNet, TinyTransformer
 from sparse_engine.nn import sparsify
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "runs", "bench")  # scratch
 
 # Models: (name, constructor, input maker). The transformer is larger than the CLI's d=64 toy so that
 # its projections have the shapes of a small real encoder (d=256, 4 heads, MLP 1024, 64 tokens); a

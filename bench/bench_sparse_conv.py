@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best of each is kept")
     p.add_argument("--quick", action="store_true", help="batch 8, 2 rounds (a smoke test)")
-    p.add_argument("--out", default=str(common.ROOT / "bench" / "results"))
+    p.add_argument("--out", default=str(common.SCRATCH))
     args = p.parse_args(argv)
     if not 0 < args.density <= 1:
         p.error(f"--density must be in (0, 1], got {args.density}")

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+#: where a run writes unless --out says otherwise (git ignores it); --out bench/results replaces the committed results
+SCRATCH = ROOT / "runs" / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -75,7 +77,7 @@ def setup(
         help="tiny sizes; on CPU under the Triton interpreter (automatic when no GPU is visible)",
     )
     p.add_argument(
-        "--out", default=str(ROOT / "bench" / "results"), help="directory for the CSV (default %(default)s)"
+        "--out", default=str(SCRATCH), help="directory for the CSV (default %(default)s)"
     )
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (also trigger autotuning)")

@@ -141,7 +141,8 @@ def _breakdown(plt, rows: list[dict], path: Path) -> Path | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("csv", type=Path, help="a suite CSV written by bench/run_suite.py (sparse-engine bench)")
-    p.add_argument("--out", type=Path, default=None, help="directory for the PNGs (default: next to the CSV)")
+    p.add_argument("--out", type=Path, default=None, help="directory for the PNGs (default: runs/bench)")
+    p.set_defaults(out=Path(__file__).resolve().parent.parent / "runs" / "bench")
     args = p.parse_args(argv)
     if not args.csv.is_file():
         print(f"plot: error: csv {str(args.csv)!r} does not exist", file=sys.stderr)

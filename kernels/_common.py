@@ -100,7 +100,7 @@ def cast_out(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def factorize(theta, half_beta):
-    """(m, w) with m·w = θ, m² − w² = β, m > 0, in fp32 (METHODS.md §0; reference.factorize_ref).
+    """(m, w) with m·w = θ, m² − w² = β, m > 0, in fp32 (as reference.factorize_ref).
 
     m = sqrt(β/2 + hypot(β/2, θ)); hypot as max·sqrt(1 + (min/max)²), so θ is never squared (no
     overflow for huge |θ|, no underflow for tiny θ); the sum adds non-negative terms (no cancellation

@@ -1,4 +1,4 @@
-"""signin_reset: re-factor θ = M ⊙ m ⊙ w to the scale β in one pass (METHODS.md §0, §1 step 3).
+"""signin_reset: re-factor θ = M ⊙ m ⊙ w to the scale β in one pass (the Sign-In reset).
 
     θ  = where(M, m·w, 0)            rounded to the storage dtype, exactly as reparam would store it
     m' = sqrt(β/2 + hypot(β/2, θ))   w' = θ / m'                  (fp32 math, one rounding on store)

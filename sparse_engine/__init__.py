@@ -33,7 +33,7 @@ _EXPORTS = {
 }
 
 #: the library's subpackages, imported on first attribute access
-_SUBPACKAGES = ("ops", "nn", "optim", "methods", "export")
+_SUBPACKAGES = ("ops", "nn", "optim", "methods", "export", "distributed")
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBPACKAGES) + ["__version__"]
 

@@ -13,7 +13,7 @@ Storage: the weight is viewed as 2-D (N, K) (Conv: out × in/groups·kh·kw).
   density. BSR edge blocks are zero-padded; padding stays w = 0 (it is masked in ``step_targets``).
 
 β is a buffer (float64, 0-dim) so that ``state_dict`` round-trips it exactly. β = 0 is accepted (the
-balanced "spred" start that METHODS.md §2 compares against); a coordinate at θ = 0 then never moves.
+balanced "spred" start that PILoT is compared against); a coordinate at θ = 0 then never moves.
 
 Checkpoints: ``state_dict`` holds tensors only: m, w, the mask or the index tensors, β and an
 ``_extra_state`` record (kind, storage, block shape, weight shape as one int64 tensor, see
@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import ops, records
+from . import distributed, ops, records
 from .checks import check_choice
 from .layout import BSRIndex, CSRIndex
 from .ops.reference import factorize_ref
@@ -48,7 +48,7 @@ class Parameterization(nn.Module):
         kind: "masked" (θ trained directly), "signin" (m ⊙ w, periodic reset to β) or "pilot" (m ⊙ w,
             β = 1 init, dense until pruned).
         mask: bool tensor of θ's shape, or None (dense). The initial θ is masked.
-        beta: the scale m² − w² >= 0 used to factor θ (METHODS.md §0); ignored for "masked".
+        beta: the scale m² − w² >= 0 used to factor θ; ignored for "masked".
         layout: "dense" (dense tensors + mask), "csr" or "bsr" (compact storage of active coordinates).
         block_shape: BSR block shape (bn, bk).
     """
@@ -210,9 +210,11 @@ class Parameterization(nn.Module):
         if beta is not None:
             check_beta(beta)
             self.beta.fill_(beta)
-        m, w = ops.signin_reset(self.m, self.w, self.step_mask(), float(self.beta))
-        self.m.copy_(m)
-        self.w.copy_(w)
+        # FSDP2: m, w are shards (DTensors) and the mask is whole; the reset is elementwise
+        m_loc, w_loc = distributed.local(self.m), distributed.local(self.w)
+        m, w = ops.signin_reset(m_loc, w_loc, distributed.local_rows(self.step_mask(), self.m), float(self.beta))
+        m_loc.copy_(m)
+        w_loc.copy_(w)
 
     @torch.no_grad()
     def set_mask(self, mask: Tensor | None) -> None:

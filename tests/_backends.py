@@ -104,7 +104,7 @@ def grads(out: torch.Tensor, inputs: list, grad_out: torch.Tensor) -> list:
 
 
 def assert_zero_where(t: torch.Tensor | None, off: torch.Tensor | None, what: str) -> None:
-    """``t`` must be exactly 0 where ``off`` is True (pruned coordinates: METHODS.md §4 item 5)."""
+    """``t`` must be exactly 0 where ``off`` is True (pruned coordinates: invariant 5 of test_invariants.py)."""
     if t is None or off is None or not bool(off.any()):
         return
     bad = int((t.detach()[off] != 0).sum())

@@ -11,7 +11,7 @@ Why these numbers (eps = unit roundoff of the dtype):
 * float32: fp32 accumulation over K ≤ 129 terms; observed ~1e-6, bound 1e-5.
 * float16: inputs are exactly representable, the kernel must accumulate in fp32 and round once
   (eps 4.9e-4); a kernel that accumulates in fp16 shows ~1e-2 and fails.
-* bfloat16 (GPU only; the Triton interpreter computes bf16 wrongly, see BUILD-NOTES §2): eps 3.9e-3.
+* bfloat16 (GPU only; the Triton interpreter computes bf16 wrongly): eps 3.9e-3.
 * GPU float32: Triton's ``tl.dot`` on fp32 uses TF32 by default (10-bit mantissa, eps 4.9e-4 per
   product); torch's own fp32 matmul does not (``torch.backends.cuda.matmul.allow_tf32`` is False by
   default). The table allows TF32; a kernel that wants the strict row must use ``input_precision="ieee"``.

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random inputs each run (DESIGN.md), yet reproducible from the printed seed on failure.
+    # Fresh random inputs each run (wider coverage over runs), yet reproducible from the printed seed on failure.
     seed = int.from_bytes(os.urandom(4), "little") if os.environ.get("SPARSE_ENGINE_TEST_SEED") is None \
         else int(os.environ["SPARSE_ENGINE_TEST_SEED"])
     torch.manual_seed(seed)

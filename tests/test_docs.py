@@ -51,6 +51,20 @@ def test_documents_speak_of_the_project_only():
     assert not hits, hits[:20]
 
 
+OUTSIDE_FILES = re.compile(r"DESIGN\.md|METHODS\.md|BUILD-NOTES")
+SOURCES = (".py", ".sh", ".cpp", ".cu", ".h", ".toml")
+
+
+def test_code_cites_no_file_outside_the_repository():
+    """Comments and docstrings say the thing itself (or cite README, docs/, RESULTS), never notes that
+    are not in the repository."""
+    this = Path(__file__).relative_to(ROOT).as_posix()
+    hits = [f"{name}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+            for name, text in tracked_text_files().items() if name.endswith(SOURCES) and name != this
+            for m in OUTSIDE_FILES.finditer(text)]
+    assert not hits, hits[:20]
+
+
 def readme_api_example() -> str:
     return re.search(r"## Python API\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
 

@@ -276,11 +276,11 @@ def test_auto_rule_with_injected_times(monkeypatch):
     for times, want in cases:
         shape_no = iter(range(2))
 
-        def fake(fns, device, times=times, shape_no=shape_no):
+        def fake(fns, device, rounds, times=times, shape_no=shape_no):
             i = next(shape_no)
             for fn in fns.values():
                 fn()  # the candidates really run
-            return {fmt: times[fmt][i] for fmt in fns}
+            return {fmt: [times[fmt][i]] * 3 for fmt in fns}  # three rounds alike
 
         monkeypatch.setattr(extract_mod, "_measure", fake)
         extract_mod._cache.clear()
@@ -290,6 +290,60 @@ def test_auto_rule_with_injected_times(monkeypatch):
         assert chosen == want, (times, chosen, reason)
         for s in measured["dense"]:
             assert measured[chosen][s] <= measured["dense"][s]
+    extract_mod._cache.clear()
+
+
+def test_auto_within_noise_measures_again_then_keeps_dense(monkeypatch):
+    """Rounds where the fastest calls say csr wins but the paired per-round ratios say it does not (load
+    hit dense in its best round only): measured once more, and still within noise, dense is kept and the
+    reason says so; a clear win in both estimates picks csr."""
+    theta = randn(64, 64)
+    mask = torch.rand(64, 64) < 0.1
+    noisy = {"dense": [0.5, 1.0, 1.0, 1.0, 1.0], "csr": [0.45, 1.0, 1.0, 1.0, 1.0]}
+    clear = {"dense": [1.0, 1.1, 3.0, 1.0, 1.2], "csr": [0.5, 0.6, 1.4, 0.5, 0.5]}
+    r = extract_mod.ROUNDS
+    for samples, want, calls_want in ((noisy, "dense", [r, 2 * r]), (clear, "csr", [r])):
+        calls = []
+
+        def fake(fns, device, rounds, samples=samples, calls=calls):
+            calls.append(rounds)
+            return {fmt: list(samples[fmt]) for fmt in fns}
+
+        monkeypatch.setattr(extract_mod, "_measure", fake)
+        extract_mod._cache.clear()
+        cands = {f: (lambda f=f: InferLinear(theta, None, f, mask)) for f in ("dense", "csr")}
+        chosen, _, reason = extract_mod._choose(cands, [(1, 64)], ("noise", want), torch.device("cpu"),
+                                                torch.float32, torch.float32, 0.05)
+        assert (chosen, calls) == (want, calls_want), (chosen, calls, reason)
+        assert ("within the noise" in reason) == (want == "dense"), reason
+        assert "csr" in reason and "paired median" in reason
+    extract_mod._cache.clear()
+
+
+def test_batch_size_is_where_auto_measures(monkeypatch):
+    model = build_model("mlp", (784,), 10)
+    sparsify(model, "static", 0.1)
+    seen = []
+
+    def fake(fns, device, rounds):
+        for fn in fns.values():
+            fn()
+        return {fmt: [1.0, 1.0, 1.0] for fmt in fns}
+
+    real = extract_mod._sample
+    monkeypatch.setattr(extract_mod, "_measure", fake)
+    monkeypatch.setattr(extract_mod, "_sample", lambda c, m, shape, *a: seen.append(shape) or real(c, m, shape, *a))
+    extract_mod._cache.clear()
+    extract(model, "auto", batch_size=32)
+    assert {s[0] for s in seen} == {32}
+    seen.clear()
+    extract_mod._cache.clear()
+    extract(model, "auto")  # default: batch 1
+    assert {s[0] for s in seen} == {1}
+    with pytest.raises(ValueError, match="batch_size or batch_sizes"):
+        extract(model, "auto", batch_size=2, batch_sizes=(1, 2))
+    with pytest.raises(ValueError, match="batch_size"):
+        extract(model, "auto", batch_size=0)
     extract_mod._cache.clear()
 
 

@@ -3,7 +3,7 @@
 * The spec (``fused_step_ref``) and every backend against torch.optim.SGD / AdamW step by step over
   20 steps, comparing the parameter and every state buffer after each step.
 * Every backend against ``fused_step_ref`` with masks, α, several dtypes.
-* The mask contract (METHODS.md §4 item 5): pruned coordinates keep their value, get exactly zero
+* The mask contract (test_invariants.py item 5): pruned coordinates keep their value, get exactly zero
   state, and a NaN gradient there is ignored.
 * The Triton multi-tensor kernel: whole blocks (no per-lane bounds) and partial ones, tensors at odd
   addresses (no alignment hint for them), and, under ``-m aot``, its 16-byte vector loads on sm_90.

@@ -1,4 +1,5 @@
-"""The invariants of METHODS.md §4 (items 1–5; item 6, the linear-regression check, is the optimizer's).
+"""The invariants of θ = m ⊙ w that every backend keeps (items 1–5 below; the linear-regression check is
+test_regression_recovery.py).
 
 Where an invariant involves an op it runs through the public ops on every backend that can run it.
 """

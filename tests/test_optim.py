@@ -235,7 +235,7 @@ def test_bad_arguments_name_the_argument():
         SGD(model, lr=0.1).signin_reset(policy="nope")
 
 
-# ------------------------------------------------------------------------------- METHODS.md §4.3
+# ------------------------------------------------------------ invariant 3: β shrinks by an exact factor
 
 
 def test_beta_shrinks_by_exact_factor_fp64():
@@ -259,7 +259,7 @@ def test_beta_shrinks_by_exact_factor_fp64():
     assert not torch.allclose(beta1, beta0)  # the check is not vacuous
 
 
-# ------------------------------------------------------------------------------- METHODS.md §4.5
+# ------------------------------------------------ invariant 5: pruned coordinates stay exactly zero
 
 
 def _assert_pruned_zero(model, opt):

@@ -1,4 +1,4 @@
-"""METHODS.md §4.6 / §2: under-determined linear regression (40 samples, 100 dims, 5-sparse truth).
+"""PILoT's sparse-recovery check: under-determined linear regression (40 samples, 100 dims, 5-sparse truth).
 
 PILoT (θ = m ⊙ w factored with β = 1, decaying α on both factors) recovers the sparse truth; the
 balanced start β = 0 ("spred") does not. The truth is drawn with signs opposite to the initial θ on its

@@ -1,6 +1,6 @@
 """signin_reset: re-factor θ = M ⊙ m ⊙ w to m² − w² = β (θ unchanged), and the factorisation behind it.
 
-The invariants of the factorisation over extreme θ and β are in test_invariants.py (METHODS.md §4 item 1).
+The invariants of the factorisation over extreme θ and β are in test_invariants.py (item 1).
 """
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ void reparam_bwd_t(int64_t n, const T* g, const T* m, const T* w, const uint8_t*
 }
 
 // m = sqrt((β + hypot(β, 2θ)) / 2), w = θ / m (0 where m == 0): no overflow of 4θ² for huge |θ| and no
-// cancellation for tiny β (METHODS.md §0). float32 storage computes in float32, like the reference.
+// cancellation for tiny β. float32 storage computes in float32, like the reference.
 template <typename T>
 void signin_t(int64_t n, const T* __restrict m, const T* __restrict w, const uint8_t* __restrict mask,
               double beta_d, T* __restrict mo, T* __restrict wo) {

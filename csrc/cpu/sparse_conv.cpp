@@ -18,7 +18,8 @@
 //   * dtheta (SDDMM): g(e) = sum_b <gye[b, o], xs_plane(b, c) + off>, partial sums per (o, batch chunk)
 //     item added in chunk order (independent of the thread count), then the g_m = g*w, g_w = g*m epilogue.
 //   * every streamed plane is padded with zeros to whole 64-byte vectors (no scalar tails, which cost a
-//     third of the time at 7x7 planes), and the SDDMM keeps its lane sums over a whole batch chunk.
+//     third of the time at 7x7 planes), and the SDDMM keeps its lane sums over a whole batch chunk, in
+//     memory, so that it can walk the batch outermost (cache reuse of each image's input rows).
 // Any stride and zero padding; dilation 1 and groups 1 only (nn/conv.py keeps the unfold path otherwise).
 // One difference from the reference with non-finite inputs: the dropped columns read real input values
 // times a zero grad_y, so an inf in x can turn into NaN in dtheta entries the reference keeps finite
@@ -29,6 +30,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -80,11 +82,11 @@ template <typename T>
 ConvKernels<T> kernels() {
   const char* isa = isa_name();
 #ifdef SC_HAVE_X86
-  if (!std::strcmp(isa, "avx512")) return {&se_conv_avx512::axpy_multi, &se_conv_avx512::dot_multi};
-  if (!std::strcmp(isa, "avx2")) return {&se_conv_avx2::axpy_multi, &se_conv_avx2::dot_multi};
+  if (!std::strcmp(isa, "avx512")) return {&se_conv_avx512::axpy_multi, &se_conv_avx512::dot_lanes};
+  if (!std::strcmp(isa, "avx2")) return {&se_conv_avx2::axpy_multi, &se_conv_avx2::dot_lanes};
 #endif
   (void)isa;
-  return {&se_conv_base::axpy_multi, &se_conv_base::dot_multi};
+  return {&se_conv_base::axpy_multi, &se_conv_base::dot_lanes};
 }
 
 bool worth_threads(int64_t work) { return work >= (1 << 15) && omp_get_max_threads() > 1; }
@@ -314,9 +316,11 @@ int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* 
     }
   }
 
-  // dtheta on the pattern. Items (output channel, batch chunk), dynamically scheduled; each item writes
-  // its own partial sums, added in chunk order afterwards: the result does not depend on the thread count
-  // or on which thread ran what (a fixed number of chunks, chosen from B alone).
+  // dtheta on the pattern. Items are batch chunks (a fixed number, chosen from B alone); inside one, the
+  // batch is the outer loop and the output channels the inner one, so the input rows of a few images stay
+  // in cache while every entry reads them (output channel outside streamed the whole chunk's input once
+  // per channel). Each entry keeps vector lanes over the chunk, reduced once into its chunk's partial
+  // sums, which are added in chunk order afterwards: the result does not depend on the thread count.
   const int64_t xrow = C * p.P * p.ps;
   std::unique_ptr<T[]> xs(new T[B * xrow]);
   phase_split(g, p, x, xs.get());
@@ -325,21 +329,37 @@ int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* 
   int64_t max_row = 0;
   for (int64_t o = 0; o < O; ++o) max_row = crow[o + 1] - crow[o] > max_row ? crow[o + 1] - crow[o] : max_row;
   const int64_t nchunks = B < 8 ? B : 8, chunk = ceil_div(B, nchunks);
-  const int64_t items = O * nchunks;
+  constexpr int64_t W = vec_elems<T>();
+  // batch rows per pass over an entry's lanes: enough streamed work (about 512 elements) to hide the
+  // lane loads and stores on small planes, few enough that their input rows stay in cache
+  const int64_t nb_pass = p.Lp >= 512 ? 1 : (512 / p.Lp < 4 ? 512 / p.Lp : 4);
   std::vector<T> partial(static_cast<size_t>(nchunks) * nnz, T(0));
-#pragma omp parallel if (worth_threads(work) && items > 1)
+#pragma omp parallel if (worth_threads(work) && nchunks > 1)
   {
     std::vector<const T*> src(max_row > 0 ? max_row : 1);
+    std::vector<T> lanes(nnz * W);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t o = it / nchunks, ch = it % nchunks, e0 = crow[o], n = crow[o + 1] - e0;
-      if (n == 0) continue;
-      T* mine = partial.data() + ch * nnz + e0;
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
       const int64_t b0 = ch * chunk, b1 = (ch + 1) * chunk < B ? (ch + 1) * chunk : B;
       if (b1 <= b0) continue;
-      const T* xb = xs.get() + b0 * xrow;
-      for (int64_t k = 0; k < n; ++k) src[k] = xb + xoff[e0 + k];
-      kern.dot(gye.get() + (b0 * O + o) * p.E + p.M, O * p.E, p.Lp, src.data(), xrow, b1 - b0, n, mine);
+      std::fill(lanes.begin(), lanes.end(), T(0));
+      for (int64_t b = b0; b < b1; b += nb_pass) {
+        const int64_t nb = b1 - b < nb_pass ? b1 - b : nb_pass;
+        const T* xb = xs.get() + b * xrow;
+        for (int64_t o = 0; o < O; ++o) {
+          const int64_t e0 = crow[o], n = crow[o + 1] - e0;
+          if (n == 0) continue;
+          for (int64_t k = 0; k < n; ++k) src[k] = xb + xoff[e0 + k];
+          kern.dot(gye.get() + (b * O + o) * p.E + p.M, O * p.E, p.Lp, src.data(), xrow, nb, n,
+                   lanes.data() + e0 * W);
+        }
+      }
+      T* mine = partial.data() + ch * nnz;
+      for (int64_t e = 0; e < nnz; ++e) {
+        T s = T(0);
+        for (int64_t i = 0; i < W; ++i) s += lanes[e * W + i];
+        mine[e] = s;
+      }
     }
   }
   const int64_t team = nchunks;

@@ -7,7 +7,7 @@
 // elements): the driver lays the operands out so that every stored weight entry reads a plane at a
 // constant offset (phase-split padded input, zero-margined grad_y) and pads every plane with zeros up to
 // that length, so there is neither border arithmetic nor a scalar tail in here. Entries are taken four at
-// a time, so the destination plane (axpy) or the shared grad_y plane (dot) is loaded once per four FMAs.
+// a time, so the destination plane (axpy) or the shared grad_y plane (dot_lanes) is loaded once per four FMAs.
 
 #ifndef SC_INLINE
 #define SC_INLINE inline __attribute__((always_inline))
@@ -36,13 +36,6 @@ template <typename T>
 SC_INLINE void cst(T* p, typename CV<T>::v x) {
   *reinterpret_cast<typename CV<T>::vu*>(p) = x;
 }
-template <typename T>
-SC_INLINE T chsum(typename CV<T>::v x) {
-  T s = 0;
-  for (int i = 0; i < CV<T>::W; ++i) s += x[i];
-  return s;
-}
-
 // acc[t] += sum_k v[k] * src[k][t] for t in [0, L), L a multiple of CV<T>::W
 template <typename T>
 SC_INLINE void axpy_multi_t(T* __restrict acc, int64_t L, const T* const* src, const T* v, int64_t n) {
@@ -69,16 +62,19 @@ SC_INLINE void axpy_multi_t(T* __restrict acc, int64_t L, const T* const* src, c
   }
 }
 
-// out[k] += sum_b <g + b*gs, src[k] + b*ss> over [0, L), for nb batch rows; L a multiple of CV<T>::W.
-// The lane sums run over the whole batch range and are reduced once at the end.
+// lanes[k*W + i] += sum_b sum_t g[b*gs + t] * src[k][b*ss + t] over t = i mod W in [0, L), for nb batch
+// rows; L a multiple of W = CV<T>::W. The per-entry vector lanes live in memory (the caller reduces them
+// once per batch chunk), so the caller can walk the batch in its outer loop (one batch row of the input
+// stays in cache across all output channels) without paying a horizontal sum per (row, entry).
 template <typename T>
-SC_INLINE void dot_multi_t(const T* __restrict g, int64_t gs, int64_t L, const T* const* src, int64_t ss,
-                           int64_t nb, int64_t n, T* __restrict out) {
+SC_INLINE void dot_lanes_t(const T* __restrict g, int64_t gs, int64_t L, const T* const* src, int64_t ss,
+                           int64_t nb, int64_t n, T* __restrict lanes) {
   typedef typename CV<T>::v V;
   constexpr int W = CV<T>::W;
   int64_t k = 0;
   for (; k + 4 <= n; k += 4) {
-    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    T* l = lanes + k * W;
+    V a0 = cld(l), a1 = cld(l + W), a2 = cld(l + 2 * W), a3 = cld(l + 3 * W);
     for (int64_t b = 0; b < nb; ++b) {
       const T* __restrict gb = g + b * gs;
       const T* __restrict s0 = src[k] + b * ss;
@@ -93,19 +89,20 @@ SC_INLINE void dot_multi_t(const T* __restrict g, int64_t gs, int64_t L, const T
         a3 += gv * cld(s3 + t);
       }
     }
-    out[k] += chsum<T>(a0);
-    out[k + 1] += chsum<T>(a1);
-    out[k + 2] += chsum<T>(a2);
-    out[k + 3] += chsum<T>(a3);
+    cst(l, a0);
+    cst(l + W, a1);
+    cst(l + 2 * W, a2);
+    cst(l + 3 * W, a3);
   }
   for (; k < n; ++k) {
-    V a0 = {};
+    T* l = lanes + k * W;
+    V a0 = cld(l);
     for (int64_t b = 0; b < nb; ++b) {
       const T* __restrict gb = g + b * gs;
       const T* __restrict s0 = src[k] + b * ss;
       for (int64_t t = 0; t < L; t += W) a0 += cld(gb + t) * cld(s0 + t);
     }
-    out[k] += chsum<T>(a0);
+    cst(l, a0);
   }
 }
 
@@ -115,11 +112,11 @@ void axpy_multi(float* acc, int64_t L, const float* const* src, const float* v, 
 void axpy_multi(double* acc, int64_t L, const double* const* src, const double* v, int64_t n) {
   axpy_multi_t<double>(acc, L, src, v, n);
 }
-void dot_multi(const float* g, int64_t gs, int64_t L, const float* const* src, int64_t ss, int64_t nb, int64_t n,
-               float* out) {
-  dot_multi_t<float>(g, gs, L, src, ss, nb, n, out);
+void dot_lanes(const float* g, int64_t gs, int64_t L, const float* const* src, int64_t ss, int64_t nb, int64_t n,
+               float* lanes) {
+  dot_lanes_t<float>(g, gs, L, src, ss, nb, n, lanes);
 }
-void dot_multi(const double* g, int64_t gs, int64_t L, const double* const* src, int64_t ss, int64_t nb,
-               int64_t n, double* out) {
-  dot_multi_t<double>(g, gs, L, src, ss, nb, n, out);
+void dot_lanes(const double* g, int64_t gs, int64_t L, const double* const* src, int64_t ss, int64_t nb,
+               int64_t n, double* lanes) {
+  dot_lanes_t<double>(g, gs, L, src, ss, nb, n, lanes);
 }

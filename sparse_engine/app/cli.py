@@ -115,11 +115,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------------ train
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``prog: error: ...``) with a pointer to --help, not the
+    whole usage first: the train command's usage alone is 26 lines, which hid the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (an option unset: its help says what applies)."""
+    """Shows every default: None (an option unset) is left to the help text, which says what applies."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None:
+            return action.help
+        if not action.help:
+            return "(default: %(default)s)"
+        return super()._get_help_string(action)
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -129,32 +141,35 @@ def _train_parser() -> argparse.ArgumentParser:
     from .models import MODELS
 
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"{PROG} train",
         description="Train a model with a sparse-training method; prints a table and writes JSON under --out.",
         formatter_class=_Formatter,
     )
     what = p.add_argument_group("what to train")
-    what.add_argument("--model", choices=MODELS, default=d.model)
-    what.add_argument("--method", choices=tuple(METHODS), default=d.method)
+    what.add_argument("--model", choices=MODELS, default=d.model, help="the network")
+    what.add_argument("--method", choices=tuple(METHODS), default=d.method, help="the sparse-training method")
     what.add_argument("--compare", metavar="M1,M2,...", default=None,
-                      help="run several methods on the same seed and data and print them side by side")
+                      help="run several methods on the same seed and data and print them side by side "
+                           "(default: none, one run of --method)")
     _method_arguments(what, p.add_argument_group("method options (default: the method's own)"))
     what.add_argument("--data", choices=DATASETS, default=d.data,
                       help="auto: Fashion-MNIST (token sequences for the transformer)")
-    what.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST IDX files")
-    what.add_argument("--n-train", type=int, default=None, help="use only the first N training samples")
-    what.add_argument("--n-test", type=int, default=None, help="use only the first N test samples")
+    what.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST IDX files (default: "
+                      "$SPARSE_ENGINE_DATA, else the Debian package's folder, else the cache)")
+    what.add_argument("--n-train", type=int, default=None,
+                      help="use only the first N training samples (default: all)")
+    what.add_argument("--n-test", type=int, default=None, help="use only the first N test samples (default: all)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", default=d.device)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="the fused optimizer")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (sgd only)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay λ")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule, help="per-step learning rate")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the model, masks and data order")
+    g.add_argument("--device", default=d.device, help="torch device (cpu, cuda)")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for the mlp, whose matmuls are too small to share; "
                         "torch's choice otherwise)")
@@ -169,7 +184,7 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from its checkpoint (a run directory, its checkpoint.pt, or "
                         "a --compare run directory); the configuration comes from the checkpoint, and options "
                         "given with it must agree (--out, --threads, --data-dir, --step-in-backward and "
-                        "--no-progress may change)")
+                        "--no-progress may change) (default: none, a new run)")
     return p
 
 

@@ -3,7 +3,8 @@
 ``export RUN --format auto --out model.sparse``
     RUN is a ``sparse-engine train`` run directory (or its ``checkpoint.pt``, the training state, loaded
     with ``weights_only=True``): the model is rebuilt from the checkpoint's configuration, its weights
-    loaded, and extracted once in ``--format`` (``auto``: measured on this machine, at ``--batch`` sizes)
+    loaded, and extracted once in ``--format`` (``auto``: measured on this machine at ``--batch-size``, the
+    batch the model will run at, or at each of ``--batch`` sizes; each layer's line says what was measured)
     into a compact file recording the input shape in its metadata for ``bench-infer``. A run that has not
     finished exports its last finished epoch. A dense run (``dense``, ``wd_switchoff``) is exported as
     dense inference layers (``--format dense`` or ``auto``; a sparse format is refused, since every weight
@@ -11,7 +12,9 @@
 
 ``bench-infer MODEL.sparse --batch 1,16,64``
     Latency (median ms per call) and throughput (samples/s) of the file's model against its dense
-    equivalent (the same θ as dense weights) at each batch size, under ``torch.inference_mode()``.
+    equivalent (the same θ as dense weights) at each batch size, under ``torch.inference_mode()``. The two
+    are timed in interleaved rounds (load from other processes hits both alike); the speed-up is the
+    median of the per-round ratios, and a spread of those ratios wider than ±10 % is printed as a warning.
 
 Each function takes argv (without the subcommand name) and returns an exit code; user errors raise
 ``sparse_engine.app.cli.UserError`` (one line, exit code 2).
@@ -24,11 +27,12 @@ import math
 import os
 import statistics
 import sys
-import time
 from typing import Any
 
 import torch
 from torch import nn
+
+from .cli import Parser
 
 PROG = "sparse-engine"
 
@@ -159,14 +163,17 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"{PROG} export", description="Extract a trained sparse model into a "
+    p = Parser(prog=f"{PROG} export", description="Extract a trained sparse model into a "
                                 "compact file (values + indices; no pickle).")
     p.add_argument("checkpoint", help="a `sparse-engine train` run directory, its checkpoint.pt, or a file "
                    "written by export (to re-lay it)")
     p.add_argument("--format", default="auto", choices=("auto", "dense", "csr", "bsr", "nm"),
                    help="per-layer format; auto = fastest measured on this machine")
     p.add_argument("--out", default=None, help="output file (default: <checkpoint dir>/model.sparse)")
-    p.add_argument("--batch", default="1,64", help="batch sizes auto measures at")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="the batch size the model will run at: auto measures there (default: 1)")
+    p.add_argument("--batch", default=None, help="instead of --batch-size, comma-separated batch sizes: auto "
+                   "then keeps a sparse format only where it wins at every one (default: none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
@@ -177,7 +184,11 @@ def export_main(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    batches = _batches(args.batch)
+    if args.batch is not None and args.batch_size is not None:
+        raise _user_error("give --batch-size or --batch, not both")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise _user_error(f"--batch-size must be a positive int, got {args.batch_size}")
+    batches = _batches(args.batch) if args.batch is not None else (args.batch_size or 1,)
     model, info, dense_method = _load(args.checkpoint)
     info = guess_input(model, info)
     if dense_method is not None:
@@ -199,6 +210,10 @@ def export_main(argv: list[str]) -> int:
     path = args.out or os.path.join(os.path.dirname(_resolve(args.checkpoint)), "model.sparse")
     meta = {k: json.dumps(v) for k, v in info.items() if v is not None}
     size = io.save(out, path, metadata=meta)
+    if args.format == "auto" and dense_method is None:
+        print(f"auto: measured on this machine ({torch.get_num_threads()} threads) at batch "
+              f"{', '.join(map(str, batches))}; a sparse format only where it is faster than dense beyond the "
+              "noise of the machine")
     rows = report(out)
     width = max(len(r["name"]) for r in rows)
     print(f"{'layer':<{width}}  {'shape':<16} {'density':>8}  format  reason")
@@ -213,7 +228,7 @@ def export_main(argv: list[str]) -> int:
 
 
 def _bench_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"{PROG} bench-infer", description="Inference latency and throughput of "
+    p = Parser(prog=f"{PROG} bench-infer", description="Inference latency and throughput of "
                                 "an exported model against its dense equivalent.")
     p.add_argument("model", help="a file written by `sparse-engine export`")
     p.add_argument("--batch", default="1,16,64", help="comma-separated batch sizes")
@@ -225,22 +240,22 @@ def _bench_parser() -> argparse.ArgumentParser:
     return p
 
 
-def time_call(fn, budget_s: float, min_rounds: int = 5) -> float:
-    """Median seconds per call: rounds of bursts (each ~10 ms) after warm-up, median of the rounds."""
-    for _ in range(3):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    burst = max(1, min(1000, int(0.01 / one)))
-    rounds = []
-    start = time.perf_counter()
-    while len(rounds) < min_rounds or (time.perf_counter() - start < budget_s and len(rounds) < 200):
-        t0 = time.perf_counter()
-        for _ in range(burst):
-            fn()
-        rounds.append((time.perf_counter() - t0) / burst)
-    return statistics.median(rounds)
+def time_pair(fns: dict[str, Any], budget_s: float) -> dict[str, list[float]]:
+    """Per-round seconds per call of each function, timed in interleaved rounds of ~10 ms bursts for about
+    ``budget_s`` seconds each (at least 5 rounds): the i-th rounds ran under about the same load."""
+    from .. import tuning
+
+    return tuning.measure_rounds(fns, warmup=3, rounds=200, budget_s=budget_s * len(fns), burst_s=0.01)
+
+
+def _bench_row(batch: int, samples: dict[str, list[float]]) -> dict[str, Any]:
+    t_sparse, t_dense = statistics.median(samples["sparse"]), statistics.median(samples["dense"])
+    ratios = sorted(d / s for d, s in zip(samples["dense"], samples["sparse"]))
+    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+    speedup = statistics.median(ratios)
+    return {"batch": batch, "sparse_ms": t_sparse * 1e3, "dense_ms": t_dense * 1e3, "sparse_per_s": batch / t_sparse,
+            "dense_per_s": batch / t_dense, "speedup": speedup, "speedup_q1": q1, "speedup_q3": q3,
+            "rounds": len(ratios)}
 
 
 def bench_infer_main(argv: list[str]) -> int:
@@ -269,13 +284,12 @@ def bench_infer_main(argv: list[str]) -> int:
         for b in batches:
             x = make_input(info, b, dtype)
             try:
-                t_sparse = time_call(lambda x=x: model(x), args.budget)
+                model(x)
             except (RuntimeError, ValueError) as e:
                 raise _user_error(f"the model does not accept inputs of shape {tuple(x.shape)} ({e}); "
                                   "give --input-shape") from None
-            t_dense = time_call(lambda x=x: dense(x), args.budget)
-            rows.append({"batch": b, "sparse_ms": t_sparse * 1e3, "dense_ms": t_dense * 1e3,
-                         "sparse_per_s": b / t_sparse, "dense_per_s": b / t_dense, "speedup": t_dense / t_sparse})
+            rows.append(_bench_row(b, time_pair({"sparse": lambda x=x: model(x), "dense": lambda x=x: dense(x)},
+                                                args.budget)))
     formats: dict[str, int] = {}
     for m in model.modules():
         if hasattr(m, "format") and hasattr(m, "weight_shape"):
@@ -290,6 +304,11 @@ def bench_infer_main(argv: list[str]) -> int:
     for r in rows:
         print(f"{r['batch']:>6} {r['sparse_ms']:>11.4f} {r['dense_ms']:>9.4f} {r['sparse_per_s']:>11,.0f} "
               f"{r['dense_per_s']:>11,.0f} {r['speedup']:>7.2f}x")
+    noisy = [r for r in rows if r["speedup_q3"] > 1.1 * r["speedup"] or r["speedup_q1"] < r["speedup"] / 1.1]
+    for r in noisy:
+        print(f"warning: batch {r['batch']}: the per-round speed-ups spread from {r['speedup_q1']:.2f}x to "
+              f"{r['speedup_q3']:.2f}x (quartiles of {r['rounds']} rounds): this machine is busy; the median is "
+              "shown, use --threads 1 or a longer --budget on a quieter machine")
     if any(not math.isfinite(r["speedup"]) for r in rows):
         return 1
     return 0

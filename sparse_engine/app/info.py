@@ -8,7 +8,6 @@ prints the same as one JSON object. Importing this module does nothing; :func:`c
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -107,7 +106,9 @@ def format_text(data: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparse-engine info", description=__doc__.splitlines()[0])
+    from .cli import Parser
+
+    parser = Parser(prog="sparse-engine info", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     data = collect()

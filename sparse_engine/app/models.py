@@ -1,7 +1,7 @@
 """The small models of the training CLI and experiments, as plain torch modules.
 
 They use ``nn.Linear`` / ``nn.Conv2d`` everywhere a weight should be sparsified, so that
-``sparse_engine.nn.sparsify`` finds them; biases, BatchNorm and LayerNorm stay dense (METHODS.md §0).
+``sparse_engine.nn.sparsify`` finds them; biases, BatchNorm and LayerNorm stay dense (only weights with ndim >= 2 are factored).
 
 * ``mlp``: LeNet-300-100 (784-300-100-10), the classic pruning benchmark for (Fashion-)MNIST.
 * ``cnn``: a small ResNet for 1×28×28 inputs: a 3×3 stem and three basic blocks (16, 32, 64 channels;

@@ -6,7 +6,8 @@ Every sparse layer (SparseLinear, SparseConv2d, SparseConv1d: any module whose `
 optimizer state are gone. Other modules are kept as they are.
 
 PILoT layers that were never pruned (``kind="pilot"``, no mask, a ``target_density``) are first
-magnitude-pruned to their target: per layer (``scope="layer"``, each to its own target) or with one
+magnitude-pruned to their target (a layer the method pruned, e.g. by ``end_of_training()``, is kept as
+trained): per layer (``scope="layer"``, each to its own target) or with one
 threshold over all of them (``scope="global"``, to the parameter-weighted mean of their targets).
 ``density=`` overrides the targets.
 
@@ -17,9 +18,15 @@ The format of each layer (``format=``):
   ``{layer name: format}`` (missing layers: ``"auto"``).
 * ``"auto"``: each candidate format is built and timed on this device, on inputs of the layer's shape
   (recorded from ``example_inputs`` when given, else ``(b, in_features)`` for linear layers) with the
-  leading batch dimension set to each of ``batch_sizes``. A sparse format is chosen only if it is more
-  than ``margin`` faster than dense **at every measured batch size**, so auto never picks a format that
-  was measured slower than dense; among those, the lowest geometric mean of time ratios wins.
+  leading batch dimension set to the batch size the model will run at: ``batch_size`` (default 1, the
+  latency case), or each of ``batch_sizes`` when several must all be served. A sparse format is chosen
+  only if it is more than ``margin`` faster than dense at that batch size (at every one of
+  ``batch_sizes``) in two estimates, the fastest calls and the median of the per-round ratios
+  (:func:`sparse_engine.tuning.verdict`): the candidates are timed in interleaved rounds, so load from
+  other processes hits them alike, and a result within the noise of the machine is measured once more
+  and otherwise keeps dense. So auto never picks a format that was measured slower than dense, and a
+  busy machine does not flip its choice; among the winners, the lowest geometric mean of time ratios
+  wins. Each choice is logged at INFO with what was measured and why.
   Candidates: dense; csr; bsr when the blocks of ``block_shape`` would be at least half full; nm when the
   pattern is 2:4 and this GPU runs 2:4 sparse tensor cores. A conv layer without ``example_inputs`` has
   no input shape to measure and stays dense (its ``extract_info`` says so).
@@ -52,7 +59,7 @@ __all__ = ["MARGIN", "extract", "extract_dense", "reformat", "report", "sparse_l
 #: a sparse format must be more than this fraction faster than dense at every measured shape
 MARGIN = tuning.MARGIN
 
-_cache: dict[tuple, float] = {}  # (format, layer key, input shape, device, dtype, backend) -> seconds
+_cache: dict[tuple, dict[str, list[float]]] = {}  # (candidates, layer key, input shape, ...) -> per-round samples
 
 
 def _kind_of(mod: nn.Module) -> str:
@@ -89,13 +96,16 @@ def build_layer(kind: str, theta: Tensor, mask: Tensor | None, bias: Tensor | No
 
 def _pilot_masks(layers: list[tuple[str, nn.Module]], thetas: dict[str, Tensor], masks: dict[str, Tensor | None],
                  scope: str, density: float | None) -> dict[str, Tensor]:
-    """New masks for the PILoT layers that still need their final prune."""
+    """New masks for the PILoT layers that still need their final prune: those never pruned (no mask),
+    or, with ``density`` given, those above it. A layer the method already pruned keeps its mask: the
+    method's prune (global by default) leaves layers above or below their own target, and pruning them
+    again to their target would ship another model than the one trained and tested."""
     todo: dict[str, float] = {}
     for name, mod in layers:
         if getattr(mod.param, "kind", None) != "pilot":
             continue
         target = density if density is not None else getattr(mod, "target_density", None)
-        if target is None:
+        if target is None or (density is None and masks[name] is not None):
             continue
         current = 1.0 if masks[name] is None else float(masks[name].float().mean())
         if current > target + 0.5 / thetas[name].numel():
@@ -126,48 +136,57 @@ ROUNDS = 7
 BURST_S = 0.004
 
 
-def _measure(fns: dict[str, Callable[[], Any]], device: torch.device) -> dict[str, float]:
-    """Seconds per call of each function (tuning.measure: interleaved rounds of short bursts, the
-    fastest single call); a candidate 1.5x slower than the first (dense) after 3 rounds stops there."""
-    return tuning.measure(fns, device, warmup=1, rounds=ROUNDS, budget_s=math.inf, burst_s=BURST_S,
-                          drop_slower=1.5)
+def _measure(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int = ROUNDS) -> dict[str, list[float]]:
+    """Per-round seconds per call of each function (tuning.measure_rounds: interleaved rounds of short
+    bursts); a candidate 1.5x slower than the first (dense) after 3 rounds stops there."""
+    return tuning.measure_rounds(fns, device, warmup=1, rounds=rounds, budget_s=math.inf, burst_s=BURST_S,
+                                 drop_slower=1.5)
+
+
+def _sample(candidates: dict[str, Callable[[], InferModule]], mods: dict[str, InferModule], shape: tuple[int, ...],
+            device: torch.device, input_dtype: torch.dtype, rounds: int) -> dict[str, list[float]]:
+    """Every candidate measured together on a random input of ``shape`` (samples of one run are paired)."""
+    x = torch.randn(shape, device=device).to(input_dtype) if input_dtype.is_floating_point else \
+        torch.randint(0, 2, shape, device=device, dtype=input_dtype)
+    for fmt in candidates:
+        if fmt not in mods:
+            mods[fmt] = candidates[fmt]()
+    with torch.inference_mode():
+        out = _measure({fmt: (lambda m=mods[fmt], x=x: m(x)) for fmt in candidates}, device, rounds)
+    # a candidate dropped as much slower than dense lost its remaining rounds: inf keeps the rounds paired
+    n = max(len(s) for s in out.values())
+    return {fmt: list(s) + [math.inf] * (n - len(s)) for fmt, s in out.items()}
 
 
 def _choose(candidates: dict[str, Callable[[], InferModule]], shapes: list[tuple[int, ...]], key: tuple,
             device: torch.device, dtype: torch.dtype, input_dtype: torch.dtype, margin: float
             ) -> tuple[str, dict[str, dict[str, float]], str]:
-    """(format, times {format: {shape: s}}, reason) by the rule of the module docstring."""
-    times: dict[str, dict[str, float]] = {fmt: {} for fmt in candidates}
-    bkey = backends.which("compact_linear_fwd", device, dtype)
+    """(format, fastest times {format: {shape: s}}, reason) by tuning.verdict: the rule of the module
+    docstring with its spread check; within noise, every shape is measured once more (the rounds added to
+    the first ones) and a second "within noise" keeps dense."""
     if next(iter(candidates)) != "dense":
         raise ValueError("the first candidate must be 'dense' (the baseline)")
+    bkey = backends.which("compact_linear_fwd", device, dtype)
+    names = {shape: "x".join(map(str, shape)) for shape in shapes}
     mods: dict[str, InferModule] = {}
-    for shape in shapes:
-        name = "x".join(map(str, shape))
-        keys = {fmt: (fmt, key, shape, str(device), str(dtype), bkey, torch.get_num_threads()) for fmt in candidates}
-        todo = [fmt for fmt in candidates if keys[fmt] not in _cache]
-        if todo:
-            if "dense" not in todo:
-                todo.insert(0, "dense")  # measured together: the times are only comparable within one run
-            x = torch.randn(shape, device=device).to(input_dtype) if input_dtype.is_floating_point else \
-                torch.randint(0, 2, shape, device=device, dtype=input_dtype)
-            for fmt in todo:
-                if fmt not in mods:
-                    mods[fmt] = candidates[fmt]()
-            with torch.inference_mode():
-                measured = _measure({fmt: (lambda m=mods[fmt], x=x: m(x)) for fmt in todo}, device)
-            for fmt in todo:
-                _cache[keys[fmt]] = measured[fmt]
+    samples: dict[str, dict[str, list[float]]] = {fmt: {} for fmt in candidates}
+    ckeys = {shape: (tuple(candidates), key, shape, str(device), str(dtype), bkey, torch.get_num_threads())
+             for shape in shapes}
+    for shape, ckey in ckeys.items():
+        if ckey not in _cache:
+            _cache[ckey] = _sample(candidates, mods, shape, device, input_dtype, ROUNDS)
         for fmt in candidates:
-            times[fmt][name] = _cache[keys[fmt]]
-    best = tuning.decide(times, margin)
-    if best == "dense":
-        reason = "no sparse format measured faster than dense at every batch size" if len(times) > 1 \
-            else "only candidate"
-    else:
-        speedup = 1 / tuning.ratio(times, best)
-        reason = f"measured {speedup:.2f}x faster than dense (geometric mean over batch sizes)"
-    return best, times, reason
+            samples[fmt][names[shape]] = list(_cache[ckey][fmt])
+    v = tuning.verdict(samples, margin, unit="input")
+    if v.unsure:
+        for shape, ckey in ckeys.items():
+            more = _sample(candidates, mods, shape, device, input_dtype, 2 * ROUNDS)
+            _cache[ckey] = {fmt: _cache[ckey][fmt] + more[fmt] for fmt in candidates}
+            for fmt in candidates:
+                samples[fmt][names[shape]] = list(_cache[ckey][fmt])
+        v = tuning.verdict(samples, margin, unit="input")
+    times = {fmt: {case: min(s) for case, s in cases.items()} for fmt, cases in samples.items()}
+    return v.choice, times, v.reason
 
 
 def _is_nm(mask2d: Tensor, n: int = 2, m: int = 4) -> bool:
@@ -211,7 +230,8 @@ def extract(
     format: str | dict[str, str] = "auto",
     *,
     example_inputs: Any = None,
-    batch_sizes: Sequence[int] = (1, 64),
+    batch_size: int | None = None,
+    batch_sizes: Sequence[int] | None = None,
     scope: str = "layer",
     density: float | None = None,
     block_shape: tuple[int, int] = (32, 32),
@@ -225,7 +245,9 @@ def extract(
         format: "auto", "dense", "csr", "bsr", "nm", or a dict layer name -> one of those.
         example_inputs: an input (or tuple of positional inputs, or dict of keyword inputs) of the model;
             used by "auto" to learn each layer's input shape (needed for conv layers).
-        batch_sizes: leading dims at which "auto" measures (the example's batch dim is replaced).
+        batch_size: the batch size the model will run at, where "auto" measures (the example's batch
+            dim is replaced); default 1.
+        batch_sizes: instead of ``batch_size``, several: "auto" then needs a win at each of them.
         scope: "layer" or "global" threshold for pruning PILoT layers to their target density.
         density: prune every PILoT layer to this density instead of its target_density.
         block_shape: BSR block (bn, bk) for layers not already stored as BSR.
@@ -240,7 +262,7 @@ def extract(
     if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
                                 or not 0.0 < density <= 1.0):
         raise ValueError(f"density must be in (0, 1], got {density!r}")
-    batch_sizes = _check_batch_sizes(batch_sizes)
+    batch_sizes = _check_batch_sizes(batch_size, batch_sizes)
     if not (isinstance(margin, (int, float)) and margin >= 0):
         raise ValueError(f"margin must be a number >= 0, got {margin!r}")
 
@@ -372,7 +394,8 @@ def reformat(
     format: str | dict[str, str] = "auto",
     *,
     example_inputs: Any = None,
-    batch_sizes: Sequence[int] = (1, 64),
+    batch_size: int | None = None,
+    batch_sizes: Sequence[int] | None = None,
     block_shape: tuple[int, int] = (32, 32),
     margin: float = MARGIN,
     inplace: bool = False,
@@ -385,7 +408,7 @@ def reformat(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_format_arg(format)
-    batch_sizes = _check_batch_sizes(batch_sizes)
+    batch_sizes = _check_batch_sizes(batch_size, batch_sizes)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, InferModule)]
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) holds no inference layer (InferLinear / InferConv*); "
@@ -414,7 +437,16 @@ def _check_format_arg(format) -> None:
         raise TypeError(f"format must be a str or a dict layer name -> format, got {type(format).__name__}")
 
 
-def _check_batch_sizes(batch_sizes) -> tuple[int, ...]:
+def _check_batch_sizes(batch_size, batch_sizes) -> tuple[int, ...]:
+    """The batch sizes "auto" measures at: ``(batch_size,)``, ``batch_sizes``, or (1,) when neither is given."""
+    if batch_size is not None:
+        if batch_sizes is not None:
+            raise ValueError(f"give batch_size or batch_sizes, not both (got {batch_size!r} and {batch_sizes!r})")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        return (batch_size,)
+    if batch_sizes is None:
+        return (1,)
     try:
         out = tuple(batch_sizes)
     except TypeError:

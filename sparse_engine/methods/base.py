@@ -100,6 +100,8 @@ class Method:
     config_class: type[MethodConfig] = MethodConfig
     #: the ``method`` argument of nn.sparsify (None: the model stays dense)
     sparsify_as: str | None = None
+    #: whether it trains a model whose parameters are sharded (FSDP2's fully_shard)
+    shardable = True
 
     def __init__(self, config: MethodConfig | None = None, **kwargs: Any) -> None:
         if config is None:
@@ -182,6 +184,9 @@ class Method:
         for name, v in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not self.shardable and any(getattr(p, "placements", None) is not None for p in model.parameters()):
+            raise ValueError(f"model: {self.name} cannot train a sharded (FSDP2) model: it reads the whole "
+                             "weights to decide; use DistributedDataParallel")
         self.remove()
         self.model, self.optimizer = model, optimizer
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch

@@ -3,10 +3,12 @@
 Dense to sparse: every sparsified weight is trained as θ = m ⊙ w, factored with β = 1, with the extra
 regulariser α_t(‖m‖² + ‖w‖²) on both factors (the optimizer's α, separate from weight decay). The
 implicit bias of m ⊙ w moves from L2 to L1 as the accumulated regularisation grows, so θ becomes
-sparse-ish while training; at the end θ is magnitude-pruned to the target density (METHODS.md §2).
+sparse-ish while training; at the end θ is magnitude-pruned to the target density.
 
 * α schedule: the controller of Algorithm 1 (once per epoch, fed the train accuracy and ‖θ‖₁; see
-  optim.schedules.AlphaController) or a fixed schedule (constant, harmonic, quadratic, geometric).
+  optim.schedules.AlphaController) or a fixed schedule (constant, harmonic, quadratic, geometric). In a
+  distributed job every rank calls ``after_epoch`` with its own accuracy and the controller uses the mean
+  over the ranks (the global accuracy when the ranks see equally many samples).
 * Final prune: one-shot magnitude prune of θ, threshold global or per layer ([open]: both; per layer
   uses the ``distribution``'s layer densities). Optionally iterative: prune ``prune_fraction`` of the
   remaining weights, retrain ``retrain_epochs``, repeat until the target density, with learning-rate
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..masks import SCOPES, layer_densities, magnitude_masks
 from ..optim.schedules import ALPHA_SCHEDULES, AlphaController, AlphaSchedule
 from .base import FactoredConfig, Method, Retrain, option
@@ -71,6 +74,8 @@ class PILoT(Method):
     name = "pilot"
     config_class = PILoTConfig
     sparsify_as = "pilot"
+    #: its controller and final magnitude prune read the whole θ: no FSDP2 (DDP is fine)
+    shardable = False
 
     def _layers(self) -> dict[str, Any]:
         from ..optim import parameterizations
@@ -112,6 +117,9 @@ class PILoT(Method):
         l1 = self.l1()
         if train_acc is None and c.alpha_schedule == "controller":
             raise ValueError("pilot's α controller needs the epoch's train accuracy (train_acc)")
+        if train_acc is not None:
+            # each rank of a distributed job passes its own accuracy: all decide on the mean (a collective)
+            train_acc = distributed.mean_over_ranks(train_acc)
         alpha = self.alpha_schedule.update(epoch, train_acc if train_acc is not None else 0.0, l1)
         self.optimizer.set_alpha(alpha)
         return {"alpha": alpha, "l1": l1}

@@ -2,8 +2,8 @@
 
 Pruning at initialisation with sign flips: a random mask is fixed, every active weight is trained as
 θ = m ⊙ w factored with m² − w² = β (β = 1), and every ``reset_every`` epochs (or steps) θ is
-re-factored back to β, leaving θ unchanged (METHODS.md §1). Training erodes β (weight decay and
-gradient noise shrink it every step, METHODS.md §0); a small β freezes the signs of θ, the reset
+re-factored back to β, leaving θ unchanged. Training erodes β (weight decay and
+gradient noise shrink it every step); a small β freezes the signs of θ, the reset
 restores the ability to flip them.
 
 [open] choices and their defaults (see the README for the measurements behind them):
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..optim.base import RESET_POLICIES
 from ..optim.schedules import UNITS, ResetSchedule
 from .base import FactoredConfig, Method, option
@@ -60,16 +61,20 @@ class SignIn(MovingMask, Method):
     def _mean_beta(self) -> float:
         from ..optim import parameterizations
 
-        num, den = 0.0, 0
+        num, den, sharded = 0.0, 0, False
         for _, pz in parameterizations(self.model):
             if pz.kind != "signin":
                 continue
-            beta = pz.m.detach().float() ** 2 - pz.w.detach().float() ** 2
-            mask = pz.step_mask()
+            sharded = sharded or distributed.is_sharded(pz.m)  # FSDP2: sum this rank's shard, then all ranks
+            m, w = distributed.local(pz.m.detach()), distributed.local(pz.w.detach())
+            beta = m.float() ** 2 - w.float() ** 2
+            mask = distributed.local_rows(pz.step_mask(), pz.m)
             if mask is not None:
                 beta = beta[mask]
             num += float(beta.sum())
             den += beta.numel()
+        if sharded:
+            num, den = distributed.sum_over_ranks([num, den]).tolist()
         return num / den if den else float("nan")
 
     def _reset(self, k: int) -> None:

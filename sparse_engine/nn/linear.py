@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -118,9 +119,30 @@ class SparseModule(nn.Module):
         if density == 1.0:
             # Compact storage needs the pattern even when it is full.
             return torch.ones(shape, dtype=torch.bool, device=device) if self.layout in _COMPACT else None
-        if self.layout in ("block", "bsr"):
-            return _random_block_mask(shape, self.block_shape, density, seed=self.seed, device=device)
-        return _random_mask(shape, density, seed=self.seed, device=device)
+        return self._draw_mask(density, device)
+
+    def _draw_mask(self, density: float, device) -> Tensor:
+        """A random mask at ``density``: exact to one weight for the element layouts; for the block
+        layouts the nearest whole number of blocks, with a warning naming the achieved density when
+        whole blocks cannot come within half a block of it, refused when no whole block would be kept (a
+        warning when an element layout keeps no weight)."""
+        shape, numel = self.weight_shape, math.prod(self.weight_shape)
+        if self.layout not in ("block", "bsr"):
+            if round(density * numel) == 0:  # exact to one weight, yet nothing trains: say so
+                warnings.warn(f"{type(self).__name__}: density={density:g} keeps no weight of the {tuple(shape)} "
+                              f"weight ({numel} weights; density >= {0.5 / numel:.3g} keeps one)", stacklevel=4)
+            return _random_mask(shape, density, seed=self.seed, device=device)
+        mask = _random_block_mask(shape, self.block_shape, density, seed=self.seed, device=device)
+        kept, block = int(mask.sum()), self.block_shape[0] * self.block_shape[1]
+        if kept == 0:
+            raise ValueError(f"density={density:g} keeps no whole block of the {tuple(shape)} weight with "
+                             f"block_shape={self.block_shape}: give a larger density or a smaller block_shape")
+        if abs(kept - density * numel) > block / 2:
+            warnings.warn(f"{type(self).__name__} {tuple(shape)} layout={self.layout!r}: density={density:g} "
+                          f"rounds to whole {self.block_shape} blocks (edge blocks partial): achieved density "
+                          f"{kept / numel:.4f}; a block_shape that divides the weight or another density comes "
+                          "closer", stacklevel=4)
+        return mask
 
     def _build_param(self, theta: Tensor, mask: Tensor | None) -> None:
         storage = self._resolved if self._resolved in _COMPACT else "dense"
@@ -434,11 +456,15 @@ class SparseModule(nn.Module):
 
     # ------------------------------------------------------------------------------ checkpoints
 
+    def _type_name(self) -> str:
+        """The layer's class name, also when FSDP2's fully_shard has swapped in its subclass FSDP<name>."""
+        return next(c for c in type(self).__mro__ if c.__module__.startswith("sparse_engine")).__name__
+
     def get_extra_state(self) -> Tensor:
         """This layer's options (type, layout and its resolution, block shape, seed, β, PILoT's target
         density) as one int64 tensor (:mod:`sparse_engine.records`): what a loader needs to rebuild it."""
         return records.encode(
-            "SparseModule", type=type(self).__name__, layout=self.layout, resolved=self._resolved,
+            "SparseModule", type=self._type_name(), layout=self.layout, resolved=self._resolved,
             block_n=self.block_shape[0], block_k=self.block_shape[1], seed=self.seed, beta=self.beta_init,
             target_density=self.target_density,
         )

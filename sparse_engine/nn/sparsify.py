@@ -29,7 +29,9 @@ Random masks come from :func:`sparse_engine.masks.random_masks`: the per-layer d
 ``distribution`` (uniform / er / erk) and the number of active weights over all replaced layers is
 exactly ``round(density * total)``, deterministic for a given ``seed``. The block layouts ("block",
 "bsr") need whole blocks active: their masks are random blocks at each layer's density, so the overall
-density is then the nearest that whole blocks allow (the report shows it).
+density is then the nearest that whole blocks allow (the report shows it, and a warning names it when
+it is more than half a block per layer away). A model with no Linear / Conv is refused; one whose
+every Linear / Conv is skipped gets a warning listing why.
 
 Left alone by default: embeddings, normalisation and everything that is not a Linear / Conv1d / Conv2d;
 layers whose weight is tied to another module's (an LM head tied to the embedding); the projections
@@ -40,6 +42,7 @@ initialised. The report lists every skipped Linear / Conv with the reason.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -238,6 +241,7 @@ def sparsify(
             report.skipped.append((name, "dense_first_last"))
         targets = [t for t in targets if t not in ends]
     if not targets:
+        _nothing_to_replace(model, report)
         return report
 
     kind = SPARSIFY_METHODS[method]
@@ -281,7 +285,28 @@ def sparsify(
                 target_density=new.target_density,
             )
         )
+    _warn_if_rounded(report, block_shape)
     return report
+
+
+def _nothing_to_replace(model: nn.Module, report: SparsifyReport) -> None:
+    """A model with no Linear / Conv is refused; one whose every Linear / Conv was skipped is warned about."""
+    if not report.skipped:
+        raise ValueError(f"model ({type(model).__name__}) has no nn.Linear / nn.Conv1d / nn.Conv2d to sparsify")
+    warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
+                  + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=3)
+
+
+def _warn_if_rounded(report: SparsifyReport, block_shape) -> None:
+    """The block layouts keep whole blocks: say so when that moves the overall density by more than half
+    a block per layer from the requested one."""
+    if report.layout not in ("block", "bsr") or report.method == "pilot" or report.requested_density == 1.0:
+        return
+    slack = len(report.layers) * block_shape[0] * block_shape[1] / 2
+    if abs(report.nnz - report.requested_density * report.numel) > slack:
+        warnings.warn(f"sparsify: density={report.requested_density:g} rounds to whole {tuple(block_shape)} blocks "
+                      f"(at least one per layer): achieved density {report.density:.4f} over the replaced layers",
+                      stacklevel=3)
 
 
 def _check_args(model, method, density, distribution, layout, block_shape, filter, mask, mask_scope):

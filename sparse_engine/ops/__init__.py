@@ -136,7 +136,10 @@ def _on_rows(op, x: Tensor, n: int, *args) -> Tensor:
     """``op(x2, *args)`` on the rows of ``x`` (leading dims flattened: x2 is (B, K), contiguous), the result
     (B, n) shaped back to (..., n)."""
     lead = tuple(x.shape[:-1])
-    return op(x.reshape(-1, x.shape[-1]).contiguous(), *args).reshape(*lead, n)
+    out = op(x.reshape(-1, x.shape[-1]).contiguous(), *args)
+    # _unsafe_view (as aten's matmul does): ``out`` is fresh and private, so the result need not be a view
+    # of it; a view would make FSDP2 warn that an in-place op on the module's output skips its hooks
+    return torch.ops.aten._unsafe_view(out, (*lead, n))
 
 
 # ------------------------------------------------------------------------------------------ reparam

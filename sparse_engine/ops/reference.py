@@ -56,7 +56,7 @@ def reparam_backward_ref(
 
 
 def factorize_ref(theta: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """The unique (m, w) with m ⊙ w = θ, m² − w² = β, m > 0 (METHODS.md §0).
+    """The unique (m, w) with m ⊙ w = θ, m² − w² = β, m > 0.
 
     Written as m = sqrt(β/2 + hypot(β/2, θ)): ``hypot`` never squares θ (no overflow up to the dtype's
     max, no underflow of tiny θ), and the sum adds two non-negative numbers, so there is no cancellation

@@ -24,7 +24,11 @@ What it adds to ``torch.optim``
   ever alive. Call ``optimizer.step()`` once per iteration all the same: it applies nothing then, but it
   counts the step and runs the step hooks (method schedules). In this mode the finiteness check is per
   tensor: a tensor whose gradient is non-finite is not updated (``skipped_updates``), or it raises.
-  Gradient accumulation over several backward passes is not possible in this mode.
+  Gradient accumulation over several backward passes is not possible in this mode. Under
+  DistributedDataParallel, attach the wrapped model (``attach(ddp_model)``): each tensor is then stepped
+  after its bucket's all-reduce (:mod:`sparse_engine.distributed.ddp`), never on a local gradient.
+* **Distributed jobs**: the first step (and ``attach``) checks that the masks are equal on every rank
+  (:func:`sparse_engine.distributed.check_masks`).
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from .. import distributed, ops
 from ..checks import check_choice
 from ..param import Parameterization
 
@@ -81,7 +85,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             ``"params"`` may also hold modules: their parameters are used and their roles bound.
         defaults: per-group hyperparameters (each subclass validates its own).
         factor_lr: with a model, put the factors m, w of Sign-In / PILoT weights in their own group with
-            this learning rate (the products m ⊙ w move at a rate ∝ m² + w², see METHODS.md §0).
+            this learning rate (the products m ⊙ w move at a rate ∝ m² + w² = sqrt(β² + 4θ²)).
         nonfinite: "skip" or "raise" (module docstring).
         reset_policy: default state policy of :meth:`signin_reset`: "keep", "zero" or "transform".
     """
@@ -103,12 +107,15 @@ class SparseOptimizer(torch.optim.Optimizer):
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.reset_policy = check_choice("reset_policy", reset_policy, RESET_POLICIES)
         self._bindings: dict[Tensor, tuple[str, Parameterization]] = {}
+        self._names: dict[int, str] = {}  # id(parameterization) -> its name in the bound model (messages)
         self._handles: list = []
         self.num_steps = 0        # steps applied (or, attached, iterations whose step() was called)
         self.skipped_steps = 0    # whole steps skipped for a non-finite gradient
         self.skipped_updates = 0  # single-tensor updates skipped (attached mode)
         self.num_resets = 0
         self._skipped_in_iteration = False
+        self._masks_checked = False
+        self._reduced_grads: list[Tensor] = []  # attached under DDP: DDP still fills .grad, freed at step()
         model = params if isinstance(params, nn.Module) else None
         if model is not None:
             params = self._groups_from_model(model, factor_lr)
@@ -161,7 +168,8 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def bind(self, model: nn.Module) -> SparseOptimizer:
         """Learn the role (m / w / theta) and mask source of every parameterized tensor in ``model``."""
-        for _, pz in parameterizations(model):  # includes ``model`` itself if it is a Parameterization
+        for name, pz in parameterizations(model):  # includes ``model`` itself if it is a Parameterization
+            self._names[id(pz)] = name
             for role, p, _ in pz.step_targets():
                 self._bindings[p] = (role, pz)
         return self
@@ -215,6 +223,9 @@ class SparseOptimizer(torch.optim.Optimizer):
             state["step"] += 1
             buf1, buf2 = self._buffers(state, group)
             alpha = group["alpha"] if role in ("m", "w") else 0.0
+            if distributed.is_sharded(p):  # FSDP2: the step is elementwise, run it on this rank's shard
+                mask = distributed.local_rows(mask, p)
+                p, grad, buf1, buf2 = (None if t is None else distributed.local(t) for t in (p, grad, buf1, buf2))
             ops.fused_step(
                 p, grad, buf1, buf2, mask, group["lr"], int(state["step"].item()), self.kind,
                 alpha=alpha, **self._hyper(group),
@@ -240,6 +251,15 @@ class SparseOptimizer(torch.optim.Optimizer):
             for g, m in zip(grads, masks)
         )
 
+    def _all_finite(self, work: list[tuple[dict, Tensor, Tensor, str, Tensor | None]]) -> bool:
+        """_finite over the (group, param, grad, role, mask) items; sharded gradients are checked on each
+        rank's shard and the verdict is shared, so that every rank skips the same steps."""
+        sharded = any(distributed.is_sharded(w[1]) for w in work)
+        if not sharded:
+            return self._finite([w[2] for w in work], [w[4] for w in work])
+        ok = self._finite([distributed.local(w[2]) for w in work], [distributed.local_rows(w[4], w[1]) for w in work])
+        return distributed.all_ranks(ok)
+
     def _nonfinite(self, where: str) -> None:
         if self.nonfinite == "raise":
             raise NonFiniteGradError(
@@ -255,6 +275,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._handles:
+            for p in self._reduced_grads:
+                p.grad = None
             if self._skipped_in_iteration:
                 self.skipped_steps += 1
                 self._skipped_in_iteration = False
@@ -269,7 +291,8 @@ class SparseOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 role, mask = self._role_mask(p)
                 work.append((group, p, p.grad, role, mask))
-        if not self._finite([w[2] for w in work], [w[4] for w in work]):
+        self._check_masks()
+        if not self._all_finite(work):
             self._nonfinite(f"at step {self.num_steps + 1}")
             self.skipped_steps += 1
             return loss
@@ -288,6 +311,17 @@ class SparseOptimizer(torch.optim.Optimizer):
             self.bind(model)
         if self._handles:
             return self
+        if distributed.is_ddp(model):
+            self._check_masks()
+            self._handles.append(distributed.attach_ddp(self, model))
+            self._reduced_grads = [p for g in self.param_groups for p in g["params"]]
+            return self
+        params = [p for g in self.param_groups for p in g["params"]]
+        if distributed.world_size() > 1 and not any(distributed.is_sharded(p) for p in params):
+            raise RuntimeError(
+                f"attach(): this is a distributed job of {distributed.world_size()} processes; pass the "
+                "DistributedDataParallel-wrapped model (optimizer.attach(ddp_model)) so that each tensor is "
+                "stepped after its gradient's all-reduce, not on its local gradient")
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.requires_grad:
@@ -300,6 +334,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._reduced_grads = []
 
     @property
     def attached(self) -> bool:
@@ -307,20 +342,37 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _backward_hook(self, group_index: int, p: Tensor) -> None:
-        group = self.param_groups[group_index]
         grad = p.grad
         if grad is None:
             return
-        role, mask = self._role_mask(p)
         try:
-            if not self._finite([grad], [mask]):
-                self.skipped_updates += 1
-                self._skipped_in_iteration = True
-                self._nonfinite(f"for a {tuple(p.shape)} tensor (role {role!r}) during backward")
-                return
-            self._apply([(group, p, grad, role, mask)])
+            self._update_attached(group_index, p, grad)
         finally:
             p.grad = None  # the point of this mode: the gradient dies right after its update
+
+    def _group_index(self, p: Tensor) -> int | None:
+        for index, group in enumerate(self.param_groups):
+            if any(q is p for q in group["params"]):
+                return index
+        return None
+
+    @torch.no_grad()
+    def _update_attached(self, group_index: int, p: Tensor, grad: Tensor) -> None:
+        """One tensor's update inside backward (its own finiteness check)."""
+        role, mask = self._role_mask(p)
+        if not self._finite([grad], [mask]):
+            self.skipped_updates += 1
+            self._skipped_in_iteration = True
+            self._nonfinite(f"for a {tuple(p.shape)} tensor (role {role!r}) during backward")
+            return
+        self._apply([(self.param_groups[group_index], p, grad, role, mask)])
+
+    def _check_masks(self) -> None:
+        """In a distributed job, once: the bound masks are the same on every rank (a collective)."""
+        if self._masks_checked or distributed.world_size() == 1:
+            return
+        distributed.check_masks([(self._names.get(id(pz), ""), pz) for pz in self._bound_parameterizations()])
+        self._masks_checked = True
 
     # ---------------------------------------------------------------------------------- method hooks
 
@@ -356,8 +408,10 @@ class SparseOptimizer(torch.optim.Optimizer):
                         st[name].zero_()
                 st["step"].zero_()
             return
-        mask = pz.step_targets()[0][2]
-        self._transform_state(sm, sw, m_old, w_old, pz.m.detach(), pz.w.detach(), mask)
+        mask = distributed.local_rows(pz.step_targets()[0][2], pz.m)
+        loc = distributed.local  # FSDP2: the transform is elementwise, on this rank's shard
+        self._transform_state({k: loc(v) for k, v in sm.items()}, {k: loc(v) for k, v in sw.items()}, loc(m_old),
+                              loc(w_old), loc(pz.m.detach()), loc(pz.w.detach()), mask)
 
     def _transform_state(self, sm, sw, m_old, w_old, m_new, w_new, mask) -> None:
         raise NotImplementedError
@@ -421,7 +475,8 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for name, default in (("_bindings", {}), ("_handles", []), ("num_steps", 0), ("skipped_steps", 0),
+        for name, default in (("_bindings", {}), ("_names", {}), ("_masks_checked", False),
+                              ("_reduced_grads", []), ("_handles", []), ("num_steps", 0), ("skipped_steps", 0),
                               ("skipped_updates", 0), ("num_resets", 0), ("_skipped_in_iteration", False),
                               ("nonfinite", "skip"), ("reset_policy", "transform")):
             if name not in self.__dict__:

@@ -1,6 +1,6 @@
 """Optimizer state across a Sign-In reset: the ``transform`` policy.
 
-A reset re-factors (m, w) -> (m', w') with m' ⊙ w' = m ⊙ w = θ and m'² − w'² = β (METHODS.md §0). The
+A reset re-factors (m, w) -> (m', w') with m' ⊙ w' = m ⊙ w = θ and m'² − w'² = β. The
 optimizer state was accumulated in the old coordinates; ``keep`` leaves it there, ``zero`` drops it, and
 ``transform`` re-expresses it in the new ones. Everything is elementwise; all products below are
 elementwise, computed in float32 (float64 for float64 state) and cast back.

@@ -140,7 +140,7 @@ class WeightDecaySwitchOff:
 
 
 class AlphaController:
-    """PILoT's α controller (METHODS.md §2, Algorithm 1 as reconstructed), called once per epoch.
+    """PILoT's α controller (Algorithm 1 of the paper, as reconstructed), called once per epoch.
 
     With factor δ > 1, target L1 norm K and T epochs: after epoch k, if the train accuracy did not drop
     (by more than ``tolerance``) against the previous epoch, ‖m ⊙ w‖₁ ≥ K and k ≤ T/2, then α ← α·δ (not

@@ -1,0 +1,208 @@
+"""Helpers of the 2-process tests (tests/test_distributed.py): a bounded spawn, and one training case.
+
+The spawned worker runs every case in one job (one process group for all of them, so that CI spawns
+once), writes its results to a file, and the test compares them with the same case run in the test's own
+process on the concatenated batch. Every collective runs under the process group's timeout, and the spawn
+is joined under a deadline: a bug fails the test instead of hanging it.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import sparse_engine as se
+from sparse_engine.methods import make_method
+
+COLLECTIVE_TIMEOUT_S = 60
+JOIN_TIMEOUT_S = 240
+EPOCHS, STEPS, BATCH = 2, 3, 8  # global batch (both ranks together) of each step
+
+
+def spawn(worker, world: int, tmp_path, *args) -> list[dict]:
+    """Run ``worker(rank, world, init_file, out_file, *args)`` on ``world`` processes; their results."""
+    init_file = str(tmp_path / "rendezvous")
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ctx = mp.start_processes(_entry, args=(worker, world, init_file, outs, args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"the {world}-process job did not finish within {JOIN_TIMEOUT_S} s")
+    results = [torch.load(o, weights_only=False) for o in outs]
+    for r, res in enumerate(results):
+        if "error" in res:
+            raise AssertionError(f"rank {r} failed:\n{res['error']}")
+    return results
+
+
+def _entry(rank, worker, world, init_file, outs, args):
+    torch.set_num_threads(1)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        result = worker(rank, world, *args)
+    except Exception:  # reported by the parent with the traceback
+        result = {"error": traceback.format_exc()}
+    torch.save(result, outs[rank])
+    dist.destroy_process_group()
+
+
+def data(dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """EPOCHS × STEPS global batches, the same on every rank (seeded)."""
+    g = torch.Generator().manual_seed(1234)
+    return [(torch.randn(BATCH, 12, generator=g, dtype=dtype), torch.randint(0, 5, (BATCH,), generator=g))
+            for _ in range(EPOCHS * STEPS)]
+
+
+def model(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 5)).to(dtype)
+
+
+def method_options(name: str, layout: str) -> dict:
+    opts = {"density": 0.5, "layout": layout, "seed": 3, "distribution": "uniform"}
+    if name == "signin":
+        opts.update(reset_every=1, reset_unit="step")  # resets inside training, in the step hook
+    if name == "pilot":
+        opts.update(alpha=1e-2, target_l1_ratio=0.99)
+    return opts
+
+
+def shard(net: nn.Module, world: int) -> nn.Module:
+    """FSDP2: every layer with parameters sharded on its own, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in net:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
+
+
+def full_state(net: nn.Module) -> dict:
+    """The state dict with every sharded tensor gathered (a collective under FSDP2)."""
+    out = {}
+    for k, v in net.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v
+            out[k] = v.detach().clone()
+    return out
+
+
+def run_case(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> dict:
+    """Train one case; ``world`` > 1: this rank's share of each global batch under DDP or FSDP2."""
+    name, layout, opt_name, mode, dtype = case
+    net = model(dtype)
+    method = make_method(name, **method_options(name, layout))
+    method.prepare(net)
+    if world > 1 and wrap == "fsdp":
+        net = wrapped = shard(net, world)
+    kwargs = {"momentum": 0.9, "weight_decay": 1e-3} if opt_name == "sgd" else {"weight_decay": 1e-2}
+    opt = method.make_optimizer(net, opt_name, lr=0.05 if opt_name == "sgd" else 1e-2, **kwargs)
+    if world > 1 and wrap == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(net)
+    elif world == 1:
+        wrapped = net
+    method.apply(wrapped, opt, epochs=EPOCHS, steps_per_epoch=STEPS)
+    if mode == "attach":
+        opt.attach(wrapped)
+    share = BATCH // world
+    batches, alphas = data(dtype), []
+    for epoch in range(EPOCHS):
+        correct = seen = 0
+        for x, y in batches[epoch * STEPS:(epoch + 1) * STEPS]:
+            x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+            opt.zero_grad(set_to_none=True)
+            out = wrapped(x)
+            nn.functional.cross_entropy(out, y).backward()
+            opt.step()
+            correct += int((out.argmax(1) == y).sum())
+            seen += len(y)
+        alphas.append(method.after_epoch(epoch + 1, correct / seen).get("alpha"))
+    method.end_of_training()
+    masks = {n: pz.dense_mask() for n, pz in se.optim.parameterizations(net)}
+    return {"state": full_state(net), "alphas": alphas, "masks": masks,
+            "resets": getattr(method, "beta_before", None)}
+
+
+CASES = [(name, layout, opt, mode, torch.float64)
+         for name in ("static", "signin", "pilot")
+         for layout in ("dense", "csr") if not (name == "pilot" and layout == "csr")  # pilot trains dense
+         for opt in ("sgd", "adamw") for mode in ("step", "attach")]
+CASES += [("signin", "csr", "adamw", "attach", torch.float32), ("pilot", "dense", "sgd", "step", torch.float32)]
+
+
+def user_errors(rank: int, world: int) -> dict:
+    """The errors a user can cause in a distributed job, as each rank sees them (message or None)."""
+    out = {}
+    net = model(torch.float64)
+    se.sparsify(net, method="signin", density=0.5, seed=rank, distribution="uniform")  # masks differ
+    try:
+        se.distributed.check_masks(net)
+        out["check_masks"] = None
+    except se.distributed.MaskMismatchError as e:
+        out["check_masks"] = str(e)
+    opt = se.SGD(net, lr=0.1)
+    net(torch.randn(4, 12, dtype=torch.float64)).sum().backward()
+    try:
+        opt.step()
+        out["first_step"] = None
+    except se.distributed.MaskMismatchError as e:
+        out["first_step"] = str(e)
+    try:
+        opt.attach(net)
+        out["attach_plain"] = None
+    except RuntimeError as e:
+        out["attach_plain"] = str(e)
+    return out
+
+
+def controller_alphas(rank: int, world: int, accs: list[list[float]]) -> list[float]:
+    """PILoT's α sequence when rank r reports accuracy accs[epoch][r] after each epoch (a DDP model)."""
+    net = model(torch.float64)
+    method = make_method("pilot", **method_options("pilot", "dense"))
+    method.prepare(net)
+    opt = method.make_optimizer(net, "sgd", lr=0.0)
+    wrapped = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    method.apply(wrapped, opt, epochs=2 * len(accs), steps_per_epoch=1)
+    return [method.after_epoch(e + 1, acc[rank])["alpha"] for e, acc in enumerate(accs)]
+
+
+#: rank 0's accuracy drops in epoch 2, rank 1's rises more: the mean rises (α grows on both ranks)
+CONTROLLER_ACCS = [[0.5, 0.5], [0.4, 0.7]]
+
+
+def ddp_worker(rank: int, world: int, cases: list) -> dict:
+    return {"cases": {case: run_case(case, rank, world) for case in cases}, "errors": user_errors(rank, world),
+            "controller": controller_alphas(rank, world, CONTROLLER_ACCS)}
+
+
+FSDP_CASES = [(name, layout, opt, mode, torch.float64)
+              for name in ("static", "signin") for layout in ("dense", "csr")
+              for opt in ("sgd", "adamw") for mode in ("step", "attach")]
+FSDP_CASES += [("signin", "csr", "adamw", "step", torch.float32)]
+
+
+def fsdp_worker(rank: int, world: int, cases: list) -> dict:
+    out = {"cases": {case: run_case(case, rank, world, wrap="fsdp") for case in cases}}
+    method = make_method("pilot", **method_options("pilot", "dense"))
+    net = model(torch.float64)
+    method.prepare(net)
+    net = shard(net, world)
+    try:
+        method.apply(net, method.make_optimizer(net, "sgd", lr=0.1))
+        out["pilot_sharded"] = None
+    except ValueError as e:
+        out["pilot_sharded"] = str(e)
+    return out

@@ -1,0 +1,83 @@
+"""2-process gloo tests of DDP (CPU): training equals one process on the concatenated batch.
+
+One spawned job runs every case (see tests/_dist.py); the reference runs here, in one process.
+"""
+import pytest
+import torch
+
+from _dist import CASES, CONTROLLER_ACCS, FSDP_CASES, controller_alphas, ddp_worker, fsdp_worker, run_case, spawn
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-6}
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    return spawn(ddp_worker, 2, tmp_path_factory.mktemp("ddp"), CASES)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].is_floating_point()
+               else float((a[k] != b[k]).sum()) for k in a)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_ddp_equals_one_process_on_the_concatenated_batch(ddp_results, case):
+    r0, r1 = (r["cases"][case] for r in ddp_results)
+    # replicas identical, method decisions identical on both ranks
+    assert _max_diff(r0["state"], r1["state"]) == 0
+    assert r0["alphas"] == r1["alphas"]
+    assert r0["resets"] == r1["resets"]
+    for name in r0["masks"]:
+        assert (r0["masks"][name] is None) == (r1["masks"][name] is None)
+        if r0["masks"][name] is not None:
+            assert torch.equal(r0["masks"][name], r1["masks"][name])
+    one = run_case(case)
+    tol = TOL[case[-1]]
+    assert _max_diff(r0["state"], one["state"]) <= tol
+    if case[0] == "pilot":
+        # the α sequence each rank decided (from its own accuracy, averaged inside the library) is the
+        # one-process sequence, and the controller did move α
+        assert r0["alphas"] == pytest.approx(one["alphas"], rel=1e-12, abs=0)
+        assert all(a != 1e-2 for a in r0["alphas"])
+        for name, mask in one["masks"].items():
+            assert torch.equal(r0["masks"][name], mask)
+    if case[0] == "signin":
+        assert len(r0["resets"]) == len(one["resets"]) > 0
+
+
+def test_pilot_controller_decides_on_the_mean_accuracy_of_the_ranks(ddp_results):
+    mean = [[sum(a) / len(a)] for a in CONTROLLER_ACCS]
+    expected = controller_alphas(0, 1, mean)
+    assert expected[1] > expected[0]  # the mean accuracy rose: α grows
+    for r in ddp_results:
+        assert r["controller"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_user_errors_give_one_clear_line_on_every_rank(ddp_results):
+    for r in ddp_results:
+        errors = r["errors"]
+        for key in ("check_masks", "first_step"):
+            assert errors[key] is not None and "differs between ranks" in errors[key] and "\n" not in errors[key]
+        assert "DistributedDataParallel" in errors["attach_plain"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    return spawn(fsdp_worker, 2, tmp_path_factory.mktemp("fsdp"), FSDP_CASES)
+
+
+@pytest.mark.parametrize("case", FSDP_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_fsdp2_equals_one_process_on_the_concatenated_batch(fsdp_results, case):
+    r0, r1 = (r["cases"][case] for r in fsdp_results)
+    assert _max_diff(r0["state"], r1["state"]) == 0  # the gathered shards are the same on both ranks
+    assert r0["resets"] == r1["resets"]
+    one = run_case(case)
+    assert _max_diff(r0["state"], one["state"]) <= TOL[case[-1]]
+    if case[0] == "signin":
+        assert r0["resets"] == pytest.approx(one["resets"], rel=1e-6)  # β mean is summed in float32
+
+
+def test_a_method_that_cannot_run_sharded_says_so(fsdp_results):
+    for r in fsdp_results:
+        assert "cannot train a sharded" in r["pilot_sharded"] and "\n" not in r["pilot_sharded"]
