@@ -168,3 +168,21 @@ def test_the_cli_trains_every_new_mask_option(tmp_path, capsys):
     assert r["epochs"][-1]["sparse_phase"] is True and abs(r["density"] - 0.3) < 0.01
     code = cli.main(["train", "--method", "signin", "--mask", str(tmp_path / "none.pt"), *TINY])
     assert code != 0 and "mask must be one of" in capsys.readouterr().err
+
+
+def test_bench_dynamic_masks_quick_writes_its_csv(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "dyn.csv"
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_dynamic_masks.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["case"] for r in rows] == ["rigl_capture", "rigl_update", "set_update", "step_static",
+                                         "step_rigl_between", "step_rigl_update", "overhead"]
+    assert all(float(r["time_ms"]) > 0 for r in rows[:-1])
+    assert all(r["machine"] and r["commit"] and r["loadavg"] for r in rows)
