@@ -12,9 +12,10 @@ T_stop)), Evci et al. 2020; "constant"). Grown coordinates are chosen
 
 Only coordinates inactive before the update are grown (a weight dropped now cannot come back in the same
 update). A grown weight starts at θ = 0 (m = √β, w = 0 for Sign-In's m ⊙ w) with zero optimizer state;
-a dropped one becomes θ = 0 with zero state. Layouts: dense (the mask changes) and csr (the index is
-rebuilt and the optimizer state moves with its coordinates). Under torch.distributed the masks of rank 0
-are broadcast, so every process keeps the same masks.
+a dropped one becomes θ = 0 with zero state. Layouts: dense and block (the mask changes), csr and bsr
+(the index is rebuilt and the optimizer state moves with its coordinates); the block layouts drop and grow
+whole blocks (scored by the sum of |θ| and of |∂L/∂θ| over the block), k and n then count blocks. Under
+torch.distributed the masks of rank 0 are broadcast, so every process keeps the same masks.
 """
 from __future__ import annotations
 
@@ -27,12 +28,34 @@ import torch
 from torch import Tensor
 
 from ..checks import check_choice
+from ..layout import block_grid, expand_block_mask, to_blocks
 from ..masks import SCOPES, SOURCES, _topk_mask
 from .base import option
 
 DYNAMIC = ("rigl", "set")
 DROP_SCHEDULES = ("cosine", "constant")
-DYNAMIC_LAYOUTS = ("dense", "csr")
+DYNAMIC_LAYOUTS = ("dense", "csr", "block", "bsr")
+
+
+def _block(module) -> tuple[int, int] | None:
+    """The block shape a layer's mask moves by (layouts block and bsr), None: single weights."""
+    return tuple(module.block_shape) if module.resolved_layout in ("block", "bsr") else None
+
+
+def _units(t: Tensor, block) -> Tensor:
+    """(N, K) -> the flat values per unit of the mask: the tensor itself, or its block sums."""
+    return (t if block is None else to_blocks(t, block).sum(dim=(2, 3))).reshape(-1)
+
+
+def _active_units(module, block) -> Tensor:
+    return _units(module.mask2d().to(torch.int32), block) > 0
+
+
+def _expand(units: Tensor, block, shape2d) -> Tensor:
+    """Flat unit mask -> (N, K) element mask."""
+    if block is None:
+        return units.reshape(shape2d)
+    return expand_block_mask(units.reshape(block_grid(shape2d, block)), block, shape2d)
 
 
 def _drop_fraction(step: int, fraction: float, schedule: str, stop: float) -> float:
@@ -57,7 +80,7 @@ def zero_state_outside(optimizer, params, keep: Tensor) -> None:
 @torch.no_grad()
 def apply_mask(module, new: Tensor, optimizer) -> None:
     """Give a sparse layer the (N, K) mask ``new``: kept coordinates keep θ and state, the others restart
-    at θ = 0 with zero state. Dense storage: the mask changes; csr: the index is rebuilt and every
+    at θ = 0 with zero state. Dense storage: the mask changes; csr / bsr: the index is rebuilt and every
     optimizer buffer moves with its coordinates."""
     pz = module.param
     old = module.mask2d()
@@ -66,7 +89,7 @@ def apply_mask(module, new: Tensor, optimizer) -> None:
         keep = new if old is None else old & new
         zero_state_outside(optimizer, [p for _, p, _ in pz.step_targets()], keep)
         return
-    if pz.layout != "csr":
+    if pz.layout not in ("csr", "bsr"):
         raise RuntimeError(f"mask updates support the layouts {DYNAMIC_LAYOUTS}, this layer stores {pz.layout!r}")
     index = pz.index
     params = [p for _, p, _ in pz.step_targets()]
@@ -75,7 +98,7 @@ def apply_mask(module, new: Tensor, optimizer) -> None:
     for p in params:
         st = optimizer.state.get(p) or {}
         dense[p] = {n: index.scatter(st[n]) for n in optimizer.buffer_names if st.get(n) is not None}
-    module._set_storage("csr", new)
+    module._set_storage(pz.layout, new)
     index = pz.index
     for p in params:
         for n, buf in dense[p].items():
@@ -211,7 +234,8 @@ class MaskUpdater:
         f = _drop_fraction(step, self.opts.drop_fraction, self.opts.drop_schedule, self.stop)
         out = {}
         for name, module in self.layers:
-            numel, k = math.prod(module.param.shape2d), module.nnz()
+            active = _active_units(module, _block(module))
+            numel, k = active.numel(), int(active.sum())
             out[name] = min(round(f * k), numel - k)
         return out
 
@@ -257,8 +281,9 @@ class MaskUpdater:
         else:  # a linear layer: ∂L/∂θ = gᵀ x over every leading dim
             n, k = module.param.shape2d
             grad = gs.reshape(-1, n).t() @ xs.reshape(-1, k)
-        score = grad.detach().abs().reshape(-1)
-        active = module.mask2d().reshape(-1)
+        block = _block(module)
+        score = _units(grad.detach().abs().reshape(module.param.shape2d), block)
+        active = _active_units(module, block)
         score = torch.where(active, torch.full_like(score, -1.0), score)
         grow = _topk_mask(score, self._planned[name])
         self._candidates[name] = grow.nonzero().squeeze(1)
@@ -285,13 +310,12 @@ class MaskUpdater:
             grow_idx = self._grow(i, name, module, n, step)
             if grow_idx is None:
                 continue
-            n = grow_idx.numel()
-            active = module.mask2d().reshape(-1)
-            score = torch.where(active, module.theta().detach().abs().reshape(-1).float(),
-                                torch.full(active.shape, -1.0, device=active.device))
-            new = _topk_mask(score, int(active.sum()) - n)
+            n, block = grow_idx.numel(), _block(module)
+            active = _active_units(module, block)
+            score = _units(module.theta().detach().abs().reshape(module.param.shape2d), block)
+            new = _topk_mask(torch.where(active, score, torch.full_like(score, -1.0)), int(active.sum()) - n)
             new[grow_idx] = True
-            new = _same_on_every_rank(new.reshape(module.param.shape2d))
+            new = _same_on_every_rank(_expand(new, block, module.param.shape2d))
             apply_mask(module, new, self.optimizer)
             out[name] = n
         self._candidates.clear()
@@ -304,7 +328,7 @@ class MaskUpdater:
             return None
         if self.opts.dynamic == "rigl":
             return self._candidates.get(name)  # None: no backward ran through this layer since arming
-        inactive = (~module.mask2d().reshape(-1)).nonzero().squeeze(1)
+        inactive = (~_active_units(module, _block(module))).nonzero().squeeze(1)
         gen = torch.Generator(device="cpu")
         gen.manual_seed((self.seed * 1_000_003 + step * 1009 + i) % (2**63))
         pick = torch.randperm(inactive.numel(), generator=gen)[:n].to(inactive.device)
