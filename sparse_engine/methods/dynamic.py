@@ -48,6 +48,8 @@ def _units(t: Tensor, block) -> Tensor:
 
 
 def _active_units(module, block) -> Tensor:
+    if block is None:
+        return module.mask2d().reshape(-1)
     return _units(module.mask2d().to(torch.int32), block) > 0
 
 
@@ -235,7 +237,7 @@ class MaskUpdater:
         out = {}
         for name, module in self.layers:
             active = _active_units(module, _block(module))
-            numel, k = active.numel(), int(active.sum())
+            numel, k = active.numel(), int(torch.count_nonzero(active))
             out[name] = min(round(f * k), numel - k)
         return out
 
@@ -313,7 +315,7 @@ class MaskUpdater:
             n, block = grow_idx.numel(), _block(module)
             active = _active_units(module, block)
             score = _units(module.theta().detach().abs().reshape(module.param.shape2d), block)
-            new = _topk_mask(torch.where(active, score, torch.full_like(score, -1.0)), int(active.sum()) - n)
+            new = _topk_mask(torch.where(active, score, torch.full_like(score, -1.0)), int(torch.count_nonzero(active)) - n)
             new[grow_idx] = True
             new = _same_on_every_rank(_expand(new, block, module.param.shape2d))
             apply_mask(module, new, self.optimizer)
