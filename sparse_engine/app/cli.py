@@ -381,6 +381,9 @@ def _resume(args: argparse.Namespace, given: set[str]) -> int:
         print(f"results: {cfg.out_dir}/compare.json (per method: {cfg.out_dir}/<method>/result.json)")
         return 0
     cfg.out_dir = args.out or str(ckpt_path.parent)
+    if ckpt.get("position", {}).get("finished"):
+        print(f"{ckpt_path}: this run had finished (epochs: {len(ckpt.get('result', {}).get('epochs', []))}); "
+              "nothing left to train: its result")
     result = _run(lambda: train(cfg, resume=ckpt_path), cfg.out_dir)
     print(C.summary_table({cfg.method: result}))
     print(f"results: {cfg.out_dir}/result.json")

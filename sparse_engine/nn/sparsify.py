@@ -246,8 +246,7 @@ def sparsify(
             report.skipped.append((name, "dense_first_last"))
         targets = [t for t in targets if t not in ends]
     if not targets:
-        _nothing_to_replace(model, report)
-        return report
+        return _nothing_to_replace(model, report)
 
     kind = SPARSIFY_METHODS[method]
     if isinstance(mask, dict):
@@ -303,12 +302,16 @@ def _linears_from_hf_conv1d(model: nn.Module) -> None:
         linears_from_conv1d(model)
 
 
-def _nothing_to_replace(model: nn.Module, report: SparsifyReport) -> None:
-    """A model with no Linear / Conv is refused; one whose every Linear / Conv was skipped is warned about."""
-    if not report.skipped:
+def _nothing_to_replace(model: nn.Module, report: SparsifyReport) -> SparsifyReport:
+    """No layer to replace: refused when the model has no Linear / Conv at all, a warning listing why each
+    was skipped when it has some (none when it holds sparse layers already: sparsify again is a no-op)."""
+    already = any(is_sparse_layer(m) for m in model.modules())
+    if not report.skipped and not already:
         raise ValueError(f"model ({type(model).__name__}) has no nn.Linear / nn.Conv1d / nn.Conv2d to sparsify")
-    warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
-                  + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=3)
+    if report.skipped and not already:
+        warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
+                      + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=3)
+    return report
 
 
 def _warn_if_rounded(report: SparsifyReport, block_shape) -> None:
@@ -316,7 +319,8 @@ def _warn_if_rounded(report: SparsifyReport, block_shape) -> None:
     a block per layer from the requested one."""
     if report.layout not in ("block", "bsr") or report.method == "pilot" or report.requested_density == 1.0:
         return
-    slack = len(report.layers) * block_shape[0] * block_shape[1] / 2
+    slack = sum(min(block_shape[0], r.shape[0]) * min(block_shape[1], math.prod(r.shape[1:])) / 2
+                for r in report.layers)
     if abs(report.nnz - report.requested_density * report.numel) > slack:
         warnings.warn(f"sparsify: density={report.requested_density:g} rounds to whole {tuple(block_shape)} blocks "
                       f"(at least one per layer): achieved density {report.density:.4f} over the replaced layers",
