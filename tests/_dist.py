@@ -239,10 +239,27 @@ FSDP_CASES = [(name, layout, opt, mode, torch.float64)
 FSDP_CASES += [("signin", "csr", "adamw", "step", torch.float32)]
 
 
+def nonfinite_step(rank: int, world: int, mode: str) -> dict:
+    """One FSDP2 step whose gradients are NaN on rank 0's half of the batch only: nothing may move."""
+    run = build(("static", "dense", "adamw", mode, torch.float64), rank, world, "fsdp")  # no reset: θ is w
+    before = se.distributed.full_state_dict(run["net"])
+    x, y = data(torch.float64)[0]
+    x = x[rank * (BATCH // world):(rank + 1) * (BATCH // world)].clone()
+    if rank == 0:
+        x[0, 0] = float("nan")
+    run["opt"].zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(run["wrapped"](x), y[:len(x)]).backward()
+    run["opt"].step()
+    after = se.distributed.full_state_dict(run["net"])
+    moved = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    return {"moved": moved, "skipped": run["opt"].skipped_steps + run["opt"].skipped_updates}
+
+
 def fsdp_worker(rank: int, world: int, cases: list, ckpt_dir: str) -> dict:
     out = {"cases": {case: run_case(case, rank, world, wrap="fsdp") for case in cases},
            "resumed": resumed(rank, world, "fsdp", ckpt_dir)}
     out["extracted"] = extracted_output(EXTRACT_CASE, out["cases"][EXTRACT_CASE]["state"])
+    out["nonfinite"] = {mode: nonfinite_step(rank, world, mode) for mode in ("step", "attach")}
     method = make_method("pilot", **method_options("pilot", "dense"))
     net = model(torch.float64)
     method.prepare(net)

@@ -90,6 +90,12 @@ def test_extract_of_the_gathered_fsdp2_model_equals_the_one_process_model(fsdp_r
         torch.testing.assert_close(r["extracted"], one, rtol=0, atol=1e-10)
 
 
+def test_fsdp2_nonfinite_gradients_move_nothing_on_any_rank(fsdp_results):
+    for r in fsdp_results:
+        for mode, got in r["nonfinite"].items():
+            assert got["moved"] == [] and got["skipped"] > 0, (mode, got)
+
+
 def test_a_method_that_cannot_run_sharded_says_so(fsdp_results):
     for r in fsdp_results:
         assert "cannot train a sharded" in r["pilot_sharded"] and "\n" not in r["pilot_sharded"]

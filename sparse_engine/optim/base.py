@@ -367,7 +367,7 @@ class SparseOptimizer(torch.optim.Optimizer):
     def _update_attached(self, group_index: int, p: Tensor, grad: Tensor) -> None:
         """One tensor's update inside backward (its own finiteness check)."""
         role, mask = self._role_mask(p)
-        if not self._finite([grad], [mask]):
+        if not self._all_finite([(None, p, grad, role, mask)]):  # FSDP2: the verdict of all the shards
             self.skipped_updates += 1
             self._skipped_in_iteration = True
             self._nonfinite(f"for a {tuple(p.shape)} tensor (role {role!r}) during backward")
