@@ -313,3 +313,13 @@ def test_bench_infer_interleaves_and_reports_the_spread(tmp_path, capsys, monkey
     lines = [ln.split() for ln in out.splitlines() if ln.split() and ln.split()[0] in ("1", "4")]
     assert [ln[-1] for ln in lines] == ["2.00x", "2.00x"], out
     assert out.count("warning: batch") == 2 and "1.00x to 2.00x" in out, out
+
+
+def test_train_layout_auto_says_what_it_chose(tmp_path, capsys):
+    args = [a for a in TINY if a != "--no-progress"]
+    code, out, err = run_cli(["train", "--method", "static", "--layout", "auto", "--density", "0.1", "--epochs", "1",
+                              "--out", str(tmp_path / "run"), *args], capsys)
+    assert code == 0, err
+    said = [ln for ln in err.splitlines() if "layout auto:" in ln]
+    assert len(said) == 3, err  # the MLP's three layers
+    assert all("->" in ln and ("ms" in ln or "only candidate" in ln) for ln in said), said
