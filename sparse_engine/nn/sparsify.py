@@ -2,15 +2,18 @@
 
 Methods (the parameterization and mask each layer gets):
 
-==========  ======================  ==============================================================
+==========  ======================  =======================================================
+
 method      parameterization        mask
-==========  ======================  ==============================================================
+==========  ======================  =======================================================
+
 static      Masked (θ trained)      random pruning-at-initialisation mask (the usual baseline)
 signin      SignIn (m ⊙ w, β)       random mask; train with periodic Sign-In resets
 pilot       PILoT (m ⊙ w, β = 1)    none: dense until pruned; ``density`` is the pruning target,
                                     recorded on every layer as ``target_density``
 dense       Masked                  none: a dense baseline through the same code path
-==========  ======================  ==============================================================
+==========  ======================  =======================================================
+
 
 Where the masks of static / signin come from (``mask``):
 
@@ -42,6 +45,7 @@ initialised. The report lists every skipped Linear / Conv with the reason.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -209,6 +213,7 @@ def sparsify(
     """
     density, block_shape = _check_args(model, method, density, distribution, layout, block_shape, filter,
                                        mask, mask_scope)
+    _linears_from_hf_conv1d(model)
 
     report = SparsifyReport(method, density, distribution, layout, seed)
     parents: dict[str, nn.Module] = {}
@@ -286,6 +291,15 @@ def sparsify(
         )
     _warn_if_rounded(report, block_shape)
     return report
+
+
+def _linears_from_hf_conv1d(model: nn.Module) -> None:
+    """transformers' Conv1D (GPT-2) becomes the nn.Linear it is; only when transformers is loaded (a model
+    holding a Conv1D was built with it), so that sparsify never imports it."""
+    if "transformers.pytorch_utils" in sys.modules:
+        from ..integrations.hf.conv1d import linears_from_conv1d
+
+        linears_from_conv1d(model)
 
 
 def _nothing_to_replace(model: nn.Module, report: SparsifyReport) -> SparsifyReport:
