@@ -233,6 +233,10 @@ def test_auto_format_is_stable_under_load(caplog):
     from sparse_engine.nn import SparseLinear
 
     model = nn.Sequential(SparseLinear(4096, 4096, density=0.1))
+    threads = torch.get_num_threads()
+    # One thread: on a shared 2-core machine two OpenMP threads wait on each other at every barrier
+    # whenever another process holds a core, which measures the machine's load, not the format.
+    torch.set_num_threads(1)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         chosen, reasons = [], []
@@ -251,9 +255,10 @@ def test_auto_format_is_stable_under_load(caplog):
         busy.kill()
         busy.wait()
         _cache.clear()
+        torch.set_num_threads(threads)
     assert chosen[0] == chosen[1], reasons
-    assert all("csr" in r and "x" in r for r in reasons), reasons
-    print(f"threads {torch.get_num_threads()}: chose {chosen}; {reasons[0]}")
+    assert all("csr speed-up" in r for r in reasons), reasons
+    print(f"1 thread: chose {chosen}; {reasons}")
 
 
 # ------------------------------------------------------------------------------- benchmark outputs
