@@ -436,6 +436,13 @@ class SparseOptimizer(torch.optim.Optimizer):
                     if buf is not None:
                         buf.masked_fill_(~mask, 0)
 
+    def materialize_state(self) -> None:
+        """Create every parameter's state (zero buffers, step 0) now: a distributed checkpoint loads in
+        place. A step count of 0 makes the first step start the buffers anew, as without this call."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p, group)
+
     def reset_state(self) -> None:
         """Forget all optimizer state (fresh buffers, step counts 0): used by prune-retrain rounds."""
         self.state.clear()
