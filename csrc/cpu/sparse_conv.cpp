@@ -156,13 +156,16 @@ int64_t entry_offset(const ConvGeom& g, const Plan& p, int64_t k, int64_t* phase
 // One image's xs (C, P, ps) from its x (C, H, W): padded with zeros, split into stride phases (Hq x Wq
 // each), each phase plane followed by zeros up to its stride ps. Done per image into a per-thread buffer
 // right before use (it stays in cache; a whole-batch copy cost a round trip through memory).
+// Phases with pr >= kh or pc >= kw (a 1x1 kernel with stride 2 reads one of four) hold no entry's
+// reads and are left unwritten.
 template <typename T>
 void split_image(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __restrict xs) {
+  const int64_t nr = g.sh < g.kh ? g.sh : g.kh, nc = g.sw < g.kw ? g.sw : g.kw;
   for (int64_t c = 0; c < g.C; ++c) {
     const T* src = x + c * g.H * g.W;
     T* dst = xs + c * p.P * p.ps;
-    for (int64_t pr = 0; pr < g.sh; ++pr) {
-      for (int64_t pc = 0; pc < g.sw; ++pc) {
+    for (int64_t pr = 0; pr < nr; ++pr) {
+      for (int64_t pc = 0; pc < nc; ++pc) {
         T* d = dst + (pr * g.sw + pc) * p.ps;
         for (int64_t q = p.plane; q < p.ps; ++q) d[q] = T(0);
         for (int64_t r = 0; r < p.Hq; ++r) {
