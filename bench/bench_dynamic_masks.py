@@ -10,9 +10,11 @@ Rows:
   grow candidates (what the backward of an update step adds per layer);
 * ``rigl_update`` / ``set_update``: the drop / grow of one layer, its csr index rebuilt and its optimizer
   state moved (median of ``--reps`` updates, each on the mask the last one left);
-* ``train_static`` / ``train_rigl``: total time of ``--steps`` training steps (the last one an update
-  step for RigL), static and RigL run alternately ``--rounds`` times, the fastest round of each kept;
-  ``overhead`` = train_rigl / train_static − 1.
+* ``step_static`` / ``step_rigl_between`` / ``step_rigl_update``: median time of one training step of the
+  MLP: static mask; RigL between updates; a RigL update step (capture + update included). Blocks of
+  ``--steps`` steps of the three alternate ``--rounds`` times;
+* ``overhead``: the training-time overhead of RigL over static at ``--update-every`` (100), from those
+  medians: ((every − 1) · between + update) / (every · static) − 1.
 Results go to runs/bench/dynamic_masks.csv unless ``--out`` is given.
 """
 from __future__ import annotations
@@ -77,29 +79,35 @@ def one_layer_update(n: int, reps: int, dynamic: str, torch) -> dict:
                 regrown=updater.regrown // reps)
 
 
-def train_block(sizes, dynamic, steps: int, torch) -> float:
-    model, method, opt = _mlp_method(sizes, dynamic, steps, 100 * steps, torch)  # one update per ``steps``
+def train_steps(sizes, rounds: int, steps: int, torch) -> dict[str, float]:
+    """Median step time (s) of: static; RigL between updates (hooks in place, not capturing); RigL update
+    steps (update_every=1: forward, backward with the capture, the optimizer step and the update). Blocks
+    of ``steps`` steps of the three alternate ``rounds`` times."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(BATCH, sizes[0], generator=g), torch.randint(0, sizes[-1], (BATCH,), generator=g)
-    step = _module_step(model, opt, torch.nn.CrossEntropyLoss())
-    for _ in range(2):  # warm-up, not timed; the update (step number ``steps``) falls in the timed block
-        step(x, y)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(x, y)
-    elapsed = time.perf_counter() - t0
-    if method.updater is not None:
-        assert method.updater.updates == 1, method.updater.updates
-    return elapsed
+    runs = {}
+    for kind, dynamic, every in (("static", None, 1), ("rigl_between", "rigl", 10**9), ("rigl_update", "rigl", 1)):
+        model, method, opt = _mlp_method(sizes, dynamic, every, 10**9, torch)
+        runs[kind] = _module_step(model, opt, torch.nn.CrossEntropyLoss())
+        runs[kind](x, y)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for kind, step in runs.items():
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                step(x, y)
+                times[kind].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--steps", type=int, default=100, help="training steps per timed block (= update_every)")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="training steps per timed block")
+    p.add_argument("--rounds", type=int, default=3, help="blocks of each kind, alternating")
+    p.add_argument("--update-every", type=int, default=100, help="the update period the overhead is computed for")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "dynamic_masks.csv")
     args = p.parse_args(argv)
     import torch
@@ -109,32 +117,32 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     n, sizes = (256, (64, 256, 256, 10)) if args.quick else (4096, MODELS["mlp4096"])
-    steps = 10 if args.quick else args.steps
+    steps = 2 if args.quick else args.steps
     info = dict(machine=machine(), torch=torch.__version__, commit=git_commit(), threads=args.threads)
     print(f"# {info['machine']} | torch {info['torch']} | commit {info['commit']} | {args.threads} thread(s) | "
           f"load average {loadavg()}" + (" | QUICK: timings mean nothing" if args.quick else ""))
     rows = []
+
+    def emit(row):
+        row.update(info, loadavg=loadavg(), quick=args.quick)
+        rows.append(row)
+        print(f"{row['case']:>17} {row['shape']:>18}: {row['time_ms']:10.2f} ms  {row.get('note', '')}", flush=True)
+
     for dynamic in ("rigl", "set"):
         r = one_layer_update(n, 2 if args.quick else args.reps, dynamic, torch)
         if dynamic == "rigl":
-            rows.append(dict(case="rigl_capture", shape=f"{n}x{n}", density=DENSITY, time_ms=r["capture_ms"]))
-        rows.append(dict(case=f"{dynamic}_update", shape=f"{n}x{n}", density=DENSITY, time_ms=r["update_ms"],
+            emit(dict(case="rigl_capture", shape=f"{n}x{n}", density=DENSITY, time_ms=r["capture_ms"]))
+        emit(dict(case=f"{dynamic}_update", shape=f"{n}x{n}", density=DENSITY, time_ms=r["update_ms"],
                          note=f"{r['regrown']} regrown per update"))
-    best = {"static": float("inf"), "rigl": float("inf")}
-    for _ in range(args.rounds):  # alternate, keep each one's fastest round
-        for kind in best:
-            best[kind] = min(best[kind], train_block(sizes, None if kind == "static" else "rigl", steps, torch))
+    t = train_steps(sizes, args.rounds, steps, torch)
     shape = "-".join(map(str, sizes))
-    for kind, t in best.items():
-        rows.append(dict(case=f"train_{kind}", shape=shape, density=DENSITY, time_ms=t * 1e3,
-                         note=f"{steps} steps, batch {BATCH}" + (f", 1 update (update_every={steps})"
-                                                                 if kind == "rigl" else "")))
-    rows.append(dict(case="overhead", shape=shape, density=DENSITY, time_ms=float("nan"),
-                     note=f"{best['rigl'] / best['static'] - 1:+.2%} (rigl over static)"))
-    load = loadavg()
-    for r in rows:
-        r.update(info, loadavg=load, quick=args.quick)
-        print(f"{r['case']:>14} {r['shape']:>18}: {r['time_ms']:10.2f} ms  {r.get('note', '')}")
+    for kind, v in t.items():
+        emit(dict(case=f"step_{kind}", shape=shape, density=DENSITY, time_ms=v * 1e3, note=f"batch {BATCH}"))
+    every = args.update_every
+    overhead = ((every - 1) * t["rigl_between"] + t["rigl_update"]) / (every * t["static"]) - 1
+    emit(dict(case="overhead", shape=shape, density=DENSITY, time_ms=float("nan"),
+              note=f"{overhead:+.2%} RigL over static at update_every={every}: ((every-1)*between + update) / "
+                   "(every*static) - 1"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(args.out, "w", newline="") as f:

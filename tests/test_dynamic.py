@@ -25,9 +25,15 @@ def _data(steps, seed=1, dtype=torch.float64):
 
 def _setup(name="signin", layout="dense", dynamic="rigl", steps=50, update_every=15, optimizer="sgd", **kw):
     model = _model()
+    if layout in ("block", "bsr"):  # small blocks (4 x 4), which make_method has no option for
+        from sparse_engine.nn import sparsify
+
+        sparsify(model, "signin" if name == "signin" else "static", density=0.3, distribution="uniform",
+                 layout=layout, block_shape=(4, 4))
     method = make_method(name, density=0.3, distribution="uniform", layout=layout, dynamic=dynamic,
                          update_every=update_every, stop_at=1.0, drop_fraction=0.5, **kw)
-    method.prepare(model)
+    if layout not in ("block", "bsr"):
+        method.prepare(model)
     extra = dict(momentum=0.9) if optimizer == "sgd" else {}
     opt = method.make_optimizer(model, optimizer, lr=0.05, weight_decay=1e-3, **extra)
     method.apply(model, opt, epochs=1, steps_per_epoch=steps)
@@ -60,7 +66,7 @@ def _check_pruned(model, opt):
                     assert bool((buf[off] == 0).all()), name
 
 
-@pytest.mark.parametrize("layout", ["dense", "csr"])
+@pytest.mark.parametrize("layout", ["dense", "csr", "block", "bsr"])
 @pytest.mark.parametrize("dynamic", ["rigl", "set"])
 @pytest.mark.parametrize("name,optimizer", [("signin", "sgd"), ("static", "adamw")])
 def test_updates_keep_density_exactly_and_clear_pruned_coordinates(layout, dynamic, name, optimizer):
@@ -121,15 +127,16 @@ def test_rigl_grows_the_inactive_weights_of_largest_gradient():
 
 
 @pytest.mark.parametrize("name", ["signin", "static"])
-def test_csr_run_equals_dense_run(name):
+@pytest.mark.parametrize("pair", [("dense", "csr"), ("block", "bsr")])
+def test_compact_run_equals_dense_storage_run(name, pair):
     runs = {}
-    for layout in ("dense", "csr"):
+    for layout in pair:
         model, method, opt = _setup(name, layout, "rigl")
         for x, y in _data(50):
             _step(model, opt, x, y)
         assert method.updater.updates == 3
         runs[layout] = model
-    for (n, a), (_, b) in zip(sparse_layers(runs["dense"]), sparse_layers(runs["csr"])):
+    for (n, a), (_, b) in zip(sparse_layers(runs[pair[0]]), sparse_layers(runs[pair[1]])):
         assert torch.equal(a.dense_mask(), b.dense_mask()), n
         torch.testing.assert_close(a.theta(), b.theta(), rtol=1e-9, atol=1e-12)
 
@@ -174,7 +181,7 @@ def _clone(obj):
     (dict(dynamic="rigl", drop_fraction=1.5), "drop_fraction"),
     (dict(dynamic="rigl", drop_schedule="linear"), "drop_schedule"),
     (dict(dynamic="rigl", stop_at=0), "stop_at"),
-    (dict(dynamic="rigl", layout="bsr"), "layout"),
+    (dict(dynamic="rigl", layout="auto"), "layout"),
 ])
 def test_bad_options_name_the_argument(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -266,3 +273,29 @@ def test_ddp_two_processes_keep_identical_masks(tmp_path, name, dynamic):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_compiled_model_gives_the_same_run_with_a_bounded_number_of_graphs(layout):
+    """torch.compile (dynamo, eager backend: the graphs are what is counted) after method.apply: the mask
+    updates see the compiled model's gradients, and no graph is compiled after the first two updates."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    runs, counts = [], []
+    for compiled in (False, True):
+        model, method, opt = _setup("signin", layout, "rigl", update_every=5, steps=30)
+        run = torch.compile(model, backend=backend) if compiled else model
+        for i, (x, y) in enumerate(_data(30), start=1):
+            _step(run, opt, x, y)
+            if i == 10:
+                counts.append(len(graphs))
+        assert method.updater.updates == 5 and method.updater.regrown > 0
+        runs.append(model)
+    assert counts[-1] == len(graphs) and 0 < len(graphs) <= 8, len(graphs)
+    for (n, a), (_, b) in zip(sparse_layers(runs[0]), sparse_layers(runs[1])):
+        assert torch.equal(a.dense_mask(), b.dense_mask()), n
+        torch.testing.assert_close(a.theta(), b.theta(), rtol=1e-9, atol=1e-12)

@@ -168,3 +168,52 @@ def test_the_cli_trains_every_new_mask_option(tmp_path, capsys):
     assert r["epochs"][-1]["sparse_phase"] is True and abs(r["density"] - 0.3) < 0.01
     code = cli.main(["train", "--method", "signin", "--mask", str(tmp_path / "none.pt"), *TINY])
     assert code != 0 and "mask must be one of" in capsys.readouterr().err
+
+
+def test_bench_dynamic_masks_quick_writes_its_csv(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "dyn.csv"
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_dynamic_masks.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["case"] for r in rows] == ["rigl_capture", "rigl_update", "set_update", "step_static",
+                                         "step_rigl_between", "step_rigl_update", "overhead"]
+    assert all(float(r["time_ms"]) > 0 for r in rows[:-1])
+    assert all(r["machine"] and r["commit"] and r["loadavg"] for r in rows)
+
+
+RESUME_CASES = {
+    "signin-rigl-csr": {"method": "signin", "dynamic": "rigl", "update_every": 2, "layout": "csr", "stop_at": 1.0},
+    "static-set": {"method": "static", "dynamic": "set", "update_every": 4, "optimizer": "adamw", "lr": 0.01},
+    "gmp": {"method": "gmp", "prune_every": 2},
+    "acdc-signin": {"method": "acdc", "signin": True, "acdc_phase": 1, "acdc_final": 0.25},
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_train_resume_mid_run_is_bit_identical(case, tmp_path, monkeypatch):
+    from test_resume import BASE, assert_same, interrupt_in_epoch, metrics
+
+    from sparse_engine.app.checkpoint import read_checkpoint
+    from sparse_engine.app.config import TrainConfig
+    from sparse_engine.app.loop import train
+
+    cfg = dict(BASE, **RESUME_CASES[case])
+    straight = train(TrainConfig(**cfg, out_dir=str(tmp_path / "straight")))
+    with monkeypatch.context() as m:
+        interrupt_in_epoch(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainConfig(**cfg, out_dir=str(tmp_path / "resumed")))
+    resumed = train(TrainConfig(**cfg, out_dir=str(tmp_path / "resumed")), resume=tmp_path / "resumed")
+    assert metrics(resumed) == metrics(straight)
+    assert resumed["final"] == straight["final"] and resumed["density"] == straight["density"]
+    _, a = read_checkpoint(tmp_path / "straight")
+    _, b = read_checkpoint(tmp_path / "resumed")
+    for key in ("model_state", "optimizer_state", "method_state"):
+        assert_same(a[key], b[key], key)

@@ -66,6 +66,22 @@ def test_signin_vs_static(tmp_path):
         assert isinstance(summ["exceeds_spread"], bool)
 
 
+def test_mask_sources(tmp_path):
+    data = run_quick("mask_sources", tmp_path, "--seeds", "0", "1")
+    keys = {(r["sparsity"], r["seed"], r["condition"]) for r in data["runs"]}
+    assert keys == {(s, seed, c) for s in data["sparsities"] for seed in (0, 1) for c in data["conditions"]}
+    for r in data["runs"]:
+        assert 0 <= r["final"]["test_acc"] <= 1
+    summ = data["summary"]["mlp@0.9"]
+    for c in data["conditions"]:
+        check_stat(summ["conditions"][c]["test_acc"], 2)
+    assert summ["conditions"]["rigl+signin"]["regrown"]["n"] == 2  # the dynamic runs count their regrowth
+    assert summ["conditions"]["signin"]["beta_mean"]["n"] == 2
+    for pair in ("signin - static", "rigl+signin - rigl", "acdc+signin - acdc", "gmp - pilot"):
+        check_stat(summ["pairs"][pair]["diff"], 2)
+        assert isinstance(summ["pairs"][pair]["exceeds_spread"], bool)
+
+
 def test_pilot_oneshot(tmp_path):
     data = run_quick("pilot_oneshot", tmp_path)
     assert len(data["runs"]) == len(data["variants"]) * len(data["seeds"])

@@ -112,7 +112,8 @@ def run(cfg: TrainConfig, ds: data_mod.Dataset, *, before_training: Callable | N
     cfg.validate()
     torch.set_num_threads(cfg.threads or 1)
     # the same dense init for every method of a seed
-    model, method, _ = build_model_and_method(cfg, ds.input_shape, ds.n_classes, ds.vocab_size)
+    first = (ds.x_train[: cfg.batch_size], ds.y_train[: cfg.batch_size])  # what a SNIP mask is scored on, as in train
+    model, method, _ = build_model_and_method(cfg, ds.input_shape, ds.n_classes, ds.vocab_size, first)
     if before_training is not None:
         before_training(model, method)
     opt_kwargs: dict[str, Any] = {"weight_decay": cfg.weight_decay, "momentum": cfg.momentum}

@@ -12,9 +12,10 @@ T_stop)), Evci et al. 2020; "constant"). Grown coordinates are chosen
 
 Only coordinates inactive before the update are grown (a weight dropped now cannot come back in the same
 update). A grown weight starts at θ = 0 (m = √β, w = 0 for Sign-In's m ⊙ w) with zero optimizer state;
-a dropped one becomes θ = 0 with zero state. Layouts: dense (the mask changes) and csr (the index is
-rebuilt and the optimizer state moves with its coordinates). Under torch.distributed the masks of rank 0
-are broadcast, so every process keeps the same masks.
+a dropped one becomes θ = 0 with zero state. Layouts: dense and block (the mask changes), csr and bsr
+(the index is rebuilt and the optimizer state moves with its coordinates); the block layouts drop and grow
+whole blocks (scored by the sum of |θ| and of |∂L/∂θ| over the block), k and n then count blocks. Under
+torch.distributed the masks of rank 0 are broadcast, so every process keeps the same masks.
 """
 from __future__ import annotations
 
@@ -27,12 +28,36 @@ import torch
 from torch import Tensor
 
 from ..checks import check_choice
+from ..layout import block_grid, expand_block_mask, to_blocks
 from ..masks import SCOPES, SOURCES, _topk_mask
 from .base import option
 
 DYNAMIC = ("rigl", "set")
 DROP_SCHEDULES = ("cosine", "constant")
-DYNAMIC_LAYOUTS = ("dense", "csr")
+DYNAMIC_LAYOUTS = ("dense", "csr", "block", "bsr")
+
+
+def _block(module) -> tuple[int, int] | None:
+    """The block shape a layer's mask moves by (layouts block and bsr), None: single weights."""
+    return tuple(module.block_shape) if module.resolved_layout in ("block", "bsr") else None
+
+
+def _units(t: Tensor, block) -> Tensor:
+    """(N, K) -> the flat values per unit of the mask: the tensor itself, or its block sums."""
+    return (t if block is None else to_blocks(t, block).sum(dim=(2, 3))).reshape(-1)
+
+
+def _active_units(module, block) -> Tensor:
+    if block is None:
+        return module.mask2d().reshape(-1)
+    return _units(module.mask2d().to(torch.int32), block) > 0
+
+
+def _expand(units: Tensor, block, shape2d) -> Tensor:
+    """Flat unit mask -> (N, K) element mask."""
+    if block is None:
+        return units.reshape(shape2d)
+    return expand_block_mask(units.reshape(block_grid(shape2d, block)), block, shape2d)
 
 
 def _drop_fraction(step: int, fraction: float, schedule: str, stop: float) -> float:
@@ -57,7 +82,7 @@ def zero_state_outside(optimizer, params, keep: Tensor) -> None:
 @torch.no_grad()
 def apply_mask(module, new: Tensor, optimizer) -> None:
     """Give a sparse layer the (N, K) mask ``new``: kept coordinates keep θ and state, the others restart
-    at θ = 0 with zero state. Dense storage: the mask changes; csr: the index is rebuilt and every
+    at θ = 0 with zero state. Dense storage: the mask changes; csr / bsr: the index is rebuilt and every
     optimizer buffer moves with its coordinates."""
     pz = module.param
     old = module.mask2d()
@@ -66,7 +91,7 @@ def apply_mask(module, new: Tensor, optimizer) -> None:
         keep = new if old is None else old & new
         zero_state_outside(optimizer, [p for _, p, _ in pz.step_targets()], keep)
         return
-    if pz.layout != "csr":
+    if pz.layout not in ("csr", "bsr"):
         raise RuntimeError(f"mask updates support the layouts {DYNAMIC_LAYOUTS}, this layer stores {pz.layout!r}")
     index = pz.index
     params = [p for _, p, _ in pz.step_targets()]
@@ -75,7 +100,7 @@ def apply_mask(module, new: Tensor, optimizer) -> None:
     for p in params:
         st = optimizer.state.get(p) or {}
         dense[p] = {n: index.scatter(st[n]) for n in optimizer.buffer_names if st.get(n) is not None}
-    module._set_storage("csr", new)
+    module._set_storage(pz.layout, new)
     index = pz.index
     for p in params:
         for n, buf in dense[p].items():
@@ -189,6 +214,7 @@ class MaskUpdater:
         self.updates = 0
         self.regrown = 0
         self._hooks: list = []
+        self._armed = False
         self._candidates: dict[str, Tensor] = {}
         self._planned: dict[str, int] = {}
 
@@ -198,6 +224,9 @@ class MaskUpdater:
         self.optimizer = optimizer
         self.layers = [(n, m) for n, m in sparse_layers(model) if m.mask2d() is not None]
         self.stop = max(1, int(self.opts.stop_at * total_steps))
+        self.disarm()
+        if self.opts.dynamic == "rigl":
+            self._hooks = [module.register_forward_hook(self._forward_hook(name)) for name, module in self.layers]
         self.arm(optimizer.num_steps + 1)
 
     def is_update(self, step: int) -> bool:
@@ -207,30 +236,35 @@ class MaskUpdater:
         f = _drop_fraction(step, self.opts.drop_fraction, self.opts.drop_schedule, self.stop)
         out = {}
         for name, module in self.layers:
-            numel, k = math.prod(module.param.shape2d), module.nnz()
+            active = _active_units(module, _block(module))
+            numel, k = active.numel(), int(torch.count_nonzero(active))
             out[name] = min(round(f * k), numel - k)
         return out
 
     # ------------------------------------------------------------------ rigl: gradient candidates
 
     def arm(self, step: int) -> None:
-        """Before step ``step``: for RigL, capture gradient candidates in its backward if it updates."""
-        self.disarm()
+        """Before step ``step``: for RigL, capture gradient candidates in its backward if it updates.
+
+        The forward hooks are registered once, in :meth:`bind` (torch.compile does not see hooks added
+        after it traced the model); a plain bool says whether they capture, so a compiled model holds
+        at most two graphs (armed or not)."""
+        self._armed = False
         if self.opts.dynamic != "rigl" or not self.is_update(step):
             return
         self._planned = self._counts(step)
-        for name, module in self.layers:
-            if self._planned[name] > 0:
-                self._hooks.append(module.register_forward_hook(self._forward_hook(name)))
+        self._armed = True
 
     def disarm(self) -> None:
+        """Remove the hooks (the method's remove())."""
+        self._armed = False
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
 
     def _forward_hook(self, name: str):
         def hook(module, args, output):
-            if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
+            if self._armed and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
                 x = args[0].detach()
                 output.register_hook(lambda g: self._capture(name, module, x, g))
         return hook
@@ -238,6 +272,8 @@ class MaskUpdater:
     def _capture(self, name: str, module, x: Tensor, g: Tensor) -> None:
         """The layer's dense gradient ∂L/∂θ (formed here, freed on return) reduced to its best n inactive
         coordinates."""
+        if self._planned.get(name, 0) <= 0:
+            return None
         dtype = module.param.w.dtype
         xs, gs = x.to(dtype), g.detach().to(dtype)
         if hasattr(module, "_conv"):  # a convolution: let autograd form ∂L/∂θ of the dense op
@@ -247,8 +283,9 @@ class MaskUpdater:
         else:  # a linear layer: ∂L/∂θ = gᵀ x over every leading dim
             n, k = module.param.shape2d
             grad = gs.reshape(-1, n).t() @ xs.reshape(-1, k)
-        score = grad.detach().abs().reshape(-1)
-        active = module.mask2d().reshape(-1)
+        block = _block(module)
+        score = _units(grad.detach().abs().reshape(module.param.shape2d), block)
+        active = _active_units(module, block)
         score = torch.where(active, torch.full_like(score, -1.0), score)
         grow = _topk_mask(score, self._planned[name])
         self._candidates[name] = grow.nonzero().squeeze(1)
@@ -265,19 +302,22 @@ class MaskUpdater:
     def update(self, step: int) -> dict[str, int]:
         """Drop and grow in every layer (one at a time); returns name -> number regrown."""
         counts = self._counts(step) if self.opts.dynamic == "set" else self._planned
+        if self.opts.dynamic == "rigl" and any(counts.values()) and not self._candidates:
+            raise RuntimeError(
+                f"RigL update at step {step}: no layer's gradient was captured in this step's backward (a model "
+                "compiled before method.apply() runs without the capture hooks: compile it after apply())")
         out = {}
         for i, (name, module) in enumerate(self.layers):
             n = counts.get(name, 0)
             grow_idx = self._grow(i, name, module, n, step)
             if grow_idx is None:
                 continue
-            n = grow_idx.numel()
-            active = module.mask2d().reshape(-1)
-            score = torch.where(active, module.theta().detach().abs().reshape(-1).float(),
-                                torch.full(active.shape, -1.0, device=active.device))
-            new = _topk_mask(score, int(active.sum()) - n)
+            n, block = grow_idx.numel(), _block(module)
+            active = _active_units(module, block)
+            score = _units(module.theta().detach().abs().reshape(module.param.shape2d), block)
+            new = _topk_mask(torch.where(active, score, torch.full_like(score, -1.0)), int(torch.count_nonzero(active)) - n)
             new[grow_idx] = True
-            new = _same_on_every_rank(new.reshape(module.param.shape2d))
+            new = _same_on_every_rank(_expand(new, block, module.param.shape2d))
             apply_mask(module, new, self.optimizer)
             out[name] = n
         self._candidates.clear()
@@ -290,7 +330,7 @@ class MaskUpdater:
             return None
         if self.opts.dynamic == "rigl":
             return self._candidates.get(name)  # None: no backward ran through this layer since arming
-        inactive = (~module.mask2d().reshape(-1)).nonzero().squeeze(1)
+        inactive = (~_active_units(module, _block(module))).nonzero().squeeze(1)
         gen = torch.Generator(device="cpu")
         gen.manual_seed((self.seed * 1_000_003 + step * 1009 + i) % (2**63))
         pick = torch.randperm(inactive.numel(), generator=gen)[:n].to(inactive.device)
