@@ -147,7 +147,8 @@ def test_train_cli_nproc_errors_are_one_line():
     import sys
 
     for extra, says in ((["--nproc", "0"], "--nproc must be >= 1"),
-                        (["--nproc", "2", "--resume", "nowhere"], "--resume: runs in one process only")):
+                        (["--nproc", "2", "--resume", "nowhere"], "--resume: runs in one process only"),
+                        (["--nproc", "2", "--layout", "auto", "--epochs", "1"], "--layout auto: not on several")):
         done = subprocess.run([sys.executable, "-c", CHILD, "train", *extra], capture_output=True,
                               text=True, timeout=120)
         assert done.returncode != 0 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

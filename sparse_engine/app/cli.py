@@ -238,9 +238,7 @@ def train_main(argv: list[str]) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if args.compare is not None or args.resume is not None:
-            raise UserError(f"{'--compare' if args.compare is not None else '--resume'}: runs in one process only "
-                            "(for now): drop --nproc")
+        _check_multiprocess(args)
         return _launch(argv, args.nproc)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _rank_main(args, argv)
@@ -258,6 +256,15 @@ def train_main(argv: list[str]) -> int:
     print(C.summary_table({cfg.method: result}))
     print(f"results: {cfg.out_dir}/result.json")
     return 0
+
+
+def _check_multiprocess(args: argparse.Namespace) -> None:
+    """What a run on several processes does not do (yet): one line before any process starts."""
+    if args.compare is not None or args.resume is not None:
+        raise UserError(f"{'--compare' if args.compare is not None else '--resume'}: runs in one process only "
+                        "(for now): drop --nproc / torchrun")
+    if args.layout == "auto":  # each rank would measure, and may choose, its own layouts
+        raise UserError("--layout auto: not on several processes (for now): choose dense, csr, ... explicitly")
 
 
 #: a launched process runs the command line (imported, not ``-m``: its errors are this module's classes)
@@ -301,9 +308,7 @@ def _rank_main(args: argparse.Namespace, argv: list[str]) -> int:
     from . import config as T
     from .loop import train
 
-    if args.compare is not None or args.resume is not None:
-        raise UserError(f"{'--compare' if args.compare is not None else '--resume'}: runs in one process only "
-                        "(for now): drop --nproc / torchrun")
+    _check_multiprocess(args)
     cuda = str(args.device).startswith("cuda")
     rank = int(os.environ["RANK"])
     if cuda:
