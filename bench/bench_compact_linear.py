@@ -6,7 +6,8 @@
 
 Layers (weight (N, K) = (out, in)):
 * 4096x4096: a hidden projection of a 7B-class transformer / a wide MLP;
-* 3072x768:  BERT-base's FFN up-projection, nn.Linear(768, 3072).
+* 3072x768:  BERT-base's FFN up-projection, nn.Linear(768, 3072);
+* 300x784:   LeNet-300-100's first layer (where a fixed per-call cost shows at batch 1).
 Sparsity 80/90/95/98 % (uniform random mask), batch 1, 16, 64, 256.
 
 Providers, all on the same masked weight and input:
@@ -43,7 +44,7 @@ from common import cpu_name, git_commit  # noqa: E402  (bench/, the script's fol
 
 from sparse_engine import layout  # noqa: E402
 
-LAYERS = {"4096x4096": (4096, 4096), "3072x768": (3072, 768)}
+LAYERS = {"4096x4096": (4096, 4096), "3072x768": (3072, 768), "300x784": (300, 784)}
 SPARSITIES = (0.80, 0.90, 0.95, 0.98)
 BATCHES = (1, 16, 64, 256)
 

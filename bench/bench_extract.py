@@ -1,6 +1,7 @@
 """Inference speed and file size of extracted sparse models against the dense model and torch.sparse CSR.
 
-For each model (LeNet-300-100 MLP, the small ResNet CNN, and a transformer encoder) at 80 / 90 / 95 %
+For each model (LeNet-300-100 MLP, the small ResNet CNN, a transformer encoder, and with ``--models bert`` a
+BERT-shaped encoder built from a transformers config, 6 layers, hidden 384) at 80 / 90 / 95 %
 sparsity (random ERK masks through ``sparsify(method="static")``: inference cost does not depend on how
 the weights were trained), on this machine's CPU:
 
@@ -50,11 +51,29 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "runs",
 # Models: (name, constructor, input maker). The transformer is larger than the CLI's d=64 toy so that
 # its projections have the shapes of a small real encoder (d=256, 4 heads, MLP 1024, 64 tokens); a
 # byte-level vocabulary (256) keeps the dense embedding, which sparsify leaves alone, small.
+class BertEncoder(nn.Module):
+    """A BERT-shaped encoder from a transformers config (6 layers, hidden 384, 6 heads, MLP 1536), random
+    init, returning the last hidden state: the shapes of a small real encoder (MiniLM-class). Inputs are
+    32-token sequences; a 1000-word vocabulary keeps the dense embedding (sparsify leaves it alone) small."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        cfg = BertConfig(vocab_size=1000, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
+                         intermediate_size=1536, max_position_embeddings=64)
+        self.bert = BertModel(cfg, add_pooling_layer=False).eval()
+
+    def forward(self, ids):
+        return self.bert(input_ids=ids).last_hidden_state
+
+
 MODELS = {
     "mlp": (lambda: MLP(784, (300, 100), 10), lambda b: torch.randn(b, 784)),  # LeNet-300-100, Fashion-MNIST
     "cnn": (lambda: SmallResNet(1, 10), lambda b: torch.randn(b, 1, 28, 28)),  # the CLI's ResNet, 28x28
     "transformer": (lambda: TinyTransformer(256, 64, 10, d=256, heads=4, layers=2),
                     lambda b: torch.randint(0, 256, (b, 64))),
+    "bert": (BertEncoder, lambda b: torch.randint(0, 1000, (b, 32))),  # opt-in: --models bert
 }
 
 

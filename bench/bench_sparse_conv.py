@@ -1,19 +1,22 @@
 """Sparse convolutions on CPU: SparseConv2d (direct C++ sparse conv, and the dense+mask layout) against
 torch's nn.Conv2d, forward + backward, on the 3×3 layers of small ResNets.
 
-    python bench/bench_sparse_conv.py [--threads 2] [--batch 128] [--density 0.1] [--out bench/results]
+    python bench/bench_sparse_conv.py [--threads 1,2] [--clock wall] [--batch 128] [--density 0.1] [--out DIR]
 
 Rows: dense nn.Conv2d (the baseline), SparseConv2d layout=dense (dense weight times a mask), layout=csr
 (``ops.sparse_conv2d``: no im2col), and ``F.unfold`` alone (the im2col copy the csr path used to need:
-more than the whole dense convolution). Each time is the best of interleaved rounds (robust to other
-processes on the machine); ratios are against nn.Conv2d measured in the same run. Writes
-sparse_conv_cpu.csv with machine / versions / commit.
+more than the whole dense convolution). Each time is the best single call over interleaved rounds
+(robust to other processes on the machine); ratios are against nn.Conv2d measured in the same run, at
+the same thread count. ``--clock cpu`` times with the process CPU clock instead of the wall clock (one
+thread only: it leaves out the time the process waits for a core on a busy machine). Writes
+sparse_conv_cpu.csv (sparse_conv_cpu_cpuclock.csv with --clock cpu; to runs/bench unless --out) with machine / versions / commit / load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,72 +28,94 @@ import common
 SHAPES = [(16, 16, 28), (32, 32, 14), (64, 64, 7)]
 
 
+def measure_shape(cin: int, cout: int, hw: int, args, clock) -> dict[str, float]:
+    """Best single-call time (ms) of each provider, fwd+bwd, over interleaved rounds."""
+    import torch
+    import torch.nn.functional as F
+
+    from sparse_engine.nn import SparseConv2d
+
+    x = torch.randn(args.batch, cin, hw, hw, requires_grad=True)
+    mods = {
+        "nn.Conv2d": torch.nn.Conv2d(cin, cout, 3, padding=1),
+        "layout=dense": SparseConv2d(cin, cout, 3, padding=1, kind="signin", density=args.density),
+        "layout=csr": SparseConv2d(cin, cout, 3, padding=1, kind="signin", density=args.density, layout="csr"),
+    }
+
+    def step(mod):
+        def run():
+            mod(x).sum().backward()
+        return run
+
+    calls = {name: step(mod) for name, mod in mods.items()}
+    calls["F.unfold only"] = lambda: F.unfold(x.detach(), 3, padding=1)
+    best = {name: float("inf") for name in calls}
+    reps = 3 if args.quick else 10
+    for fn in calls.values():  # warm-up (allocations, thread pools)
+        fn()
+    for _ in range(args.rounds):
+        for name, fn in calls.items():
+            for _ in range(reps):
+                t0 = clock()
+                fn()
+                best[name] = min(best[name], (clock() - t0) * 1e3)
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts, each measured in turn")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: perf_counter; cpu: process CPU time (needs --threads 1)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--density", type=float, default=0.1)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best of each is kept")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the best call of each is kept")
     p.add_argument("--quick", action="store_true", help="batch 8, 2 rounds (a smoke test)")
     p.add_argument("--out", default=str(common.SCRATCH))
     args = p.parse_args(argv)
     if not 0 < args.density <= 1:
         p.error(f"--density must be in (0, 1], got {args.density}")
+    try:
+        threads = [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        p.error(f"--threads must be comma-separated ints, got {args.threads!r}")
+    if not threads or min(threads) < 1:
+        p.error(f"--threads must be ints >= 1, got {args.threads!r}")
+    if args.clock == "cpu" and threads != [1]:
+        p.error(f"--clock cpu needs --threads 1 (CPU time of several threads adds up), got {args.threads!r}")
     if args.quick:
         args.batch, args.rounds = 8, 2
 
     import torch
-    import torch.nn.functional as F
 
     from sparse_engine.ops import backends
-    from sparse_engine.nn import SparseConv2d
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     env = common.environment("quick" if args.quick else "full", "cpu")
     backend = backends.select("sparse_conv2d_fwd", torch.device("cpu"), torch.float32)[0]  # the csr kernel
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     rows = []
-    for cin, cout, hw in SHAPES:
-        x = torch.randn(args.batch, cin, hw, hw, requires_grad=True)
-        mods = {
-            "nn.Conv2d": torch.nn.Conv2d(cin, cout, 3, padding=1),
-            "layout=dense": SparseConv2d(cin, cout, 3, padding=1, kind="signin", density=args.density),
-            "layout=csr": SparseConv2d(cin, cout, 3, padding=1, kind="signin", density=args.density,
-                                       layout="csr"),
-        }
-
-        def step(mod, x=x):
-            def run():
-                mod(x).sum().backward()
-            return run
-
-        calls = {name: step(mod) for name, mod in mods.items()}
-        calls["F.unfold only"] = lambda x=x: F.unfold(x.detach(), 3, padding=1)
-        best = {name: float("inf") for name in calls}
-        reps = 3 if args.quick else 10
-        for fn in calls.values():  # warm-up (allocations, thread pools)
-            fn()
-        for _ in range(args.rounds):
-            for name, fn in calls.items():
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                best[name] = min(best[name], (time.perf_counter() - t0) / reps * 1e3)
-        base = best["nn.Conv2d"]
-        for name, ms in best.items():
-            rows.append(dict(shape=f"{cin}->{cout} {hw}x{hw} b{args.batch}", density=args.density, provider=name,
-                             time_ms=round(ms, 3), vs_dense=round(base / ms, 3), threads=args.threads,
-                             backend=backend, **env))
-        print(f"{cin:>3}->{cout:<3} {hw:>2}x{hw:<2} " + " | ".join(
-            f"{name} {best[name]:.2f} ms ({base / best[name]:.2f}x)" for name in calls))
+    for nthreads in threads:
+        torch.set_num_threads(nthreads)
+        for cin, cout, hw in SHAPES:
+            load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+            best = measure_shape(cin, cout, hw, args, clock)
+            base = best["nn.Conv2d"]
+            for name, ms in best.items():
+                rows.append(dict(shape=f"{cin}->{cout} {hw}x{hw} b{args.batch}", density=args.density, provider=name,
+                                 time_ms=round(ms, 3), vs_dense=round(base / ms, 3), threads=nthreads,
+                                 clock=args.clock, loadavg=load, backend=backend, **env))
+            print(f"{nthreads}t {cin:>3}->{cout:<3} {hw:>2}x{hw:<2} " + " | ".join(
+                f"{name} {best[name]:.2f} ms ({base / best[name]:.2f}x)" for name in best) + f" | load {load}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("sparse_conv_cpu_quick.csv" if args.quick else "sparse_conv_cpu.csv")
+    name = "sparse_conv_cpu" + ("_quick" if args.quick else "") + ("_cpuclock" if args.clock == "cpu" else "")
+    path = out / f"{name}.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"(fwd+bwd, best of {args.rounds} rounds, {args.threads} threads; x = speed vs nn.Conv2d) wrote {path}")
+    print(f"(fwd+bwd, best call of {args.rounds} rounds, {args.clock} clock; x = speed vs nn.Conv2d) wrote {path}")
     return 0
 
 

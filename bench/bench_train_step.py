@@ -45,6 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = {"mlp784": (784, 300, 100, 10), "mlp4096": (4096, 4096, 4096, 10)}
 PROVIDERS = ("engine", "engine_ops", "naive", "dense")
+#: the A/B pair of --ab: the engine as shipped vs the engine with the per-call paths it replaced (the
+#: Python custom op per layer and direction, one optimizer call per tensor)
+AB_PROVIDERS = ("dense", "engine", "engine_percall")
 DENSITY, BATCH, LR, MOMENTUM, WD = 0.1, 128, 0.05, 0.9, 5e-4
 
 
@@ -158,6 +161,10 @@ def build(provider: str, sizes, torch):
         return step, lambda: [*params, *bufs, *(p.grad for p in params),
                               *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))]
 
+    if provider == "engine_percall":
+        step, state = build("engine", sizes, torch)
+        return _per_call(step), state
+
     if provider == "engine":
         from sparse_engine.nn import SparseLinear
         from sparse_engine.optim import SGD
@@ -232,6 +239,70 @@ def build(provider: str, sizes, torch):
     raise ValueError(f"unknown provider {provider!r}")
 
 
+def _per_call(fn):
+    """``fn`` run with the whole-call entry points hidden (ops.backends.extra finds none): every layer
+    goes through the Python custom op in each direction and the optimizer steps tensor by tensor, as
+    before they existed. The A side of the --ab rows."""
+    from sparse_engine.ops import backends
+
+    def run(*args):
+        real = backends.extra
+        backends.extra = lambda *a, **k: None
+        try:
+            return fn(*args)
+        finally:
+            backends.extra = real
+
+    if hasattr(fn, "reset"):
+        run.reset = _per_call(fn.reset)
+    return run
+
+
+def ab(models, threads_list, rounds: int, out: Path) -> None:
+    """Interleaved A/B in one process: each round times one step of every provider in turn (and one
+    Sign-In reset of the engine), so machine load hits all sides alike; medians over the rounds."""
+    import torch
+
+    from bench_compact_linear import loadavg, machine, write_csv
+    from common import git_commit
+
+    info = dict(machine=machine(), torch=torch.__version__, commit=git_commit())
+    print(f"# {info['machine']} | torch {info['torch']} | commit {info['commit']} | load average {loadavg()}")
+    rows = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for model in models:
+            sizes = MODELS[model]
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(BATCH, sizes[0], generator=g)
+            y = torch.randint(0, sizes[-1], (BATCH,), generator=g)
+            steps = {p: build(p, sizes, torch)[0] for p in AB_PROVIDERS}
+            times: dict[str, list[float]] = {p: [] for p in (*AB_PROVIDERS, "reset", "reset_percall")}
+            for p in AB_PROVIDERS:
+                for _ in range(3):
+                    steps[p](x, y)
+            n = rounds if model == "mlp784" else max(3, rounds // 10)
+            for _ in range(n):
+                for p in AB_PROVIDERS:
+                    t0 = time.perf_counter()
+                    steps[p](x, y)
+                    times[p].append(time.perf_counter() - t0)
+                for name, fn in (("reset", steps["engine"].reset), ("reset_percall", steps["engine_percall"].reset)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            load = loadavg()
+            for p in (*AB_PROVIDERS, "reset", "reset_percall"):
+                rows.append(dict(model=model, threads=threads, what=p, ms=med[p], reps=n,
+                                 vs_dense=med["dense"] / med[p], **info, loadavg=load))
+            print(f"{model:>8} {threads}t: dense {med['dense']:8.2f} ms | engine {med['engine']:8.2f} ms "
+                  f"(x{med['dense'] / med['engine']:.2f} vs dense) | per-call {med['engine_percall']:8.2f} ms "
+                  f"(x{med['dense'] / med['engine_percall']:.2f}) | reset {med['reset']:.2f} ms "
+                  f"(per-call {med['reset_percall']:.2f}) | load {load}")
+    write_csv(rows, out)
+
+
 def _warm_up_torch(torch) -> None:
     """Touch every torch facility a step uses (on a tiny model) so that the RSS baseline includes them."""
     from torch import nn
@@ -303,14 +374,26 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=1, help="repeat every (model, provider) run; keep the fastest")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_step_cpu.csv")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat every (model, provider) run; keep the fastest (--ab: rounds of the small MLP, "
+                        "at least 30; the 4096 MLP runs a tenth)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV to write (default: runs/bench/train_step_cpu.csv, or train_step_ab_cpu.csv with --ab)")
+    p.add_argument("--ab", action="store_true",
+                   help="interleaved A/B in one process: dense vs engine vs engine with per-call paths")
+    p.add_argument("--threads-list", type=int, nargs="+", default=[1, 2], help="thread counts of --ab")
     p.add_argument("--worker", nargs=3, metavar=("PROVIDER", "MODEL", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         provider, model, steps = args.worker
         print("RESULT " + json.dumps(worker(provider, model, int(steps), args.threads)))
         return
+    scratch = ROOT / "runs" / "bench"
+    if args.ab:
+        models = ["mlp784"] if args.quick else args.models
+        ab(models, args.threads_list, max(args.rounds, 30), args.out or scratch / "train_step_ab_cpu.csv")
+        return
+    args.out = args.out or scratch / "train_step_cpu.csv"
     from bench_compact_linear import loadavg, machine
     from common import git_commit
 

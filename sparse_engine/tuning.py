@@ -37,21 +37,11 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(
-    runners: Mapping[str, Callable[[], Any]],
-    device: torch.device | str | None = None,
-    *,
-    warmup: int = 2,
-    rounds: int = 7,
-    budget_s: float = 1.0,
-    burst_s: float = 0.0,
-    drop_slower: float = math.inf,
-) -> dict[str, float]:
-    """Seconds per call of each runner: the fastest single call over interleaved rounds (the arguments
-    of :func:`measure_rounds`)."""
-    samples = measure_rounds(runners, device, warmup=warmup, rounds=rounds, budget_s=budget_s, burst_s=burst_s,
-                             drop_slower=drop_slower)
-    return {name: min(s) for name, s in samples.items()}
+def measure(runners: Mapping[str, Callable[[], Any]], device: torch.device | str | None = None,
+            **options: Any) -> dict[str, float]:
+    """Seconds per call of each runner: the fastest single call over interleaved rounds (``options``:
+    the keyword arguments of :func:`measure_rounds`)."""
+    return {name: min(s) for name, s in measure_rounds(runners, device, **options).items()}
 
 
 def measure_rounds(
@@ -175,7 +165,8 @@ def verdict(samples: Mapping[str, Mapping[Any, list[float]]], margin: float = MA
             unsure.append(name)
         worst = max(est, key=lambda c: est[c][0])
         fast, typ = est[worst]
-        notes.append(f"{name} {1 / fast:.2f}x (paired median {1 / typ:.2f}x) at {_case_name(worst, unit)}")
+        paired = f"paired median {1 / typ:.2f}x" if math.isfinite(typ) else "stopped early as much slower"
+        notes.append(f"{name} speed-up {1 / fast:.2f}x ({paired}) at {_case_name(worst, unit)}")
     measured = "; ".join(notes)
     need_pct = f"{margin:.0%}"
     if winners:

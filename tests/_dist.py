@@ -100,26 +100,30 @@ def full_state(net: nn.Module) -> dict:
     return out
 
 
-def run_case(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> dict:
-    """Train one case; ``world`` > 1: this rank's share of each global batch under DDP or FSDP2."""
+def build(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> dict:
+    """Model (sparsified, wrapped for DDP or FSDP2 when ``world`` > 1), method and optimizer of a case."""
     name, layout, opt_name, mode, dtype = case
     net = model(dtype)
     method = make_method(name, **method_options(name, layout))
     method.prepare(net)
     if world > 1 and wrap == "fsdp":
-        net = wrapped = shard(net, world)
+        net = shard(net, world)
     kwargs = {"momentum": 0.9, "weight_decay": 1e-3} if opt_name == "sgd" else {"weight_decay": 1e-2}
     opt = method.make_optimizer(net, opt_name, lr=0.05 if opt_name == "sgd" else 1e-2, **kwargs)
-    if world > 1 and wrap == "ddp":
-        wrapped = nn.parallel.DistributedDataParallel(net)
-    elif world == 1:
-        wrapped = net
+    wrapped = nn.parallel.DistributedDataParallel(net) if world > 1 and wrap == "ddp" else net
     method.apply(wrapped, opt, epochs=EPOCHS, steps_per_epoch=STEPS)
     if mode == "attach":
         opt.attach(wrapped)
-    share = BATCH // world
-    batches, alphas = data(dtype), []
-    for epoch in range(EPOCHS):
+    return {"net": net, "wrapped": wrapped, "method": method, "opt": opt, "dtype": dtype, "rank": rank,
+            "world": world, "alphas": []}
+
+
+def train(run: dict, epochs: range) -> None:
+    """Train ``epochs`` (0-based) of a built case; this rank's share of each global batch."""
+    wrapped, opt, method = run["wrapped"], run["opt"], run["method"]
+    share, rank = BATCH // run["world"], run["rank"]
+    batches = data(run["dtype"])
+    for epoch in epochs:
         correct = seen = 0
         for x, y in batches[epoch * STEPS:(epoch + 1) * STEPS]:
             x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
@@ -129,12 +133,35 @@ def run_case(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> d
             opt.step()
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
-        alphas.append(method.after_epoch(epoch + 1, correct / seen).get("alpha"))
-    method.end_of_training()
-    masks = {n: pz.dense_mask() for n, pz in se.optim.parameterizations(net)}
-    return {"state": full_state(net), "alphas": alphas, "masks": masks,
-            "resets": getattr(method, "beta_before", None)}
+        run["alphas"].append(method.after_epoch(epoch + 1, correct / seen).get("alpha"))
 
+
+def finish(run: dict) -> dict:
+    """End of training (PILoT prunes); what the tests compare."""
+    run["method"].end_of_training()
+    net = run["net"]
+    masks = {n: pz.dense_mask() for n, pz in se.optim.parameterizations(net)}
+    return {"state": full_state(net), "alphas": run["alphas"], "masks": masks,
+            "resets": getattr(run["method"], "beta_before", None)}
+
+
+def run_case(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> dict:
+    """Train one case; ``world`` > 1: this rank's share of each global batch under DDP or FSDP2."""
+    run = build(case, rank, world, wrap)
+    train(run, range(EPOCHS))
+    return finish(run)
+
+
+def resumed_case(case: tuple, rank: int, world: int, wrap: str, where: str) -> dict:
+    """The case trained one epoch, saved with DCP, rebuilt from scratch, loaded and trained to the end."""
+    first = build(case, rank, world, wrap)
+    train(first, range(1))
+    se.distributed.save(where, first["wrapped"], first["opt"], first["method"])
+    second = build(case, rank, world, wrap)
+    se.distributed.load(where, second["wrapped"], second["opt"], second["method"])
+    second["alphas"] = list(first["alphas"])
+    train(second, range(1, EPOCHS))
+    return finish(second)
 
 CASES = [(name, layout, opt, mode, torch.float64)
          for name in ("static", "signin", "pilot")
@@ -183,9 +210,23 @@ def controller_alphas(rank: int, world: int, accs: list[list[float]]) -> list[fl
 CONTROLLER_ACCS = [[0.5, 0.5], [0.4, 0.7]]
 
 
-def ddp_worker(rank: int, world: int, cases: list) -> dict:
+#: the cases resumed from a distributed checkpoint (with the wrapping each is trained under)
+RESUME_CASES = {"ddp": [("signin", "csr", "adamw", "step", torch.float64), ("pilot", "dense", "sgd", "attach", torch.float64)],
+                "fsdp": [("signin", "dense", "sgd", "attach", torch.float64), ("static", "csr", "adamw", "step", torch.float64)]}
+
+
+def checkpoints(wrap: str, ckpt_dir: str) -> dict:
+    return {case: os.path.join(ckpt_dir, f"{wrap}{i}") for i, case in enumerate(RESUME_CASES[wrap])}
+
+
+def resumed(rank: int, world: int, wrap: str, ckpt_dir: str) -> dict:
+    return {case: resumed_case(case, rank, world, wrap, where) for case, where in checkpoints(wrap, ckpt_dir).items()}
+
+
+def ddp_worker(rank: int, world: int, cases: list, ckpt_dir: str) -> dict:
     return {"cases": {case: run_case(case, rank, world) for case in cases}, "errors": user_errors(rank, world),
-            "controller": controller_alphas(rank, world, CONTROLLER_ACCS)}
+            "controller": controller_alphas(rank, world, CONTROLLER_ACCS),
+            "resumed": resumed(rank, world, "ddp", ckpt_dir), "checkpoints": checkpoints("ddp", ckpt_dir)}
 
 
 FSDP_CASES = [(name, layout, opt, mode, torch.float64)
@@ -194,8 +235,9 @@ FSDP_CASES = [(name, layout, opt, mode, torch.float64)
 FSDP_CASES += [("signin", "csr", "adamw", "step", torch.float32)]
 
 
-def fsdp_worker(rank: int, world: int, cases: list) -> dict:
-    out = {"cases": {case: run_case(case, rank, world, wrap="fsdp") for case in cases}}
+def fsdp_worker(rank: int, world: int, cases: list, ckpt_dir: str) -> dict:
+    out = {"cases": {case: run_case(case, rank, world, wrap="fsdp") for case in cases},
+           "resumed": resumed(rank, world, "fsdp", ckpt_dir)}
     method = make_method("pilot", **method_options("pilot", "dense"))
     net = model(torch.float64)
     method.prepare(net)

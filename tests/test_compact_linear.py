@@ -215,6 +215,8 @@ def test_backward_without_x_grad(backend, dtype, layout, factored):
         xx = x.clone().requires_grad_(x_requires_grad)
         with run_on(backend), pytest.MonkeyPatch.context() as mp:
             mp.setattr(backends, "select", spy_select)
+            # the custom op path (a native autograd node, test_native_autograd_path, is not spied on)
+            mp.setattr(backends, "extra", lambda *a, **k: None)
             y = ops.compact_linear(xx, *inputs[:2], index, inputs[2])
             y.backward(gy)
         assert (xx.grad is not None) == x_requires_grad
@@ -224,6 +226,43 @@ def test_backward_without_x_grad(backend, dtype, layout, factored):
     assert told == [True, False], f"{backend}: the backend was told needs_x_grad={told}, expected [True, False]"
     for name, a, c in zip(("g_m_values", "g_w_values", "g_bias"), with_x, without_x):
         assert (a is None and c is None) if a is None else torch.equal(a, c), f"{backend}: {name} differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["csr", (4, 8)], ids=["csr", "bsr4x8"])
+@pytest.mark.parametrize("factored", [True, False], ids=["signin", "masked"])
+def test_native_autograd_path(dtype, layout, factored):
+    """The C++ backend's one-node autograd path (compact_linear_train) gives the very bits of the custom op
+    path (same kernels) for y and every gradient, with and without x's gradient, and passes gradcheck."""
+    require("cpp", IMPLS, "cpu", dtype)
+    if backends.extra("compact_linear_fwd", torch.device("cpu"), dtype, "compact_linear_train") is None:
+        pytest.fail("the C++ backend is available but has no compact_linear_train")
+    B, N, K = 9, 33, 70
+    index = _make_index((N, K), layout, 0.3, "cpu")
+    w_v = index.gather(randn(N, K, dtype=dtype))
+    m_v = index.gather(randn(N, K, dtype=dtype)) if factored else None
+    x, b, gy = randn(2, B, K, dtype=dtype), randn(N, dtype=dtype), randn(2, B, N, dtype=dtype)
+
+    def run(native: bool, x_grad: bool):
+        inputs = [leaf(t) for t in (m_v, w_v, b)]
+        xx = x.clone().requires_grad_(x_grad)
+        with run_on("cpp"), pytest.MonkeyPatch.context() as mp:
+            if not native:
+                mp.setattr(backends, "extra", lambda *a, **k: None)
+            y = ops.compact_linear(xx, *inputs[:2], index, inputs[2])
+            y.backward(gy)
+        return [y.detach(), xx.grad] + [None if t is None else t.grad for t in inputs]
+
+    for x_grad in (True, False):
+        for name, a, c in zip(("y", "g_x", "g_m", "g_w", "g_bias"), run(True, x_grad), run(False, x_grad)):
+            assert (a is None) == (c is None), f"{name}: present on one path only"
+            assert a is None or torch.equal(a, c), f"{name} differs between the native and the custom op path"
+    if dtype == torch.float64:
+        args = [leaf(t) for t in (x[0], m_v, w_v, b)]
+        with run_on("cpp"):
+            assert torch.autograd.gradcheck(
+                lambda xx, m, w, bb: ops.compact_linear(xx, m, w, index, bb),
+                [a for a in args] if factored else args, check_undefined_grad=False)
 
 
 # --------------------------------------------------------------------------------- input validation

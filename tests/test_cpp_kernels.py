@@ -156,6 +156,28 @@ def test_compact_linear_every_isa(isa, dtype):
             _check_compact_linear(45, 77, b, 0.2, (8, 4), dtype, use_m=False)
 
 
+@pytest.mark.parametrize("block", [None, (4, 8)], ids=["csr", "bsr4x8"])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_compact_linear_backward_bitwise_repeatable_at_two_threads(block, batch):
+    """Two identical backward calls at 2 threads give identical bits (the dX reduction order is fixed by
+    the pattern, not by which thread ran which rows). Many calls: a schedule-dependent order shows up."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if torch.get_num_threads() != 2:
+            pytest.skip("torch cannot run 2 threads here")
+        idx = _index(_mask(700, 900, 0.1), block)
+        m, w = _values(idx, torch.float32, positive=True), _values(idx, torch.float32)
+        x, gy = torch.randn(batch, 900), torch.randn(batch, 700)
+        first = _cpp.compact_linear_bwd(gy, x, m, w, *_fields(idx), 700, 900)
+        for _ in range(30):
+            again = _cpp.compact_linear_bwd(gy, x, m, w, *_fields(idx), 700, 900)
+            for name, a, b in zip(("g_x", "g_m", "g_w"), first, again):
+                assert torch.equal(a, b), f"{name} differs between identical calls at 2 threads"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_compact_linear_empty_batch_and_zero_features():
     idx = _index(_mask(6, 4, 0.5), None)
     w = _values(idx, torch.float32)
@@ -411,6 +433,59 @@ def test_fused_step_adamw(dtype, cfg, step, use_mask):
     _step_both("adamw", cfg, dtype, (1, 1), use_mask, step, False)
     _step_both("adamw", cfg, dtype, (33, 65), use_mask, step, False)
     _step_both("adamw", cfg, dtype, (100_003,), use_mask, step, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("step", [1, 4])
+def test_fused_step_multi_is_the_per_tensor_step(dtype, kind, step):
+    """One call over a list (sizes 1 to past the threading threshold, masks on some, α per tensor) gives
+    the very bits of one fused_step per tensor, through the C++ op and through ops.fused_step_multi."""
+    cfg = dict(_DEFAULTS, **(SGD_CONFIGS[2] if kind == "sgd" else ADAMW_CONFIGS[1]))
+    shapes = [(1,), (300, 7), (100_003,), (10,)]
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, dtype=dtype) for s in shapes]
+    b1s = [torch.randn(s, dtype=dtype) for s in shapes]
+    b2s = [torch.rand(s, dtype=dtype) if kind == "adamw" else None for s in shapes]
+    masks = [None, torch.rand(shapes[1]) < 0.5, torch.rand(shapes[2]) < 0.1, None]
+    alphas = [0.0, 1e-3, 2e-3, 0.0]
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    hyper = {k: cfg[k] for k in ("momentum", "dampening", "nesterov", "beta1", "beta2", "eps", "weight_decay",
+                                 "maximize")}
+
+    def fresh():
+        return ([t.clone() for t in params], [t.clone() for t in b1s],
+                [None if t is None else t.clone() for t in b2s])
+
+    ref_p, ref_b1, ref_b2 = fresh()
+    for i in range(len(shapes)):
+        _cpp.fused_step(ref_p[i], grads[i], ref_b1[i], ref_b2[i], masks[i], lr, step, kind, hyper["momentum"],
+                        hyper["dampening"], hyper["nesterov"], hyper["beta1"], hyper["beta2"], hyper["eps"],
+                        hyper["weight_decay"], alphas[i], hyper["maximize"])
+    for call in ("cpp", "ops"):
+        p, b1, b2 = fresh()
+        if call == "cpp":
+            _cpp.fused_step_group(
+                p, grads, b1, b2, masks, lr, step, kind, hyper["momentum"], hyper["dampening"], hyper["nesterov"],
+                hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"], alphas, hyper["maximize"])
+        else:
+            ops.fused_step_multi(p, grads, b1, b2, masks, lr, step, kind, alphas=alphas, **hyper)
+        for i in range(len(shapes)):
+            for name, a, c in (("param", p[i], ref_p[i]), ("buf1", b1[i], ref_b1[i]), ("buf2", b2[i], ref_b2[i])):
+                assert (a is None) == (c is None)
+                assert a is None or torch.equal(a, c), f"{call}: {name} of tensor {i} differs from fused_step"
+
+
+def test_fused_step_multi_errors():
+    p, g, lr = [torch.randn(5), torch.randn(3)], [torch.randn(5), torch.randn(3)], torch.tensor(0.1)
+    with pytest.raises(ValueError, match="same length"):
+        _cpp.fused_step_group(p, g[:1], [None, None], [None, None], [None, None], lr, 1, "sgd", 0.0, 0.0, False,
+                              0.9, 0.999, 1e-8, 0.0, [0.0, 0.0], False)
+    with pytest.raises(ValueError, match="grad must have the shape of param"):
+        _cpp.fused_step_group(p, g[::-1], [None, None], [None, None], [None, None], lr, 1, "sgd", 0.0, 0.0, False,
+                              0.9, 0.999, 1e-8, 0.0, [0.0, 0.0], False)
+    with pytest.raises(ValueError, match="alphas must have one entry per param"):
+        ops.fused_step_multi(p, g, [None, None], [None, None], [None, None], lr, 1, "sgd", alphas=[0.0])
 
 
 def test_fused_step_errors():

@@ -5,14 +5,19 @@ One spawned job runs every case (see tests/_dist.py); the reference runs here, i
 import pytest
 import torch
 
-from _dist import CASES, CONTROLLER_ACCS, FSDP_CASES, controller_alphas, ddp_worker, fsdp_worker, run_case, spawn
+import sparse_engine as se
 
+from _dist import (JOIN_TIMEOUT_S, CASES, CONTROLLER_ACCS, FSDP_CASES, RESUME_CASES, build, controller_alphas, ddp_worker, fsdp_worker,
+                   run_case, spawn)
+
+CHILD = "import sys; from sparse_engine.app.cli import main; sys.exit(main())"  # the installed command
 TOL = {torch.float64: 1e-10, torch.float32: 1e-6}
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    return spawn(ddp_worker, 2, tmp_path_factory.mktemp("ddp"), CASES)
+    where = tmp_path_factory.mktemp("ddp")
+    return spawn(ddp_worker, 2, where, CASES, str(where))
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -64,7 +69,8 @@ def test_user_errors_give_one_clear_line_on_every_rank(ddp_results):
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    return spawn(fsdp_worker, 2, tmp_path_factory.mktemp("fsdp"), FSDP_CASES)
+    where = tmp_path_factory.mktemp("fsdp")
+    return spawn(fsdp_worker, 2, where, FSDP_CASES, str(where))
 
 
 @pytest.mark.parametrize("case", FSDP_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
@@ -81,3 +87,55 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(fsdp_results, case):
 def test_a_method_that_cannot_run_sharded_says_so(fsdp_results):
     for r in fsdp_results:
         assert "cannot train a sharded" in r["pilot_sharded"] and "\n" not in r["pilot_sharded"]
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_dcp_resume_is_bit_identical_to_the_uninterrupted_run(ddp_results, fsdp_results, wrap):
+    results = {"ddp": ddp_results, "fsdp": fsdp_results}[wrap]
+    for case in RESUME_CASES[wrap]:
+        for r in results:
+            whole, resumed = r["cases"][case], r["resumed"][case]
+            assert _max_diff(whole["state"], resumed["state"]) == 0, case
+            assert whole["alphas"] == resumed["alphas"] and whole["resets"] == resumed["resets"], case
+
+
+def test_resume_on_another_number_of_processes_is_refused(ddp_results):
+    case = RESUME_CASES["ddp"][0]
+    run = build(case)  # one process
+    where = ddp_results[0]["checkpoints"][case]
+    with pytest.raises(ValueError, match="written by 2 processes, this job has 1"):
+        se.distributed.load(where, run["wrapped"], run["opt"], run["method"])
+
+
+def _cli(tmp_path, name: str, *extra: str) -> tuple[dict, str]:
+    import subprocess
+    import sys
+
+    out = tmp_path / name
+    args = [sys.executable, "-c", CHILD, "train", "--method", "signin", "--density", "0.2",
+            "--epochs", "2", "--data", "teacher", "--n-train", "200", "--n-test", "64", "--batch-size", "50",
+            "--no-progress", "--out", str(out), *extra]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out / "checkpoint.pt", weights_only=False), done.stdout
+
+
+def test_train_cli_on_two_processes_equals_one(tmp_path):
+    one, out1 = _cli(tmp_path, "one")
+    two, out2 = _cli(tmp_path, "two", "--nproc", "2")
+    assert "(2 processes)" in out2
+    assert _max_diff(one["model_state"], two["model_state"]) <= 1e-6  # float32, another summation order
+    for e1, e2 in zip(one["result"]["epochs"], two["result"]["epochs"]):  # the printed numbers are global
+        assert e1["train_acc"] == e2["train_acc"] and e1["test_acc"] == e2["test_acc"]
+        assert e1["train_loss"] == pytest.approx(e2["train_loss"], rel=1e-6)
+
+
+def test_train_cli_nproc_errors_are_one_line():
+    import subprocess
+    import sys
+
+    for extra, says in ((["--nproc", "0"], "--nproc must be >= 1"),
+                        (["--nproc", "2", "--resume", "nowhere"], "--resume: runs in one process only")):
+        done = subprocess.run([sys.executable, "-c", CHILD, "train", *extra], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode != 0 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -74,10 +74,14 @@ def test_pilot_run_exports_the_trained_model(tmp_path, capsys):
     _, ckpt = read_checkpoint(run)
     trained = model_from_checkpoint(ckpt)[0]
     assert evaluate(trained, ds.x_test, ds.y_test) == (r["final"]["test_loss"], r["final"]["test_acc"])
-    for fmt in ("dense", "csr"):
+    for fmt in ("dense", "csr", "auto"):
         path = tmp_path / f"{fmt}.sparse"
-        code, _, err = run_cli(["export", str(run), "--format", fmt, "--out", str(path)], capsys)
+        code, out, err = run_cli(["export", str(run), "--format", fmt, "--out", str(path), "--batch-size", "8"],
+                                 capsys)
         assert code == 0, err
+        if fmt == "auto":  # the automatic choice says what it measured and why, layer by layer
+            assert "auto: measured on this machine" in out and "at batch 8" in out, out
+            assert sum("speed-up" in line and "input 8x" in line for line in out.splitlines()) == 3, out
         model = io.load(path)
         shipped = {name: m.density for name, m in model.named_modules() if hasattr(m, "extract_info")
                    or type(m).__name__.startswith("Infer")}
@@ -139,4 +143,173 @@ def test_resuming_a_finished_run_says_it_is_finished(tmp_path, capsys):
     assert code == 0, err
     code, out, err = run_cli(["train", "--resume", str(run), "--no-progress"], capsys)
     assert code == 0, err
-    assert "finished" in (out + err).lower(), out + err
+    assert "this run had finished (epochs: 1); nothing left to train" in out, out + err
+
+
+# ---------------------------------------------------------------------------------- density asked
+
+
+SHAPES = [(20, 10), (100, 64), (64, 64), (10, 300), (300, 784)]  # (out_features, in_features)
+
+
+@pytest.mark.parametrize("layout", ["dense", "block", "csr", "bsr", "auto"])
+def test_density_of_every_layout_is_exact_or_refused(layout):
+    """Element layouts keep exactly round(density × numel) weights; the block layouts the nearest whole
+    number of blocks, with a warning naming the achieved density when that is more than half a block
+    off, and a refusal naming density and block_shape when not one block would be kept."""
+    import warnings
+
+    from sparse_engine.nn import SparseLinear
+
+    refused, want_refused = 0, 0
+    for out_f, in_f in SHAPES:
+        for d in (0.5, 0.1, 0.03):
+            numel = out_f * in_f
+            blocks = -(-out_f // 32) * -(-in_f // 32)
+            want_refused += layout in ("block", "bsr") and round(d * blocks) == 0
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    lin = SparseLinear(in_f, out_f, density=d, layout=layout)
+                except ValueError as e:
+                    assert layout in ("block", "bsr"), e
+                    assert "density=" in str(e) and "block_shape=" in str(e), e
+                    refused += 1
+                    continue
+            said = " ".join(str(w.message) for w in caught)
+            if layout in ("dense", "csr", "auto"):
+                assert lin.nnz() == round(d * numel), (out_f, in_f, d)
+                assert (lin.nnz() == 0) == ("keeps no weight" in said), said
+            else:
+                assert lin.nnz() > 0
+                off = abs(lin.nnz() - d * numel) > min(32, out_f) * min(32, in_f) / 2
+                assert off == ("achieved density" in said), (out_f, in_f, d, lin.nnz(), said)
+                if off:
+                    assert f"{lin.nnz() / numel:.4f}" in said and "density=" in said, said
+    assert refused == want_refused
+
+
+def test_block_layouts_of_the_issue():
+    from sparse_engine.nn import SparseConv2d, SparseLinear
+
+    for layout in ("bsr", "block"):
+        with pytest.raises(ValueError, match=r"density=0.5 keeps no whole block.*block_shape=\(32, 32\)"):
+            SparseLinear(20, 10, density=0.5, layout=layout)
+        with pytest.warns(UserWarning, match="achieved density 0.3600"):
+            SparseLinear(100, 64, density=0.5, layout=layout)
+        with pytest.raises(ValueError, match="block_shape"):
+            SparseConv2d(2, 8, 3, density=0.5, layout=layout)
+    lin = SparseLinear(20, 10, density=0.5, layout="bsr", block_shape=(5, 5))
+    assert lin.density() == 0.5
+
+
+def test_sparsify_of_nothing_says_so():
+    from torch import nn
+
+    from sparse_engine.nn import sparsify
+
+    with pytest.raises(ValueError, match="no nn.Linear / nn.Conv1d / nn.Conv2d"):
+        sparsify(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)), "static", 0.1)
+    with pytest.warns(UserWarning, match="replaced no layer.*dense_first_last"):
+        report = sparsify(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), "static", 0.1, dense_first_last=True)
+    assert len(report) == 0
+    with pytest.warns(UserWarning, match="achieved density"):
+        sparsify(nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 10)), "static", 0.1, layout="bsr")
+
+
+# ------------------------------------------------------------------------------ automatic choices
+
+
+def test_auto_format_is_stable_under_load(caplog):
+    """Two runs of extract(format="auto") on a 4096² layer at 90 % sparsity, each measured afresh while
+    another process spins on a CPU, choose the same format, and each logs what it measured and why."""
+    import logging
+
+    import torch
+    from torch import nn
+
+    from sparse_engine.export import extract as extract_fn
+    from sparse_engine.export.extract import _cache
+    from sparse_engine.nn import SparseLinear
+
+    model = nn.Sequential(SparseLinear(4096, 4096, density=0.1))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        chosen, reasons = [], []
+        for _ in range(2):
+            _cache.clear()
+            with caplog.at_level(logging.INFO, logger="sparse_engine"):
+                caplog.clear()
+                out = extract_fn(model, "auto")
+            info = out[0].extract_info
+            chosen.append(info["format"])
+            reasons.append(info["reason"])
+            logged = [r.getMessage() for r in caplog.records if "extract:" in r.getMessage()]
+            assert logged and info["reason"] in logged[0] and info["format"] in logged[0], logged
+            assert set(info["times"]) == {"dense", "csr"} and list(info["times"]["dense"]) == ["1x4096"]
+    finally:
+        busy.kill()
+        busy.wait()
+        _cache.clear()
+    assert chosen[0] == chosen[1], reasons
+    assert all("csr" in r and "x" in r for r in reasons), reasons
+    print(f"threads {torch.get_num_threads()}: chose {chosen}; {reasons[0]}")
+
+
+# ------------------------------------------------------------------------------- benchmark outputs
+
+
+@pytest.mark.parametrize("script", ["bench_compact_linear", "bench_extract", "bench_sparse_conv", "plot", "run_suite"])
+def test_bench_scripts_write_to_the_scratch_folder_by_default(script, monkeypatch):
+    """A user's benchmark run writes into runs/bench (git ignores it) unless --out is given: no script
+    replaces the committed bench/results by default."""
+    import argparse
+    import importlib
+
+    class Parsed(Exception):
+        pass
+
+    def parse_args(self, args=None, namespace=None):
+        raise Parsed(self.get_default("out"))
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    module = importlib.import_module(script)
+    with pytest.raises(Parsed) as caught:
+        module.main([])
+    out = caught.value.args[0]
+    scratch = ROOT / "runs" / "bench"
+    if out is None:  # the path is made from the device name later
+        source = Path(module.__file__).read_text()
+        assert '"runs" / "bench"' in source and '"bench" / "results"' not in source
+    else:
+        assert Path(out).resolve() == scratch.resolve(), out
+
+
+def test_bench_infer_interleaves_and_reports_the_spread(tmp_path, capsys, monkeypatch):
+    """bench-infer times the file's model and its dense equivalent in the same interleaved rounds; the
+    speed-up is the median of the per-round ratios, and a wide spread of them is printed as a warning."""
+    from torch import nn
+
+    from sparse_engine import tuning
+    from sparse_engine.export import extract, io
+    from sparse_engine.nn import SparseLinear
+
+    path = tmp_path / "m.sparse"
+    io.save(extract(nn.Sequential(SparseLinear(16, 8, density=0.5)), "csr"), path)
+    calls = []
+    rounds = {"sparse": [1.0, 2.0, 1.0, 4.0, 1.0], "dense": [2.0, 2.0, 2.0, 2.0, 3.0]}  # ratios 2, 1, 2, .5, 3
+
+    def fake(fns, device=None, **kw):
+        calls.append(sorted(fns))
+        for fn in fns.values():
+            fn()
+        return {k: list(v) for k, v in rounds.items()}
+
+    monkeypatch.setattr(tuning, "measure_rounds", fake)
+    code, out, err = run_cli(["bench-infer", str(path), "--batch", "1,4", "--input-shape", "16"], capsys)
+    assert code == 0, err
+    assert calls == [["dense", "sparse"]] * 2  # both in one interleaved measurement per batch size
+    lines = [ln.split() for ln in out.splitlines() if ln.split() and ln.split()[0] in ("1", "4")]
+    assert [ln[-1] for ln in lines] == ["2.00x", "2.00x"], out
+    assert out.count("warning: batch") == 2 and "1.00x to 2.00x" in out, out

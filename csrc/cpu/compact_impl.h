@@ -46,6 +46,29 @@ SE_INLINE void st(T* p, typename VT<T>::v x) {
   *reinterpret_cast<typename VT<T>::vu*>(p) = x;
 }
 
+// One register of this ISA (SE_NATIVE_BYTES, set by the isa_*.cpp that includes this file). The panels
+// are laid out in 64-byte vectors for every ISA, but GCC lowers arithmetic on a 64-byte vector type
+// poorly where a register is narrower: under AVX2 the CSR SpMM kept its accumulators and pointers on
+// the stack (store-forwarding stalls on every entry; measured slower than the SSE2 build). The SpMM
+// therefore computes on native registers, NV * 64 / SE_NATIVE_BYTES of them per panel row.
+#ifndef SE_NATIVE_BYTES
+#define SE_NATIVE_BYTES 64
+#endif
+template <typename T>
+struct NT {
+  typedef T v __attribute__((vector_size(SE_NATIVE_BYTES)));
+  typedef T vu __attribute__((vector_size(SE_NATIVE_BYTES), aligned(sizeof(T)), may_alias));
+  static constexpr int W = SE_NATIVE_BYTES / sizeof(T);
+};
+template <typename T>
+SE_INLINE typename NT<T>::v nld(const T* p) {
+  return *reinterpret_cast<const typename NT<T>::vu*>(p);
+}
+template <typename T>
+SE_INLINE void nst(T* p, typename NT<T>::v x) {
+  *reinterpret_cast<typename NT<T>::vu*>(p) = x;
+}
+
 SE_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 SE_INLINE bool out_of_range(const int32_t* __restrict idx, int64_t j0, int64_t j1, int64_t bound) {
@@ -130,13 +153,16 @@ int csr_spmv(const SpmmArgs& a, int64_t r0, int64_t r1) {
   return 0;
 }
 
-// CSR, panel of NV vectors: two accumulator sets so that consecutive entries do not serialise on the
-// FMA latency when NV is small.
+// CSR, panel of NV 64-byte vectors = NN native registers. Two accumulator sets where they fit in 8
+// registers, so that consecutive entries do not serialise on the FMA latency; one set beyond (NN
+// independent chains already hide it, and two would spill).
 template <typename T, int NV, bool HAS_M>
 int csr_spmm(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
-  typedef typename VT<T>::v V;
-  constexpr int W = VT<T>::W;
-  constexpr int64_t BC = NV * W;
+  typedef typename NT<T>::v V;
+  constexpr int W = NT<T>::W;
+  constexpr int NN = NV * VT<T>::W / W;
+  constexpr int SETS = 2 * NN <= 8 ? 2 : 1;
+  constexpr int64_t BC = NV * VT<T>::W;
   const T* __restrict m = static_cast<const T*>(a.m);
   const T* __restrict w = static_cast<const T*>(a.w);
   const T* __restrict X = static_cast<const T*>(a.X) + c * a.in_dim * BC;
@@ -145,28 +171,33 @@ int csr_spmm(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t j0 = a.ptr[r], j1 = a.ptr[r + 1];
     if (out_of_range(idx, j0, j1, a.nin_blocks)) return 1;
-    V acc0[NV], acc1[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = V{};
+    V acc[SETS][NN];
+#pragma GCC unroll 16
+    for (int v = 0; v < NN; ++v) {
+      acc[0][v] = V{};
+      acc[SETS - 1][v] = V{};
+    }
     int64_t j = j0;
-    for (; j + 2 <= j1; j += 2) {
-      const T t0 = theta<T, HAS_M>(m, w, j), t1 = theta<T, HAS_M>(m, w, j + 1);
-      const T* x0 = X + static_cast<int64_t>(idx[j]) * BC;
-      const T* x1 = X + static_cast<int64_t>(idx[j + 1]) * BC;
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-        acc0[v] += t0 * ld(x0 + v * W);
-        acc1[v] += t1 * ld(x1 + v * W);
+    if constexpr (SETS == 2) {
+      for (; j + 2 <= j1; j += 2) {
+        const T t0 = theta<T, HAS_M>(m, w, j), t1 = theta<T, HAS_M>(m, w, j + 1);
+        const T* x0 = X + static_cast<int64_t>(idx[j]) * BC;
+        const T* x1 = X + static_cast<int64_t>(idx[j + 1]) * BC;
+#pragma GCC unroll 16
+        for (int v = 0; v < NN; ++v) {
+          acc[0][v] += t0 * nld(x0 + v * W);
+          acc[1][v] += t1 * nld(x1 + v * W);
+        }
       }
     }
-    if (j < j1) {
+    for (; j < j1; ++j) {
       const T t0 = theta<T, HAS_M>(m, w, j);
       const T* x0 = X + static_cast<int64_t>(idx[j]) * BC;
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc0[v] += t0 * ld(x0 + v * W);
+#pragma GCC unroll 16
+      for (int v = 0; v < NN; ++v) acc[0][v] += t0 * nld(x0 + v * W);
     }
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) st(Y + r * BC + v * W, acc0[v] + acc1[v]);
+#pragma GCC unroll 16
+    for (int v = 0; v < NN; ++v) nst(Y + r * BC + v * W, SETS == 2 ? acc[0][v] + acc[1][v] : acc[0][v]);
   }
   return 0;
 }
@@ -269,17 +300,23 @@ int scatter_rows_k(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1, T* __re
           }
         }
       } else {
-        V d[NV];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) d[v] = ld(D + drow * BC + v * W);
+        // native registers (see NT): the 64-byte type spilled here as in the SpMM
+        typedef typename NT<T>::v NV_t;
+        constexpr int NWn = NT<T>::W, NN = NV * W / NWn;
+        NV_t d[NN];
+#pragma GCC unroll 16
+        for (int v = 0; v < NN; ++v) d[v] = nld(D + drow * BC + v * NWn);
         if (csr) {
           for (int64_t j = j0; j < j1; ++j) {
             const T t = theta<T, HAS_M>(m, w, j);
             T* p = P + static_cast<int64_t>(idx[j]) * BC;
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) st(p + v * W, ld(p + v * W) + t * d[v]);
+#pragma GCC unroll 16
+            for (int v = 0; v < NN; ++v) nst(p + v * NWn, nld(p + v * NWn) + t * d[v]);
           }
         } else {
+          V dd[NV];
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) dd[v] = ld(D + drow * BC + v * W);
           for (int64_t j = j0; j < j1; ++j) {
             const int64_t in0 = static_cast<int64_t>(idx[j]) * bk, qn = min64(bk, a.out_dim - in0);
             const int64_t base = j * bsize + o * bk;
@@ -287,7 +324,7 @@ int scatter_rows_k(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1, T* __re
               const T t = theta<T, HAS_M>(m, w, base + q);
               T* p = P + (in0 + q) * BC;
 #pragma GCC unroll 4
-              for (int v = 0; v < NV; ++v) st(p + v * W, ld(p + v * W) + t * d[v]);
+              for (int v = 0; v < NV; ++v) st(p + v * W, ld(p + v * W) + t * dd[v]);
             }
           }
         }

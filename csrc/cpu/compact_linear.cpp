@@ -250,31 +250,46 @@ int scatter_threads(Dtype dt, int64_t K, int64_t BC, int64_t work) {
   const int64_t per = K * BC * elem_size(dt);
   int64_t nt = omp_get_max_threads();
   if (per > 0 && nt * per > (int64_t(64) << 20)) nt = (int64_t(64) << 20) / per;
+  if (nt > 256) nt = 256;  // scatter_dx's range table
   return static_cast<int>(nt < 1 ? 1 : nt);
 }
 
-// dX (B, K) = dY θ by scatter from the CSR rows into thread-private panels, chunk by chunk, summed
+// Row ranges of the dX scatter: `parts` contiguous ranges of block rows with about equal stored blocks
+// each, fixed by the pattern alone. Range i always accumulates into panel i and the panels are summed
+// in range order, so dX has the same bits whatever thread ran which range (OpenMP's dynamic schedule
+// used to decide which rows shared a panel, and float sums in another order round differently).
+void split_rows(const int32_t* crow, int64_t nbr, int parts, int64_t* bounds) {
+  const int64_t nnzb = crow[nbr];
+  bounds[0] = 0;
+  int64_t r = 0;
+  for (int i = 1; i < parts; ++i) {
+    const int64_t target = nnzb * i / parts;
+    while (r < nbr && crow[r] < target) ++r;
+    bounds[i] = r;
+  }
+  bounds[parts] = nbr;
+}
+
+// dX (B, K) = dY θ by scatter from the CSR rows into per-range panels, chunk by chunk, summed
 // straight into g_x (the sum doubles as the unpack).
 template <typename T>
 int scatter_dx(Dtype dt, const SpmmArgs& a, int64_t B, int64_t K, int64_t nbr, int64_t nchunks, int nt,
                T* panels, T* gx) {
   const KernelTable& t = active_table();
   const int64_t BC = a.bc, psize = K * BC;
-  const int threads = nt;
-  int64_t rb = nbr / (16 * static_cast<int64_t>(threads));
-  rb = rb < 1 ? 1 : (rb > 64 ? 64 : rb);
-  const int64_t items = ceil_div(nbr, rb), nkt = ceil_div(K, kTile);
+  const int parts = nt;
+  int64_t bounds[257];
+  split_rows(a.ptr, nbr, parts, bounds);
+  const int64_t nkt = ceil_div(K, kTile);
   int err = 0;
-#pragma omp parallel num_threads(threads) if (threads > 1)
+#pragma omp parallel num_threads(parts) if (parts > 1)
   {
-    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-    T* P = panels + tid * psize;
     for (int64_t c = 0; c < nchunks; ++c) {
-      std::memset(P, 0, psize * sizeof(T));
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t it = 0; it < items; ++it) {
-        const int64_t r0 = it * rb, r1 = r0 + rb < nbr ? r0 + rb : nbr;
-        const int e = t.scatter_rows(dt, a, c, r0, r1, P);
+#pragma omp for schedule(static, 1)
+      for (int i = 0; i < parts; ++i) {
+        T* P = panels + i * psize;
+        std::memset(P, 0, psize * sizeof(T));
+        const int e = bounds[i] < bounds[i + 1] ? t.scatter_rows(dt, a, c, bounds[i], bounds[i + 1], P) : 0;
         if (e) {
 #pragma omp atomic write
           err = e;
@@ -290,7 +305,7 @@ int scatter_dx(Dtype dt, const SpmmArgs& a, int64_t B, int64_t K, int64_t nbr, i
           T* dst = gx + b * K;
           for (int64_t k = k0; k < k1; ++k) {
             T acc = panels[k * BC + l];
-            for (int th = 1; th < team; ++th) acc += panels[th * psize + k * BC + l];
+            for (int i = 1; i < parts; ++i) acc += panels[i * psize + k * BC + l];
             dst[k] = acc;
           }
         }

@@ -8,6 +8,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,bmi,bmi2,popcnt,f16c")
 #endif
+#define SE_NATIVE_BYTES 32  // one AVX2 register: the row kernels split 64-byte panel vectors into these
 #include "compact_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -10,6 +10,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,popcnt,f16c")
 #endif
+#define SE_NATIVE_BYTES 64  // one AVX-512 register
 #include "compact_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop

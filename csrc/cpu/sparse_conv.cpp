@@ -34,9 +34,11 @@
 #include <memory>
 #include <vector>
 
+#define SC_NATIVE 16
 namespace se_conv_base {
 #include "sparse_conv_impl.h"
 }  // namespace se_conv_base
+#undef SC_NATIVE
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SC_HAVE_X86 1
@@ -46,9 +48,11 @@ namespace se_conv_base {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
+#define SC_NATIVE 32
 namespace se_conv_avx2 {
 #include "sparse_conv_impl.h"
 }  // namespace se_conv_avx2
+#undef SC_NATIVE
 #if defined(__clang__)
 #pragma clang attribute pop
 #pragma clang attribute push(__attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq"))), apply_to = function)
@@ -57,9 +61,11 @@ namespace se_conv_avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")
 #endif
+#define SC_NATIVE 64
 namespace se_conv_avx512 {
 #include "sparse_conv_impl.h"
 }  // namespace se_conv_avx512
+#undef SC_NATIVE
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -73,8 +79,8 @@ namespace {
 
 template <typename T>
 struct ConvKernels {
-  void (*axpy)(T*, int64_t, const T* const*, const T*, int64_t);
-  void (*dot)(const T*, int64_t, int64_t, const T* const*, int64_t, int64_t, int64_t, T*);
+  void (*gather)(T*, int64_t, const T*, const int64_t*, const T*, int64_t);
+  void (*dot)(const T*, int64_t, const T*, const int64_t*, int64_t, T*);
 };
 
 // The variant of the compact_linear row kernels in use (set_isa / use_isa steer both).
@@ -82,11 +88,11 @@ template <typename T>
 ConvKernels<T> kernels() {
   const char* isa = isa_name();
 #ifdef SC_HAVE_X86
-  if (!std::strcmp(isa, "avx512")) return {&se_conv_avx512::axpy_multi, &se_conv_avx512::dot_lanes};
-  if (!std::strcmp(isa, "avx2")) return {&se_conv_avx2::axpy_multi, &se_conv_avx2::dot_lanes};
+  if (!std::strcmp(isa, "avx512")) return {&se_conv_avx512::gather, &se_conv_avx512::dot};
+  if (!std::strcmp(isa, "avx2")) return {&se_conv_avx2::gather, &se_conv_avx2::dot};
 #endif
   (void)isa;
-  return {&se_conv_base::axpy_multi, &se_conv_base::dot_lanes};
+  return {&se_conv_base::gather, &se_conv_base::dot};
 }
 
 bool worth_threads(int64_t work) { return work >= (1 << 15) && omp_get_max_threads() > 1; }
@@ -99,6 +105,17 @@ int64_t round_up(int64_t a, int64_t m) { return ceil_div(a, m) * m; }
 template <typename T>
 constexpr int64_t vec_elems() {
   return 64 / sizeof(T);
+}
+
+// Tile length (a multiple of four vectors, at most Lp) of the flattened output positions per pass: the
+// source rows that one tile reads in all `planes` source planes (tile + margin elements each) fit in
+// about 24 KiB, so the register-tiled loops load them from L1 for every entry after the first.
+template <typename T>
+int64_t l1_tile(int64_t planes, int64_t margin, int64_t Lp) {
+  constexpr int64_t W4 = 4 * vec_elems<T>(), budget = 24 * 1024 / sizeof(T);
+  int64_t tl = (budget / (planes > 0 ? planes : 1) - margin) / W4 * W4;
+  tl = tl < W4 ? W4 : tl;
+  return tl < Lp ? tl : Lp;
 }
 
 struct Plan {
@@ -134,15 +151,14 @@ int64_t entry_offset(const ConvGeom& g, const Plan& p, int64_t k, int64_t* phase
   return (c * p.P + phase) * p.ps + off;
 }
 
-// xs (B, C, P, ps) from x (B, C, H, W): padded with zeros, split into stride phases (Hq x Wq each), each
-// phase plane followed by zeros up to its stride ps.
+// One image's xs (C, P, ps) from its x (C, H, W): padded with zeros, split into stride phases (Hq x Wq
+// each), each phase plane followed by zeros up to its stride ps. Done per image into a per-thread buffer
+// right before use (it stays in cache; a whole-batch copy cost a round trip through memory).
 template <typename T>
-void phase_split(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __restrict xs) {
-  const int64_t BC = g.B * g.C;
-#pragma omp parallel for schedule(static) if (worth_threads(BC * p.P * p.ps))
-  for (int64_t bc = 0; bc < BC; ++bc) {
-    const T* src = x + bc * g.H * g.W;
-    T* dst = xs + bc * p.P * p.ps;
+void split_image(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __restrict xs) {
+  for (int64_t c = 0; c < g.C; ++c) {
+    const T* src = x + c * g.H * g.W;
+    T* dst = xs + c * p.P * p.ps;
     for (int64_t pr = 0; pr < g.sh; ++pr) {
       for (int64_t pc = 0; pc < g.sw; ++pc) {
         T* d = dst + (pr * g.sw + pc) * p.ps;
@@ -174,6 +190,18 @@ void phase_split(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __r
   }
 }
 
+// One image's grad_y (O, Ho, Wo) into zero-margined planes gye (O, E): row ho at M + ho * Wq, zeros in
+// the margin, the dropped columns and the tail.
+template <typename T>
+void margin_image(const ConvGeom& g, const Plan& p, const T* __restrict gy, T* __restrict gye) {
+  for (int64_t o = 0; o < g.O; ++o) {
+    T* d = gye + o * p.E;
+    const T* s = gy + o * g.Ho * g.Wo;
+    std::memset(d, 0, p.E * sizeof(T));
+    for (int64_t ho = 0; ho < g.Ho; ++ho) std::memcpy(d + p.M + ho * p.Wq, s + ho * g.Wo, g.Wo * sizeof(T));
+  }
+}
+
 template <typename T>
 std::vector<T> theta_values(const T* m, const T* w, int64_t nnz) {
   std::vector<T> theta(nnz);
@@ -191,41 +219,141 @@ int forward_t(const ConvGeom& g, const T* x, const T* m, const T* w, const T* bi
   const std::vector<T> theta = theta_values(m, w, nnz);
   std::vector<int64_t> xoff(nnz);
   for (int64_t e = 0; e < nnz; ++e) xoff[e] = entry_offset(g, p, col[e], nullptr, nullptr);
-  int64_t max_row = 0;
-  for (int64_t o = 0; o < O; ++o) max_row = crow[o + 1] - crow[o] > max_row ? crow[o + 1] - crow[o] : max_row;
   const int64_t xrow = g.C * p.P * p.ps;
-  std::unique_ptr<T[]> xs(new T[B * xrow > 0 ? B * xrow : 1]);
-  if (nnz > 0) phase_split(g, p, x, xs.get());
-  const int64_t items = B * O;
-#pragma omp parallel if (worth_threads(nnz * B * p.L + items * out_plane) && items > 1)
+  // Items: images (times output-channel blocks when the batch is too small to feed the threads). Per
+  // image, tile by tile over the output positions, every output channel gathers its entries from the
+  // tile's input rows, which stay in L1 across the channels.
+  const int64_t TL = l1_tile<T>(g.C * p.P, p.M, p.Lp);
+  const int64_t nob = B >= 8 ? 1 : (O < 8 ? O : 8), oblock = ceil_div(O, nob), items = B * nob;
+#pragma omp parallel if (worth_threads(nnz * B * p.L + B * O * out_plane) && items > 1)
   {
-    std::vector<T> acc(p.Lp);
-    std::vector<const T*> src(max_row > 0 ? max_row : 1);
-#pragma omp for schedule(dynamic, 4)
+    std::vector<T> acc(oblock * p.Lp), xs(xrow);
+#pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
-      const int64_t b = it / O, o = it % O, e0 = crow[o], n = crow[o + 1] - e0;
-      T* dst = y + it * out_plane;
-      const T bo = bias ? bias[o] : T(0);
-      if (n == 0) {
-        for (int64_t t = 0; t < out_plane; ++t) dst[t] = bo;
-        continue;
+      const int64_t b = it / nob, o0 = (it % nob) * oblock, o1 = o0 + oblock < O ? o0 + oblock : O;
+      if (nnz > 0) split_image(g, p, x + b * g.C * g.H * g.W, xs.data());
+      const T* xb = xs.data();
+      for (int64_t t0 = 0; t0 < p.Lp; t0 += TL) {
+        const int64_t len = p.Lp - t0 < TL ? p.Lp - t0 : TL;
+        for (int64_t o = o0; o < o1; ++o) {
+          const int64_t e0 = crow[o], n = crow[o + 1] - e0;
+          if (n) kern.gather(acc.data() + (o - o0) * p.Lp + t0, len, xb + t0, xoff.data() + e0, theta.data() + e0, n);
+        }
       }
-      const T* xb = xs.get() + b * xrow;
-      for (int64_t k = 0; k < n; ++k) src[k] = xb + xoff[e0 + k];
-      std::memset(acc.data(), 0, p.Lp * sizeof(T));
-      kern.axpy(acc.data(), p.Lp, src.data(), theta.data() + e0, n);
-      for (int64_t ho = 0; ho < g.Ho; ++ho)
-        for (int64_t wo = 0; wo < g.Wo; ++wo) dst[ho * g.Wo + wo] = acc[ho * p.Wq + wo] + bo;
+      for (int64_t o = o0; o < o1; ++o) {
+        T* dst = y + (b * O + o) * out_plane;
+        const T bo = bias ? bias[o] : T(0);
+        if (crow[o + 1] == crow[o]) {
+          for (int64_t t = 0; t < out_plane; ++t) dst[t] = bo;
+          continue;
+        }
+        const T* a = acc.data() + (o - o0) * p.Lp;
+        for (int64_t ho = 0; ho < g.Ho; ++ho)
+          for (int64_t wo = 0; wo < g.Wo; ++wo) dst[ho * g.Wo + wo] = a[ho * p.Wq + wo] + bo;
+      }
     }
   }
   return 0;
 }
 
+// What the transposed convolution (g_x) needs, computed once per call: per (input channel, phase) the
+// list of entries of the channel's CSC columns that fall in that phase, as grad_y offsets (output channel
+// row, minus the entry's offset) and θ values.
+template <typename T>
+struct XPlan {
+  std::vector<int64_t> first, goff, wcol, t0s, lens;
+  std::vector<T> gval;
+  int64_t TL = 0, ntiles = 0;
+  XPlan(const ConvGeom& g, const Plan& p, const T* theta, const int32_t* ccol, const int32_t* row_t,
+        const int32_t* perm)
+      : first(g.C * p.P + 1, 0), wcol(g.W), t0s(g.sh), lens(g.sh) {
+    const int64_t khw = g.kh * g.kw;
+    for (int64_t c = 0; c < g.C; ++c) {
+      for (int64_t ph = 0; ph < p.P; ++ph) {
+        for (int64_t k = c * khw; k < (c + 1) * khw; ++k) {
+          int64_t phase, off;
+          entry_offset(g, p, k, &phase, &off);
+          if (phase != ph) continue;
+          for (int64_t s = ccol[k]; s < ccol[k + 1]; ++s) {
+            goff.push_back(row_t[s] * p.E - off);
+            gval.push_back(theta[perm[s]]);
+          }
+        }
+        first[c * p.P + ph + 1] = static_cast<int64_t>(goff.size());
+      }
+    }
+    // column w of g_x inside its phase row: (pc * accs) + q (no integer division per element)
+    for (int64_t x0 = 0; x0 < g.W; ++x0) wcol[x0] = ((x0 + g.pw) % g.sw) * p.accs + (x0 + g.pw) / g.sw;
+    // Per row phase, the phase rows that hold rows of x (the rest is padding, never folded back): the
+    // accumulation runs over [t0, t0 + len) only, len rounded up to whole vectors (within accs, and the
+    // grad_y reads within E: t0 + len <= plane + W - 1).
+    int64_t max_len = 0;
+    for (int64_t pr = 0; pr < g.sh; ++pr) {
+      const int64_t lo = g.ph - pr > 0 ? ceil_div(g.ph - pr, g.sh) : 0;
+      const int64_t hi = g.ph + g.H - 1 - pr >= 0 ? (g.ph + g.H - 1 - pr) / g.sh : -1;
+      t0s[pr] = lo * p.Wq;
+      lens[pr] = hi >= lo ? round_up((hi - lo + 1) * p.Wq, vec_elems<T>()) : 0;
+      max_len = lens[pr] > max_len ? lens[pr] : max_len;
+    }
+    TL = l1_tile<T>(g.O, p.M, max_len > 0 ? max_len : 1);
+    ntiles = ceil_div(max_len, TL);
+  }
+};
+
+// g_x of one image (C, H, W) by the transposed convolution: per input channel and stride phase, its
+// entries gather the image's margined grad_y (gyb, O planes of E) into the phase-split accumulator acc
+// (C * P planes of accs), tile by tile so that the tile's grad_y rows of all output channels stay in L1;
+// then the phases are folded back into g_x.
+template <typename T>
+void image_x(const ConvGeom& g, const Plan& p, const XPlan<T>& xp, const ConvKernels<T>& kern, const T* gyb,
+             T* acc, T* gx) {
+  const int64_t CP = g.C * p.P;
+  gyb += p.M;
+  for (int64_t j = 0; j < xp.ntiles; ++j) {
+    for (int64_t cp = 0; cp < CP; ++cp) {
+      const int64_t pr = (cp % p.P) / g.sw, t0 = xp.t0s[pr] + j * xp.TL, rest = xp.lens[pr] - j * xp.TL;
+      if (rest <= 0) continue;
+      const int64_t len = rest < xp.TL ? rest : xp.TL, e0 = xp.first[cp], n = xp.first[cp + 1] - e0;
+      T* a = acc + cp * p.accs + t0;
+      if (n)
+        kern.gather(a, len, gyb + t0, xp.goff.data() + e0, xp.gval.data() + e0, n);
+      else
+        std::memset(a, 0, len * sizeof(T));
+    }
+  }
+  for (int64_t c = 0; c < g.C; ++c) {
+    T* dst = gx + c * g.H * g.W;
+    if (xp.first[(c + 1) * p.P] == xp.first[c * p.P]) {
+      std::memset(dst, 0, g.H * g.W * sizeof(T));
+      continue;
+    }
+    // fold the phases back: g_x[h, w] = gx_pad[h + ph, w + pw]
+    const T* ac = acc + c * p.P * p.accs;
+    for (int64_t h = 0; h < g.H; ++h) {
+      const int64_t hp = h + g.ph;
+      const T* arow = ac + (hp % g.sh) * g.sw * p.accs + (hp / g.sh) * p.Wq;
+      T* drow = dst + h * g.W;
+      if (g.sw == 1) {
+        std::memcpy(drow, arow + g.pw, g.W * sizeof(T));
+      } else {
+        for (int64_t x0 = 0; x0 < g.W; ++x0) drow[x0] = arow[xp.wcol[x0]];
+      }
+    }
+  }
+}
+
+// Backward, one pass over the batch. Items are batch chunks (a fixed number, chosen from B alone); per
+// image, the thread lays out its grad_y (margined) and x (phase split) in its own buffers, which stay in
+// cache for both products: g_x (transposed convolution, image_x) and dtheta on the pattern, where per
+// tile of output positions every output channel's entries read the tile's input rows (in L1) against the
+// channel's grad_y tile (in registers). Each entry keeps W vector lanes over the chunk, reduced once into
+// the chunk's partial sums, which are added in chunk order afterwards: the result does not depend on the
+// thread count.
 template <typename T>
 int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* w, const int32_t* crow,
                const int32_t* col, const int32_t* ccol, const int32_t* row_t, const int32_t* perm, int64_t nnz,
                T* gx, T* gm, T* gw) {
-  const int64_t B = g.B, O = g.O, C = g.C, out_plane = g.Ho * g.Wo, khw = g.kh * g.kw;
+  const int64_t B = g.B, O = g.O, C = g.C, out_plane = g.Ho * g.Wo;
   if (B == 0 || nnz == 0 || out_plane == 0) {
     // dtheta is an empty sum, and no entry carries grad_y back into x
     std::memset(gw, 0, nnz * sizeof(T));
@@ -237,121 +365,33 @@ int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* 
   const ConvKernels<T> kern = kernels<T>();
   const std::vector<T> theta = theta_values(m, w, nnz);
   const int64_t work = nnz * B * p.L;
-
-  // grad_y with zero margins, rows padded to Wq
-  std::unique_ptr<T[]> gye(new T[B * O * p.E]);
-#pragma omp parallel for schedule(static) if (worth_threads(B * O * p.E))
-  for (int64_t bo = 0; bo < B * O; ++bo) {
-    T* d = gye.get() + bo * p.E;
-    const T* s = gy + bo * out_plane;
-    std::memset(d, 0, p.E * sizeof(T));
-    for (int64_t ho = 0; ho < g.Ho; ++ho)
-      std::memcpy(d + p.M + ho * p.Wq, s + ho * g.Wo, g.Wo * sizeof(T));
-  }
-
-  if (gx) {
-    // per input channel: the CSC columns c*khw .. (c+1)*khw, processed phase by phase
-    int64_t max_col = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t n = ccol[(c + 1) * khw] - ccol[c * khw];
-      max_col = n > max_col ? n : max_col;
-    }
-    const int64_t items = B * C;
-    std::vector<int64_t> wcol(g.W);  // column w of g_x inside its phase row: (pc * accs) + q
-    for (int64_t x0 = 0; x0 < g.W; ++x0) wcol[x0] = ((x0 + g.pw) % g.sw) * p.accs + (x0 + g.pw) / g.sw;
-    // Per row phase, the phase rows that hold rows of x (the rest is padding, never folded back): the
-    // accumulation runs over [t0, t0 + len) only, len rounded up to whole vectors (within accs, and the
-    // grad_y reads within E: t0 + len <= plane + W - 1).
-    std::vector<int64_t> t0s(g.sh), lens(g.sh);
-    for (int64_t pr = 0; pr < g.sh; ++pr) {
-      const int64_t lo = g.ph - pr > 0 ? ceil_div(g.ph - pr, g.sh) : 0;
-      const int64_t hi = g.ph + g.H - 1 - pr >= 0 ? (g.ph + g.H - 1 - pr) / g.sh : -1;
-      t0s[pr] = lo * p.Wq;
-      lens[pr] = hi >= lo ? round_up((hi - lo + 1) * p.Wq, vec_elems<T>()) : 0;
-    }
-#pragma omp parallel if (worth_threads(work) && items > 1)
-    {
-      std::vector<T> acc(p.P * p.accs);
-      std::vector<const T*> src(max_col > 0 ? max_col : 1);
-      std::vector<T> val(max_col > 0 ? max_col : 1);
-#pragma omp for schedule(dynamic, 4)
-      for (int64_t it = 0; it < items; ++it) {
-        const int64_t b = it / C, c = it % C;
-        T* dst = gx + it * g.H * g.W;
-        if (ccol[(c + 1) * khw] == ccol[c * khw]) {
-          std::memset(dst, 0, g.H * g.W * sizeof(T));
-          continue;
-        }
-        std::memset(acc.data(), 0, p.P * p.accs * sizeof(T));
-        const T* gyb = gye.get() + b * O * p.E + p.M;
-        for (int64_t ph = 0; ph < p.P; ++ph) {
-          const int64_t t0 = t0s[ph / g.sw], len = lens[ph / g.sw];
-          if (len == 0) continue;
-          int64_t n = 0;
-          for (int64_t k = c * khw; k < (c + 1) * khw; ++k) {
-            int64_t phase, off;
-            entry_offset(g, p, k, &phase, &off);
-            if (phase != ph) continue;
-            for (int64_t s = ccol[k]; s < ccol[k + 1]; ++s) {
-              src[n] = gyb + row_t[s] * p.E - off + t0;
-              val[n] = theta[perm[s]];
-              ++n;
-            }
-          }
-          if (n) kern.axpy(acc.data() + ph * p.accs + t0, len, src.data(), val.data(), n);
-        }
-        // fold the phases back: g_x[h, w] = gx_pad[h + ph, w + pw] (per-column offsets precomputed: no
-        // integer division per element)
-        for (int64_t h = 0; h < g.H; ++h) {
-          const int64_t hp = h + g.ph;
-          const T* arow = acc.data() + (hp % g.sh) * g.sw * p.accs + (hp / g.sh) * p.Wq;
-          T* drow = dst + h * g.W;
-          if (g.sw == 1) {
-            std::memcpy(drow, arow + g.pw, g.W * sizeof(T));
-          } else {
-            for (int64_t x0 = 0; x0 < g.W; ++x0) drow[x0] = arow[wcol[x0]];
-          }
-        }
-      }
-    }
-  }
-
-  // dtheta on the pattern. Items are batch chunks (a fixed number, chosen from B alone); inside one, the
-  // batch is the outer loop and the output channels the inner one, so the input rows of a few images stay
-  // in cache while every entry reads them (output channel outside streamed the whole chunk's input once
-  // per channel). Each entry keeps vector lanes over the chunk, reduced once into its chunk's partial
-  // sums, which are added in chunk order afterwards: the result does not depend on the thread count.
+  const XPlan<T> xp(g, p, theta.data(), ccol, row_t, perm);  // O(nnz); unused without g_x
   const int64_t xrow = C * p.P * p.ps;
-  std::unique_ptr<T[]> xs(new T[B * xrow]);
-  phase_split(g, p, x, xs.get());
   std::vector<int64_t> xoff(nnz);
   for (int64_t e = 0; e < nnz; ++e) xoff[e] = entry_offset(g, p, col[e], nullptr, nullptr);
-  int64_t max_row = 0;
-  for (int64_t o = 0; o < O; ++o) max_row = crow[o + 1] - crow[o] > max_row ? crow[o + 1] - crow[o] : max_row;
-  const int64_t nchunks = B < 8 ? B : 8, chunk = ceil_div(B, nchunks);
+  const int64_t nchunks = B < 16 ? B : 16, chunk = ceil_div(B, nchunks);
   constexpr int64_t W = vec_elems<T>();
-  // batch rows per pass over an entry's lanes: enough streamed work (about 512 elements) to hide the
-  // lane loads and stores on small planes, few enough that their input rows stay in cache
-  const int64_t nb_pass = p.Lp >= 512 ? 1 : (512 / p.Lp < 4 ? 512 / p.Lp : 4);
+  const int64_t TL = l1_tile<T>(C * p.P, p.M, p.Lp);
   std::vector<T> partial(static_cast<size_t>(nchunks) * nnz, T(0));
 #pragma omp parallel if (worth_threads(work) && nchunks > 1)
   {
-    std::vector<const T*> src(max_row > 0 ? max_row : 1);
-    std::vector<T> lanes(nnz * W);
+    std::vector<T> lanes(nnz * W), xs(xrow), gye(O * p.E), acc(gx ? C * p.P * p.accs : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ch = 0; ch < nchunks; ++ch) {
       const int64_t b0 = ch * chunk, b1 = (ch + 1) * chunk < B ? (ch + 1) * chunk : B;
       if (b1 <= b0) continue;
       std::fill(lanes.begin(), lanes.end(), T(0));
-      for (int64_t b = b0; b < b1; b += nb_pass) {
-        const int64_t nb = b1 - b < nb_pass ? b1 - b : nb_pass;
-        const T* xb = xs.get() + b * xrow;
-        for (int64_t o = 0; o < O; ++o) {
-          const int64_t e0 = crow[o], n = crow[o + 1] - e0;
-          if (n == 0) continue;
-          for (int64_t k = 0; k < n; ++k) src[k] = xb + xoff[e0 + k];
-          kern.dot(gye.get() + (b * O + o) * p.E + p.M, O * p.E, p.Lp, src.data(), xrow, nb, n,
-                   lanes.data() + e0 * W);
+      for (int64_t b = b0; b < b1; ++b) {
+        margin_image(g, p, gy + b * O * out_plane, gye.data());
+        if (gx) image_x(g, p, xp, kern, gye.data(), acc.data(), gx + b * C * g.H * g.W);
+        split_image(g, p, x + b * C * g.H * g.W, xs.data());
+        const T* gb = gye.data() + p.M;
+        for (int64_t t0 = 0; t0 < p.Lp; t0 += TL) {
+          const int64_t len = p.Lp - t0 < TL ? p.Lp - t0 : TL;
+          for (int64_t o = 0; o < O; ++o) {
+            const int64_t e0 = crow[o], n = crow[o + 1] - e0;
+            if (n) kern.dot(gb + o * p.E + t0, len, xs.data() + t0, xoff.data() + e0, n, lanes.data() + e0 * W);
+          }
         }
       }
       T* mine = partial.data() + ch * nnz;
@@ -362,10 +402,9 @@ int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* 
       }
     }
   }
-  const int64_t team = nchunks;
   for (int64_t e = 0; e < nnz; ++e) {
     T s = partial[e];
-    for (int t = 1; t < team; ++t) s += partial[static_cast<int64_t>(t) * nnz + e];
+    for (int64_t t = 1; t < nchunks; ++t) s += partial[t * nnz + e];
     if (gm) {
       gm[e] = s * w[e];
       gw[e] = s * m[e];

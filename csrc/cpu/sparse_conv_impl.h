@@ -3,29 +3,32 @@
 // `#pragma GCC target`, so no wide instruction leaks into code that runs on a CPU without it. No include
 // guard on purpose; it includes nothing itself (the includer has <cstdint>).
 //
-// Both loops run over whole flattened planes whose length is a multiple of the 64-byte vector (CV<T>::W
-// elements): the driver lays the operands out so that every stored weight entry reads a plane at a
-// constant offset (phase-split padded input, zero-margined grad_y) and pads every plane with zeros up to
-// that length, so there is neither border arithmetic nor a scalar tail in here. Entries are taken four at
-// a time, so the destination plane (axpy) or the shared grad_y plane (dot_lanes) is loaded once per four FMAs.
+// Both loops run over a tile of a flattened plane whose length is a multiple of the 64-byte vector
+// (CV<T>::W elements): the driver lays the operands out so that every stored weight entry reads a plane
+// at a constant offset (phase-split padded input, zero-margined grad_y) and pads every plane with zeros
+// up to that length, so there is neither border arithmetic nor a scalar tail in here.
 
 #ifndef SC_INLINE
 #define SC_INLINE inline __attribute__((always_inline))
 #endif
 
+// SC_NATIVE: the includer's native vector width in bytes (16 SSE, 32 AVX2, 64 AVX-512). The kernels use
+// vectors of exactly that width: wider GNU vectors are split by the compiler through the stack, which cost
+// five times the time. W (CV<T>::W, 64 bytes of elements) stays the unit the driver pads planes to.
+#ifndef SC_NATIVE
+#define SC_NATIVE 16
+#endif
+
 template <typename T>
-struct CV;
-template <>
-struct CV<float> {
-  typedef float v __attribute__((vector_size(64)));
-  typedef float vu __attribute__((vector_size(64), aligned(4), may_alias));
-  static constexpr int W = 16;
-};
-template <>
-struct CV<double> {
-  typedef double v __attribute__((vector_size(64)));
-  typedef double vu __attribute__((vector_size(64), aligned(8), may_alias));
-  static constexpr int W = 8;
+struct CV {
+  typedef T v __attribute__((vector_size(SC_NATIVE)));
+  typedef T vu __attribute__((vector_size(SC_NATIVE), aligned(sizeof(T)), may_alias));
+  static constexpr int N = SC_NATIVE / sizeof(T);  // elements per native vector
+  static constexpr int W = 64 / sizeof(T);         // elements per 64-byte unit
+  static constexpr int U = W / N;                  // native vectors per unit
+  // register tile: R native vectors (8 SSE/AVX2 of 16, 4 AVX-512 of 32 registers), S elements
+  static constexpr int R = SC_NATIVE == 64 ? 4 : 8;
+  static constexpr int S = R * N;
 };
 
 template <typename T>
@@ -36,87 +39,76 @@ template <typename T>
 SC_INLINE void cst(T* p, typename CV<T>::v x) {
   *reinterpret_cast<typename CV<T>::vu*>(p) = x;
 }
-// acc[t] += sum_k v[k] * src[k][t] for t in [0, L), L a multiple of CV<T>::W
+
+// out[t] = sum_k v[k] * base[off[k] + t] for t in [0, len), len a multiple of W. Output tiles of R native
+// vectors stay in registers over all n entries: one load per FMA, no accumulator traffic (the caller
+// sizes its pass so that the source rows it reads stay in L1).
 template <typename T>
-SC_INLINE void axpy_multi_t(T* __restrict acc, int64_t L, const T* const* src, const T* v, int64_t n) {
+SC_INLINE void gather_t(T* __restrict out, int64_t len, const T* base, const int64_t* off, const T* v, int64_t n) {
   typedef typename CV<T>::v V;
-  constexpr int W = CV<T>::W;
-  int64_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-    const T* __restrict s0 = src[k];
-    const T* __restrict s1 = src[k + 1];
-    const T* __restrict s2 = src[k + 2];
-    const T* __restrict s3 = src[k + 3];
-    const T v0 = v[k], v1 = v[k + 1], v2 = v[k + 2], v3 = v[k + 3];
-    for (int64_t t = 0; t < L; t += W) {
-      V a = cld(acc + t);
-      a += v0 * cld(s0 + t) + v1 * cld(s1 + t);
-      a += v2 * cld(s2 + t) + v3 * cld(s3 + t);
-      cst(acc + t, a);
+  constexpr int N = CV<T>::N, R = CV<T>::R, S = CV<T>::S, U = CV<T>::U;
+  int64_t t = 0;
+  for (; t + S <= len; t += S) {
+    V a[R];
+    for (int r = 0; r < R; ++r) a[r] = V{};
+    for (int64_t k = 0; k < n; ++k) {
+      const T* s = base + off[k] + t;
+      const T vk = v[k];
+      for (int r = 0; r < R; ++r) a[r] += vk * cld<T>(s + r * N);
     }
+    for (int r = 0; r < R; ++r) cst<T>(out + t + r * N, a[r]);
   }
-  for (; k < n; ++k) {
-    const T* __restrict s0 = src[k];
-    const T v0 = v[k];
-    for (int64_t t = 0; t < L; t += W) cst(acc + t, cld(acc + t) + v0 * cld(s0 + t));
+  for (; t < len; t += U * N) {
+    V a[U];
+    for (int r = 0; r < U; ++r) a[r] = V{};
+    for (int64_t k = 0; k < n; ++k) {
+      const T* s = base + off[k] + t;
+      const T vk = v[k];
+      for (int r = 0; r < U; ++r) a[r] += vk * cld<T>(s + r * N);
+    }
+    for (int r = 0; r < U; ++r) cst<T>(out + t + r * N, a[r]);
   }
 }
 
-// lanes[k*W + i] += sum_b sum_t g[b*gs + t] * src[k][b*ss + t] over t = i mod W in [0, L), for nb batch
-// rows; L a multiple of W = CV<T>::W. The per-entry vector lanes live in memory (the caller reduces them
-// once per batch chunk), so the caller can walk the batch in its outer loop (one batch row of the input
-// stays in cache across all output channels) without paying a horizontal sum per (row, entry).
+// lanes[k*W + i] += sum_t g[t] * base[off[k] + t] over t = i mod W in [0, len), len a multiple of W. The
+// grad_y tile is held in registers across the n entries; each entry's W lanes live in memory and are
+// reduced by the caller once per batch chunk.
 template <typename T>
-SC_INLINE void dot_lanes_t(const T* __restrict g, int64_t gs, int64_t L, const T* const* src, int64_t ss,
-                           int64_t nb, int64_t n, T* __restrict lanes) {
+SC_INLINE void dot_t(const T* __restrict g, int64_t len, const T* base, const int64_t* off, int64_t n,
+                     T* __restrict lanes) {
   typedef typename CV<T>::v V;
-  constexpr int W = CV<T>::W;
-  int64_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-    T* l = lanes + k * W;
-    V a0 = cld(l), a1 = cld(l + W), a2 = cld(l + 2 * W), a3 = cld(l + 3 * W);
-    for (int64_t b = 0; b < nb; ++b) {
-      const T* __restrict gb = g + b * gs;
-      const T* __restrict s0 = src[k] + b * ss;
-      const T* __restrict s1 = src[k + 1] + b * ss;
-      const T* __restrict s2 = src[k + 2] + b * ss;
-      const T* __restrict s3 = src[k + 3] + b * ss;
-      for (int64_t t = 0; t < L; t += W) {
-        const V gv = cld(gb + t);
-        a0 += gv * cld(s0 + t);
-        a1 += gv * cld(s1 + t);
-        a2 += gv * cld(s2 + t);
-        a3 += gv * cld(s3 + t);
-      }
+  constexpr int N = CV<T>::N, R = CV<T>::R, S = CV<T>::S, U = CV<T>::U, W = CV<T>::W;
+  int64_t t = 0;
+  for (; t + S <= len; t += S) {
+    V gv[R];
+    for (int r = 0; r < R; ++r) gv[r] = cld<T>(g + t + r * N);
+    for (int64_t k = 0; k < n; ++k) {
+      const T* s = base + off[k] + t;
+      T* l = lanes + k * W;
+      V a[U];
+      for (int u = 0; u < U; ++u) a[u] = cld<T>(l + u * N);
+      for (int r = 0; r < R; ++r) a[r % U] += gv[r] * cld<T>(s + r * N);
+      for (int u = 0; u < U; ++u) cst<T>(l + u * N, a[u]);
     }
-    cst(l, a0);
-    cst(l + W, a1);
-    cst(l + 2 * W, a2);
-    cst(l + 3 * W, a3);
   }
-  for (; k < n; ++k) {
-    T* l = lanes + k * W;
-    V a0 = cld(l);
-    for (int64_t b = 0; b < nb; ++b) {
-      const T* __restrict gb = g + b * gs;
-      const T* __restrict s0 = src[k] + b * ss;
-      for (int64_t t = 0; t < L; t += W) a0 += cld(gb + t) * cld(s0 + t);
+  for (; t < len; t += W) {
+    for (int64_t k = 0; k < n; ++k) {
+      const T* s = base + off[k] + t;
+      T* l = lanes + k * W;
+      for (int u = 0; u < U; ++u) cst<T>(l + u * N, cld<T>(l + u * N) + cld<T>(g + t + u * N) * cld<T>(s + u * N));
     }
-    cst(l, a0);
   }
 }
 
-void axpy_multi(float* acc, int64_t L, const float* const* src, const float* v, int64_t n) {
-  axpy_multi_t<float>(acc, L, src, v, n);
+void gather(float* out, int64_t len, const float* base, const int64_t* off, const float* v, int64_t n) {
+  gather_t<float>(out, len, base, off, v, n);
 }
-void axpy_multi(double* acc, int64_t L, const double* const* src, const double* v, int64_t n) {
-  axpy_multi_t<double>(acc, L, src, v, n);
+void gather(double* out, int64_t len, const double* base, const int64_t* off, const double* v, int64_t n) {
+  gather_t<double>(out, len, base, off, v, n);
 }
-void dot_lanes(const float* g, int64_t gs, int64_t L, const float* const* src, int64_t ss, int64_t nb, int64_t n,
-               float* lanes) {
-  dot_lanes_t<float>(g, gs, L, src, ss, nb, n, lanes);
+void dot(const float* g, int64_t len, const float* base, const int64_t* off, int64_t n, float* lanes) {
+  dot_t<float>(g, len, base, off, n, lanes);
 }
-void dot_lanes(const double* g, int64_t gs, int64_t L, const double* const* src, int64_t ss, int64_t nb,
-               int64_t n, double* lanes) {
-  dot_lanes_t<double>(g, gs, L, src, ss, nb, n, lanes);
+void dot(const double* g, int64_t len, const double* base, const int64_t* off, int64_t n, double* lanes) {
+  dot_t<double>(g, len, base, off, n, lanes);
 }

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -177,6 +178,10 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="update each tensor inside backward and free its gradient at once")
     g.add_argument("--nonfinite", choices=NONFINITE_POLICIES, default=d.nonfinite,
                    help="what a NaN/inf gradient does: skip the step (counted) or stop")
+    g.add_argument("--nproc", type=int, default=1,
+                   help="train on N processes with DistributedDataParallel (gloo on CPU, NCCL on CUDA): each "
+                        "global batch is split over them, every printed number is global; under torchrun its "
+                        "processes are used instead")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output directory (default runs/<model>-<method>-d<density>-s<seed>)")
     g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -230,6 +235,15 @@ def train_main(argv: list[str]) -> int:
     from .loop import train
 
     args = _train_parser().parse_args(argv)
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if args.compare is not None or args.resume is not None:
+            raise UserError(f"{'--compare' if args.compare is not None else '--resume'}: runs in one process only "
+                            "(for now): drop --nproc")
+        return _launch(argv, args.nproc)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _rank_main(args, argv)
     if args.resume is not None:
         return _resume(args, _given(argv))
     cfg = _config_from_args(args)
@@ -243,6 +257,71 @@ def train_main(argv: list[str]) -> int:
     result = _run(lambda: train(cfg), cfg.out_dir)
     print(C.summary_table({cfg.method: result}))
     print(f"results: {cfg.out_dir}/result.json")
+    return 0
+
+
+#: a launched process runs the command line (imported, not ``-m``: its errors are this module's classes)
+_CHILD = "import sys; from sparse_engine.app.cli import main; sys.exit(main())"
+
+
+def _launch(argv: list[str], nproc: int) -> int:
+    """Start ``nproc`` processes of this command (the environment torchrun would give them), wait for all;
+    the first failure stops the others."""
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as sock:  # a free port on the loopback for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
+                   RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, "-c", _CHILD, "train", *argv], env=env))
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed or all(c == 0 for c in codes):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    return max((abs(p.wait()) for p in procs), default=0)
+
+
+def _rank_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """One process of a multi-process run: join the group, train (rank 0 alone writes and prints)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from . import compare as C
+    from . import config as T
+    from .loop import train
+
+    if args.compare is not None or args.resume is not None:
+        raise UserError(f"{'--compare' if args.compare is not None else '--resume'}: runs in one process only "
+                        "(for now): drop --nproc / torchrun")
+    cuda = str(args.device).startswith("cuda")
+    rank = int(os.environ["RANK"])
+    if cuda:
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=5))
+    try:
+        cfg = _config_from_args(args)
+        cfg.progress = cfg.progress and rank == 0
+        cfg.out_dir = args.out or T.default_out_dir(cfg)
+        result = train(cfg, write=rank == 0)
+        if rank == 0:
+            print(C.summary_table({cfg.method: result}))
+            print(f"results: {cfg.out_dir}/result.json ({dist.get_world_size()} processes)")
+    finally:
+        dist.destroy_process_group()
     return 0
 
 
@@ -302,6 +381,9 @@ def _resume(args: argparse.Namespace, given: set[str]) -> int:
         print(f"results: {cfg.out_dir}/compare.json (per method: {cfg.out_dir}/<method>/result.json)")
         return 0
     cfg.out_dir = args.out or str(ckpt_path.parent)
+    if ckpt.get("position", {}).get("finished"):
+        print(f"{ckpt_path}: this run had finished (epochs: {len(ckpt.get('result', {}).get('epochs', []))}); "
+              "nothing left to train: its result")
     result = _run(lambda: train(cfg, resume=ckpt_path), cfg.out_dir)
     print(C.summary_table({cfg.method: result}))
     print(f"results: {cfg.out_dir}/result.json")

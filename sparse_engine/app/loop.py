@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..nn.diagnostics import layer_stats
 from ..methods import Method
 from ..optim import NonFiniteGradError, parameterizations
@@ -152,6 +153,7 @@ class _Run:
     elapsed_before: float = 0.0
     t_start: float = field(default_factory=time.perf_counter)
     sched: Any = None
+    forward: nn.Module | None = None  # the DistributedDataParallel wrapper of a multi-process run
 
     def position(self, finished: bool = False) -> dict[str, Any]:
         return {"epoch": self.epoch_no, "rounds": [list(r) for r in self.rounds], "round_epochs_done": self.round_done,
@@ -259,11 +261,15 @@ def _start(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, stream: Tex
     method.apply(model, optimizer, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
     if saved is not None:
         ck.restore_training(saved, optimizer, method)
+    forward = None
+    if distributed.world_size() > 1:  # every rank built the same model from the same seed: check, then wrap
+        distributed.check_masks(model)
+        forward = nn.parallel.DistributedDataParallel(model)
     if cfg.step_in_backward:
-        optimizer.attach()
+        optimizer.attach(forward)
     run = _Run(cfg, ds, device, model, method, optimizer, Progress(cfg.progress, stream, prefix=f"[{cfg.method}] "),
                steps_per_epoch, fingerprint, Path(cfg.out_dir) / ck.CHECKPOINT_FILE if write and cfg.out_dir else None,
-               data)
+               data, forward=forward)
     stats0 = layer_stats(model)  # sets the sign-flip reference (on resume: the signs of the saved θ)
     if saved is None:
         _fresh_result(run, report, stats0)
@@ -353,7 +359,7 @@ def _run_epochs(run: _Run, n_epochs: int, phase: str, sched_state: dict | None =
 
 def _train_epoch(run: _Run) -> tuple[int, torch.Tensor, torch.Tensor, float]:
     """One pass over the training data: (samples, loss sum, correct count, seconds)."""
-    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    cfg, model, optimizer = run.cfg, run.forward or run.model, run.optimizer
     model.train()
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
@@ -362,9 +368,13 @@ def _train_epoch(run: _Run) -> tuple[int, torch.Tensor, torch.Tensor, float]:
     x_train, y_train = run.data[:2]
     for i, (xb, yb) in enumerate(data_mod.batches(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                                   epoch=run.epoch_no), start=1):
-        out = model(xb)
-        loss = F.cross_entropy(out, yb)
-        loss_value = loss.detach().item()  # one sync per step: the NaN check and the progress line need it
+        if run.forward is None:
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            loss_value = loss.detach().item()  # one sync per step: the NaN check and the progress line need it
+            batch_loss = loss.detach() * yb.shape[0]
+        else:
+            yb, out, loss, loss_value, batch_loss = _rank_step(model, xb, yb)
         if not math.isfinite(loss_value):
             run.result["status"] = "diverged"
             msg = (f"training diverged: the loss is {loss_value} at epoch {run.epoch_no}, step {i} "
@@ -375,13 +385,29 @@ def _train_epoch(run: _Run) -> tuple[int, torch.Tensor, torch.Tensor, float]:
         loss.backward()
         optimizer.step()
         run.sched.step()
-        loss_sum += loss.detach() * yb.shape[0]
+        loss_sum += batch_loss
         correct += (out.detach().argmax(1) == yb).sum()
         seen += yb.shape[0]
         dt = time.perf_counter() - t0
         run.progress.update(run.epoch_no, sum(r[1] for r in run.rounds), i, run.steps_per_epoch, loss_value,
                             int(correct) / seen if run.progress.tty else 0.0, seen / max(dt, 1e-9))
+    if run.forward is not None:  # the epoch's numbers over all ranks
+        total = distributed.sum_over_ranks([seen, float(loss_sum), float(correct)])
+        seen, loss_sum, correct = int(total[0]), total[1], total[2].to(torch.int64)
     return seen, loss_sum, correct, time.perf_counter() - t0
+
+
+def _rank_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple:
+    """This rank's share (contiguous rows) of a global batch and the loss scaled so that DDP's average over
+    the ranks is the global batch's mean loss (shares may differ by one row); returns (y share, output,
+    loss, the global mean loss as a float (one collective per step), this share's loss sum)."""
+    world, rank = distributed.world_size(), torch.distributed.get_rank()
+    bounds = [len(yb) * r // world for r in range(world + 1)]
+    xs, ys = xb[bounds[rank]:bounds[rank + 1]], yb[bounds[rank]:bounds[rank + 1]]
+    out = model(xs)
+    loss_sum = F.cross_entropy(out, ys, reduction="sum")
+    loss_value = float(distributed.sum_over_ranks([loss_sum.detach().item()])[0]) / len(yb)
+    return ys, out, loss_sum * (world / len(yb)), loss_value, loss_sum.detach().double()
 
 
 def _epoch_row(run: _Run, phase: str, seen: int, train_loss: float, train_acc: float, train_time: float) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 
 def world_size() -> int:
@@ -11,6 +12,11 @@ def world_size() -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size()
+
+
+def is_ddp(model: object) -> bool:
+    """Whether ``model`` is wrapped in DistributedDataParallel."""
+    return isinstance(model, DistributedDataParallel)
 
 
 def local(t: Tensor) -> Tensor:

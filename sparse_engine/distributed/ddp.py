@@ -12,11 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel
 
-
-def is_ddp(model: Any) -> bool:
-    return isinstance(model, DistributedDataParallel)
+from .collectives import is_ddp
 
 
 class _Attachment:

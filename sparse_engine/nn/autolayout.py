@@ -187,14 +187,19 @@ def choose(
         device = "cuda"
     times = measure(runners, device)
     decision = Decision(decide(times), times, ks, "measured")
+    why = (f"{decision.layout} more than 5% faster than dense" if decision.layout != "dense"
+           else "no layout more than 5% faster than dense")
     log.info(
-        "sparse_engine: layout for %s %s density %.3g rows %s: %s (%s)",
+        "sparse_engine: layout for %s %s density %.3g rows %s: %s (%s; fastest of interleaved rounds: %s; "
+        "cached in %s)",
         key.get("op"),
         key.get("shape"),
         key.get("density", 1.0),
         key.get("rows"),
         decision.layout,
+        why,
         ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()),
+        path,
     )
     memory[ks] = decision
     _write_disk(path, ks, decision)

@@ -133,7 +133,8 @@ class SparseModule(nn.Module):
                               f"weight ({numel} weights; density >= {0.5 / numel:.3g} keeps one)", stacklevel=4)
             return _random_mask(shape, density, seed=self.seed, device=device)
         mask = _random_block_mask(shape, self.block_shape, density, seed=self.seed, device=device)
-        kept, block = int(mask.sum()), self.block_shape[0] * self.block_shape[1]
+        rows, cols = shape[0], numel // shape[0]
+        kept, block = int(mask.sum()), min(self.block_shape[0], rows) * min(self.block_shape[1], cols)
         if kept == 0:
             raise ValueError(f"density={density:g} keeps no whole block of the {tuple(shape)} weight with "
                              f"block_shape={self.block_shape}: give a larger density or a smaller block_shape")

@@ -2,15 +2,18 @@
 
 Methods (the parameterization and mask each layer gets):
 
-==========  ======================  ==============================================================
+==========  ======================  =======================================================
+
 method      parameterization        mask
-==========  ======================  ==============================================================
+==========  ======================  =======================================================
+
 static      Masked (θ trained)      random pruning-at-initialisation mask (the usual baseline)
 signin      SignIn (m ⊙ w, β)       random mask; train with periodic Sign-In resets
 pilot       PILoT (m ⊙ w, β = 1)    none: dense until pruned; ``density`` is the pruning target,
                                     recorded on every layer as ``target_density``
 dense       Masked                  none: a dense baseline through the same code path
-==========  ======================  ==============================================================
+==========  ======================  =======================================================
+
 
 Where the masks of static / signin come from (``mask``):
 
@@ -42,6 +45,7 @@ initialised. The report lists every skipped Linear / Conv with the reason.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -209,6 +213,7 @@ def sparsify(
     """
     density, block_shape = _check_args(model, method, density, distribution, layout, block_shape, filter,
                                        mask, mask_scope)
+    _linears_from_hf_conv1d(model)
 
     report = SparsifyReport(method, density, distribution, layout, seed)
     parents: dict[str, nn.Module] = {}
@@ -241,8 +246,7 @@ def sparsify(
             report.skipped.append((name, "dense_first_last"))
         targets = [t for t in targets if t not in ends]
     if not targets:
-        _nothing_to_replace(model, report)
-        return report
+        return _nothing_to_replace(model, report)
 
     kind = SPARSIFY_METHODS[method]
     if isinstance(mask, dict):
@@ -289,12 +293,25 @@ def sparsify(
     return report
 
 
-def _nothing_to_replace(model: nn.Module, report: SparsifyReport) -> None:
-    """A model with no Linear / Conv is refused; one whose every Linear / Conv was skipped is warned about."""
-    if not report.skipped:
+def _linears_from_hf_conv1d(model: nn.Module) -> None:
+    """transformers' Conv1D (GPT-2) becomes the nn.Linear it is; only when transformers is loaded (a model
+    holding a Conv1D was built with it), so that sparsify never imports it."""
+    if "transformers.pytorch_utils" in sys.modules:
+        from ..integrations.hf.conv1d import linears_from_conv1d
+
+        linears_from_conv1d(model)
+
+
+def _nothing_to_replace(model: nn.Module, report: SparsifyReport) -> SparsifyReport:
+    """No layer to replace: refused when the model has no Linear / Conv at all, a warning listing why each
+    was skipped when it has some (none when it holds sparse layers already: sparsify again is a no-op)."""
+    already = any(is_sparse_layer(m) for m in model.modules())
+    if not report.skipped and not already:
         raise ValueError(f"model ({type(model).__name__}) has no nn.Linear / nn.Conv1d / nn.Conv2d to sparsify")
-    warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
-                  + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=3)
+    if report.skipped and not already:
+        warnings.warn(f"sparsify replaced no layer of {type(model).__name__}: every Linear / Conv was skipped ("
+                      + "; ".join(f"{n}: {why}" for n, why in report.skipped) + ")", stacklevel=3)
+    return report
 
 
 def _warn_if_rounded(report: SparsifyReport, block_shape) -> None:
@@ -302,7 +319,8 @@ def _warn_if_rounded(report: SparsifyReport, block_shape) -> None:
     a block per layer from the requested one."""
     if report.layout not in ("block", "bsr") or report.method == "pilot" or report.requested_density == 1.0:
         return
-    slack = len(report.layers) * block_shape[0] * block_shape[1] / 2
+    slack = sum(min(block_shape[0], r.shape[0]) * min(block_shape[1], math.prod(r.shape[1:])) / 2
+                for r in report.layers)
     if abs(report.nnz - report.requested_density * report.numel) > slack:
         warnings.warn(f"sparsify: density={report.requested_density:g} rounds to whole {tuple(block_shape)} blocks "
                       f"(at least one per layer): achieved density {report.density:.4f} over the replaced layers",

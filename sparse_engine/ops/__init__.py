@@ -394,8 +394,12 @@ def compact_linear(
     _check_factors(m_values, w_values, None, w_dim=None, w_name="w_values", m_name="m_values")
     _check_tensor("w_values", w_values, shape=expect)
     _check_input(x, w_values, k, bias, n)
-    return _on_rows(_compact_linear, x, n, _c(m_values), w_values.contiguous(), _c(bias), *_index_tensors(index),
-                    n, k)
+    op = _compact_linear
+    if x.numel() and n * k and not torch.compiler.is_compiling():
+        # Eager: a backend that attaches the backward natively (C++: one autograd node) saves the custom
+        # op's Python round trip per call in each direction; the kernels and results are the same.
+        op = backends.extra("compact_linear_fwd", x.device, w_values.dtype, "compact_linear_train") or op
+    return _on_rows(op, x, n, _c(m_values), w_values.contiguous(), _c(bias), *_index_tensors(index), n, k)
 
 
 # ------------------------------------------------------------------------------------ sparse_conv2d
@@ -589,6 +593,48 @@ def fused_step(
         # in-place result) but costs ~0.3 ms of argument handling per call, about a third of a small
         # MLP's training step (measured by the optimizer tests' profile); compile still sees the op.
         _run("fused_step", param.device, param.dtype, *args, empty=param.numel() == 0)
+
+
+def fused_step_multi(
+    params: Sequence[Tensor], grads: Sequence[Tensor], buf1s: Sequence[Tensor | None],
+    buf2s: Sequence[Tensor | None], masks: Sequence[Tensor | None], lr: Tensor, step: int, kind: str, *,
+    alphas: Sequence[float], momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+    beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
+    """:func:`fused_step` on every tensor of a list (one device and dtype, one step count and set of
+    hyperparameters; ``alphas[i]`` is tensor i's α), in one call where the backend has a whole-list
+    entry point, else tensor by tensor. Same results as the per-tensor calls."""
+    lists = {"grads": grads, "buf1s": buf1s, "buf2s": buf2s, "masks": masks, "alphas": alphas}
+    for name, seq in lists.items():
+        if len(seq) != len(params):
+            raise ValueError(f"{name} must have one entry per param ({len(params)}), got {len(seq)}")
+    if not params:
+        return
+    hyper = dict(momentum=momentum, dampening=dampening, nesterov=nesterov, beta1=beta1, beta2=beta2, eps=eps,
+                 weight_decay=weight_decay, maximize=maximize)
+    group = None
+    if not torch.compiler.is_compiling() and isinstance(lr, Tensor) and lr.dim() == 0:
+        p0 = params[0]
+        same = all(p.dtype == p0.dtype and p.device == p0.device and p.numel() for p in params)
+        group = backends.extra("fused_step", p0.device, p0.dtype, "fused_step_group") if same else None
+    if group is None:
+        for p, g, b1, b2, mk, a in zip(params, grads, buf1s, buf2s, masks, alphas):
+            fused_step(p, g, b1, b2, mk, lr, step, kind, alpha=a, **hyper)
+        return
+    if kind not in STEP_KINDS:
+        raise ValueError(f"kind must be one of {STEP_KINDS}, got {kind!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (1-based count of this step), got {step!r}")
+    if not lr.is_floating_point():
+        raise ValueError(f"lr must be a floating-point 0-dim tensor, got {lr.dtype}")
+    for a in set(alphas):
+        _check_hyper(kind, momentum=momentum, dampening=dampening, nesterov=nesterov, beta1=beta1, beta2=beta2,
+                     eps=eps, weight_decay=weight_decay, alpha=a)
+    # The C++ entry point checks every tensor (device, dtype, shape, contiguity) as fused_step does.
+    group(list(params), list(grads), list(buf1s), list(buf2s), list(masks), lr, step, kind, float(momentum),
+          float(dampening), bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay),
+          [float(a) for a in alphas], bool(maximize))
 
 
 def _is_number(v) -> bool:

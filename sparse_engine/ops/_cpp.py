@@ -29,7 +29,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 #: None when the extension is loaded, else why it is not (read by backends.py)
 UNAVAILABLE: str | None = None
 
-_OPS = ("compact_linear_fwd", "compact_linear_bwd", "sparse_conv2d_fwd", "sparse_conv2d_bwd", "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step")
+_OPS = ("compact_linear_fwd", "compact_linear_bwd", "compact_linear_train", "sparse_conv2d_fwd", "sparse_conv2d_bwd",
+        "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step", "fused_step_multi")
 
 
 def _registered() -> bool:
@@ -132,6 +133,32 @@ def compact_linear_bwd(
         grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, int(out_features), int(in_features),
         bool(needs_x_grad))
     return (g_x if needs_x_grad else None), (g_m if m_values is not None else None), g_w
+
+
+# Extra API beyond the reference names (ops/__init__.py calls them on the eager CPU path).
+
+
+def compact_linear_train(
+    x: Tensor, m_values: Tensor | None, w_values: Tensor, bias: Tensor | None,
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_features: int, in_features: int,
+) -> Tensor:
+    """compact_linear_fwd with its backward attached in C++: one dispatcher call per direction."""
+    return torch.ops.sparse_engine_C.compact_linear_train(
+        x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, int(out_features), int(in_features))
+
+
+def fused_step_group(
+    params: list[Tensor], grads: list[Tensor], buf1: list[Tensor | None], buf2: list[Tensor | None],
+    masks: list[Tensor | None], lr: Tensor, step: int, kind: str, momentum: float, dampening: float,
+    nesterov: bool, beta1: float, beta2: float, eps: float, weight_decay: float, alphas: list[float],
+    maximize: bool,
+) -> None:
+    """fused_step on every tensor of a group in one call (α per tensor); same kernel, same bits."""
+    torch.ops.sparse_engine_C.fused_step_multi(
+        params, grads, buf1, buf2, masks, lr, int(step), str(kind), float(momentum), float(dampening),
+        bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay), [float(a) for a in alphas],
+        bool(maximize))
 
 
 @_takes("w_values")

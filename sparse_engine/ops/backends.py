@@ -244,6 +244,16 @@ def select(
     return "reference", REFERENCE[impl]
 
 
+def extra(impl: str, device: torch.device, dtype: torch.dtype | None, name: str) -> Callable | None:
+    """The function ``name`` of the backend module :func:`select` takes for ``impl`` (an entry point
+    beyond the reference names, e.g. a whole-group optimizer step), or None when that backend has none."""
+    backend, _ = select(impl, device, dtype)
+    if backend == "reference":
+        return None
+    module, _ = _module(backend, impl)
+    return getattr(module, name, None)
+
+
 def which(impl: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The backend :func:`select` takes for ``impl`` now (a request included), or ``"unavailable: why"``
     when a requested backend cannot run it. For the cache keys of measurements: a new kernel, or another

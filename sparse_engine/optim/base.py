@@ -7,10 +7,11 @@ What it adds to ``torch.optim``
   ``"other"`` (biases, norms, embeddings: exactly ``torch.optim``). Roles and masks are discovered from the
   model (:meth:`SparseOptimizer.bind`); masks are looked up at every step because PILoT's prune and
   dynamic masks replace them during training.
-* **One fused op per tensor.** ``ops.fused_step`` reads the gradient once and applies the optimizer,
-  weight decay λ_t, PILoT's α_t (only on the ``m`` / ``w`` roles) and the mask (pruned coordinates keep
-  their value and get exactly zero state). All calls go through :meth:`SparseOptimizer._apply` so that a
-  multi-tensor kernel can replace the per-tensor loop in one place.
+* **One fused pass per tensor, one call per group.** ``ops.fused_step`` reads the gradient once and
+  applies the optimizer, weight decay λ_t, PILoT's α_t (only on the ``m`` / ``w`` roles) and the mask
+  (pruned coordinates keep their value and get exactly zero state). :meth:`SparseOptimizer._apply` hands
+  all tensors of a group to ``ops.fused_step_multi`` at once (one C++ call on CPU: the per-call overhead
+  of a small model's many tensors was a large part of its step).
 * **Learning rate as a tensor** (0-dim, float64, on the parameters' device): a schedule writes into it
   (``torch.optim.lr_scheduler`` does ``fill_``) and nothing that captured it needs recompiling.
 * **Sign-In reset** (:meth:`SparseOptimizer.signin_reset`) with an optimizer-state policy:
@@ -215,21 +216,27 @@ class SparseOptimizer(torch.optim.Optimizer):
     def _apply(self, work: list[tuple[dict, Tensor, Tensor, str, Tensor | None]]) -> None:
         """Apply one update to each (group, param, grad, role, mask).
 
-        The single place that calls the fused op: a multi-tensor kernel replaces this loop (grouping by
-        group, dtype and device).
+        The single place that calls the fused op: the tensors of one group that share dtype, device and
+        step count go to ``ops.fused_step_multi`` together (one call where the backend has a whole-list
+        entry point; per-tensor overhead dominates the many small tensors of a model).
         """
-        for group, p, grad, role, mask in work:
-            state = self._init_state(p, group)
-            state["step"] += 1
+        batches: dict[tuple, list] = {}
+        states = [self._init_state(p, group) for group, p, *_ in work]
+        steps = [st["step"] for st in states]
+        if steps:
+            torch._foreach_add_(steps, 1)
+        for (group, p, grad, role, mask), state in zip(work, states):
+            step = int(state["step"].item())
             buf1, buf2 = self._buffers(state, group)
             alpha = group["alpha"] if role in ("m", "w") else 0.0
             if distributed.is_sharded(p):  # FSDP2: the step is elementwise, run it on this rank's shard
                 mask = distributed.local_rows(mask, p)
                 p, grad, buf1, buf2 = (None if t is None else distributed.local(t) for t in (p, grad, buf1, buf2))
-            ops.fused_step(
-                p, grad, buf1, buf2, mask, group["lr"], int(state["step"].item()), self.kind,
-                alpha=alpha, **self._hyper(group),
-            )
+            key = (id(group), p.dtype, p.device, step)
+            batches.setdefault(key, [group, step, []])[2].append((p, grad, buf1, buf2, mask, alpha))
+        for group, step, items in batches.values():
+            p, g, b1, b2, mk, a = (list(col) for col in zip(*items))
+            ops.fused_step_multi(p, g, b1, b2, mk, group["lr"], step, self.kind, alphas=a, **self._hyper(group))
 
     @staticmethod
     def _finite(grads: list[Tensor], masks: list[Tensor | None]) -> bool:
@@ -428,6 +435,13 @@ class SparseOptimizer(torch.optim.Optimizer):
                     buf = st.get(name)
                     if buf is not None:
                         buf.masked_fill_(~mask, 0)
+
+    def materialize_state(self) -> None:
+        """Create every parameter's state (zero buffers, step 0) now: a distributed checkpoint loads in
+        place. A step count of 0 makes the first step start the buffers anew, as without this call."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p, group)
 
     def reset_state(self) -> None:
         """Forget all optimizer state (fresh buffers, step counts 0): used by prune-retrain rounds."""

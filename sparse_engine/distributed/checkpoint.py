@@ -1,0 +1,58 @@
+"""Save and resume a distributed run with ``torch.distributed.checkpoint`` (DCP).
+
+One checkpoint holds the model, the optimizer (buffers, step counts, learning rates, the fused
+optimizer's counters), the method's state (Sign-In's reset schedule, PILoT's α controller, ...) and the
+number of processes that wrote it. Replicated tensors (DDP) are written once, sharded ones (FSDP2) by the
+rank that holds each shard; each rank loads its own part in place. Resuming continues exactly where the
+run stopped: bit-identical to a run that was never interrupted, given the same data order.
+
+Resuming on another number of processes is refused (the data would be split otherwise, and the run would
+not be the one that was saved).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from .collectives import world_size
+
+
+def _state(model: nn.Module, optimizer, method) -> dict[str, Any]:
+    # DCP loads in place: every optimizer buffer must exist before a load (fresh zeros change nothing:
+    # a step count of 0 makes the first step start its buffers anew)
+    optimizer.materialize_state()
+    state: dict[str, Any] = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "meta": {"world_size": world_size()}}
+    if method is not None:
+        state["method"] = method.state_dict()
+    return state
+
+
+def save(path: str | os.PathLike, model: nn.Module, optimizer, method=None) -> None:
+    """Write the checkpoint directory ``path`` (a collective: every rank calls it)."""
+    dcp.save(_state(model, optimizer, method), checkpoint_id=os.fspath(path))
+
+
+def load(path: str | os.PathLike, model: nn.Module, optimizer, method=None) -> None:
+    """Resume from ``path`` into the same model, optimizer and method (after ``method.apply``, as in the
+    run that saved it). A collective: every rank calls it."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"path: no distributed checkpoint at {path!r}")
+    meta = {"meta": {"world_size": -1}}
+    dcp.load(meta, checkpoint_id=path)
+    saved = int(meta["meta"]["world_size"])
+    if saved != world_size():
+        raise ValueError(f"path: the checkpoint was written by {saved} processes, this job has {world_size()}; "
+                         f"resume with {saved}")
+    state = _state(model, optimizer, method)
+    if method is None:
+        state.pop("method", None)
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if method is not None:
+        method.load_state_dict(state["method"])
