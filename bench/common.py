@@ -461,3 +461,30 @@ def rand(*shape, dtype, device, requires_grad: bool = False):
 
     t = torch.randn(*shape, device=device, dtype=torch.float32).to(dtype)
     return t.requires_grad_(requires_grad)
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None (one line on stderr) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'sparse-engine[plot]'): no PNG", file=sys.stderr)
+        return None
+    return plt
+
+
+def save_fig(fig, path: Path, dpi: int = 80) -> Path:
+    """Lay ``fig`` out, write it to ``path`` (small PNGs: they are committed) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

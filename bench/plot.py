@@ -16,17 +16,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'sparse-engine[plot]'): no plots", file=sys.stderr)
-        return None
-    return plt
+from common import pyplot, save_fig
 
 
 def _num(x) -> float | None:
@@ -47,7 +37,7 @@ def plot_suite(csv_path: Path | str, out_dir: Path | str | None = None) -> list[
     out_dir = Path(out_dir) if out_dir is not None else csv_path.parent
     with open(csv_path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if "interpreter" not in r.get("mode", "")]
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not rows:
         return []
     tag = _device_tag(rows, csv_path)
@@ -90,15 +80,7 @@ def _speedup(plt, rows: list[dict], bench: str, path: Path) -> Path | None:
         ax.grid(alpha=0.3, which="both")
     dev = rows[0].get("device_name", "")
     fig.suptitle(f"{bench} on {dev} ({rows[0].get('mode', '')}, commit {rows[0].get('commit', '')})", fontsize=9)
-    return _save(plt, fig, path)
-
-
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=75)
-    plt.close(fig)
-    return path
+    return save_fig(fig, path, dpi=75)
 
 
 def _breakdown(plt, rows: list[dict], path: Path) -> Path | None:
@@ -135,7 +117,7 @@ def _breakdown(plt, rows: list[dict], path: Path) -> Path | None:
         ax.set_title("full training step (Sign-In at density 0.1)", fontsize=9)
     dev = (bd or steps)[0].get("device_name", "")
     fig.suptitle(f"training-step time on {dev}", fontsize=9)
-    return _save(plt, fig, path)
+    return save_fig(fig, path, dpi=75)
 
 
 def main(argv=None) -> int:

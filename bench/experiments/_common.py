@@ -29,7 +29,7 @@ for _path in (ROOT, ROOT / "bench"):  # run as a script from a checkout: the pac
 
 import torch
 import torch.nn.functional as F
-from common import cpu_name, git_commit
+from common import cpu_name, git_commit, pyplot, save_fig  # noqa: F401 (save_fig: for the experiments)
 
 from sparse_engine.app import data as data_mod
 from sparse_engine.nn.diagnostics import layer_stats
@@ -51,6 +51,14 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (also skipped without matplotlib)")
     return p
+
+
+def add_output_options(p: argparse.ArgumentParser, name: str, merged: str) -> None:
+    """--name (the output file stem) and --merge (combine the result files of runs made apart, e.g. in
+    parallel: ``merged`` says what is merged into <out>/<name>.json)."""
+    p.add_argument("--name", default=name, help="output file stem")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help=f"no training: merge {merged} into <out>/<name>.json and draw the PNG")
 
 
 def seeds_of(args) -> list[int]:
@@ -175,6 +183,16 @@ def run(cfg: TrainConfig, ds: data_mod.Dataset, *, before_training: Callable | N
     return result
 
 
+def record(out: dict, path: Path, r: dict[str, Any], label: str, **keys: Any) -> None:
+    """Append run ``r`` (from :func:`run`) to ``out["runs"]`` under ``keys``, log it and write ``out`` to
+    ``path`` (partial results survive an interrupted experiment)."""
+    log(f"{label}: test {100 * r['final']['test_acc']:.2f}% ({r['time_s']:.0f}s)")
+    out["runs"].append({**keys, "describe": r["method"], "final": r["final"], "epochs": r["epochs"],
+                        "signs_changed_vs_init": r["signs_changed_vs_init"],
+                        "active_per_layer": r["active_per_layer"], "time_s": r["time_s"]})
+    write_json(path, out)
+
+
 def _layer(name: str) -> str:
     """A parameterization's name ("hidden.0.param") as its layer's module name ("hidden.0")."""
     return name.removesuffix(".param")
@@ -188,19 +206,6 @@ def dataset(model: str, n_train: int | None, n_test: int | None, seed: int = 0) 
 # --------------------------------------------------------------------------------------------- plots
 
 
-def pyplot():
-    """matplotlib.pyplot with the Agg backend, or None when matplotlib is missing (the `plot` extra)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install 'sparse-engine[plot]'): no PNG", file=sys.stderr)
-        return None
-    return plt
-
-
 def finish(args, out: dict, plot: Callable, table: Callable | None, png: str) -> int:
     """The end of an experiment: its figure, ``plot(plt, out, path)`` (not with --no-plot or without
     matplotlib), and its table on stdout."""
@@ -209,11 +214,6 @@ def finish(args, out: dict, plot: Callable, table: Callable | None, png: str) ->
     if table is not None:
         print(table(out))
     return 0
-
-
-def save_fig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)  # small PNGs: they are committed
 
 
 def log(msg: str) -> None:

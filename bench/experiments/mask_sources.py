@@ -24,8 +24,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from _common import (TrainConfig, dataset, environment, exceeds_spread, finish, log, mean_std, parser, run,
-                     save_fig, seeds_of, write_json)
+from _common import (TrainConfig, add_output_options, dataset, environment, exceeds_spread, finish, mean_std,
+                     parser, record, run, save_fig, seeds_of, write_json)
 
 #: model -> (n_train, n_test, epochs, batch, lr); None: the whole split.
 SETTINGS = {"mlp": (None, None, 3, 128, 0.1), "cnn": (10000, 2000, 3, 128, 0.05)}
@@ -61,9 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--conditions", nargs="+", default=None, choices=list(CONDITIONS))
     p.add_argument("--epochs", type=int, default=None, help="override the epochs of every model")
     p.add_argument("--n-train", type=int, default=None, help="override the training subset of every model")
-    p.add_argument("--name", default="mask_sources", help="output file stem")
-    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
-                   help="no training: merge the runs of these result files into <out>/<name>.json and draw the PNG")
+    add_output_options(p, "mask_sources", "the runs of these result files (e.g. one per sparsity and seed)")
     args = p.parse_args(argv)
     if args.merge:
         return merge(args)
@@ -86,13 +84,8 @@ def main(argv=None) -> int:
                     cfg = TrainConfig(model=model, density=round(1 - sparsity, 6), epochs=epochs, batch_size=batch,
                                       lr=lr, seed=seed, threads=args.threads, progress=False)
                     cfg = dataclasses.replace(cfg, **{**CONDITIONS[name], **(QUICK_STEPS if args.quick else {})})
-                    r = run(cfg, ds)
-                    log(f"{model} sparsity {sparsity:.2f} seed {seed} {name}: test {100 * r['final']['test_acc']:.2f}% "
-                        f"({r['time_s']:.0f}s)")
-                    out["runs"].append({"model": model, "sparsity": sparsity, "seed": seed, "condition": name,
-                                        "describe": r["method"], "final": r["final"], "epochs": r["epochs"],
-                                        "active_per_layer": r["active_per_layer"], "time_s": r["time_s"]})
-                    write_json(path, out)  # partial results survive an interrupted run
+                    record(out, path, run(cfg, ds), f"{model} sparsity {sparsity:.2f} seed {seed} {name}",
+                           model=model, sparsity=sparsity, seed=seed, condition=name)
             summarize(out, model, sparsity)
             write_json(path, out)
     return finish(args, out, plot, table, f"{args.name}.png")
@@ -179,9 +172,7 @@ def plot(plt, out: dict, path) -> None:
         ax.set_title(f"{model} / Fashion-MNIST ({st['n_train']} train, {st['epochs']} epochs): test accuracy, "
                      f"mean ± std over {len(out['seeds'])} seeds", fontsize=8)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     save_fig(fig, path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -142,9 +142,7 @@ def plot(plt, out: dict, path) -> None:
     ax.set_ylabel("test accuracy % (no retraining)")
     ax.set_title(f"MLP / Fashion-MNIST, mean ± std over {len(out['seeds'])} seeds", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     save_fig(fig, path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -197,6 +197,28 @@ def ablation(d: dict, extras: list[dict]) -> None:
         print(f"| {name} | {ms(s['test_acc'])} | {dtxt} | {bt} | {s['sign_flips']['mean']:.0f} | {btxt} |")
 
 
+def mask_sources(d: dict) -> None:
+    """Per model and sparsity: every condition's accuracy, sign flips, β and regrowth; then the pairs."""
+    print("| model | sparsity | condition | test acc % | sign flips (sum of per-epoch) | mean β (last epoch) | "
+          "regrown (total) |")
+    print("|---|---|---|---|---|---|---|")
+    for key, s in d["summary"].items():
+        model, sp = key.split("@")
+        for name, c in s["conditions"].items():
+            beta = f"{c['beta_mean']['mean']:.3f}" if c["beta_mean"]["n"] else "—"
+            regrown = f"{c['regrown']['mean']:.0f}" if c["regrown"]["n"] else "—"
+            print(f"| {model} | {float(sp):.0%} | {name} | {ms(c['test_acc'])} (n={c['test_acc']['n']}) | "
+                  f"{c['sign_flips']['mean']:.0f} | {beta} | {regrown} |")
+    print()
+    print("| model | sparsity | comparison | paired diff (points) | beyond spread? |")
+    print("|---|---|---|---|---|")
+    for key, s in d["summary"].items():
+        model, sp = key.split("@")
+        for pair, x in s["pairs"].items():
+            print(f"| {model} | {float(sp):.0%} | {pair} | {x['diff']['mean']:+.2f} ± {x['diff']['std']:.2f} "
+                  f"(n={x['diff']['n']}) | {'yes' if x['exceeds_spread'] else 'no'} |")
+
+
 def _suite():
     import importlib.util
     import sys
@@ -244,6 +266,7 @@ def main(argv=None) -> int:
         ("PILoT one-shot", pilot, ["pilot_oneshot.json"]),
         ("Weight-decay switch-off", wd, ["wd_switchoff.json"]),
         ("Sparse regression", regression, ["sparse_regression.json"]),
+        ("Masks that move and masks from data", mask_sources, ["mask_sources.json"]),
     ):
         print(f"\n### {title}\n")
         d = load(ex / files[0])

@@ -14,8 +14,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from _common import (TrainConfig, dataset, environment, exceeds_spread, finish, log, mean_std, parser, run,
-                     save_fig, seeds_of, write_json)
+from _common import (TrainConfig, add_output_options, dataset, environment, exceeds_spread, finish, log, mean_std,
+                     parser, run, save_fig, seeds_of, write_json)
 
 #: condition -> (method, TrainConfig overrides)
 CONDITIONS = {
@@ -52,10 +52,7 @@ QUICK_CONDITIONS = ("static (PaI)", "signin default", "policy zero", "reset ever
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--conditions", nargs="+", default=None, choices=list(CONDITIONS))
-    p.add_argument("--name", default="signin_ablation", help="output file stem")
-    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
-                   help="no training: merge these result files (the main run and separately run conditions) "
-                        "into <out>/<name>.json and draw one PNG")
+    add_output_options(p, "signin_ablation", "these result files (the main run and separately run conditions)")
     args = p.parse_args(argv)
     if args.merge:
         return merge(args)
@@ -153,9 +150,7 @@ def plot(plt, out: dict, path) -> None:
     st = out["settings"]
     ax.set_title(f"Sign-In ablation, MLP / Fashion-MNIST {st['n_train']} samples, {st['sparsity']:.0%} sparse, "
                  f"{len(out['seeds'])} seeds", fontsize=9)
-    fig.tight_layout()
     save_fig(fig, path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from _common import (TrainConfig, dataset, environment, exceeds_spread, finish, log, mean_std, parser, run,
-                     save_fig, seeds_of, write_json)
+from _common import (TrainConfig, add_output_options, dataset, environment, exceeds_spread, finish, mean_std,
+                     parser, record, run, save_fig, seeds_of, write_json)
 
 #: model -> (n_train, n_test, epochs, batch, lr): sized to fit the CPU budget (subsets of Fashion-MNIST).
 SETTINGS = {"mlp": (20000, 10000, 10, 128, 0.05), "cnn": (2000, 1000, 3, 128, 0.05)}
@@ -34,10 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-test", type=int, default=None, help="override the test subset of every model")
     p.add_argument("--signin-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Sign-In option (beta, reset_every, reset_policy, factor_lr_scale, ...)")
-    p.add_argument("--name", default="signin_vs_static", help="output file stem")
-    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
-                   help="no training: merge the runs of these result files (e.g. one per model, run in parallel) "
-                        "into <out>/<name>.json, recompute the summary and draw the PNG")
+    add_output_options(p, "signin_vs_static", "the runs of these result files (e.g. one per model, run in parallel)")
     args = p.parse_args(argv)
     if args.merge:
         return merge(args)
@@ -64,14 +61,9 @@ def main(argv=None) -> int:
                                       batch_size=batch, lr=lr, seed=seed, threads=args.threads, progress=False)
                     if method == "signin":
                         cfg = dataclasses.replace(cfg, **{k: v for k, v in extra.items()})
-                    r = run(cfg, ds, per_layer_flips=True)
-                    log(f"{model} sparsity {sparsity:.2f} seed {seed} {method}: test {100 * r['final']['test_acc']:.2f}% "
-                        f"({r['time_s']:.0f}s)")
-                    out["runs"].append({"model": model, "sparsity": sparsity, "seed": seed, "method": method,
-                                        "describe": r["method"], "final": r["final"], "epochs": r["epochs"],
-                                        "signs_changed_vs_init": r["signs_changed_vs_init"],
-                                        "active_per_layer": r["active_per_layer"], "time_s": r["time_s"]})
-                    write_json(path, out)  # partial results survive an interrupted run
+                    record(out, path, run(cfg, ds, per_layer_flips=True),
+                           f"{model} sparsity {sparsity:.2f} seed {seed} {method}",
+                           model=model, sparsity=sparsity, seed=seed, method=method)
             summarize(out, model, sparsity)
             write_json(path, out)
     return finish(args, out, plot, table, f"{args.name}.png")
@@ -157,9 +149,7 @@ def plot(plt, out: dict, path) -> None:
             ax.set_ylabel("sign flips")
             if any(ax.get_legend_handles_labels()[1]):
                 ax.legend(fontsize=6)
-    fig.tight_layout()
     save_fig(fig, path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -132,9 +132,7 @@ def plot(plt, out: dict, path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("‖θ − θ*‖ / ‖θ*‖")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
     save_fig(fig, path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

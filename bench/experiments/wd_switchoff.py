@@ -119,9 +119,7 @@ def plot(plt, out: dict, path) -> None:
     ax.legend(fontsize=7)
     fig.suptitle(f"MLP / Fashion-MNIST, m ⊙ w, λ = {out['settings']['weight_decay']:g}; mean ± std over "
                  f"{len(out['seeds'])} seeds", fontsize=10)
-    fig.tight_layout()
     save_fig(fig, path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -4,22 +4,24 @@
 // cost more than the whole dense convolution at the shapes this layout is for.
 //
 // Layout trick (what makes the inner loops plain, border-free streams):
-//   * the input is zero-padded and split into its stride phases once per call:
-//       xs[b, c, pr, pc, r, q] = xpad[r*sh + pr, q*sw + pc],  planes of Hq x Wq = ceil(Hp/sh) x ceil(Wp/sw).
+//   * each image's input is zero-padded and split into its stride phases (per thread, right before use):
+//       xs[c, pr, pc, r, q] = xpad[r*sh + pr, q*sw + pc],  planes of Hq x Wq = ceil(Hp/sh) x ceil(Wp/sw).
 //     A weight entry (o, c, i, j) then reads ONE phase plane at the constant offset
 //       off = (i / sh) * Wq + j / sw     for every output position t = ho*Wq + wo,
-//     so the forward is, per (b, o), acc[t] += theta * xs_plane[t + off] over t in [0, (Ho-1)*Wq + Wo):
-//     a stride-1 axpy over the whole flattened plane. Columns wo >= Wo are computed and dropped (Wq - Wo
-//     of them per row: the stride-1 loops are worth more than that waste).
-//   * dX: grad_y is copied into zero-margined planes gye[b, o, M + t] (M = the largest offset; zero in the
-//     dropped columns), so the transposed product gathers per (b, c) over the phase rows that hold x:
-//       gxs_plane[t] += theta * gye[M - off + t] — again border-free and race-free (CSC side of the index
-//     groups the entries by input channel), then the phases are folded back into g_x.
-//   * dtheta (SDDMM): g(e) = sum_b <gye[b, o], xs_plane(b, c) + off>, partial sums per (o, batch chunk)
-//     item added in chunk order (independent of the thread count), then the g_m = g*w, g_w = g*m epilogue.
-//   * every streamed plane is padded with zeros to whole 64-byte vectors (no scalar tails, which cost a
-//     third of the time at 7x7 planes), and the SDDMM keeps its lane sums over a whole batch chunk, in
-//     memory, so that it can walk the batch outermost (cache reuse of each image's input rows).
+//     so the forward is, per (b, o), y[t] = sum_e theta_e * xs_plane_e[t + off_e] over t in
+//     [0, (Ho-1)*Wq + Wo): stride-1 loads over the flattened plane. Columns wo >= Wo are computed and
+//     dropped (Wq - Wo of them per row: the stride-1 loops are worth more than that waste).
+//   * dX: each image's grad_y is copied into zero-margined planes gye[o, M + t] (M = the largest offset;
+//     zero in the dropped columns), so the transposed product gathers per (c, phase) over the phase rows
+//     that hold x: gxs_plane[t] = sum theta * gye[M - off + t] — again border-free and race-free (the
+//     CSC side of the index groups the entries by input channel), then the phases are folded back.
+//   * dtheta (SDDMM): g(e) = sum_b <gye[b, o], xs_plane(b, c) + off>, vector lanes per entry over a batch
+//     chunk, chunks added in order (independent of the thread count), then the g_m = g*w, g_w = g*m
+//     epilogue.
+// Speed (the loops are bound by loads, one per FMA at best): the microkernels keep a register tile of
+// output positions (forward, dX) or of grad_y (dtheta) across all entries of a row, in vectors of the
+// CPU's native width, and every pass is cut into tiles of positions whose source rows, for all source
+// planes, fit in L1 (l1_tile). Every plane is padded with zeros to whole 64-byte units (no scalar tails).
 // Any stride and zero padding; dilation 1 and groups 1 only (nn/conv.py keeps the unfold path otherwise).
 // One difference from the reference with non-finite inputs: the dropped columns read real input values
 // times a zero grad_y, so an inf in x can turn into NaN in dtheta entries the reference keeps finite
@@ -154,13 +156,16 @@ int64_t entry_offset(const ConvGeom& g, const Plan& p, int64_t k, int64_t* phase
 // One image's xs (C, P, ps) from its x (C, H, W): padded with zeros, split into stride phases (Hq x Wq
 // each), each phase plane followed by zeros up to its stride ps. Done per image into a per-thread buffer
 // right before use (it stays in cache; a whole-batch copy cost a round trip through memory).
+// Phases with pr >= kh or pc >= kw (a 1x1 kernel with stride 2 reads one of four) hold no entry's
+// reads and are left unwritten.
 template <typename T>
 void split_image(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __restrict xs) {
+  const int64_t nr = g.sh < g.kh ? g.sh : g.kh, nc = g.sw < g.kw ? g.sw : g.kw;
   for (int64_t c = 0; c < g.C; ++c) {
     const T* src = x + c * g.H * g.W;
     T* dst = xs + c * p.P * p.ps;
-    for (int64_t pr = 0; pr < g.sh; ++pr) {
-      for (int64_t pc = 0; pc < g.sw; ++pc) {
+    for (int64_t pr = 0; pr < nr; ++pr) {
+      for (int64_t pc = 0; pc < nc; ++pc) {
         T* d = dst + (pr * g.sw + pc) * p.ps;
         for (int64_t q = p.plane; q < p.ps; ++q) d[q] = T(0);
         for (int64_t r = 0; r < p.Hq; ++r) {

@@ -40,34 +40,32 @@ SC_INLINE void cst(T* p, typename CV<T>::v x) {
   *reinterpret_cast<typename CV<T>::vu*>(p) = x;
 }
 
-// out[t] = sum_k v[k] * base[off[k] + t] for t in [0, len), len a multiple of W. Output tiles of R native
-// vectors stay in registers over all n entries: one load per FMA, no accumulator traffic (the caller
-// sizes its pass so that the source rows it reads stay in L1).
+// out[i] = sum_k v[k] * base[off[k] + t + i] for i in [0, K native vectors): the tile stays in registers
+// over all n entries (one load per FMA, no accumulator traffic).
+template <typename T, int K>
+SC_INLINE void gather_tile(T* __restrict out, const T* base, int64_t t, const int64_t* off, const T* v,
+                           int64_t n) {
+  typedef typename CV<T>::v V;
+  constexpr int N = CV<T>::N;
+  V a[K];
+  for (int r = 0; r < K; ++r) a[r] = V{};
+  for (int64_t k = 0; k < n; ++k) {
+    const T* s = base + off[k] + t;
+    const T vk = v[k];
+    for (int r = 0; r < K; ++r) a[r] += vk * cld<T>(s + r * N);
+  }
+  for (int r = 0; r < K; ++r) cst<T>(out + r * N, a[r]);
+}
+
+// out[t] = sum_k v[k] * base[off[k] + t] for t in [0, len), len a multiple of W: register tiles of R
+// native vectors, then of one 64-byte unit (the caller sizes its pass so that the source rows it reads
+// stay in L1).
 template <typename T>
 SC_INLINE void gather_t(T* __restrict out, int64_t len, const T* base, const int64_t* off, const T* v, int64_t n) {
-  typedef typename CV<T>::v V;
-  constexpr int N = CV<T>::N, R = CV<T>::R, S = CV<T>::S, U = CV<T>::U;
+  constexpr int R = CV<T>::R, S = CV<T>::S, U = CV<T>::U, W = CV<T>::W;
   int64_t t = 0;
-  for (; t + S <= len; t += S) {
-    V a[R];
-    for (int r = 0; r < R; ++r) a[r] = V{};
-    for (int64_t k = 0; k < n; ++k) {
-      const T* s = base + off[k] + t;
-      const T vk = v[k];
-      for (int r = 0; r < R; ++r) a[r] += vk * cld<T>(s + r * N);
-    }
-    for (int r = 0; r < R; ++r) cst<T>(out + t + r * N, a[r]);
-  }
-  for (; t < len; t += U * N) {
-    V a[U];
-    for (int r = 0; r < U; ++r) a[r] = V{};
-    for (int64_t k = 0; k < n; ++k) {
-      const T* s = base + off[k] + t;
-      const T vk = v[k];
-      for (int r = 0; r < U; ++r) a[r] += vk * cld<T>(s + r * N);
-    }
-    for (int r = 0; r < U; ++r) cst<T>(out + t + r * N, a[r]);
-  }
+  for (; t + S <= len; t += S) gather_tile<T, R>(out + t, base, t, off, v, n);
+  for (; t < len; t += W) gather_tile<T, U>(out + t, base, t, off, v, n);
 }
 
 // lanes[k*W + i] += sum_t g[t] * base[off[k] + t] over t = i mod W in [0, len), len a multiple of W. The

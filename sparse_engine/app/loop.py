@@ -251,7 +251,12 @@ def _start(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, stream: Tex
         if saved is None:
             from ..nn import autolayout
 
-            autolayout.tune(model, data[0][: cfg.batch_size])  # before the optimizer: layouts may rebuild params
+            decisions = autolayout.tune(model, data[0][: cfg.batch_size])  # before the optimizer: may rebuild params
+            say = Progress(cfg.progress, stream, prefix=f"[{cfg.method}] ").line
+            for name, d in decisions.items():
+                times = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in d.times.items())
+                rule = f": {times}; a sparse layout only when more than 5% faster than dense" if times else ""
+                say(f"layout auto: {name} -> {d.layout} ({d.source}{rule})")
         else:  # the layouts the interrupted run measured, not a new measurement that may choose otherwise
             ck.restore_layouts(model, saved)
     if saved is not None:
