@@ -299,3 +299,24 @@ def test_compiled_model_gives_the_same_run_with_a_bounded_number_of_graphs(layou
     for (n, a), (_, b) in zip(sparse_layers(runs[0]), sparse_layers(runs[1])):
         assert torch.equal(a.dense_mask(), b.dense_mask()), n
         torch.testing.assert_close(a.theta(), b.theta(), rtol=1e-9, atol=1e-12)
+
+
+def test_rigl_forms_dense_gradients_only_in_update_steps_and_keeps_only_indices():
+    model, method, opt = _setup("static", "dense", "rigl", update_every=5, steps=20)
+    updater = method.updater
+    calls = []
+    real = updater._capture
+
+    def capture(name, module, x, g):
+        calls.append((opt.num_steps + 1, name))
+        real(name, module, x, g)
+        kept = updater._candidates[name]
+        assert kept.dtype == torch.int64 and kept.dim() == 1 and kept.numel() == updater._planned[name]
+
+    updater._capture = capture
+    for x, y in _data(20):
+        _step(model, opt, x, y)
+    with torch.no_grad():  # forwards outside training capture nothing either
+        model(_data(1)[0][0])
+    layers = [n for n, _ in sparse_layers(model)]
+    assert sorted(calls) == sorted((s, n) for s in (5, 10, 15) for n in layers)

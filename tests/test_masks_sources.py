@@ -190,3 +190,28 @@ def test_magnitude_half_of_a_pretrained_bert_equals_hand_pruned_weights():
             t = w.abs().flatten().sort(descending=True).values[round(0.5 * w.numel()) - 1]
             hand.get_submodule(name).weight.copy_(torch.where(w.abs() >= t, w, torch.zeros_like(w)))
     torch.testing.assert_close(model(ids).last_hidden_state, hand(ids).last_hidden_state)
+
+
+def test_block_layouts_keep_the_blocks_of_largest_scores():
+    model = _mlp()
+    w = model[2].weight.detach().clone()
+    sparsify(model, method="static", mask="magnitude", density=0.5, distribution="uniform", layout="bsr",
+             block_shape=(2, 2))
+    # the 5 x 8 weight in 2 x 2 blocks: a 3 x 4 grid (the last row of blocks half outside); keep 6 blocks
+    norms = torch.zeros(3, 4)
+    for i in range(3):
+        for j in range(4):
+            norms[i, j] = w[2 * i:2 * i + 2, 2 * j:2 * j + 2].abs().sum()
+    keep = torch.zeros(12, dtype=torch.bool)
+    keep[norms.flatten().argsort(descending=True, stable=True)[:6]] = True
+    expect = keep.reshape(3, 4).repeat_interleave(2, 0).repeat_interleave(2, 1)[:5, :8]
+    assert torch.equal(model[2].dense_mask(), expect)
+
+
+def test_drop_fraction_schedule_by_hand():
+    from sparse_engine.methods.dynamic import _drop_fraction
+
+    assert _drop_fraction(0, 0.3, "cosine", 100) == pytest.approx(0.3)
+    assert _drop_fraction(50, 0.3, "cosine", 100) == pytest.approx(0.15)
+    assert _drop_fraction(100, 0.3, "cosine", 100) == pytest.approx(0.0)
+    assert _drop_fraction(70, 0.3, "constant", 100) == 0.3

@@ -314,8 +314,13 @@ class MaskUpdater:
                 continue
             n, block = grow_idx.numel(), _block(module)
             active = _active_units(module, block)
-            score = _units(module.theta().detach().abs().reshape(module.param.shape2d), block)
-            new = _topk_mask(torch.where(active, score, torch.full_like(score, -1.0)), int(torch.count_nonzero(active)) - n)
+            idx = active.nonzero().squeeze(1)  # rank only the k active units (not all of them)
+            if block is None and module.param.layout == "csr":  # csr values are in row-major order, like idx
+                score = module.param.values().detach().abs()
+            else:
+                score = _units(module.theta().detach().abs().reshape(module.param.shape2d), block)[idx]
+            new = torch.zeros_like(active)
+            new[idx[_topk_mask(score, idx.numel() - n)]] = True
             new[grow_idx] = True
             new = _same_on_every_rank(_expand(new, block, module.param.shape2d))
             apply_mask(module, new, self.optimizer)
