@@ -26,7 +26,6 @@ machine, torch version, commit, threads and load average.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import cpu_name, git_commit  # noqa: E402  (bench/, the script's folder)
+from common import cpu_name, git_commit, write_csv  # noqa: E402  (bench/, the script's folder)
 
 from sparse_engine import layout  # noqa: E402
 
@@ -172,15 +171,6 @@ def run(args) -> list[dict]:
                       f"{ours}_mw {t[f'{ours}_mw'] * 1e3:8.3f} ms | best-run ratios x{tmin['dense'] / tmin[ours]:5.2f} / "
                       f"x{t_sparse_min / tmin[ours]:5.2f}")
     return rows
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"# wrote {path}")
 
 
 def main(argv=None) -> None:

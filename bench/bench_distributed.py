@@ -20,7 +20,6 @@ versions, commit and load average; ``--png`` also draws them.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import resource
 import sys
@@ -155,11 +154,7 @@ def main(argv=None) -> None:
             print(", ".join(f"{k}={row[k]}" for k in ("method", "processes", "wrap", "rank", "tokens_per_s",
                                                       "held_mb", "peak_rss_mb", "loss")), flush=True)
     path = out / f"distributed_gpt2{'_quick' if args.quick else ''}_cpu.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {path}")
+    common.write_csv(rows, path)
     if args.png:
         plot(rows, path.with_suffix(".png"))
 

@@ -20,7 +20,6 @@ Results go to runs/bench/dynamic_masks.csv unless ``--out`` is given.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -113,7 +112,7 @@ def main(argv=None) -> None:
     import torch
 
     from bench_compact_linear import loadavg, machine
-    from common import git_commit
+    from common import git_commit, write_csv
 
     torch.set_num_threads(args.threads)
     n, sizes = (256, (64, 256, 256, 10)) if args.quick else (4096, MODELS["mlp4096"])
@@ -143,13 +142,7 @@ def main(argv=None) -> None:
     emit(dict(case="overhead", shape=shape, density=DENSITY, time_ms=float("nan"),
               note=f"{overhead:+.2%} RigL over static at update_every={every}: ((every-1)*between + update) / "
                    "(every*static) - 1"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"# wrote {args.out}")
+    write_csv(rows, args.out)
 
 
 if __name__ == "__main__":

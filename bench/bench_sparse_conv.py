@@ -15,7 +15,6 @@ sparse_conv_cpu.csv (sparse_conv_cpu_cpuclock.csv with --clock cpu; to runs/benc
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -111,11 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     name = "sparse_conv_cpu" + ("_quick" if args.quick else "") + ("_cpuclock" if args.clock == "cpu" else "")
     path = out / f"{name}.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"(fwd+bwd, best call of {args.rounds} rounds, {args.clock} clock; x = speed vs nn.Conv2d) wrote {path}")
+    common.write_csv(rows, path)
+    print(f"(fwd+bwd, best call of {args.rounds} rounds, {args.clock} clock; x = speed vs nn.Conv2d)")
     return 0
 
 

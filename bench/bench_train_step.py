@@ -32,7 +32,6 @@ torch's CPU allocator has no statistics to read (and tracemalloc does not see it
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import subprocess
@@ -263,8 +262,8 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
     Sign-In reset of the engine), so machine load hits all sides alike; medians over the rounds."""
     import torch
 
-    from bench_compact_linear import loadavg, machine, write_csv
-    from common import git_commit
+    from bench_compact_linear import loadavg, machine
+    from common import git_commit, write_csv
 
     info = dict(machine=machine(), torch=torch.__version__, commit=git_commit())
     print(f"# {info['machine']} | torch {info['torch']} | commit {info['commit']} | load average {loadavg()}")
@@ -395,7 +394,7 @@ def main(argv=None) -> None:
         return
     args.out = args.out or scratch / "train_step_cpu.csv"
     from bench_compact_linear import loadavg, machine
-    from common import git_commit
+    from common import git_commit, write_csv
 
     import torch
 
@@ -432,13 +431,7 @@ def main(argv=None) -> None:
                   f"({r['state_vs_naive']:.3f}x naive) | peak RSS delta {r['peak_rss_delta'] / 2**20:8.2f} MiB "
                   f"({r['peak_rss_vs_naive']:.3f}x naive) | loss {r['loss_first']:.3f}->{r['loss_last']:.3f}{extra}")
     if rows:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"# wrote {args.out}")
+        write_csv(rows, args.out)
 
 
 if __name__ == "__main__":

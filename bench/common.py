@@ -466,6 +466,17 @@ def rand(*shape, dtype, device, requires_grad: bool = False):
 # ------------------------------------------------------------------------------------------- plots
 
 
+def write_csv(rows: list[dict], path: Path) -> Path:
+    """Write ``rows`` (dicts; the columns are every key, in order of appearance) to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"# wrote {path}")
+    return path
+
+
 def pyplot():
     """matplotlib.pyplot with the Agg backend, or None (one line on stderr) when matplotlib is missing."""
     try:

@@ -64,3 +64,15 @@ def sparsify_case(model, method: str, layout: str, example: dict, seed: int, **o
                 if isinstance(mod, SparseModule):
                     mod.set_mask(torch.rand(mod.weight_shape) < 0.4)
     return model.eval()
+
+
+def first_token_task(n: int, vocab: int = 97, length: int = 10, seed: int = 0):
+    """A generated classification dataset for Trainer tests: ``n`` sequences of ``length`` token ids, label =
+    whether the first id is below half the vocabulary (Trainer's dict examples)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    labels = (ids[:, 0] < vocab // 2).long()
+    mask = torch.ones(length, dtype=torch.long)
+    return [{"input_ids": ids[i], "attention_mask": mask, "labels": labels[i]} for i in range(n)]

@@ -16,24 +16,9 @@ from sparse_engine.integrations.hf import SparseTrainerCallback
 from sparse_engine.methods import make_method
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _hf import bert_config  # noqa: E402
+from _hf import bert_config, first_token_task  # noqa: E402
 
-N, VOCAB = 32, 97
-
-
-class Task(torch.utils.data.Dataset):
-    """label = whether the first token id is below half the vocabulary."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, VOCAB, (N, 10), generator=g)
-        self.labels = (self.ids[:, 0] < VOCAB // 2).long()
-
-    def __len__(self) -> int:
-        return N
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": self.labels[i]}
+N = 32
 
 
 def main(out: Path) -> None:
@@ -46,7 +31,7 @@ def main(out: Path) -> None:
         output_dir=str(out / "trainer"), per_device_train_batch_size=4, num_train_epochs=2, logging_steps=1,
         save_strategy="no", report_to="none", use_cpu=True, ddp_backend="gloo", seed=0, disable_tqdm=True,
         dataloader_num_workers=0)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Task(), optimizers=(opt, None),
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=first_token_task(N), optimizers=(opt, None),
                                    callbacks=[SparseTrainerCallback(method)])
     trainer.train()
     rank = int(os.environ["RANK"])

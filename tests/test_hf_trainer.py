@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from _hf import bert_config, import_transformers
+from _hf import bert_config, first_token_task, import_transformers
 
 transformers = import_transformers()
 pytest.importorskip("accelerate", reason="accelerate is not installed (pip install -e '.[hf]'); Trainer needs it")
@@ -23,17 +23,8 @@ N, BATCH, VOCAB = 48, 8, 97
 STEPS_PER_EPOCH = N // BATCH
 
 
-class Task(torch.utils.data.Dataset):
-    def __init__(self, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, VOCAB, (N, 10), generator=g)
-        self.labels = (self.ids[:, 0] < VOCAB // 2).long()
-
-    def __len__(self) -> int:
-        return N
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": self.labels[i]}
+def task(seed: int = 0) -> list[dict]:
+    return first_token_task(N, VOCAB, seed=seed)
 
 
 class Crash(Exception):
@@ -72,7 +63,7 @@ def args(tmp_path, **kw):
 def train(tmp_path, method_name: str, extra_callbacks=(), resume=None, targs=None, **options):
     model, method, opt, sched = build(method_name, **options)
     cb = SparseTrainerCallback(method)
-    trainer = transformers.Trainer(model=model, args=targs or args(tmp_path), train_dataset=Task(),
+    trainer = transformers.Trainer(model=model, args=targs or args(tmp_path), train_dataset=task(),
                                    optimizers=(opt, sched), callbacks=[cb, *extra_callbacks])
     trainer.train(resume_from_checkpoint=resume)
     return trainer, model, opt, cb
@@ -159,7 +150,7 @@ def test_checkpoint_folder_loads_with_from_pretrained(tmp_path):
     trainer, model, _, _ = train(tmp_path, "signin", targs=args(tmp_path, save_strategy="steps", save_steps=12),
                                  density=0.2, layout="csr")
     loaded = sparse_engine.from_pretrained(tmp_path / "checkpoint-12")
-    x = Task()[0]
+    x = task()[0]
     with torch.no_grad():
         model.eval()
         ids, mask = x["input_ids"][None], x["attention_mask"][None]
@@ -169,7 +160,7 @@ def test_checkpoint_folder_loads_with_from_pretrained(tmp_path):
 
 def test_needs_a_sparse_engine_optimizer(tmp_path):
     model, method, _, _ = build("signin", density=0.2)
-    trainer = transformers.Trainer(model=model, args=args(tmp_path), train_dataset=Task(),
+    trainer = transformers.Trainer(model=model, args=args(tmp_path), train_dataset=task(),
                                    callbacks=[SparseTrainerCallback(method)])
     with pytest.raises(TypeError, match="needs a sparse_engine optimizer"):
         trainer.train()
@@ -185,7 +176,7 @@ def test_attach_puts_the_figures_before_every_reporter(tmp_path):
         def on_log(self, args, state, control, logs=None, **kwargs):
             seen.append(dict(logs))
 
-    trainer = transformers.Trainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=Task(),
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=task(),
                                    optimizers=(opt, sched), callbacks=[Reporter()])
     SparseTrainerCallback(method).attach(trainer)
     trainer.train()

@@ -71,9 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None)
     args = p.parse_args(argv)
     seeds = seeds_of(args)
-    st = dict(QUICK if args.quick else SETTINGS)
-    if args.epochs:
-        st["epochs"] = args.epochs
+    st = {**(QUICK if args.quick else SETTINGS), **({"epochs": args.epochs} if args.epochs else {})}
     sparsities = [0.5, 0.9] if args.quick else list(SPARSITIES)
     out = {"experiment": "pilot_oneshot", "quick": args.quick, "seeds": seeds, "sparsities": sparsities,
            "settings": {**st, "model": "mlp", "momentum": 0.9, "weight_decay": 5e-4, "prune": "global magnitude",

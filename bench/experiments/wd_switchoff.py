@@ -32,9 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", type=float, default=None)
     args = p.parse_args(argv)
     seeds = seeds_of(args)
-    st = dict(QUICK if args.quick else SETTINGS)
-    if args.weight_decay is not None:
-        st["weight_decay"] = args.weight_decay
+    given = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
+    st = {**(QUICK if args.quick else SETTINGS), **given}
     out = {"experiment": "wd_switchoff", "quick": args.quick, "seeds": seeds,
            "settings": {**st, "model": "mlp", "momentum": 0.9, "parameterization": "m*w, beta=1, alpha=0 (pilot)",
                         "prune_sparsity": PRUNE_SPARSITY},

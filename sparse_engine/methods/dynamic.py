@@ -178,6 +178,12 @@ class MovingMask:
             self.updater = MaskUpdater(c, c.seed)
             self.updater.bind(self.model, self.optimizer, self.epochs * self.steps_per_epoch)
 
+    def mask_words(self) -> list[str]:
+        """How the mask is made and moves, for describe(): e.g. ["snip mask", "rigl every 100 steps"]."""
+        c = self.config
+        words = [] if c.mask == "random" else [f"{c.mask if c.mask in SOURCES else 'given'} mask"]
+        return words + ([] if c.dynamic is None else [f"{c.dynamic} every {c.update_every} steps"])
+
     def after_step(self, step: int) -> None:
         super().after_step(step)
         if self.updater is not None:

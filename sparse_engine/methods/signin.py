@@ -105,5 +105,5 @@ class SignIn(MovingMask, Method):
 
     def describe(self) -> str:
         c = self.config
-        moving = "" if c.dynamic is None else f", {c.dynamic} every {c.update_every} steps"
-        return f"signin(reset every {c.reset_every} {c.reset_unit}, {c.reset_policy}{moving})"
+        words = [f"reset every {c.reset_every} {c.reset_unit}", c.reset_policy, *self.mask_words()]
+        return f"signin({', '.join(words)})"

@@ -26,3 +26,7 @@ class Static(MovingMask, Method):
     name = "static"
     config_class = StaticConfig
     sparsify_as = "static"
+
+    def describe(self) -> str:
+        words = self.mask_words()
+        return f"static({', '.join(words)})" if words else "static"
