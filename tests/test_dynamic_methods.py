@@ -100,6 +100,13 @@ def test_acdc_phases_by_hand():
     assert pattern == "DDDDSSSSDDDDSSSSSSSS"
     pattern = "".join("S" if acdc_sparse(u, 3, 20, 0.1) else "D" for u in range(20))
     assert pattern == "DDDSSSDDDSSSDDDSSSSS"
+    # a final fraction shorter than one unit still ends sparse (before: 9 units ended on a dense unit)
+    pattern = "".join("S" if acdc_sparse(u, 2, 8, 0.05) else "D" for u in range(8))
+    assert pattern == "DDSSDDSS"
+    pattern = "".join("S" if acdc_sparse(u, 2, 7, 0.05) else "D" for u in range(7))
+    assert pattern == "DDSSDDS"
+    pattern = "".join("S" if acdc_sparse(u, 2, 9, 0.05) else "D" for u in range(9))
+    assert pattern == "DDSSDDSSS"
 
 
 @pytest.mark.parametrize("signin", [False, True])
@@ -217,3 +224,21 @@ def test_train_resume_mid_run_is_bit_identical(case, tmp_path, monkeypatch):
     _, b = read_checkpoint(tmp_path / "resumed")
     for key in ("model_state", "optimizer_state", "method_state"):
         assert_same(a[key], b[key], key)
+
+
+@pytest.mark.parametrize("name, options", [("gmp", {}), ("acdc", {}), ("signin", {"dynamic": "rigl"}),
+                                           ("static", {"dynamic": "set"})])
+def test_methods_that_rank_whole_weights_refuse_a_sharded_model(name, options):
+    """gmp, acdc and mask updates read whole weights: an FSDP2-sharded parameter (one with DTensor
+    placements) is refused in one line before training, as PILoT is."""
+    model = _model()
+    method = make_method(name, density=0.5, **options)
+    method.prepare(model)
+    opt = method.make_optimizer(model, "sgd", lr=0.05)
+    next(model.parameters()).placements = ("Shard(0)",)  # what FSDP2's DTensor parameters carry
+    with pytest.raises(ValueError, match=f"{name} cannot train a sharded"):
+        method.apply(model, opt, epochs=1, steps_per_epoch=4)
+
+
+def test_static_without_mask_updates_still_trains_sharded_models():
+    assert make_method("static", density=0.5).shardable and make_method("signin", density=0.5).shardable

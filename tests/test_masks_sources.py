@@ -117,6 +117,25 @@ def test_sparsify_snip_and_synflow_need_their_inputs():
     assert report.nnz == round(0.5 * report.numel)
 
 
+def test_sparsify_synflow_mask_is_the_iterative_one():
+    """sparsify's SynFlow mask comes from the scores rescored while the mask tightens to the density (100
+    rounds), not from one round of scores."""
+    model = _mlp()
+    scores = M.synflow_scores(model, ["0", "2", "4"], (6,), density=0.2)
+    expect = M.magnitude_masks(scores, 0.2, scope="global")
+    one_round = M.magnitude_masks(M.synflow_scores(model, ["0", "2", "4"], (6,)), 0.2, scope="global")
+    assert any(not torch.equal(expect[n], one_round[n]) for n in expect)  # the case tells the two apart
+    sparsify(model, method="static", mask="synflow", density=0.2)
+    for name, m in expect.items():
+        assert torch.equal(model.get_submodule(name).dense_mask(), m), name
+
+
+def test_sparsify_block_layouts_refuse_a_global_mask_scope():
+    with pytest.raises(ValueError, match="mask_scope='global'.*layout='bsr'"):
+        sparsify(_mlp(), method="static", mask="magnitude", mask_scope="global", density=0.5, layout="bsr",
+                 block_shape=(2, 2))
+
+
 def test_sparsify_snip_mask_equals_the_top_scores():
     model = _mlp()
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))

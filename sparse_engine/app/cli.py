@@ -295,7 +295,10 @@ def _launch(argv: list[str], nproc: int) -> int:
     for p in procs:
         if p.poll() is None:
             p.kill()
-    return max((abs(p.wait()) for p in procs), default=0)
+    for p in procs:
+        p.wait()
+    # the exit code of the rank that failed first (not the -9 of the ranks killed after it)
+    return abs(failed[0]) if failed else 0
 
 
 def _rank_main(args: argparse.Namespace, argv: list[str]) -> int:

@@ -242,7 +242,7 @@ def _bench_parser() -> argparse.ArgumentParser:
 
 def time_pair(fns: dict[str, Any], budget_s: float) -> dict[str, list[float]]:
     """Per-round seconds per call of each function, timed in interleaved rounds of ~10 ms bursts for about
-    ``budget_s`` seconds each (at least 5 rounds): the i-th rounds ran under about the same load."""
+    ``budget_s`` seconds each (at least 3 rounds): the i-th rounds ran under about the same load."""
     from .. import tuning
 
     return tuning.measure_rounds(fns, warmup=3, rounds=200, budget_s=budget_s * len(fns), burst_s=0.01)

@@ -39,6 +39,7 @@ from .. import distributed
 from ..nn.diagnostics import layer_stats
 from ..methods import Method
 from ..optim import NonFiniteGradError, parameterizations
+from ..tuning import MARGIN
 from . import checkpoint as ck
 from . import data as data_mod
 from .config import TrainConfig, build_model_and_method, default_threads, load_data
@@ -255,7 +256,7 @@ def _start(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, stream: Tex
             say = Progress(cfg.progress, stream, prefix=f"[{cfg.method}] ").line
             for name, d in decisions.items():
                 times = ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in d.times.items())
-                rule = f": {times}; a sparse layout only when more than 5% faster than dense" if times else ""
+                rule = f": {times}; a sparse layout only when more than {MARGIN:.0%} faster than dense" if times else ""
                 say(f"layout auto: {name} -> {d.layout} ({d.source}{rule})")
         else:  # the layouts the interrupted run measured, not a new measurement that may choose otherwise
             ck.restore_layouts(model, saved)

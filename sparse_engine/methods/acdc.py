@@ -40,15 +40,15 @@ class ACDCConfig(SignInConfig):
         if self.acdc_unit not in UNITS:
             raise ValueError(f"acdc_unit must be one of {UNITS}, got {self.acdc_unit!r}")
         if isinstance(self.acdc_final, bool) or not isinstance(self.acdc_final, (int, float)) \
-                or not 0 <= self.acdc_final <= 1:
-            raise ValueError(f"acdc_final must be in [0, 1], got {self.acdc_final!r}")
+                or not 0 < self.acdc_final <= 1:
+            raise ValueError(f"acdc_final must be in (0, 1] (training ends in a sparse phase), got {self.acdc_final!r}")
         if self.prune_scope not in SCOPES:
             raise ValueError(f"prune_scope must be one of {SCOPES}, got {self.prune_scope!r}")
 
 
 def acdc_sparse(unit: int, phase: int, total: int, final: float) -> bool:
     """Whether unit ``unit`` (0-based) of ``total`` is in a sparse phase."""
-    if unit >= total - round(final * total):
+    if unit >= total - max(1, round(final * total)):  # the last unit at least: training ends sparse
         return True
     if unit < phase:
         return False
@@ -58,6 +58,7 @@ def acdc_sparse(unit: int, phase: int, total: int, final: float) -> bool:
 class ACDC(SignIn):
     name = "acdc"
     config_class = ACDCConfig
+    shardable = False  # its prunes rank whole weights
 
     @property
     def sparsify_as(self) -> str:  # type: ignore[override]

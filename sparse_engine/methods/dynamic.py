@@ -170,6 +170,11 @@ class MovingMask:
 
     updater: "MaskUpdater | None" = None
 
+    @property
+    def shardable(self) -> bool:
+        """Mask updates read whole weights and gradients: not on FSDP2 shards."""
+        return self.config.dynamic is None
+
     def setup(self) -> None:
         super().setup()
         c = self.config

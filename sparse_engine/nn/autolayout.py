@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .. import env
 from ..ops import backends
 from ..param import sparse_layers
-from ..tuning import decide, measure
+from ..tuning import MARGIN, decide, measure
 
 log = logging.getLogger("sparse_engine")
 
@@ -57,7 +57,7 @@ _IMPLS = {
 
 @dataclass
 class Decision:
-    """The layout chosen for one layer: ``times`` are median seconds per forward + backward."""
+    """The layout chosen for one layer: ``times`` are the fastest seconds per forward + backward."""
 
     layout: str
     times: dict[str, float] = field(default_factory=dict)
@@ -187,8 +187,8 @@ def choose(
         device = "cuda"
     times = measure(runners, device)
     decision = Decision(decide(times), times, ks, "measured")
-    why = (f"{decision.layout} more than 5% faster than dense" if decision.layout != "dense"
-           else "no layout more than 5% faster than dense")
+    why = (f"{decision.layout} more than {MARGIN:.0%} faster than dense" if decision.layout != "dense"
+           else f"no layout more than {MARGIN:.0%} faster than dense")
     log.info(
         "sparse_engine: layout for %s %s density %.3g rows %s: %s (%s; fastest of interleaved rounds: %s; "
         "cached in %s)",

@@ -2,18 +2,15 @@
 
 Methods (the parameterization and mask each layer gets):
 
-==========  ======================  =======================================================
-
+==========  ======================  ===============================================================
 method      parameterization        mask
-==========  ======================  =======================================================
-
+==========  ======================  ===============================================================
 static      Masked (θ trained)      random pruning-at-initialisation mask (the usual baseline)
 signin      SignIn (m ⊙ w, β)       random mask; train with periodic Sign-In resets
 pilot       PILoT (m ⊙ w, β = 1)    none: dense until pruned; ``density`` is the pruning target,
                                     recorded on every layer as ``target_density``
 dense       Masked                  none: a dense baseline through the same code path
-==========  ======================  =======================================================
-
+==========  ======================  ===============================================================
 
 Where the masks of static / signin come from (``mask``):
 
@@ -294,8 +291,9 @@ def sparsify(
 
 
 def _linears_from_hf_conv1d(model: nn.Module) -> None:
-    """transformers' Conv1D (GPT-2) becomes the nn.Linear it is; only when transformers is loaded (a model
-    holding a Conv1D was built with it), so that sparsify never imports it."""
+    """transformers' Conv1D (GPT-2) becomes the nn.Linear it is (weight transposed), every one of the model,
+    also those then left dense; only when transformers is loaded (a model holding a Conv1D was built with
+    it), so that sparsify never imports it."""
     if "transformers.pytorch_utils" in sys.modules:
         from ..integrations.hf.conv1d import linears_from_conv1d
 
@@ -342,6 +340,9 @@ def _check_args(model, method, density, distribution, layout, block_shape, filte
         check_choice("mask", mask, masks_mod.SOURCES)
     if mask_scope is not None:
         check_choice("mask_scope", mask_scope, masks_mod.SCOPES)
+        if mask_scope == "global" and layout in ("block", "bsr"):
+            raise ValueError(f"mask_scope='global' is not available on layout={layout!r}: the block layouts score "
+                             "whole blocks per layer (use mask_scope='layer')")
     if (isinstance(mask, dict) or mask != "random") and method not in ("static", "signin"):
         raise ValueError(f"mask={_short(mask)} needs method 'static' or 'signin' (a fixed mask), got {method!r}")
     if method == "pilot" and layout in ("block", "csr", "bsr"):
@@ -365,7 +366,7 @@ class _Source:
     loss_fn: Callable | None
     input_shape: tuple[int, ...] | None
 
-    def scores(self, model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+    def scores(self, model: nn.Module, targets: list[tuple[str, nn.Module]], density: float) -> dict[str, torch.Tensor]:
         names = [name for name, _ in targets]
         if self.name == "magnitude":
             return {name: module.weight.detach().abs() for name, module in targets}
@@ -381,13 +382,14 @@ class _Source:
             if not isinstance(first, nn.Linear):
                 raise ValueError("mask='synflow' needs input_shape (or a batch) when the first layer is not a Linear")
             shape = (first.in_features,)
-        return masks_mod.synflow_scores(model, names, shape)
+        # iterative SynFlow: the scores are recomputed while a global mask tightens to ``density``
+        return masks_mod.synflow_scores(model, names, shape, density=density)
 
 
 def _layer_masks(model, targets, source: _Source, density, distribution, layout, block_shape, seed):
     """name -> initial mask of every target layer (random, or from the scores of ``source``)."""
     shapes = {name: tuple(module.weight.shape) for name, module in targets}
-    scores = None if source.name == "random" else source.scores(model, targets)
+    scores = None if source.name == "random" else source.scores(model, targets, density)
     if layout in ("block", "bsr"):
         per_layer = masks_mod.layer_densities(shapes, density, distribution)
         out = {}
