@@ -179,6 +179,8 @@ def run(cfg: TrainConfig, ds: data_mod.Dataset, *, before_training: Callable | N
     if after_training is not None:
         after_training(model, method, result)
     method.end_of_training()
+    # what the run ships: after the method's end-of-training step (PILoT's prune), if it changed anything
+    result["final"]["test_acc_end"] = evaluate(model, ds.x_test, ds.y_test)[1]
     method.remove()
     return result
 
