@@ -97,7 +97,8 @@ def main(argv=None) -> int:
 
 def merge(args) -> int:
     parts = [json.loads(Path(f).read_text()) for f in args.merge]
-    out = {"experiment": args.name, "quick": any(p["quick"] for p in parts), "seeds": parts[0]["seeds"],
+    out = {"experiment": args.name, "quick": any(p["quick"] for p in parts),
+           "seeds": sorted({seed for p in parts for seed in p["seeds"]}),
            "sparsities": sorted({s for p in parts for s in p["sparsities"]}),
            "conditions": {k: v for p in parts for k, v in p["conditions"].items()},
            "environment": parts[0]["environment"], "environments": [p["environment"] for p in parts],
