@@ -151,6 +151,9 @@ def test_report_prints_the_numbers_the_results_page_quotes(capsys):
                 "| signin_ablation_strong_wd_matched: signin no reset wd 2.5e-3 | 0.0025 | 632 | 0.0396 | 0.453 |",
                 "| signin_ablation_strong_wd: signin no reset wd 5e-3 | 0.005 | 632 | 0.0791 | 0.205 | 0.209 | 0.208 |",
                 "| 90% | 86.24 ± 0.15 | 78.71 ± 1.63: -7.54 (beyond spread) |",
+                "| mlp | 98% | rigl - static | +1.14 ± 0.29 (n=3) | yes |",
+                "| mlp | 90% | signin - static | -0.47 ± 0.12 (n=3) | yes |",
+                "| mlp | 98% | gmp - pilot | +34.92 ± 6.65 (n=3) | yes |",
                 ("90%: spred (b=0) a=1e-3 (within spread of pilot a=1e-3); 95%: spred (b=0) a=1e-3 (within spread "
                  "of pilot a=1e-3); 98%: spred (b=0) a=1e-3 (beyond spread of pilot a=1e-3)")):
         assert row in out, row
