@@ -53,6 +53,14 @@ def test_the_top_level_holds_at_most_eight_modules():
     assert len(top) <= 8, f"sparse_engine/*.py: {top} (library wings go in ops/, nn/, optim/, methods/, export/)"
 
 
+def test_the_training_loop_modules_stay_small():
+    """The training application (what was one 1,000-line train.py) stays in modules under 450 lines."""
+    long = [f"{p.name} ({n} lines)" for p in sorted((ROOT / "sparse_engine" / "app").glob("*.py"))
+            if p.name in ("config.py", "loop.py", "checkpoint.py", "compare.py", "progress.py")
+            and (n := len(p.read_text().splitlines())) >= 450]
+    assert not long, long
+
+
 def test_no_function_over_120_lines():
     import ast
 

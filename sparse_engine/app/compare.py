@@ -19,7 +19,8 @@ from typing import Any, TextIO
 from ..methods import METHODS
 from .checkpoint import CHECKPOINT_FILE, COMPARE_PLAN, CheckpointError, check_resume_config, write_json
 from .config import ConfigError, TrainConfig, load_data, make_method_of
-from .loop import Progress, train
+from .loop import train
+from .progress import Progress
 
 
 
