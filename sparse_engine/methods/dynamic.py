@@ -393,7 +393,10 @@ def magnitude_prune(layers, density: float, scope: str, distribution: str, optim
             start += s.numel()
     else:
         counts = layer_counts({n: tuple(s.shape) for n, s in scores.items()}, density, distribution)
-        masks = {n: _topk_mask(s.flatten(), counts[n]).reshape(s.shape) for n, s in scores.items()}
+        # never more than a layer still has: the rounding of the layer counts may give a layer one weight
+        # more at a lower density, and a pruned weight (score −1) must stay pruned
+        masks = {n: _topk_mask(s.flatten(), min(counts[n], int((s >= 0).sum()))).reshape(s.shape)
+                 for n, s in scores.items()}
     out = {}
     for name, module in layers:
         apply_mask(module, masks[name], optimizer)
