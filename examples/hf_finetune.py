@@ -1,7 +1,7 @@
 """Fine-tune a small BERT with Sign-In at 90 % sparsity under transformers.Trainer, extract it, ship it.
 
-    python examples/hf_finetune.py --out /path/to/scratch                 # builds a small BERT from a config
-    python examples/hf_finetune.py --out DIR --model-dir path/to/local/bert # a BERT folder of your own
+    python examples/hf_finetune.py --out runs/hf_finetune                # builds a small BERT from a config
+    python examples/hf_finetune.py --out DIR --model-dir BERT_DIR         # a BERT folder of your own
 
 Steps (everything local, nothing downloaded):
 
