@@ -211,6 +211,51 @@ def test_compact_linear_through_ops_autograd():
         assert_close(g, g2, torch.float64, f"grad {name}")
 
 
+# ------------------------------------------------------------- compact_linear_infer (eager inference)
+
+
+@pytest.mark.parametrize("entry", ["python", "op"])
+@pytest.mark.parametrize("block", [None, (4, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 3, 40])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.6])
+def test_compact_linear_infer_matches_reference(entry, block, dtype, batch, density, monkeypatch):
+    """The CPython entry (and the registered op it falls back to in a JIT build) against the reference,
+    with rows long and short enough for every tail of the batch-1 row loop (4 entries per step)."""
+    if entry == "op":
+        monkeypatch.setattr(_cpp, "_INFER", None)
+    elif _cpp._INFER is None:
+        pytest.skip("this build has no sparse_engine._C Python module (a JIT build): the op serves")
+    n, k = 37, 71
+    idx = _index(_mask(n, k, density, empty_row=True), block)
+    w = _values(idx, dtype)
+    bias = torch.randn(n, dtype=dtype)
+    x = torch.randn(batch, k, dtype=dtype)
+    for b in (bias, None):
+        y = _cpp.compact_linear_infer(x, w, b, idx.crow, idx.col, n, k)
+        expected = R.compact_linear_ref(x, None, w, b, *_fields(idx), n, k)
+        assert y.shape == (batch, n) and y.dtype == dtype
+        assert_close(y, expected, dtype, f"infer {entry} {block} B={batch} d={density}")
+
+
+def test_compact_linear_infer_rejects_bad_arguments():
+    if _cpp._INFER is None:
+        pytest.skip("this build has no sparse_engine._C Python module (a JIT build)")
+    idx, w, x, _ = _small_case()
+    col = idx.col.clone()
+    col[idx.nnz // 2] = 11
+    with pytest.raises(ValueError, match="out of range"):
+        _cpp._INFER(x[:1], w, None, idx.crow, col, 9, 11)
+    with pytest.raises(ValueError, match="x must be"):
+        _cpp._INFER(torch.randn(1, 12), w, None, idx.crow, idx.col, 9, 11)
+    with pytest.raises(ValueError, match="crow"):
+        _cpp._INFER(x, w, None, idx.crow[:-1], idx.col, 9, 11)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        _cpp._INFER(x, w, 1.0, idx.crow, idx.col, 9, 11)
+    with pytest.raises(TypeError, match="7 arguments"):
+        _cpp._INFER(x, w, None, idx.crow, idx.col, 9)
+
+
 # -------------------------------------------------------------------------- error paths
 
 

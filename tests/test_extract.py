@@ -72,6 +72,33 @@ def test_infer_linear_matches_reference(fmt, shape, density, dtype):
     assert mod.nnz == int((torch.where(mask, theta, 0) != 0).sum())
 
 
+@pytest.mark.parametrize("fmt", ("csr", "bsr"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "grad"])
+def test_infer_linear_eager_inference_shapes(fmt, dtype, mode):
+    """The eager path (no gradient wanted: the backend's lean entry) for every input shape it special-cases:
+    (1, K) and (B, K) contiguous as they are, 1-D, 3-D and non-contiguous x reshaped; with grad on and x
+    requiring grad, the op with autograd instead."""
+    n, k = 45, 33
+    theta, mask = randn(n, k, dtype=dtype), torch.rand(n, k) < 0.2
+    mod = InferLinear(theta, randn(n, dtype=dtype), fmt, mask, block_shape=(4, 8))
+    ref_w = torch.where(mask, theta, 0).double()
+    xs = [randn(1, k, dtype=dtype), randn(6, k, dtype=dtype), randn(k, dtype=dtype), randn(2, 3, k, dtype=dtype),
+          randn(k, 4, dtype=dtype).t()]
+    for x in xs:
+        ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}.get(mode)
+        if ctx is None:
+            x = x.detach().requires_grad_()
+            y = mod(x)
+            y.sum().backward()
+            assert_close(x.grad, torch.ones(*x.shape[:-1], n, dtype=torch.float64) @ ref_w, dtype, "dx")
+        else:
+            with ctx():
+                y = mod(x)
+        assert y.shape == (*x.shape[:-1], n)
+        assert_close(y, F.linear(x.detach().double(), ref_w, mod.bias.double()), dtype, f"{fmt} {tuple(x.shape)}")
+
+
 CONV_OPTS = [
     {"stride": 1, "padding": 0},
     {"stride": 2, "padding": 1, "dilation": 1},

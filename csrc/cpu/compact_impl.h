@@ -134,7 +134,27 @@ SE_INLINE T theta(const T* __restrict m, const T* __restrict w, int64_t j) {
 
 // ------------------------------------------------------------------------------------------ SpMM
 
-// CSR, batch 1: y[r] = sum_j theta_j x[idx_j].
+// The two int32 entries of one 64-bit load, as unsigned (checked in range before).
+SE_INLINE uint32_t first_of_pair(uint64_t q) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  return static_cast<uint32_t>(q >> 32);
+#else
+  return static_cast<uint32_t>(q);
+#endif
+}
+SE_INLINE uint32_t second_of_pair(uint64_t q) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  return static_cast<uint32_t>(q);
+#else
+  return static_cast<uint32_t>(q >> 32);
+#endif
+}
+
+// CSR, batch 1: y[r] = sum_j theta_j x[idx_j]. Scalar on purpose: four independent FMA chains, the
+// indices read two at a time (one 64-bit load, split in registers), so that each entry costs one load of
+// x, one of θ and half an index load. Measured on AVX2 (Zen 3, 300x784 at 10 %): 1.6x faster than the
+// 8-wide gather loop that `omp simd` made of it (gathers are slow there), and than GCC's SLP
+// vectorisation of the plain unrolled loop (which shuffles the indices through vector registers).
 template <typename T, bool HAS_M>
 int csr_spmv(const SpmmArgs& a, int64_t r0, int64_t r1) {
   const T* __restrict m = static_cast<const T*>(a.m);
@@ -144,11 +164,20 @@ int csr_spmv(const SpmmArgs& a, int64_t r0, int64_t r1) {
   const int32_t* __restrict idx = a.idx;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t j0 = a.ptr[r], j1 = a.ptr[r + 1];
-    if (out_of_range(idx, j0, j1, a.nin_blocks)) return 1;
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = j0; j < j1; ++j) s += theta<T, HAS_M>(m, w, j) * X[idx[j]];
-    Y[r] = s;
+    if (out_of_range(idx, j0, j1, a.nin_blocks)) return 1;  // so the unsigned reads below stay in range
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) {
+      uint64_t q0, q1;
+      __builtin_memcpy(&q0, idx + j, 8);
+      __builtin_memcpy(&q1, idx + j + 2, 8);
+      s0 += theta<T, HAS_M>(m, w, j) * X[first_of_pair(q0)];
+      s1 += theta<T, HAS_M>(m, w, j + 1) * X[second_of_pair(q0)];
+      s2 += theta<T, HAS_M>(m, w, j + 2) * X[first_of_pair(q1)];
+      s3 += theta<T, HAS_M>(m, w, j + 3) * X[second_of_pair(q1)];
+    }
+    for (; j < j1; ++j) s0 += theta<T, HAS_M>(m, w, j) * X[static_cast<uint32_t>(idx[j])];
+    Y[r] = (s0 + s1) + (s2 + s3);
   }
   return 0;
 }

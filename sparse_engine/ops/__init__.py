@@ -27,6 +27,7 @@ from .reference import STEP_KINDS
 
 _NS = "sparse_engine"
 _EMPTY_SHAPE = (0,)  # stands for "no tensor" in op outputs (custom ops cannot return None)
+_AUTOCAST_KINDS = ("cpu", "cuda", "xpu", "mps")  # device types whose autocast state is read cheaply
 
 
 def _none_if_empty(t: Tensor) -> Tensor | None:
@@ -57,8 +58,12 @@ def _run(impl: str, device: torch.device, dtype: torch.dtype, *args, empty: bool
         _, fn = backends.select(impl, device, dtype, args)
     # Inputs were already cast by _autocast (public wrappers); a reference F.linear running under an
     # active autocast would otherwise return another dtype than the fake implementation promises.
-    with torch.autocast(device.type, enabled=False):
-        return fn(*args)
+    # Entering the context costs ~5 µs, so only where autocast is on (or cannot be asked cheaply).
+    kind = device.type
+    if kind not in _AUTOCAST_KINDS or torch.is_autocast_enabled(kind):
+        with torch.autocast(kind, enabled=False):
+            return fn(*args)
+    return fn(*args)
 
 
 def run_unchecked(impl: str, device: torch.device, dtype: torch.dtype, *args):
@@ -69,10 +74,17 @@ def run_unchecked(impl: str, device: torch.device, dtype: torch.dtype, *args):
     return _run(impl, device, dtype, *args, empty=False)
 
 
+def infer_entry(device: torch.device, dtype: torch.dtype):
+    """The backend's lean inference forward ``f(x, w_values, bias, crow, col, out_features, in_features)``
+    of compact_linear (no m, no autograd, x 2-D contiguous), or None where the chosen backend has none
+    (then :func:`run_unchecked` of ``compact_linear_fwd`` is the way)."""
+    return backends.extra("compact_linear_fwd", device, dtype, "compact_linear_infer")
+
+
 def _autocast(x: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Under autocast, cast the floating inputs of a linear op to the autocast dtype, as F.linear does."""
     kind = x.device.type
-    if kind not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(kind):
+    if kind not in _AUTOCAST_KINDS or not torch.is_autocast_enabled(kind):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(kind)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))

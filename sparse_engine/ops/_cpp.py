@@ -138,6 +138,30 @@ def compact_linear_bwd(
 # Extra API beyond the reference names (ops/__init__.py calls them on the eager CPU path).
 
 
+def _python_entry(name: str):
+    """A function of the prebuilt library's Python module (None for a JIT build, which has no module)."""
+    import sys
+
+    return getattr(sys.modules.get("sparse_engine._C"), name, None)
+
+
+_INFER = _python_entry("compact_linear_infer")
+
+
+def compact_linear_infer(
+    x: Tensor, w_values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor, out_features: int,
+    in_features: int,
+) -> Tensor:
+    """compact_linear_fwd without m and without autograd, for eager inference: a plain CPython call
+    into the same C++ forward (the op's dispatcher round trip costs more than a small SpMV)."""
+    if _INFER is not None:
+        return _INFER(x, w_values, bias, crow, col, int(out_features), int(in_features))
+    # A JIT build (no Python module): the registered op. Its forward reads only crow and col of the index
+    # (row is size-checked only, and has col's size), so col stands in for the fields it does not read.
+    return torch.ops.sparse_engine_C.compact_linear_fwd(x, None, w_values, bias, crow, col, col, col, col, col,
+                                                       int(out_features), int(in_features))
+
+
 def compact_linear_train(
     x: Tensor, m_values: Tensor | None, w_values: Tensor, bias: Tensor | None,
     crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,

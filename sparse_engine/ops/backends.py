@@ -220,6 +220,20 @@ def reason(
             or _args_reason(backend, impl, args))
 
 
+# select()'s answers that cannot depend on the arguments (no backend consulted has an `unsupported` hook),
+# by (impl, device type, dtype, request, Triton interpreter flag, the module loader). Eager ops ask on every
+# call, and the full walk (imports, dtype tables, device rules) costs several µs: a small layer's whole
+# kernel time at batch 1. The loader is part of the key so that replacing it (tests do) starts afresh.
+_selected: dict[tuple, tuple[str, Callable]] = {}
+
+
+def _args_dependent(backend: str, impl: str) -> bool:
+    if backend == "reference":
+        return False
+    module, _ = _module(backend, impl)
+    return module is not None and getattr(module, "unsupported", None) is not None
+
+
 def select(
     impl: str, device: torch.device, dtype: torch.dtype | None = None, args: tuple = ()
 ) -> tuple[str, Callable]:
@@ -228,6 +242,19 @@ def select(
     ``args`` (the exact arguments, optional) are offered to a backend's ``unsupported`` hook.
     """
     want = requested()
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (impl, kind, dtype, want, env.triton_interpret() if want == "triton" else None, _module)
+    hit = _selected.get(key)
+    if hit is not None:
+        return hit
+    backend, fn = _select(impl, device, dtype, args, want)
+    consulted = (want,) if want is not None else PREFERENCE.get(kind, ("reference",))
+    if not any(_args_dependent(b, impl) for b in consulted):
+        _selected[key] = (backend, fn)
+    return backend, fn
+
+
+def _select(impl: str, device, dtype, args: tuple, want: str | None) -> tuple[str, Callable]:
     if want is not None:
         why = reason(want, impl, device, dtype, args, explicit=True)
         if why:
