@@ -142,6 +142,8 @@ def run(args) -> list[dict]:
                     ours: lambda: backend.compact_linear_fwd(x, None, tv, bias, *fields, n, k),
                     f"{ours}_mw": lambda: backend.compact_linear_fwd(x, mv, wv, bias, *fields, n, k),
                 }
+                if ours == "cpp":
+                    fns.update(module_providers(x, theta, bias, idx, tv, backend))
                 # same result from every provider (a benchmark of a wrong kernel is worthless)
                 want = fns["dense"]()
                 for name, fn in fns.items():
@@ -155,10 +157,12 @@ def run(args) -> list[dict]:
                 sparse_name = min(("torch_sparse_mm", "torch_sparse_linear"), key=t.get)
                 t_sparse, t_sparse_min = t[sparse_name], tmin[sparse_name]
                 nnz = tv.numel()
-                for prov in ("dense", "torch_sparse", ours, f"{ours}_mw"):
+                for prov in ("dense", "torch_sparse", ours, f"{ours}_mw", *MODULE_PROVIDERS):
+                    if prov not in t and prov != "torch_sparse":
+                        continue
                     secs = t_sparse if prov == "torch_sparse" else t[prov]
                     best = t_sparse_min if prov == "torch_sparse" else tmin[prov]
-                    flops = 2.0 * (n * k if prov == "dense" else nnz) * b
+                    flops = 2.0 * (n * k if prov in ("dense", "dense_module") else nnz) * b
                     rows.append(dict(info, device=device, layer=lname, N=n, K=k, sparsity=sp, batch=b, provider=prov,
                                      variant=sparse_name if prov == "torch_sparse" else "",
                                      median_ms=secs * 1e3, min_ms=best * 1e3, gflops=flops / secs / 1e9,
@@ -170,7 +174,34 @@ def run(args) -> list[dict]:
                       f"(x{t['dense'] / t[ours]:5.2f} vs dense, x{t_sparse / t[ours]:5.2f} vs torch.sparse) | "
                       f"{ours}_mw {t[f'{ours}_mw'] * 1e3:8.3f} ms | best-run ratios x{tmin['dense'] / tmin[ours]:5.2f} / "
                       f"x{t_sparse_min / tmin[ours]:5.2f}")
+                if "infer_module" in t:
+                    print(f"{'':>9} modules: nn.Linear {t['dense_module'] * 1e3:8.4f} ms | extracted InferLinear csr "
+                          f"{t['infer_module'] * 1e3:8.4f} ms (x{t['dense_module'] / t['infer_module']:5.2f}, best "
+                          f"run x{tmin['dense_module'] / tmin['infer_module']:5.2f}) | lean entry {t['cpp_infer'] * 1e3:8.4f}"
+                          f" ms vs registered op {t[ours] * 1e3:8.4f} ms")
     return rows
+
+
+#: CPU providers at the module level (what a user of ``extract`` calls), no gradient wanted:
+#: ``dense_module`` nn.Linear on θ; ``infer_module`` the extracted csr InferLinear (its eager path: the
+#: backend's lean entry); ``cpp_infer`` that entry alone (sparse_engine._C.compact_linear_infer: a CPython
+#: call, no dispatcher), to set beside ``cpp`` (the registered op through torch.ops, the former path).
+MODULE_PROVIDERS = ("dense_module", "infer_module", "cpp_infer")
+
+
+def module_providers(x, theta, bias, idx, tv, backend) -> dict:
+    from sparse_engine.export.infer import InferLinear
+
+    n, k = theta.shape
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(theta)
+        lin.bias.copy_(bias)
+    lin.requires_grad_(False)
+    mod = InferLinear(theta, bias, "csr", idx.to_mask())
+    # no gradient anywhere (x, θ and the parameters need none): both modules take their no-grad paths
+    return {"dense_module": lambda: lin(x), "infer_module": lambda: mod(x),
+            "cpp_infer": lambda: backend.compact_linear_infer(x, tv, bias, idx.crow, idx.col, n, k)}
 
 
 def main(argv=None) -> None:

@@ -211,6 +211,48 @@ def test_compact_linear_through_ops_autograd():
         assert_close(g, g2, torch.float64, f"grad {name}")
 
 
+# ------------------------------------------------------------------ compact_linear_eager (training)
+
+
+@pytest.mark.parametrize("block", [None, (4, 8)])
+@pytest.mark.parametrize("with_m", [True, False])
+def test_compact_linear_eager_matches_reference(block, with_m):
+    """The lean eager entry of a module's forward: output and every gradient against the reference (float64),
+    and the same bits as ops.compact_linear (the same C++ op behind it)."""
+    n, k = 31, 23
+    idx = _index(_mask(n, k, 0.3, empty_row=True), block)
+    m = _values(idx, torch.float64).requires_grad_() if with_m else None
+    w = _values(idx, torch.float64).requires_grad_()
+    bias = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, k, dtype=torch.float64, requires_grad=True)
+    leaves = [t for t in (x, m, w, bias) if t is not None]
+    y = ops.compact_linear_eager(x, m, w, _fields(idx), bias, n, k)
+    assert y is not None
+    grads = torch.autograd.grad(y.square().sum(), leaves)
+    y_op = ops.compact_linear(x, m, w, idx, bias)
+    assert torch.equal(y, y_op)
+    copies = [t.detach().clone().requires_grad_() for t in leaves]
+    xr, *rest = copies
+    mr, wr, br = (rest if with_m else [None, *rest])
+    y_ref = R.compact_linear_ref(xr, mr, wr, br, *_fields(idx), n, k)
+    assert_close(y, y_ref, torch.float64, "y")
+    for t, g, g_ref in zip(leaves, grads, torch.autograd.grad(y_ref.square().sum(), copies)):
+        assert_close(g, g_ref, torch.float64, f"grad {tuple(t.shape)}")
+
+
+def test_compact_linear_eager_declines_what_it_does_not_cover():
+    """None (the caller then takes ops.compact_linear, which checks and names what is wrong)."""
+    idx, w, x, _ = _small_case()
+    f = _fields(idx)
+    assert ops.compact_linear_eager(x, None, w, f, None, 9, 11) is not None
+    for bad_x in (x.double(), x[:, :10], x.t().contiguous().t(), x.reshape(2, 2, 11), x[:0], "x"):
+        assert ops.compact_linear_eager(bad_x, None, w, f, None, 9, 11) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.compact_linear_eager(x, None, w, f, None, 9, 11) is None
+    with backends.force("reference"):
+        assert ops.compact_linear_eager(x, None, w, f, None, 9, 11) is None
+
+
 # ------------------------------------------------------------- compact_linear_infer (eager inference)
 
 

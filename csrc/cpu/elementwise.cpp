@@ -95,29 +95,52 @@ void signin_t(int64_t n, const T* __restrict m, const T* __restrict w, const uin
   }
 }
 
+// SGD. The mask, momentum, its first step and Nesterov are template parameters, the rest plain locals:
+// with them read per element from the config (and the mask pointer tested per element) the loop ran
+// 5x slower (measured: 66 vs 12 µs for the 53k values of LeNet-300-100 at 10 %, a sixth of its step).
+template <typename T, bool HasMask, bool Mom, bool First, bool Nest>
+void sgd_loop(int64_t n, T* __restrict p, const T* __restrict grad, T* __restrict b1, const uint8_t* __restrict mask,
+              T lr, const StepConfig& c) {
+  const T two_alpha = static_cast<T>(2.0 * c.alpha), wd = static_cast<T>(c.weight_decay);
+  const T mom = static_cast<T>(c.momentum), one_m_damp = static_cast<T>(1.0 - c.dampening);
+  const bool use_alpha = c.alpha != 0.0, use_wd = c.weight_decay != 0.0, maximize = c.maximize;
+#pragma omp parallel for simd schedule(static) if (worth_threads(n))
+  for (int64_t i = 0; i < n; ++i) {
+    const bool on = !HasMask || mask[i];
+    const T pi = p[i];
+    T g = maximize ? -grad[i] : grad[i];
+    if (use_alpha) g = g + two_alpha * pi;
+    if (use_wd) g = g + wd * pi;
+    if constexpr (Mom) {
+      const T nb = First ? g : b1[i] * mom + one_m_damp * g;
+      g = Nest ? g + mom * nb : nb;
+      b1[i] = HasMask ? blend(on, nb, T(0)) : nb;
+    }
+    p[i] = HasMask ? blend(on, pi - lr * g, pi) : pi - lr * g;
+  }
+}
+
+template <typename T, bool HasMask, bool Mom>
+void sgd_t(int64_t n, T* p, const T* grad, T* b1, const uint8_t* mask, T lr, const StepConfig& c) {
+  const bool first = c.step == 1;
+  if (first && c.nesterov) sgd_loop<T, HasMask, Mom, true, true>(n, p, grad, b1, mask, lr, c);
+  else if (first) sgd_loop<T, HasMask, Mom, true, false>(n, p, grad, b1, mask, lr, c);
+  else if (c.nesterov) sgd_loop<T, HasMask, Mom, false, true>(n, p, grad, b1, mask, lr, c);
+  else sgd_loop<T, HasMask, Mom, false, false>(n, p, grad, b1, mask, lr, c);
+}
+
 template <typename T>
 void fused_step_t(int64_t n, T* __restrict p, const T* __restrict grad, T* __restrict b1, T* __restrict b2,
                   const uint8_t* __restrict mask, T lr, const StepConfig& c) {
   const T two_alpha = static_cast<T>(2.0 * c.alpha);
   const T wd = static_cast<T>(c.weight_decay);
-  const bool use_alpha = c.alpha != 0.0, use_wd = c.weight_decay != 0.0;
+  const bool use_alpha = c.alpha != 0.0;
   if (c.kind == 0) {
-    const T mom = static_cast<T>(c.momentum), one_m_damp = static_cast<T>(1.0 - c.dampening);
-    const bool use_mom = c.momentum != 0.0, first = c.step == 1, nest = c.nesterov;
-#pragma omp parallel for simd schedule(static) if (worth_threads(n))
-    for (int64_t i = 0; i < n; ++i) {
-      const bool on = !mask || mask[i];
-      const T pi = p[i];
-      T g = c.maximize ? -grad[i] : grad[i];
-      if (use_alpha) g = g + two_alpha * pi;
-      if (use_wd) g = g + wd * pi;
-      if (use_mom) {
-        const T nb = first ? g : b1[i] * mom + one_m_damp * g;
-        g = nest ? g + mom * nb : nb;
-        b1[i] = blend(on, nb, T(0));
-      }
-      p[i] = blend(on, pi - lr * g, pi);
-    }
+    const bool mom = c.momentum != 0.0;
+    if (mask && mom) sgd_t<T, true, true>(n, p, grad, b1, mask, lr, c);
+    else if (mask) sgd_t<T, true, false>(n, p, grad, b1, mask, lr, c);
+    else if (mom) sgd_t<T, false, true>(n, p, grad, b1, mask, lr, c);
+    else sgd_t<T, false, false>(n, p, grad, b1, mask, lr, c);
   } else {
     const T decay = T(1) - lr * wd;
     const T w1 = static_cast<T>(1.0 - c.beta1), b2c = static_cast<T>(c.beta2);

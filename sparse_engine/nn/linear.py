@@ -372,6 +372,14 @@ class SparseModule(nn.Module):
         return torch.get_autocast_dtype(device_type)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self._resolved in _COMPACT and not self._retune:
+            # eager compact layers: the lean op entry (it declines, None, whatever it does not cover)
+            p = self.param
+            b = p._buffers
+            y = ops.compact_linear_eager(input, p.m, p.w, [b[f"index_{f}"] for f in _INDEX_FIELDS], self.bias,
+                                         self.out_features, self.in_features)
+            if y is not None:
+                return y
         amp = self._amp_dtype(input) if isinstance(input, Tensor) else None
         self._check_input(input, amp)
         if amp is None:
