@@ -244,6 +244,8 @@ def train_main(argv: list[str]) -> int:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         _check_multiprocess(args, launch=True)
+        if args.resume is not None:  # the checkpoint and the options agree, before any process starts
+            _resume(args, _given(argv), processes=args.nproc)
         return _launch(argv, args.nproc)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _rank_main(args, argv)
@@ -272,18 +274,8 @@ def _check_multiprocess(args: argparse.Namespace, launch: bool = False) -> None:
         raise UserError("--compare: runs in one process only (for now): drop --nproc / torchrun")
     if args.layout == "auto":  # each rank would measure, and may choose, its own layouts
         raise UserError("--layout auto: not on several processes (for now): choose dense, csr, ... explicitly")
-    if not launch:
-        return
-    if args.resume is None:
+    if launch and args.resume is None:
         _config_from_args(args).validate()  # e.g. --fsdp with a method that cannot train shards
-        return
-    from .checkpoint import read_checkpoint
-
-    path, ckpt = read_checkpoint(args.resume)
-    had = int(ckpt.get("world_size", 1))
-    if had != args.nproc:
-        raise UserError(f"--nproc: {path} was written by {had} process(es), this run would have {args.nproc}; "
-                        f"resume with {'--nproc ' + str(had) if had > 1 else 'no --nproc'}")
 
 
 #: a launched process runs the command line (imported, not ``-m``: its errors are this module's classes)
@@ -346,7 +338,7 @@ def _rank_main(args: argparse.Namespace, argv: list[str]) -> int:
         cfg = _config_from_args(args)
         cfg.progress = cfg.progress and rank == 0
         cfg.out_dir = args.out or T.default_out_dir(cfg)
-        result = train(cfg)
+        result = _run(lambda: train(cfg), cfg.out_dir)
         if rank == 0:
             print(C.summary_table({cfg.method: result}))
             print(f"results: {cfg.out_dir}/result.json ({dist.get_world_size()} processes)")
@@ -361,25 +353,30 @@ def _run(job: Callable[[], Any], out_dir: str) -> Any:
 
     from .checkpoint import CHECKPOINT_FILE
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         return job()
     except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") != "0":  # rank 0 says it, once
+            raise SystemExit(130) from None
         how = ""
         if any(Path(out_dir).glob(f"**/{CHECKPOINT_FILE}")):
-            how = f"; continue from the last finished epoch with: {PROG} train --resume {out_dir}"
+            nproc = f" --nproc {world}" if world > 1 else ""
+            how = f"; continue from the last finished epoch with: {PROG} train --resume {out_dir}{nproc}"
         print(f"\n{PROG} train: interrupted{how}", file=sys.stderr)
         raise SystemExit(130) from None
 
 
-def _resume(args: argparse.Namespace, given: set[str], rank: int = 0) -> int:
+def _resume(args: argparse.Namespace, given: set[str], rank: int = 0, processes: int | None = None) -> int:
     """``train --resume PATH``: the configuration comes from the checkpoint (or a compare's plan); options
     on the command line must agree with it, except those of ``checkpoint.RESUME_MAY_CHANGE`` (how the run
     executes, not what it computes) and --out. ``rank``: this process's in a multi-process run (rank 0
-    alone prints)."""
+    alone prints); ``processes``: only check, before launching that many (the run's number, or an error)."""
     from pathlib import Path
 
     from . import checkpoint as T
     from . import compare as C
+    from .distributed_run import check_world
     from .loop import train
 
     path = Path(args.resume)
@@ -406,10 +403,15 @@ def _resume(args: argparse.Namespace, given: set[str], rank: int = 0) -> int:
     cfg.progress = not args.no_progress and rank == 0
     cfg.validate()
     T.check_resume_config(cfg, saved, path, option=lambda name: "--" + name.replace("_", "-"))
+    if compare and processes is not None:
+        raise UserError(f"--resume: {path} is a --compare run, which runs in one process only: drop --nproc")
     if compare:
         cfg.out_dir = str(path)
         _run(lambda: C.compare(cfg, methods, resume=True), cfg.out_dir)
         print(f"results: {cfg.out_dir}/compare.json (per method: {cfg.out_dir}/<method>/result.json)")
+        return 0
+    check_world(ckpt, ckpt_path, processes)
+    if processes is not None:
         return 0
     cfg.out_dir = args.out or str(ckpt_path.parent)
     if ckpt.get("position", {}).get("finished") and rank == 0:

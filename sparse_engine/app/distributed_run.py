@@ -159,9 +159,10 @@ def write_checkpoint(run, finished: bool, path: Path) -> None:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def check_world(saved: dict[str, Any], where: Any) -> None:
-    """A checkpoint resumes on as many processes as wrote it (each rank continues its own share)."""
-    had, have = int(saved.get("world_size", 1)), distributed.world_size()
+def check_world(saved: dict[str, Any], where: Any, have: int | None = None) -> None:
+    """A checkpoint resumes on as many processes (``have``: this job's) as wrote it (each rank continues
+    its own share of every batch, its own shards and random streams)."""
+    had, have = int(saved.get("world_size", 1)), have or distributed.world_size()
     if had != have:
         how = f"--nproc {had}" if had > 1 else "one process (no --nproc, not under torchrun)"
         raise ck.CheckpointError(f"cannot resume {where}: the run was written by {had} process(es), this one has "
