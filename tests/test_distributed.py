@@ -7,10 +7,9 @@ import torch
 
 import sparse_engine as se
 
-from _dist import (EXTRACT_CASE, JOIN_TIMEOUT_S, CASES, extracted_output, CONTROLLER_ACCS, FSDP_CASES, RESUME_CASES, build, controller_alphas, ddp_worker, fsdp_worker,
+from _dist import (EXTRACT_CASE, CASES, extracted_output, CONTROLLER_ACCS, FSDP_CASES, RESUME_CASES, build, controller_alphas, ddp_worker, fsdp_worker,
                    run_case, spawn)
 
-CHILD = "import sys; from sparse_engine.app.cli import main; sys.exit(main())"  # the installed command
 TOL = {torch.float64: 1e-10, torch.float32: 1e-6}
 
 
@@ -117,38 +116,3 @@ def test_resume_on_another_number_of_processes_is_refused(ddp_results):
     where = ddp_results[0]["checkpoints"][case]
     with pytest.raises(ValueError, match="written by 2 processes, this job has 1"):
         se.distributed.load(where, run["wrapped"], run["opt"], run["method"])
-
-
-def _cli(tmp_path, name: str, *extra: str) -> tuple[dict, str]:
-    import subprocess
-    import sys
-
-    out = tmp_path / name
-    args = [sys.executable, "-c", CHILD, "train", "--method", "signin", "--density", "0.2",
-            "--epochs", "2", "--data", "teacher", "--n-train", "200", "--n-test", "64", "--batch-size", "50",
-            "--no-progress", "--out", str(out), *extra]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=JOIN_TIMEOUT_S)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out / "checkpoint.pt", weights_only=False), done.stdout
-
-
-def test_train_cli_on_two_processes_equals_one(tmp_path):
-    one, out1 = _cli(tmp_path, "one")
-    two, out2 = _cli(tmp_path, "two", "--nproc", "2")
-    assert "(2 processes)" in out2
-    assert _max_diff(one["model_state"], two["model_state"]) <= 1e-6  # float32, another summation order
-    for e1, e2 in zip(one["result"]["epochs"], two["result"]["epochs"]):  # the printed numbers are global
-        assert e1["train_acc"] == e2["train_acc"] and e1["test_acc"] == e2["test_acc"]
-        assert e1["train_loss"] == pytest.approx(e2["train_loss"], rel=1e-6)
-
-
-def test_train_cli_nproc_errors_are_one_line():
-    import subprocess
-    import sys
-
-    for extra, says in ((["--nproc", "0"], "--nproc must be >= 1"),
-                        (["--nproc", "2", "--resume", "nowhere"], "--resume: runs in one process only"),
-                        (["--nproc", "2", "--layout", "auto", "--epochs", "1"], "--layout auto: not on several")):
-        done = subprocess.run([sys.executable, "-c", CHILD, "train", *extra], capture_output=True,
-                              text=True, timeout=120)
-        assert done.returncode != 0 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed, ops
+from ..nn.diagnostics import layer_type
 from ..optim import parameterizations
 from . import checkpoint as ck
 from .config import ConfigError
@@ -105,12 +106,14 @@ def signs(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def sign_counts(signs0: dict[str, torch.Tensor], signs1: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(signs changed since ``signs0``, nonzero signs now), summed over the ranks."""
+def sign_counts(model: nn.Module, signs0: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(signs of θ changed since ``signs0``, nonzero signs now); under FSDP2 summed over the shards."""
+    signs1 = signs(model)
     changed = sum(int((signs0[n] * signs1[n] < 0).sum()) for n in signs0 if n in signs1)
     active = sum(int((signs1[n] != 0).sum()) for n in signs1)
-    total = distributed.sum_over_ranks([changed, active])
-    return int(total[0]), int(total[1])
+    if any(distributed.is_sharded(pz.w) for _, pz in parameterizations(model)):
+        changed, active = (int(v) for v in distributed.sum_over_ranks([changed, active]))
+    return changed, active
 
 
 def weight_layers(model: nn.Module, stats: list[dict]) -> list[dict]:
@@ -124,7 +127,7 @@ def weight_layers(model: nn.Module, stats: list[dict]) -> list[dict]:
                          "numel": s["numel"], "nnz": s["nnz"], "density": s["density"]})
         elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             n = mod.weight.numel()  # a DTensor's numel is the whole tensor's
-            rows.append({"name": name, "type": type(mod).__name__, "kind": "dense", "shape": list(mod.weight.shape),
+            rows.append({"name": name, "type": layer_type(mod), "kind": "dense", "shape": list(mod.weight.shape),
                          "numel": n, "nnz": n, "density": 1.0})
     return rows
 

@@ -385,7 +385,7 @@ def _finish(run: _Run) -> None:
     model, optimizer, result = run.model, run.optimizer, run.result
     test_loss, test_acc = evaluate(model, *run.data[2:])
     stats = layer_stats(model)
-    changed, active = D.sign_counts(run.signs0, D.signs(model))
+    changed, active = D.sign_counts(model, run.signs0)
     layers = D.weight_layers(model, stats)
     for row in layers:
         row["sign_flips"] = run.flips_total.get(row["name"], 0)

@@ -58,7 +58,7 @@ def layer_stats(model: nn.Module) -> list[dict]:
         out.append(
             {
                 "name": name,
-                "type": type(module).__name__,
+                "type": layer_type(module),
                 "kind": param.kind,
                 "layout": getattr(module, "resolved_layout", None) or param.layout,
                 "shape": tuple(param.weight_shape),
@@ -74,6 +74,15 @@ def layer_stats(model: nn.Module) -> list[dict]:
             }
         )
     return out
+
+
+def layer_type(module: nn.Module) -> str:
+    """The class name of a layer; for one sharded by FSDP2 (which swaps its class for a subclass
+    ``FSDP<name>`` of ``FSDPModule`` and the layer's class) the layer's own."""
+    cls = type(module)
+    if len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule":
+        cls = cls.__bases__[1]
+    return cls.__name__
 
 
 @torch.no_grad()
