@@ -239,9 +239,12 @@ class Parameterization(nn.Module):
         self.mask = mask
         if keep is None:  # no mask before or after: nothing changes
             return
+        # FSDP2: m and w are row shards (the mask stays whole on every rank): change this rank's rows
+        keep, w = distributed.local_rows(keep, self.w), distributed.local(self.w)
         if self.factored:
-            self.m.copy_(torch.where(keep, self.m, torch.full_like(self.m, math.sqrt(float(self.beta)))))
-        self.w.copy_(torch.where(keep, self.w, torch.zeros_like(self.w)))
+            m = distributed.local(self.m)
+            m.copy_(torch.where(keep, m, torch.full_like(m, math.sqrt(float(self.beta)))))
+        w.copy_(torch.where(keep, w, torch.zeros_like(w)))
 
     # --------------------------------------------------------------------------------- diagnostics
 
