@@ -70,9 +70,14 @@ def model(dtype: torch.dtype) -> nn.Module:
 
 
 def method_options(name: str, layout: str) -> dict:
-    """The options of a case's method; "pilot-layer": pilot with one threshold per layer (ERK densities)."""
-    if name == "pilot-layer":
-        return {**method_options("pilot", layout), "prune_scope": "layer", "distribution": "erk"}
+    """The options of a case's method; variants: "pilot-layer" (one threshold per layer, ERK densities),
+    "<method>-rigl" (RigL mask updates at steps 2 and 4)."""
+    base, _, variant = name.partition("-")
+    if variant == "layer":
+        return {**method_options(base, layout), "prune_scope": "layer", "distribution": "erk"}
+    if variant == "rigl":
+        return {**method_options(base, layout), "dynamic": "rigl", "update_every": 2, "drop_fraction": 0.5,
+                "stop_at": 0.9}
     opts = {"density": 0.5, "layout": layout, "seed": 3, "distribution": "uniform"}
     if name == "signin":
         opts.update(reset_every=1, reset_unit="step")  # resets inside training, in the step hook
@@ -134,8 +139,10 @@ def finish(run: dict) -> dict:
     run["method"].end_of_training()
     net = run["net"]
     masks = {n: pz.dense_mask() for n, pz in se.optim.parameterizations(net)}
+    updater = getattr(run["method"], "updater", None)
     return {"state": se.distributed.full_state_dict(net), "alphas": run["alphas"], "masks": masks,
-            "resets": getattr(run["method"], "beta_before", None)}
+            "resets": getattr(run["method"], "beta_before", None),
+            "regrown": None if updater is None else updater.regrown}
 
 
 def run_case(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> dict:
@@ -160,7 +167,9 @@ CASES = [(name, layout, opt, mode, torch.float64)
          for name in ("static", "signin", "pilot")
          for layout in ("dense", "csr") if not (name == "pilot" and layout == "csr")  # pilot trains dense
          for opt in ("sgd", "adamw") for mode in ("step", "attach")]
-CASES += [("signin", "csr", "adamw", "attach", torch.float32), ("pilot", "dense", "sgd", "step", torch.float32)]
+CASES += [("signin", "csr", "adamw", "attach", torch.float32), ("pilot", "dense", "sgd", "step", torch.float32),
+          ("signin-rigl", "csr", "sgd", "step", torch.float64), ("static-rigl", "csr", "adamw", "attach", torch.float64),
+          ("signin-rigl", "dense", "adamw", "step", torch.float64)]
 
 
 def user_errors(rank: int, world: int) -> dict:

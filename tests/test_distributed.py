@@ -49,6 +49,10 @@ def test_ddp_equals_one_process_on_the_concatenated_batch(ddp_results, case):
             assert torch.equal(r0["masks"][name], mask)
     if case[0] == "signin":
         assert len(r0["resets"]) == len(one["resets"]) > 0
+    if case[0].endswith("-rigl"):  # grown by the global batch's gradient: the one-process masks
+        assert r0["regrown"] == one["regrown"] > 0
+        for name, mask in one["masks"].items():
+            assert torch.equal(r0["masks"][name], mask), name
 
 
 def test_pilot_controller_decides_on_the_mean_accuracy_of_the_ranks(ddp_results):

@@ -15,7 +15,8 @@ update). A grown weight starts at θ = 0 (m = √β, w = 0 for Sign-In's m ⊙ w
 a dropped one becomes θ = 0 with zero state. Layouts: dense and block (the mask changes), csr and bsr
 (the index is rebuilt and the optimizer state moves with its coordinates); the block layouts drop and grow
 whole blocks (scored by the sum of |θ| and of |∂L/∂θ| over the block), k and n then count blocks. Under
-torch.distributed the masks of rank 0 are broadcast, so every process keeps the same masks.
+torch.distributed (DDP) RigL grows by the all-reduced gradient (the global batch's, as in one process), and
+rank 0's masks are broadcast, so every process keeps the same masks.
 """
 from __future__ import annotations
 
@@ -294,6 +295,8 @@ class MaskUpdater:
         else:  # a linear layer: ∂L/∂θ = gᵀ x over every leading dim
             n, k = module.param.shape2d
             grad = gs.reshape(-1, n).t() @ xs.reshape(-1, k)
+        if _world_size() > 1:  # DDP: grow by the gradient of the global batch, as one process would
+            torch.distributed.all_reduce(grad)  # every rank captures the same layers in the same order
         block = _block(module)
         score = _units(grad.detach().abs().reshape(module.param.shape2d), block)
         active = _active_units(module, block)
@@ -360,11 +363,18 @@ class MaskUpdater:
         self.arm(next_step)
 
 
-def _same_on_every_rank(mask: Tensor) -> Tensor:
-    """Rank 0's mask on every process of an initialised process group (RigL's gradients are local)."""
+def _world_size() -> int:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _same_on_every_rank(mask: Tensor) -> Tensor:
+    """Rank 0's mask on every process of an initialised process group: the decisions are taken from the
+    same numbers on every rank, this keeps float ties from ever splitting the replicas."""
+    import torch.distributed as dist
+
+    if _world_size() == 1:
         return mask
     buf = mask.to(torch.uint8)
     dist.broadcast(buf, src=0)
