@@ -103,6 +103,9 @@ def build(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> dict
     name, layout, opt_name, mode, dtype = case
     net = model(dtype)
     method = make_method(name.partition("-")[0], **method_options(name, layout))
+    if layout == "bsr":  # 4×4 blocks: every layer has several, split over the ranks (32×32 would be one)
+        options = method.sparsify_options()
+        method.sparsify_options = lambda: {**options, "block_shape": (4, 4)}
     method.prepare(net)
     if world > 1 and wrap == "fsdp":
         net = shard(net, world)
@@ -169,7 +172,7 @@ CASES = [(name, layout, opt, mode, torch.float64)
          for opt in ("sgd", "adamw") for mode in ("step", "attach")]
 CASES += [("signin", "csr", "adamw", "attach", torch.float32), ("pilot", "dense", "sgd", "step", torch.float32),
           ("signin-rigl", "csr", "sgd", "step", torch.float64), ("static-rigl", "csr", "adamw", "attach", torch.float64),
-          ("signin-rigl", "dense", "adamw", "step", torch.float64)]
+          ("signin-rigl", "dense", "adamw", "step", torch.float64), ("signin", "bsr", "sgd", "attach", torch.float64)]
 
 
 def user_errors(rank: int, world: int) -> dict:
@@ -251,6 +254,7 @@ FSDP_CASES = [(name, layout, opt, mode, torch.float64)
               if not (name == "pilot" and layout == "csr")  # pilot trains dense
               for opt in ("sgd", "adamw") for mode in ("step", "attach")]
 FSDP_CASES += [("signin", "csr", "adamw", "step", torch.float32), ("pilot", "dense", "adamw", "attach", torch.float32),
+               ("signin", "bsr", "adamw", "step", torch.float64), ("static", "bsr", "sgd", "attach", torch.float64),
                ("pilot-layer", "dense", "sgd", "step", torch.float64)]
 
 
