@@ -161,6 +161,15 @@ class Parameterization(nn.Module):
         """θ in storage form (dense (N, K) or compact values), differentiable in m and w."""
         return ops.reparam(self.m, self.w, self.mask if self.layout == "dense" else None)
 
+    def local_values(self) -> Tensor:
+        """:meth:`values` of the rows this rank holds (FSDP2 shards m and w by rows; the mask is whole on
+        every rank); :meth:`values` itself when the parameters are not sharded."""
+        if not distributed.is_sharded(self.w):
+            return self.values()
+        m = None if self.m is None else distributed.local(self.m)
+        mask = distributed.local_rows(self.mask if self.layout == "dense" else None, self.w)
+        return ops.reparam(m, distributed.local(self.w), mask)
+
     def theta(self) -> Tensor:
         """θ = M ⊙ m ⊙ w as a dense tensor of the weight's shape, differentiable in m and w."""
         values = self.values()

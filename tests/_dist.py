@@ -75,10 +75,16 @@ def method_options(name: str, layout: str) -> dict:
     base, _, variant = name.partition("-")
     if variant == "layer":
         return {**method_options(base, layout), "prune_scope": "layer", "distribution": "erk"}
+    if variant == "global":
+        return {**method_options(base, layout), "prune_scope": "global"}
     if variant == "rigl":
         return {**method_options(base, layout), "dynamic": "rigl", "update_every": 2, "drop_fraction": 0.5,
                 "stop_at": 0.9}
     opts = {"density": 0.5, "layout": layout, "seed": 3, "distribution": "uniform"}
+    if name == "gmp":  # prunes after steps 2, 3, 4 (cubic to 0.5), then trains the final mask
+        opts.update(prune_start=0.2, prune_end=0.7, prune_every=1)
+    if name == "acdc":  # dense 2 steps, sparse 2, dense 1, sparse 1 (the final sparse phase)
+        opts.update(acdc_phase=2, acdc_unit="step", acdc_final=0.2, signin=True, reset_every=1, reset_unit="step")
     if name == "signin":
         opts.update(reset_every=1, reset_unit="step")  # resets inside training, in the step hook
     if name == "pilot":
@@ -255,7 +261,8 @@ FSDP_CASES = [(name, layout, opt, mode, torch.float64)
               for opt in ("sgd", "adamw") for mode in ("step", "attach")]
 FSDP_CASES += [("signin", "csr", "adamw", "step", torch.float32), ("pilot", "dense", "adamw", "attach", torch.float32),
                ("signin", "bsr", "adamw", "step", torch.float64), ("static", "bsr", "sgd", "attach", torch.float64),
-               ("pilot-layer", "dense", "sgd", "step", torch.float64)]
+               ("pilot-layer", "dense", "sgd", "step", torch.float64), ("gmp", "dense", "adamw", "step", torch.float64),
+               ("gmp-global", "dense", "sgd", "attach", torch.float64), ("acdc", "dense", "adamw", "attach", torch.float64)]
 
 
 def nonfinite_step(rank: int, world: int, mode: str) -> dict:
@@ -300,8 +307,8 @@ def fsdp_worker(rank: int, world: int, cases: list, ckpt_dir: str) -> dict:
     out["select"] = select_over_ranks(rank, world)
     out["nonfinite"] = {mode: nonfinite_step(rank, world, mode) for mode in ("step", "attach")}
     out["refused"] = {}
-    for name, opts in (("gmp", {"density": 0.5}), ("pilot", {**method_options("pilot", "dense"), "iterative": True,
-                                                             "rewind": "weight"})):
+    for name, opts in (("signin", {**method_options("signin", "dense"), "dynamic": "rigl"}),
+                       ("pilot", {**method_options("pilot", "dense"), "iterative": True, "rewind": "weight"})):
         method = make_method(name, **opts)
         net = model(torch.float64)
         method.prepare(net)

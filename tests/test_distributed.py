@@ -86,6 +86,10 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(fsdp_results, case):
     assert _max_diff(r0["state"], one["state"]) <= TOL[case[-1]]
     if case[0] == "signin":
         assert r0["resets"] == pytest.approx(one["resets"], rel=1e-6)  # β mean is summed in float32
+    if case[0].startswith(("gmp", "acdc")):  # the prunes' masks: selected over the shards, as one process
+        for name, mask in one["masks"].items():
+            assert torch.equal(r0["masks"][name], mask) and torch.equal(r1["masks"][name], mask), name
+        assert 0 < sum(int(m.sum()) for m in one["masks"].values()) < sum(m.numel() for m in one["masks"].values())
     if case[0].startswith("pilot"):
         # α decided from ‖θ‖₁ summed over the shards; the prune's threshold selected over the shards
         assert r0["alphas"] == r1["alphas"] == pytest.approx(one["alphas"], rel=1e-12, abs=0)

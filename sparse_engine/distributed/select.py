@@ -19,14 +19,18 @@ from .collectives import _device, is_sharded, sum_over_ranks, world_size
 _BITS = {torch.float32: 32, torch.float64: 64}
 
 
-def _keys(scores: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+def _keys(scores: list[Tensor], dtype: torch.dtype, active: list[Tensor | None] | None) -> list[Tensor]:
     int_type = torch.int32 if dtype == torch.float32 else torch.int64
     keys = []
     for i, s in enumerate(scores):
         s = s.detach().reshape(-1).to(dtype)
         if bool((s < 0).any()) or bool(s.isnan().any()):
             raise ValueError(f"scores[{i}] must be non-negative and not NaN (magnitudes)")
-        keys.append((s + 0.0).view(int_type).to(torch.int64))  # + 0.0: -0.0 becomes +0.0
+        key = (s + 0.0).view(int_type).to(torch.int64)  # + 0.0: -0.0 becomes +0.0
+        if active is not None:  # inactive: key 0, below every active one (≥ 1); None: all active
+            a = active[i]
+            key = key + 1 if a is None else torch.where(a.reshape(-1).to(key.device), key + 1, torch.zeros_like(key))
+        keys.append(key)
     return keys
 
 
@@ -51,15 +55,16 @@ def _kth_largest(keys: list[Tensor], k: int, bits: int) -> tuple[int, int]:
     return prefix, need
 
 
-def topk_masks(scores: list[Tensor], k: int) -> list[Tensor]:
+def topk_masks(scores: list[Tensor], k: int, active: list[Tensor | None] | None = None) -> list[Tensor]:
     """This rank's part of the mask that keeps the ``k`` largest of all ranks' ``scores`` together.
 
     ``scores``: this rank's rows of each tensor (non-negative, float32 or float64; all float64 if any
-    is), in the same order on every rank. The order of the ranks is the order of the rows. A collective.
-    Returns bool tensors shaped like ``scores``.
+    is), in the same order on every rank. The order of the ranks is the order of the rows. ``active``
+    (bool like each score, or None): coordinates outside it rank below every active one (a score of −1
+    in one process). A collective. Returns bool tensors shaped like ``scores``.
     """
     dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores) else torch.float32
-    keys = _keys(scores, dtype)
+    keys = _keys(scores, dtype, active)
     total = int(sum_over_ranks([sum(key.numel() for key in keys)])[0])
     if k <= 0 or k >= total:
         return [torch.full(s.shape, k > 0, dtype=torch.bool, device=s.device) for s in scores]

@@ -241,19 +241,13 @@ class Method:
     @torch.no_grad()
     def l1(self) -> float:
         """‖θ‖₁ over the parameterized weights of the model."""
-        from .. import distributed, ops
+        from .. import distributed
         from ..optim import parameterizations
 
         if self.model is None:
             return 0.0
         total, sharded = 0.0, False
         for _, pz in parameterizations(self.model):
-            if distributed.is_sharded(pz.w):  # FSDP2: this rank's rows, summed over the ranks below
-                sharded = True
-                local, rows = distributed.local, distributed.local_rows
-                m = None if pz.m is None else local(pz.m)
-                values = ops.reparam(m, local(pz.w), rows(pz.mask if pz.layout == "dense" else None, pz.w))
-            else:
-                values = pz.values()
-            total += float(values.detach().abs().sum())
+            sharded = sharded or distributed.is_sharded(pz.w)  # FSDP2: this rank's rows, summed below
+            total += float(pz.local_values().detach().abs().sum())
         return float(distributed.sum_over_ranks([total])[0]) if sharded else total

@@ -156,10 +156,8 @@ class PILoT(Method):
     def _sharded_masks(self, layers: dict[str, Any], density: float) -> dict[str, torch.Tensor]:
         """FSDP2: the same masks as one process on the whole θ, from each rank's rows (no gather of θ)."""
         from ..distributed.select import topk_masks, whole_from_rows
-        from ..ops import reparam
 
-        local, rows = distributed.local, distributed.local_rows
-        scores = [reparam(local(pz.m), local(pz.w), rows(pz.mask, pz.m)).abs() for pz in layers.values()]
+        scores = [pz.local_values().detach().abs() for pz in layers.values()]
         numel = [pz.shape2d[0] * pz.shape2d[1] for pz in layers.values()]
         if self.config.prune_scope == "global":
             keep = topk_masks(scores, num_active(density, sum(numel)))
