@@ -192,8 +192,7 @@ def _one_line_error(args: list[str], says: str) -> None:
     (["--nproc", "2", "--layout", "auto", "--epochs", "1"], "--layout auto: not on several"),
     (["--nproc", "2", "--compare", "static,signin"], "--compare: runs in one process only"),
     (["--fsdp"], "--fsdp: shards the model over several processes"),
-    (["--nproc", "2", "--fsdp", "--method", "pilot"], "'pilot' cannot train a sharded model"),
-    (["--nproc", "2", "--fsdp", "--method", "gmp"], "'gmp' cannot train a sharded model"),
+    (["--nproc", "2", "--fsdp", "--method", "static", "--dynamic", "rigl"], "'static' cannot train a sharded model"),
 ])
 def test_train_cli_multiprocess_errors_are_one_line(extra, says):
     _one_line_error(extra, says)

@@ -68,6 +68,17 @@ def wrap(cfg, model: nn.Module, device: torch.device) -> nn.Module | None:
     return None  # DDP wraps after the optimizer and the method are set up (ddp())
 
 
+def apply_method(cfg, method, model: nn.Module, optimizer, steps_per_epoch: int) -> None:
+    """``method.apply``; under FSDP2 a method (or an option of it) that refuses sharded parameters is a
+    user error, one line (e.g. PILoT's weight rewinding)."""
+    try:
+        method.apply(model, optimizer, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+    except ValueError as e:
+        if not (cfg.fsdp and distributed.world_size() > 1):
+            raise
+        raise ConfigError(f"fsdp: {str(e).removeprefix('model: ')}") from None
+
+
 def ddp(model: nn.Module, forward: nn.Module | None) -> nn.Module | None:
     if distributed.world_size() > 1 and forward is None:
         return nn.parallel.DistributedDataParallel(model)

@@ -215,7 +215,7 @@ def _start(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, stream: Tex
     forward = D.wrap(cfg, model, device)  # FSDP2 shards before the optimizer is built
     optimizer = _make_optimizer(cfg, model, method)
     steps_per_epoch = math.ceil(ds.n_train / cfg.batch_size)
-    method.apply(model, optimizer, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+    D.apply_method(cfg, method, model, optimizer, steps_per_epoch)
     if saved is not None:
         D.restore(saved, model, optimizer, method)
     forward = D.ddp(model, forward)  # every rank built the same model from the same seed (checked in wrap)
