@@ -161,6 +161,15 @@ class Parameterization(nn.Module):
         """θ in storage form (dense (N, K) or compact values), differentiable in m and w."""
         return ops.reparam(self.m, self.w, self.mask if self.layout == "dense" else None)
 
+    def local_values(self) -> Tensor:
+        """:meth:`values` of the rows this rank holds (FSDP2 shards m and w by rows; the mask is whole on
+        every rank); :meth:`values` itself when the parameters are not sharded."""
+        if not distributed.is_sharded(self.w):
+            return self.values()
+        m = None if self.m is None else distributed.local(self.m)
+        mask = distributed.local_rows(self.mask if self.layout == "dense" else None, self.w)
+        return ops.reparam(m, distributed.local(self.w), mask)
+
     def theta(self) -> Tensor:
         """θ = M ⊙ m ⊙ w as a dense tensor of the weight's shape, differentiable in m and w."""
         values = self.values()
@@ -239,9 +248,12 @@ class Parameterization(nn.Module):
         self.mask = mask
         if keep is None:  # no mask before or after: nothing changes
             return
+        # FSDP2: m and w are row shards (the mask stays whole on every rank): change this rank's rows
+        keep, w = distributed.local_rows(keep, self.w), distributed.local(self.w)
         if self.factored:
-            self.m.copy_(torch.where(keep, self.m, torch.full_like(self.m, math.sqrt(float(self.beta)))))
-        self.w.copy_(torch.where(keep, self.w, torch.zeros_like(self.w)))
+            m = distributed.local(self.m)
+            m.copy_(torch.where(keep, m, torch.full_like(m, math.sqrt(float(self.beta)))))
+        w.copy_(torch.where(keep, w, torch.zeros_like(w)))
 
     # --------------------------------------------------------------------------------- diagnostics
 

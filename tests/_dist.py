@@ -70,7 +70,21 @@ def model(dtype: torch.dtype) -> nn.Module:
 
 
 def method_options(name: str, layout: str) -> dict:
+    """The options of a case's method; variants: "pilot-layer" (one threshold per layer, ERK densities),
+    "<method>-rigl" (RigL mask updates at steps 2 and 4)."""
+    base, _, variant = name.partition("-")
+    if variant == "layer":
+        return {**method_options(base, layout), "prune_scope": "layer", "distribution": "erk"}
+    if variant == "global":
+        return {**method_options(base, layout), "prune_scope": "global"}
+    if variant == "rigl":
+        return {**method_options(base, layout), "dynamic": "rigl", "update_every": 2, "drop_fraction": 0.5,
+                "stop_at": 0.9}
     opts = {"density": 0.5, "layout": layout, "seed": 3, "distribution": "uniform"}
+    if name == "gmp":  # prunes after steps 2, 3, 4 (cubic to 0.5), then trains the final mask
+        opts.update(prune_start=0.2, prune_end=0.7, prune_every=1)
+    if name == "acdc":  # dense 2 steps, sparse 2, dense 1, sparse 1 (the final sparse phase)
+        opts.update(acdc_phase=2, acdc_unit="step", acdc_final=0.2, signin=True, reset_every=1, reset_unit="step")
     if name == "signin":
         opts.update(reset_every=1, reset_unit="step")  # resets inside training, in the step hook
     if name == "pilot":
@@ -94,7 +108,10 @@ def build(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> dict
     """Model (sparsified, wrapped for DDP or FSDP2 when ``world`` > 1), method and optimizer of a case."""
     name, layout, opt_name, mode, dtype = case
     net = model(dtype)
-    method = make_method(name, **method_options(name, layout))
+    method = make_method(name.partition("-")[0], **method_options(name, layout))
+    if layout == "bsr":  # 4×4 blocks: every layer has several, split over the ranks (32×32 would be one)
+        options = method.sparsify_options()
+        method.sparsify_options = lambda: {**options, "block_shape": (4, 4)}
     method.prepare(net)
     if world > 1 and wrap == "fsdp":
         net = shard(net, world)
@@ -104,8 +121,9 @@ def build(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> dict
     method.apply(wrapped, opt, epochs=EPOCHS, steps_per_epoch=STEPS)
     if mode == "attach":
         opt.attach(wrapped)
-    return {"net": net, "wrapped": wrapped, "method": method, "opt": opt, "dtype": dtype, "rank": rank,
-            "world": world, "alphas": []}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1.0 + 0.2 * k))  # saved with DCP
+    return {"net": net, "wrapped": wrapped, "method": method, "opt": opt, "sched": sched, "dtype": dtype,
+            "rank": rank, "world": world, "alphas": []}
 
 
 def train(run: dict, epochs: range) -> None:
@@ -121,6 +139,7 @@ def train(run: dict, epochs: range) -> None:
             out = wrapped(x)
             nn.functional.cross_entropy(out, y).backward()
             opt.step()
+            run["sched"].step()
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
         run["alphas"].append(method.after_epoch(epoch + 1, correct / seen).get("alpha"))
@@ -131,8 +150,10 @@ def finish(run: dict) -> dict:
     run["method"].end_of_training()
     net = run["net"]
     masks = {n: pz.dense_mask() for n, pz in se.optim.parameterizations(net)}
+    updater = getattr(run["method"], "updater", None)
     return {"state": se.distributed.full_state_dict(net), "alphas": run["alphas"], "masks": masks,
-            "resets": getattr(run["method"], "beta_before", None)}
+            "resets": getattr(run["method"], "beta_before", None),
+            "regrown": None if updater is None else updater.regrown}
 
 
 def run_case(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> dict:
@@ -146,9 +167,9 @@ def resumed_case(case: tuple, rank: int, world: int, wrap: str, where: str) -> d
     """The case trained one epoch, saved with DCP, rebuilt from scratch, loaded and trained to the end."""
     first = build(case, rank, world, wrap)
     train(first, range(1))
-    se.distributed.save(where, first["wrapped"], first["opt"], first["method"])
+    se.distributed.save(where, first["wrapped"], first["opt"], first["method"], first["sched"])
     second = build(case, rank, world, wrap)
-    se.distributed.load(where, second["wrapped"], second["opt"], second["method"])
+    se.distributed.load(where, second["wrapped"], second["opt"], second["method"], second["sched"])
     second["alphas"] = list(first["alphas"])
     train(second, range(1, EPOCHS))
     return finish(second)
@@ -157,7 +178,9 @@ CASES = [(name, layout, opt, mode, torch.float64)
          for name in ("static", "signin", "pilot")
          for layout in ("dense", "csr") if not (name == "pilot" and layout == "csr")  # pilot trains dense
          for opt in ("sgd", "adamw") for mode in ("step", "attach")]
-CASES += [("signin", "csr", "adamw", "attach", torch.float32), ("pilot", "dense", "sgd", "step", torch.float32)]
+CASES += [("signin", "csr", "adamw", "attach", torch.float32), ("pilot", "dense", "sgd", "step", torch.float32),
+          ("signin-rigl", "csr", "sgd", "step", torch.float64), ("static-rigl", "csr", "adamw", "attach", torch.float64),
+          ("signin-rigl", "dense", "adamw", "step", torch.float64), ("signin", "bsr", "sgd", "attach", torch.float64)]
 
 
 def user_errors(rank: int, world: int) -> dict:
@@ -202,7 +225,8 @@ CONTROLLER_ACCS = [[0.5, 0.5], [0.4, 0.7]]
 
 #: the cases resumed from a distributed checkpoint (with the wrapping each is trained under)
 RESUME_CASES = {"ddp": [("signin", "csr", "adamw", "step", torch.float64), ("pilot", "dense", "sgd", "attach", torch.float64)],
-                "fsdp": [("signin", "dense", "sgd", "attach", torch.float64), ("static", "csr", "adamw", "step", torch.float64)]}
+                "fsdp": [("signin", "dense", "sgd", "attach", torch.float64), ("static", "csr", "adamw", "step", torch.float64),
+                         ("pilot", "dense", "adamw", "step", torch.float64)]}
 
 
 def checkpoints(wrap: str, ckpt_dir: str) -> dict:
@@ -234,9 +258,13 @@ def ddp_worker(rank: int, world: int, cases: list, ckpt_dir: str) -> dict:
 
 
 FSDP_CASES = [(name, layout, opt, mode, torch.float64)
-              for name in ("static", "signin") for layout in ("dense", "csr")
+              for name in ("static", "signin", "pilot") for layout in ("dense", "csr")
+              if not (name == "pilot" and layout == "csr")  # pilot trains dense
               for opt in ("sgd", "adamw") for mode in ("step", "attach")]
-FSDP_CASES += [("signin", "csr", "adamw", "step", torch.float32)]
+FSDP_CASES += [("signin", "csr", "adamw", "step", torch.float32), ("pilot", "dense", "adamw", "attach", torch.float32),
+               ("signin", "bsr", "adamw", "step", torch.float64), ("static", "bsr", "sgd", "attach", torch.float64),
+               ("pilot-layer", "dense", "sgd", "step", torch.float64), ("gmp", "dense", "adamw", "step", torch.float64),
+               ("gmp-global", "dense", "sgd", "attach", torch.float64), ("acdc", "dense", "adamw", "attach", torch.float64)]
 
 
 def nonfinite_step(rank: int, world: int, mode: str) -> dict:
@@ -255,18 +283,41 @@ def nonfinite_step(rank: int, world: int, mode: str) -> dict:
     return {"moved": moved, "skipped": run["opt"].skipped_steps + run["opt"].skipped_updates}
 
 
+def tie_scores(seed: int) -> list[torch.Tensor]:
+    """Whole score tensors with many ties (small integers), one of them with fewer rows than ranks' chunks."""
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.float32 if seed % 2 else torch.float64
+    return [torch.randint(0, 4, shape, generator=g).to(dtype) for shape in ((9, 5), (1, 7), (6, 3))]
+
+
+def select_over_ranks(rank: int, world: int) -> dict:
+    """This rank's rows of the k-largest masks of :func:`tie_scores`, for several k (no model involved)."""
+    from sparse_engine.distributed.select import topk_masks
+
+    out = {}
+    for seed in range(6):
+        rows = [torch.chunk(t, world)[rank] if rank < len(torch.chunk(t, world)) else t[:0] for t in tie_scores(seed)]
+        for k in (0, 1, 17, 40, 80, 200):
+            out[seed, k] = topk_masks(rows, k)
+    return out
+
+
 def fsdp_worker(rank: int, world: int, cases: list, ckpt_dir: str) -> dict:
     out = {"cases": {case: run_case(case, rank, world, wrap="fsdp") for case in cases},
            "resumed": resumed(rank, world, "fsdp", ckpt_dir)}
     out["extracted"] = extracted_output(EXTRACT_CASE, out["cases"][EXTRACT_CASE]["state"])
+    out["select"] = select_over_ranks(rank, world)
     out["nonfinite"] = {mode: nonfinite_step(rank, world, mode) for mode in ("step", "attach")}
-    method = make_method("pilot", **method_options("pilot", "dense"))
-    net = model(torch.float64)
-    method.prepare(net)
-    net = shard(net, world)
-    try:
-        method.apply(net, method.make_optimizer(net, "sgd", lr=0.1))
-        out["pilot_sharded"] = None
-    except ValueError as e:
-        out["pilot_sharded"] = str(e)
+    out["refused"] = {}
+    for name, opts in (("signin", {**method_options("signin", "dense"), "dynamic": "rigl"}),
+                       ("pilot", {**method_options("pilot", "dense"), "iterative": True, "rewind": "weight"})):
+        method = make_method(name, **opts)
+        net = model(torch.float64)
+        method.prepare(net)
+        net = shard(net, world)
+        try:
+            method.apply(net, method.make_optimizer(net, "sgd", lr=0.1))
+            out["refused"][name] = None
+        except ValueError as e:
+            out["refused"][name] = str(e)
     return out

@@ -226,11 +226,11 @@ def test_train_resume_mid_run_is_bit_identical(case, tmp_path, monkeypatch):
         assert_same(a[key], b[key], key)
 
 
-@pytest.mark.parametrize("name, options", [("gmp", {}), ("acdc", {}), ("signin", {"dynamic": "rigl"}),
-                                           ("static", {"dynamic": "set"})])
-def test_methods_that_rank_whole_weights_refuse_a_sharded_model(name, options):
-    """gmp, acdc and mask updates read whole weights: an FSDP2-sharded parameter (one with DTensor
-    placements) is refused in one line before training, as PILoT is."""
+@pytest.mark.parametrize("name, options", [("signin", {"dynamic": "rigl"}), ("static", {"dynamic": "set"})])
+def test_mask_updates_refuse_a_sharded_model(name, options):
+    """Mask updates rebuild whole masks and compact indices: an FSDP2-sharded parameter (one with DTensor
+    placements) is refused in one line before training (gmp, acdc and PILoT prune sharded models: their
+    2-process tests are in test_distributed.py)."""
     model = _model()
     method = make_method(name, density=0.5, **options)
     method.prepare(model)
@@ -242,3 +242,4 @@ def test_methods_that_rank_whole_weights_refuse_a_sharded_model(name, options):
 
 def test_static_without_mask_updates_still_trains_sharded_models():
     assert make_method("static", density=0.5).shardable and make_method("signin", density=0.5).shardable
+    assert make_method("gmp", density=0.5).shardable and make_method("acdc", density=0.5).shardable

@@ -288,8 +288,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 def training_state(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, position: dict[str, Any],
                    model: nn.Module, optimizer, scheduler, method: Method, signs0: dict[str, torch.Tensor],
-                   flips_total: dict[str, int], result: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Everything a checkpoint holds (see the module docstring), with its SHA-256."""
+                   flips_total: dict[str, int], result: dict[str, Any], device: torch.device,
+                   parts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a checkpoint holds (see the module docstring), with its SHA-256. ``parts``: entries a
+    multi-process run gives instead (the gathered model, every rank's random generators, ...)."""
+    parts = parts or {}
     state = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "library_version": _library_version(),
         "torch_version": str(torch.__version__),
@@ -298,10 +301,10 @@ def training_state(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, pos
                    "vocab_size": ds.vocab_size},
         "dataset": {"name": ds.name, "n_train": ds.n_train, "n_test": ds.n_test, "fingerprint": fingerprint},
         "position": position,
-        "model_state": model.state_dict(),
-        "optimizer_state": optimizer.state_dict(),
+        "model_state": parts["model_state"] if "model_state" in parts else model.state_dict(),
+        "optimizer_state": parts["optimizer_state"] if "optimizer_state" in parts else optimizer.state_dict(),
         "scheduler_state": scheduler.state_dict(),
-        "method_state": method.state_dict(),
+        "method_state": parts["method_state"] if "method_state" in parts else method.state_dict(),
         "method_logs": plain(method_logs(method)),
         "layouts": layouts(model),
         "rng": rng_state(device),
@@ -309,6 +312,7 @@ def training_state(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, pos
         "flips_total": dict(flips_total),
         "result": plain(result),
     }
+    state.update(parts)
     state["sha256"] = digest(state)
     return state
 

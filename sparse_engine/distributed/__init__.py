@@ -6,6 +6,7 @@
 * :mod:`.checks`: the masks are equal on every rank (one checksum all-reduce), else one clear error.
 * sharded parameters (FSDP2's DTensors): the optimizer, the Sign-In reset and the statistics work on
   each rank's local shard (:func:`local`, and :func:`local_rows` for the whole masks), elementwise.
+* :mod:`.select`: the k largest scores over row shards (PILoT's prune under FSDP2), exact, without a gather.
 * :mod:`.checkpoint`: save / resume with ``torch.distributed.checkpoint`` (model, optimizer, method).
 * :mod:`.ddp`: step-in-backward under DDP: each bucket's parameters are stepped right after the bucket's
   all-reduce (a DDP communication hook), never on a local gradient.

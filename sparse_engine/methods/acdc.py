@@ -58,7 +58,6 @@ def acdc_sparse(unit: int, phase: int, total: int, final: float) -> bool:
 class ACDC(SignIn):
     name = "acdc"
     config_class = ACDCConfig
-    shardable = False  # its prunes rank whole weights
 
     @property
     def sparsify_as(self) -> str:  # type: ignore[override]

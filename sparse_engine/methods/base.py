@@ -241,11 +241,13 @@ class Method:
     @torch.no_grad()
     def l1(self) -> float:
         """‖θ‖₁ over the parameterized weights of the model."""
+        from .. import distributed
         from ..optim import parameterizations
 
         if self.model is None:
             return 0.0
-        total = 0.0
+        total, sharded = 0.0, False
         for _, pz in parameterizations(self.model):
-            total += float(pz.values().detach().abs().sum())
-        return total
+            sharded = sharded or distributed.is_sharded(pz.w)  # FSDP2: this rank's rows, summed below
+            total += float(pz.local_values().detach().abs().sum())
+        return float(distributed.sum_over_ranks([total])[0]) if sharded else total

@@ -15,7 +15,8 @@ update). A grown weight starts at θ = 0 (m = √β, w = 0 for Sign-In's m ⊙ w
 a dropped one becomes θ = 0 with zero state. Layouts: dense and block (the mask changes), csr and bsr
 (the index is rebuilt and the optimizer state moves with its coordinates); the block layouts drop and grow
 whole blocks (scored by the sum of |θ| and of |∂L/∂θ| over the block), k and n then count blocks. Under
-torch.distributed the masks of rank 0 are broadcast, so every process keeps the same masks.
+torch.distributed (DDP) RigL grows by the all-reduced gradient (the global batch's, as in one process), and
+rank 0's masks are broadcast, so every process keeps the same masks.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..checks import check_choice
 from ..layout import block_grid, expand_block_mask, to_blocks
 from ..masks import SCOPES, SOURCES, _topk_mask
@@ -73,10 +75,12 @@ def zero_state_outside(optimizer, params, keep: Tensor) -> None:
         st = optimizer.state.get(p)
         if not st:
             continue
+        rows = distributed.local_rows(keep.reshape(p.shape), p)  # FSDP2: the rows of this rank's shard
         for name in optimizer.buffer_names:
             buf = st.get(name)
             if buf is not None:
-                buf.masked_fill_(~keep.reshape(buf.shape), 0)
+                buf = distributed.local(buf)
+                buf.masked_fill_(~rows.reshape(buf.shape), 0)
 
 
 @torch.no_grad()
@@ -294,6 +298,8 @@ class MaskUpdater:
         else:  # a linear layer: ∂L/∂θ = gᵀ x over every leading dim
             n, k = module.param.shape2d
             grad = gs.reshape(-1, n).t() @ xs.reshape(-1, k)
+        if _world_size() > 1:  # DDP: grow by the gradient of the global batch, as one process would
+            torch.distributed.all_reduce(grad)  # every rank captures the same layers in the same order
         block = _block(module)
         score = _units(grad.detach().abs().reshape(module.param.shape2d), block)
         active = _active_units(module, block)
@@ -360,11 +366,18 @@ class MaskUpdater:
         self.arm(next_step)
 
 
-def _same_on_every_rank(mask: Tensor) -> Tensor:
-    """Rank 0's mask on every process of an initialised process group (RigL's gradients are local)."""
+def _world_size() -> int:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _same_on_every_rank(mask: Tensor) -> Tensor:
+    """Rank 0's mask on every process of an initialised process group: the decisions are taken from the
+    same numbers on every rank, this keeps float ties from ever splitting the replicas."""
+    import torch.distributed as dist
+
+    if _world_size() == 1:
         return mask
     buf = mask.to(torch.uint8)
     dist.broadcast(buf, src=0)
@@ -379,6 +392,11 @@ def magnitude_prune(layers, density: float, scope: str, distribution: str, optim
     Returns name -> density."""
     from ..masks import layer_counts, num_active
 
+    if any(distributed.is_sharded(module.param.w) for _, module in layers):
+        masks = _sharded_magnitude_masks(layers, density, scope, distribution)
+        for name, module in layers:
+            apply_mask(module, masks[name], optimizer)
+        return {name: module.density() for name, module in layers}
     scores = {}
     for name, module in layers:
         active = module.mask2d()
@@ -402,3 +420,30 @@ def magnitude_prune(layers, density: float, scope: str, distribution: str, optim
         apply_mask(module, masks[name], optimizer)
         out[name] = module.density()
     return out
+
+
+def _sharded_magnitude_masks(layers, density: float, scope: str, distribution: str) -> dict[str, Tensor]:
+    """:func:`magnitude_prune`'s masks on FSDP2 row shards (dense storage): the same as one process's, the
+    threshold selected over the shards without gathering θ (``distributed.select``)."""
+    from ..distributed.select import topk_masks, whole_from_rows
+    from ..masks import layer_counts, num_active
+
+    scores, active = [], []
+    for name, module in layers:
+        pz = module.param
+        if pz.layout != "dense":
+            raise RuntimeError(f"layer {name!r}: a sharded magnitude prune needs the dense layout, got {pz.layout!r}")
+        scores.append(pz.local_values().detach().abs().reshape(-1, pz.shape2d[1]).to(torch.float64))
+        active.append(distributed.local_rows(module.mask2d(), pz.w))
+    if scope == "global":
+        total = sum(module.param.shape2d[0] * module.param.shape2d[1] for _, module in layers)
+        keep = topk_masks(scores, num_active(density, total), active)
+    else:
+        shapes = {name: module.param.shape2d for name, module in layers}
+        counts = layer_counts(shapes, density, distribution)
+        keep = []
+        for (name, module), s, a in zip(layers, scores, active):
+            mask = module.mask2d()  # a pruned weight stays pruned: at most the weights the layer still has
+            n_active = math.prod(module.param.shape2d) if mask is None else int(mask.sum())
+            keep.append(topk_masks([s], min(counts[name], n_active), [a])[0])
+    return {name: whole_from_rows(k, module.param.w) for (name, module), k in zip(layers, keep)}

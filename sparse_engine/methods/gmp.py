@@ -54,7 +54,6 @@ class GMP(Method):
     name = "gmp"
     config_class = GMPConfig
     sparsify_as = "dense"  # masked layers without a mask: the mask appears at the first prune
-    shardable = False  # its prunes rank whole weights
 
     def prepare(self, model, batch=None, loss_fn=None):
         report = super().prepare(model, batch, loss_fn)

@@ -10,7 +10,8 @@ sparse-ish while training; at the end θ is magnitude-pruned to the target densi
   distributed job every rank calls ``after_epoch`` with its own accuracy and the controller uses the mean
   over the ranks (the global accuracy when the ranks see equally many samples).
 * Final prune: one-shot magnitude prune of θ, threshold global or per layer ([open]: both; per layer
-  uses the ``distribution``'s layer densities). Optionally iterative: prune ``prune_fraction`` of the
+  uses the ``distribution``'s layer densities). On an FSDP2-sharded model the threshold is selected over
+  the shards (``distributed.select``): the same masks as one process, θ never gathered. Optionally iterative: prune ``prune_fraction`` of the
   remaining weights, retrain ``retrain_epochs``, repeat until the target density, with learning-rate
   rewinding (restart the lr schedule, keep the weights) or weight rewinding (also reset the kept weights
   to their values after epoch ``rewind_epoch``; 0 = initialisation). α is 0 while retraining.
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..masks import SCOPES, layer_densities, magnitude_masks
+from ..masks import SCOPES, layer_densities, magnitude_masks, num_active
 from ..optim.schedules import ALPHA_SCHEDULES, AlphaController, AlphaSchedule
 from .base import FactoredConfig, Method, Retrain, option
 
@@ -74,8 +75,6 @@ class PILoT(Method):
     name = "pilot"
     config_class = PILoTConfig
     sparsify_as = "pilot"
-    #: its controller and final magnitude prune read the whole θ: no FSDP2 (DDP is fine)
-    shardable = False
 
     def _layers(self) -> dict[str, Any]:
         from ..optim import parameterizations
@@ -84,6 +83,10 @@ class PILoT(Method):
 
     def setup(self) -> None:
         c = self.config
+        if c.iterative and c.rewind == "weight" and any(distributed.is_sharded(pz.m) for pz in self._layers().values()):
+            # the snapshot of θ would be per shard, and a checkpoint keeps one copy of the method's state
+            raise ValueError("model: pilot's weight rewinding cannot train a sharded (FSDP2) model; use "
+                             "rewind='lr' or DistributedDataParallel")
         self.l1_init = self.l1()
         if c.alpha_schedule == "controller":
             k = c.target_l1 if c.target_l1 is not None else c.target_l1_ratio * self.l1_init
@@ -130,20 +133,38 @@ class PILoT(Method):
         layers = self._layers()
         if not layers:
             return {}
-        thetas = {name: pz.theta().detach() for name, pz in layers.items()}
-        scores = {name: t.abs() for name, t in thetas.items()}
-        if self.config.prune_scope == "global":
-            masks = magnitude_masks(scores, density, scope="global")
+        if any(distributed.is_sharded(pz.m) for pz in layers.values()):
+            masks = self._sharded_masks(layers, density)
         else:
-            shapes = {name: tuple(t.shape) for name, t in thetas.items()}
-            dens = layer_densities(shapes, density, self.config.distribution)
-            masks = {name: magnitude_masks({name: s}, dens[name], scope="layer")[name] for name, s in scores.items()}
+            scores = {name: pz.theta().detach().abs() for name, pz in layers.items()}
+            if self.config.prune_scope == "global":
+                masks = magnitude_masks(scores, density, scope="global")
+            else:
+                dens = self._layer_densities(layers, density)
+                masks = {name: magnitude_masks({name: s}, dens[name], scope="layer")[name] for name, s in scores.items()}
         for name, pz in layers.items():
             old = pz.dense_mask()
-            mask = masks[name] if old is None else masks[name] & old
-            pz.set_mask(mask)
+            mask = masks[name].reshape(pz.weight_shape)
+            pz.set_mask(mask if old is None else mask & old)
         self.optimizer.mask_changed()
         return {name: pz.density() for name, pz in layers.items()}
+
+    def _layer_densities(self, layers: dict[str, Any], density: float) -> dict[str, float]:
+        shapes = {name: pz.weight_shape for name, pz in layers.items()}
+        return layer_densities(shapes, density, self.config.distribution)
+
+    def _sharded_masks(self, layers: dict[str, Any], density: float) -> dict[str, torch.Tensor]:
+        """FSDP2: the same masks as one process on the whole θ, from each rank's rows (no gather of θ)."""
+        from ..distributed.select import topk_masks, whole_from_rows
+
+        scores = [pz.local_values().detach().abs() for pz in layers.values()]
+        numel = [pz.shape2d[0] * pz.shape2d[1] for pz in layers.values()]
+        if self.config.prune_scope == "global":
+            keep = topk_masks(scores, num_active(density, sum(numel)))
+        else:
+            dens = self._layer_densities(layers, density)
+            keep = [topk_masks([s], num_active(dens[name], n))[0] for name, s, n in zip(layers, scores, numel)]
+        return {name: whole_from_rows(k, pz.m) for (name, pz), k in zip(layers.items(), keep)}
 
     def end_of_training(self) -> Retrain | None:
         c = self.config

@@ -433,8 +433,8 @@ class SparseOptimizer(torch.optim.Optimizer):
                     continue
                 for name in self.buffer_names:
                     buf = st.get(name)
-                    if buf is not None:
-                        buf.masked_fill_(~mask, 0)
+                    if buf is not None:  # FSDP2: the buffer is a shard like p, the mask whole
+                        distributed.local(buf).masked_fill_(~distributed.local_rows(mask, p), 0)
 
     def materialize_state(self) -> None:
         """Create every parameter's state (zero buffers, step 0) now: a distributed checkpoint loads in
