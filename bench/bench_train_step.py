@@ -44,9 +44,11 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = {"mlp784": (784, 300, 100, 10), "mlp4096": (4096, 4096, 4096, 10)}
 PROVIDERS = ("engine", "engine_ops", "naive", "dense")
-#: the A/B pair of --ab: the engine as shipped vs the engine with the per-call paths it replaced (the
-#: Python custom op per layer and direction, one optimizer call per tensor)
-AB_PROVIDERS = ("dense", "engine", "engine_percall")
+#: the A/B rows of --ab: the engine as shipped vs the engine without the lean eager layer entry
+#: (``engine_checked``: each SparseLinear call through the fully checked ops.compact_linear, the same C++
+#: op behind it) vs the engine with the per-call paths it replaced (``engine_percall``: the Python custom
+#: op per layer and direction, one optimizer call per tensor)
+AB_PROVIDERS = ("dense", "engine", "engine_checked", "engine_percall")
 DENSITY, BATCH, LR, MOMENTUM, WD = 0.1, 128, 0.05, 0.9, 5e-4
 
 
@@ -164,6 +166,10 @@ def build(provider: str, sizes, torch):
         step, state = build("engine", sizes, torch)
         return _per_call(step), state
 
+    if provider == "engine_checked":
+        step, state = build("engine", sizes, torch)
+        return _checked(step), state
+
     if provider == "engine":
         from sparse_engine.nn import SparseLinear
         from sparse_engine.optim import SGD
@@ -257,6 +263,22 @@ def _per_call(fn):
     return run
 
 
+def _checked(fn):
+    """``fn`` run with ops.compact_linear_eager declining every call: each layer takes the fully checked
+    ops.compact_linear (same C++ op), as before the lean entry. The A side of the engine_checked rows."""
+    from sparse_engine import ops
+
+    def run(*args):
+        real = ops.compact_linear_eager
+        ops.compact_linear_eager = lambda *a, **k: None
+        try:
+            return fn(*args)
+        finally:
+            ops.compact_linear_eager = real
+
+    return run
+
+
 def ab(models, threads_list, rounds: int, out: Path) -> None:
     """Interleaved A/B in one process: each round times one step of every provider in turn (and one
     Sign-In reset of the engine), so machine load hits all sides alike; medians over the rounds."""
@@ -296,7 +318,8 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
                 rows.append(dict(model=model, threads=threads, what=p, ms=med[p], reps=n,
                                  vs_dense=med["dense"] / med[p], **info, loadavg=load))
             print(f"{model:>8} {threads}t: dense {med['dense']:8.2f} ms | engine {med['engine']:8.2f} ms "
-                  f"(x{med['dense'] / med['engine']:.2f} vs dense) | per-call {med['engine_percall']:8.2f} ms "
+                  f"(x{med['dense'] / med['engine']:.2f} vs dense) | checked entry {med['engine_checked']:8.2f} ms "
+                  f"(x{med['dense'] / med['engine_checked']:.2f}) | per-call {med['engine_percall']:8.2f} ms "
                   f"(x{med['dense'] / med['engine_percall']:.2f}) | reset {med['reset']:.2f} ms "
                   f"(per-call {med['reset_percall']:.2f}) | load {load}")
     write_csv(rows, out)
