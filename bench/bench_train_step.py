@@ -244,23 +244,28 @@ def build(provider: str, sizes, torch):
     raise ValueError(f"unknown provider {provider!r}")
 
 
+def _declining(fn, owner, name: str):
+    """``fn`` (and its ``reset``) run with ``owner.name`` replaced by a function that finds nothing (None)."""
+    def run(*args):
+        real = getattr(owner, name)
+        setattr(owner, name, lambda *a, **k: None)
+        try:
+            return fn(*args)
+        finally:
+            setattr(owner, name, real)
+
+    if hasattr(fn, "reset"):
+        run.reset = _declining(fn.reset, owner, name)
+    return run
+
+
 def _per_call(fn):
     """``fn`` run with the whole-call entry points hidden (ops.backends.extra finds none): every layer
     goes through the Python custom op in each direction and the optimizer steps tensor by tensor, as
     before they existed. The A side of the --ab rows."""
     from sparse_engine.ops import backends
 
-    def run(*args):
-        real = backends.extra
-        backends.extra = lambda *a, **k: None
-        try:
-            return fn(*args)
-        finally:
-            backends.extra = real
-
-    if hasattr(fn, "reset"):
-        run.reset = _per_call(fn.reset)
-    return run
+    return _declining(fn, backends, "extra")
 
 
 def _checked(fn):
@@ -268,15 +273,7 @@ def _checked(fn):
     ops.compact_linear (same C++ op), as before the lean entry. The A side of the engine_checked rows."""
     from sparse_engine import ops
 
-    def run(*args):
-        real = ops.compact_linear_eager
-        ops.compact_linear_eager = lambda *a, **k: None
-        try:
-            return fn(*args)
-        finally:
-            ops.compact_linear_eager = real
-
-    return run
+    return _declining(fn, ops, "compact_linear_eager")
 
 
 def ab(models, threads_list, rounds: int, out: Path) -> None:
