@@ -148,18 +148,22 @@ def _python_entry(name: str):
 _INFER = _python_entry("compact_linear_infer")
 
 
-def compact_linear_infer(
+def _infer_by_op(
     x: Tensor, w_values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor, out_features: int,
     in_features: int,
 ) -> Tensor:
-    """compact_linear_fwd without m and without autograd, for eager inference: a plain CPython call
-    into the same C++ forward (the op's dispatcher round trip costs more than a small SpMV)."""
-    if _INFER is not None:
-        return _INFER(x, w_values, bias, crow, col, int(out_features), int(in_features))
-    # A JIT build (no Python module): the registered op. Its forward reads only crow and col of the index
-    # (row is size-checked only, and has col's size), so col stands in for the fields it does not read.
+    """compact_linear_infer through the registered op (a JIT build has no Python module). The op's forward
+    reads only crow and col of the index (row is size-checked only, and has col's size), so col stands in
+    for the fields it does not read."""
     return torch.ops.sparse_engine_C.compact_linear_fwd(x, None, w_values, bias, crow, col, col, col, col, col,
                                                        int(out_features), int(in_features))
+
+
+#: compact_linear_fwd without m and without autograd, for eager inference:
+#: ``compact_linear_infer(x, w_values, bias, crow, col, out_features, in_features)`` (x (B, K) contiguous,
+#: the ints Python ints). The prebuilt library's CPython function when there is one: the op's dispatcher
+#: round trip costs more than a small SpMV, and so does one more Python frame.
+compact_linear_infer = _INFER if _INFER is not None else _infer_by_op
 
 
 def compact_linear_train(

@@ -225,6 +225,14 @@ def reason(
 # call, and the full walk (imports, dtype tables, device rules) costs several µs: a small layer's whole
 # kernel time at batch 1. The loader is part of the key so that replacing it (tests do) starts afresh.
 _selected: dict[tuple, tuple[str, Callable]] = {}
+_extras: dict[tuple, Callable | None] = {}  # extra()'s answers, under the same keys
+
+
+def _key(impl: str, device, dtype) -> tuple[tuple, str | None, str]:
+    """(cache key of select's answer, the requested backend, the device type)."""
+    want = requested()
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return (impl, kind, dtype, want, env.triton_interpret() if want == "triton" else None, _module), want, kind
 
 
 def _args_dependent(backend: str, impl: str) -> bool:
@@ -241,9 +249,7 @@ def select(
 
     ``args`` (the exact arguments, optional) are offered to a backend's ``unsupported`` hook.
     """
-    want = requested()
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
-    key = (impl, kind, dtype, want, env.triton_interpret() if want == "triton" else None, _module)
+    key, want, kind = _key(impl, device, dtype)
     hit = _selected.get(key)
     if hit is not None:
         return hit
@@ -274,11 +280,18 @@ def _select(impl: str, device, dtype, args: tuple, want: str | None) -> tuple[st
 def extra(impl: str, device: torch.device, dtype: torch.dtype | None, name: str) -> Callable | None:
     """The function ``name`` of the backend module :func:`select` takes for ``impl`` (an entry point
     beyond the reference names, e.g. a whole-group optimizer step), or None when that backend has none."""
+    key = (_key(impl, device, dtype)[0], name)
+    if key in _extras:  # cached with select's answer (the same conditions), as it is asked per call
+        return _extras[key]
     backend, _ = select(impl, device, dtype)
     if backend == "reference":
-        return None
-    module, _ = _module(backend, impl)
-    return getattr(module, name, None)
+        fn = None
+    else:
+        module, _ = _module(backend, impl)
+        fn = getattr(module, name, None)
+    if key[0] in _selected:
+        _extras[key] = fn
+    return fn
 
 
 def which(impl: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
