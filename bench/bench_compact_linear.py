@@ -67,8 +67,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_interleaved(fns: dict, device: str, *, min_time: float, min_reps: int = 5, max_reps: int = 200) -> dict:
-    """Median seconds per call of each fn; one call of every fn per round, rounds until min_time."""
+def bench_interleaved(fns: dict, device: str, *, min_time: float, min_reps: int = 5, max_reps: int = 200,
+                      burst: int = 1, clock=time.perf_counter) -> dict:
+    """Median seconds per call of each fn; one sample of every fn per round, rounds until min_time. A sample
+    is the mean of ``burst`` back-to-back calls: 1 times each call after the other providers ran (cold
+    caches); more times the steady state of a loop of calls (warm caches, as a serving loop runs)."""
     for fn in fns.values():  # warm-up (caches, lazy init, thread pools)
         fn()
         fn()
@@ -79,10 +82,11 @@ def bench_interleaved(fns: dict, device: str, *, min_time: float, min_reps: int 
     while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < min_time):
         for name, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
-            fn()
+            t0 = clock()
+            for _ in range(burst):
+                fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((clock() - t0) / burst)
         rounds += 1
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
@@ -151,7 +155,8 @@ def run(args) -> list[dict]:
                     if not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
                         raise SystemExit(f"{name} disagrees with dense on {lname} sp={sp} B={b}: "
                                          f"max err {(got - want).abs().max().item():.3g}")
-                both = bench_interleaved(fns, device, min_time=args.min_time)
+                both = bench_interleaved(fns, device, min_time=args.min_time, burst=args.burst,
+                                         clock=time.process_time if args.clock == "cpu" else time.perf_counter)
                 t = {k: v[0] for k, v in both.items()}  # medians: the headline numbers
                 tmin = {k: v[1] for k, v in both.items()}  # best run: least disturbed by other processes
                 sparse_name = min(("torch_sparse_mm", "torch_sparse_linear"), key=t.get)
@@ -163,7 +168,7 @@ def run(args) -> list[dict]:
                     secs = t_sparse if prov == "torch_sparse" else t[prov]
                     best = t_sparse_min if prov == "torch_sparse" else tmin[prov]
                     flops = 2.0 * (n * k if prov in ("dense", "dense_module") else nnz) * b
-                    rows.append(dict(info, device=device, layer=lname, N=n, K=k, sparsity=sp, batch=b, provider=prov,
+                    rows.append(dict(info, device=device, clock=args.clock, burst=args.burst, layer=lname, N=n, K=k, sparsity=sp, batch=b, provider=prov,
                                      variant=sparse_name if prov == "torch_sparse" else "",
                                      median_ms=secs * 1e3, min_ms=best * 1e3, gflops=flops / secs / 1e9,
                                      speedup_vs_dense=t["dense"] / secs, speedup_vs_torch_sparse=t_sparse / secs,
@@ -213,8 +218,17 @@ def main(argv=None) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     p.add_argument("--min-time", type=float, default=0.4, help="seconds of timed rounds per case")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: perf_counter; cpu: process CPU time, which leaves out the time the process waits "
+                        "for a core on a busy machine (CPU, --threads 1 only)")
+    p.add_argument("--burst", type=int, default=1,
+                   help="calls per timed sample (1: each call cold after the other providers; more: warm loop)")
     p.add_argument("--out", type=Path, default=None, help="CSV path (default runs/bench/compact_linear_<device>.csv)")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        p.error("--clock cpu needs --device cpu and --threads 1 (CPU time of several threads adds up)")
+    if args.burst < 1:
+        p.error(f"--burst must be >= 1, got {args.burst}")
     if args.quick:
         args.layers, args.sparsities = ["4096x4096"], [0.90, 0.98]
     rows = run(args)
