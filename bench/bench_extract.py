@@ -8,6 +8,8 @@ the weights were trained), on this machine's CPU:
 * providers: ``dense``   the original torch model (nn.Linear / nn.Conv2d, the baseline);
              ``auto``    ``extract(model, "auto")``: per layer the format measured fastest here;
              ``csr``     ``extract(model, "csr")``: every layer on sparse_engine's compact kernel;
+             ``csr_op``  the same model with the lean inference entry declined (the registered op's
+                         implementation per layer, the former path): the A/B of that entry;
              ``torch_csr`` the same θ as ``torch.sparse_csr_tensor`` + ``torch.sparse.mm`` per layer
                          (what a user writes today without sparse_engine);
 * latency at batch 1 (median of repeated calls after warm-up, ms) and throughput at batch 64
@@ -110,6 +112,26 @@ class TorchCSR(nn.Module):
         return y.reshape(b, mod.out_channels, ho, wo)
 
 
+class OpEntry:
+    """The extracted model with the backend's lean inference entry declined (ops.infer_entry finds none):
+    each compact layer calls the registered op's implementation through ops.run_unchecked, as before that
+    entry existed. The A side of the ``csr_op`` rows (same kernels, same results). A plain callable, not a
+    module: the wrapper adds a Python call and two attribute writes, no module machinery."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, x):
+        from sparse_engine import ops
+
+        real = ops.infer_entry
+        ops.infer_entry = lambda *a, **k: None
+        try:
+            return self.model(x)
+        finally:
+            ops.infer_entry = real
+
+
 def torch_csr_model(extracted: nn.Module) -> nn.Module:
     import copy
 
@@ -189,7 +211,7 @@ def run(models: list[str], densities: list[float], batch_lat: int, batch_thr: in
 
             formats = {"auto": count(auto), "auto_per_batch": f"b{batch_lat}: {count(auto_lat)}, "
                        f"b{batch_thr}: {count(auto_thr)}"}
-            providers = {"dense": dense, "auto": auto, "csr": csr, "torch_csr": tcsr}
+            providers = {"dense": dense, "auto": auto, "csr": csr, "csr_op": OpEntry(csr), "torch_csr": tcsr}
             x_lat, x_thr = make_x(batch_lat), make_x(batch_thr)
             stats: dict[str, dict[str, tuple[float, float]]] = {}
             with torch.inference_mode():
