@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed, ops
+from .. import distributed
 from ..nn.diagnostics import layer_type
 from ..optim import parameterizations
 from . import checkpoint as ck
@@ -105,16 +105,7 @@ def rank_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple:
 @torch.no_grad()
 def signs(model: nn.Module) -> dict[str, torch.Tensor]:
     """The sign of θ per sparse layer (int8, storage form); under FSDP2 of this rank's shard."""
-    out = {}
-    for name, pz in parameterizations(model):
-        if distributed.is_sharded(pz.w):
-            m = None if pz.m is None else distributed.local(pz.m)
-            mask = distributed.local_rows(pz.mask if pz.layout == "dense" else None, pz.w)
-            values = ops.reparam(m, distributed.local(pz.w), mask)
-        else:
-            values = pz.values().detach()
-        out[name] = torch.sign(values).to(torch.int8)
-    return out
+    return {name: torch.sign(pz.local_values()).to(torch.int8) for name, pz in parameterizations(model)}
 
 
 def sign_counts(model: nn.Module, signs0: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .. import distributed, ops
+from .. import distributed
 from ..distributed.collectives import min_max_over_ranks
 from ..param import sparse_layers
 
@@ -91,16 +91,14 @@ def _sharded_diagnostics(params: list) -> list[dict]:
     ‖θ‖₁ and the β sum / count summed over the ranks, β min / max reduced over them."""
     sums, extremes, out = [], [], []
     for param in params:
-        m = None if param.m is None else distributed.local(param.m)
-        w = distributed.local(param.w)
-        mask = distributed.local_rows(param.mask if param.layout == "dense" else None, param.w)
-        values = ops.reparam(m, w, mask)
+        values = param.local_values()
         sign = torch.sign(values).to(torch.int8)
         last = param._last_sign
         flips = 0 if last is None or last.shape != sign.shape else int(((sign * last) < 0).sum())
         param._last_sign = sign
         beta_sum, count, lo, hi = 0.0, 0, math.inf, -math.inf
         if param.factored:
+            m, w = distributed.local(param.m), distributed.local(param.w)
             beta = m.double() ** 2 - w.double() ** 2
             active = distributed.local_rows(param.step_mask(), param.w)
             beta = beta if active is None else beta[active]
