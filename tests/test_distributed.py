@@ -43,7 +43,7 @@ def test_ddp_equals_one_process_on_the_concatenated_batch(ddp_results, case):
         # the α sequence each rank decided (from its own accuracy, averaged inside the library) is the
         # one-process sequence, and the controller did move α
         assert r0["alphas"] == pytest.approx(one["alphas"], rel=1e-12, abs=0)
-        assert all(a != 1e-2 for a in r0["alphas"])
+        assert any(a != 1e-2 for a in r0["alphas"])  # the controller moved α
         for name, mask in one["masks"].items():
             assert torch.equal(r0["masks"][name], mask)
     if case[0] == "signin":
@@ -92,7 +92,7 @@ def test_fsdp2_equals_one_process_on_the_concatenated_batch(fsdp_results, case):
     if case[0].startswith("pilot"):
         # α decided from ‖θ‖₁ summed over the shards; the prune's threshold selected over the shards
         assert r0["alphas"] == r1["alphas"] == pytest.approx(one["alphas"], rel=1e-12, abs=0)
-        assert all(a != 1e-2 for a in r0["alphas"])
+        assert any(a != 1e-2 for a in r0["alphas"])  # the controller moved α
         for name, mask in one["masks"].items():
             assert torch.equal(r0["masks"][name], mask) and torch.equal(r1["masks"][name], mask), name
         kept = sum(int(m.sum()) for m in one["masks"].values())

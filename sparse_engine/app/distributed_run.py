@@ -105,7 +105,7 @@ def rank_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple:
 @torch.no_grad()
 def signs(model: nn.Module) -> dict[str, torch.Tensor]:
     """The sign of θ per sparse layer (int8, storage form); under FSDP2 of this rank's shard."""
-    return {name: torch.sign(pz.local_values()).to(torch.int8) for name, pz in parameterizations(model)}
+    return {name: torch.sign(pz.local_values().detach()).to(torch.int8) for name, pz in parameterizations(model)}
 
 
 def sign_counts(model: nn.Module, signs0: dict[str, torch.Tensor]) -> tuple[int, int]:
