@@ -211,3 +211,12 @@ def test_resume_on_another_number_of_processes_is_refused_in_one_line(runs, caps
                     "with --nproc 2")
     _one_line_error(capsys, ["--resume", runs.dir("ddp-signin-csr"), "--nproc", "2", "--fsdp"],
                     "--fsdp is True here but False in the checkpoint")
+
+
+def test_a_refusal_at_start_is_one_line_from_all_processes(tmp_path):
+    """PILoT's weight rewinding refuses sharded parameters when it is applied, on every rank: said once."""
+    done = _train("--method", "pilot", "--iterative", "--rewind", "weight", *TINY, "--nproc", "2", "--fsdp",
+                  "--out", str(tmp_path / "run"))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "weight rewinding cannot train a sharded" in lines[0]
