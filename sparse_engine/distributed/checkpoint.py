@@ -12,12 +12,24 @@ not be the one that was saved).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from .collectives import world_size
+
+
+def _dcp(call, state: dict[str, Any], path: str) -> None:
+    """``dcp.save`` / ``dcp.load``; without a process group in this process alone (DCP then warns that it
+    assumes so, even when told: the warning is dropped, the assumption is right)."""
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is .*uninitialized")
+        call(state, checkpoint_id=path, no_dist=single)
 
 
 def _state(model: nn.Module, optimizer, method, scheduler) -> dict[str, Any]:
@@ -36,7 +48,7 @@ def _state(model: nn.Module, optimizer, method, scheduler) -> dict[str, Any]:
 def save(path: str | os.PathLike, model: nn.Module, optimizer, method=None, scheduler=None) -> None:
     """Write the checkpoint directory ``path`` (a collective: every rank calls it). ``scheduler``: a
     ``torch.optim.lr_scheduler`` of ``optimizer``, saved with it."""
-    dcp.save(_state(model, optimizer, method, scheduler), checkpoint_id=os.fspath(path))
+    _dcp(dcp.save, _state(model, optimizer, method, scheduler), os.fspath(path))
 
 
 def load(path: str | os.PathLike, model: nn.Module, optimizer, method=None, scheduler=None) -> None:
@@ -46,13 +58,13 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer, method=None, sche
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: no distributed checkpoint at {path!r}")
     meta = {"meta": {"world_size": -1}}
-    dcp.load(meta, checkpoint_id=path)
+    _dcp(dcp.load, meta, path)
     saved = int(meta["meta"]["world_size"])
     if saved != world_size():
         raise ValueError(f"path: the checkpoint was written by {saved} processes, this job has {world_size()}; "
                          f"resume with {saved}")
     state = _state(model, optimizer, method, scheduler)
-    dcp.load(state, checkpoint_id=path)
+    _dcp(dcp.load, state, path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if method is not None:
