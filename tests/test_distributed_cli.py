@@ -1,6 +1,7 @@
 """`sparse-engine train` on 2 gloo processes (CPU): `--nproc 2` (DDP) and `--nproc 2 --fsdp` (FSDP2) equal
 one process; a multi-process run interrupted in its second epoch and resumed equals the run that was never
-interrupted, bit for bit; the errors a user can cause are one line, before any process starts.
+interrupted, bit for bit; the errors a user can cause are one line, before any process starts (checked in this process: the
+launcher's checks run before it starts any).
 
 Each run is a tiny MLP on 200 synthetic teacher samples (4 steps per epoch, 2 epochs) and each command
 runs under a timeout. Every run is made once per module (``runs``) and shared by the tests.
@@ -181,10 +182,13 @@ def test_resumed_multiprocess_run_equals_the_uninterrupted_one(runs, wrap):
         assert sorted(os.listdir(os.path.join(where, "checkpoint.shards"))) == ["epoch2-end"]
 
 
-def _one_line_error(args: list[str], says: str) -> None:
-    done = _train(*args)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
+def _one_line_error(capsys, args: list[str], says: str) -> None:
+    """The launcher's checks run before any process starts: here, in this process."""
+    capsys.readouterr()
+    code = cli.main(["train", *args])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and says in lines[0], err
 
 
 @pytest.mark.parametrize("extra, says", [
@@ -194,16 +198,25 @@ def _one_line_error(args: list[str], says: str) -> None:
     (["--fsdp"], "--fsdp: shards the model over several processes"),
     (["--nproc", "2", "--fsdp", "--method", "static", "--dynamic", "rigl"], "'static' cannot train a sharded model"),
 ])
-def test_train_cli_multiprocess_errors_are_one_line(extra, says):
-    _one_line_error(extra, says)
+def test_train_cli_multiprocess_errors_are_one_line(extra, says, capsys):
+    _one_line_error(capsys, extra, says)
 
 
-def test_resume_on_another_number_of_processes_is_refused_in_one_line(runs):
+def test_resume_on_another_number_of_processes_is_refused_in_one_line(runs, capsys):
     runs.one("signin-csr")
     runs.get("ddp-signin-csr", *CASES["signin-csr"], *TINY, "--nproc", "2")
-    _one_line_error(["--resume", runs.dir("one-signin-csr"), "--nproc", "2"],
+    _one_line_error(capsys, ["--resume", runs.dir("one-signin-csr"), "--nproc", "2"],
                     "written by 1 process(es), this one has 2; resume with one process")
-    _one_line_error(["--resume", runs.dir("ddp-signin-csr")], "written by 2 process(es), this one has 1; resume "
+    _one_line_error(capsys, ["--resume", runs.dir("ddp-signin-csr")], "written by 2 process(es), this one has 1; resume "
                     "with --nproc 2")
-    _one_line_error(["--resume", runs.dir("ddp-signin-csr"), "--nproc", "2", "--fsdp"],
+    _one_line_error(capsys, ["--resume", runs.dir("ddp-signin-csr"), "--nproc", "2", "--fsdp"],
                     "--fsdp is True here but False in the checkpoint")
+
+
+def test_a_refusal_at_start_is_one_line_from_all_processes(tmp_path):
+    """PILoT's weight rewinding refuses sharded parameters when it is applied, on every rank: said once."""
+    done = _train("--method", "pilot", "--iterative", "--rewind", "weight", *TINY, "--nproc", "2", "--fsdp",
+                  "--out", str(tmp_path / "run"))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "weight rewinding cannot train a sharded" in lines[0]

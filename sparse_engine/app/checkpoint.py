@@ -7,6 +7,10 @@ its dose), the random generators, and the result so far; the end of the run writ
 ``position["finished"]``. Its contents load with ``torch.load(weights_only=True)`` and carry a SHA-256
 of themselves. It is the run's one record of its model: ``sparse-engine export RUN`` rebuilds the model
 from it (:func:`model_from_checkpoint`) and extracts it once.
+
+A run on several processes (``--nproc N``) adds ``world_size`` and ``ranks`` (each rank's random
+generators); under FSDP2 (``--fsdp``) the model entry is the whole model, gathered, and the optimizer and
+method state are in the folder that ``shards`` names (written by every rank, see distributed_run.py).
 """
 from __future__ import annotations
 

@@ -284,19 +284,23 @@ _CHILD = "import sys; from sparse_engine.app.cli import main; sys.exit(main())"
 
 def _launch(argv: list[str], nproc: int) -> int:
     """Start ``nproc`` processes of this command (the environment torchrun would give them), wait for all;
-    the first failure stops the others."""
+    the first failure stops the others. Rank 0 speaks on this terminal; what the other ranks write to
+    stderr is shown after they end, unless rank 0 stopped on a user error (exit code 2): every rank then
+    stopped on the same one-line error (a method refusing sharded parameters, ...), said once."""
     import socket
     import subprocess
+    import tempfile
     import time
 
     with socket.socket() as sock:  # a free port on the loopback for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    procs = []
+    procs, errs = [], [tempfile.TemporaryFile(mode="w+") for _ in range(nproc - 1)]
     for rank in range(nproc):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
                    RANK=str(rank), LOCAL_RANK=str(rank))
-        procs.append(subprocess.Popen([sys.executable, "-c", _CHILD, "train", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-c", _CHILD, "train", *argv], env=env,
+                                      stderr=errs[rank - 1] if rank else None))
     while True:
         codes = [p.poll() for p in procs]
         failed = [c for c in codes if c not in (None, 0)]
@@ -308,6 +312,12 @@ def _launch(argv: list[str], nproc: int) -> int:
             p.kill()
     for p in procs:
         p.wait()
+    for err in errs:
+        err.seek(0)
+        text = err.read()
+        err.close()
+        if text and procs[0].returncode != 2:
+            sys.stderr.write(text)
     # the exit code of the rank that failed first (not the -9 of the ranks killed after it)
     return abs(failed[0]) if failed else 0
 

@@ -43,13 +43,13 @@ def shard(model: nn.Module, device: torch.device) -> nn.Module:
     from ..param import sparse_layers
 
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
-    layers = [m for _, m in sparse_layers(model)]
-    inside = {id(sub) for layer in layers for sub in layer.modules()}
+    layers = {id(m): m for _, m in sparse_layers(model)}
+    inside = {id(sub) for layer in layers.values() for sub in layer.modules()}
     for module in reversed(list(model.modules())):  # reversed pre-order: children before their parents
         if module is model:
             continue
         own = any(True for _ in module.parameters(recurse=False)) and id(module) not in inside
-        if own or any(module is layer for layer in layers):
+        if own or id(module) in layers:
             fully_shard(module, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 

@@ -11,7 +11,8 @@ the test set after every epoch, run the method's hooks, and return (and write) a
 With an output directory the run writes ``result.json`` and its checkpoint (checkpoint.py) there.
 ``train(cfg, resume=path)`` (``sparse-engine train --resume``) continues from a checkpoint: the model is
 rebuilt from the seed as in a fresh run, every saved state is loaded over it, and the run goes on after
-the saved epoch exactly as if it had not stopped.
+the saved epoch exactly as if it had not stopped. On several processes (distributed_run.py: DDP, or
+FSDP2 with ``cfg.fsdp``) every rank runs this loop on its share of each batch; rank 0 writes the files.
 
 User errors raise ``config.ConfigError`` (bad option, or a checkpoint that cannot be resumed:
 ``checkpoint.CheckpointError``) or ``data.DataError`` (bad files); a diverging run raises
