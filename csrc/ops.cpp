@@ -421,6 +421,23 @@ std::tuple<Tensor, Tensor> signin_reset(const Tensor& m, const Tensor& w, const 
   return {mo, wo};
 }
 
+bool all_finite(at::TensorList tensors, const c10::List<optional<Tensor>>& masks) {
+  TORCH_CHECK_VALUE(masks.size() == tensors.size(), "masks must have one entry per tensor (", num(tensors.size()),
+                    "), got ", num(masks.size()));
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = tensors[i];
+    const optional<Tensor> mask = masks.get(i);
+    check_cpu(t, "tensors[i]");
+    const auto dt = dtype_of(t, "tensors[i]");
+    check_mask(mask, t, "tensors[i]");
+    const Tensor tc = t.contiguous(), kc = mask ? mask->contiguous() : Tensor();
+    if (!se_cpu::all_finite(dt, tc.numel(), tc.data_ptr(),
+                            kc.defined() ? static_cast<const uint8_t*>(kc.data_ptr()) : nullptr))
+      return false;
+  }
+  return true;
+}
+
 void require_inplace(const Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (it is updated in place)");
 }
@@ -554,6 +571,7 @@ TORCH_LIBRARY(sparse_engine_C, m) {
       "fused_step_multi(Tensor(a!)[] params, Tensor[] grads, Tensor?[] buf1, Tensor?[] buf2, Tensor?[] masks, "
       "Tensor lr, int step, str kind, float momentum, float dampening, bool nesterov, float beta1, float beta2, "
       "float eps, float weight_decay, float[] alphas, bool maximize) -> ()");
+  m.def("all_finite(Tensor[] tensors, Tensor?[] masks) -> bool");
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> bool", &set_isa);
   m.def("set_panel_budget(int bytes) -> int", &set_panel_budget);
@@ -570,6 +588,7 @@ TORCH_LIBRARY_IMPL(sparse_engine_C, CPU, m) {
   m.impl("signin_reset", &signin_reset);
   m.impl("fused_step", &fused_step);
   m.impl("fused_step_multi", &fused_step_multi);
+  m.impl("all_finite", &all_finite);
 }
 
 TORCH_LIBRARY_IMPL(sparse_engine_C, Autograd, m) { m.impl("compact_linear_train", &compact_linear_train); }

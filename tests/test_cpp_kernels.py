@@ -253,6 +253,49 @@ def test_compact_linear_eager_declines_what_it_does_not_cover():
         assert ops.compact_linear_eager(x, None, w, f, None, 9, 11) is None
 
 
+# ---------------------------------------------------------------------------------------- all_finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["active", "pruned"])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_all_finite_matches_reference(dtype, bad, where, with_mask):
+    """The C++ check against the reference, a non-finite value at an active or a pruned coordinate, every
+    vector tail (sizes 0..37), several tensors with masks and without."""
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(n, generator=g, dtype=torch.float64).to(dtype) for n in (0, 1, 7, 16, 37)]
+    tensors.append(torch.randn(5, 9, generator=g, dtype=torch.float64).to(dtype).t())  # non-contiguous
+    masks = [torch.rand(t.shape, generator=g) < 0.5 if with_mask else None for t in tensors]
+    if bad is not None:
+        t, m = tensors[4], masks[4]
+        if m is None:
+            m = torch.ones(t.shape, dtype=torch.bool)
+        pos = int((m if where == "active" else ~m).nonzero()[0, 0]) if (m if where == "active" else ~m).any() else 0
+        t[pos] = bad
+    expected = R.all_finite_ref(tensors, masks)
+    assert _cpp.all_finite(tensors, masks) is expected
+    assert ops.all_finite(tensors, masks) is expected
+    if bad is not None and (where == "active" or not with_mask):
+        assert expected is False
+    if bad is None:
+        assert expected is True
+
+
+def test_all_finite_arguments():
+    x = torch.randn(4)
+    assert ops.all_finite([]) is True
+    assert ops.all_finite([x, torch.randn(3, dtype=torch.float64)]) is True  # mixed dtypes: the reference
+    with pytest.raises(ValueError, match="masks must have one entry per tensor"):
+        ops.all_finite([x], [])
+    with pytest.raises(ValueError, match="masks\\[0\\] must have shape"):
+        ops.all_finite([x], [torch.ones(3, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="tensors\\[0\\] must be floating point"):
+        ops.all_finite([torch.ones(3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="masks must have one entry per tensor"):
+        _cpp.all_finite([x], [])
+
+
 # ------------------------------------------------------------- compact_linear_infer (eager inference)
 
 

@@ -188,7 +188,30 @@ void fused_step_t(int64_t n, T* __restrict p, const T* __restrict grad, T* __res
   }
 }
 
+// x - x is 0 where x is finite and NaN at NaN and ±inf; a NaN stays in the sum (any order), so one
+// vectorised reduction answers for the whole tensor. Masked coordinates add 0 (selected, not multiplied).
+template <typename T, bool HasMask>
+bool finite_loop(int64_t n, const T* __restrict x, const uint8_t* __restrict mask) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const T d = x[i] - x[i];
+    acc += HasMask ? blend(mask[i] != 0, d, T(0)) : d;
+  }
+  return acc == T(0);
+}
+
+template <typename T>
+bool finite_t(int64_t n, const T* x, const uint8_t* mask) {
+  return mask ? finite_loop<T, true>(n, x, mask) : finite_loop<T, false>(n, x, mask);
+}
+
 }  // namespace
+
+bool all_finite(Dtype dt, int64_t n, const void* x, const uint8_t* mask) {
+  if (dt == kFloat32) return finite_t(n, static_cast<const float*>(x), mask);
+  return finite_t(n, static_cast<const double*>(x), mask);
+}
 
 void reparam_forward(Dtype dt, int64_t n, const void* m, const void* w, const uint8_t* mask, void* theta) {
   if (dt == kFloat32)

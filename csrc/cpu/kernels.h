@@ -99,6 +99,9 @@ void reparam_backward(Dtype dt, int64_t n, const void* grad, const void* m, cons
 void signin_reset(Dtype dt, int64_t n, const void* m, const void* w, const uint8_t* mask, double beta,
                   void* m_out, void* w_out);
 
+// Whether x (n elements) has no NaN / ±inf where mask is set (null mask: everywhere).
+bool all_finite(Dtype dt, int64_t n, const void* x, const uint8_t* mask);
+
 struct StepConfig {
   int kind;  // 0 = sgd, 1 = adamw
   int64_t step;

@@ -30,7 +30,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 UNAVAILABLE: str | None = None
 
 _OPS = ("compact_linear_fwd", "compact_linear_bwd", "compact_linear_train", "sparse_conv2d_fwd", "sparse_conv2d_bwd",
-        "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step", "fused_step_multi")
+        "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step", "fused_step_multi", "all_finite")
 
 
 def _registered() -> bool:
@@ -214,6 +214,11 @@ def sparse_conv2d_bwd(
         grad_y, x, m_values, w_values, crow, col, row, ccol, row_t, perm, int(out_channels), int(kernel_h),
         int(kernel_w), int(stride_h), int(stride_w), int(padding_h), int(padding_w), bool(needs_x_grad))
     return (g_x if needs_x_grad else None), (g_m if m_values is not None else None), g_w
+
+def all_finite(tensors: list[Tensor], masks: list[Tensor | None]) -> bool:
+    """reference.all_finite_ref in one C++ call: one pass over each tensor, no temporaries."""
+    return bool(torch.ops.sparse_engine_C.all_finite(list(tensors), list(masks)))
+
 
 @_takes("param")
 def fused_step(

@@ -56,6 +56,7 @@ REFERENCE: dict[str, Callable] = {
     "fused_step": reference.fused_step_ref,
     "signin_reset": reference.signin_reset_ref,
     "prune_threshold": reference.prune_threshold_ref,
+    "all_finite": reference.all_finite_ref,
 }
 
 #: automatic order per device type; reference is always the last resort
