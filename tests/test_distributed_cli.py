@@ -150,7 +150,7 @@ def test_fsdp_on_two_processes_equals_one(runs, case):
     if case == "signin-csr":
         assert one["result"]["resets"] > 0 and one["result"]["sign_flips"] > 0  # the counts compared are not 0
     if case == "pilot":  # it pruned (the same weights: the model states above are equal)
-        assert one["result"]["density"] < 0.5 and one["result"]["epochs"][-1]["alpha"] != 1e-3
+        assert one["result"]["density"] < 0.5
 
 
 def test_export_reads_the_checkpoint_of_an_fsdp_run(runs, capsys):
