@@ -40,7 +40,8 @@ sys.exit(main())
 TINY = ["--density", "0.2", "--epochs", "2", "--data", "teacher", "--n-train", "200", "--n-test", "64",
         "--batch-size", "50", "--no-progress"]
 CASES = {"signin-csr": ["--method", "signin", "--layout", "csr"],
-         "static-dense": ["--method", "static", "--layout", "dense", "--momentum", "0.5"]}
+         "static-dense": ["--method", "static", "--layout", "dense", "--momentum", "0.5"],
+         "pilot": ["--method", "pilot"]}  # α from ‖θ‖₁ over the shards, the final prune selected over them
 TIMING = ("time_s", "samples_per_s")
 
 
@@ -148,6 +149,8 @@ def test_fsdp_on_two_processes_equals_one(runs, case):
     _same_printed_numbers(one, two)
     if case == "signin-csr":
         assert one["result"]["resets"] > 0 and one["result"]["sign_flips"] > 0  # the counts compared are not 0
+    if case == "pilot":  # it pruned (the same weights: the model states above are equal)
+        assert one["result"]["density"] < 0.5
 
 
 def test_export_reads_the_checkpoint_of_an_fsdp_run(runs, capsys):
