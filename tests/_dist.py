@@ -121,8 +121,9 @@ def build(case: tuple, rank: int = 0, world: int = 1, wrap: str = "ddp") -> dict
     method.apply(wrapped, opt, epochs=EPOCHS, steps_per_epoch=STEPS)
     if mode == "attach":
         opt.attach(wrapped)
-    return {"net": net, "wrapped": wrapped, "method": method, "opt": opt, "dtype": dtype, "rank": rank,
-            "world": world, "alphas": []}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1.0 + 0.2 * k))  # saved with DCP
+    return {"net": net, "wrapped": wrapped, "method": method, "opt": opt, "sched": sched, "dtype": dtype,
+            "rank": rank, "world": world, "alphas": []}
 
 
 def train(run: dict, epochs: range) -> None:
@@ -138,6 +139,7 @@ def train(run: dict, epochs: range) -> None:
             out = wrapped(x)
             nn.functional.cross_entropy(out, y).backward()
             opt.step()
+            run["sched"].step()
             correct += int((out.argmax(1) == y).sum())
             seen += len(y)
         run["alphas"].append(method.after_epoch(epoch + 1, correct / seen).get("alpha"))
@@ -165,9 +167,9 @@ def resumed_case(case: tuple, rank: int, world: int, wrap: str, where: str) -> d
     """The case trained one epoch, saved with DCP, rebuilt from scratch, loaded and trained to the end."""
     first = build(case, rank, world, wrap)
     train(first, range(1))
-    se.distributed.save(where, first["wrapped"], first["opt"], first["method"])
+    se.distributed.save(where, first["wrapped"], first["opt"], first["method"], first["sched"])
     second = build(case, rank, world, wrap)
-    se.distributed.load(where, second["wrapped"], second["opt"], second["method"])
+    se.distributed.load(where, second["wrapped"], second["opt"], second["method"], second["sched"])
     second["alphas"] = list(first["alphas"])
     train(second, range(1, EPOCHS))
     return finish(second)

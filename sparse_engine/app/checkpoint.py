@@ -7,6 +7,10 @@ its dose), the random generators, and the result so far; the end of the run writ
 ``position["finished"]``. Its contents load with ``torch.load(weights_only=True)`` and carry a SHA-256
 of themselves. It is the run's one record of its model: ``sparse-engine export RUN`` rebuilds the model
 from it (:func:`model_from_checkpoint`) and extracts it once.
+
+A run on several processes (``--nproc N``) adds ``world_size`` and ``ranks`` (each rank's random
+generators); under FSDP2 (``--fsdp``) the model entry is the whole model, gathered, and the optimizer and
+method state are in the folder that ``shards`` names (written by every rank, see distributed_run.py).
 """
 from __future__ import annotations
 
@@ -288,8 +292,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 def training_state(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, position: dict[str, Any],
                    model: nn.Module, optimizer, scheduler, method: Method, signs0: dict[str, torch.Tensor],
-                   flips_total: dict[str, int], result: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Everything a checkpoint holds (see the module docstring), with its SHA-256."""
+                   flips_total: dict[str, int], result: dict[str, Any], device: torch.device,
+                   parts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a checkpoint holds (see the module docstring), with its SHA-256. ``parts``: entries a
+    multi-process run gives instead (the gathered model, every rank's random generators, ...)."""
+    parts = parts or {}
     state = {
         "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "library_version": _library_version(),
         "torch_version": str(torch.__version__),
@@ -298,10 +305,10 @@ def training_state(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, pos
                    "vocab_size": ds.vocab_size},
         "dataset": {"name": ds.name, "n_train": ds.n_train, "n_test": ds.n_test, "fingerprint": fingerprint},
         "position": position,
-        "model_state": model.state_dict(),
-        "optimizer_state": optimizer.state_dict(),
+        "model_state": parts["model_state"] if "model_state" in parts else model.state_dict(),
+        "optimizer_state": parts["optimizer_state"] if "optimizer_state" in parts else optimizer.state_dict(),
         "scheduler_state": scheduler.state_dict(),
-        "method_state": method.state_dict(),
+        "method_state": parts["method_state"] if "method_state" in parts else method.state_dict(),
         "method_logs": plain(method_logs(method)),
         "layouts": layouts(model),
         "rng": rng_state(device),
@@ -309,6 +316,7 @@ def training_state(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, pos
         "flips_total": dict(flips_total),
         "result": plain(result),
     }
+    state.update(parts)
     state["sha256"] = digest(state)
     return state
 

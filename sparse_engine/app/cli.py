@@ -182,6 +182,11 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="train on N processes with DistributedDataParallel (gloo on CPU, NCCL on CUDA): each "
                         "global batch is split over them, every printed number is global; under torchrun its "
                         "processes are used instead")
+    g.add_argument("--fsdp", action="store_true",
+                   help="with --nproc N (or torchrun): shard the model with FSDP2 (fully_shard) instead of DDP, "
+                        "each process holding a part of every parameter and of the optimizer state; the "
+                        "checkpoint keeps the whole model (for export) and the sharded state in a folder "
+                        "beside it")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output directory (default runs/<model>-<method>-d<density>-s<seed>)")
     g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -238,10 +243,15 @@ def train_main(argv: list[str]) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _check_multiprocess(args)
+        _check_multiprocess(args, launch=True)
+        if args.resume is not None:  # the checkpoint and the options agree, before any process starts
+            _resume(args, _given(argv), processes=args.nproc)
         return _launch(argv, args.nproc)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _rank_main(args, argv)
+    if args.fsdp and args.resume is None:
+        raise UserError("--fsdp: shards the model over several processes: add --nproc N (N >= 2) or run "
+                        "under torchrun")
     if args.resume is not None:
         return _resume(args, _given(argv))
     cfg = _config_from_args(args)
@@ -258,13 +268,14 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-def _check_multiprocess(args: argparse.Namespace) -> None:
+def _check_multiprocess(args: argparse.Namespace, launch: bool = False) -> None:
     """What a run on several processes does not do (yet): one line before any process starts."""
-    if args.compare is not None or args.resume is not None:
-        raise UserError(f"{'--compare' if args.compare is not None else '--resume'}: runs in one process only "
-                        "(for now): drop --nproc / torchrun")
+    if args.compare is not None:
+        raise UserError("--compare: runs in one process only (for now): drop --nproc / torchrun")
     if args.layout == "auto":  # each rank would measure, and may choose, its own layouts
         raise UserError("--layout auto: not on several processes (for now): choose dense, csr, ... explicitly")
+    if launch and args.resume is None:
+        _config_from_args(args).validate()  # e.g. --fsdp with a method that cannot train shards
 
 
 #: a launched process runs the command line (imported, not ``-m``: its errors are this module's classes)
@@ -273,19 +284,23 @@ _CHILD = "import sys; from sparse_engine.app.cli import main; sys.exit(main())"
 
 def _launch(argv: list[str], nproc: int) -> int:
     """Start ``nproc`` processes of this command (the environment torchrun would give them), wait for all;
-    the first failure stops the others."""
+    the first failure stops the others. Rank 0 speaks on this terminal; what the other ranks write to
+    stderr is shown after they end, unless rank 0 stopped on a user error (exit code 2): every rank then
+    stopped on the same one-line error (a method refusing sharded parameters, ...), said once."""
     import socket
     import subprocess
+    import tempfile
     import time
 
     with socket.socket() as sock:  # a free port on the loopback for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    procs = []
+    procs, errs = [], [tempfile.TemporaryFile(mode="w+") for _ in range(nproc - 1)]
     for rank in range(nproc):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
                    RANK=str(rank), LOCAL_RANK=str(rank))
-        procs.append(subprocess.Popen([sys.executable, "-c", _CHILD, "train", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-c", _CHILD, "train", *argv], env=env,
+                                      stderr=errs[rank - 1] if rank else None))
     while True:
         codes = [p.poll() for p in procs]
         failed = [c for c in codes if c not in (None, 0)]
@@ -297,12 +312,19 @@ def _launch(argv: list[str], nproc: int) -> int:
             p.kill()
     for p in procs:
         p.wait()
+    for err in errs:
+        err.seek(0)
+        text = err.read()
+        err.close()
+        if text and procs[0].returncode != 2:
+            sys.stderr.write(text)
     # the exit code of the rank that failed first (not the -9 of the ranks killed after it)
     return abs(failed[0]) if failed else 0
 
 
 def _rank_main(args: argparse.Namespace, argv: list[str]) -> int:
-    """One process of a multi-process run: join the group, train (rank 0 alone writes and prints)."""
+    """One process of a multi-process run: join the group, train or resume (rank 0 alone writes and prints;
+    under FSDP2 every rank takes part in writing the checkpoint)."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -321,10 +343,12 @@ def _rank_main(args: argparse.Namespace, argv: list[str]) -> int:
         args.device = f"cuda:{torch.cuda.current_device()}"
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=5))
     try:
+        if args.resume is not None:
+            return _resume(args, _given(argv), rank)
         cfg = _config_from_args(args)
         cfg.progress = cfg.progress and rank == 0
         cfg.out_dir = args.out or T.default_out_dir(cfg)
-        result = train(cfg, write=rank == 0)
+        result = _run(lambda: train(cfg), cfg.out_dir)
         if rank == 0:
             print(C.summary_table({cfg.method: result}))
             print(f"results: {cfg.out_dir}/result.json ({dist.get_world_size()} processes)")
@@ -339,24 +363,30 @@ def _run(job: Callable[[], Any], out_dir: str) -> Any:
 
     from .checkpoint import CHECKPOINT_FILE
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         return job()
     except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") != "0":  # rank 0 says it, once
+            raise SystemExit(130) from None
         how = ""
         if any(Path(out_dir).glob(f"**/{CHECKPOINT_FILE}")):
-            how = f"; continue from the last finished epoch with: {PROG} train --resume {out_dir}"
+            nproc = f" --nproc {world}" if world > 1 else ""
+            how = f"; continue from the last finished epoch with: {PROG} train --resume {out_dir}{nproc}"
         print(f"\n{PROG} train: interrupted{how}", file=sys.stderr)
         raise SystemExit(130) from None
 
 
-def _resume(args: argparse.Namespace, given: set[str]) -> int:
+def _resume(args: argparse.Namespace, given: set[str], rank: int = 0, processes: int | None = None) -> int:
     """``train --resume PATH``: the configuration comes from the checkpoint (or a compare's plan); options
     on the command line must agree with it, except those of ``checkpoint.RESUME_MAY_CHANGE`` (how the run
-    executes, not what it computes) and --out."""
+    executes, not what it computes) and --out. ``rank``: this process's in a multi-process run (rank 0
+    alone prints); ``processes``: only check, before launching that many (the run's number, or an error)."""
     from pathlib import Path
 
     from . import checkpoint as T
     from . import compare as C
+    from .distributed_run import check_world
     from .loop import train
 
     path = Path(args.resume)
@@ -378,23 +408,29 @@ def _resume(args: argparse.Namespace, given: set[str]) -> int:
                             "to resume a compare, give its directory")
     cfg = T.config_from_checkpoint(saved)
     explicit = _config_from_args(args)
-    for dest in given - {"compare", "resume", "out", "no_progress"}:
+    for dest in given - {"compare", "resume", "out", "no_progress", "nproc"}:
         setattr(cfg, dest, getattr(explicit, dest))
-    cfg.progress = not args.no_progress
+    cfg.progress = not args.no_progress and rank == 0
     cfg.validate()
     T.check_resume_config(cfg, saved, path, option=lambda name: "--" + name.replace("_", "-"))
+    if compare and processes is not None:
+        raise UserError(f"--resume: {path} is a --compare run, which runs in one process only: drop --nproc")
     if compare:
         cfg.out_dir = str(path)
         _run(lambda: C.compare(cfg, methods, resume=True), cfg.out_dir)
         print(f"results: {cfg.out_dir}/compare.json (per method: {cfg.out_dir}/<method>/result.json)")
         return 0
+    check_world(ckpt, ckpt_path, processes)
+    if processes is not None:
+        return 0
     cfg.out_dir = args.out or str(ckpt_path.parent)
-    if ckpt.get("position", {}).get("finished"):
+    if ckpt.get("position", {}).get("finished") and rank == 0:
         print(f"{ckpt_path}: this run had finished (epochs: {len(ckpt.get('result', {}).get('epochs', []))}); "
               "nothing left to train: its result")
     result = _run(lambda: train(cfg, resume=ckpt_path), cfg.out_dir)
-    print(C.summary_table({cfg.method: result}))
-    print(f"results: {cfg.out_dir}/result.json")
+    if rank == 0:
+        print(C.summary_table({cfg.method: result}))
+        print(f"results: {cfg.out_dir}/result.json")
     return 0
 
 

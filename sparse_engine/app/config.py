@@ -56,6 +56,7 @@ class RunConfig:
     threads: int | None = None
     step_in_backward: bool = False
     nonfinite: str = "skip"
+    fsdp: bool = False  # several processes: FSDP2 (sharded parameters) instead of DDP
     progress: bool = True
     out_dir: str | None = None
 
@@ -78,7 +79,10 @@ class RunConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an int, got {self.seed!r}")
         self._check_data_and_device()
-        make_method_of(self)  # the method's options, checked by its config
+        method = make_method_of(self)  # the method's options, checked by its config
+        if self.fsdp and not method.shardable:
+            raise ConfigError(f"fsdp: the method {self.method!r} cannot train a sharded model (it reads whole "
+                              "weights to decide); train it with DistributedDataParallel (drop --fsdp)")
         return self  # type: ignore[return-value]
 
     def _check_data_and_device(self) -> None:

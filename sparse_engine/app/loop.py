@@ -11,7 +11,8 @@ the test set after every epoch, run the method's hooks, and return (and write) a
 With an output directory the run writes ``result.json`` and its checkpoint (checkpoint.py) there.
 ``train(cfg, resume=path)`` (``sparse-engine train --resume``) continues from a checkpoint: the model is
 rebuilt from the seed as in a fresh run, every saved state is loaded over it, and the run goes on after
-the saved epoch exactly as if it had not stopped.
+the saved epoch exactly as if it had not stopped. On several processes (distributed_run.py: DDP, or
+FSDP2 with ``cfg.fsdp``) every rank runs this loop on its share of each batch; rank 0 writes the files.
 
 User errors raise ``config.ConfigError`` (bad option, or a checkpoint that cannot be resumed:
 ``checkpoint.CheckpointError``) or ``data.DataError`` (bad files); a diverging run raises
@@ -40,6 +41,7 @@ from ..methods import Method
 from ..optim import NonFiniteGradError, parameterizations
 from ..tuning import MARGIN
 from . import checkpoint as ck
+from . import distributed_run as D
 from .progress import Progress
 from . import data as data_mod
 from .config import TrainConfig, build_model_and_method, default_threads, load_data
@@ -73,26 +75,6 @@ def _cosine(total: int):
     return lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total))
 
 
-def _weight_layers(model: nn.Module, stats: list[dict]) -> list[dict]:
-    """Density per weight layer: the sparse layers' stats, plus the dense Linear / Conv layers."""
-    sparse = {s["name"]: s for s in stats}
-    rows = []
-    for name, mod in model.named_modules():
-        if name in sparse:
-            s = sparse[name]
-            rows.append({"name": name, "type": s["type"], "kind": s["kind"], "shape": list(s["shape"]),
-                         "numel": s["numel"], "nnz": s["nnz"], "density": s["density"]})
-        elif isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            n = mod.weight.numel()
-            rows.append({"name": name, "type": type(mod).__name__, "kind": "dense", "shape": list(mod.weight.shape),
-                         "numel": n, "nnz": n, "density": 1.0})
-    return rows
-
-
-def _signs(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: torch.sign(pz.values().detach()).to(torch.int8) for name, pz in parameterizations(model)}
-
-
 # ----------------------------------------------------------------------------------------- one run
 
 
@@ -121,17 +103,16 @@ class _Run:
     elapsed_before: float = 0.0
     t_start: float = field(default_factory=time.perf_counter)
     sched: Any = None
-    forward: nn.Module | None = None  # the DistributedDataParallel wrapper of a multi-process run
+    forward: nn.Module | None = None  # the DDP wrapper, or the FSDP2 model, of a multi-process run
+    writer: bool = True  # this process writes the files (rank 0)
 
     def position(self, finished: bool = False) -> dict[str, Any]:
         return {"epoch": self.epoch_no, "rounds": [list(r) for r in self.rounds], "round_epochs_done": self.round_done,
                 "elapsed_s": self.elapsed_before + time.perf_counter() - self.t_start, "finished": finished}
 
     def write_checkpoint(self, finished: bool = False) -> None:
-        if self.ckpt_file is not None:
-            ck.save_atomic(ck.training_state(self.cfg, self.ds, self.fingerprint, self.position(finished), self.model,
-                                             self.optimizer, self.sched, self.method, self.signs0, self.flips_total,
-                                             self.result, self.device), self.ckpt_file)
+        if self.ckpt_file is not None:  # several processes: every rank calls it, rank 0 writes
+            D.write_checkpoint(self, finished, self.ckpt_file)
 
 
 def train(cfg: TrainConfig, dataset: data_mod.Dataset | None = None, *, stream: TextIO | None = None,
@@ -153,6 +134,7 @@ def train(cfg: TrainConfig, dataset: data_mod.Dataset | None = None, *, stream: 
     if resume is not None:
         ckpt_path, saved = ck.read_checkpoint(resume)
         ck.check_resume_config(cfg, saved["config"], ckpt_path)
+        D.check_world(saved, ckpt_path)
         saved["path"] = str(ckpt_path)
     before = torch.get_num_threads()
     threads = default_threads(cfg)
@@ -176,19 +158,20 @@ def _train(cfg: TrainConfig, dataset: data_mod.Dataset | None, stream: TextIO | 
     try:
         _run_rounds(run, saved)
     except (TrainingDiverged, NonFiniteGradError) as e:
-        _write_partial(run, write, "diverged", str(e))
+        _write_partial(run, run.writer, "diverged", str(e))
         if isinstance(e, TrainingDiverged):
             raise
         raise TrainingDiverged(f"training stopped: {e}", run.result) from None
     except KeyboardInterrupt:
-        _write_partial(run, write, "interrupted")  # the checkpoint of the last finished epoch stays for --resume
+        _write_partial(run, run.writer, "interrupted")  # the checkpoint of the last finished epoch stays for --resume
         raise
     finally:
         run.optimizer.detach()
         run.method.remove()
     _finish(run)
     if write and cfg.out_dir:
-        ck.write_json(Path(cfg.out_dir) / "result.json", run.result)
+        if run.writer:
+            ck.write_json(Path(cfg.out_dir) / "result.json", run.result)
         run.write_checkpoint(finished=True)
     return run.result
 
@@ -197,11 +180,12 @@ def _finished_before(cfg: TrainConfig, saved: dict[str, Any], stream: TextIO | N
     """Resuming a run that had finished: its result (copied, with its checkpoint, to ``cfg.out_dir``)."""
     result = saved["result"]
     Progress(cfg.progress, stream, prefix=f"[{cfg.method}] ").line(f"finished before: {saved['path']}")
-    if write and cfg.out_dir:
+    if write and cfg.out_dir and D.rank() == 0:
         out = Path(cfg.out_dir)
         ck.write_json(out / "result.json", result)
         if not (out / ck.CHECKPOINT_FILE).exists() or not (out / ck.CHECKPOINT_FILE).samefile(saved["path"]):
             shutil.copyfile(saved["path"], out / ck.CHECKPOINT_FILE)
+            D.copy_shards(saved, out)
     return result
 
 
@@ -227,22 +211,20 @@ def _start(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, stream: Tex
                 say(f"layout auto: {name} -> {d.layout} ({d.source}{rule})")
         else:  # the layouts the interrupted run measured, not a new measurement that may choose otherwise
             ck.restore_layouts(model, saved)
-    if saved is not None:
+    if saved is not None:  # the whole model (gathered under FSDP2), before it is wrapped
         ck.load_part(saved, "model", lambda: model.load_state_dict(saved["model_state"]))
+    forward = D.wrap(cfg, model, device)  # FSDP2 shards before the optimizer is built
     optimizer = _make_optimizer(cfg, model, method)
     steps_per_epoch = math.ceil(ds.n_train / cfg.batch_size)
-    method.apply(model, optimizer, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+    D.apply_method(cfg, method, model, optimizer, steps_per_epoch)
     if saved is not None:
-        ck.restore_training(saved, optimizer, method)
-    forward = None
-    if distributed.world_size() > 1:  # every rank built the same model from the same seed: check, then wrap
-        distributed.check_masks(model)
-        forward = nn.parallel.DistributedDataParallel(model)
+        D.restore(saved, model, optimizer, method)
+    forward = D.ddp(model, forward)  # every rank built the same model from the same seed (checked in wrap)
     if cfg.step_in_backward:
         optimizer.attach(forward)
     run = _Run(cfg, ds, device, model, method, optimizer, Progress(cfg.progress, stream, prefix=f"[{cfg.method}] "),
                steps_per_epoch, fingerprint, Path(cfg.out_dir) / ck.CHECKPOINT_FILE if write and cfg.out_dir else None,
-               data, forward=forward)
+               data, forward=forward, writer=write and D.rank() == 0)
     stats0 = layer_stats(model)  # sets the sign-flip reference (on resume: the signs of the saved θ)
     if saved is None:
         _fresh_result(run, report, stats0)
@@ -266,7 +248,7 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module, method: Method):
 
 def _fresh_result(run: _Run, report: Any, stats0: list[dict]) -> None:
     ds = run.ds
-    run.signs0 = _signs(run.model)
+    run.signs0 = D.signs(run.model)
     run.flips_total = {s["name"]: 0 for s in stats0}
     run.rounds = [["train", run.cfg.epochs]]
     run.result = {
@@ -283,7 +265,8 @@ def _fresh_result(run: _Run, report: Any, stats0: list[dict]) -> None:
 
 def _resumed_result(run: _Run, saved: dict[str, Any]) -> None:
     pos = saved["position"]
-    run.signs0 = {k: v.to(run.device) for k, v in saved["signs0"].items()}
+    rng, signs0 = D.rank_state(saved)
+    run.signs0 = {k: v.to(run.device) for k, v in signs0.items()}
     run.flips_total = dict(saved["flips_total"])
     run.result = saved["result"]
     run.rounds = [list(r) for r in pos["rounds"]]
@@ -292,7 +275,7 @@ def _resumed_result(run: _Run, saved: dict[str, Any]) -> None:
     run.result["config"] = dataclasses.asdict(run.cfg)
     run.result["status"] = "running"
     run.result.setdefault("resumed", []).append({"checkpoint": saved["path"], "after_epoch": run.epoch_no})
-    ck.set_rng_state(saved["rng"], run.device)
+    ck.set_rng_state(rng, run.device)
     run.progress.line(f"resumed from {saved['path']} after epoch {run.epoch_no}")
 
 
@@ -347,7 +330,7 @@ def _train_epoch(run: _Run) -> tuple[int, torch.Tensor, torch.Tensor, float]:
             loss_value = loss.detach().item()  # one sync per step: the NaN check and the progress line need it
             batch_loss = loss.detach() * yb.shape[0]
         else:
-            yb, out, loss, loss_value, batch_loss = _rank_step(model, xb, yb)
+            yb, out, loss, loss_value, batch_loss = D.rank_step(model, xb, yb)
         if not math.isfinite(loss_value):
             run.result["status"] = "diverged"
             msg = (f"training diverged: the loss is {loss_value} at epoch {run.epoch_no}, step {i} "
@@ -368,19 +351,6 @@ def _train_epoch(run: _Run) -> tuple[int, torch.Tensor, torch.Tensor, float]:
         total = distributed.sum_over_ranks([seen, float(loss_sum), float(correct)])
         seen, loss_sum, correct = int(total[0]), total[1], total[2].to(torch.int64)
     return seen, loss_sum, correct, time.perf_counter() - t0
-
-
-def _rank_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple:
-    """This rank's share (contiguous rows) of a global batch and the loss scaled so that DDP's average over
-    the ranks is the global batch's mean loss (shares may differ by one row); returns (y share, output,
-    loss, the global mean loss as a float (one collective per step), this share's loss sum)."""
-    world, rank = distributed.world_size(), torch.distributed.get_rank()
-    bounds = [len(yb) * r // world for r in range(world + 1)]
-    xs, ys = xb[bounds[rank]:bounds[rank + 1]], yb[bounds[rank]:bounds[rank + 1]]
-    out = model(xs)
-    loss_sum = F.cross_entropy(out, ys, reduction="sum")
-    loss_value = float(distributed.sum_over_ranks([loss_sum.detach().item()])[0]) / len(yb)
-    return ys, out, loss_sum * (world / len(yb)), loss_value, loss_sum.detach().double()
 
 
 def _epoch_row(run: _Run, phase: str, seen: int, train_loss: float, train_acc: float, train_time: float) -> dict:
@@ -416,10 +386,8 @@ def _finish(run: _Run) -> None:
     model, optimizer, result = run.model, run.optimizer, run.result
     test_loss, test_acc = evaluate(model, *run.data[2:])
     stats = layer_stats(model)
-    signs1 = _signs(model)
-    changed = sum(int((run.signs0[n] * signs1[n] < 0).sum()) for n in run.signs0 if n in signs1)
-    active = sum(int((signs1[n] != 0).sum()) for n in signs1)
-    layers = _weight_layers(model, stats)
+    changed, active = D.sign_counts(model, run.signs0)
+    layers = D.weight_layers(model, stats)
     for row in layers:
         row["sign_flips"] = run.flips_total.get(row["name"], 0)
     nnz, numel = sum(r["nnz"] for r in layers), sum(r["numel"] for r in layers)

@@ -7,14 +7,21 @@
 
 ``layer_stats`` remembers the signs of each layer's θ between calls (in the layer's parameterization),
 so call it at the points you compare, e.g. once per epoch.
+
+A model sharded with FSDP2 (``fully_shard``: m and w are DTensor shards) gets the same numbers: each rank
+measures its local shard and the counts, sums, minima and maxima are reduced over the ranks (three
+all-reduces for the whole model), so ``layer_stats`` is then a collective that every rank calls.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
+from .. import distributed
+from ..distributed.collectives import min_max_over_ranks
 from ..param import sparse_layers
 
 _COLUMNS = (
@@ -39,16 +46,19 @@ def layer_stats(model: nn.Module) -> list[dict]:
     the first), l1 (‖θ‖₁), beta_mean / beta_min / beta_max (factored kinds only, else None) and
     target_density (PILoT's pruning target, else None).
     """
+    layers = sparse_layers(model)
+    sharded = any(distributed.is_sharded(module.param.w) for _, module in layers)
+    local = _sharded_diagnostics([module.param for _, module in layers]) if sharded else None
     out = []
-    for name, module in sparse_layers(model):
+    for i, (name, module) in enumerate(layers):
         param = module.param
-        d = param.diagnostics()
+        d = local[i] if sharded else param.diagnostics()
         numel = math.prod(param.weight_shape)
         nnz = module.nnz() if hasattr(module, "nnz") else round(d["density"] * numel)
         out.append(
             {
                 "name": name,
-                "type": type(module).__name__,
+                "type": layer_type(module),
                 "kind": param.kind,
                 "layout": getattr(module, "resolved_layout", None) or param.layout,
                 "shape": tuple(param.weight_shape),
@@ -63,6 +73,47 @@ def layer_stats(model: nn.Module) -> list[dict]:
                 "target_density": getattr(module, "target_density", None),
             }
         )
+    return out
+
+
+def layer_type(module: nn.Module) -> str:
+    """The class name of a layer; for one sharded by FSDP2 (which swaps its class for a subclass
+    ``FSDP<name>`` of ``FSDPModule`` and the layer's class) the layer's own."""
+    cls = type(module)
+    if len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule":
+        cls = cls.__bases__[1]
+    return cls.__name__
+
+
+@torch.no_grad()
+def _sharded_diagnostics(params: list) -> list[dict]:
+    """``Parameterization.diagnostics()`` of every layer of an FSDP2 model, from the local shards: flips,
+    ‖θ‖₁ and the β sum / count summed over the ranks, β min / max reduced over them."""
+    sums, extremes, out = [], [], []
+    for param in params:
+        values = param.local_values()
+        sign = torch.sign(values).to(torch.int8)
+        last = param._last_sign
+        flips = 0 if last is None or last.shape != sign.shape else int(((sign * last) < 0).sum())
+        param._last_sign = sign
+        beta_sum, count, lo, hi = 0.0, 0, math.inf, -math.inf
+        if param.factored:
+            m, w = distributed.local(param.m), distributed.local(param.w)
+            beta = m.double() ** 2 - w.double() ** 2
+            active = distributed.local_rows(param.step_mask(), param.w)
+            beta = beta if active is None else beta[active]
+            if beta.numel():
+                beta_sum, count, lo, hi = float(beta.sum()), beta.numel(), float(beta.min()), float(beta.max())
+        sums += [flips, float(values.abs().sum(dtype=torch.float64)), beta_sum, count]
+        extremes += [-lo, hi]
+        out.append({"density": param.density()})
+    total = distributed.sum_over_ranks(sums).reshape(-1, 4).tolist()
+    _, top = min_max_over_ranks(torch.tensor(extremes, dtype=torch.float64))
+    top = top.reshape(-1, 2).tolist()
+    for d, param, (flips, l1, beta_sum, count), (neg_lo, hi) in zip(out, params, total, top):
+        d.update(sign_flips=int(flips), l1=l1)
+        if param.factored and count:
+            d.update(beta_mean=beta_sum / count, beta_min=-neg_lo, beta_max=hi)
     return out
 
 
