@@ -137,12 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="wall: perf_counter; cpu: process CPU time (needs --threads 1)")
     p.add_argument("--out", default=str(common.SCRATCH))
     args = p.parse_args(argv)
-    try:
-        threads = [int(t) for t in args.threads.split(",")]
-    except ValueError:
-        p.error(f"--threads must be comma-separated ints, got {args.threads!r}")
-    if not threads or min(threads) < 1:
-        p.error(f"--threads must be ints >= 1, got {args.threads!r}")
+    threads = common.thread_counts(p, args.threads, args.clock)
     layouts_ = [s for s in args.layouts.split(",") if s]
     if not layouts_ or any(s not in ("csr", "auto", "dense") for s in layouts_):
         p.error(f"--layouts must be a comma-separated subset of csr, auto, dense, got {args.layouts!r}")
@@ -152,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     if not 0 < args.density <= 1:
         p.error(f"--density must be in (0, 1], got {args.density}")
-    if args.clock == "cpu" and threads != [1]:
-        p.error(f"--clock cpu needs --threads 1 (CPU time of several threads adds up), got {args.threads!r}")
     args.clock_fn = time.process_time if args.clock == "cpu" else time.perf_counter
 
     from sparse_engine.app import data
