@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="epochs per provider and thread count, interleaved")
     p.add_argument("--layouts", default="csr,auto", help="the Sign-In layouts to measure (csr, auto, dense)")
     p.add_argument("--density", type=float, default=0.1)
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST's folder (default: where the training command looks)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: perf_counter; cpu: process CPU time (needs --threads 1)")
     p.add_argument("--out", default=str(common.SCRATCH))
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sparse_engine.app import data
 
-    ds = data.load_fashion_mnist(flatten=False)
+    ds = data.load_fashion_mnist(args.data_dir, flatten=False)
     x, y = ds.x_train[: args.images].contiguous(), ds.y_train[: args.images].contiguous()
     env = common.environment("full", "cpu")
     providers = ["dense"] + [f"signin layout={s}" for s in layouts_]
