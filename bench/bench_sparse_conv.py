@@ -74,14 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.density <= 1:
         p.error(f"--density must be in (0, 1], got {args.density}")
-    try:
-        threads = [int(t) for t in args.threads.split(",")]
-    except ValueError:
-        p.error(f"--threads must be comma-separated ints, got {args.threads!r}")
-    if not threads or min(threads) < 1:
-        p.error(f"--threads must be ints >= 1, got {args.threads!r}")
-    if args.clock == "cpu" and threads != [1]:
-        p.error(f"--clock cpu needs --threads 1 (CPU time of several threads adds up), got {args.threads!r}")
+    threads = common.thread_counts(p, args.threads, args.clock)
     if args.quick:
         args.batch, args.rounds = 8, 2
 

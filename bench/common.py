@@ -466,6 +466,20 @@ def rand(*shape, dtype, device, requires_grad: bool = False):
 # ------------------------------------------------------------------------------------------- plots
 
 
+def thread_counts(p: argparse.ArgumentParser, text: str, clock: str = "wall") -> list[int]:
+    """The thread counts of a ``--threads 1,2`` option (``p.error`` naming the option otherwise); a CPU-clock
+    measurement (``clock="cpu"``) needs one thread: the CPU time of several threads adds up."""
+    try:
+        threads = [int(t) for t in text.split(",")]
+    except ValueError:
+        p.error(f"--threads must be comma-separated ints, got {text!r}")
+    if not threads or min(threads) < 1:
+        p.error(f"--threads must be ints >= 1, got {text!r}")
+    if clock == "cpu" and threads != [1]:
+        p.error(f"--clock cpu needs --threads 1 (CPU time of several threads adds up), got {text!r}")
+    return threads
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     """Write ``rows`` (dicts; the columns are every key, in order of appearance) to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)

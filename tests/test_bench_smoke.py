@@ -115,3 +115,22 @@ def test_bench_sparse_conv_quick_writes_its_csv(tmp_path):
         assert float(r["time_ms"]) > 0 and r["commit"] and r["torch"]
         if r["provider"] == "nn.Conv2d":
             assert float(r["vs_dense"]) == pytest.approx(1.0)
+
+
+def test_bench_resnet_epoch_writes_its_csv(tmp_path):
+    """bench/bench_resnet_epoch.py on a small Fashion-MNIST-shaped folder: one row per provider, the dense
+    row at 1.0x, the csr row with every layer csr."""
+    from test_data import fake_fashion_dir
+
+    data_dir = fake_fashion_dir(tmp_path / "fm", n_train=256)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_resnet_epoch.py"), "--threads", "1", "--images", "256", "--rounds", "1",
+         "--layouts", "csr", "--data-dir", str(data_dir), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "resnet_epoch_cpu.csv")))
+    assert [r["provider"] for r in rows] == ["dense", "signin layout=csr"]
+    assert float(rows[0]["vs_dense_best"]) == pytest.approx(1.0)
+    assert float(rows[1]["best_s"]) > 0 and rows[1]["commit"] and rows[1]["loadavg"]
+    assert rows[1]["layouts"] and all(part.endswith(":csr") for part in rows[1]["layouts"].split())

@@ -184,10 +184,15 @@ void split_image(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __r
             std::memcpy(drow + lo, srow, n * sizeof(T));
             for (int64_t q = lo + n; q < p.Wq; ++q) drow[q] = T(0);
           } else {
-            for (int64_t q = 0; q < p.Wq; ++q) {
-              const int64_t w = q * g.sw + pc - g.pw;
-              drow[q] = (w >= 0 && w < g.W) ? srow[w] : T(0);
-            }
+            // the columns q whose source w = q*sw + pc - pw lies in [0, W), then a branch-free strided
+            // copy (a bounds test per element cost three times the whole forward gather)
+            const int64_t s0 = pc - g.pw;
+            int64_t lo = s0 < 0 ? ceil_div(-s0, g.sw) : 0, hi = ceil_div(g.W - s0, g.sw);
+            hi = hi < p.Wq ? (hi > 0 ? hi : 0) : p.Wq;
+            lo = lo < hi ? lo : hi;
+            for (int64_t q = 0; q < lo; ++q) drow[q] = T(0);
+            for (int64_t q = lo; q < hi; ++q) drow[q] = srow[q * g.sw + s0];
+            for (int64_t q = hi; q < p.Wq; ++q) drow[q] = T(0);
           }
         }
       }
