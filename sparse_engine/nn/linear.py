@@ -373,11 +373,7 @@ class SparseModule(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         if self._resolved in _COMPACT and not self._retune:
-            # eager compact layers: the lean op entry (it declines, None, whatever it does not cover)
-            p = self.param
-            b = p._buffers
-            y = ops.compact_linear_eager(input, p.m, p.w, [b[f"index_{f}"] for f in _INDEX_FIELDS], self.bias,
-                                         self.out_features, self.in_features)
+            y = self._eager_compact(input)
             if y is not None:
                 return y
         amp = self._amp_dtype(input) if isinstance(input, Tensor) else None
@@ -391,6 +387,11 @@ class SparseModule(nn.Module):
         with torch.autocast(input.device.type, enabled=False):
             self._maybe_autotune(x)
             return self._compute(x, self._resolved or "dense", amp)
+
+    def _eager_compact(self, input: Tensor) -> Tensor | None:
+        """A compact layer's lean eager forward, or None (then the checked path runs). None here; a
+        subclass with such an entry in ops overrides it."""
+        return None
 
     def _factors(self, dtype: torch.dtype | None) -> tuple[Tensor | None, Tensor, Tensor | None]:
         """(m, w, bias), cast to ``dtype`` when given (autocast)."""
@@ -695,6 +696,13 @@ class SparseLinear(SparseModule):
                 f"input must have last dim {self.in_features} (in_features), got shape {tuple(input.shape)}"
             )
         self._check_dtype_device(input, amp)
+
+    def _eager_compact(self, input: Tensor) -> Tensor | None:
+        # the lean op entry: it checks only the input and declines (None) whatever it does not cover
+        p = self.param
+        b = p._buffers
+        return ops.compact_linear_eager(input, p.m, p.w, [b[f"index_{f}"] for f in _INDEX_FIELDS], self.bias,
+                                        self.out_features, self.in_features)
 
     def _compute(self, input: Tensor, layout: str, dtype: torch.dtype | None = None) -> Tensor:
         p = self.param
