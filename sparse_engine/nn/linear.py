@@ -372,7 +372,7 @@ class SparseModule(nn.Module):
         return torch.get_autocast_dtype(device_type)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self._resolved in _COMPACT and not self._retune:
+        if self._resolved in _COMPACT and not self._retune and isinstance(self, SparseLinear):
             # eager compact layers: the lean op entry (it declines, None, whatever it does not cover)
             p = self.param
             b = p._buffers
