@@ -202,33 +202,53 @@ def test_unsupported_hook_sees_the_arguments(stub):
         ops.reparam(randn(2, 3), randn(2, 3))
 
 
+def test_choice_is_cached_until_forget(stub):
+    """select() (and extra()) answer from a cache keyed by impl, device type, dtype, request and loader;
+    forget() drops it, and the next choice looks the modules up again."""
+    cpu = torch.device("cpu")
+    first, _ = _recording_module("cpp", fused_step_group=lambda *a: None)
+    stub("cpp", first)
+    backend, fn = backends.select("reparam_fwd", cpu, torch.float32)
+    assert backend == "cpp" and fn is first.reparam_fwd
+    assert backends.extra("reparam_fwd", cpu, torch.float32, "fused_step_group") is first.fused_step_group
+    second, _ = _recording_module("cpp")
+    stub("cpp", second)
+    assert backends.select("reparam_fwd", cpu, torch.float32)[1] is first.reparam_fwd  # the cached answer
+    assert backends.select("reparam_fwd", cpu, torch.float64)[1] is second.reparam_fwd  # another key
+    with backends.force("reference"):
+        assert backends.select("reparam_fwd", cpu, torch.float32)[0] == "reference"
+    backends.forget()
+    assert backends.select("reparam_fwd", cpu, torch.float32)[1] is second.reparam_fwd
+    assert backends.extra("reparam_fwd", cpu, torch.float32, "fused_step_group") is None
+
+
 def test_unavailable_flag_and_missing_function_through_the_real_loader(monkeypatch):
     """A compiled backend module that imports but sets UNAVAILABLE, or lacks an implementation."""
-    backends._module.cache_clear()
+    backends.forget()
     try:
         monkeypatch.setitem(sys.modules, "sparse_engine.ops._cpp",
                             types.SimpleNamespace(UNAVAILABLE="the .so was built for another torch"))
         assert backends.reason("cpp", "reparam_fwd", "cpu") == "the .so was built for another torch"
-        backends._module.cache_clear()
+        backends.forget()
         monkeypatch.setitem(sys.modules, "sparse_engine.ops._cpp", types.SimpleNamespace(UNAVAILABLE=None))
         assert backends.reason("cpp", "reparam_fwd", "cpu") == "sparse_engine.ops._cpp has no reparam_fwd"
         with backends.force("cpp"), \
                 pytest.raises(RuntimeError, match="sparse_engine.ops._cpp has no reparam_fwd"):
             ops.reparam(randn(2, 3), randn(2, 3))
     finally:
-        backends._module.cache_clear()
+        backends.forget()
 
 
 def test_real_module_resolution_reports_missing_modules():
     """Against the real import machinery: a kernel module that does not exist names itself."""
-    backends._module.cache_clear()
+    backends.forget()
     try:
         # compact_linear has no Triton kernel by design (the CSR path is C++/CUDA), so its module is missing.
         mod, why = backends._module("triton", "compact_linear_fwd")
         assert mod is None
         assert "sparse_engine.kernels.compact_linear" in why or "triton is not installed" in why
     finally:
-        backends._module.cache_clear()
+        backends.forget()
 
 
 def test_nothing_is_imported_until_an_op_runs():

@@ -229,6 +229,16 @@ _selected: dict[tuple, tuple[str, Callable]] = {}
 _extras: dict[tuple, Callable | None] = {}  # extra()'s answers, under the same keys
 
 
+def forget() -> None:
+    """Drop every cached answer (imported modules, choices): the next op looks everything up again. For
+    tests that swap the backend modules in sys.modules."""
+    clear = getattr(_module, "cache_clear", None)  # absent where a test replaced the loader
+    if clear is not None:
+        clear()
+    _selected.clear()
+    _extras.clear()
+
+
 def _key(impl: str, device, dtype) -> tuple[tuple, str | None, str]:
     """(cache key of select's answer, the requested backend, the device type)."""
     want = requested()
