@@ -109,6 +109,24 @@ def test_key_tracks_what_changes_the_answer(monkeypatch):
     assert k != autolayout.make_key("linear", (16, 16), mask, torch.float32, "cpu", **base)
 
 
+def test_key_tracks_the_build_of_the_kernels(monkeypatch):
+    """The same backend rebuilt (new kernels, the same names): cached measurements must not apply."""
+    from sparse_engine.ops import _cpp
+
+    if backends.which("compact_linear_fwd", "cpu", torch.float32) != "cpp":
+        pytest.skip("the C++ backend does not run compact_linear here (no build): no build id in the key")
+    make = lambda: autolayout.make_key("linear", (16, 16), None, torch.float32, "cpu", rows=8, kind="signin")
+    k = make()
+    assert k["builds"] == [_cpp.build_id()] and k["builds"][0]
+    monkeypatch.setattr(_cpp, "build_id", lambda: "rebuilt")
+    backends.forget()  # the entry points are cached with the backend choice
+    try:
+        assert make()["builds"] == ["rebuilt"] and make() != k
+    finally:
+        monkeypatch.undo()
+        backends.forget()
+
+
 def test_bad_cache_files_are_ignored(cache_dir, caplog, tmp_path, monkeypatch):
     cache_dir.mkdir(parents=True)
     (cache_dir / "autolayout.json").write_text("{not json")

@@ -13,8 +13,8 @@ so a layer with ``layout="auto"`` is never measurably slower than the dense mask
 
 Results are cached per *key*: op, weight shape, density, dtype, device (CPU threads or GPU name), rows
 (rounded up to a power of two), parameterization (masked or factored), block shape, the backend each op
-would run on, and the torch version. A new kernel (the C++ backend landing, say) therefore changes the
-key and is measured afresh. The cache lives in memory and in ``<cache_dir>/autolayout.json``
+would run on, the build of its compiled library (size and time of the file) and the torch version. A new
+kernel (the C++ backend landing, or a rebuilt one) therefore changes the key and is measured afresh. The cache lives in memory and in ``<cache_dir>/autolayout.json``
 (``SPARSE_ENGINE_CACHE``, see :mod:`sparse_engine.env`); a cache file that cannot be read or written is
 ignored with one log line.
 
@@ -96,6 +96,7 @@ def make_key(
     density = 1.0 if mask2d is None else int(mask2d.sum()) / numel
     impls = sorted({impl for pair in _IMPLS.values() for impl in pair} | {"reparam_fwd", "reparam_bwd"})
     used = {impl: backends.which(impl, device, dtype) for impl in impls}
+    builds = sorted({f() for impl in impls if (f := backends.extra(impl, device, dtype, "build_id")) is not None})
     return {
         "op": op,
         "shape": list(weight_shape),
@@ -107,6 +108,7 @@ def make_key(
         "kind": "masked" if kind == "masked" else "factored",
         "block_shape": list(block_shape),
         "backends": used,
+        "builds": builds,  # a rebuilt library (new kernels) is measured afresh
         "torch": torch.__version__,
         **({"extra": extra} if extra else {}),
     }

@@ -56,6 +56,20 @@ if UNAVAILABLE:
 # --------------------------------------------------------------------------------------- helpers
 
 
+def build_id() -> str:
+    """Which build of the kernels is loaded: size and modification time of its library file. Measurements
+    cached with another build (nn.autolayout) are not reused: the kernels may have changed."""
+    import os
+    import sys
+
+    module = sys.modules.get("sparse_engine._C")
+    if module is not None and getattr(module, "__file__", None):
+        paths = [module.__file__]
+    else:  # the SPARSE_ENGINE_JIT=1 build: a library loaded into torch.ops
+        paths = sorted(p for p in torch.ops.loaded_libraries if "sparse_engine_C" in os.path.basename(p))
+    return ";".join(f"{os.path.getsize(p)}-{int(os.path.getmtime(p))}" for p in paths)
+
+
 def isa() -> str:
     """The instruction set the row kernels run with: 'avx512', 'avx2' or 'base'."""
     return torch.ops.sparse_engine_C.isa()
