@@ -21,6 +21,13 @@ def ms(s: dict, digits: int = 2) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
+def settings(d: dict):
+    """(model, sparsity as written, summary) of each "model@sparsity" entry of a result's summary."""
+    for key, summary in d["summary"].items():
+        model, sp = key.split("@")
+        yield model, sp, summary
+
+
 def load(path: Path) -> dict | None:
     if not path.is_file():
         print(f"\n(missing: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path})\n")
@@ -32,8 +39,7 @@ def signin_vs_static(d: dict) -> None:
     print("| model | sparsity | static (PaI) acc % | Sign-In acc % | paired diff (Sign-In − static) | diff > spread? "
           "| sign flips static / Sign-In |")
     print("|---|---|---|---|---|---|---|")
-    for key, s in d["summary"].items():
-        model, sp = key.split("@")
+    for model, sp, s in settings(d):
         print(f"| {model} | {float(sp):.0%} | {ms(s['static'])} | {ms(s['signin'])} | {s['paired_diff']['mean']:+.2f} ± "
               f"{s['paired_diff']['std']:.2f} | {'yes' if s['exceeds_spread'] else 'no'} | "
               f"{s['static_flips']['mean']:.0f} / {s['signin_flips']['mean']:.0f} |")
@@ -79,8 +85,7 @@ def pai_vs_pruned(static: dict, pilot_: dict) -> None:
     names = list(pilot_["summary"])
     print("| sparsity | static PaI (trained sparse) | " + " | ".join(f"{n}, pruned" for n in names) + " |")
     print("|---|---|" + "---|" * len(names))
-    for key, row in static["summary"].items():
-        model, sp = key.split("@")
+    for model, sp, row in settings(static):
         if model != "mlp" or sp not in pilot_["summary"][names[0]]:
             continue
         cells = []
@@ -202,8 +207,7 @@ def mask_sources(d: dict) -> None:
     print("| model | sparsity | condition | test acc % | sign flips (sum of per-epoch) | mean β (last epoch) | "
           "regrown (total) |")
     print("|---|---|---|---|---|---|---|")
-    for key, s in d["summary"].items():
-        model, sp = key.split("@")
+    for model, sp, s in settings(d):
         for name, c in s["conditions"].items():
             beta = f"{c['beta_mean']['mean']:.3f}" if c["beta_mean"]["n"] else "—"
             regrown = f"{c['regrown']['mean']:.0f}" if c["regrown"]["n"] else "—"
@@ -212,8 +216,7 @@ def mask_sources(d: dict) -> None:
     print()
     print("| model | sparsity | comparison | paired diff (points) | beyond spread? |")
     print("|---|---|---|---|---|")
-    for key, s in d["summary"].items():
-        model, sp = key.split("@")
+    for model, sp, s in settings(d):
         for pair, x in s["pairs"].items():
             print(f"| {model} | {float(sp):.0%} | {pair} | {x['diff']['mean']:+.2f} ± {x['diff']['std']:.2f} "
                   f"(n={x['diff']['n']}) | {'yes' if x['exceeds_spread'] else 'no'} |")
