@@ -298,7 +298,7 @@ class MaskUpdater:
         else:  # a linear layer: ∂L/∂θ = gᵀ x over every leading dim
             n, k = module.param.shape2d
             grad = gs.reshape(-1, n).t() @ xs.reshape(-1, k)
-        if _world_size() > 1:  # DDP: grow by the gradient of the global batch, as one process would
+        if distributed.world_size() > 1:  # DDP: grow by the gradient of the global batch, as one process would
             torch.distributed.all_reduce(grad)  # every rank captures the same layers in the same order
         block = _block(module)
         score = _units(grad.detach().abs().reshape(module.param.shape2d), block)
@@ -366,18 +366,12 @@ class MaskUpdater:
         self.arm(next_step)
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _same_on_every_rank(mask: Tensor) -> Tensor:
     """Rank 0's mask on every process of an initialised process group: the decisions are taken from the
     same numbers on every rank, this keeps float ties from ever splitting the replicas."""
     import torch.distributed as dist
 
-    if _world_size() == 1:
+    if distributed.world_size() == 1:
         return mask
     buf = mask.to(torch.uint8)
     dist.broadcast(buf, src=0)
