@@ -6,9 +6,7 @@ sparsity: compact layout vs the naive masked-dense way vs plain dense training. 
 
 Models (batch 128, cross-entropy on random labels):
 * ``mlp784``  784-300-100-10: the classic LeNet-300-100 of the pruning literature (Fashion-MNIST size);
-* ``mlp4096`` 4096-4096-4096-10: a wide MLP whose layers are the size of a transformer projection;
-* ``ffn384``  384-1536-384-10: the feed-forward block of a BERT-shaped encoder (hidden 384), whose middle
-  layer's dX is the C++ backward's gather over the CSC side (only with ``--models ffn384``).
+* ``mlp4096`` 4096-4096-4096-10: a wide MLP whose layers are the size of a transformer projection.
 Every weight layer has a uniform random mask of density 0.1; Sign-In (θ = m ⊙ w, β = 1), SGD with
 momentum 0.9, weight decay 5e-4, lr 0.05. (Sign-In's periodic reset runs every p epochs, not every step,
 so it is not part of a step; its cost is printed separately for the compact layout.)
@@ -44,15 +42,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODELS = {"mlp784": (784, 300, 100, 10), "mlp4096": (4096, 4096, 4096, 10), "ffn384": (384, 1536, 384, 10)}
-DEFAULT_MODELS = ("mlp784", "mlp4096")
+MODELS = {"mlp784": (784, 300, 100, 10), "mlp4096": (4096, 4096, 4096, 10)}
 PROVIDERS = ("engine", "engine_ops", "naive", "dense")
 #: the A/B rows of --ab: the engine as shipped vs the engine without the lean eager layer entry
 #: (``engine_checked``: each SparseLinear call through the fully checked ops.compact_linear, the same C++
 #: op behind it) vs the engine with the per-call paths it replaced (``engine_percall``: the Python custom
-#: op per layer and direction, one optimizer call per tensor) vs the engine with every dX by the scatter
-#: from the CSR rows (``engine_scatter``: the C++ backward's gather over the CSC side switched off)
-AB_PROVIDERS = ("dense", "engine", "engine_checked", "engine_percall", "engine_scatter")
+#: op per layer and direction, one optimizer call per tensor)
+AB_PROVIDERS = ("dense", "engine", "engine_checked", "engine_percall")
 DENSITY, BATCH, LR, MOMENTUM, WD = 0.1, 128, 0.05, 0.9, 5e-4
 
 
@@ -174,10 +170,6 @@ def build(provider: str, sizes, torch):
         step, state = build("engine", sizes, torch)
         return _checked(step), state
 
-    if provider == "engine_scatter":
-        step, state = build("engine", sizes, torch)
-        return _scatter_dx(step), state
-
     if provider == "engine":
         from sparse_engine.nn import SparseLinear
         from sparse_engine.optim import SGD
@@ -284,18 +276,6 @@ def _checked(fn):
     return _declining(fn, ops, "compact_linear_eager")
 
 
-def _scatter_dx(fn):
-    """``fn`` run with the C++ backward computing every dX by the scatter from the CSR rows, as before the
-    gather over the CSC side. The A side of the engine_scatter rows."""
-    from sparse_engine.ops import _cpp
-
-    def run(*args):
-        with _cpp.use_dx_mode("scatter"):
-            return fn(*args)
-
-    return run
-
-
 def ab(models, threads_list, rounds: int, out: Path) -> None:
     """Interleaved A/B in one process: each round times one step of every provider in turn (and one
     Sign-In reset of the engine), so machine load hits all sides alike; medians over the rounds."""
@@ -319,7 +299,7 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
             for p in AB_PROVIDERS:
                 for _ in range(3):
                     steps[p](x, y)
-            n = max(3, rounds // 10) if model == "mlp4096" else rounds
+            n = rounds if model == "mlp784" else max(3, rounds // 10)
             for _ in range(n):
                 for p in AB_PROVIDERS:
                     t0 = time.perf_counter()
@@ -337,8 +317,7 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
             print(f"{model:>8} {threads}t: dense {med['dense']:8.2f} ms | engine {med['engine']:8.2f} ms "
                   f"(x{med['dense'] / med['engine']:.2f} vs dense) | checked entry {med['engine_checked']:8.2f} ms "
                   f"(x{med['dense'] / med['engine_checked']:.2f}) | per-call {med['engine_percall']:8.2f} ms "
-                  f"(x{med['dense'] / med['engine_percall']:.2f}) | dX by scatter {med['engine_scatter']:8.2f} ms "
-                  f"(x{med['dense'] / med['engine_scatter']:.2f}) | reset {med['reset']:.2f} ms "
+                  f"(x{med['dense'] / med['engine_percall']:.2f}) | reset {med['reset']:.2f} ms "
                   f"(per-call {med['reset_percall']:.2f}) | load {load}")
     write_csv(rows, out)
 
@@ -411,7 +390,7 @@ def worker(provider: str, model: str, steps: int, threads: int) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the small MLP only")
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1,
@@ -444,7 +423,7 @@ def main(argv=None) -> None:
     print(f"# {info['machine']} | torch {info['torch']} | commit {info['commit']} | load average {loadavg()}")
     rows = []
     for model in models:
-        steps = 8 if model == "mlp4096" else 30
+        steps = 30 if model == "mlp784" else 8
         results = {}
         for _ in range(args.rounds):
             for prov in args.providers:

@@ -324,18 +324,17 @@ int scatter_dx(Dtype dt, const SpmmArgs& a, int64_t B, int64_t K, int64_t nbr, i
 // 512 KiB-L2 core (1 thread, 10 % density, dX alone): batch 128, 300x784 scatter 305 µs vs gather 230 µs,
 // 384x1536 757 vs 568, 1536x384 602 vs 609; batch 512, 384x1536 3.47 vs 2.69 ms; but 4096x4096 20.4 vs
 // 34.2 ms (θ far past L2: every read through perm a miss), and batch 1 / 16 on 300x784 26 vs 34 / 51 vs
-// 52 µs (the θ gather is not paid back). The scatter's panel has K rows, the gather's output N: with
-// K < N the scatter's panel is the smaller one (1536x384 above). So the gather where m and w together
-// fit in L2, the batch is at least 32 and K >= N; the scatter otherwise.
+// 52 µs (the θ gather is not paid back). So the gather where m and w together fit in L2 and the batch
+// is at least 32, the scatter otherwise.
 std::atomic<int> g_dx_mode{0};
 constexpr int64_t kGatherDxBytes = int64_t(512) << 10;
 constexpr int64_t kGatherDxBatch = 32;
 
-bool dx_by_gather(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t bn, int64_t bk, int64_t nnzb) {
+bool dx_by_gather(Dtype dt, int64_t B, int64_t bn, int64_t bk, int64_t nnzb) {
   if (bn != 1 || bk != 1) return false;
   const int mode = g_dx_mode.load(std::memory_order_relaxed);
   if (mode != 0) return mode == 2;
-  return B >= kGatherDxBatch && K >= N && 2 * nnzb * elem_size(dt) <= kGatherDxBytes;
+  return B >= kGatherDxBatch && 2 * nnzb * elem_size(dt) <= kGatherDxBytes;
 }
 
 // out[e] = θ[perm[e]]: θ in CSC order. Returns 1 on a perm entry out of range.
@@ -397,7 +396,7 @@ int backward_t(const T* gy, const T* x, int64_t B, int64_t N, int64_t K, const T
     X = XP;
     DY = DYP;
   }
-  if (gx && K > 0 && ccol && row_t && perm && dx_by_gather(dt, B, N, K, bn, bk, nnzb)) {
+  if (gx && K > 0 && ccol && row_t && perm && dx_by_gather(dt, B, bn, bk, nnzb)) {
     const int err = gather_dx(dt, m, w, ccol, row_t, perm, B, N, K, nnzb, BC, nchunks, DY, p, gx);
     if (err) return err;
   } else if (gx && K > 0) {
@@ -430,7 +429,7 @@ int64_t backward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int6
   const int nt = scatter_threads(dt, K, BC, nnzb * bn * bk * BC * nchunks);
   const int64_t scatter = align64(static_cast<int64_t>(nt) * K * BC * es);
   // room for either way: the gather is skipped when the caller has no CSC fields
-  const int64_t gather = dx_by_gather(dt, B, N, K, bn, bk, nnzb) ? gather_dx_bytes(dt, K, BC, nchunks, nnzb) : 0;
+  const int64_t gather = dx_by_gather(dt, B, bn, bk, nnzb) ? gather_dx_bytes(dt, K, BC, nchunks, nnzb) : 0;
   return bytes + (scatter > gather ? scatter : gather);
 }
 
