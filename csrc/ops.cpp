@@ -120,12 +120,11 @@ Compact check_compact(const optional<Tensor>& m_values, const Tensor& w_values, 
   if (row.defined()) c.row = index_tensor(row, "row", c.nnzb);  // undefined: the inference entry (no row)
   check_pointers(c.crow, c.nnzb, "crow");
   if (transposed) {
-    // The CPU backward's gather dX reads the transposed side: ccol checked here, row_t and perm by the
-    // kernels (against N and nnz) before any read through them.
+    // The CPU backward reads only the CSR side (dX by scatter); the transposed fields are part of the
+    // op's signature (the CUDA kernels use them), so their sizes are still checked.
     c.ccol = index_tensor(ccol, "ccol", c.nbc + 1);
     c.row_t = index_tensor(row_t, "row_t", c.nnzb);
     c.perm = index_tensor(perm, "perm", c.nnzb);
-    check_pointers(c.ccol, c.nnzb, "ccol");
   }
   return c;
 }
@@ -141,8 +140,8 @@ Tensor activations(const Tensor& t, const char* name, int64_t cols, const Compac
 
 void raise_kernel_error(int err, const char* pass) {
   TORCH_CHECK_VALUE(err != 1, "compact_linear ", pass,
-                    ": an index entry is out of range (col, row_t or perm past the number of (block) "
-                    "columns, rows or stored values); rebuild the index or call index.validate()");
+                    ": an index entry is out of range (col >= number of (block) columns); rebuild the index "
+                    "or call index.validate()");
   TORCH_CHECK(err == 0, "compact_linear ", pass, ": internal error ", num(err));
 }
 
@@ -196,8 +195,7 @@ std::tuple<Tensor, Tensor, Tensor> compact_linear_bwd(const Tensor& grad_y, cons
   Tensor ws = workspace(se_cpu::backward_workspace_bytes(c.dt, B, c.N, c.K, c.nnzb, c.bn, c.bk, needs_x_grad));
   const int err = se_cpu::compact_linear_backward(
       c.dt, gy.data_ptr(), xc.data_ptr(), B, c.N, c.K, ptr_or_null(c.m), c.w.data_ptr(), c.crow.data_ptr<int32_t>(),
-      c.col.data_ptr<int32_t>(), c.nnzb, c.bn, c.bk, c.ccol.data_ptr<int32_t>(), c.row_t.data_ptr<int32_t>(),
-      c.perm.data_ptr<int32_t>(), needs_x_grad ? gx.data_ptr() : nullptr,
+      c.col.data_ptr<int32_t>(), c.nnzb, c.bn, c.bk, needs_x_grad ? gx.data_ptr() : nullptr,
       c.has_m ? gm.data_ptr() : nullptr, gw.data_ptr(), ws.data_ptr());
   raise_kernel_error(err, "backward");
   return {gx, gm, gw};
@@ -541,13 +539,6 @@ bool set_isa(c10::string_view name) {
 
 int64_t set_panel_budget(int64_t bytes) { return se_cpu::set_panel_budget(bytes); }
 
-int64_t set_dx_mode(c10::string_view name) {
-  const std::string s(name);
-  TORCH_CHECK_VALUE(s == "auto" || s == "scatter" || s == "gather",
-                    "mode must be one of auto, scatter, gather, got '", s, "'");
-  return se_cpu::set_dx_mode(s == "auto" ? 0 : (s == "scatter" ? 1 : 2));
-}
-
 }  // namespace
 
 TORCH_LIBRARY(sparse_engine_C, m) {
@@ -584,7 +575,6 @@ TORCH_LIBRARY(sparse_engine_C, m) {
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> bool", &set_isa);
   m.def("set_panel_budget(int bytes) -> int", &set_panel_budget);
-  m.def("set_dx_mode(str mode) -> int", &set_dx_mode);
 }
 
 TORCH_LIBRARY_IMPL(sparse_engine_C, CPU, m) {

@@ -152,33 +152,8 @@ def test_compact_linear_every_isa(isa, dtype):
     with _isa_or_skip(isa):
         assert _cpp.isa() == isa
         for b in (1, 5, 20, 70):
-            for mode in ("scatter", "gather"):
-                with _cpp.use_dx_mode(mode):
-                    _check_compact_linear(45, 77, b, 0.2, None, dtype)
+            _check_compact_linear(45, 77, b, 0.2, None, dtype)
             _check_compact_linear(45, 77, b, 0.2, (8, 4), dtype, use_m=False)
-
-
-@pytest.mark.parametrize("mode", ["scatter", "gather"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("density", DENSITIES)
-@pytest.mark.parametrize("shape", SHAPES + [(300, 784)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_compact_linear_dx_modes(shape, density, dtype, mode):
-    """dX by the scatter from the CSR rows and by the gather over the CSC side (which the backward picks by
-    size: tested each at every shape and batch width, whatever the automatic choice would be)."""
-    n, k = shape
-    with _cpp.use_dx_mode(mode):
-        for b in (1, 3, 17, 40, 200):
-            _check_compact_linear(n, k, b, density, None, dtype, use_m=b % 2 == 1, use_bias=b != 3)
-        _check_compact_linear(n, k, 33, density, None, dtype, empty=True)
-
-
-def test_dx_mode_argument():
-    assert _cpp.set_dx_mode("auto") == "auto"
-    with _cpp.use_dx_mode("gather"):
-        assert _cpp.set_dx_mode("gather") == "gather"
-    assert _cpp.set_dx_mode("auto") == "auto"
-    with pytest.raises(ValueError, match="mode must be one of auto, scatter, gather"):
-        _cpp.set_dx_mode("csc")
 
 
 @pytest.mark.parametrize("block", [None, (4, 8)], ids=["csr", "bsr4x8"])
@@ -391,35 +366,10 @@ def test_out_of_range_col_raises(batch, bad):
         _cpp.compact_linear_bwd(gy, x, None, w, *f, 9, 11, needs_x_grad=False)
 
 
-@pytest.mark.parametrize("batch", [1, 40])
-@pytest.mark.parametrize("field", ["row_t", "perm"])
-@pytest.mark.parametrize("bad", ["bound", "far", "negative"])
-def test_out_of_range_transposed_index_raises(field, bad, batch):
-    """The gather dX reads through row_t and perm: an entry past N (row_t) or nnz (perm) is an error,
-    never a wild read."""
-    idx, w, _, _ = _small_case()
-    f = dict(zip(("crow", "col", "row", "ccol", "row_t", "perm"), _fields(idx)))
-    f[field] = f[field].clone()
-    bound = 9 if field == "row_t" else idx.nnz  # N rows, nnz stored values
-    f[field][idx.nnz // 2] = {"bound": bound, "far": bound + 1000, "negative": -1}[bad]
-    x, gy = torch.randn(batch, 11), torch.randn(batch, 9)
-    with _cpp.use_dx_mode("gather"):
-        with pytest.raises(ValueError, match="out of range"):
-            _cpp.compact_linear_bwd(gy, x, w.clone(), w, *f.values(), 9, 11)
-
-
-def test_bad_ccol_raises():
-    idx, w, x, gy = _small_case()
-    f = list(_fields(idx))
-    f[3] = f[3].clone()
-    f[3][-1] -= 1
-    with pytest.raises(ValueError, match=r"ccol\[-1\]"):
-        _cpp.compact_linear_bwd(gy, x, None, w, *f, 9, 11)
-
-
 @pytest.mark.parametrize("field", ["ccol", "row_t", "perm"])
 def test_transposed_fields_are_size_checked(field):
-    """The transposed fields (read by the gather dX) are checked for dtype and size."""
+    """The CPU backward reads only crow/col (dX by scatter from the rows); the transposed fields of the
+    signature are still checked for dtype and size."""
     idx, w, x, gy = _small_case()
     f = dict(zip(("crow", "col", "row", "ccol", "row_t", "perm"), _fields(idx)))
     f[field] = f[field][:-1]

@@ -1,8 +1,8 @@
 // compact_linear on CPU: y = x theta^T + b, theta = m*w stored only at the active coordinates.
 //
 //   forward   SpMM over the rows of the CSR/BSR pattern                    work ∝ nnz * B
-//   dX        the transposed SpMM: by scatter from the CSR rows into thread-private panels, or, where
-//             θ fits in L2, by the forward's gather SpMM over the CSC side (θ gathered through perm)
+//   dX        the transposed SpMM computed from the CSR rows: scatter into thread-private panels
+//             (the CSC form would gather m and w through perm at random on every step)
 //   dtheta    SDDMM on the pattern only, with the g_m = g*w, g_w = g*m epilogue
 //
 // This file holds the portable part: instruction-set dispatch, batch-contiguous panels (pack/unpack
@@ -316,62 +316,10 @@ int scatter_dx(Dtype dt, const SpmmArgs& a, int64_t B, int64_t K, int64_t nbr, i
   return err;
 }
 
-// dX by scatter or by gather. The scatter streams θ in storage order and updates rows of a panel at
-// random: a load and a store of a whole panel row per stored value, plus a zeroed panel per thread and
-// their sum. The gather is the forward's SpMM over the CSC side (dX = dY θ is a CSR SpMM of θᵀ, whose
-// rows are ccol / row_t), with no stores in the inner loop and no panels to sum, but it needs θ in
-// column order: one read through perm per stored value, at random, whatever the batch. Measured on a
-// 512 KiB-L2 core (1 thread, 10 % density, dX alone): batch 128, 300x784 scatter 305 µs vs gather 230 µs,
-// 384x1536 757 vs 568, 1536x384 602 vs 609; batch 512, 384x1536 3.47 vs 2.69 ms; but 4096x4096 20.4 vs
-// 34.2 ms (θ far past L2: every read through perm a miss), and batch 1 / 16 on 300x784 26 vs 34 / 51 vs
-// 52 µs (the θ gather is not paid back). So the gather where m and w together fit in L2 and the batch
-// is at least 32, the scatter otherwise.
-std::atomic<int> g_dx_mode{0};
-constexpr int64_t kGatherDxBytes = int64_t(512) << 10;
-constexpr int64_t kGatherDxBatch = 32;
-
-bool dx_by_gather(Dtype dt, int64_t B, int64_t bn, int64_t bk, int64_t nnzb) {
-  if (bn != 1 || bk != 1) return false;
-  const int mode = g_dx_mode.load(std::memory_order_relaxed);
-  if (mode != 0) return mode == 2;
-  return B >= kGatherDxBatch && 2 * nnzb * elem_size(dt) <= kGatherDxBytes;
-}
-
-// out[e] = θ[perm[e]]: θ in CSC order. Returns 1 on a perm entry out of range.
-template <typename T>
-int gather_theta(const T* __restrict m, const T* __restrict w, const int32_t* __restrict perm, int64_t nnz,
-                 T* __restrict out) {
-  for (int64_t e = 0; e < nnz; ++e) {
-    const uint32_t p = static_cast<uint32_t>(perm[e]);
-    if (p >= static_cast<uint64_t>(nnz)) return 1;
-    out[e] = m ? m[p] * w[p] : w[p];
-  }
-  return 0;
-}
-
-// Bytes of the gather's workspace after the activation panels: θ in CSC order and the dX panel.
-int64_t gather_dx_bytes(Dtype dt, int64_t K, int64_t BC, int64_t nchunks, int64_t nnzb) {
-  return align64(nnzb * elem_size(dt)) + (BC > 1 ? align64(nchunks * K * BC * elem_size(dt)) : 0);
-}
-
-template <typename T>
-int gather_dx(Dtype dt, const T* m, const T* w, const int32_t* ccol, const int32_t* row_t, const int32_t* perm,
-              int64_t B, int64_t N, int64_t K, int64_t nnz, int64_t BC, int64_t nchunks, const T* DY, char* p,
-              T* gx) {
-  T* theta_t = reinterpret_cast<T*>(p);
-  if (gather_theta(m, w, perm, nnz, theta_t)) return 1;
-  T* Y = BC > 1 ? reinterpret_cast<T*>(p + align64(nnz * elem_size(dt))) : gx;
-  SpmmArgs a{nullptr, theta_t, ccol, row_t, N, K, N, 1, 1, false, DY, Y, BC};
-  const int err = run_spmm(dt, a, nchunks, K, nnz * BC * nchunks);
-  if (err) return err;
-  if (BC > 1) unpack(Y, B, K, BC, static_cast<const T*>(nullptr), gx);
-  return 0;
-}
-
 template <typename T>
 int backward_t(const T* gy, const T* x, int64_t B, int64_t N, int64_t K, const T* m, const T* w,
-               const int32_t* crow, const int32_t* col, int64_t nnzb, int64_t bn, int64_t bk, const int32_t* ccol,
-               const int32_t* row_t, const int32_t* perm, T* gx, T* gm, T* gw, void* ws) {
+               const int32_t* crow, const int32_t* col, int64_t nnzb, int64_t bn, int64_t bk, T* gx, T* gm, T* gw,
+               void* ws) {
   const Dtype dt = sizeof(T) == 4 ? kFloat32 : kFloat64;
   const int64_t bsize = bn * bk;
   const int64_t nbr = ceil_div(N, bn), nbc = ceil_div(K, bk);
@@ -396,10 +344,7 @@ int backward_t(const T* gy, const T* x, int64_t B, int64_t N, int64_t K, const T
     X = XP;
     DY = DYP;
   }
-  if (gx && K > 0 && ccol && row_t && perm && dx_by_gather(dt, B, bn, bk, nnzb)) {
-    const int err = gather_dx(dt, m, w, ccol, row_t, perm, B, N, K, nnzb, BC, nchunks, DY, p, gx);
-    if (err) return err;
-  } else if (gx && K > 0) {
+  if (gx && K > 0) {
     const int nt = scatter_threads(dt, K, BC, work);
     SpmmArgs a{m, w, crow, col, nbc, K, N, bn, bk, false, DY, nullptr, BC};
     const int err = scatter_dx(dt, a, B, K, nbr, nchunks, nt, reinterpret_cast<T*>(p), gx);
@@ -427,15 +372,7 @@ int64_t backward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int6
   if (BC > 1) bytes += align64(nchunks * K * BC * es) + align64(nchunks * N * BC * es);
   if (!with_dx) return bytes;
   const int nt = scatter_threads(dt, K, BC, nnzb * bn * bk * BC * nchunks);
-  const int64_t scatter = align64(static_cast<int64_t>(nt) * K * BC * es);
-  // room for either way: the gather is skipped when the caller has no CSC fields
-  const int64_t gather = dx_by_gather(dt, B, bn, bk, nnzb) ? gather_dx_bytes(dt, K, BC, nchunks, nnzb) : 0;
-  return bytes + (scatter > gather ? scatter : gather);
-}
-
-int set_dx_mode(int mode) {
-  if (mode < 0 || mode > 2) return g_dx_mode.load(std::memory_order_relaxed);
-  return g_dx_mode.exchange(mode, std::memory_order_relaxed);
+  return bytes + align64(static_cast<int64_t>(nt) * K * BC * es);
 }
 
 int compact_linear_forward(Dtype dt, const void* x, int64_t B, int64_t N, int64_t K, const void* m,
@@ -452,17 +389,15 @@ int compact_linear_forward(Dtype dt, const void* x, int64_t B, int64_t N, int64_
 
 int compact_linear_backward(Dtype dt, const void* gy, const void* x, int64_t B, int64_t N, int64_t K,
                             const void* m, const void* w, const int32_t* crow, const int32_t* col,
-                            int64_t nnzb, int64_t bn, int64_t bk, const int32_t* ccol, const int32_t* row_t,
-                            const int32_t* perm, void* gx, void* gm, void* gw, void* ws) {
+                            int64_t nnzb,
+                            int64_t bn, int64_t bk, void* gx, void* gm, void* gw, void* ws) {
   if (dt == kFloat32)
     return backward_t<float>(static_cast<const float*>(gy), static_cast<const float*>(x), B, N, K,
                              static_cast<const float*>(m), static_cast<const float*>(w), crow, col, nnzb, bn, bk,
-                             ccol, row_t, perm, static_cast<float*>(gx), static_cast<float*>(gm),
-                             static_cast<float*>(gw), ws);
+                             static_cast<float*>(gx), static_cast<float*>(gm), static_cast<float*>(gw), ws);
   return backward_t<double>(static_cast<const double*>(gy), static_cast<const double*>(x), B, N, K,
                             static_cast<const double*>(m), static_cast<const double*>(w), crow, col, nnzb, bn, bk,
-                            ccol, row_t, perm, static_cast<double*>(gx), static_cast<double*>(gm),
-                            static_cast<double*>(gw), ws);
+                            static_cast<double*>(gx), static_cast<double*>(gm), static_cast<double*>(gw), ws);
 }
 
 }  // namespace se_cpu

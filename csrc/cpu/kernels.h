@@ -83,19 +83,14 @@ int compact_linear_forward(Dtype dt, const void* x, int64_t B, int64_t N, int64_
 // Bytes of workspace the forward needs (panels), 64-byte aligned by the caller.
 int64_t forward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t nnzb, int64_t bn,
                                 int64_t bk);
-// Backward: g_x (B, K) (may be null: skipped), g_m (nullable), g_w: values layout. dX comes from the
-// CSR rows by scatter, or, for a CSR pattern whose values fit in L2, from the CSC side (ccol, row_t, perm:
-// nullable, then always the scatter) by a gather SpMM; see dx_by_gather in compact_linear.cpp.
+// Backward: g_x (B, K) (may be null: skipped), g_m (nullable), g_w: values layout. Needs only the CSR
+// side of the index: dX is computed by scatter from the rows (see compact_linear.cpp).
 int compact_linear_backward(Dtype dt, const void* grad_y, const void* x, int64_t B, int64_t N, int64_t K,
                             const void* m, const void* w, const int32_t* crow, const int32_t* col, int64_t nnzb,
-                            int64_t bn, int64_t bk, const int32_t* ccol, const int32_t* row_t,
-                            const int32_t* perm, void* g_x, void* g_m, void* g_w, void* workspace);
-// with_dx = false: no room for the dX panels (the backward is then called with g_x null).
+                            int64_t bn, int64_t bk, void* g_x, void* g_m, void* g_w, void* workspace);
+// with_dx = false: no room for the dX scatter panels (the backward is then called with g_x null).
 int64_t backward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t nnzb, int64_t bn,
                                  int64_t bk, bool with_dx = true);
-// How dX is computed: 0 = by size (default), 1 = always the scatter, 2 = the gather wherever it applies
-// (CSR). Returns the mode before the call. For tests and benchmarks: both give dX to rounding.
-int set_dx_mode(int mode);
 
 // Elementwise ops (any contiguous tensor of n elements; mask is bool bytes or null).
 void reparam_forward(Dtype dt, int64_t n, const void* m, const void* w, const uint8_t* mask, void* theta);

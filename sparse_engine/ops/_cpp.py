@@ -86,22 +86,6 @@ def set_panel_budget(nbytes: int) -> int:
     return int(torch.ops.sparse_engine_C.set_panel_budget(int(nbytes)))
 
 
-def set_dx_mode(mode: str) -> str:
-    """How the backward computes dX: "auto" (by size, the default), "scatter" or "gather" (CSR only).
-    For tests and benchmarks: both give the same dX to rounding. Returns the mode before the call."""
-    return ("auto", "scatter", "gather")[int(torch.ops.sparse_engine_C.set_dx_mode(str(mode)))]
-
-
-@contextlib.contextmanager
-def use_dx_mode(mode: str) -> Iterator[None]:
-    """Run the enclosed backward passes with one way of computing dX (tests and benchmarks)."""
-    before = set_dx_mode(mode)
-    try:
-        yield
-    finally:
-        set_dx_mode(before)
-
-
 @contextlib.contextmanager
 def use_isa(name: str) -> Iterator[None]:
     """Run the enclosed ops with one instruction-set variant (tests and benchmarks)."""
