@@ -16,7 +16,9 @@ Providers, all on the same masked weight and input:
                    (measured per case; the CSV says which);
 * ``cpp`` / ``cuda``  sparse_engine's compact_linear forward on the collapsed inference weight θ (values
                    (nnz,) + int32 CSR index): what ``extract`` ships;
-* ``cpp_mw`` / ``cuda_mw``  the same with θ = m ⊙ w formed on the fly (the training-time forward).
+* ``cpp_mw`` / ``cuda_mw``  the same with θ = m ⊙ w formed on the fly (the training-time forward);
+* ``cpp_wide``     ``cpp`` under the former batch-panel budget (8 MiB; the default is one core's L2): the
+                   A side of that change.
 Time: median (headline) and minimum (best run: least disturbed by other processes on a shared
 machine) of repeated calls after warm-up; providers interleaved round by round so that load from
 other processes hits all of them alike. GFLOP/s counts 2·nnz·B for the sparse providers (only the work a
@@ -147,6 +149,7 @@ def run(args) -> list[dict]:
                     f"{ours}_mw": lambda: backend.compact_linear_fwd(x, mv, wv, bias, *fields, n, k),
                 }
                 if ours == "cpp":
+                    fns["cpp_wide"] = lambda: wide_panels(backend, x, tv, bias, fields, n, k)
                     fns.update(module_providers(x, theta, bias, idx, tv, backend))
                 # same result from every provider (a benchmark of a wrong kernel is worthless)
                 want = fns["dense"]()
@@ -162,7 +165,7 @@ def run(args) -> list[dict]:
                 sparse_name = min(("torch_sparse_mm", "torch_sparse_linear"), key=t.get)
                 t_sparse, t_sparse_min = t[sparse_name], tmin[sparse_name]
                 nnz = tv.numel()
-                for prov in ("dense", "torch_sparse", ours, f"{ours}_mw", *MODULE_PROVIDERS):
+                for prov in ("dense", "torch_sparse", ours, f"{ours}_mw", "cpp_wide", *MODULE_PROVIDERS):
                     if prov not in t and prov != "torch_sparse":
                         continue
                     secs = t_sparse if prov == "torch_sparse" else t[prov]
@@ -179,12 +182,22 @@ def run(args) -> list[dict]:
                       f"(x{t['dense'] / t[ours]:5.2f} vs dense, x{t_sparse / t[ours]:5.2f} vs torch.sparse) | "
                       f"{ours}_mw {t[f'{ours}_mw'] * 1e3:8.3f} ms | best-run ratios x{tmin['dense'] / tmin[ours]:5.2f} / "
                       f"x{t_sparse_min / tmin[ours]:5.2f}")
+                if "cpp_wide" in t:
+                    print(f"{'':>9} former 8 MiB panel budget: {t['cpp_wide'] * 1e3:8.3f} ms "
+                          f"(the default x{t['cpp_wide'] / t[ours]:5.2f} faster)")
                 if "infer_module" in t:
                     print(f"{'':>9} modules: nn.Linear {t['dense_module'] * 1e3:8.4f} ms | extracted InferLinear csr "
                           f"{t['infer_module'] * 1e3:8.4f} ms (x{t['dense_module'] / t['infer_module']:5.2f}, best "
                           f"run x{tmin['dense_module'] / tmin['infer_module']:5.2f}) | lean entry {t['cpp_infer'] * 1e3:8.4f}"
                           f" ms vs registered op {t[ours] * 1e3:8.4f} ms")
     return rows
+
+
+def wide_panels(backend, x, tv, bias, fields, n, k):
+    """The ``cpp`` provider under the former panel budget (8 MiB; the default is now one core's L2): the A
+    side of the panel A/B (``cpp_wide``)."""
+    with backend.use_panel_budget(backend.FORMER_PANEL_BUDGET):
+        return backend.compact_linear_fwd(x, None, tv, bias, *fields, n, k)
 
 
 #: CPU providers at the module level (what a user of ``extract`` calls), no gradient wanted:

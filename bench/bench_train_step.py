@@ -47,8 +47,9 @@ PROVIDERS = ("engine", "engine_ops", "naive", "dense")
 #: the A/B rows of --ab: the engine as shipped vs the engine without the lean eager layer entry
 #: (``engine_checked``: each SparseLinear call through the fully checked ops.compact_linear, the same C++
 #: op behind it) vs the engine with the per-call paths it replaced (``engine_percall``: the Python custom
-#: op per layer and direction, one optimizer call per tensor)
-AB_PROVIDERS = ("dense", "engine", "engine_checked", "engine_percall")
+#: op per layer and direction, one optimizer call per tensor) vs the engine with the former batch-panel
+#: budget (``engine_wide``: 64-lane panels up to 8 MiB, where the default now cuts them at one core's L2)
+AB_PROVIDERS = ("dense", "engine", "engine_checked", "engine_percall", "engine_wide")
 DENSITY, BATCH, LR, MOMENTUM, WD = 0.1, 128, 0.05, 0.9, 5e-4
 
 
@@ -170,6 +171,10 @@ def build(provider: str, sizes, torch):
         step, state = build("engine", sizes, torch)
         return _checked(step), state
 
+    if provider == "engine_wide":
+        step, state = build("engine", sizes, torch)
+        return _wide_panels(step), state
+
     if provider == "engine":
         from sparse_engine.nn import SparseLinear
         from sparse_engine.optim import SGD
@@ -276,6 +281,17 @@ def _checked(fn):
     return _declining(fn, ops, "compact_linear_eager")
 
 
+def _wide_panels(fn):
+    """``fn`` run with the C++ kernels' former panel budget (8 MiB). The A side of the engine_wide rows."""
+    from sparse_engine.ops import _cpp
+
+    def run(*args):
+        with _cpp.use_panel_budget(_cpp.FORMER_PANEL_BUDGET):
+            return fn(*args)
+
+    return run
+
+
 def ab(models, threads_list, rounds: int, out: Path) -> None:
     """Interleaved A/B in one process: each round times one step of every provider in turn (and one
     Sign-In reset of the engine), so machine load hits all sides alike; medians over the rounds."""
@@ -317,7 +333,8 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
             print(f"{model:>8} {threads}t: dense {med['dense']:8.2f} ms | engine {med['engine']:8.2f} ms "
                   f"(x{med['dense'] / med['engine']:.2f} vs dense) | checked entry {med['engine_checked']:8.2f} ms "
                   f"(x{med['dense'] / med['engine_checked']:.2f}) | per-call {med['engine_percall']:8.2f} ms "
-                  f"(x{med['dense'] / med['engine_percall']:.2f}) | reset {med['reset']:.2f} ms "
+                  f"(x{med['dense'] / med['engine_percall']:.2f}) | 8 MiB panels {med['engine_wide']:8.2f} ms "
+                  f"(x{med['dense'] / med['engine_wide']:.2f}) | reset {med['reset']:.2f} ms "
                   f"(per-call {med['reset_percall']:.2f}) | load {load}")
     write_csv(rows, out)
 

@@ -392,6 +392,21 @@ def test_narrow_panels(budget):
         _cpp.set_panel_budget(0)
 
 
+def test_default_panel_budget_is_one_cores_l2():
+    """The default budget follows the L2 size the system reports (clamped to 256 KiB-8 MiB; 512 KiB where
+    it reports none), and set_panel_budget(0) returns to it."""
+    budget = _cpp.set_panel_budget(0)
+    try:
+        l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        l2 = -1
+    expect = 512 << 10 if l2 <= 0 else min(max(l2, 256 << 10), 8 << 20)
+    assert budget == expect
+    with _cpp.use_panel_budget(4096):
+        assert _cpp.set_panel_budget(4096) == 4096
+    assert _cpp.set_panel_budget(0) == expect
+
+
 def test_bad_pointers_raise():
     idx, w, x, _ = _small_case()
     crow = idx.crow.clone()

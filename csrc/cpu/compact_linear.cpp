@@ -10,6 +10,8 @@
 // The row kernels live in compact_impl.h, compiled once per ISA (isa_*.cpp).
 #include <omp.h>
 
+#include <unistd.h>
+
 #include <atomic>
 #include <cstring>
 
@@ -71,15 +73,30 @@ bool set_isa(const char* name) {
 const char* isa_name() { return active_table().name; }
 
 namespace {
-// Bytes one chunk's panel may take before the batch is cut into narrower chunks. Measured on a
-// 1 MiB-L2 core (4096x4096 at 90 %, B = 64 and 256): panels of 64 lanes (1 MiB) beat narrower ones that
-// fit L2 (fewer passes over the values and indices, more FMAs per index load), so the default only cuts
-// panels past 8 MiB. set_panel_budget() overrides it (benchmarks, other cache sizes).
+// Bytes one chunk's panel may take before the batch is cut into narrower chunks: by default the size of
+// one core's L2. Measured on a 512 KiB-L2 core (Zen 3, 1 thread, 90 % sparsity, best of interleaved
+// rounds): where the 64-lane panel passes L2, 32 lanes are faster although the values and indices are
+// read twice as often (forward of 4096x4096 1.47x / 1.55x at batch 64 / 128, 768x3072 1.24x at 128,
+// backward of 4096x4096 1.29x / 1.55x); where it fits, 64 lanes are as fast or faster (3072x768,
+// 1536x384, 300x784: 0.94-1.07x). set_panel_budget() overrides it (benchmarks, tests).
 std::atomic<int64_t> g_panel_budget{0};  // 0: automatic
+
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    long v = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);  // per core; 0 or -1 where the system does not say
+#endif
+    const int64_t lo = int64_t(256) << 10, hi = int64_t(8) << 20;
+    if (v <= 0) return int64_t(512) << 10;
+    return v < lo ? lo : (v > hi ? hi : static_cast<int64_t>(v));
+  }();
+  return bytes;
+}
 
 int64_t panel_budget() {
   const int64_t forced = g_panel_budget.load(std::memory_order_relaxed);
-  return forced > 0 ? forced : int64_t(8) << 20;
+  return forced > 0 ? forced : l2_bytes();
 }
 }  // namespace
 

@@ -81,9 +81,24 @@ def set_isa(name: str) -> bool:
 
 
 def set_panel_budget(nbytes: int) -> int:
-    """Largest batch panel (bytes) before the batch is cut into narrower chunks; 0 restores the default.
-    For benchmarks and tests (the panel width changes the kernels' inner loops, not the results)."""
+    """Largest batch panel (bytes) before the batch is cut into narrower chunks; 0 restores the default
+    (one core's L2). Returns the budget now in force. For benchmarks and tests (the panel width changes
+    the kernels' inner loops, not the results)."""
     return int(torch.ops.sparse_engine_C.set_panel_budget(int(nbytes)))
+
+
+#: the panel budget before it followed the L2 size: the A side of the benchmarks' panel A/B rows
+FORMER_PANEL_BUDGET = 8 << 20
+
+
+@contextlib.contextmanager
+def use_panel_budget(nbytes: int) -> Iterator[None]:
+    """Run the enclosed ops with another panel budget (benchmarks and tests), then the default again."""
+    set_panel_budget(nbytes)
+    try:
+        yield
+    finally:
+        set_panel_budget(0)
 
 
 @contextlib.contextmanager
