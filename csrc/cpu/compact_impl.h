@@ -480,6 +480,109 @@ int bsr_sddmm(const SddmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
   return 0;
 }
 
+// ------------------------------------------------------------------------------- pack / unpack
+//
+// The panels are the batch transposed: pack P[c][k][l] = x[c*BC + l][k], unpack y[c*BC + l][n] =
+// P[c][n][l] (+ bias[n]). Element by element both are strided on one side (measured 0.46 ns per element
+// packed, four times a plain copy: a third of a small layer's forward at batch 128-512). Where a
+// register holds 8 floats, 8x8 blocks go through registers instead: 8 row loads, a 24-shuffle
+// transpose, 8 row stores. Edges (lanes past B, the last k or n not in a whole block) stay scalar.
+
+#if SE_NATIVE_BYTES >= 32
+// rows r[0..7] (8 floats each) -> r[j] = (old r[0][j], ..., old r[7][j])
+typedef float f8 __attribute__((vector_size(32)));
+typedef float f8u __attribute__((vector_size(32), aligned(4), may_alias));
+SE_INLINE void transpose8x8(f8* r) {
+  f8 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = __builtin_shufflevector(r[2 * i], r[2 * i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[2 * i + 1] = __builtin_shufflevector(r[2 * i], r[2 * i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int h = 0; h < 2; ++h) {
+    const f8 a0 = t[4 * h], a1 = t[4 * h + 1], b0 = t[4 * h + 2], b1 = t[4 * h + 3];
+    u[4 * h] = __builtin_shufflevector(a0, b0, 0, 1, 8, 9, 4, 5, 12, 13);
+    u[4 * h + 1] = __builtin_shufflevector(a0, b0, 2, 3, 10, 11, 6, 7, 14, 15);
+    u[4 * h + 2] = __builtin_shufflevector(a1, b1, 0, 1, 8, 9, 4, 5, 12, 13);
+    u[4 * h + 3] = __builtin_shufflevector(a1, b1, 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+#endif
+
+// x (B, K) rows -> P chunk c, columns k0 .. k1 (k1 - k0 <= a tile), rows past B zero.
+template <typename T>
+void pack_tile_t(const T* __restrict x, int64_t B, int64_t K, int64_t BC, int64_t c, int64_t k0, int64_t k1,
+                 T* __restrict P) {
+  T* dst = P + (c * K + k0) * BC;
+  int64_t l = 0;
+#if SE_NATIVE_BYTES >= 32
+  if constexpr (std::is_same<T, float>::value) {
+    for (; l + 8 <= BC && c * BC + l + 8 <= B; l += 8) {
+      const float* src = x + (c * BC + l) * K;
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) {
+        f8 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const f8u*>(src + i * K + k);
+        transpose8x8(r);
+        for (int j = 0; j < 8; ++j) *reinterpret_cast<f8u*>(dst + (k - k0 + j) * BC + l) = r[j];
+      }
+      for (; k < k1; ++k)
+        for (int i = 0; i < 8; ++i) dst[(k - k0) * BC + l + i] = src[i * K + k];
+    }
+  }
+#endif
+  for (; l < BC; ++l) {
+    const int64_t b = c * BC + l;
+    if (b < B) {
+      const T* src = x + b * K;
+      for (int64_t k = k0; k < k1; ++k) dst[(k - k0) * BC + l] = src[k];
+    } else {
+      for (int64_t k = k0; k < k1; ++k) dst[(k - k0) * BC + l] = T(0);
+    }
+  }
+}
+
+// P chunk c, rows n0 .. n1 -> y (B, N) (+ bias).
+template <typename T>
+void unpack_tile_t(const T* __restrict P, int64_t B, int64_t N, int64_t BC, const T* __restrict bias, int64_t c,
+                   int64_t n0, int64_t n1, T* __restrict y) {
+  const T* src = P + (c * N + n0) * BC;
+  int64_t l = 0;
+#if SE_NATIVE_BYTES >= 32
+  if constexpr (std::is_same<T, float>::value) {
+    for (; l + 8 <= BC && c * BC + l + 8 <= B; l += 8) {
+      float* dst = y + (c * BC + l) * N;
+      int64_t n = n0;
+      for (; n + 8 <= n1; n += 8) {
+        f8 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const f8u*>(src + (n - n0 + i) * BC + l);
+        transpose8x8(r);
+        if (bias) {
+          const f8 bv = *reinterpret_cast<const f8u*>(bias + n);
+          for (int j = 0; j < 8; ++j) r[j] += bv;
+        }
+        for (int j = 0; j < 8; ++j) *reinterpret_cast<f8u*>(dst + j * N + n) = r[j];
+      }
+      for (; n < n1; ++n)
+        for (int j = 0; j < 8; ++j) dst[j * N + n] = src[(n - n0) * BC + l + j] + (bias ? bias[n] : 0.0f);
+    }
+  }
+#endif
+  for (; l < BC; ++l) {
+    const int64_t b = c * BC + l;
+    if (b >= B) break;
+    T* dst = y + b * N;
+    if (bias) {
+      for (int64_t n = n0; n < n1; ++n) dst[n] = src[(n - n0) * BC + l] + bias[n];
+    } else {
+      for (int64_t n = n0; n < n1; ++n) dst[n] = src[(n - n0) * BC + l];
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------- dispatch
 
 template <typename T, int NV>
@@ -549,6 +652,24 @@ int spmm_rows(Dtype dt, const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
 
 int sddmm_rows(Dtype dt, const SddmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
   return dt == se_cpu::kFloat32 ? sddmm_t<float>(a, c, r0, r1) : sddmm_t<double>(a, c, r0, r1);
+}
+
+void pack_tile(Dtype dt, const void* x, int64_t B, int64_t K, int64_t BC, int64_t c, int64_t k0, int64_t k1,
+               void* P) {
+  if (dt == se_cpu::kFloat32)
+    pack_tile_t(static_cast<const float*>(x), B, K, BC, c, k0, k1, static_cast<float*>(P));
+  else
+    pack_tile_t(static_cast<const double*>(x), B, K, BC, c, k0, k1, static_cast<double*>(P));
+}
+
+void unpack_tile(Dtype dt, const void* P, int64_t B, int64_t N, int64_t BC, const void* bias, int64_t c,
+                 int64_t n0, int64_t n1, void* y) {
+  if (dt == se_cpu::kFloat32)
+    unpack_tile_t(static_cast<const float*>(P), B, N, BC, static_cast<const float*>(bias), c, n0, n1,
+                  static_cast<float*>(y));
+  else
+    unpack_tile_t(static_cast<const double*>(P), B, N, BC, static_cast<const double*>(bias), c, n0, n1,
+                  static_cast<double*>(y));
 }
 
 }  // namespace

@@ -126,24 +126,17 @@ int64_t elem_size(Dtype dt) { return dt == kFloat32 ? 4 : 8; }
 // Parallelise only when there is enough work to pay for waking the threads.
 bool worth_threads(int64_t work) { return work >= (1 << 15) && omp_get_max_threads() > 1; }
 
-// x (B, K) row-major -> P (nchunks, K, BC), rows past B zero.
+// x (B, K) row-major -> P (nchunks, K, BC), rows past B zero; tile by tile (the ISA's transposes).
 template <typename T>
 void pack(const T* __restrict x, int64_t B, int64_t K, int64_t BC, T* __restrict P) {
+  const Dtype dt = sizeof(T) == 4 ? kFloat32 : kFloat64;
+  const KernelTable& t = active_table();
   const int64_t nchunks = ceil_div(B, BC), nkt = ceil_div(K, kTile);
 #pragma omp parallel for collapse(2) schedule(static) if (worth_threads(nchunks * K * BC))
   for (int64_t c = 0; c < nchunks; ++c) {
     for (int64_t kt = 0; kt < nkt; ++kt) {
       const int64_t k0 = kt * kTile, k1 = k0 + kTile < K ? k0 + kTile : K;
-      T* dst = P + (c * K + k0) * BC;
-      for (int64_t l = 0; l < BC; ++l) {
-        const int64_t b = c * BC + l;
-        if (b < B) {
-          const T* src = x + b * K;
-          for (int64_t k = k0; k < k1; ++k) dst[(k - k0) * BC + l] = src[k];
-        } else {
-          for (int64_t k = k0; k < k1; ++k) dst[(k - k0) * BC + l] = T(0);
-        }
-      }
+      t.pack_tile(dt, x, B, K, BC, c, k0, k1, P);
     }
   }
 }
@@ -152,22 +145,14 @@ void pack(const T* __restrict x, int64_t B, int64_t K, int64_t BC, T* __restrict
 template <typename T>
 void unpack(const T* __restrict P, int64_t B, int64_t N, int64_t BC, const T* __restrict bias,
             T* __restrict y) {
+  const Dtype dt = sizeof(T) == 4 ? kFloat32 : kFloat64;
+  const KernelTable& t = active_table();
   const int64_t nchunks = ceil_div(B, BC), nnt = ceil_div(N, kTile);
 #pragma omp parallel for collapse(2) schedule(static) if (worth_threads(B * N))
   for (int64_t c = 0; c < nchunks; ++c) {
     for (int64_t nt = 0; nt < nnt; ++nt) {
       const int64_t n0 = nt * kTile, n1 = n0 + kTile < N ? n0 + kTile : N;
-      const T* src = P + (c * N + n0) * BC;
-      for (int64_t l = 0; l < BC; ++l) {
-        const int64_t b = c * BC + l;
-        if (b >= B) break;
-        T* dst = y + b * N;
-        if (bias) {
-          for (int64_t n = n0; n < n1; ++n) dst[n] = src[(n - n0) * BC + l] + bias[n];
-        } else {
-          for (int64_t n = n0; n < n1; ++n) dst[n] = src[(n - n0) * BC + l];
-        }
-      }
+      t.unpack_tile(dt, P, B, N, BC, bias, c, n0, n1, y);
     }
   }
 }

@@ -17,14 +17,14 @@
 #endif
 namespace se_cpu {
 const KernelTable& table_avx2() {
-  static const KernelTable t{"avx2", &spmm_rows, &sddmm_rows, &scatter_rows};
+  static const KernelTable t{"avx2", &spmm_rows, &sddmm_rows, &scatter_rows, &pack_tile, &unpack_tile};
   return t;
 }
 }  // namespace se_cpu
 #else
 namespace se_cpu {
 const KernelTable& table_avx2() {
-  static const KernelTable t{nullptr, nullptr, nullptr, nullptr};
+  static const KernelTable t{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   return t;
 }
 }  // namespace se_cpu

@@ -19,14 +19,14 @@
 #endif
 namespace se_cpu {
 const KernelTable& table_avx512() {
-  static const KernelTable t{"avx512", &spmm_rows, &sddmm_rows, &scatter_rows};
+  static const KernelTable t{"avx512", &spmm_rows, &sddmm_rows, &scatter_rows, &pack_tile, &unpack_tile};
   return t;
 }
 }  // namespace se_cpu
 #else
 namespace se_cpu {
 const KernelTable& table_avx512() {
-  static const KernelTable t{nullptr, nullptr, nullptr, nullptr};
+  static const KernelTable t{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   return t;
 }
 }  // namespace se_cpu

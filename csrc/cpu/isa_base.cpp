@@ -6,7 +6,7 @@
 
 namespace se_cpu {
 const KernelTable& table_base() {
-  static const KernelTable t{"base", &spmm_rows, &sddmm_rows, &scatter_rows};
+  static const KernelTable t{"base", &spmm_rows, &sddmm_rows, &scatter_rows, &pack_tile, &unpack_tile};
   return t;
 }
 }  // namespace se_cpu
