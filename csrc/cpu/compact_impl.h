@@ -512,11 +512,11 @@ SE_INLINE void transpose8x8(f8* r) {
 }
 #endif
 
-// x (B, K) rows -> P chunk c, columns k0 .. k1 (k1 - k0 <= a tile), rows past B zero.
+// x (B, K) rows -> the panel P of chunk c (K rows of BC), columns k0 .. k1, rows past B zero.
 template <typename T>
 void pack_tile_t(const T* __restrict x, int64_t B, int64_t K, int64_t BC, int64_t c, int64_t k0, int64_t k1,
                  T* __restrict P) {
-  T* dst = P + (c * K + k0) * BC;
+  T* dst = P + k0 * BC;
   int64_t l = 0;
 #if SE_NATIVE_BYTES >= 32
   if constexpr (std::is_same<T, float>::value) {
@@ -545,11 +545,11 @@ void pack_tile_t(const T* __restrict x, int64_t B, int64_t K, int64_t BC, int64_
   }
 }
 
-// P chunk c, rows n0 .. n1 -> y (B, N) (+ bias).
+// The panel P of chunk c (N rows of BC), rows n0 .. n1 -> y (B, N) (+ bias).
 template <typename T>
 void unpack_tile_t(const T* __restrict P, int64_t B, int64_t N, int64_t BC, const T* __restrict bias, int64_t c,
                    int64_t n0, int64_t n1, T* __restrict y) {
-  const T* src = P + (c * N + n0) * BC;
+  const T* src = P + n0 * BC;
   int64_t l = 0;
 #if SE_NATIVE_BYTES >= 32
   if constexpr (std::is_same<T, float>::value) {

@@ -136,7 +136,7 @@ void pack(const T* __restrict x, int64_t B, int64_t K, int64_t BC, T* __restrict
   for (int64_t c = 0; c < nchunks; ++c) {
     for (int64_t kt = 0; kt < nkt; ++kt) {
       const int64_t k0 = kt * kTile, k1 = k0 + kTile < K ? k0 + kTile : K;
-      t.pack_tile(dt, x, B, K, BC, c, k0, k1, P);
+      t.pack_tile(dt, x, B, K, BC, c, k0, k1, P + c * K * BC);
     }
   }
 }
@@ -152,7 +152,7 @@ void unpack(const T* __restrict P, int64_t B, int64_t N, int64_t BC, const T* __
   for (int64_t c = 0; c < nchunks; ++c) {
     for (int64_t nt = 0; nt < nnt; ++nt) {
       const int64_t n0 = nt * kTile, n1 = n0 + kTile < N ? n0 + kTile : N;
-      t.unpack_tile(dt, P, B, N, BC, bias, c, n0, n1, y);
+      t.unpack_tile(dt, P + c * N * BC, B, N, BC, bias, c, n0, n1, y);
     }
   }
 }
@@ -297,20 +297,18 @@ int scatter_dx(Dtype dt, const SpmmArgs& a, int64_t B, int64_t K, int64_t nbr, i
           err = e;
         }
       }
-      // implicit barrier: every panel of this chunk is complete
+      // implicit barrier: every panel of this chunk is complete. Panels 1.. are added into panel 0 in
+      // order (contiguous, vectorised), then panel 0 is transposed into g_x like a forward's output.
 #pragma omp for schedule(static)
       for (int64_t kt = 0; kt < nkt; ++kt) {
         const int64_t k0 = kt * kTile, k1 = k0 + kTile < K ? k0 + kTile : K;
-        for (int64_t l = 0; l < BC; ++l) {
-          const int64_t b = c * BC + l;
-          if (b >= B) break;
-          T* dst = gx + b * K;
-          for (int64_t k = k0; k < k1; ++k) {
-            T acc = panels[k * BC + l];
-            for (int i = 1; i < parts; ++i) acc += panels[i * psize + k * BC + l];
-            dst[k] = acc;
-          }
+        T* __restrict p0 = panels + k0 * BC;
+        for (int i = 1; i < parts; ++i) {
+          const T* __restrict pi = panels + i * psize + k0 * BC;
+#pragma omp simd
+          for (int64_t e = 0; e < (k1 - k0) * BC; ++e) p0[e] += pi[e];
         }
+        t.unpack_tile(dt, panels, B, K, BC, nullptr, c, k0, k1, gx);
       }
       // implicit barrier before the panels are cleared for the next chunk
     }

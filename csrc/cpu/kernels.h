@@ -55,8 +55,8 @@ struct KernelTable {
   int (*sddmm_rows)(Dtype, const SddmmArgs&, int64_t chunk, int64_t r0, int64_t r1);
   // dX from the CSR side: panel[idx(j)*ib + q, :] += theta(j, o, q) * X[r*bn + o, :] (X = the dY panel).
   int (*scatter_rows)(Dtype, const SpmmArgs&, int64_t chunk, int64_t r0, int64_t r1, void* panel);
-  // Panel transposes of one tile: x (B, K) columns k0..k1 -> panel chunk c (rows past B zero), and
-  // panel chunk c rows n0..n1 -> y (B, N) (+ bias, nullable).
+  // Panel transposes of one tile: x (B, K) columns k0..k1 -> chunk c's panel (rows past B zero), and
+  // chunk c's panel rows n0..n1 -> y (B, N) (+ bias, nullable). `panel` is that chunk's panel.
   void (*pack_tile)(Dtype, const void* x, int64_t B, int64_t K, int64_t BC, int64_t chunk, int64_t k0,
                     int64_t k1, void* panel);
   void (*unpack_tile)(Dtype, const void* panel, int64_t B, int64_t N, int64_t BC, const void* bias,
