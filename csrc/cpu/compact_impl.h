@@ -11,6 +11,7 @@
 // SDDMM  g(j) = <DY[row(j), :], X[col(j), :]>  only on the pattern, summed over batch chunks; four
 //        entries are reduced at once with one shuffle tree (the driver then applies g_m = g*w, g_w = g*m).
 // BC == 1 (batch 1) is a gather-dot along the row instead.
+// pack / unpack: the batch transposed into and out of the panels (8x8 register transposes for float).
 // Every index is range-checked per row before it is used (one OR-reduction over the row's indices,
 // which are in cache for the compute anyway): a corrupt index gives an error, never a wild read.
 
@@ -489,9 +490,10 @@ int bsr_sddmm(const SddmmArgs& a, int64_t c, int64_t r0, int64_t r1) {
 // transpose, 8 row stores. Edges (lanes past B, the last k or n not in a whole block) stay scalar.
 
 #if SE_NATIVE_BYTES >= 32
-// rows r[0..7] (8 floats each) -> r[j] = (old r[0][j], ..., old r[7][j])
 typedef float f8 __attribute__((vector_size(32)));
 typedef float f8u __attribute__((vector_size(32), aligned(4), may_alias));
+// rows r[0..7] (8 floats each) -> r[j] = (old r[0][j], ..., old r[7][j]): pairs interleaved, then
+// pairs of pairs, then the 128-bit halves exchanged.
 SE_INLINE void transpose8x8(f8* r) {
   f8 t[8], u[8];
   for (int i = 0; i < 4; ++i) {
