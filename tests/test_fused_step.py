@@ -359,7 +359,7 @@ def test_triton_multi_whole_blocks_and_alignment(config, dtype, odd):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # an operand the kind does not use (buf2 of sgd) is not in the table: it cannot make a tensor odd
     odd_of = [None if (n == "buf2" and kind != "adamw") else n for n in ODD_CASES[odd]]
-    ps, gs, b1s, b2s, masks, want = [], [], [], [], [], []
+    ps, gs, b1s, b2s, masks, want, inputs = [], [], [], [], [], [], []
     for i, shape in enumerate(MULTI_SHAPES):
         mask = make_mask(shape, 0.5, device)
         t = dict(param=randn(*shape, dtype=dtype, device=device), grad=randn(*shape, dtype=dtype, device=device),
@@ -370,6 +370,7 @@ def test_triton_multi_whole_blocks_and_alignment(config, dtype, odd):
             t[odd_of[i]] = _at_odd_address(t[odd_of[i]])
         b2 = t["buf2"] if kind == "adamw" else None
         want.append([t["param"].clone(), t["buf1"].clone(), None if b2 is None else b2.clone()])
+        inputs.append([x.clone() for x in (t["param"], t["grad"], t["buf1"], b2) if x is not None])
         _ref(want[-1][0], t["grad"], want[-1][1], want[-1][2], t["mask"], 0.01, 2, kind, **h)
         for lst, x in ((ps, t["param"]), (gs, t["grad"]), (b1s, t["buf1"]), (b2s, b2), (masks, t["mask"])):
             lst.append(x)
@@ -389,9 +390,13 @@ def test_triton_multi_whole_blocks_and_alignment(config, dtype, odd):
     for launch in launches:
         launch.run()
     for i, (p, b1, b2, mask) in enumerate(zip(ps, b1s, b2s, masks)):
+        # atol relative to the magnitudes that enter the update (as in test_matches_reference): a state of a
+        # few elements can be a near-cancellation of β·buf and (1-β)·g, far smaller than either
+        scale = max(float(torch.nan_to_num(t, nan=0.0).abs().max()) for t in inputs[i])
         for what, got, exp in (("param", p, want[i][0]), ("buf1", b1, want[i][1]), ("buf2", b2, want[i][2])):
             if exp is not None:
-                assert_close(got, exp, got.dtype, f"tensor {i} {what}", device=device, elementwise=True)
+                assert_close(got, exp, got.dtype, f"tensor {i} {what}", device=device, elementwise=True,
+                             scale=max(scale, float(exp.abs().max())))
         off = ~mask
         assert torch.equal(p[off], want[i][0][off]), f"tensor {i}: pruned coordinates of param changed"
         assert bool((b1[off] == 0).all()) and (b2 is None or bool((b2[off] == 0).all())), f"tensor {i} state"
