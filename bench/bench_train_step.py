@@ -293,8 +293,9 @@ def _wide_panels(fn):
 
 
 def ab(models, threads_list, rounds: int, out: Path) -> None:
-    """Interleaved A/B in one process: each round times one step of every provider in turn (and one
-    Sign-In reset of the engine), so machine load hits all sides alike; medians over the rounds."""
+    """Interleaved A/B in one process: each round times one step of every provider in turn, starting one
+    provider later each round (and one Sign-In reset of the engine), so machine load and the order hit
+    all sides alike; medians over the rounds."""
     import torch
 
     from bench_compact_linear import loadavg, machine
@@ -316,8 +317,10 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
                 for _ in range(3):
                     steps[p](x, y)
             n = rounds if model == "mlp784" else max(3, rounds // 10)
-            for _ in range(n):
-                for p in AB_PROVIDERS:
+            for i in range(n):
+                # the order turns each round: a step timed right after another provider's (e.g. dense,
+                # whose weights evict the cache) ran up to 15 % slower than the same step elsewhere
+                for p in AB_PROVIDERS[i % len(AB_PROVIDERS):] + AB_PROVIDERS[:i % len(AB_PROVIDERS)]:
                     t0 = time.perf_counter()
                     steps[p](x, y)
                     times[p].append(time.perf_counter() - t0)
