@@ -318,8 +318,8 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
                     steps[p](x, y)
             n = rounds if model == "mlp784" else max(3, rounds // 10)
             for i in range(n):
-                # the order turns each round: a step timed right after another provider's (e.g. dense,
-                # whose weights evict the cache) ran up to 15 % slower than the same step elsewhere
+                # the order turns each round: in a fixed order, a step timed right after dense's ran up
+                # to 15 % slower than the same step timed elsewhere in the round
                 for p in AB_PROVIDERS[i % len(AB_PROVIDERS):] + AB_PROVIDERS[:i % len(AB_PROVIDERS)]:
                     t0 = time.perf_counter()
                     steps[p](x, y)
