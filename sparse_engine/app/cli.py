@@ -361,10 +361,11 @@ def _rank_main(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _quiesce() -> None:
     """Before a successful run's group is destroyed: free what only the cycle collector would free (it
-    may still hold the group, as a DDP model does) and let every rank arrive, so that no rank closes its connections while another
-    still uses them. Without this, 1 of 105 two-process gloo runs (CPU) aborted after its last line with
-    "terminate called without an active exception" (0 of 60 with it: fewer than needed to call the cause
-    proven). Not on a failure path: a barrier there would wait for a rank that has stopped."""
+    may still hold the group, as a DDP model does) and let every rank arrive, so that no rank closes its
+    connections while another still uses them. Without this, 1 of 105 two-process gloo runs (CPU)
+    aborted after its last line with "terminate called without an active exception" (0 of 60 with it:
+    fewer than needed to call the cause proven). Not on a failure path: a barrier there would wait for a
+    rank that has stopped."""
     import gc
 
     import torch.distributed as dist
