@@ -216,6 +216,25 @@ def test_resume_on_another_number_of_processes_is_refused_in_one_line(runs, caps
                     "--fsdp is True here but False in the checkpoint")
 
 
+#: a child that refuses as every rank of a real run does, rank 0 more slowly than the others
+SLOW_RANK0_REFUSAL = """
+import os, sys, time
+sys.stderr.write("sparse-engine train: error: the same refusal\\n")
+sys.stderr.flush()
+if os.environ["RANK"] == "0":
+    time.sleep(1.0)
+sys.exit(2)
+"""
+
+
+def test_a_refusal_is_said_once_when_rank_0_ends_last(monkeypatch, capfd):
+    """The launcher lets the ranks that meet the same user error end by themselves: rank 0, killed after
+    writing its line, made the others' copies of it appear too (a race seen once in the test below)."""
+    monkeypatch.setattr(cli, "_CHILD", SLOW_RANK0_REFUSAL)
+    assert cli._launch([], 2) == 2
+    assert capfd.readouterr().err.count("the same refusal") == 1
+
+
 def test_a_refusal_at_start_is_one_line_from_all_processes(tmp_path):
     """PILoT's weight rewinding refuses sharded parameters when it is applied, on every rank: said once."""
     done = _train("--method", "pilot", "--iterative", "--rewind", "weight", *TINY, "--nproc", "2", "--fsdp",

@@ -307,6 +307,13 @@ def _launch(argv: list[str], nproc: int) -> int:
         if failed or all(c == 0 for c in codes):
             break
         time.sleep(0.2)
+    if 2 in failed:
+        # A user error, which every rank meets and says: let the others end by themselves (a few seconds
+        # at most). Killed at once, rank 0 could die after writing its line, and its exit code would no
+        # longer tell that the others' lines repeat it (seen: the same line printed twice).
+        deadline = time.monotonic() + 5
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
     for p in procs:
         if p.poll() is None:
             p.kill()
