@@ -284,9 +284,10 @@ _CHILD = "import sys; from sparse_engine.app.cli import main; sys.exit(main())"
 
 def _launch(argv: list[str], nproc: int) -> int:
     """Start ``nproc`` processes of this command (the environment torchrun would give them), wait for all;
-    the first failure stops the others (after a user error they first get a few seconds to end). Rank 0 speaks on this terminal; what the other ranks write to
-    stderr is shown after they end, unless rank 0 stopped on a user error (exit code 2): every rank then
-    stopped on the same one-line error (a method refusing sharded parameters, ...), said once."""
+    the first failure stops the others (after a user error they first get a few seconds to end). Rank 0
+    speaks on this terminal; what the other ranks write to stderr is shown after they end, unless rank 0
+    stopped on a user error (exit code 2): every rank then stopped on the same one-line error (a method
+    refusing sharded parameters, ...), said once."""
     import socket
     import subprocess
     import tempfile
