@@ -24,7 +24,16 @@ VARIABLES: dict[str, str] = {
 def get(name: str, default: str | None = None) -> str | None:
     if name not in VARIABLES:
         raise KeyError(f"unknown sparse_engine environment variable {name!r}; known: {sorted(VARIABLES)}")
-    return os.environ.get(name, default)
+    # os.environ.get of an unset name costs ~1 µs (os.environ raises and catches a KeyError inside), and
+    # backend selection asks on every op call: a tenth of a batch-1 layer. os.environ keeps its entries in
+    # a plain dict (`_data`, keys and values as its encodekey / decodevalue make them); read that where it
+    # exists. Still read on every call, so a change to os.environ takes effect at once.
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if data is None:
+        return environ.get(name, default)
+    value = data.get(environ.encodekey(name))
+    return default if value is None else environ.decodevalue(value)
 
 
 def backend_override() -> str | None:

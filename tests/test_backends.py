@@ -72,6 +72,25 @@ def test_env_reference_runs_everything(monkeypatch):
     torch.testing.assert_close(ops.masked_linear(x, None, w), x @ w.t())
 
 
+def test_env_reads_each_change_of_os_environ(monkeypatch):
+    """env.get reads os.environ's own dict on every call (fast path), so a change takes effect at once,
+    and it answers as os.environ.get does, also where os.environ is a mapping without that dict."""
+    monkeypatch.delenv("SPARSE_ENGINE_CACHE", raising=False)
+    assert env.get("SPARSE_ENGINE_CACHE") is None
+    assert env.get("SPARSE_ENGINE_CACHE", "fallback") == "fallback"
+    monkeypatch.setenv("SPARSE_ENGINE_CACHE", "/tmp/é x")
+    assert env.get("SPARSE_ENGINE_CACHE") == "/tmp/é x"
+    monkeypatch.setenv("SPARSE_ENGINE_BACKEND", " Reference ")
+    assert backends.requested() == "reference"
+    monkeypatch.delenv("SPARSE_ENGINE_BACKEND")
+    assert backends.requested() is None
+    monkeypatch.setattr(os, "environ", {"SPARSE_ENGINE_BACKEND": "cpp"})  # no _data: os.environ.get's way
+    assert env.get("SPARSE_ENGINE_BACKEND") == "cpp"
+    assert env.get("SPARSE_ENGINE_CACHE", "d") == "d"
+    with pytest.raises(KeyError, match="unknown sparse_engine environment variable 'NOT_OURS'"):
+        env.get("NOT_OURS")
+
+
 def test_env_reference_end_to_end_in_a_fresh_process():
     code = ("import torch; from sparse_engine import ops; from sparse_engine.ops import backends, reference as R\n"
             "seen = []\n"
