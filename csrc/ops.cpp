@@ -593,7 +593,7 @@ TORCH_LIBRARY_IMPL(sparse_engine_C, CPU, m) {
 
 TORCH_LIBRARY_IMPL(sparse_engine_C, Autograd, m) { m.impl("compact_linear_train", &compact_linear_train); }
 
-// ------------------------------------------------------------------ Python entry for eager inference
+// ------------------------------------------------------------------------ plain CPython entries
 //
 // sparse_engine._C.compact_linear_infer(x, values, bias, crow, col, out_features, in_features) -> y:
 // compact_linear_fwd without m and without the index fields it does not read, called as a plain
@@ -612,6 +612,34 @@ int64_t int_arg(PyObject* o, const char* name) {
   return PyLong_AsLongLong(o);
 }
 
+// Runs f with the GIL released (the kernels need no Python: other threads may run meanwhile).
+template <typename F>
+void without_gil(F&& f) {
+  PyThreadState* state = PyEval_SaveThread();
+  try {
+    f();
+  } catch (...) {
+    PyEval_RestoreThread(state);
+    throw;
+  }
+  PyEval_RestoreThread(state);
+}
+
+// Inside a catch block: the pending C++ error as the Python exception of its kind.
+void set_python_error() {
+  try {
+    throw;
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const c10::TypeError& e) {
+    PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+}
+
 PyObject* py_compact_linear_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   try {
     TORCH_CHECK_TYPE(nargs == 7, "compact_linear_infer takes 7 arguments (x, values, bias, crow, col, "
@@ -623,23 +651,115 @@ PyObject* py_compact_linear_infer(PyObject*, PyObject* const* args, Py_ssize_t n
     const Tensor& col = tensor_arg(args[4], "col");
     const int64_t n = int_arg(args[5], "out_features"), k = int_arg(args[6], "in_features");
     Tensor y;
-    PyThreadState* state = PyEval_SaveThread();  // the kernel needs no Python: let other threads run
-    try {
+    without_gil([&] {
       y = compact_linear_fwd(x, c10::nullopt, values, bias, crow, col, Tensor(), Tensor(), Tensor(), Tensor(), n, k);
-    } catch (...) {
-      PyEval_RestoreThread(state);
-      throw;
-    }
-    PyEval_RestoreThread(state);
+    });
     return THPVariable_Wrap(y);
-  } catch (const c10::ValueError& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-  } catch (const c10::TypeError& e) {
-    PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
+  } catch (...) {
+    set_python_error();
+  }
+  return nullptr;
+}
+
+// The optimizer's two calls per step, as plain CPython functions for the same reason: through
+// torch.ops each boxes its lists (5 lists of tensors and 13 scalars for fused_step_multi), which
+// cost more than the update itself for a small model's tensors (LeNet-300-100: ~38 µs per call through
+// the dispatcher). Same C++ functions, same checks, same results as the registered ops.
+
+// A list or tuple of tensors (None entries allowed where `optional`), as the op schema's Tensor[] / Tensor?[].
+std::vector<optional<Tensor>> tensor_list(PyObject* o, const char* name, bool optional_entries) {
+  TORCH_CHECK_TYPE(PyList_Check(o) || PyTuple_Check(o), name, " must be a list of tensors");
+  PyObject* seq = o;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  std::vector<optional<Tensor>> out;
+  out.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (items[i] == Py_None) {
+      TORCH_CHECK_TYPE(optional_entries, name, "[", num(i), "] must be a torch.Tensor, got None");
+      out.emplace_back();
+    } else {
+      out.emplace_back(tensor_arg(items[i], name));
+    }
+  }
+  return out;
+}
+
+std::vector<Tensor> required(const std::vector<optional<Tensor>>& v) {
+  std::vector<Tensor> out;
+  out.reserve(v.size());
+  for (const auto& t : v) out.push_back(*t);
+  return out;
+}
+
+c10::List<optional<Tensor>> as_list(const std::vector<optional<Tensor>>& v) {
+  c10::List<optional<Tensor>> out;
+  out.reserve(v.size());
+  for (const auto& t : v) out.push_back(t);
+  return out;
+}
+
+double float_arg(PyObject* o, const char* name) {
+  TORCH_CHECK_TYPE(PyFloat_Check(o) || (PyLong_Check(o) && !PyBool_Check(o)), name, " must be a float");
+  const double v = PyFloat_AsDouble(o);
+  if (v == -1.0 && PyErr_Occurred()) {  // an int too large for a double
+    PyErr_Clear();
+    TORCH_CHECK_VALUE(false, name, " does not fit a float");
+  }
+  return v;
+}
+
+bool bool_arg(PyObject* o, const char* name) {
+  TORCH_CHECK_TYPE(PyBool_Check(o), name, " must be a bool");
+  return o == Py_True;
+}
+
+// sparse_engine._C.fused_step_multi(params, grads, buf1, buf2, masks, lr, step, kind, momentum, dampening,
+// nesterov, beta1, beta2, eps, weight_decay, alphas, maximize): the arguments of the op, positionally.
+PyObject* py_fused_step_multi(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  try {
+    TORCH_CHECK_TYPE(nargs == 17, "fused_step_multi takes 17 arguments, got ", num(nargs));
+    const std::vector<Tensor> params = required(tensor_list(args[0], "params", false));
+    const std::vector<Tensor> grads = required(tensor_list(args[1], "grads", false));
+    const c10::List<optional<Tensor>> buf1 = as_list(tensor_list(args[2], "buf1", true));
+    const c10::List<optional<Tensor>> buf2 = as_list(tensor_list(args[3], "buf2", true));
+    const c10::List<optional<Tensor>> masks = as_list(tensor_list(args[4], "masks", true));
+    const Tensor& lr = tensor_arg(args[5], "lr");
+    const int64_t step = int_arg(args[6], "step");
+    const char* kind_utf8 = PyUnicode_Check(args[7]) ? PyUnicode_AsUTF8(args[7]) : nullptr;
+    TORCH_CHECK_TYPE(kind_utf8 != nullptr, "kind must be a str");
+    const std::string kind = kind_utf8;
+    const double momentum = float_arg(args[8], "momentum"), dampening = float_arg(args[9], "dampening");
+    const bool nesterov = bool_arg(args[10], "nesterov");
+    const double beta1 = float_arg(args[11], "beta1"), beta2 = float_arg(args[12], "beta2");
+    const double eps = float_arg(args[13], "eps"), weight_decay = float_arg(args[14], "weight_decay");
+    TORCH_CHECK_TYPE(PyList_Check(args[15]) || PyTuple_Check(args[15]), "alphas must be a list of floats");
+    const Py_ssize_t na = PySequence_Fast_GET_SIZE(args[15]);
+    std::vector<double> alphas(na);
+    for (Py_ssize_t i = 0; i < na; ++i) alphas[i] = float_arg(PySequence_Fast_ITEMS(args[15])[i], "alphas[i]");
+    const bool maximize = bool_arg(args[16], "maximize");
+    without_gil([&] {
+      fused_step_multi(params, grads, buf1, buf2, masks, lr, step, kind, momentum, dampening, nesterov, beta1,
+                       beta2, eps, weight_decay, alphas, maximize);
+    });
+    Py_RETURN_NONE;
+  } catch (...) {
+    set_python_error();
+  }
+  return nullptr;
+}
+
+// sparse_engine._C.all_finite(tensors, masks) -> bool
+PyObject* py_all_finite(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  try {
+    TORCH_CHECK_TYPE(nargs == 2, "all_finite takes 2 arguments (tensors, masks), got ", num(nargs));
+    const std::vector<Tensor> tensors = required(tensor_list(args[0], "tensors", false));
+    const c10::List<optional<Tensor>> masks = as_list(tensor_list(args[1], "masks", true));
+    bool ok = true;
+    without_gil([&] { ok = all_finite(tensors, masks); });
+    return PyBool_FromLong(ok);
+  } catch (...) {
+    set_python_error();
   }
   return nullptr;
 }
@@ -647,12 +767,17 @@ PyObject* py_compact_linear_infer(PyObject*, PyObject* const* args, Py_ssize_t n
 PyMethodDef kMethods[] = {
     {"compact_linear_infer", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_compact_linear_infer)),
      METH_FASTCALL, "y = x θᵀ + b from CSR/BSR values, no autograd (eager inference)"},
+    {"fused_step_multi", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_fused_step_multi)),
+     METH_FASTCALL, "the fused_step_multi op as a CPython function (one optimizer group's step)"},
+    {"all_finite", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&py_all_finite)), METH_FASTCALL,
+     "the all_finite op as a CPython function"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
-// `import sparse_engine._C` loads this library (and so registers the ops above). Its one Python function
-// is the inference entry above; everything else is reached through torch.ops.sparse_engine_C.
+// `import sparse_engine._C` loads this library (and so registers the ops above). Its Python functions are
+// the entries above (batch-1 inference, the optimizer's step); everything else is reached through
+// torch.ops.sparse_engine_C.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "sparse_engine C++ ops (torch.ops.sparse_engine_C)",
                                    -1, kMethods};

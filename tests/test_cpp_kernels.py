@@ -276,6 +276,7 @@ def test_all_finite_matches_reference(dtype, bad, where, with_mask):
     expected = R.all_finite_ref(tensors, masks)
     assert _cpp.all_finite(tensors, masks) is expected
     assert ops.all_finite(tensors, masks) is expected
+    assert torch.ops.sparse_engine_C.all_finite(tensors, masks) is expected  # the op the CPython entry skips
     if bad is not None and (where == "active" or not with_mask):
         assert expected is False
     if bad is None:
@@ -606,9 +607,13 @@ def test_fused_step_multi_is_the_per_tensor_step(dtype, kind, step):
         _cpp.fused_step(ref_p[i], grads[i], ref_b1[i], ref_b2[i], masks[i], lr, step, kind, hyper["momentum"],
                         hyper["dampening"], hyper["nesterov"], hyper["beta1"], hyper["beta2"], hyper["eps"],
                         hyper["weight_decay"], alphas[i], hyper["maximize"])
-    for call in ("cpp", "ops"):
+    for call in ("cpp", "op", "ops"):
         p, b1, b2 = fresh()
-        if call == "cpp":
+        if call == "op":  # the registered op; "cpp" takes the CPython entry where the build has one
+            torch.ops.sparse_engine_C.fused_step_multi(
+                p, grads, b1, b2, masks, lr, step, kind, hyper["momentum"], hyper["dampening"], hyper["nesterov"],
+                hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"], alphas, hyper["maximize"])
+        elif call == "cpp":
             _cpp.fused_step_group(
                 p, grads, b1, b2, masks, lr, step, kind, hyper["momentum"], hyper["dampening"], hyper["nesterov"],
                 hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"], alphas, hyper["maximize"])
@@ -630,6 +635,39 @@ def test_fused_step_multi_errors():
                               0.9, 0.999, 1e-8, 0.0, [0.0, 0.0], False)
     with pytest.raises(ValueError, match="alphas must have one entry per param"):
         ops.fused_step_multi(p, g, [None, None], [None, None], [None, None], lr, 1, "sgd", alphas=[0.0])
+
+
+def test_optimizer_entries_reject_bad_arguments():
+    """The CPython entries of the optimizer's calls: a wrong type gets one line naming the argument."""
+    if _cpp._STEP_MULTI is None or _cpp._ALL_FINITE is None:
+        pytest.skip("this build has no sparse_engine._C Python module (a JIT build): the ops serve")
+    p, g, lr = [torch.randn(5)], [torch.randn(5)], torch.tensor(0.1)
+    good = [p, g, [None], [None], [None], lr, 1, "sgd", 0.0, 0.0, False, 0.9, 0.999, 1e-8, 0.0, [0.0], False]
+    _cpp._STEP_MULTI(*good)
+    for i, value, message in [(0, p[0], "params must be a list of tensors"),
+                              (1, [None], r"grads\[0\] must be a torch.Tensor, got None"),
+                              (2, [1.0], "buf1 must be a torch.Tensor"),
+                              (5, 0.1, "lr must be a torch.Tensor"),
+                              (6, 1.5, "step must be an int"),
+                              (7, None, "kind must be a str"),
+                              (8, "0.9", "momentum must be a float"),
+                              (10, 0, "nesterov must be a bool"),
+                              (14, 10**400, "weight_decay does not fit a float"),
+                              (15, 0.0, "alphas must be a list of floats"),
+                              (15, [True], r"alphas\[i\] must be a float")]:
+        args = list(good)
+        args[i] = value
+        with pytest.raises((TypeError, ValueError), match=message):
+            _cpp._STEP_MULTI(*args)
+    with pytest.raises(TypeError, match="17 arguments"):
+        _cpp._STEP_MULTI(*good[:-1])
+    with pytest.raises(ValueError, match="kind must be one of"):
+        _cpp._STEP_MULTI(*good[:7], "lamb", *good[8:])
+    assert _cpp._ALL_FINITE(g, [None]) is True
+    with pytest.raises(TypeError, match=r"tensors\[0\] must be a torch.Tensor, got None"):
+        _cpp._ALL_FINITE([None], [None])
+    with pytest.raises(TypeError, match="2 arguments"):
+        _cpp._ALL_FINITE(g)
 
 
 def test_fused_step_errors():

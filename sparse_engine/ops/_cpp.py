@@ -175,6 +175,10 @@ def _python_entry(name: str):
 
 
 _INFER = _python_entry("compact_linear_infer")
+# The optimizer's calls: the same C++ functions as the ops, without the dispatcher's boxing of their
+# lists (see csrc/ops.cpp); the ops where there is no Python module (a JIT build).
+_STEP_MULTI = _python_entry("fused_step_multi")
+_ALL_FINITE = _python_entry("all_finite")
 
 
 def _infer_by_op(
@@ -212,10 +216,10 @@ def fused_step_group(
     maximize: bool,
 ) -> None:
     """fused_step on every tensor of a group in one call (α per tensor); same kernel, same bits."""
-    torch.ops.sparse_engine_C.fused_step_multi(
-        params, grads, buf1, buf2, masks, lr, int(step), str(kind), float(momentum), float(dampening),
-        bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay), [float(a) for a in alphas],
-        bool(maximize))
+    (_STEP_MULTI or torch.ops.sparse_engine_C.fused_step_multi)(
+        list(params), list(grads), list(buf1), list(buf2), list(masks), lr, int(step), str(kind), float(momentum),
+        float(dampening), bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay),
+        [float(a) for a in alphas], bool(maximize))
 
 
 @_takes("w_values")
@@ -246,7 +250,7 @@ def sparse_conv2d_bwd(
 
 def all_finite(tensors: list[Tensor], masks: list[Tensor | None]) -> bool:
     """reference.all_finite_ref in one C++ call: one pass over each tensor, no temporaries."""
-    return bool(torch.ops.sparse_engine_C.all_finite(list(tensors), list(masks)))
+    return bool((_ALL_FINITE or torch.ops.sparse_engine_C.all_finite)(list(tensors), list(masks)))
 
 
 @_takes("param")
