@@ -49,7 +49,9 @@ PROVIDERS = ("engine", "engine_ops", "naive", "dense")
 #: op behind it) vs the engine with the per-call paths it replaced (``engine_percall``: the Python custom
 #: op per layer and direction, one optimizer call per tensor) vs the engine with the former batch-panel
 #: budget (``engine_wide``: 64-lane panels up to 8 MiB, where the default now cuts them at one core's L2)
-AB_PROVIDERS = ("dense", "engine", "engine_checked", "engine_percall", "engine_wide")
+#: vs the engine with the optimizer's two C++ calls through torch.ops (``engine_opop``: fused_step_multi and
+#: all_finite through the dispatcher, as before their CPython entries)
+AB_PROVIDERS = ("dense", "engine", "engine_checked", "engine_percall", "engine_wide", "engine_opop")
 DENSITY, BATCH, LR, MOMENTUM, WD = 0.1, 128, 0.05, 0.9, 5e-4
 
 
@@ -175,6 +177,10 @@ def build(provider: str, sizes, torch):
         step, state = build("engine", sizes, torch)
         return _wide_panels(step), state
 
+    if provider == "engine_opop":
+        step, state = build("engine", sizes, torch)
+        return _optimizer_by_op(step), state
+
     if provider == "engine":
         from sparse_engine.nn import SparseLinear
         from sparse_engine.optim import SGD
@@ -292,6 +298,24 @@ def _wide_panels(fn):
     return run
 
 
+def _optimizer_by_op(fn):
+    """``fn`` run with the optimizer's C++ calls through torch.ops (no CPython entries, as a JIT build
+    has). The A side of the engine_opop rows."""
+    from sparse_engine.ops import _cpp
+
+    def run(*args):
+        entries = _cpp._STEP_MULTI, _cpp._ALL_FINITE
+        _cpp._STEP_MULTI = _cpp._ALL_FINITE = None
+        try:
+            return fn(*args)
+        finally:
+            _cpp._STEP_MULTI, _cpp._ALL_FINITE = entries
+
+    if hasattr(fn, "reset"):
+        run.reset = fn.reset
+    return run
+
+
 def ab(models, threads_list, rounds: int, out: Path) -> None:
     """Interleaved A/B in one process: each round times one step of every provider in turn, starting one
     provider later each round (and one Sign-In reset of the engine), so machine load and the order hit
@@ -337,7 +361,8 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
                   f"(x{med['dense'] / med['engine']:.2f} vs dense) | checked entry {med['engine_checked']:8.2f} ms "
                   f"(x{med['dense'] / med['engine_checked']:.2f}) | per-call {med['engine_percall']:8.2f} ms "
                   f"(x{med['dense'] / med['engine_percall']:.2f}) | 8 MiB panels {med['engine_wide']:8.2f} ms "
-                  f"(x{med['dense'] / med['engine_wide']:.2f}) | reset {med['reset']:.2f} ms "
+                  f"(x{med['dense'] / med['engine_wide']:.2f}) | optimizer by torch.ops {med['engine_opop']:8.2f} ms "
+                  f"(x{med['dense'] / med['engine_opop']:.2f}) | reset {med['reset']:.2f} ms "
                   f"(per-call {med['reset_percall']:.2f}) | load {load}")
     write_csv(rows, out)
 
