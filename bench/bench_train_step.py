@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -317,9 +318,9 @@ def _optimizer_by_op(fn):
 
 
 def ab(models, threads_list, rounds: int, out: Path) -> None:
-    """Interleaved A/B in one process: each round times one step of every provider in turn, starting one
-    provider later each round (and one Sign-In reset of the engine), so machine load and the order hit
-    all sides alike; medians over the rounds."""
+    """Interleaved A/B in one process: each round times one step of every provider, in an order drawn
+    anew each round (seeded), then one Sign-In reset (on copies of their own), so machine load and the
+    order hit all sides alike; medians over the rounds."""
     import torch
 
     from bench_compact_linear import loadavg, machine
@@ -336,19 +337,25 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
             x = torch.randn(BATCH, sizes[0], generator=g)
             y = torch.randint(0, sizes[-1], (BATCH,), generator=g)
             steps = {p: build(p, sizes, torch)[0] for p in AB_PROVIDERS}
+            # the resets run on copies of their own: a reset maps the optimizer state, and a provider whose
+            # step came right after its reset every round timed 4-6 % slower than identical copies
+            resets = {name: build(p, sizes, torch)[0].reset
+                      for name, p in (("reset", "engine"), ("reset_percall", "engine_percall"))}
             times: dict[str, list[float]] = {p: [] for p in (*AB_PROVIDERS, "reset", "reset_percall")}
             for p in AB_PROVIDERS:
                 for _ in range(3):
                     steps[p](x, y)
             n = rounds if model == "mlp784" else max(3, rounds // 10)
+            order = random.Random(0)
             for i in range(n):
-                # the order turns each round: in a fixed order, a step timed right after dense's ran up
-                # to 15 % slower than the same step timed elsewhere in the round
-                for p in AB_PROVIDERS[i % len(AB_PROVIDERS):] + AB_PROVIDERS[:i % len(AB_PROVIDERS)]:
+                # a new order each round: a step timed right after dense's ran up to 15 % slower than the
+                # same step timed elsewhere, in a fixed order and also in a turning one (which keeps who
+                # follows whom: the engine came after dense every round and timed 4-7 % slower than copies)
+                for p in order.sample(AB_PROVIDERS, len(AB_PROVIDERS)):
                     t0 = time.perf_counter()
                     steps[p](x, y)
                     times[p].append(time.perf_counter() - t0)
-                for name, fn in (("reset", steps["engine"].reset), ("reset_percall", steps["engine_percall"].reset)):
+                for name, fn in resets.items():
                     t0 = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - t0)
