@@ -14,8 +14,8 @@ loop does:
 * ``signin layout=auto`` the same, each layer's layout measured at this batch size and thread count
   (dense where csr is not more than 5 % faster: the stem and the 1×1 shortcuts usually stay dense).
 
-The providers take turns, epoch by epoch (``--rounds`` epochs each per thread count), so that the load of
-the machine falls on all of them alike. Rows: the fastest epoch, the median epoch, and the speed-up against
+The providers take turns, epoch by epoch (``--rounds`` epochs each per thread count, in an order drawn
+anew each round), so that the load of the machine falls on all of them alike. Rows: the fastest epoch, the median epoch, and the speed-up against
 dense in the same run (fastest against fastest, and the median of the per-round ratios). ``--clock cpu``
 times with the process CPU clock instead of the wall clock (one thread only: it leaves out the time the
 process waits for a core on a busy machine). Writes resnet_epoch_cpu.csv and .png (resnet_epoch_cpu_cpuclock.*
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -85,9 +86,10 @@ def measure(providers: list[str], args, x, y, nthreads: int) -> list[dict]:
         epoch(model, opt, x[: 4 * BATCH], y[: 4 * BATCH], 0)
     times: dict[str, list[float]] = {p: [] for p in providers}
     loads = []
+    order = random.Random(0)
     for r in range(args.rounds):
         loads.append(os.getloadavg()[0])
-        for p in providers:
+        for p in order.sample(providers, len(providers)):  # a new order each round: no fixed neighbours
             times[p].append(epoch(*built[p], x, y, r + 1, args.clock_fn))
         print(f"{nthreads}t round {r + 1}: " + " | ".join(f"{p} {times[p][-1]:.2f} s" for p in providers)
               + f" | load {loads[-1]:.2f}", flush=True)
