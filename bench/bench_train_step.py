@@ -337,8 +337,8 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
             x = torch.randn(BATCH, sizes[0], generator=g)
             y = torch.randint(0, sizes[-1], (BATCH,), generator=g)
             steps = {p: build(p, sizes, torch)[0] for p in AB_PROVIDERS}
-            # the resets run on copies of their own: a reset maps the optimizer state, and a provider whose
-            # step came right after its reset every round timed 4-6 % slower than identical copies
+            # the resets run on copies of their own, so that no timed step follows a reset of its own model
+            # (a reset rewrites m, w and the optimizer state)
             resets = {name: build(p, sizes, torch)[0].reset
                       for name, p in (("reset", "engine"), ("reset_percall", "engine_percall"))}
             times: dict[str, list[float]] = {p: [] for p in (*AB_PROVIDERS, "reset", "reset_percall")}
