@@ -217,6 +217,36 @@ def test_lr_is_a_tensor_that_torch_schedulers_fill():
     assert float(lr) == pytest.approx(0.1 * 0.5**3)
 
 
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_a_backward_after_a_step_on_its_saved_weights_raises_as_torch_does(layout, opt_name):
+    """The fused step writes the weights through their data pointers; it tells autograd, so a backward
+    whose forward saved them before the step raises (as after torch.optim's step on nn.Linear) instead of
+    silently using the updated values."""
+    from sparse_engine.nn import SparseLinear
+
+    torch.manual_seed(0)
+    layer = SparseLinear(8, 4, kind="signin", density=0.5, layout=layout)
+    opt = (SGD(layer, lr=0.1, momentum=0.9) if opt_name == "sgd" else AdamW(layer, lr=0.1))
+    x = torch.randn(3, 8, requires_grad=True)  # dX needs θ: the forward saves the weights
+    layer(x).sum().backward()
+    opt.step()
+    versions = [p._version for p in layer.parameters()]
+    y = layer(x).sum()
+    opt.step()  # the gradients of the first backward are still there: the weights change under y
+    assert all(p._version > v for p, v in zip(layer.parameters(), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    lin = nn.Linear(8, 4)  # the behaviour this mirrors
+    topt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
+    lin(x).sum().backward()
+    topt.step()
+    y = lin(x).sum()
+    topt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
 def test_bad_arguments_name_the_argument():
     model = make_model()
     with pytest.raises(ValueError, match="lr"):

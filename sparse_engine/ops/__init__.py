@@ -631,6 +631,14 @@ def fused_step(
         # in-place result) but costs ~0.3 ms of argument handling per call, about a third of a small
         # MLP's training step (measured by the optimizer tests' profile); compile still sees the op.
         _run("fused_step", param.device, param.dtype, *args, empty=param.numel() == 0)
+        _mark_updated([param, buf1, buf2])
+
+
+def _mark_updated(tensors: list[Tensor | None]) -> None:
+    """Tell autograd that the kernels wrote these tensors in place (through their data pointers, which
+    autograd does not see): a backward that saved one of them before the step then raises, as it does
+    after torch.optim's in-place updates, instead of using the updated values."""
+    torch.autograd.graph.increment_version([t for t in tensors if t is not None])
 
 
 def fused_step_multi(
@@ -673,6 +681,7 @@ def fused_step_multi(
     group(list(params), list(grads), list(buf1s), list(buf2s), list(masks), lr, step, kind, float(momentum),
           float(dampening), bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay),
           [float(a) for a in alphas], bool(maximize))
+    _mark_updated([*params, *buf1s, *buf2s])
 
 
 def _is_number(v) -> bool:
