@@ -18,8 +18,9 @@ The providers take turns, epoch by epoch (``--rounds`` epochs each per thread co
 anew each round), so that the load of the machine falls on all of them alike. Rows: the fastest epoch, the
 median epoch, and the speed-up against dense in the same run (fastest against fastest, and the median of
 the per-round ratios). ``--clock cpu`` times with the process CPU clock instead of the wall clock (one
-thread only: it leaves out the time the process waits for a core on a busy machine). Writes resnet_epoch_cpu.csv and .png (resnet_epoch_cpu_cpuclock.*
-with --clock cpu; to runs/bench unless --out) with machine / versions / commit / load.
+thread only: it leaves out the time the process waits for a core on a busy machine). Writes
+resnet_epoch_cpu.csv and .png (resnet_epoch_cpu_cpuclock.* with --clock cpu; to runs/bench unless --out)
+with machine / versions / commit / load.
 """
 
 from __future__ import annotations

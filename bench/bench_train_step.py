@@ -347,7 +347,7 @@ def ab(models, threads_list, rounds: int, out: Path) -> None:
                     steps[p](x, y)
             n = rounds if model == "mlp784" else max(3, rounds // 10)
             order = random.Random(0)
-            for i in range(n):
+            for _ in range(n):
                 # a new order each round: a step timed right after dense's ran up to 15 % slower than the
                 # same step timed elsewhere, in a fixed order and also in a turning one (which keeps who
                 # follows whom: the engine came after dense every round and timed 4-7 % slower than copies)

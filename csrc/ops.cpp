@@ -670,9 +670,8 @@ PyObject* py_compact_linear_infer(PyObject*, PyObject* const* args, Py_ssize_t n
 // A list or tuple of tensors (None entries allowed where `optional`), as the op schema's Tensor[] / Tensor?[].
 std::vector<optional<Tensor>> tensor_list(PyObject* o, const char* name, bool optional_entries) {
   TORCH_CHECK_TYPE(PyList_Check(o) || PyTuple_Check(o), name, " must be a list of tensors");
-  PyObject* seq = o;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-  PyObject** items = PySequence_Fast_ITEMS(seq);
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+  PyObject** items = PySequence_Fast_ITEMS(o);
   std::vector<optional<Tensor>> out;
   out.reserve(n);
   for (Py_ssize_t i = 0; i < n; ++i) {

@@ -215,11 +215,12 @@ def fused_step_group(
     nesterov: bool, beta1: float, beta2: float, eps: float, weight_decay: float, alphas: list[float],
     maximize: bool,
 ) -> None:
-    """fused_step on every tensor of a group in one call (α per tensor); same kernel, same bits."""
+    """fused_step on every tensor of a group in one call (α per tensor); same kernel, same bits. The tensor
+    arguments are lists (ops.fused_step_multi makes them so)."""
     (_STEP_MULTI or torch.ops.sparse_engine_C.fused_step_multi)(
-        list(params), list(grads), list(buf1), list(buf2), list(masks), lr, int(step), str(kind), float(momentum),
-        float(dampening), bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay),
-        [float(a) for a in alphas], bool(maximize))
+        params, grads, buf1, buf2, masks, lr, int(step), str(kind), float(momentum), float(dampening),
+        bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay), [float(a) for a in alphas],
+        bool(maximize))
 
 
 @_takes("w_values")
