@@ -369,6 +369,27 @@ def test_out_of_range_col_raises(batch, bad):
         _cpp.compact_linear_bwd(gy, x, None, w, *f, 9, 11, needs_x_grad=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch1_range_check_catches_every_position(dtype):
+    """The batch-1 SpMV reads the indices two at a time (64-bit pairs) plus a scalar tail: a bad index at
+    any position of a row (either half of a pair, or the tail) raises before it is read, whatever its
+    value (just past the bound, the largest int32, negative)."""
+    n, k = 3, 11
+    idx = _index(torch.ones(n, k, dtype=torch.bool), None)  # 11 entries per row: two groups of 4, tail 3
+    w = _values(idx, dtype)
+    x = torch.randn(1, k, dtype=dtype)
+    for pos in range(idx.nnz):
+        for bad in (k, k + 1, 2**31 - 1, -1, -(2**31)):
+            col = idx.col.clone()
+            col[pos] = bad
+            f = (idx.crow, col, idx.row, idx.ccol, idx.row_t, idx.perm)
+            for m in (None, torch.ones_like(w)):
+                with pytest.raises(ValueError, match="out of range"):
+                    _cpp.compact_linear_fwd(x, m, w, None, *f, n, k)
+    y = _cpp.compact_linear_fwd(x, None, w, None, idx.crow, idx.col, idx.row, idx.ccol, idx.row_t, idx.perm, n, k)
+    assert_close(y, R.compact_linear_ref(x, None, w, None, *_fields(idx), n, k), dtype, "all in range")
+
+
 @pytest.mark.parametrize("field", ["ccol", "row_t", "perm"])
 def test_transposed_fields_are_size_checked(field):
     """The CPU backward reads only crow/col (dX by scatter from the rows); the transposed fields of the
