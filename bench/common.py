@@ -240,13 +240,26 @@ def linear_naive(c, pass_: str):
 
 
 def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    """The CPU's model name, with its family / model numbers and widest vector extension where
+    /proc/cpuinfo says them: a virtual machine may report only "AMD EPYC", and the same name then covers
+    cores with and without AVX-512, whose timings differ."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            fields = {}
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         return cpu
+    name = fields.get("model name", cpu)
+    flags = set(fields.get("flags", "").split())
+    isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), "")
+    detail = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
+    detail += [isa.replace("avx512f", "avx512")] if isa else []
+    return f"{name} [{', '.join(detail)}]" if detail else name
 
 
 def git_commit() -> str:
