@@ -17,8 +17,8 @@ Providers, all on the same masked weight and input:
 * ``cpp`` / ``cuda``  sparse_engine's compact_linear forward on the collapsed inference weight θ (values
                    (nnz,) + int32 CSR index): what ``extract`` ships;
 * ``cpp_mw`` / ``cuda_mw``  the same with θ = m ⊙ w formed on the fly (the training-time forward);
-* ``cpp_wide``     ``cpp`` under the former batch-panel budget (8 MiB; the default is one core's L2): the
-                   A side of that change.
+* ``cpp_wide``     ``cpp`` under the former batch-panel budget (8 MiB; the default is one core's L2, at
+                   most 512 KiB): the A side of that change.
 Time: median (headline) and minimum (best run: least disturbed by other processes on a shared
 machine) of repeated calls after warm-up; providers interleaved round by round so that load from
 other processes hits all of them alike. GFLOP/s counts 2·nnz·B for the sparse providers (only the work a
@@ -195,8 +195,8 @@ def run(args) -> list[dict]:
 
 
 def wide_panels(backend, x, tv, bias, fields, n, k):
-    """The ``cpp`` provider under the former panel budget (8 MiB; the default is now one core's L2): the A
-    side of the panel A/B (``cpp_wide``)."""
+    """The ``cpp`` provider under the former panel budget (8 MiB; the default is now one core's L2, at most
+    512 KiB): the A side of the panel A/B (``cpp_wide``)."""
     with backend.use_panel_budget(backend.FORMER_PANEL_BUDGET):
         return backend.compact_linear_fwd(x, None, tv, bias, *fields, n, k)
 

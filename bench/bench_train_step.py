@@ -49,9 +49,9 @@ PROVIDERS = ("engine", "engine_ops", "naive", "dense")
 #: (``engine_checked``: each SparseLinear call through the fully checked ops.compact_linear, the same C++
 #: op behind it) vs the engine with the per-call paths it replaced (``engine_percall``: the Python custom
 #: op per layer and direction, one optimizer call per tensor) vs the engine with the former batch-panel
-#: budget (``engine_wide``: 64-lane panels up to 8 MiB, where the default now cuts them at one core's L2)
-#: vs the engine with the optimizer's two C++ calls through torch.ops (``engine_opop``: fused_step_multi and
-#: all_finite through the dispatcher, as before their CPython entries)
+#: budget (``engine_wide``: 64-lane panels up to 8 MiB, where the default now cuts them at one core's L2,
+#: at most 512 KiB) vs the engine with the optimizer's two C++ calls through torch.ops (``engine_opop``:
+#: fused_step_multi and all_finite through the dispatcher, as before their CPython entries)
 AB_PROVIDERS = ("dense", "engine", "engine_checked", "engine_percall", "engine_wide", "engine_opop")
 DENSITY, BATCH, LR, MOMENTUM, WD = 0.1, 128, 0.05, 0.9, 5e-4
 

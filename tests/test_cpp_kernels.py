@@ -428,12 +428,12 @@ def _libc_l2_bytes():
     return -1
 
 
-def test_default_panel_budget_is_one_cores_l2():
-    """The default budget follows the L2 size the system reports (clamped to 256 KiB-8 MiB; 512 KiB where
+def test_default_panel_budget_is_one_cores_l2_at_most_512k():
+    """The default budget follows the L2 size the system reports, clamped to 256-512 KiB (512 KiB where
     it reports none), and set_panel_budget(0) returns to it."""
     budget = _cpp.set_panel_budget(0)
     l2 = _libc_l2_bytes()
-    expect = 512 << 10 if l2 <= 0 else min(max(l2, 256 << 10), 8 << 20)
+    expect = 512 << 10 if l2 <= 0 else min(max(l2, 256 << 10), 512 << 10)
     assert budget == expect
     with _cpp.use_panel_budget(4096):
         assert _cpp.set_panel_budget(4096) == 4096

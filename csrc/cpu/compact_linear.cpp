@@ -73,22 +73,28 @@ bool set_isa(const char* name) {
 const char* isa_name() { return active_table().name; }
 
 namespace {
-// Bytes one chunk's panel may take before the batch is cut into narrower chunks: by default the size of
-// one core's L2. Measured on a 512 KiB-L2 core (Zen 3, 1 thread, 90 % sparsity, best of interleaved
-// rounds): where the 64-lane panel passes L2, 32 lanes are faster although the values and indices are
-// read twice as often (forward of 4096x4096 1.47x / 1.55x at batch 64 / 128, 768x3072 1.24x at 128,
-// backward of 4096x4096 1.29x / 1.55x); where it fits, 64 lanes are as fast or faster (3072x768,
-// 1536x384, 300x784: 0.94-1.07x). set_panel_budget() overrides it (benchmarks, tests).
+// Bytes one chunk's panel may take before the batch is cut into narrower chunks: one core's L2, at most
+// 512 KiB. The panel that matters is the one the row loops read or update at random (K rows: x in the
+// forward and the SDDMM, the dX panel in the scatter); the other side streams. Measured at 1 thread, 90 %
+// sparsity, best of interleaved rounds. On a 512 KiB-L2 core (Zen 3): where the 64-lane panel passes L2,
+// 32 lanes are faster although the values and indices are read twice as often (forward of 4096x4096
+// 1.47x / 1.55x at batch 64 / 128, 768x3072 1.24x at 128, backward of 4096x4096 1.29x / 1.55x); where it
+// fits, 64 lanes are as fast or faster (3072x768, 1536x384, 300x784: 0.94-1.07x). On a 1 MiB-L2 core
+// (Zen 4) a panel as large as L2 is too large while the machine's other tenants keep its L3 busy:
+// 4096x4096 at batch 128 forward 16.6-17.5 vs 22.2-22.6 ms, backward 41.3-42.3 vs 58.2-60.1 ms with
+// 512 KiB instead of 1 MiB (32 lanes instead of 64), 2048x2048 forward 3.44 vs 4.72 ms; at a quieter time
+// 14.4 vs 14.7 and 33.4 vs 36.0 ms; layers whose panels fit either way time alike (0.95-1.07x). So the
+// L2 size caps the budget but no longer sets it. set_panel_budget() overrides it (benchmarks, tests).
 std::atomic<int64_t> g_panel_budget{0};  // 0: automatic
 
-int64_t l2_bytes() {
+int64_t default_budget() {
   static const int64_t bytes = [] {
     long v = -1;
 #ifdef _SC_LEVEL2_CACHE_SIZE
     v = sysconf(_SC_LEVEL2_CACHE_SIZE);  // per core; 0 or -1 where the system does not say
 #endif
-    const int64_t lo = int64_t(256) << 10, hi = int64_t(8) << 20;
-    if (v <= 0) return int64_t(512) << 10;
+    const int64_t lo = int64_t(256) << 10, hi = int64_t(512) << 10;
+    if (v <= 0) return hi;
     return v < lo ? lo : (v > hi ? hi : static_cast<int64_t>(v));
   }();
   return bytes;
@@ -96,7 +102,7 @@ int64_t l2_bytes() {
 
 int64_t panel_budget() {
   const int64_t forced = g_panel_budget.load(std::memory_order_relaxed);
-  return forced > 0 ? forced : l2_bytes();
+  return forced > 0 ? forced : default_budget();
 }
 }  // namespace
 
@@ -329,7 +335,7 @@ int backward_t(const T* gy, const T* x, int64_t B, int64_t N, int64_t K, const T
     if (gm) std::memset(gm, 0, nnzb * bsize * sizeof(T));
     return 0;
   }
-  const int64_t BC = panel_width(dt, B, N > K ? N : K), nchunks = ceil_div(B, BC);
+  const int64_t BC = panel_width(dt, B, K), nchunks = ceil_div(B, BC);  // K: the panels read at random
   const int64_t work = nnzb * bsize * BC * nchunks;
   char* p = static_cast<char*>(ws);
   const T* X = x;
@@ -367,7 +373,7 @@ int64_t backward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int6
                                  int64_t bk, bool with_dx) {
   if (B == 0) return 0;
   const int64_t es = elem_size(dt);
-  const int64_t BC = panel_width(dt, B, N > K ? N : K), nchunks = ceil_div(B, BC);
+  const int64_t BC = panel_width(dt, B, K), nchunks = ceil_div(B, BC);
   int64_t bytes = 0;
   if (BC > 1) bytes += align64(nchunks * K * BC * es) + align64(nchunks * N * BC * es);
   if (!with_dx) return bytes;

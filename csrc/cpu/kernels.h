@@ -75,11 +75,11 @@ const char* isa_name();
 
 // Vector width in elements of one 64-byte vector; panel widths are multiples of it.
 inline int64_t vector_width(Dtype dt) { return dt == kFloat32 ? 16 : 8; }
-// Panel width for a batch of B rows whose panels have `rows` rows (K, or max(N, K) for the backward):
+// Panel width for a batch of B rows whose randomly accessed panel has `rows` rows (K, both directions):
 // 1 for B == 1, else 1, 2 or 4 vectors, fewer when one chunk's panel would exceed the panel budget.
 int64_t panel_width(Dtype dt, int64_t B, int64_t rows);
-// Override the panel budget (bytes; 0 = automatic: one core's L2, 256 KiB-8 MiB); returns the budget now
-// in force.
+// Override the panel budget (bytes; 0 = automatic: one core's L2 within 256-512 KiB); returns the budget
+// now in force.
 int64_t set_panel_budget(int64_t bytes);
 
 // Drivers (OpenMP over rows / row blocks). Return 0 or an error code:

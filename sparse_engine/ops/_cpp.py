@@ -82,12 +82,13 @@ def set_isa(name: str) -> bool:
 
 def set_panel_budget(nbytes: int) -> int:
     """Largest batch panel (bytes) before the batch is cut into narrower chunks; 0 restores the default
-    (one core's L2). Returns the budget now in force. For benchmarks and tests (the panel width changes
-    the kernels' inner loops, not the results)."""
+    (one core's L2, at most 512 KiB). Returns the budget now in force. For benchmarks and tests (the
+    panel width changes the kernels' inner loops, not the results)."""
     return int(torch.ops.sparse_engine_C.set_panel_budget(int(nbytes)))
 
 
-#: the panel budget before it followed the L2 size: the A side of the benchmarks' panel A/B rows
+#: the panel budget before it followed the L2 size (and a 64-lane panel wherever the batch allows): the
+#: A side of the benchmarks' panel A/B rows
 FORMER_PANEL_BUDGET = 8 << 20
 
 
