@@ -257,8 +257,11 @@ def cpu_name() -> str:
     name = fields.get("model name", cpu)
     flags = set(fields.get("flags", "").split())
     isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), "")
-    detail = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
-    detail += [isa.replace("avx512f", "avx512")] if isa else []
+    detail = []
+    if "cpu family" in fields and "model" in fields:
+        detail.append(f"family {fields['cpu family']} model {fields['model']}")
+    if isa:
+        detail.append(isa.replace("avx512f", "avx512"))
     return f"{name} [{', '.join(detail)}]" if detail else name
 
 
