@@ -206,8 +206,8 @@ def wide_panels(backend, x, tv, bias, fields, n, k):
 #: backend's lean entry); ``cpp_infer`` that entry alone (sparse_engine._C.compact_linear_infer: a CPython
 #: call, no dispatcher), to set beside ``cpp`` (the registered op through torch.ops, the former path);
 #: ``infer_module_environ`` the InferLinear with the environment read by ``os.environ.get`` as before
-#: (``env.get`` now reads os.environ's dict): the A side of that change. Both module rows swap ``env.get``
-#: around each call, so the swap costs them alike.
+#: (``env.get`` now reads os.environ's dict): the A side of that change. Every module row swaps ``env.get``
+#: around its call (nn.Linear's too, though it never reads it), so the swap costs them all alike.
 MODULE_PROVIDERS = ("dense_module", "infer_module", "infer_module_environ", "cpp_infer")
 
 
@@ -229,18 +229,18 @@ def module_providers(x, theta, bias, idx, tv, backend) -> dict:
             raise KeyError(name)
         return os.environ.get(name, default)
 
-    def with_get(get):
+    def with_get(module, get):
         def run():
             real = env.get
             env.get = get
             try:
-                return mod(x)
+                return module(x)
             finally:
                 env.get = real
         return run
 
-    return {"dense_module": lambda: lin(x), "infer_module": with_get(env.get),
-            "infer_module_environ": with_get(former_get),
+    return {"dense_module": with_get(lin, env.get), "infer_module": with_get(mod, env.get),
+            "infer_module_environ": with_get(mod, former_get),
             "cpp_infer": lambda: backend.compact_linear_infer(x, tv, bias, idx.crow, idx.col, n, k)}
 
 
