@@ -90,6 +90,7 @@ struct Compact {
   se_cpu::Dtype dt;
   Tensor m, w, crow, col, row, ccol, row_t, perm;
   bool has_m;
+  bool col16;  // col is 16-bit, read unsigned (CSR forward only)
 };
 
 Compact check_compact(const optional<Tensor>& m_values, const Tensor& w_values, const Tensor& crow,
@@ -116,7 +117,22 @@ Compact check_compact(const optional<Tensor>& m_values, const Tensor& w_values, 
   c.w = w_values.contiguous();
   c.m = c.has_m ? m_values->contiguous() : Tensor();
   c.crow = index_tensor(crow, "crow", c.nbr + 1);
-  c.col = index_tensor(col, "col", c.nnzb);
+  // The forward of a CSR layer with K <= 65536 also takes 16-bit columns: an int16 tensor whose bits are
+  // read as unsigned (0..65535; int16 rather than uint16 because torch pickles int16 tensors, not uint16
+  // ones). The inference layers keep such a copy of large layers' columns: half the index bytes to stream.
+  c.col16 = col.defined() && col.scalar_type() == at::kShort;
+  if (c.col16) {
+    TORCH_CHECK_VALUE(!transposed && w_values.dim() == 1 && c.K <= 65536,
+                      "col may be 16-bit (int16) only in the forward of a CSR layer with in_features <= 65536 "
+                      "(this is ", transposed ? "a backward" : (w_values.dim() == 1 ? "a CSR forward" : "a BSR forward"),
+                      ", in_features ", num(c.K), "); pass int32 col");
+    check_cpu(col, "col");
+    TORCH_CHECK_VALUE(col.dim() == 1 && col.numel() == c.nnzb, "col must be 1-D with ", num(c.nnzb),
+                      " entries, got shape ", shape(col.sizes()));
+    c.col = col.contiguous();
+  } else {
+    c.col = index_tensor(col, "col", c.nnzb);
+  }
   if (row.defined()) c.row = index_tensor(row, "row", c.nnzb);  // undefined: the inference entry (no row)
   check_pointers(c.crow, c.nnzb, "crow");
   if (transposed) {
@@ -169,7 +185,9 @@ Tensor compact_linear_fwd(const Tensor& x, const optional<Tensor>& m_values, con
   const int64_t ws_bytes = se_cpu::forward_workspace_bytes(c.dt, B, c.N, c.K, c.nnzb, c.bn, c.bk);
   Tensor ws = ws_bytes > 0 ? workspace(ws_bytes) : Tensor();
   const int err = se_cpu::compact_linear_forward(c.dt, xc.data_ptr(), B, c.N, c.K, ptr_or_null(c.m), c.w.data_ptr(),
-                                                 ptr_or_null(b), c.crow.data_ptr<int32_t>(), c.col.data_ptr<int32_t>(),
+                                                 ptr_or_null(b), c.crow.data_ptr<int32_t>(),
+                                                 c.col16 ? nullptr : c.col.data_ptr<int32_t>(),
+                                                 c.col16 ? static_cast<const uint16_t*>(c.col.data_ptr()) : nullptr,
                                                  c.bn, c.bk, y.data_ptr(), ws.defined() ? ws.data_ptr() : nullptr);
   raise_kernel_error(err, "forward");
   return y;

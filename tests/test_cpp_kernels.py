@@ -28,6 +28,8 @@ from _tolerances import assert_close
 
 from _backends import check_compact_linear_kernel, require_cpp_extension  # noqa: E402
 
+from sparse_engine.export.infer import _col16  # noqa: E402  (16-bit columns as the inference layers keep them)
+
 _cpp = pytest.importorskip("sparse_engine.ops._cpp", reason="sparse_engine.ops._cpp failed to import")
 
 
@@ -341,6 +343,82 @@ def test_compact_linear_infer_rejects_bad_arguments():
         _cpp._INFER(x, w, 1.0, idx.crow, idx.col, 9, 11)
     with pytest.raises(TypeError, match="7 arguments"):
         _cpp._INFER(x, w, None, idx.crow, idx.col, 9)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("entry", ["python", "op"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 3, 17, 40, 200])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.6])
+def test_16_bit_columns_give_the_int32_result(isa, entry, dtype, batch, density):
+    """The CSR forward with 16-bit columns (what the inference layers pass where K <= 65536) against the
+    reference and the int32 columns, every panel width, rows long and short enough for every tail of the
+    batch-1 loop (4 entries per 64-bit index load). Same sums in the same order, but the compiler may
+    contract a product and a sum into an FMA in one variant and not the other: equal within rounding."""
+    infer = _cpp._infer_by_op if entry == "op" else _cpp.compact_linear_infer
+    if entry == "python" and _cpp._INFER is None:
+        pytest.skip("this build has no sparse_engine._C Python module (a JIT build): the op serves")
+    n, k = 37, 71
+    idx = _index(_mask(n, k, density, empty_row=True), None)
+    w = _values(idx, dtype)
+    x = torch.randn(batch, k, dtype=dtype)
+    for b in (torch.randn(n, dtype=dtype), None):
+        with _isa_or_skip(isa):
+            y32 = infer(x, w, b, idx.crow, idx.col, n, k)
+            y16 = infer(x, w, b, idx.crow, _col16(idx.col), n, k)
+        assert_close(y16, y32, dtype, f"16-bit vs int32 col, B={batch} d={density}")
+        assert_close(y16, R.compact_linear_ref(x, None, w, b, *_fields(idx), n, k), dtype, "16-bit col")
+
+
+@pytest.mark.parametrize("batch", [1, 5, 40])
+def test_16_bit_columns_reach_65535(batch):
+    """K = 65536, the widest layer whose columns fit 16 bits: columns 32768.. (negative as int16) are read
+    unsigned, up to the last column 65535."""
+    n, k = 3, 65536
+    mask = torch.zeros(n, k, dtype=torch.bool)
+    mask[:, torch.tensor([0, 1, 32767, 32768, 40000, 65534, 65535])] = True
+    mask[1, 65535] = False
+    idx = _index(mask, None)
+    w = _values(idx, torch.float64)
+    x = torch.randn(batch, k, dtype=torch.float64)
+    y16 = _cpp.compact_linear_infer(x, w, None, idx.crow, _col16(idx.col), n, k)
+    assert_close(y16, R.compact_linear_ref(x, None, w, None, *_fields(idx), n, k), torch.float64, "K=65536")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 40])
+def test_16_bit_range_check_catches_every_position(dtype, batch):
+    """A 16-bit column at or past K raises before it is read, at any position of a row (each quarter of
+    a 64-bit index load, the scalar tail) and at any batch."""
+    n, k = 3, 11
+    idx = _index(torch.ones(n, k, dtype=torch.bool), None)  # 11 entries per row: two groups of 4, tail 3
+    w = _values(idx, dtype)
+    x = torch.randn(batch, k, dtype=dtype)
+    for pos in range(idx.nnz):
+        for bad in (k, k + 1, 65535):
+            col = _col16(idx.col)
+            col[pos] = bad - 65536 if bad >= 32768 else bad  # the int16 whose bits read as `bad`
+            with pytest.raises(ValueError, match="out of range"):
+                _cpp.compact_linear_infer(x, w, None, idx.crow, col, n, k)
+
+
+def test_16_bit_columns_only_where_they_apply():
+    """16-bit columns are for the CSR forward with K <= 65536; elsewhere one line says so."""
+    idx, w, x, gy = _small_case()
+    f = list(_fields(idx))
+    f[1] = _col16(idx.col)
+    with pytest.raises(ValueError, match="col may be 16-bit .int16. only in the forward of a CSR layer .* a backward"):
+        _cpp.compact_linear_bwd(gy, x, None, w, *f, 9, 11)
+    bidx = _index(_mask(9, 11, 0.4), (2, 2))
+    bw = _values(bidx, torch.float32)
+    with pytest.raises(ValueError, match="col may be 16-bit .* a BSR forward"):
+        _cpp.compact_linear_infer(x, bw, None, bidx.crow, _col16(bidx.col), 9, 11)
+    wide = _index(_mask(2, 65537, 0.01), None)
+    with pytest.raises(ValueError, match="in_features 65537"):
+        _cpp.compact_linear_infer(torch.randn(1, 65537), _values(wide, torch.float32), None, wide.crow,
+                                  _col16(wide.col), 2, 65537)
+    with pytest.raises(ValueError, match="col must be int32"):
+        _cpp.compact_linear_infer(x, w, None, idx.crow, idx.col.long(), 9, 11)
 
 
 # -------------------------------------------------------------------------- error paths

@@ -229,8 +229,10 @@ int run_sddmm(Dtype dt, const SddmmArgs& a, int64_t nrows, int64_t nvalues, int6
 
 template <typename T>
 int forward_t(const T* x, int64_t B, int64_t N, int64_t K, const T* m, const T* w, const T* bias,
-              const int32_t* crow, const int32_t* col, int64_t bn, int64_t bk, T* y, void* ws) {
+              const int32_t* crow, const int32_t* col, const uint16_t* col16, int64_t bn, int64_t bk, T* y,
+              void* ws) {
   const Dtype dt = sizeof(T) == 4 ? kFloat32 : kFloat64;
+  if (col16 && (bn != 1 || bk != 1 || K > 65536)) return 2;  // the caller checks; never read them wrongly
   if (B == 0 || N == 0) return 0;
   const int64_t BC = panel_width(dt, B, K), nchunks = ceil_div(B, BC);
   const int64_t nbr = ceil_div(N, bn), nbc = ceil_div(K, bk);
@@ -244,7 +246,7 @@ int forward_t(const T* x, int64_t B, int64_t N, int64_t K, const T* m, const T* 
     X = XP;
   }
   const int64_t nnzb = crow[nbr];
-  SpmmArgs a{m, w, crow, col, nbc, N, K, bn, bk, false, X, Y, BC};
+  SpmmArgs a{m, w, crow, col, nbc, N, K, bn, bk, false, X, Y, BC, col16};
   const int err = run_spmm(dt, a, nchunks, nbr, nnzb * bn * bk * BC * nchunks);
   if (err) return err;
   if (BC > 1) unpack(Y, B, N, BC, bias, y);
@@ -383,14 +385,14 @@ int64_t backward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int6
 
 int compact_linear_forward(Dtype dt, const void* x, int64_t B, int64_t N, int64_t K, const void* m,
                            const void* w, const void* bias, const int32_t* crow, const int32_t* col,
-                           int64_t bn, int64_t bk, void* y, void* ws) {
+                           const uint16_t* col16, int64_t bn, int64_t bk, void* y, void* ws) {
   if (dt == kFloat32)
     return forward_t<float>(static_cast<const float*>(x), B, N, K, static_cast<const float*>(m),
-                            static_cast<const float*>(w), static_cast<const float*>(bias), crow, col, bn,
-                            bk, static_cast<float*>(y), ws);
+                            static_cast<const float*>(w), static_cast<const float*>(bias), crow, col, col16,
+                            bn, bk, static_cast<float*>(y), ws);
   return forward_t<double>(static_cast<const double*>(x), B, N, K, static_cast<const double*>(m),
-                           static_cast<const double*>(w), static_cast<const double*>(bias), crow, col, bn,
-                           bk, static_cast<double*>(y), ws);
+                           static_cast<const double*>(w), static_cast<const double*>(bias), crow, col, col16,
+                           bn, bk, static_cast<double*>(y), ws);
 }
 
 int compact_linear_backward(Dtype dt, const void* gy, const void* x, int64_t B, int64_t N, int64_t K,

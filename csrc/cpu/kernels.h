@@ -29,6 +29,9 @@ struct SpmmArgs {
   const void* X;         // panel (nchunks, in_dim, bc)
   void* Y;               // panel (nchunks, out_dim, bc)
   int64_t bc;            // panel width: 1 or a multiple of the vector width
+  // CSR forward only: the same column indices as 16-bit entries (read instead of idx, which may then be
+  // null); nullptr otherwise.
+  const uint16_t* idx16 = nullptr;
 };
 
 // g[j, o, q] = sum_c sum_l DY[c, row(j)*bn + o, l] * X[c, col(j)*bk + q, l] for the stored blocks
@@ -84,10 +87,11 @@ int64_t set_panel_budget(int64_t bytes);
 
 // Drivers (OpenMP over rows / row blocks). Return 0 or an error code:
 //   1 = a col index is out of range.
-// Forward: y (B, N) = x (B, K) theta^T + bias. Values (nnzb, bn, bk) in CSR order.
+// Forward: y (B, N) = x (B, K) theta^T + bias. Values (nnzb, bn, bk) in CSR order. The column indices
+// are col (int32), or col16 (16-bit unsigned; CSR only, K <= 65536) with col null.
 int compact_linear_forward(Dtype dt, const void* x, int64_t B, int64_t N, int64_t K, const void* m,
                            const void* w, const void* bias, const int32_t* crow, const int32_t* col,
-                           int64_t bn, int64_t bk, void* y, void* workspace);
+                           const uint16_t* col16, int64_t bn, int64_t bk, void* y, void* workspace);
 // Bytes of workspace the forward needs (panels), 64-byte aligned by the caller.
 int64_t forward_workspace_bytes(Dtype dt, int64_t B, int64_t N, int64_t K, int64_t nnzb, int64_t bn,
                                 int64_t bk);

@@ -187,10 +187,11 @@ def _infer_by_op(
     in_features: int,
 ) -> Tensor:
     """compact_linear_infer through the registered op (a JIT build has no Python module). The op's forward
-    reads only crow and col of the index (row is size-checked only, and has col's size), so col stands in
-    for the fields it does not read."""
-    return torch.ops.sparse_engine_C.compact_linear_fwd(x, None, w_values, bias, crow, col, col, col, col, col,
-                                                       int(out_features), int(in_features))
+    reads only crow and col of the index (row is size-checked only: int32 with col's size), so col, or an
+    int32 tensor of its size where col is 16-bit, stands in for the fields it does not read."""
+    other = col if col.dtype == torch.int32 else torch.empty(col.shape, dtype=torch.int32)
+    return torch.ops.sparse_engine_C.compact_linear_fwd(x, None, w_values, bias, crow, col, other, other, other,
+                                                       other, int(out_features), int(in_features))
 
 
 #: compact_linear_fwd without m and without autograd, for eager inference:
