@@ -4,8 +4,10 @@ torch's nn.Conv2d, forward + backward, on the 3×3 layers of small ResNets.
     python bench/bench_sparse_conv.py [--threads 1,2] [--clock wall] [--batch 128] [--density 0.1] [--out DIR]
 
 Rows: dense nn.Conv2d (the baseline), SparseConv2d layout=dense (dense weight times a mask), layout=csr
-(``ops.sparse_conv2d``: no im2col), and ``F.unfold`` alone (the im2col copy the csr path used to need:
-more than the whole dense convolution). Each time is the best single call over interleaved rounds
+(``ops.sparse_conv2d``: no im2col; forward and backward behind one C++ autograd node), ``layout=csr custom
+op`` (the same kernels through the Python custom op's autograd, as before that node: the A side of that
+change), and ``F.unfold`` alone (the im2col copy the csr path used to need: more than the whole dense
+convolution). Each time is the best single call over interleaved rounds
 (robust to other processes on the machine); ratios are against nn.Conv2d measured in the same run, at
 the same thread count. ``--clock cpu`` times with the process CPU clock instead of the wall clock (one
 thread only: it leaves out the time the process waits for a core on a busy machine). Writes
@@ -46,7 +48,21 @@ def measure_shape(cin: int, cout: int, hw: int, args, clock) -> dict[str, float]
             mod(x).sum().backward()
         return run
 
+    def custom_op(fn):
+        # ops.backends.extra finds no whole-call entry: the layer takes the Python custom op
+        from sparse_engine.ops import backends
+
+        def run():
+            real = backends.extra
+            backends.extra = lambda *a, **k: None
+            try:
+                fn()
+            finally:
+                backends.extra = real
+        return run
+
     calls = {name: step(mod) for name, mod in mods.items()}
+    calls["layout=csr custom op"] = custom_op(calls["layout=csr"])
     calls["F.unfold only"] = lambda: F.unfold(x.detach(), 3, padding=1)
     best = {name: float("inf") for name in calls}
     reps = 3 if args.quick else 10

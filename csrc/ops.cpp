@@ -393,6 +393,52 @@ std::tuple<Tensor, Tensor, Tensor> sparse_conv2d_bwd(const Tensor& grad_y, const
   return {gx, gm, gw};
 }
 
+// sparse_conv2d_train: the direct convolution and its whole backward (dX, g_m, g_w and the bias sum)
+// behind one autograd node, as compact_linear_train: the Python custom op's autograd cost ~0.2 ms of
+// argument handling per call and direction (a 4->4 conv on a 4x4 image, fwd+bwd: 316 µs against 84 µs
+// for nn.Conv2d), which a small ResNet pays for every conv of every step.
+struct SparseConv2dFn : public torch::autograd::Function<SparseConv2dFn> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const optional<Tensor>& m_values,
+                        const Tensor& w_values, const optional<Tensor>& bias, const Tensor& crow, const Tensor& col,
+                        const Tensor& row, const Tensor& ccol, const Tensor& row_t, const Tensor& perm,
+                        int64_t out_channels, int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
+                        int64_t padding_h, int64_t padding_w) {
+    ctx->save_for_backward({x, m_values.value_or(Tensor()), w_values, crow, col, row, ccol, row_t, perm});
+    ctx->saved_data["dims"] =
+        std::vector<int64_t>{out_channels, kernel_h, kernel_w, stride_h, stride_w, padding_h, padding_w};
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return sparse_conv2d_fwd(x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, out_channels, kernel_h,
+                             kernel_w, stride_h, stride_w, padding_h, padding_w);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto d = ctx->saved_data["dims"].toIntVector();
+    const bool needs_x = ctx->needs_input_grad(0);
+    const optional<Tensor> m = s[1].defined() ? optional<Tensor>(s[1]) : c10::nullopt;
+    const Tensor gy = grads[0].contiguous();
+    auto [gx, gm, gw] = sparse_conv2d_bwd(gy, s[0], m, s[2], s[3], s[4], s[5], s[6], s[7], s[8], d[0], d[1], d[2],
+                                          d[3], d[4], d[5], d[6], needs_x);
+    const Tensor gb = ctx->saved_data["has_bias"].toBool() ? gy.sum({0, 2, 3}) : Tensor();
+    torch::autograd::variable_list out(17);
+    out[0] = needs_x ? gx : Tensor();
+    out[1] = m ? gm : Tensor();
+    out[2] = gw;
+    out[3] = gb;
+    return out;
+  }
+};
+
+Tensor sparse_conv2d_train(const Tensor& x, const optional<Tensor>& m_values, const Tensor& w_values,
+                           const optional<Tensor>& bias, const Tensor& crow, const Tensor& col, const Tensor& row,
+                           const Tensor& ccol, const Tensor& row_t, const Tensor& perm, int64_t out_channels,
+                           int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t padding_h,
+                           int64_t padding_w) {
+  return SparseConv2dFn::apply(x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, out_channels, kernel_h,
+                               kernel_w, stride_h, stride_w, padding_h, padding_w);
+}
+
 // --------------------------------------------------------------------------------- elementwise ops
 
 Tensor reparam_fwd(const optional<Tensor>& m, const Tensor& w, const optional<Tensor>& mask) {
@@ -578,6 +624,10 @@ TORCH_LIBRARY(sparse_engine_C, m) {
   m.def(
       "compact_linear_train(Tensor x, Tensor? m_values, Tensor w_values, Tensor? bias, Tensor crow, Tensor col, "
       "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_features, int in_features) -> Tensor");
+  m.def(
+      "sparse_conv2d_train(Tensor x, Tensor? m_values, Tensor w_values, Tensor? bias, Tensor crow, Tensor col, "
+      "Tensor row, Tensor ccol, Tensor row_t, Tensor perm, int out_channels, int kernel_h, int kernel_w, "
+      "int stride_h, int stride_w, int padding_h, int padding_w) -> Tensor");
   m.def("reparam_fwd(Tensor? m, Tensor w, Tensor? mask) -> Tensor");
   m.def("reparam_bwd(Tensor grad, Tensor? m, Tensor w, Tensor? mask) -> (Tensor, Tensor)");
   m.def("signin_reset(Tensor m, Tensor w, Tensor? mask, float beta) -> (Tensor, Tensor)");
@@ -601,6 +651,7 @@ TORCH_LIBRARY_IMPL(sparse_engine_C, CPU, m) {
   m.impl("sparse_conv2d_fwd", &sparse_conv2d_fwd);
   m.impl("sparse_conv2d_bwd", &sparse_conv2d_bwd);
   m.impl("compact_linear_train", &compact_linear_fwd);  // no autograd (inference mode): the forward
+  m.impl("sparse_conv2d_train", &sparse_conv2d_fwd);
   m.impl("reparam_fwd", &reparam_fwd);
   m.impl("reparam_bwd", &reparam_bwd);
   m.impl("signin_reset", &signin_reset);
@@ -609,7 +660,10 @@ TORCH_LIBRARY_IMPL(sparse_engine_C, CPU, m) {
   m.impl("all_finite", &all_finite);
 }
 
-TORCH_LIBRARY_IMPL(sparse_engine_C, Autograd, m) { m.impl("compact_linear_train", &compact_linear_train); }
+TORCH_LIBRARY_IMPL(sparse_engine_C, Autograd, m) {
+  m.impl("compact_linear_train", &compact_linear_train);
+  m.impl("sparse_conv2d_train", &sparse_conv2d_train);
+}
 
 // ------------------------------------------------------------------------ plain CPython entries
 //

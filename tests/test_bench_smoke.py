@@ -109,8 +109,9 @@ def test_bench_sparse_conv_quick_writes_its_csv(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "sparse_conv_cpu_quick.csv")))
-    assert {r["provider"] for r in rows} == {"nn.Conv2d", "layout=dense", "layout=csr", "F.unfold only"}
-    assert len(rows) == 4 * 3
+    assert {r["provider"] for r in rows} == {"nn.Conv2d", "layout=dense", "layout=csr", "layout=csr custom op",
+                                            "F.unfold only"}
+    assert len(rows) == 5 * 3
     for r in rows:
         assert float(r["time_ms"]) > 0 and r["commit"] and r["torch"]
         if r["provider"] == "nn.Conv2d":

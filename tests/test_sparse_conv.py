@@ -184,6 +184,38 @@ def test_gradcheck_float64(stride, padding, factored):
             eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
+@pytest.mark.parametrize("use_bias", [False, True], ids=["nobias", "bias"])
+def test_native_autograd_path(dtype, factored, use_bias):
+    """The C++ backend's one-node autograd path (sparse_conv2d_train) gives the very bits of the custom op
+    path (same kernels) for y and every gradient, with and without x's gradient."""
+    if backends.extra("sparse_conv2d_fwd", torch.device("cpu"), dtype, "sparse_conv2d_train") is None:
+        pytest.fail("the C++ backend is available but has no sparse_conv2d_train")
+    idx = CSRIndex.from_mask(_mask(5, 3 * 9, 0.4))
+    x, gy = _randn(2, 3, 8, 7, dtype=dtype), _randn(2, 5, 4, 4, dtype=dtype)
+    w_v = _randn(idx.nnz, dtype=dtype)
+    m_v = _randn(idx.nnz, dtype=dtype) if factored else None
+    b = _randn(5, dtype=dtype) if use_bias else None
+
+    def run(native: bool, x_grad: bool):
+        leaves = [None if t is None else t.clone().requires_grad_(True) for t in (m_v, w_v, b)]
+        xx = x.clone().requires_grad_(x_grad)
+        with backends.force("cpp"), pytest.MonkeyPatch.context() as mp:
+            if not native:
+                mp.setattr(backends, "extra", lambda *a, **k: None)
+            y = ops.sparse_conv2d(xx, leaves[0], leaves[1], idx, 3, leaves[2], 2, 1)
+            y.backward(gy)
+        return [y.detach(), xx.grad] + [None if t is None else t.grad for t in leaves]
+
+    for x_grad in (True, False):
+        got, want = run(True, x_grad), run(False, x_grad)
+        for name, a, c in zip(("y", "g_x", "g_m", "g_w", "g_bias"), got, want):
+            assert (a is None) == (c is None), f"{name}: present on one path only (x_grad={x_grad})"
+            assert a is None or torch.equal(a, c), f"{name} differs between the native and the custom op path"
+        assert (got[1] is None) == (not x_grad)
+
+
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])
 def test_opcheck(factored):
     idx = CSRIndex.from_mask(_mask(6, 4 * 9, 0.5))

@@ -558,8 +558,12 @@ def sparse_conv2d(
     if x4.shape[2] + 2 * ph < kh or x4.shape[3] + 2 * pw < kw:
         raise ValueError(f"x is too small for kernel_size={(kh, kw)} with padding={(ph, pw)}: got shape "
                          f"{tuple(x.shape)}")
-    y = _sparse_conv2d(x4.contiguous(), _c(m_values), w_values.contiguous(), _c(bias), *_index_tensors(index),
-                       o, kh, kw, sh, sw, ph, pw)
+    op = _sparse_conv2d
+    if x4.numel() and o and not torch.compiler.is_compiling():
+        # Eager: as compact_linear, the C++ backend's one-node autograd path (same kernels, same results)
+        op = backends.extra("sparse_conv2d_fwd", x4.device, w_values.dtype, "sparse_conv2d_train") or op
+    y = op(x4.contiguous(), _c(m_values), w_values.contiguous(), _c(bias), *_index_tensors(index), o, kh, kw, sh, sw,
+           ph, pw)
     return y.squeeze(0) if unbatched else y
 
 # --------------------------------------------------------------------------------------- fused_step

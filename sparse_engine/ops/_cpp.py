@@ -30,7 +30,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 UNAVAILABLE: str | None = None
 
 _OPS = ("compact_linear_fwd", "compact_linear_bwd", "compact_linear_train", "sparse_conv2d_fwd", "sparse_conv2d_bwd",
-        "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step", "fused_step_multi", "all_finite")
+        "sparse_conv2d_train", "reparam_fwd", "reparam_bwd", "signin_reset", "fused_step", "fused_step_multi",
+        "all_finite")
 
 
 def _registered() -> bool:
@@ -209,6 +210,17 @@ def compact_linear_train(
     """compact_linear_fwd with its backward attached in C++: one dispatcher call per direction."""
     return torch.ops.sparse_engine_C.compact_linear_train(
         x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, int(out_features), int(in_features))
+
+
+def sparse_conv2d_train(
+    x: Tensor, m_values: Tensor | None, w_values: Tensor, bias: Tensor | None,
+    crow: Tensor, col: Tensor, row: Tensor, ccol: Tensor, row_t: Tensor, perm: Tensor,
+    out_channels: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, padding_h: int, padding_w: int,
+) -> Tensor:
+    """sparse_conv2d_fwd with its backward attached in C++: one dispatcher call per direction."""
+    return torch.ops.sparse_engine_C.sparse_conv2d_train(
+        x, m_values, w_values, bias, crow, col, row, ccol, row_t, perm, int(out_channels), int(kernel_h),
+        int(kernel_w), int(stride_h), int(stride_w), int(padding_h), int(padding_w))
 
 
 def fused_step_group(
