@@ -28,7 +28,7 @@ from _tolerances import assert_close
 
 from _backends import check_compact_linear_kernel, require_cpp_extension  # noqa: E402
 
-from sparse_engine.export.infer import _col16  # noqa: E402  (16-bit columns as the inference layers keep them)
+from sparse_engine.export.infer import _col16  # 16-bit columns as the inference layers keep them
 
 _cpp = pytest.importorskip("sparse_engine.ops._cpp", reason="sparse_engine.ops._cpp failed to import")
 
