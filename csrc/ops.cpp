@@ -223,6 +223,17 @@ std::tuple<Tensor, Tensor, Tensor> compact_linear_bwd(const Tensor& grad_y, cons
 // autograd node, so that a training step costs one dispatcher call per layer per direction. The Python
 // custom op (sparse_engine::compact_linear) costs ~tens of µs of argument handling per call, which is
 // the whole budget of a small layer (LeNet-300-100 at 90 %); the math is the two ops above, unchanged.
+// The gradients an autograd node returns for an op whose first four arguments are (x, m_values,
+// w_values, bias) and whose other `nargs - 4` (index tensors, sizes) get none.
+torch::autograd::variable_list input_grads(size_t nargs, Tensor gx, Tensor gm, Tensor gw, Tensor gb) {
+  torch::autograd::variable_list out(nargs);
+  out[0] = std::move(gx);
+  out[1] = std::move(gm);
+  out[2] = std::move(gw);
+  out[3] = std::move(gb);
+  return out;
+}
+
 struct CompactLinearFn : public torch::autograd::Function<CompactLinearFn> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const optional<Tensor>& m_values,
                         const Tensor& w_values, const optional<Tensor>& bias, const Tensor& crow, const Tensor& col,
@@ -244,13 +255,8 @@ struct CompactLinearFn : public torch::autograd::Function<CompactLinearFn> {
     const Tensor gy = grads[0].contiguous();
     auto [gx, gm, gw] = compact_linear_bwd(gy, s[0], m, s[2], s[3], s[4], s[5], s[6], s[7], s[8], dims[0], dims[1],
                                            needs_x);
-    const Tensor gb = ctx->saved_data["has_bias"].toBool() ? gy.sum(0) : Tensor();
-    torch::autograd::variable_list out(12);
-    out[0] = needs_x ? gx : Tensor();
-    out[1] = m ? gm : Tensor();
-    out[2] = gw;
-    out[3] = gb;
-    return out;
+    return input_grads(12, needs_x ? gx : Tensor(), m ? gm : Tensor(), gw,
+                       ctx->saved_data["has_bias"].toBool() ? gy.sum(0) : Tensor());
   }
 };
 
@@ -420,13 +426,8 @@ struct SparseConv2dFn : public torch::autograd::Function<SparseConv2dFn> {
     const Tensor gy = grads[0].contiguous();
     auto [gx, gm, gw] = sparse_conv2d_bwd(gy, s[0], m, s[2], s[3], s[4], s[5], s[6], s[7], s[8], d[0], d[1], d[2],
                                           d[3], d[4], d[5], d[6], needs_x);
-    const Tensor gb = ctx->saved_data["has_bias"].toBool() ? gy.sum({0, 2, 3}) : Tensor();
-    torch::autograd::variable_list out(17);
-    out[0] = needs_x ? gx : Tensor();
-    out[1] = m ? gm : Tensor();
-    out[2] = gw;
-    out[3] = gb;
-    return out;
+    return input_grads(17, needs_x ? gx : Tensor(), m ? gm : Tensor(), gw,
+                       ctx->saved_data["has_bias"].toBool() ? gy.sum({0, 2, 3}) : Tensor());
   }
 };
 
