@@ -335,14 +335,39 @@ def test_compact_linear_infer_rejects_bad_arguments():
     col[idx.nnz // 2] = 11
     with pytest.raises(ValueError, match="out of range"):
         _cpp._INFER(x[:1], w, None, idx.crow, col, 9, 11)
-    with pytest.raises(ValueError, match="x must be"):
-        _cpp._INFER(torch.randn(1, 12), w, None, idx.crow, idx.col, 9, 11)
     with pytest.raises(ValueError, match="crow"):
         _cpp._INFER(x, w, None, idx.crow[:-1], idx.col, 9, 11)
     with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
         _cpp._INFER(x, w, 1.0, idx.crow, idx.col, 9, 11)
     with pytest.raises(TypeError, match="7 arguments"):
         _cpp._INFER(x, w, None, idx.crow, idx.col, 9)
+
+
+@pytest.mark.parametrize("entry", ["python", "op"])
+def test_compact_linear_infer_declines_what_is_the_ops(entry):
+    """The lean entry computes nothing and answers None where x is a case for the registered op (a
+    gradient is wanted, another dtype or device, a wrong width, an empty or 0-D x); it takes x with any
+    leading dimensions, contiguous or not."""
+    infer = _cpp._infer_by_op if entry == "op" else _cpp.compact_linear_infer
+    if entry == "python" and _cpp._INFER is None:
+        pytest.skip("this build has no sparse_engine._C Python module (a JIT build): the op serves")
+    idx, w, x, _ = _small_case()
+    bias = torch.randn(9)
+    args = (idx.crow, idx.col, 9, 11)
+    assert infer(torch.randn(4, 12), w, bias, *args) is None
+    assert infer(x.double(), w, bias, *args) is None
+    assert infer(torch.randn(0, 11), w, bias, *args) is None
+    assert infer(torch.tensor(1.0), w, bias, *args) is None
+    for grad_of in ("x", "w", "bias"):
+        xs, ws, bs = (t.clone().requires_grad_(name == grad_of) for name, t in (("x", x), ("w", w), ("bias", bias)))
+        assert infer(xs, ws, bs, *args) is None
+        with torch.no_grad():
+            assert infer(xs, ws, bs, *args) is not None
+    dense = idx.scatter(w)
+    for xs in (x[:1], x[0], x.reshape(2, 2, 11), x.t().contiguous().t(), torch.randn(3, 2, 22)[..., ::2]):
+        y = infer(xs, w, bias, *args)
+        assert y.shape == (*xs.shape[:-1], 9)
+        assert_close(y, xs @ dense.t() + bias, torch.float32, f"x {tuple(xs.shape)}")
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -384,21 +409,23 @@ def test_16_bit_columns_reach_65535(batch):
     assert_close(y16, R.compact_linear_ref(x, None, w, None, *_fields(idx), n, k), torch.float64, "K=65536")
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, 40])
-def test_16_bit_range_check_catches_every_position(dtype, batch):
-    """A 16-bit column at or past K raises before it is read, at any position of a row (each quarter of
-    a 64-bit index load, the scalar tail) and at any batch."""
-    n, k = 3, 11
-    idx = _index(torch.ones(n, k, dtype=torch.bool), None)  # 11 entries per row: two groups of 4, tail 3
+def test_16_bit_range_check_catches_every_position(isa, dtype, batch):
+    """A 16-bit column at or past K raises before it is read, at any position of a row (any lane of a
+    group of 16, the tail) and at any batch."""
+    n, k = 3, 37
+    idx = _index(torch.ones(n, k, dtype=torch.bool), None)  # 37 entries per row: two groups of 16, tail 5
     w = _values(idx, dtype)
     x = torch.randn(batch, k, dtype=dtype)
-    for pos in range(idx.nnz):
-        for bad in (k, k + 1, 65535):
-            col = _col16(idx.col)
-            col[pos] = bad - 65536 if bad >= 32768 else bad  # the int16 whose bits read as `bad`
-            with pytest.raises(ValueError, match="out of range"):
-                _cpp.compact_linear_infer(x, w, None, idx.crow, col, n, k)
+    with _isa_or_skip(isa):
+        for pos in range(idx.nnz):
+            for bad in (k, k + 1, 65535):
+                col = _col16(idx.col)
+                col[pos] = bad - 65536 if bad >= 32768 else bad  # the int16 whose bits read as `bad`
+                with pytest.raises(ValueError, match="out of range"):
+                    _cpp.compact_linear_infer(x, w, None, idx.crow, col, n, k)
 
 
 def test_16_bit_columns_only_where_they_apply():
@@ -446,24 +473,29 @@ def test_out_of_range_col_raises(batch, bad):
         _cpp.compact_linear_bwd(gy, x, None, w, *f, 9, 11, needs_x_grad=False)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_batch1_range_check_catches_every_position(dtype):
-    """The batch-1 SpMV reads the indices two at a time (64-bit pairs) plus a scalar tail: a bad index at
-    any position of a row (either half of a pair, or the tail) raises before it is read, whatever its
-    value (just past the bound, the largest int32, negative)."""
-    n, k = 3, 11
-    idx = _index(torch.ones(n, k, dtype=torch.bool), None)  # 11 entries per row: two groups of 4, tail 3
+@pytest.mark.parametrize("batch", [1, 40])
+def test_range_check_catches_every_position(isa, dtype, batch):
+    """The batch-1 SpMV checks each group of 16 indices just before it reads them, then the row's tail
+    one by one; the panel kernels check a row in groups of 16 and a tail before the row. A bad index at
+    any position of a row (any lane of a group, the tail) raises before it is read, whatever its value
+    (just past the bound, the largest int32, negative), with and without m."""
+    n, k = 3, 37
+    idx = _index(torch.ones(n, k, dtype=torch.bool), None)  # 37 entries per row: two groups of 16, tail 5
     w = _values(idx, dtype)
-    x = torch.randn(1, k, dtype=dtype)
-    for pos in range(idx.nnz):
-        for bad in (k, k + 1, 2**31 - 1, -1, -(2**31)):
-            col = idx.col.clone()
-            col[pos] = bad
-            f = (idx.crow, col, idx.row, idx.ccol, idx.row_t, idx.perm)
-            for m in (None, torch.ones_like(w)):
-                with pytest.raises(ValueError, match="out of range"):
-                    _cpp.compact_linear_fwd(x, m, w, None, *f, n, k)
-    y = _cpp.compact_linear_fwd(x, None, w, None, idx.crow, idx.col, idx.row, idx.ccol, idx.row_t, idx.perm, n, k)
+    x = torch.randn(batch, k, dtype=dtype)
+    with _isa_or_skip(isa):
+        for pos in range(idx.nnz):
+            for bad in (k, k + 1, 2**31 - 1, -1, -(2**31)):
+                col = idx.col.clone()
+                col[pos] = bad
+                f = (idx.crow, col, idx.row, idx.ccol, idx.row_t, idx.perm)
+                for m in (None, torch.ones_like(w)):
+                    with pytest.raises(ValueError, match="out of range"):
+                        _cpp.compact_linear_fwd(x, m, w, None, *f, n, k)
+        y = _cpp.compact_linear_fwd(x, None, w, None, idx.crow, idx.col, idx.row, idx.ccol, idx.row_t, idx.perm,
+                                    n, k)
     assert_close(y, R.compact_linear_ref(x, None, w, None, *_fields(idx), n, k), dtype, "all in range")
 
 

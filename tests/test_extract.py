@@ -100,21 +100,18 @@ def test_infer_linear_eager_inference_shapes(fmt, dtype, mode):
 
 
 def test_infer_linear_keeps_16_bit_columns_where_they_fit(tmp_path):
-    """A CSR layer with in_features <= 65536 and more than 2^18 entries keeps its columns also in 16 bits
-    (derived, never saved), and its eager CPU forward reads them; smaller layers, BSR layers and wider
-    ones keep int32 only. The copy follows every way a layer is rebuilt or moved."""
-    from sparse_engine.export.infer import _COL16_MIN_NNZ
+    """A CSR layer with in_features <= 65536 keeps its columns also in 16 bits (derived, never saved), and
+    its eager CPU forward reads them; BSR layers and wider ones keep int32 only. The copy follows every
+    way a layer is rebuilt or moved."""
     from sparse_engine.export.io import load, save
     from sparse_engine.ops import infer_entry
 
-    n, k = 700, 1500
+    n, k = 70, 150
     theta, mask = randn(n, k), torch.rand(n, k) < 0.3
-    assert int(mask.sum()) > _COL16_MIN_NNZ
     mod = InferLinear(theta, None, "csr", mask)
     assert mod.col16.dtype == torch.int16 and torch.equal(mod.col16.long() & 0xFFFF, mod.col.long())
     assert "col16" not in mod.state_dict()
     assert InferLinear(theta, None, "bsr", mask, block_shape=(4, 4)).col16 is None
-    assert InferLinear(theta[:50], None, "csr", mask[:50]).col16 is None  # ~10^4 entries: int32 only
     wide_mask = torch.rand(5, 65537) < 0.9
     assert InferLinear(randn(5, 65537), None, "csr", wide_mask).col16 is None
     widest = InferLinear(randn(5, 65536), None, "csr", wide_mask[:, :65536])
@@ -130,18 +127,19 @@ def test_infer_linear_keeps_16_bit_columns_where_they_fit(tmp_path):
     other = InferLinear(randn(n, k), None, "csr", torch.rand(n, k) < 0.3)
     mod.load_state_dict(other.state_dict())  # another pattern: the copy is rebuilt with it
     assert torch.equal(mod.col16.long() & 0xFFFF, other.col.long())
-    x = randn(3, k)
-    with torch.no_grad():
-        good = mod(x)
-        assert_close(good, x.double() @ mod.dense_weight().double().t(), torch.float32, "16-bit columns")
-        mod.col16[0] = k  # col is intact: only a forward that reads col16 sees the bad entry
-        if infer_entry(torch.device("cpu"), torch.float32) is not None:
-            with pytest.raises(ValueError, match="out of range"):  # the lean C++ forward reads col16
-                mod(x)
-        else:  # no lean entry in this build: the op runs, on the int32 columns
+    for x in (randn(1, k), randn(3, k), randn(2, 1, k)):  # the batch-1 SpMV, the panel SpMM, 3-D input
+        with torch.no_grad():
+            good = mod(x)
+            assert good.shape == (*x.shape[:-1], mod.out_features)
+            assert_close(good, x.double() @ mod.dense_weight().double().t(), torch.float32, "16-bit columns")
+            mod.col16[0] = k  # col is intact: only a forward that reads col16 sees the bad entry
+            if infer_entry(torch.device("cpu"), torch.float32) is not None:
+                with pytest.raises(ValueError, match="out of range"):  # the lean C++ forward reads col16
+                    mod(x)
+            else:  # no lean entry in this build: the op runs, on the int32 columns
+                assert torch.equal(mod(x), good)
+            mod.col16[0] = mod.col[0]
             assert torch.equal(mod(x), good)
-        mod.col16[0] = mod.col[0]
-        assert torch.equal(mod(x), good)
 
 
 CONV_OPTS = [

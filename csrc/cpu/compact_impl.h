@@ -72,12 +72,52 @@ SE_INLINE void nst(T* p, typename NT<T>::v x) {
 
 SE_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// I: int32_t, or uint16_t for the 16-bit column indices of the CSR forward (SpmmArgs::idx16).
+// Is any of the 16 entries idx[j .. j+16) >= bound? I: int32_t, or uint16_t for the 16-bit column
+// indices of the CSR forward (SpmmArgs::idx16). Native-width vector compares written out: GCC turns a
+// scalar loop with a constant trip count into a chain of scalar max instructions, and spills 64-byte
+// vectors where registers are narrower. The flags are OR-folded to 16 bytes, then to one word.
+template <typename I>
+SE_INLINE bool group16_out_of_range(const I* __restrict idx, int64_t j, uint32_t bound) {
+  typedef std::conditional_t<sizeof(I) == 4, uint32_t, uint16_t> U;
+  constexpr int BYTES = 16 * sizeof(U) < SE_NATIVE_BYTES ? 16 * sizeof(U) : SE_NATIVE_BYTES;
+  constexpr int L = BYTES / sizeof(U);  // lanes per compare
+  typedef U v __attribute__((vector_size(BYTES)));
+  typedef U vu __attribute__((vector_size(BYTES), aligned(sizeof(U)), may_alias));
+  typedef uint64_t q2 __attribute__((vector_size(16)));
+  if (bound == 0) return true;  // every entry is out of range (and bound - 1 would wrap)
+  // bound - 1 fits U: the bound of 16-bit columns is at most 65536 (checked by the caller).
+  const U limit = static_cast<U>(bound - 1);
+  v flags = reinterpret_cast<v>(*reinterpret_cast<const vu*>(idx + j) > limit);
+#pragma GCC unroll 4
+  for (int c = 1; c < 16 / L; ++c) flags |= reinterpret_cast<v>(*reinterpret_cast<const vu*>(idx + j + c * L) > limit);
+  q2 q;
+  if constexpr (BYTES == 64) {
+    typedef uint64_t q8 __attribute__((vector_size(64)));
+    typedef uint64_t q4 __attribute__((vector_size(32)));
+    const q8 f = reinterpret_cast<q8>(flags);
+    const q4 h = __builtin_shufflevector(f, f, 0, 1, 2, 3) | __builtin_shufflevector(f, f, 4, 5, 6, 7);
+    q = __builtin_shufflevector(h, h, 0, 1) | __builtin_shufflevector(h, h, 2, 3);
+  } else if constexpr (BYTES == 32) {
+    typedef uint64_t q4 __attribute__((vector_size(32)));
+    const q4 h = reinterpret_cast<q4>(flags);
+    q = __builtin_shufflevector(h, h, 0, 1) | __builtin_shufflevector(h, h, 2, 3);
+  } else {
+    q = reinterpret_cast<q2>(flags);
+  }
+  return (q[0] | q[1]) != 0;
+}
+
+// Is any entry of idx[j0 .. j1) >= bound? Groups of 16 as above, the rest one by one. GCC's own
+// vectorisation of the plain loop leaves a scalar tail of up to 15 int32 (31 uint16) entries per row,
+// which cost the 16-bit panel SpMM 5-10 % at batch 16 (Zen 4, 10 % density, K <= 1536).
 template <typename I>
 SE_INLINE bool out_of_range(const I* __restrict idx, int64_t j0, int64_t j1, int64_t bound) {
   const uint32_t b = static_cast<uint32_t>(bound);
+  int64_t j = j0;
+  for (; j + 16 <= j1; j += 16)
+    if (group16_out_of_range(idx, j, b)) return true;
   uint32_t bad = 0;
-  for (int64_t j = j0; j < j1; ++j) bad |= static_cast<uint32_t>(idx[j]) >= b;
+  for (; j < j1; ++j) bad |= static_cast<uint32_t>(idx[j]) >= b;
   return bad != 0;
 }
 
@@ -168,8 +208,11 @@ SE_INLINE uint32_t quarter(uint64_t q) {
 // so that each entry costs one load of x, one of θ and a fraction of an index load. Measured on AVX2
 // (Zen 3, 300x784 at 10 %): 1.6x faster than the 8-wide gather loop that `omp simd` made of it (gathers
 // are slow there), and than GCC's SLP vectorisation of the plain unrolled loop (which shuffles the
-// indices through vector registers). 16-bit indices: 8 bytes less to stream per four entries, and one
-// index load instead of two.
+// indices through vector registers); on AVX-512 (Zen 4) 16-wide gathers were still 1.2x slower.
+// The range check is fused: each group of 16 indices is checked (one vector compare, constant trip
+// count) just before its 16 products, and the row's last < 16 entries one by one. A separate checking
+// pass over the row, as the panel kernels do, cost 15-20 % here (Zen 4, 300x784 and 4096² at 10 %):
+// at batch 1 there is too little arithmetic per index to hide it.
 template <typename T, bool HAS_M, typename I>
 int csr_spmv(const SpmmArgs& a, const I* __restrict idx, int64_t r0, int64_t r1) {
   static_assert(sizeof(I) == 4 || sizeof(I) == 2, "int32 or uint16 indices");
@@ -177,29 +220,37 @@ int csr_spmv(const SpmmArgs& a, const I* __restrict idx, int64_t r0, int64_t r1)
   const T* __restrict w = static_cast<const T*>(a.w);
   const T* __restrict X = static_cast<const T*>(a.X);
   T* __restrict Y = static_cast<T*>(a.Y);
+  const uint32_t bound = static_cast<uint32_t>(a.nin_blocks);
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t j0 = a.ptr[r], j1 = a.ptr[r + 1];
-    if (out_of_range(idx, j0, j1, a.nin_blocks)) return 1;  // so the unsigned reads below stay in range
+    const int64_t j1 = a.ptr[r + 1];
+    int64_t j = a.ptr[r];
     T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) {
-      uint32_t k0, k1, k2, k3;
-      if constexpr (sizeof(I) == 4) {
-        uint64_t q0, q1;
-        __builtin_memcpy(&q0, idx + j, 8);
-        __builtin_memcpy(&q1, idx + j + 2, 8);
-        k0 = first_of_pair(q0), k1 = second_of_pair(q0), k2 = first_of_pair(q1), k3 = second_of_pair(q1);
-      } else {
-        uint64_t q;
-        __builtin_memcpy(&q, idx + j, 8);
-        k0 = quarter<0>(q), k1 = quarter<1>(q), k2 = quarter<2>(q), k3 = quarter<3>(q);
+    for (; j + 16 <= j1; j += 16) {
+      if (group16_out_of_range(idx, j, bound)) return 1;  // so the unsigned reads below stay in range
+#pragma GCC unroll 4
+      for (int u = 0; u < 16; u += 4) {
+        uint32_t k0, k1, k2, k3;
+        if constexpr (sizeof(I) == 4) {
+          uint64_t q0, q1;
+          __builtin_memcpy(&q0, idx + j + u, 8);
+          __builtin_memcpy(&q1, idx + j + u + 2, 8);
+          k0 = first_of_pair(q0), k1 = second_of_pair(q0), k2 = first_of_pair(q1), k3 = second_of_pair(q1);
+        } else {
+          uint64_t q;
+          __builtin_memcpy(&q, idx + j + u, 8);
+          k0 = quarter<0>(q), k1 = quarter<1>(q), k2 = quarter<2>(q), k3 = quarter<3>(q);
+        }
+        s0 += theta<T, HAS_M>(m, w, j + u) * X[k0];
+        s1 += theta<T, HAS_M>(m, w, j + u + 1) * X[k1];
+        s2 += theta<T, HAS_M>(m, w, j + u + 2) * X[k2];
+        s3 += theta<T, HAS_M>(m, w, j + u + 3) * X[k3];
       }
-      s0 += theta<T, HAS_M>(m, w, j) * X[k0];
-      s1 += theta<T, HAS_M>(m, w, j + 1) * X[k1];
-      s2 += theta<T, HAS_M>(m, w, j + 2) * X[k2];
-      s3 += theta<T, HAS_M>(m, w, j + 3) * X[k3];
     }
-    for (; j < j1; ++j) s0 += theta<T, HAS_M>(m, w, j) * X[static_cast<uint32_t>(idx[j])];
+    for (; j < j1; ++j) {
+      const uint32_t k = static_cast<uint32_t>(idx[j]);
+      if (k >= bound) return 1;
+      s0 += theta<T, HAS_M>(m, w, j) * X[k];
+    }
     Y[r] = (s0 + s1) + (s2 + s3);
   }
   return 0;

@@ -11,8 +11,8 @@ Formats (``module.format``):
 * ``"csr"``    values (nnz,) + int32 ``crow``/``col``: ``ops.compact_linear`` (the C++ SpMM on CPU
   when it is built, the reference otherwise). The transpose metadata (``row``, ``ccol``, ``row_t``,
   ``perm``) that the op signature carries is rebuilt from ``crow``/``col``, never stored; so is
-  ``col16``, ``col`` in 16 bits (int16 read unsigned) where in_features <= 65536 and nnz > 2^18, which
-  the C++ inference forward reads.
+  ``col16``, ``col`` in 16 bits (int16 read unsigned) where in_features <= 65536, which the C++ inference
+  forward reads.
 * ``"bsr"``    the same over (bn, bk) blocks: values (nnzb, bn, bk).
 * ``"nm"``     N:M along K (2:4): values (N, K/m·n) + uint8 positions; on a CUDA GPU with 2:4 sparse
   tensor cores θ also lives as a ``torch.sparse.SparseSemiStructuredTensor`` (rebuilt after every
@@ -49,12 +49,11 @@ _STORAGE_KEYS = {"dense": ("weight",), "csr": ("values", "crow", "col"), "bsr": 
                  "nm": ("values", "idx", "valid")}
 
 #: CSR columns also kept in 16 bits (int16 holding 0..65535: torch pickles int16, not uint16) where
-#: in_features <= 65536 and the int32 index would pass 1 MiB: the lean CPU forward reads them, 6 bytes to
-#: stream per float32 entry instead of 8. Measured at 90 % sparsity, 1 thread, batch 1 / 64 (Zen 4):
-#: 4096x8192 1.23x / 1.18x, 4096x4096 1.15x / 1.17x, 2048x4096 1.09x / 1.07x, 2048x2048 (420k entries)
-#: 1.04x / 1.04x faster; at 236k entries and below (3072x768 ... 300x784) 0.97-1.02x, so not kept there.
+#: in_features <= 65536: the lean CPU forward reads them, 6 bytes to stream per float32 entry instead of 8,
+#: and four indices per 64-bit load at batch 1. Measured at 90 % sparsity, 1 thread (Zen 4), against the
+#: int32 columns: batch 1 1.04-1.12x faster from 100x300 to 1024x1024, 1.15-1.23x at 4096x4096 and
+#: 4096x8192; batch 16 and 64 0.98-1.02x up to 1024x1024, 1.07-1.18x from 2048x2048 on.
 _COL16_MAX_K = 65536
-_COL16_MIN_NNZ = 1 << 18
 
 
 def _col16(col: Tensor) -> Tensor:
@@ -162,7 +161,7 @@ class InferModule(nn.Module):
         self.register_buffer("col", index.col)
         for f in _DERIVED:
             self.register_buffer(f, getattr(index, f), persistent=False)
-        narrow = isinstance(index, CSRIndex) and self.shape2d[1] <= _COL16_MAX_K and index.nnz > _COL16_MIN_NNZ
+        narrow = isinstance(index, CSRIndex) and self.shape2d[1] <= _COL16_MAX_K
         self.register_buffer("col16", _col16(index.col) if narrow else None, persistent=False)
 
     def _set_nm(self, index: NMIndex, values: Tensor) -> None:
@@ -234,27 +233,29 @@ class InferModule(nn.Module):
         # Direct dict lookups: nn.Module.__getattr__ costs ~0.6 µs per tensor, as much as a small SpMV.
         p, b = self._parameters, self._buffers
         values, bias = p["values"], p.get("bias")
-        eager = not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and (x.requires_grad or values.requires_grad))
         n, k = self.shape2d
-        if not (eager and x.dim() >= 1 and x.shape[-1] == k and x.dtype == values.dtype and x.device == values.device
-                and x.numel() > 0):
-            # The registered op: autograd, torch.compile (fake kernels) and every input check.
-            return ops.compact_linear(x, None, values, self.index(), bias)
-        # Eager inference: the same backend function that op would run (chosen by ops), without the
-        # dispatcher round trip and re-validation of an index this module built and validated itself;
-        # at batch 1 those cost more than the SpMV. A 2-D contiguous x goes in as it is: a view costs
-        # ~1.5 µs here, a tenth of the layer.
-        flat = x.dim() == 2 and x.is_contiguous()
-        x2 = x if flat else x.reshape(-1, k).contiguous()
-        infer = ops.infer_entry(x.device, x.dtype)
-        if infer is not None:
-            col16 = b.get("col16")
-            y = infer(x2, values, bias, b["crow"], b["col"] if col16 is None else col16, n, k)
-        else:
-            y = ops.run_unchecked("compact_linear_fwd", x.device, x.dtype, x2, None, values, bias, b["crow"],
-                                  b["col"], b["row"], b["ccol"], b["row_t"], b["perm"], n, k)
-        return y if flat else y.reshape(*x.shape[:-1], n)
+        if not torch.compiler.is_compiling():
+            # Eager: the same backend function the op would run (chosen by ops), without the dispatcher
+            # round trip and re-validation of an index this module built and validated itself; at batch 1
+            # those cost more than the SpMV.
+            infer = ops.infer_entry(values.device, values.dtype)
+            if infer is not None:
+                # It checks x itself and declines (None) what is the op's: autograd, another device or
+                # dtype, a wrong width, an empty x.
+                col16 = b.get("col16")
+                y = infer(x, values, bias, b["crow"], b["col"] if col16 is None else col16, n, k)
+                if y is not None:
+                    return y
+            elif (not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
+                                                    or (bias is not None and bias.requires_grad)))
+                  and x.dim() >= 1 and x.shape[-1] == k and x.dtype == values.dtype and x.device == values.device
+                  and x.numel() > 0):
+                x2 = x.reshape(-1, k).contiguous()
+                y = ops.run_unchecked("compact_linear_fwd", x.device, x.dtype, x2, None, values, bias, b["crow"],
+                                      b["col"], b["row"], b["ccol"], b["row_t"], b["perm"], n, k)
+                return y.reshape(*x.shape[:-1], n)
+        # The registered op: autograd, torch.compile (fake kernels) and every input check.
+        return ops.compact_linear(x, None, values, self.index(), bias)
 
     # ------------------------------------------------------------------- 2:4 semi-structured cache
 

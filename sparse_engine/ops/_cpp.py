@@ -186,19 +186,28 @@ _ALL_FINITE = _python_entry("all_finite")
 def _infer_by_op(
     x: Tensor, w_values: Tensor, bias: Tensor | None, crow: Tensor, col: Tensor, out_features: int,
     in_features: int,
-) -> Tensor:
-    """compact_linear_infer through the registered op (a JIT build has no Python module). The op's forward
-    reads only crow and col of the index (row is size-checked only: int32 with col's size), so col, or an
-    int32 tensor of its size where col is 16-bit, stands in for the fields it does not read."""
+) -> Tensor | None:
+    """compact_linear_infer through the registered op (a JIT build has no Python module): the same answer,
+    None included. The op's forward reads only crow and col of the index (row is size-checked only: int32
+    with col's size), so col, or an int32 tensor of its size where col is 16-bit, stands in for the fields
+    it does not read."""
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or w_values.requires_grad or (bias is not None and bias.requires_grad))
+    if (grad or x.device.type != "cpu" or x.dtype != w_values.dtype or x.dim() == 0 or x.shape[-1] != in_features
+            or x.numel() == 0):
+        return None
     other = col if col.dtype == torch.int32 else torch.empty(col.shape, dtype=torch.int32)
-    return torch.ops.sparse_engine_C.compact_linear_fwd(x, None, w_values, bias, crow, col, other, other, other,
-                                                       other, int(out_features), int(in_features))
+    y = torch.ops.sparse_engine_C.compact_linear_fwd(x.reshape(-1, in_features), None, w_values, bias, crow, col,
+                                                    other, other, other, other, int(out_features), int(in_features))
+    return y.view(*x.shape[:-1], out_features)
 
 
 #: compact_linear_fwd without m and without autograd, for eager inference:
-#: ``compact_linear_infer(x, w_values, bias, crow, col, out_features, in_features)`` (x (B, K) contiguous,
-#: the ints Python ints). The prebuilt library's CPython function when there is one: the op's dispatcher
-#: round trip costs more than a small SpMV, and so does one more Python frame.
+#: ``compact_linear_infer(x, w_values, bias, crow, col, out_features, in_features)`` -> y (x's leading
+#: dimensions, out_features), or None where x is a case for the registered op: a gradient is wanted, or x
+#: is not a non-empty CPU tensor of w_values' dtype whose last dimension is in_features. The prebuilt
+#: library's CPython function when there is one: the op's dispatcher round trip costs more than a small
+#: SpMV, and so does one more Python frame.
 compact_linear_infer = _INFER if _INFER is not None else _infer_by_op
 
 

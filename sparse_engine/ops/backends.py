@@ -239,10 +239,16 @@ def forget() -> None:
     _extras.clear()
 
 
+#: device (torch.device or str) -> its type: torch.device.type costs ~0.2 µs, a dict lookup a quarter of it
+_kinds: dict = {}
+
+
 def _key(impl: str, device, dtype) -> tuple[tuple, str | None, str]:
     """(cache key of select's answer, the requested backend, the device type)."""
     want = requested()
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    kind = _kinds.get(device)
+    if kind is None:
+        kind = _kinds[device] = device.type if isinstance(device, torch.device) else torch.device(device).type
     return (impl, kind, dtype, want, env.triton_interpret() if want == "triton" else None, _module), want, kind
 
 
