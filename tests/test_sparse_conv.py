@@ -139,6 +139,22 @@ def test_every_isa(isa):
             _check(2, 4, 7, (7, 13), (5, 5), 2, 2, 0.5, dtype)
 
 
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_row_copies_at_every_width(isa):
+    """The stride-1 layout changes (x padded, grad_y margined, g_x folded back, the output rows with their
+    bias) at image widths on both sides of one and two vectors of every instruction set and dtype."""
+    before = _cpp.isa()
+    if not _cpp.set_isa(isa):
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    _cpp.set_isa(before)
+    with _cpp.use_isa(isa):
+        for dtype in (torch.float32, torch.float64):
+            for w in (1, 4, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40):
+                for padding in (0, 1, 2):
+                    if w + 2 * padding >= 3:
+                        _check(2, 3, 4, (5, w), (3, 3), 1, padding, 0.5, dtype, use_bias=padding != 2)
+
+
 def test_batch_chunks_and_threads_give_the_same_result():
     """dθ is summed in a fixed number of batch chunks: bitwise the same for any thread count."""
     idx = CSRIndex.from_mask(_mask(6, 4 * 9, 0.5))
