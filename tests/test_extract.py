@@ -97,6 +97,10 @@ def test_infer_linear_eager_inference_shapes(fmt, dtype, mode):
                 y = mod(x)
         assert y.shape == (*x.shape[:-1], n)
         assert_close(y, F.linear(x.detach().double(), ref_w, mod.bias.double()), dtype, f"{fmt} {tuple(x.shape)}")
+    if mode == "grad":  # a bias that wants a gradient gets one, through the op, with x not requiring one
+        mod.bias.requires_grad_()
+        mod(xs[0]).sum().backward()
+        assert_close(mod.bias.grad, torch.ones(n, dtype=torch.float64), dtype, "bias grad")
 
 
 def test_infer_linear_keeps_16_bit_columns_where_they_fit(tmp_path):

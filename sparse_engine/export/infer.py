@@ -250,10 +250,12 @@ class InferModule(nn.Module):
                                                     or (bias is not None and bias.requires_grad)))
                   and x.dim() >= 1 and x.shape[-1] == k and x.dtype == values.dtype and x.device == values.device
                   and x.numel() > 0):
-                x2 = x.reshape(-1, k).contiguous()
+                # A 2-D contiguous x goes in as it is: a view costs ~1.5 µs, a tenth of a small layer.
+                flat = x.dim() == 2 and x.is_contiguous()
+                x2 = x if flat else x.reshape(-1, k).contiguous()
                 y = ops.run_unchecked("compact_linear_fwd", x.device, x.dtype, x2, None, values, bias, b["crow"],
                                       b["col"], b["row"], b["ccol"], b["row_t"], b["perm"], n, k)
-                return y.reshape(*x.shape[:-1], n)
+                return y if flat else y.reshape(*x.shape[:-1], n)
         # The registered op: autograd, torch.compile (fake kernels) and every input check.
         return ops.compact_linear(x, None, values, self.index(), bias)
 

@@ -76,8 +76,9 @@ def run_unchecked(impl: str, device: torch.device, dtype: torch.dtype, *args):
 
 def infer_entry(device: torch.device, dtype: torch.dtype):
     """The backend's lean inference forward ``f(x, w_values, bias, crow, col, out_features, in_features)``
-    of compact_linear (no m, no autograd, x 2-D contiguous), or None where the chosen backend has none
-    (then :func:`run_unchecked` of ``compact_linear_fwd`` is the way)."""
+    of compact_linear (no m, no autograd; it answers None for an x that is the registered op's case, see
+    ``_cpp.compact_linear_infer``), or None where the chosen backend has none (then :func:`run_unchecked`
+    of ``compact_linear_fwd`` is the way)."""
     return backends.extra("compact_linear_fwd", device, dtype, "compact_linear_infer")
 
 
