@@ -127,13 +127,18 @@ def test_non_square_kernel_and_a_wider_layer(dtype):
     _check(3, 8, 9, (12, 14), (5, 3), 2, 1, 0.3, dtype, factored=False)
 
 
+def _isa_or_skip(name: str):
+    """use_isa(name), or a skip saying why where this CPU cannot run that variant."""
+    before = _cpp.isa()
+    if not _cpp.set_isa(name):
+        pytest.skip(f"this CPU cannot run the {name} kernels")
+    _cpp.set_isa(before)
+    return _cpp.use_isa(name)
+
+
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
 def test_every_isa(isa):
-    before = _cpp.isa()
-    if not _cpp.set_isa(isa):
-        pytest.skip(f"this CPU cannot run the {isa} kernels")
-    _cpp.set_isa(before)
-    with _cpp.use_isa(isa):
+    with _isa_or_skip(isa):
         for dtype in (torch.float32, torch.float64):
             _check(3, 5, 6, (13, 7), (3, 3), 1, 1, 0.5, dtype)
             _check(2, 4, 7, (7, 13), (5, 5), 2, 2, 0.5, dtype)
@@ -143,11 +148,7 @@ def test_every_isa(isa):
 def test_row_copies_at_every_width(isa):
     """The stride-1 layout changes (x padded, grad_y margined, g_x folded back, the output rows with their
     bias) at image widths on both sides of one and two vectors of every instruction set and dtype."""
-    before = _cpp.isa()
-    if not _cpp.set_isa(isa):
-        pytest.skip(f"this CPU cannot run the {isa} kernels")
-    _cpp.set_isa(before)
-    with _cpp.use_isa(isa):
+    with _isa_or_skip(isa):
         for dtype in (torch.float32, torch.float64):
             for w in (1, 4, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40):
                 for padding in (0, 1, 2):
