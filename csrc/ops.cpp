@@ -123,7 +123,7 @@ Compact check_compact(const optional<Tensor>& m_values, const Tensor& w_values, 
   c.crow = index_tensor(crow, "crow", c.nbr + 1);
   // The forward of a CSR layer with K <= 65536 also takes 16-bit columns: an int16 tensor whose bits are
   // read as unsigned (0..65535; int16 rather than uint16 because torch pickles int16 tensors, not uint16
-  // ones). The inference layers keep such a copy of large layers' columns: half the index bytes to stream.
+  // ones). The inference layers keep such a copy of their columns: half the index bytes to stream.
   c.col16 = col.defined() && col.scalar_type() == at::kShort;
   if (c.col16) {
     TORCH_CHECK_VALUE(!transposed && w_values.dim() == 1 && c.K <= 65536,
@@ -679,7 +679,7 @@ TORCH_LIBRARY_IMPL(sparse_engine_C, Autograd, m) {
 // number of leading dimensions (y keeps them). It answers None, computing nothing, where x is a case
 // for the registered op: a gradient is wanted (grad mode on and x, values or bias requiring one), or x
 // is not a non-empty CPU tensor of values' dtype whose last dimension is in_features (the op then gives
-// the autograd node or the error). Otherwise the same checks, kernel and results as the op. Deciding
+// the autograd node or the error; ops.lean_inference_applies is the same rule in Python). Otherwise the same checks, kernel and results as the op. Deciding
 // that here rather than in the layer's Python saves ~0.8 µs of attribute reads per call.
 namespace {
 

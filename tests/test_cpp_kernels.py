@@ -343,14 +343,13 @@ def test_compact_linear_infer_rejects_bad_arguments():
         _cpp._INFER(x, w, None, idx.crow, idx.col, 9)
 
 
-@pytest.mark.parametrize("entry", ["python", "op"])
+@pytest.mark.parametrize("entry", ["infer", "op"])
 def test_compact_linear_infer_declines_what_is_the_ops(entry):
     """The lean entry computes nothing and answers None where x is a case for the registered op (a
     gradient is wanted, another dtype or device, a wrong width, an empty or 0-D x); it takes x with any
-    leading dimensions, contiguous or not."""
+    leading dimensions, contiguous or not. ``infer`` is the entry the inference layers call (the CPython
+    one, or the op in a JIT build)."""
     infer = _cpp._infer_by_op if entry == "op" else _cpp.compact_linear_infer
-    if entry == "python" and _cpp._INFER is None:
-        pytest.skip("this build has no sparse_engine._C Python module (a JIT build): the op serves")
     idx, w, x, _ = _small_case()
     bias = torch.randn(9)
     args = (idx.crow, idx.col, 9, 11)
@@ -409,25 +408,6 @@ def test_16_bit_columns_reach_65535(batch):
     assert_close(y16, R.compact_linear_ref(x, None, w, None, *_fields(idx), n, k), torch.float64, "K=65536")
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [1, 40])
-def test_16_bit_range_check_catches_every_position(isa, dtype, batch):
-    """A 16-bit column at or past K raises before it is read, at any position of a row (any lane of a
-    group of 16, the tail) and at any batch."""
-    n, k = 3, 37
-    idx = _index(torch.ones(n, k, dtype=torch.bool), None)  # 37 entries per row: two groups of 16, tail 5
-    w = _values(idx, dtype)
-    x = torch.randn(batch, k, dtype=dtype)
-    with _isa_or_skip(isa):
-        for pos in range(idx.nnz):
-            for bad in (k, k + 1, 65535):
-                col = _col16(idx.col)
-                col[pos] = bad - 65536 if bad >= 32768 else bad  # the int16 whose bits read as `bad`
-                with pytest.raises(ValueError, match="out of range"):
-                    _cpp.compact_linear_infer(x, w, None, idx.crow, col, n, k)
-
-
 def test_16_bit_columns_only_where_they_apply():
     """16-bit columns are for the CSR forward with K <= 65536; elsewhere one line says so."""
     idx, w, x, gy = _small_case()
@@ -474,26 +454,35 @@ def test_out_of_range_col_raises(batch, bad):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("width", [32, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, 40])
-def test_range_check_catches_every_position(isa, dtype, batch):
+def test_range_check_catches_every_position(isa, width, dtype, batch):
     """The batch-1 SpMV checks each group of 16 indices just before it reads them, then the row's tail
     one by one; the panel kernels check a row in groups of 16 and a tail before the row. A bad index at
-    any position of a row (any lane of a group, the tail) raises before it is read, whatever its value
-    (just past the bound, the largest int32, negative), with and without m."""
+    any position of a row (any lane of a group, the tail) raises before it is read, whatever its value:
+    int32 columns just past the bound, the largest int32 or negative, with and without m (the op);
+    16-bit columns (the inference entry) just past the bound or 65535, read unsigned."""
     n, k = 3, 37
     idx = _index(torch.ones(n, k, dtype=torch.bool), None)  # 37 entries per row: two groups of 16, tail 5
     w = _values(idx, dtype)
     x = torch.randn(batch, k, dtype=dtype)
+    bads = (k, k + 1, 2**31 - 1, -1, -(2**31)) if width == 32 else (k, k + 1, 65535)
     with _isa_or_skip(isa):
         for pos in range(idx.nnz):
-            for bad in (k, k + 1, 2**31 - 1, -1, -(2**31)):
-                col = idx.col.clone()
-                col[pos] = bad
-                f = (idx.crow, col, idx.row, idx.ccol, idx.row_t, idx.perm)
-                for m in (None, torch.ones_like(w)):
+            for bad in bads:
+                if width == 32:
+                    col = idx.col.clone()
+                    col[pos] = bad
+                    f = (idx.crow, col, idx.row, idx.ccol, idx.row_t, idx.perm)
+                    for m in (None, torch.ones_like(w)):
+                        with pytest.raises(ValueError, match="out of range"):
+                            _cpp.compact_linear_fwd(x, m, w, None, *f, n, k)
+                else:
+                    col = _col16(idx.col)
+                    col[pos] = bad - 65536 if bad >= 32768 else bad  # the int16 whose bits read as `bad`
                     with pytest.raises(ValueError, match="out of range"):
-                        _cpp.compact_linear_fwd(x, m, w, None, *f, n, k)
+                        _cpp.compact_linear_infer(x, w, None, idx.crow, col, n, k)
         y = _cpp.compact_linear_fwd(x, None, w, None, idx.crow, idx.col, idx.row, idx.ccol, idx.row_t, idx.perm,
                                     n, k)
     assert_close(y, R.compact_linear_ref(x, None, w, None, *_fields(idx), n, k), dtype, "all in range")

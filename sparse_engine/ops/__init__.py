@@ -74,6 +74,16 @@ def run_unchecked(impl: str, device: torch.device, dtype: torch.dtype, *args):
     return _run(impl, device, dtype, *args, empty=False)
 
 
+def lean_inference_applies(x: Tensor, values: Tensor, bias: Tensor | None, in_features: int) -> bool:
+    """Whether compact_linear on ``x`` can skip the registered op: no gradient wanted and x a non-empty
+    tensor of values' device and dtype whose last dimension is ``in_features``. Otherwise the op gives
+    the autograd node or the error. (The C++ entry decides the same in C++; this is its Python side.)"""
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+    return (not grad and x.dim() >= 1 and x.shape[-1] == in_features and x.dtype == values.dtype
+            and x.device == values.device and x.numel() > 0)
+
+
 def infer_entry(device: torch.device, dtype: torch.dtype):
     """The backend's lean inference forward ``f(x, w_values, bias, crow, col, out_features, in_features)``
     of compact_linear (no m, no autograd; it answers None for an x that is the registered op's case, see

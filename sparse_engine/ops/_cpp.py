@@ -191,10 +191,9 @@ def _infer_by_op(
     None included. The op's forward reads only crow and col of the index (row is size-checked only: int32
     with col's size), so col, or an int32 tensor of its size where col is 16-bit, stands in for the fields
     it does not read."""
-    grad = torch.is_grad_enabled() and (
-        x.requires_grad or w_values.requires_grad or (bias is not None and bias.requires_grad))
-    if (grad or x.device.type != "cpu" or x.dtype != w_values.dtype or x.dim() == 0 or x.shape[-1] != in_features
-            or x.numel() == 0):
+    from . import lean_inference_applies
+
+    if not lean_inference_applies(x, w_values, bias, in_features):
         return None
     other = col if col.dtype == torch.int32 else torch.empty(col.shape, dtype=torch.int32)
     y = torch.ops.sparse_engine_C.compact_linear_fwd(x.reshape(-1, in_features), None, w_values, bias, crow, col,
