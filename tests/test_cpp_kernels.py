@@ -182,6 +182,30 @@ def test_compact_linear_backward_bitwise_repeatable_at_two_threads(block, batch)
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", [None, (4, 8)], ids=["csr", "bsr4x8"])
+def test_compact_linear_chunk_schedules_at_one_and_two_threads(block, dtype):
+    """A batch of several panel chunks runs two ways: one thread packs, multiplies and unpacks chunk after
+    chunk (forward and backward), threads pack all of x first and share the rows. Both against the
+    reference, and the forward's bits are the same either way (each row's sum runs in one order)."""
+    before = torch.get_num_threads()
+    try:
+        ys = []
+        idx = _index(_mask(300, 400, 0.1), block)
+        m, w = _values(idx, dtype, positive=True), _values(idx, dtype)
+        x, bias = torch.randn(200, 400, dtype=dtype), torch.randn(300, dtype=dtype)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            if torch.get_num_threads() != threads:
+                pytest.skip(f"torch cannot run {threads} threads here")
+            _check_compact_linear(300, 400, 200, 0.1, block, dtype)
+            _check_compact_linear(300, 400, 200, 0.1, block, dtype, use_m=False, use_bias=False)
+            ys.append(_cpp.compact_linear_fwd(x, m, w, bias, *_fields(idx), 300, 400))
+        assert torch.equal(ys[0], ys[1]), "the forward's bits differ between 1 and 2 threads"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_compact_linear_empty_batch_and_zero_features():
     idx = _index(_mask(6, 4, 0.5), None)
     w = _values(idx, torch.float32)

@@ -163,6 +163,18 @@ void unpack(const T* __restrict P, int64_t B, int64_t N, int64_t BC, const T* __
   }
 }
 
+// Chunk c of x (B, K) -> its panel P (K, BC), and a chunk's output panel (N, BC) -> y (B, N) (+ bias).
+void pack_chunk(Dtype dt, const void* x, int64_t B, int64_t K, int64_t BC, int64_t c, void* P) {
+  const KernelTable& t = active_table();
+  for (int64_t k0 = 0; k0 < K; k0 += kTile) t.pack_tile(dt, x, B, K, BC, c, k0, k0 + kTile < K ? k0 + kTile : K, P);
+}
+void unpack_chunk(Dtype dt, const void* P, int64_t B, int64_t N, int64_t BC, const void* bias, int64_t c,
+                  void* y) {
+  const KernelTable& t = active_table();
+  for (int64_t n0 = 0; n0 < N; n0 += kTile)
+    t.unpack_tile(dt, P, B, N, BC, bias, c, n0, n0 + kTile < N ? n0 + kTile : N, y);
+}
+
 template <typename T>
 void add_bias_rows(T* y, int64_t B, int64_t N, const T* bias) {
   for (int64_t b = 0; b < B; ++b)
@@ -197,19 +209,17 @@ int run_spmm(Dtype dt, const SpmmArgs& a, int64_t nchunks, int64_t nrows, int64_
   return err;
 }
 
-// One pass per batch chunk (rows in dynamic blocks, a barrier between chunks: chunk c adds into the g
-// that chunk c-1 wrote), then the g_m = g*w, g_w = g*m epilogue over all stored values.
-template <typename T>
-int run_sddmm(Dtype dt, const SddmmArgs& a, int64_t nrows, int64_t nvalues, int64_t work) {
+// Chunks c0 .. c1 - 1 one after the other (rows in dynamic blocks, a barrier between chunks: chunk c adds
+// into the g that chunk c-1 wrote).
+int run_sddmm(Dtype dt, const SddmmArgs& a, int64_t c0, int64_t c1, int64_t nrows, int64_t work) {
   const KernelTable& t = active_table();
   const int nthreads = omp_get_max_threads();
   int64_t rb = nrows / (16 * static_cast<int64_t>(nthreads));
   rb = rb < 1 ? 1 : (rb > 64 ? 64 : rb);
   const int64_t items = ceil_div(nrows, rb);
-  const int64_t nchunks = a.bc == 1 ? 1 : a.nchunks;
   int err = 0;
 #pragma omp parallel if (worth_threads(work) && items > 1)
-  for (int64_t c = 0; c < nchunks; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t r0 = it * rb, r1 = r0 + rb < nrows ? r0 + rb : nrows;
@@ -220,7 +230,13 @@ int run_sddmm(Dtype dt, const SddmmArgs& a, int64_t nrows, int64_t nvalues, int6
       }
     }
   }
-  if (err || !a.m) return err;
+  return err;
+}
+
+// After every chunk: g_m = g*w, g_w = g*m over all stored values (g is in g_w).
+template <typename T>
+void sddmm_epilogue(const SddmmArgs& a, int64_t nvalues) {
+  if (!a.m) return;
   const T* __restrict m = static_cast<const T*>(a.m);
   const T* __restrict w = static_cast<const T*>(a.w);
   T* __restrict gm = static_cast<T*>(a.g_m);
@@ -231,7 +247,6 @@ int run_sddmm(Dtype dt, const SddmmArgs& a, int64_t nrows, int64_t nvalues, int6
     gm[e] = g * w[e];
     gw[e] = g * m[e];
   }
-  return 0;
 }
 
 template <typename T>
@@ -243,21 +258,35 @@ int forward_t(const T* x, int64_t B, int64_t N, int64_t K, const T* m, const T* 
   if (B == 0 || N == 0) return 0;
   const int64_t BC = panel_width(dt, B, K), nchunks = ceil_div(B, BC);
   const int64_t nbr = ceil_div(N, bn), nbc = ceil_div(K, bk);
-  const T* X = x;
-  T* Y = y;
-  if (BC > 1) {
-    char* p = static_cast<char*>(ws);
-    T* XP = reinterpret_cast<T*>(p);
-    Y = reinterpret_cast<T*>(p + align64(nchunks * K * BC * sizeof(T)));
-    pack(x, B, K, BC, XP);
-    X = XP;
-  }
   const int64_t nnzb = crow[nbr];
-  SpmmArgs a{m, w, crow, col, nbc, N, K, bn, bk, false, X, Y, BC, col16};
-  const int err = run_spmm(dt, a, nchunks, nbr, nnzb * bn * bk * BC * nchunks);
+  const int64_t work = nnzb * bn * bk * BC * nchunks;
+  SpmmArgs a{m, w, crow, col, nbc, N, K, bn, bk, false, x, y, BC, col16};
+  if (BC == 1) {
+    const int err = run_spmm(dt, a, nchunks, nbr, work);
+    if (!err && bias) add_bias_rows(y, B, N, bias);
+    return err;
+  }
+  T* XP = static_cast<T*>(ws);
+  T* Y = reinterpret_cast<T*>(static_cast<char*>(ws) + align64(nchunks * K * BC * sizeof(T)));
+  a.X = XP;
+  a.Y = Y;
+  if (nchunks > 1 && !worth_threads(work)) {
+    // One thread: chunk by chunk through one panel pair that stays in L2 (pack, rows, unpack), rather
+    // than all of x packed first (x of 512 x 1536 floats is 3 MB: its panels went out to L3 and back).
+    // Threads keep the whole-x passes: rows shared dynamically hold up under a busy machine, and two
+    // cores' L2s do not share panels anyway.
+    const KernelTable& t = active_table();
+    for (int64_t c = 0; c < nchunks; ++c) {
+      pack_chunk(dt, x, B, K, BC, c, XP);
+      if (const int e = t.spmm_rows(dt, a, 0, 0, nbr)) return e;
+      unpack_chunk(dt, Y, B, N, BC, bias, c, y);
+    }
+    return 0;
+  }
+  pack(x, B, K, BC, XP);
+  const int err = run_spmm(dt, a, nchunks, nbr, work);
   if (err) return err;
-  if (BC > 1) unpack(Y, B, N, BC, bias, y);
-  else if (bias) add_bias_rows(y, B, N, bias);
+  unpack(Y, B, N, BC, bias, y);
   return 0;
 }
 
@@ -290,7 +319,7 @@ void split_rows(const int32_t* crow, int64_t nbr, int parts, int64_t* bounds) {
 // dX (B, K) = dY θ by scatter from the CSR rows into per-range panels, chunk by chunk, summed
 // straight into g_x (the sum doubles as the unpack).
 template <typename T>
-int scatter_dx(Dtype dt, const SpmmArgs& a, int64_t B, int64_t K, int64_t nbr, int64_t nchunks, int nt,
+int scatter_dx(Dtype dt, const SpmmArgs& a, int64_t B, int64_t K, int64_t nbr, int64_t c0, int64_t c1, int nt,
                T* panels, T* gx) {
   const KernelTable& t = active_table();
   const int64_t BC = a.bc, psize = K * BC;
@@ -301,7 +330,7 @@ int scatter_dx(Dtype dt, const SpmmArgs& a, int64_t B, int64_t K, int64_t nbr, i
   int err = 0;
 #pragma omp parallel num_threads(parts) if (parts > 1)
   {
-    for (int64_t c = 0; c < nchunks; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
 #pragma omp for schedule(static, 1)
       for (int i = 0; i < parts; ++i) {
         T* P = panels + i * psize;
@@ -349,24 +378,46 @@ int backward_t(const T* gy, const T* x, int64_t B, int64_t N, int64_t K, const T
   char* p = static_cast<char*>(ws);
   const T* X = x;
   const T* DY = gy;
+  T* XP = nullptr;
+  T* DYP = nullptr;
   if (BC > 1) {
-    T* XP = reinterpret_cast<T*>(p);
+    XP = reinterpret_cast<T*>(p);
     p += align64(nchunks * K * BC * sizeof(T));
-    T* DYP = reinterpret_cast<T*>(p);
+    DYP = reinterpret_cast<T*>(p);
     p += align64(nchunks * N * BC * sizeof(T));
-    pack(x, B, K, BC, XP);
-    pack(gy, B, N, BC, DYP);
     X = XP;
     DY = DYP;
   }
-  if (gx && K > 0) {
-    const int nt = scatter_threads(dt, K, BC, work);
-    SpmmArgs a{m, w, crow, col, nbc, K, N, bn, bk, false, DY, nullptr, BC};
-    const int err = scatter_dx(dt, a, B, K, nbr, nchunks, nt, reinterpret_cast<T*>(p), gx);
-    if (err) return err;
-  }
+  T* panels = reinterpret_cast<T*>(p);
+  const bool with_dx = gx && K > 0;
+  const int nt = with_dx ? scatter_threads(dt, K, BC, work) : 1;
+  SpmmArgs a{m, w, crow, col, nbc, K, N, bn, bk, false, DY, nullptr, BC};
   SddmmArgs s{m, w, crow, col, nbc, N, K, bn, bk, DY, X, BC, nchunks, gm, gw};
-  return run_sddmm<T>(dt, s, nbr, nnzb * bsize, work);
+  const int64_t nvalues = nnzb * bsize;
+  if (BC > 1 && nchunks > 1 && !worth_threads(work)) {
+    // One thread: each chunk packed, scattered into g_x and multiplied into g while its panels are in
+    // L2 (as in the forward), instead of all of x and dY packed first.
+    const KernelTable& t = active_table();
+    for (int64_t c = 0; c < nchunks; ++c) {
+      pack_chunk(dt, x, B, K, BC, c, XP + c * K * BC);
+      pack_chunk(dt, gy, B, N, BC, c, DYP + c * N * BC);
+      if (with_dx)
+        if (const int e = scatter_dx(dt, a, B, K, nbr, c, c + 1, 1, panels, gx)) return e;
+      if (const int e = t.sddmm_rows(dt, s, c, 0, nbr)) return e;
+    }
+    sddmm_epilogue<T>(s, nvalues);
+    return 0;
+  }
+  if (BC > 1) {
+    pack(x, B, K, BC, XP);
+    pack(gy, B, N, BC, DYP);
+  }
+  if (with_dx)
+    if (const int e = scatter_dx(dt, a, B, K, nbr, 0, nchunks, nt, panels, gx)) return e;
+  const int nchunks_s = BC == 1 ? 1 : nchunks;
+  if (const int e = run_sddmm(dt, s, 0, nchunks_s, nbr, work)) return e;
+  sddmm_epilogue<T>(s, nvalues);
+  return 0;
 }
 
 }  // namespace
