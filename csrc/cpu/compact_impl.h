@@ -203,12 +203,27 @@ SE_INLINE uint32_t quarter(uint64_t q) {
 #endif
 }
 
-// CSR, batch 1: y[r] = sum_j theta_j x[idx_j]. Scalar on purpose: four independent FMA chains, the
-// indices read several at a time (one 64-bit load split in registers: two int32 or four uint16 entries),
-// so that each entry costs one load of x, one of θ and a fraction of an index load. Measured on AVX2
-// (Zen 3, 300x784 at 10 %): 1.6x faster than the 8-wide gather loop that `omp simd` made of it (gathers
-// are slow there), and than GCC's SLP vectorisation of the plain unrolled loop (which shuffles the
-// indices through vector registers); on AVX-512 (Zen 4) 16-wide gathers were still 1.2x slower.
+// Four consecutive entries of θ as one small vector (an unaligned load, or m*w).
+template <typename T>
+struct Q4 {
+  typedef T v __attribute__((vector_size(4 * sizeof(T))));
+  typedef T vu __attribute__((vector_size(4 * sizeof(T)), aligned(sizeof(T)), may_alias));
+};
+template <typename T, bool HAS_M>
+SE_INLINE typename Q4<T>::v theta4(const T* __restrict m, const T* __restrict w, int64_t j) {
+  typedef typename Q4<T>::vu U;
+  if constexpr (HAS_M) return *reinterpret_cast<const U*>(m + j) * *reinterpret_cast<const U*>(w + j);
+  return *reinterpret_cast<const U*>(w + j);
+}
+
+// CSR, batch 1: y[r] = sum_j theta_j x[idx_j]. Four entries at a time: their indices come from one
+// 64-bit load split in registers (two int32 or four uint16 entries), their x values are loaded one by one
+// straight into the lanes of a 4-vector, and θ is read as one 4-vector, multiplied in and summed in four
+// vector accumulators. Per entry that is one load of x and a quarter of a θ and an index load: the loads
+// are what bind this loop (on Zen 4 three a cycle), and the scalar form before (one θ load per entry, four
+// scalar FMA chains) was 1.2-1.3x slower at 300x784 and 4096² (10 %, every ISA, int32 and uint16 columns;
+// stand-alone harness on this header). 8- and 16-wide gathers were slower still (Zen 3 and 4), and so was
+// GCC's own vectorisation of the plain loop (it shuffles the indices through vector registers).
 // The range check is fused: each group of 16 indices is checked (one vector compare, constant trip
 // count) just before its 16 products, and the row's last < 16 entries one by one. A separate checking
 // pass over the row, as the panel kernels do, cost 15-20 % here (Zen 4, 300x784 and 4096² at 10 %):
@@ -216,6 +231,7 @@ SE_INLINE uint32_t quarter(uint64_t q) {
 template <typename T, bool HAS_M, typename I>
 int csr_spmv(const SpmmArgs& a, const I* __restrict idx, int64_t r0, int64_t r1) {
   static_assert(sizeof(I) == 4 || sizeof(I) == 2, "int32 or uint16 indices");
+  typedef typename Q4<T>::v V4;
   const T* __restrict m = static_cast<const T*>(a.m);
   const T* __restrict w = static_cast<const T*>(a.w);
   const T* __restrict X = static_cast<const T*>(a.X);
@@ -224,7 +240,7 @@ int csr_spmv(const SpmmArgs& a, const I* __restrict idx, int64_t r0, int64_t r1)
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t j1 = a.ptr[r + 1];
     int64_t j = a.ptr[r];
-    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    V4 acc[4] = {};
     for (; j + 16 <= j1; j += 16) {
       if (group16_out_of_range(idx, j, bound)) return 1;  // so the unsigned reads below stay in range
 #pragma GCC unroll 4
@@ -240,18 +256,18 @@ int csr_spmv(const SpmmArgs& a, const I* __restrict idx, int64_t r0, int64_t r1)
           __builtin_memcpy(&q, idx + j + u, 8);
           k0 = quarter<0>(q), k1 = quarter<1>(q), k2 = quarter<2>(q), k3 = quarter<3>(q);
         }
-        s0 += theta<T, HAS_M>(m, w, j + u) * X[k0];
-        s1 += theta<T, HAS_M>(m, w, j + u + 1) * X[k1];
-        s2 += theta<T, HAS_M>(m, w, j + u + 2) * X[k2];
-        s3 += theta<T, HAS_M>(m, w, j + u + 3) * X[k3];
+        const V4 xv = {X[k0], X[k1], X[k2], X[k3]};
+        acc[u / 4] += theta4<T, HAS_M>(m, w, j + u) * xv;
       }
     }
+    T s = 0;
     for (; j < j1; ++j) {
       const uint32_t k = static_cast<uint32_t>(idx[j]);
       if (k >= bound) return 1;
-      s0 += theta<T, HAS_M>(m, w, j) * X[k];
+      s += theta<T, HAS_M>(m, w, j) * X[k];
     }
-    Y[r] = (s0 + s1) + (s2 + s3);
+    const V4 t = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    Y[r] = ((t[0] + t[1]) + (t[2] + t[3])) + s;
   }
   return 0;
 }
