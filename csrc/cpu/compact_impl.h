@@ -286,34 +286,50 @@ int csr_spmm(const SpmmArgs& a, const I* __restrict idx, int64_t c, int64_t r0, 
   const T* __restrict w = static_cast<const T*>(a.w);
   const T* __restrict X = static_cast<const T*>(a.X) + c * a.in_dim * BC;
   T* __restrict Y = static_cast<T*>(a.Y) + c * a.out_dim * BC;
+  const uint32_t bound = static_cast<uint32_t>(a.nin_blocks);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t j0 = a.ptr[r], j1 = a.ptr[r + 1];
-    if (out_of_range(idx, j0, j1, a.nin_blocks)) return 1;
     V acc[SETS][NN];
 #pragma GCC unroll 16
     for (int v = 0; v < NN; ++v) {
       acc[0][v] = V{};
       acc[SETS - 1][v] = V{};
     }
-    int64_t j = j0;
-    if constexpr (SETS == 2) {
-      for (; j + 2 <= j1; j += 2) {
-        const T t0 = theta<T, HAS_M>(m, w, j), t1 = theta<T, HAS_M>(m, w, j + 1);
-        const T* x0 = X + static_cast<int64_t>(idx[j]) * BC;
-        const T* x1 = X + static_cast<int64_t>(idx[j + 1]) * BC;
+    // Entries j, j+1 into the two sets (or j alone into set 0).
+    auto two = [&](int64_t j) __attribute__((always_inline)) {
+      const T t0 = theta<T, HAS_M>(m, w, j), t1 = theta<T, HAS_M>(m, w, j + 1);
+      const T* x0 = X + static_cast<int64_t>(idx[j]) * BC;
+      const T* x1 = X + static_cast<int64_t>(idx[j + 1]) * BC;
 #pragma GCC unroll 16
-        for (int v = 0; v < NN; ++v) {
-          acc[0][v] += t0 * nld(x0 + v * W);
-          acc[1][v] += t1 * nld(x1 + v * W);
-        }
+      for (int v = 0; v < NN; ++v) {
+        acc[0][v] += t0 * nld(x0 + v * W);
+        acc[SETS - 1][v] += t1 * nld(x1 + v * W);
       }
-    }
-    for (; j < j1; ++j) {
+    };
+    auto one = [&](int64_t j) __attribute__((always_inline)) {
       const T t0 = theta<T, HAS_M>(m, w, j);
       const T* x0 = X + static_cast<int64_t>(idx[j]) * BC;
 #pragma GCC unroll 16
       for (int v = 0; v < NN; ++v) acc[0][v] += t0 * nld(x0 + v * W);
+    };
+    // The range check goes group by group right before the group's products, as in csr_spmv: a
+    // separate pass over the row first took the misses on the row's indices with nothing to overlap
+    // them (~15 % of the 4096² batch-64 product in a profile).
+    int64_t j = j0;
+    for (; j + 16 <= j1; j += 16) {
+      if (group16_out_of_range(idx, j, bound)) return 1;
+      if constexpr (SETS == 2) {
+#pragma GCC unroll 8
+        for (int u = 0; u < 16; u += 2) two(j + u);
+      } else {
+#pragma GCC unroll 16
+        for (int u = 0; u < 16; ++u) one(j + u);
+      }
     }
+    if (out_of_range(idx, j, j1, a.nin_blocks)) return 1;
+    if constexpr (SETS == 2)
+      for (; j + 2 <= j1; j += 2) two(j);
+    for (; j < j1; ++j) one(j);
 #pragma GCC unroll 16
     for (int v = 0; v < NN; ++v) nst(Y + r * BC + v * W, SETS == 2 ? acc[0][v] + acc[1][v] : acc[0][v]);
   }
