@@ -482,15 +482,16 @@ def test_out_of_range_col_raises(batch, bad):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, 40])
 def test_range_check_catches_every_position(isa, width, dtype, batch):
-    """The batch-1 SpMV checks each group of 16 indices just before it reads them, then the row's tail
-    one by one; the panel kernels check a row in groups of 16 and a tail before the row. A bad index at
-    any position of a row (any lane of a group, the tail) raises before it is read, whatever its value:
-    int32 columns just past the bound, the largest int32 or negative, with and without m (the op);
-    16-bit columns (the inference entry) just past the bound or 65535, read unsigned."""
+    """The batch-1 SpMV, the panel SpMM and the dX scatter check each group of 16 indices just before
+    they read through them, then the row's tail; the dθ rows check a whole row in groups and a tail first.
+    A bad index at any position of a row (any lane of a group, the tail) raises before it is read,
+    whatever its value: int32 columns just past the bound, the largest int32 or negative, with and
+    without m (forward; backward with and without dX); 16-bit columns (the inference entry) just past
+    the bound or 65535, read unsigned."""
     n, k = 3, 37
     idx = _index(torch.ones(n, k, dtype=torch.bool), None)  # 37 entries per row: two groups of 16, tail 5
     w = _values(idx, dtype)
-    x = torch.randn(batch, k, dtype=dtype)
+    x, gy = torch.randn(batch, k, dtype=dtype), torch.randn(batch, n, dtype=dtype)
     bads = (k, k + 1, 2**31 - 1, -1, -(2**31)) if width == 32 else (k, k + 1, 65535)
     with _isa_or_skip(isa):
         for pos in range(idx.nnz):
@@ -502,6 +503,9 @@ def test_range_check_catches_every_position(isa, width, dtype, batch):
                     for m in (None, torch.ones_like(w)):
                         with pytest.raises(ValueError, match="out of range"):
                             _cpp.compact_linear_fwd(x, m, w, None, *f, n, k)
+                    for with_dx in (True, False):  # the dX scatter's groups, the dθ rows
+                        with pytest.raises(ValueError, match="out of range"):
+                            _cpp.compact_linear_bwd(gy, x, torch.ones_like(w), w, *f, n, k, with_dx)
                 else:
                     col = _col16(idx.col)
                     col[pos] = bad - 65536 if bad >= 32768 else bad  # the int16 whose bits read as `bad`

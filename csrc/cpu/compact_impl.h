@@ -418,7 +418,8 @@ int scatter_rows_k(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1, T* __re
   const int64_t bn = a.bn, bk = a.bk, bsize = bn * bk;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t j0 = a.ptr[r], j1 = a.ptr[r + 1];
-    if (out_of_range(idx, j0, j1, a.nin_blocks)) return 1;
+    // the CSR panel loop below checks its indices group by group; every other case here, up front
+    if (!(csr && NV > 0) && out_of_range(idx, j0, j1, a.nin_blocks)) return 1;
     const int64_t onum = csr ? 1 : min64(bn, a.in_dim - r * bn);
     for (int64_t o = 0; o < onum; ++o) {
       const int64_t drow = r * bn + o;
@@ -441,12 +442,20 @@ int scatter_rows_k(const SpmmArgs& a, int64_t c, int64_t r0, int64_t r1, T* __re
 #pragma GCC unroll 16
         for (int v = 0; v < NN; ++v) d[v] = nld(D + drow * BC + v * NWn);
         if (csr) {
-          for (int64_t j = j0; j < j1; ++j) {
+          auto one = [&](int64_t j) __attribute__((always_inline)) {
             const T t = theta<T, HAS_M>(m, w, j);
             T* p = P + static_cast<int64_t>(idx[j]) * BC;
 #pragma GCC unroll 16
             for (int v = 0; v < NN; ++v) nst(p + v * NWn, nld(p + v * NWn) + t * d[v]);
+          };
+          const uint32_t bound = static_cast<uint32_t>(a.nin_blocks);
+          int64_t j = j0;
+          for (; j + 16 <= j1; j += 16) {
+            if (group16_out_of_range(idx, j, bound)) return 1;
+            for (int u = 0; u < 16; ++u) one(j + u);
           }
+          if (out_of_range(idx, j, j1, a.nin_blocks)) return 1;
+          for (; j < j1; ++j) one(j);
         } else {
           V dd[NV];
 #pragma GCC unroll 4
