@@ -221,7 +221,7 @@ SE_INLINE typename Q4<T>::v theta4(const T* __restrict m, const T* __restrict w,
 // straight into the lanes of a 4-vector, and θ is read as one 4-vector, multiplied in and summed in four
 // vector accumulators. Per entry that is one load of x and a quarter of a θ and an index load: the loads
 // are what bind this loop (on Zen 4 three a cycle), and the scalar form before (one θ load per entry, four
-// scalar FMA chains) was 1.2-1.3x slower at 300x784 and 4096² (10 %, every ISA, int32 and uint16 columns;
+// scalar FMA chains) was 1.1-1.3x slower at 300x784 and 4096² (10 %, every ISA, int32 and uint16 columns;
 // stand-alone harness on this header). 8- and 16-wide gathers were slower still (Zen 3 and 4), and so was
 // GCC's own vectorisation of the plain loop (it shuffles the indices through vector registers).
 // The range check is fused: each group of 16 indices is checked (one vector compare, constant trip

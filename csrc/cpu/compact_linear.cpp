@@ -166,7 +166,8 @@ void unpack(const T* __restrict P, int64_t B, int64_t N, int64_t BC, const T* __
 // Chunk c of x (B, K) -> its panel P (K, BC), and a chunk's output panel (N, BC) -> y (B, N) (+ bias).
 void pack_chunk(Dtype dt, const void* x, int64_t B, int64_t K, int64_t BC, int64_t c, void* P) {
   const KernelTable& t = active_table();
-  for (int64_t k0 = 0; k0 < K; k0 += kTile) t.pack_tile(dt, x, B, K, BC, c, k0, k0 + kTile < K ? k0 + kTile : K, P);
+  for (int64_t k0 = 0; k0 < K; k0 += kTile)
+    t.pack_tile(dt, x, B, K, BC, c, k0, k0 + kTile < K ? k0 + kTile : K, P);
 }
 void unpack_chunk(Dtype dt, const void* P, int64_t B, int64_t N, int64_t BC, const void* bias, int64_t c,
                   void* y) {
@@ -233,7 +234,7 @@ int run_sddmm(Dtype dt, const SddmmArgs& a, int64_t c0, int64_t c1, int64_t nrow
   return err;
 }
 
-// After every chunk: g_m = g*w, g_w = g*m over all stored values (g is in g_w).
+// Once every chunk is in: g_m = g*w, g_w = g*m over all stored values (g is in g_w).
 template <typename T>
 void sddmm_epilogue(const SddmmArgs& a, int64_t nvalues) {
   if (!a.m) return;
@@ -414,8 +415,7 @@ int backward_t(const T* gy, const T* x, int64_t B, int64_t N, int64_t K, const T
   }
   if (with_dx)
     if (const int e = scatter_dx(dt, a, B, K, nbr, 0, nchunks, nt, panels, gx)) return e;
-  const int nchunks_s = BC == 1 ? 1 : nchunks;
-  if (const int e = run_sddmm(dt, s, 0, nchunks_s, nbr, work)) return e;
+  if (const int e = run_sddmm(dt, s, 0, nchunks, nbr, work)) return e;
   sddmm_epilogue<T>(s, nvalues);
   return 0;
 }
