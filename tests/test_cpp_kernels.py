@@ -480,7 +480,7 @@ def test_out_of_range_col_raises(batch, bad):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("width", [32, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [1, 40])
+@pytest.mark.parametrize("batch", [1, 40, 100])  # 100: several batch chunks, one after the other
 def test_range_check_catches_every_position(isa, width, dtype, batch):
     """The batch-1 SpMV, the panel SpMM and the dX scatter check each group of 16 indices just before
     they read through them, then the row's tail; the dθ rows check a whole row in groups and a tail first.
