@@ -679,8 +679,9 @@ TORCH_LIBRARY_IMPL(sparse_engine_C, Autograd, m) {
 // number of leading dimensions (y keeps them). It answers None, computing nothing, where x is a case
 // for the registered op: a gradient is wanted (grad mode on and x, values or bias requiring one), or x
 // is not a non-empty CPU tensor of values' dtype whose last dimension is in_features (the op then gives
-// the autograd node or the error; ops.lean_inference_applies is the same rule in Python). Otherwise the same checks, kernel and results as the op. Deciding
-// that here rather than in the layer's Python saves ~0.8 µs of attribute reads per call.
+// the autograd node or the error; ops.lean_inference_applies is the same rule in Python). Otherwise the
+// same checks, kernel and results as the op. Deciding that here rather than in the layer's Python saves
+// ~0.8 µs of attribute reads per call.
 namespace {
 
 const Tensor& tensor_arg(PyObject* o, const char* name) {
