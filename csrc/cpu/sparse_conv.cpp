@@ -162,6 +162,31 @@ std::vector<int64_t> entry_offsets(const ConvGeom& g, const Plan& p, const int32
   return off;
 }
 
+// Software prefetch of the next image's operands into L2 while the current image computes, a few lines
+// per step of its loop: the layout copies read and write every image's rows in memory for the first time
+// and otherwise wait for them (`perf`: memmove 22 % of a 16->16 step at 28x28, x and grad_y being 6.4 MB
+// each at batch 128).
+struct Prefetch {
+  const char* p = nullptr;
+  int64_t left = 0, per_step = 0;
+  bool write = false;
+  void start(const void* base, int64_t bytes, int64_t steps, bool for_write) {
+    p = static_cast<const char*>(base);
+    left = bytes;
+    per_step = ceil_div(ceil_div(bytes, 64), steps > 0 ? steps : 1) * 64;
+    write = for_write;
+  }
+  void step() {
+    const int64_t n = per_step < left ? per_step : left;
+    if (write)
+      for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(p + i, 1, 2);
+    else
+      for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(p + i, 0, 2);
+    p += n;
+    left -= n;
+  }
+};
+
 // One image's xs (C, P, ps) from its x (C, H, W): padded with zeros, split into stride phases (Hq x Wq
 // each), each phase plane followed by zeros up to its stride ps. Done per image into a per-thread buffer
 // right before use (it stays in cache; a whole-batch copy cost a round trip through memory). Only the
@@ -236,16 +261,24 @@ int forward_t(const ConvGeom& g, const T* x, const T* m, const T* w, const T* bi
 #pragma omp parallel if (worth_threads(nnz * B * p.L + B * O * out_plane) && items > 1)
   {
     std::vector<T> acc(oblock * p.Lp), xs(xrow);
+    Prefetch next_x, next_y;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t b = it / nob, o0 = (it % nob) * oblock, o1 = o0 + oblock < O ? o0 + oblock : O;
       if (nnz > 0) split_image(g, p, x + b * g.C * g.H * g.W, xs.data());
+      if (nob == 1 && b + 1 < B) {
+        const int64_t steps = ceil_div(p.Lp, TL) * O;
+        next_x.start(x + (b + 1) * g.C * g.H * g.W, g.C * g.H * g.W * sizeof(T), steps, false);
+        next_y.start(y + (b + 1) * O * out_plane, O * out_plane * sizeof(T), steps, true);
+      }
       const T* xb = xs.data();
       for (int64_t t0 = 0; t0 < p.Lp; t0 += TL) {
         const int64_t len = p.Lp - t0 < TL ? p.Lp - t0 : TL;
         for (int64_t o = o0; o < o1; ++o) {
           const int64_t e0 = crow[o], n = crow[o + 1] - e0;
           if (n) kern.gather(acc.data() + (o - o0) * p.Lp + t0, len, xb + t0, xoff.data() + e0, theta.data() + e0, n);
+          next_x.step();
+          next_y.step();
         }
       }
       for (int64_t o = o0; o < o1; ++o) {
@@ -385,6 +418,7 @@ int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* 
 #pragma omp parallel if (worth_threads(work) && nchunks > 1)
   {
     std::vector<T> lanes(nnz * W), xs(xrow), gye(O * p.E), acc(gx ? C * p.P * p.accs : 0);
+    Prefetch next_x, next_gy, next_gx;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ch = 0; ch < nchunks; ++ch) {
       const int64_t b0 = ch * chunk, b1 = (ch + 1) * chunk < B ? (ch + 1) * chunk : B;
@@ -394,12 +428,21 @@ int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* 
         margin_image(g, p, gy + b * O * out_plane, gye.data());
         if (gx) image_x(g, p, xp, kern, gye.data(), acc.data(), gx + b * C * g.H * g.W);
         split_image(g, p, x + b * C * g.H * g.W, xs.data());
+        if (b + 1 < b1) {
+          const int64_t steps = ceil_div(p.Lp, TL) * O, xbytes = C * g.H * g.W * sizeof(T);
+          next_x.start(x + (b + 1) * C * g.H * g.W, xbytes, steps, false);
+          next_gy.start(gy + (b + 1) * O * out_plane, O * out_plane * sizeof(T), steps, false);
+          next_gx.start(gx ? gx + (b + 1) * C * g.H * g.W : nullptr, gx ? xbytes : 0, steps, true);
+        }
         const T* gb = gye.data() + p.M;
         for (int64_t t0 = 0; t0 < p.Lp; t0 += TL) {
           const int64_t len = p.Lp - t0 < TL ? p.Lp - t0 : TL;
           for (int64_t o = 0; o < O; ++o) {
             const int64_t e0 = crow[o], n = crow[o + 1] - e0;
             if (n) kern.dot(gb + o * p.E + t0, len, xs.data() + t0, xoff.data() + e0, n, lanes.data() + e0 * W);
+            next_x.step();
+            next_gy.step();
+            next_gx.step();
           }
         }
       }
