@@ -5,7 +5,8 @@
 //
 // Layout trick (what makes the inner loops plain, border-free streams):
 //   * each image's input is zero-padded and split into its stride phases (per thread, right before use):
-//       xs[c, pr, pc, r, q] = xpad[r*sh + pr, q*sw + pc],  planes of Hq x Wq = ceil(Hp/sh) x ceil(Wp/sw).
+//       xs[c, pr, pc, r, q] = xpad[r*sh + pr, q*sw + pc],  planes of Hq x Wq = ceil(Hp/sh) x ceil(Wp/sw)
+//     (at stride 1 along the width, Wq = W + pw: the border between two rows is shared, see Plan).
 //     A weight entry (o, c, i, j) then reads ONE phase plane at the constant offset
 //       off = (i / sh) * Wq + j / sw     for every output position t = ho*Wq + wo,
 //     so the forward is, per (b, o), y[t] = sum_e theta_e * xs_plane_e[t + off_e] over t in
@@ -21,7 +22,7 @@
 // Speed (the loops are bound by loads, one per FMA at best): the microkernels keep a register tile of
 // output positions (forward, dX) or of grad_y (dtheta) across all entries of a row, in vectors of the
 // CPU's native width, and every pass is cut into tiles of positions whose source rows, for all source
-// planes, fit in L1 (l1_tile). Every plane is padded with zeros to whole 64-byte units (no scalar tails).
+// planes, fit in L1 (l1_tile). Every plane is padded with zeros to whole 32-byte units (no scalar tails).
 // Any stride and zero padding; dilation 1 and groups 1 only (nn/conv.py keeps the unfold path otherwise).
 // One difference from the reference with non-finite inputs: the dropped columns read real input values
 // times a zero grad_y, so an inf in x can turn into NaN in dtheta entries the reference keeps finite
@@ -103,10 +104,17 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t round_up(int64_t a, int64_t m) { return ceil_div(a, m) * m; }
 
-// Elements of one 64-byte vector: every streamed plane is padded with zeros to a multiple of it.
+// Elements of one 64-byte vector (the width of an entry's dtheta lanes).
 template <typename T>
 constexpr int64_t vec_elems() {
   return 64 / sizeof(T);
+}
+
+// Elements of 32 bytes: every streamed plane is padded with zeros to a multiple of it (the kernels' last
+// tile may be a half vector).
+template <typename T>
+constexpr int64_t unit_elems() {
+  return 32 / sizeof(T);
 }
 
 // Tile length (a multiple of four vectors, at most Lp) of the flattened output positions per pass: the
@@ -126,14 +134,18 @@ struct Plan {
   int64_t plane;   // Hq * Wq
   int64_t L;       // flattened output positions computed: (Ho - 1) * Wq + Wo
   int64_t M;       // largest entry offset (the zero margin in front of each grad_y plane)
-  int64_t Lp;      // L rounded up to whole vectors
-  int64_t accs;    // stride of the dX accumulator's phase planes: a plane plus one vector
+  int64_t Lp;      // L rounded up to whole units
+  int64_t accs;    // stride of the dX accumulator's phase planes: a plane plus one unit
   int64_t ps;      // stride of the phase planes in xs: every read off + [0, Lp) stays inside its own plane
   int64_t E;       // one grad_y plane with its zero margins
   Plan(const ConvGeom& g, int64_t W) {
     P = g.sh * g.sw;
     Hq = ceil_div(g.H + 2 * g.ph, g.sh);
-    Wq = ceil_div(g.W + 2 * g.pw, g.sw);
+    // Stride 1: the pw zero columns right of one row are the left border of the next, so a row takes
+    // W + pw, not W + 2pw (reads past a row's end land in the next row's border; at least Wo, the
+    // positions of one output row). 7x7 with padding 1: 55 positions instead of 61.
+    const int64_t wide = g.W + g.pw > g.Wo ? g.W + g.pw : g.Wo;
+    Wq = g.sw == 1 ? wide : ceil_div(g.W + 2 * g.pw, g.sw);
     plane = Hq * Wq;
     L = (g.Ho - 1) * Wq + g.Wo;
     M = ((g.kh - 1) / g.sh) * Wq + (g.kw - 1) / g.sw;
@@ -248,7 +260,7 @@ int forward_t(const ConvGeom& g, const T* x, const T* m, const T* w, const T* bi
               const int32_t* col, int64_t nnz, T* y) {
   const int64_t B = g.B, O = g.O, out_plane = g.Ho * g.Wo;
   if (B == 0 || O == 0 || out_plane == 0) return 0;
-  const Plan p(g, vec_elems<T>());
+  const Plan p(g, unit_elems<T>());
   const ConvKernels<T> kern = kernels<T>();
   const std::vector<T> theta = theta_values(m, w, nnz);
   const std::vector<int64_t> xoff = entry_offsets(g, p, col, nnz);
@@ -326,14 +338,14 @@ struct XPlan {
     // column w of g_x inside its phase row: (pc * accs) + q (no integer division per element)
     for (int64_t x0 = 0; x0 < g.W; ++x0) wcol[x0] = ((x0 + g.pw) % g.sw) * p.accs + (x0 + g.pw) / g.sw;
     // Per row phase, the phase rows that hold rows of x (the rest is padding, never folded back): the
-    // accumulation runs over [t0, t0 + len) only, len rounded up to whole vectors (within accs, and the
-    // grad_y reads within E: t0 + len <= plane + W - 1).
+    // accumulation runs over [t0, t0 + len) only, len rounded up to whole units (within accs, and the
+    // grad_y reads within E: t0 + len <= plane + unit - 1).
     int64_t max_len = 0;
     for (int64_t pr = 0; pr < g.sh; ++pr) {
       const int64_t lo = g.ph - pr > 0 ? ceil_div(g.ph - pr, g.sh) : 0;
       const int64_t hi = g.ph + g.H - 1 - pr >= 0 ? (g.ph + g.H - 1 - pr) / g.sh : -1;
       t0s[pr] = lo * p.Wq;
-      lens[pr] = hi >= lo ? round_up((hi - lo + 1) * p.Wq, vec_elems<T>()) : 0;
+      lens[pr] = hi >= lo ? round_up((hi - lo + 1) * p.Wq, unit_elems<T>()) : 0;
       max_len = lens[pr] > max_len ? lens[pr] : max_len;
     }
     TL = l1_tile<T>(g.O, p.M, max_len > 0 ? max_len : 1);
@@ -402,7 +414,7 @@ int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* 
     if (gx) std::memset(gx, 0, B * C * g.H * g.W * sizeof(T));
     return 0;
   }
-  const Plan p(g, vec_elems<T>());
+  const Plan p(g, unit_elems<T>());
   const ConvKernels<T> kern = kernels<T>();
   const std::vector<T> theta = theta_values(m, w, nnz);
   const int64_t work = nnz * B * p.L;

@@ -3,10 +3,11 @@
 // `#pragma GCC target`, so no wide instruction leaks into code that runs on a CPU without it. No include
 // guard on purpose; it includes nothing itself (the includer has <cstdint>).
 //
-// Both loops run over a tile of a flattened plane whose length is a multiple of the 64-byte vector
-// (CV<T>::W elements): the driver lays the operands out so that every stored weight entry reads a plane
-// at a constant offset (phase-split padded input, zero-margined grad_y) and pads every plane with zeros
-// up to that length, so there is neither border arithmetic nor a scalar tail in here.
+// Both loops run over a tile of a flattened plane whose length is a multiple of 32 bytes (CV<T>::H
+// elements): the driver lays the operands out so that every stored weight entry reads a plane at a
+// constant offset (phase-split padded input, zero-margined grad_y) and pads every plane with zeros up to
+// that length, so there is neither border arithmetic nor a scalar tail in here. (32 rather than 64 bytes:
+// a 7x7 image's 55 positions would compute 64 instead of 56.)
 
 #ifndef SC_INLINE
 #define SC_INLINE inline __attribute__((always_inline))
@@ -14,88 +15,137 @@
 
 // SC_NATIVE: the includer's native vector width in bytes (16 SSE, 32 AVX2, 64 AVX-512). The kernels use
 // vectors of exactly that width: wider GNU vectors are split by the compiler through the stack, which cost
-// five times the time. W (CV<T>::W, 64 bytes of elements) stays the unit the driver pads planes to.
+// five times the time (the one exception, a 32-byte half vector at the end of an AVX-512 tile, is narrower).
+// W (CV<T>::W, 64 bytes of elements) is the width of an entry's dtheta lanes, H (32 bytes) the unit the
+// driver pads planes to.
 #ifndef SC_NATIVE
 #define SC_NATIVE 16
 #endif
 
+// A GNU vector of BYTES bytes with unaligned loads and stores.
+template <typename T, int BYTES>
+struct Vec {
+  typedef T v __attribute__((vector_size(BYTES)));
+  typedef T vu __attribute__((vector_size(BYTES), aligned(sizeof(T)), may_alias));
+  static constexpr int N = BYTES / sizeof(T);
+  static SC_INLINE v load(const T* p) { return *reinterpret_cast<const vu*>(p); }
+  static SC_INLINE void store(T* p, v x) { *reinterpret_cast<vu*>(p) = x; }
+};
+
 template <typename T>
 struct CV {
-  typedef T v __attribute__((vector_size(SC_NATIVE)));
-  typedef T vu __attribute__((vector_size(SC_NATIVE), aligned(sizeof(T)), may_alias));
-  static constexpr int N = SC_NATIVE / sizeof(T);  // elements per native vector
-  static constexpr int W = 64 / sizeof(T);         // elements per 64-byte unit
-  static constexpr int U = W / N;                  // native vectors per unit
+  typedef Vec<T, SC_NATIVE> Native;
+  // the 32-byte half unit: one AVX2 vector, half an AVX-512 one, two SSE ones (HK of Half)
+  typedef Vec<T, (SC_NATIVE < 32 ? SC_NATIVE : 32)> Half;
+  static constexpr int N = Native::N;      // elements per native vector
+  static constexpr int W = 64 / sizeof(T);  // elements per 64-byte unit
+  static constexpr int U = W / N;           // native vectors per unit
+  static constexpr int H = 32 / sizeof(T);  // elements per 32-byte half unit
+  static constexpr int HK = H / Half::N;    // Half vectors per half unit
+  static constexpr bool HALF = N > H;       // a tile can end in half a native vector (AVX-512)
   // register tile: R native vectors (8 SSE/AVX2 of 16, 4 AVX-512 of 32 registers), S elements
   static constexpr int R = SC_NATIVE == 64 ? 4 : 8;
   static constexpr int S = R * N;
 };
 
-template <typename T>
-SC_INLINE typename CV<T>::v cld(const T* p) {
-  return *reinterpret_cast<const typename CV<T>::vu*>(p);
-}
-template <typename T>
-SC_INLINE void cst(T* p, typename CV<T>::v x) {
-  *reinterpret_cast<typename CV<T>::vu*>(p) = x;
-}
-
-// out[i] = sum_k v[k] * base[off[k] + t + i] for i in [0, K native vectors): the tile stays in registers
-// over all n entries (one load per FMA, no accumulator traffic).
-template <typename T, int K>
+// out[i] = sum_k v[k] * base[off[k] + t + i] for i in [0, K native vectors and, if HALF, a 32-byte half
+// unit after them): the tile stays in registers over all n entries (one load per FMA, no accumulator
+// traffic).
+template <typename T, int K, bool HALF>
 SC_INLINE void gather_tile(T* __restrict out, const T* base, int64_t t, const int64_t* off, const T* v,
                            int64_t n) {
-  typedef typename CV<T>::v V;
-  constexpr int N = CV<T>::N;
-  V a[K];
-  for (int r = 0; r < K; ++r) a[r] = V{};
+  typedef typename CV<T>::Native Nv;
+  typedef typename CV<T>::Half Hv;
+  constexpr int N = Nv::N, HN = Hv::N, HK = HALF ? CV<T>::HK : 0;
+  typename Nv::v a[K > 0 ? K : 1];
+  typename Hv::v h[HK > 0 ? HK : 1];
+  for (int r = 0; r < K; ++r) a[r] = typename Nv::v{};
+  for (int u = 0; u < HK; ++u) h[u] = typename Hv::v{};
   for (int64_t k = 0; k < n; ++k) {
     const T* s = base + off[k] + t;
     const T vk = v[k];
-    for (int r = 0; r < K; ++r) a[r] += vk * cld<T>(s + r * N);
+    for (int r = 0; r < K; ++r) a[r] += vk * Nv::load(s + r * N);
+    for (int u = 0; u < HK; ++u) h[u] += vk * Hv::load(s + K * N + u * HN);
   }
-  for (int r = 0; r < K; ++r) cst<T>(out + r * N, a[r]);
+  for (int r = 0; r < K; ++r) Nv::store(out + r * N, a[r]);
+  for (int u = 0; u < HK; ++u) Hv::store(out + K * N + u * HN, h[u]);
 }
 
-// out[t] = sum_k v[k] * base[off[k] + t] for t in [0, len), len a multiple of W: register tiles of R
-// native vectors, then of one 64-byte unit (the caller sizes its pass so that the source rows it reads
+// The last rem positions of a pass (0 < rem < S, a multiple of H) in one tile: rem / N native vectors
+// and, where a native vector is wider than 32 bytes, a half unit. One pass over the entries either way (a
+// pass per vector would leave each entry's FMAs one accumulator, latency-bound).
+template <typename T, int K = 0>
+SC_INLINE void gather_rest(T* __restrict out, const T* base, int64_t t, const int64_t* off, const T* v,
+                           int64_t n, int64_t rem) {
+  constexpr int N = CV<T>::N;
+  if constexpr (K + 1 < CV<T>::R) {
+    if (rem >= (K + 1) * N) return gather_rest<T, K + 1>(out, base, t, off, v, n, rem);
+  }
+  if constexpr (CV<T>::HALF) {
+    if (rem > K * N) return gather_tile<T, K, true>(out, base, t, off, v, n);
+  }
+  gather_tile<T, K, false>(out, base, t, off, v, n);
+}
+
+// out[t] = sum_k v[k] * base[off[k] + t] for t in [0, len), len a multiple of H: register tiles of R
+// native vectors, then one tile of the rest (the caller sizes its pass so that the source rows it reads
 // stay in L1).
 template <typename T>
 SC_INLINE void gather_t(T* __restrict out, int64_t len, const T* base, const int64_t* off, const T* v, int64_t n) {
-  constexpr int R = CV<T>::R, S = CV<T>::S, U = CV<T>::U, W = CV<T>::W;
+  constexpr int R = CV<T>::R, S = CV<T>::S;
   int64_t t = 0;
-  for (; t + S <= len; t += S) gather_tile<T, R>(out + t, base, t, off, v, n);
-  for (; t < len; t += W) gather_tile<T, U>(out + t, base, t, off, v, n);
+  for (; t + S <= len; t += S) gather_tile<T, R, false>(out + t, base, t, off, v, n);
+  if (t < len) gather_rest<T>(out + t, base, t, off, v, n, len - t);
 }
 
-// lanes[k*W + i] += sum_t g[t] * base[off[k] + t] over t = i mod W in [0, len), len a multiple of W. The
-// grad_y tile is held in registers across the n entries; each entry's W lanes live in memory and are
-// reduced by the caller once per batch chunk.
+// lanes[k*W + i] += sum g[t] * base[off[k] + t] over the tile's positions t (K native vectors and, if
+// HALF, a half unit after them), each product into lane t mod W (the half unit's into the first H lanes).
+// The grad_y tile is held in registers across the n entries; each entry's W lanes live in memory and
+// are reduced by the caller once per batch chunk.
+template <typename T, int K, bool HALF>
+SC_INLINE void dot_tile(const T* __restrict g, int64_t t, const T* base, const int64_t* off, int64_t n,
+                        T* __restrict lanes) {
+  typedef typename CV<T>::Native Nv;
+  typedef typename CV<T>::Half Hv;
+  constexpr int N = Nv::N, U = CV<T>::U, W = CV<T>::W;
+  typename Nv::v gv[K > 0 ? K : 1];
+  typename Hv::v gh = typename Hv::v{};
+  for (int r = 0; r < K; ++r) gv[r] = Nv::load(g + t + r * N);
+  if (HALF) gh = Hv::load(g + t + K * N);
+  for (int64_t k = 0; k < n; ++k) {
+    const T* s = base + off[k] + t;
+    T* l = lanes + k * W;
+    typename Nv::v a[U];
+    for (int u = 0; u < U; ++u) a[u] = Nv::load(l + u * N);
+    for (int r = 0; r < K; ++r) a[r % U] += gv[r] * Nv::load(s + r * N);
+    for (int u = 0; u < U; ++u) Nv::store(l + u * N, a[u]);
+    // the half unit after the store (its load then lies within the stored vector: forwarded, where
+    // widening it in registers went through the stack)
+    if (HALF) Hv::store(l, Hv::load(l) + gh * Hv::load(s + K * N));
+  }
+}
+
+template <typename T, int K = 0>
+SC_INLINE void dot_rest(const T* __restrict g, int64_t t, const T* base, const int64_t* off, int64_t n,
+                        T* __restrict lanes, int64_t rem) {
+  constexpr int N = CV<T>::N;
+  if constexpr (K + 1 < CV<T>::R) {
+    if (rem >= (K + 1) * N) return dot_rest<T, K + 1>(g, t, base, off, n, lanes, rem);
+  }
+  if constexpr (CV<T>::HALF) {
+    if (rem > K * N) return dot_tile<T, K, true>(g, t, base, off, n, lanes);
+  }
+  dot_tile<T, K, false>(g, t, base, off, n, lanes);
+}
+
+// dot_tile over t in [0, len), len a multiple of H: tiles of R native vectors, then one tile of the rest.
 template <typename T>
 SC_INLINE void dot_t(const T* __restrict g, int64_t len, const T* base, const int64_t* off, int64_t n,
                      T* __restrict lanes) {
-  typedef typename CV<T>::v V;
-  constexpr int N = CV<T>::N, R = CV<T>::R, S = CV<T>::S, U = CV<T>::U, W = CV<T>::W;
+  constexpr int R = CV<T>::R, S = CV<T>::S;
   int64_t t = 0;
-  for (; t + S <= len; t += S) {
-    V gv[R];
-    for (int r = 0; r < R; ++r) gv[r] = cld<T>(g + t + r * N);
-    for (int64_t k = 0; k < n; ++k) {
-      const T* s = base + off[k] + t;
-      T* l = lanes + k * W;
-      V a[U];
-      for (int u = 0; u < U; ++u) a[u] = cld<T>(l + u * N);
-      for (int r = 0; r < R; ++r) a[r % U] += gv[r] * cld<T>(s + r * N);
-      for (int u = 0; u < U; ++u) cst<T>(l + u * N, a[u]);
-    }
-  }
-  for (; t < len; t += W) {
-    for (int64_t k = 0; k < n; ++k) {
-      const T* s = base + off[k] + t;
-      T* l = lanes + k * W;
-      for (int u = 0; u < U; ++u) cst<T>(l + u * N, cld<T>(l + u * N) + cld<T>(g + t + u * N) * cld<T>(s + u * N));
-    }
-  }
+  for (; t + S <= len; t += S) dot_tile<T, R, false>(g, t, base, off, n, lanes);
+  if (t < len) dot_rest<T>(g, t, base, off, n, lanes, len - t);
 }
 
 void gather(float* out, int64_t len, const float* base, const int64_t* off, const float* v, int64_t n) {
