@@ -71,21 +71,27 @@ SC_INLINE void gather_tile(T* __restrict out, const T* base, int64_t t, const in
   for (int u = 0; u < HK; ++u) Hv::store(out + K * N + u * HN, h[u]);
 }
 
-// The last rem positions of a pass (0 < rem < S, a multiple of H) in one tile: rem / N native vectors
-// and, where a native vector is wider than 32 bytes, a half unit. One sweep over the entries (a sweep
-// per vector rereads every entry's offset and value per vector and gives each sweep one FMA chain: the
-// 7x7 forward took 2.07 instead of 1.55 ms so).
-template <typename T, int K = 0>
-SC_INLINE void gather_rest(T* __restrict out, const T* base, int64_t t, const int64_t* off, const T* v,
-                           int64_t n, int64_t rem) {
+// The shape of a register tile: K native vectors and, if HALF, a 32-byte half unit after them.
+template <int K_, bool HALF_>
+struct TileShape {
+  static constexpr int K = K_;
+  static constexpr bool HALF = HALF_;
+};
+
+// Calls tile(TileShape<K, HALF>{}) for the last rem positions of a pass (0 < rem < S, a multiple of H):
+// rem / N native vectors and, where a native vector is wider than 32 bytes, a half unit, in one tile. One
+// sweep over the entries (a sweep per vector rereads every entry's offset and value per vector and gives
+// each sweep one FMA chain: the 7x7 forward took 2.07 instead of 1.55 ms so).
+template <typename T, int K = 0, typename F>
+SC_INLINE void rest_tile(int64_t rem, const F& tile) {
   constexpr int N = CV<T>::N;
   if constexpr (K + 1 < CV<T>::R) {
-    if (rem >= (K + 1) * N) return gather_rest<T, K + 1>(out, base, t, off, v, n, rem);
+    if (rem >= (K + 1) * N) return rest_tile<T, K + 1>(rem, tile);
   }
   if constexpr (CV<T>::HALF) {
-    if (rem > K * N) return gather_tile<T, K, true>(out, base, t, off, v, n);
+    if (rem > K * N) return tile(TileShape<K, true>{});
   }
-  gather_tile<T, K, false>(out, base, t, off, v, n);
+  tile(TileShape<K, false>{});
 }
 
 // out[t] = sum_k v[k] * base[off[k] + t] for t in [0, len), len a multiple of H: register tiles of R
@@ -96,7 +102,10 @@ SC_INLINE void gather_t(T* __restrict out, int64_t len, const T* base, const int
   constexpr int R = CV<T>::R, S = CV<T>::S;
   int64_t t = 0;
   for (; t + S <= len; t += S) gather_tile<T, R, false>(out + t, base, t, off, v, n);
-  if (t < len) gather_rest<T>(out + t, base, t, off, v, n, len - t);
+  if (t < len)
+    rest_tile<T>(len - t, [&](auto shape) {
+      gather_tile<T, decltype(shape)::K, decltype(shape)::HALF>(out + t, base, t, off, v, n);
+    });
 }
 
 // lanes[k*W + i] += sum g[t] * base[off[k] + t] over the tile's positions t (K native vectors and, if
@@ -126,19 +135,6 @@ SC_INLINE void dot_tile(const T* __restrict g, int64_t t, const T* base, const i
   }
 }
 
-template <typename T, int K = 0>
-SC_INLINE void dot_rest(const T* __restrict g, int64_t t, const T* base, const int64_t* off, int64_t n,
-                        T* __restrict lanes, int64_t rem) {
-  constexpr int N = CV<T>::N;
-  if constexpr (K + 1 < CV<T>::R) {
-    if (rem >= (K + 1) * N) return dot_rest<T, K + 1>(g, t, base, off, n, lanes, rem);
-  }
-  if constexpr (CV<T>::HALF) {
-    if (rem > K * N) return dot_tile<T, K, true>(g, t, base, off, n, lanes);
-  }
-  dot_tile<T, K, false>(g, t, base, off, n, lanes);
-}
-
 // dot_tile over t in [0, len), len a multiple of H: tiles of R native vectors, then one tile of the rest.
 template <typename T>
 SC_INLINE void dot_t(const T* __restrict g, int64_t len, const T* base, const int64_t* off, int64_t n,
@@ -146,7 +142,10 @@ SC_INLINE void dot_t(const T* __restrict g, int64_t len, const T* base, const in
   constexpr int R = CV<T>::R, S = CV<T>::S;
   int64_t t = 0;
   for (; t + S <= len; t += S) dot_tile<T, R, false>(g, t, base, off, n, lanes);
-  if (t < len) dot_rest<T>(g, t, base, off, n, lanes, len - t);
+  if (t < len)
+    rest_tile<T>(len - t, [&](auto shape) {
+      dot_tile<T, decltype(shape)::K, decltype(shape)::HALF>(g, t, base, off, n, lanes);
+    });
 }
 
 void gather(float* out, int64_t len, const float* base, const int64_t* off, const float* v, int64_t n) {
