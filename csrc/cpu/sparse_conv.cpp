@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -101,6 +102,15 @@ ConvKernels<T> kernels() {
 bool worth_threads(int64_t work) { return work >= (1 << 15) && omp_get_max_threads() > 1; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A dynamic schedule in which each thread knows its next item: it claims the next one before it works on
+// the current one, and prefetches for the item it will really do. Under omp's schedule(dynamic) the item
+// after the current one usually goes to the other thread, so the prefetch of "image b + 1" pulled that
+// thread's rows into the wrong core (for the output rows, in exclusive state).
+struct Claims {
+  std::atomic<int64_t> next{0};
+  int64_t take() { return next.fetch_add(1, std::memory_order_relaxed); }
+};
 
 int64_t round_up(int64_t a, int64_t m) { return ceil_div(a, m) * m; }
 
@@ -270,18 +280,19 @@ int forward_t(const ConvGeom& g, const T* x, const T* m, const T* w, const T* bi
   // tile's input rows, which stay in L1 across the channels.
   const int64_t TL = l1_tile<T>(g.C * p.P, p.M, p.Lp);
   const int64_t nob = B >= 8 ? 1 : (O < 8 ? O : 8), oblock = ceil_div(O, nob), items = B * nob;
+  Claims claims;
 #pragma omp parallel if (worth_threads(nnz * B * p.L + B * O * out_plane) && items > 1)
   {
     std::vector<T> acc(oblock * p.Lp), xs(xrow);
     Prefetch next_x, next_y;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
+    for (int64_t it = claims.take(), after; it < items; it = after) {
+      after = claims.take();
       const int64_t b = it / nob, o0 = (it % nob) * oblock, o1 = o0 + oblock < O ? o0 + oblock : O;
       if (nnz > 0) split_image(g, p, x + b * g.C * g.H * g.W, xs.data());
-      if (nob == 1 && b + 1 < B) {
+      if (nob == 1 && after < items) {
         const int64_t steps = ceil_div(p.Lp, TL) * O;
-        next_x.start(x + (b + 1) * g.C * g.H * g.W, g.C * g.H * g.W * sizeof(T), steps, false);
-        next_y.start(y + (b + 1) * O * out_plane, O * out_plane * sizeof(T), steps, true);
+        next_x.start(x + after * g.C * g.H * g.W, g.C * g.H * g.W * sizeof(T), steps, false);
+        next_y.start(y + after * O * out_plane, O * out_plane * sizeof(T), steps, true);
       }
       const T* xb = xs.data();
       for (int64_t t0 = 0; t0 < p.Lp; t0 += TL) {
@@ -427,12 +438,13 @@ int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* 
   constexpr int64_t W = vec_elems<T>();
   const int64_t TL = l1_tile<T>(C * p.P, p.M, p.Lp);
   std::vector<T> partial(static_cast<size_t>(nchunks) * nnz, T(0));
+  Claims claims;
 #pragma omp parallel if (worth_threads(work) && nchunks > 1)
   {
     std::vector<T> lanes(nnz * W), xs(xrow), gye(O * p.E), acc(gx ? C * p.P * p.accs : 0);
     Prefetch next_x, next_gy, next_gx;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t ch = 0; ch < nchunks; ++ch) {
+    for (int64_t ch = claims.take(), after; ch < nchunks; ch = after) {
+      after = claims.take();
       const int64_t b0 = ch * chunk, b1 = (ch + 1) * chunk < B ? (ch + 1) * chunk : B;
       if (b1 <= b0) continue;
       std::fill(lanes.begin(), lanes.end(), T(0));
@@ -440,11 +452,13 @@ int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* 
         margin_image(g, p, gy + b * O * out_plane, gye.data());
         if (gx) image_x(g, p, xp, kern, gye.data(), acc.data(), gx + b * C * g.H * g.W);
         split_image(g, p, x + b * C * g.H * g.W, xs.data());
-        if (b + 1 < b1) {
+        // the next image of this chunk, or the first of the next chunk this thread claimed
+        const int64_t bn = b + 1 < b1 ? b + 1 : (after < nchunks ? after * chunk : B);
+        if (bn < B) {
           const int64_t steps = ceil_div(p.Lp, TL) * O, xbytes = C * g.H * g.W * sizeof(T);
-          next_x.start(x + (b + 1) * C * g.H * g.W, xbytes, steps, false);
-          next_gy.start(gy + (b + 1) * O * out_plane, O * out_plane * sizeof(T), steps, false);
-          next_gx.start(gx ? gx + (b + 1) * C * g.H * g.W : nullptr, gx ? xbytes : 0, steps, true);
+          next_x.start(x + bn * C * g.H * g.W, xbytes, steps, false);
+          next_gy.start(gy + bn * O * out_plane, O * out_plane * sizeof(T), steps, false);
+          next_gx.start(gx ? gx + bn * C * g.H * g.W : nullptr, gx ? xbytes : 0, steps, true);
         }
         const T* gb = gye.data() + p.M;
         for (int64_t t0 = 0; t0 < p.Lp; t0 += TL) {
