@@ -243,8 +243,8 @@ def test_opcheck(backend, kind):
     ("buf2_missing", ValueError, r"buf2 \(exp_avg_sq\) must be given"),
     ("buf1_shape", ValueError, r"buf1 must have shape \(4, 5\)"),
     ("buf1_device", ValueError, "buf1 must be on cpu"),
-    ("param_noncontig", ValueError, "param must be contiguous"),
-    ("buf1_noncontig", ValueError, "buf1 must be contiguous"),
+    ("param_noncontig", ValueError, "param must be dense in memory"),
+    ("buf1_noncontig", ValueError, "buf1 must be dense in memory with param's strides"),
     ("mask_dtype", ValueError, "mask must have dtype torch.bool"),
     ("mask_shape", ValueError, r"mask must have shape \(4, 5\)"),
     ("lr_dim", ValueError, "lr must be 0-D"),
@@ -272,7 +272,7 @@ def test_bad_input_names_the_argument(case, exc, needle):
         "buf2_missing": (dict(kind="adamw"), {}),
         "buf1_shape": (dict(buf1=torch.zeros(20)), {}),
         "buf1_device": (dict(buf1=b1.to("meta")), {}),
-        "param_noncontig": (dict(param=randn(5, 4).t(), grad=randn(4, 5)), {}),
+        "param_noncontig": (dict(param=randn(4, 10)[:, ::2]), {}),  # a slice: no dim order makes it dense
         "buf1_noncontig": (dict(buf1=torch.zeros(5, 4).t()), {}),
         "mask_dtype": (dict(mask=torch.ones(4, 5)), {}),
         "mask_shape": (dict(mask=torch.ones(5, 4, dtype=torch.bool)), {}),
@@ -294,6 +294,37 @@ def test_bad_input_names_the_argument(case, exc, needle):
         ops.fused_step(a["param"], a["grad"], a["buf1"], a["buf2"], a["mask"], a["lr"], a["step"], a["kind"],
                        **h)
     assert torch.equal(p, before), "a rejected call must not touch the weights"
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["one", "multi"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_channels_last_params_step_like_contiguous_ones(kind, multi):
+    # model.to(memory_format=torch.channels_last) makes conv weights dense in another dim order; their
+    # grads and (zeros_like) buffers share those strides. The step must update them in place, bit for bit
+    # as on contiguous copies, whether grad and mask share the order or not.
+    cl = torch.channels_last
+    p = randn(8, 3, 3, 3).contiguous(memory_format=cl)
+    b1 = randn(8, 3, 3, 3).contiguous(memory_format=cl)
+    b2 = randn(8, 3, 3, 3).abs().contiguous(memory_format=cl)
+    g, mask = randn(8, 3, 3, 3), make_mask((8, 3, 3, 3), 0.5).contiguous(memory_format=cl)
+    b2 = b2 if kind == "adamw" else None
+    ref = [t.contiguous() if t is not None else None for t in (p, b1, b2)]
+    h = dict(momentum=0.9, weight_decay=1e-2, alpha=1e-3)
+    if multi:
+        for _ in range(2):
+            # a second, contiguous tensor in the same list
+            q, qb1, qb2 = randn(2, 5), torch.zeros(2, 5), None if b2 is None else torch.zeros(2, 5)
+            ops.fused_step_multi([p, q], [g, randn(2, 5)], [b1, qb1], [b2, qb2], [mask, None], _lr(0.1), 1,
+                                 kind, alphas=[1e-3, 0.0], momentum=0.9, weight_decay=1e-2)
+    else:
+        for _ in range(2):
+            ops.fused_step(p, g, b1, b2, mask, _lr(0.1), 1, kind, **h)
+    for _ in range(2):
+        ops.fused_step(ref[0], g.contiguous(), ref[1], ref[2], mask.contiguous(), _lr(0.1), 1, kind, **h)
+    assert p.is_contiguous(memory_format=cl) and b1.is_contiguous(memory_format=cl)
+    for got, want in zip((p, b1, b2), ref):
+        if want is not None:
+            assert torch.equal(got, want)
 
 
 def test_non_contiguous_grad_and_mask_are_accepted():

@@ -574,3 +574,52 @@ def test_attached_hooks_follow_groups_replaced_by_load_state_dict():
             loss_fn(m, x, y).backward()
             o.step()
     assert_same_state(model_a, model_b, "after load_state_dict in attached mode")
+
+
+@pytest.mark.parametrize("attached", [False, True], ids=["step", "attached"])
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_channels_last_model_trains_as_the_contiguous_one(opt_name, attached):
+    # model.to(memory_format=torch.channels_last) is how conv nets train fastest on CPU (torch's batch norm
+    # and oneDNN convs); its conv weights, grads and buffers are dense in another dim order, and the steps
+    # must match the contiguous model's (they once raised "param must be contiguous").
+    torch.manual_seed(0)
+    # (no batch norm: it makes the conv bias's gradient rounding noise, which AdamW scales up to full steps)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5))
+    twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert not twin[0].weight.is_contiguous()
+    make = (lambda m: SGD(m, lr=0.05, momentum=0.9, weight_decay=1e-3)) if opt_name == "sgd" \
+        else (lambda m: AdamW(m, lr=1e-2))
+    opt, opt_cl = make(model), make(twin)
+    if attached:
+        opt.attach(), opt_cl.attach()
+    for _ in range(4):
+        x, y = torch.randn(6, 3, 6, 6), torch.randint(0, 5, (6,))
+        for m, o, xb in ((model, opt, x), (twin, opt_cl, x.contiguous(memory_format=torch.channels_last))):
+            o.zero_grad()
+            F.cross_entropy(m(xb), y).backward()
+            o.step()
+    assert twin[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda s, name=name: f"{name}: {s}")
+
+
+def test_state_of_a_contiguous_model_loads_into_a_channels_last_one():
+    # the buffers are updated in place through param's memory order, so loaded ones take param's strides
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    opt = SGD(model, lr=0.05, momentum=0.9)
+    x, y = torch.randn(5, 3, 6, 6), torch.randint(0, 3, (5,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    opt_cl = SGD(twin, lr=0.05, momentum=0.9)
+    opt_cl.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a checkpoint: no shared tensors
+    for m, o, xb in ((model, opt, x), (twin, opt_cl, x.contiguous(memory_format=torch.channels_last))):
+        o.zero_grad()
+        F.cross_entropy(m(xb), y).backward()
+        o.step()
+    buf = opt_cl.state[twin[0].weight]["momentum_buffer"]
+    assert buf.stride() == twin[0].weight.stride()
+    torch.testing.assert_close(buf, opt.state[model[0].weight]["momentum_buffer"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(twin[0].weight, model[0].weight, rtol=1e-5, atol=1e-6)

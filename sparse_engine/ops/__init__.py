@@ -132,6 +132,20 @@ def _c(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _in_memory_order(param: Tensor, *others: Tensor | None) -> tuple[Tensor | None, ...]:
+    """(param, *others) permuted alike so that param is contiguous, where param is one dense block in
+    another dim order (a conv weight after ``model.to(memory_format=torch.channels_last)``); unchanged
+    otherwise. For an elementwise in-place op the permuted views update the same memory with the same
+    values. Tensors that do not share param's strides come out non-contiguous (read-only ones are copied
+    by the op; an in-place buffer then fails its contiguity check, by name)."""
+    if param.is_contiguous() or any(t is not None and t.shape != param.shape for t in others):
+        return (param, *others)  # (a shape mismatch is reported by the op's checks)
+    order = sorted(range(param.dim()), key=lambda d: -param.stride(d))  # stable: size-1 dims keep order
+    if not param.permute(order).is_contiguous():  # a slice or a broadcast view: no order makes it dense
+        return (param, *others)
+    return tuple(None if t is None else t.permute(order) for t in (param, *others))
+
+
 def _check_index(index, w_device: torch.device, *, bsr_only: bool) -> None:
     from ..layout import BSRIndex, CSRIndex  # layout is light, but keep ops importable on its own
 
@@ -535,7 +549,9 @@ def sparse_conv2d(
 
     x: (B, C, H, W) or unbatched (C, H, W) -> (B, O, Ho, Wo). Zero padding, dilation 1, groups 1 (other
     configurations: see nn/conv.py, which keeps im2col + compact_linear for them). On CPU the C++ backend
-    computes it directly (no im2col): work ∝ nnz · B · Ho · Wo.
+    computes it directly (no im2col): work ∝ nnz · B · Ho · Wo; there an x in ``torch.channels_last``
+    memory format is read without a copy and y (and x's gradient) come out channels_last, as from
+    nn.Conv2d, so the batch norms after it run their faster NHWC kernels.
     """
     from ..layout import CSRIndex
 
@@ -573,8 +589,9 @@ def sparse_conv2d(
     if x4.numel() and o and not torch.compiler.is_compiling():
         # Eager: as compact_linear, the C++ backend's one-node autograd path (same kernels, same results)
         op = backends.extra("sparse_conv2d_fwd", x4.device, w_values.dtype, "sparse_conv2d_train") or op
-    y = op(x4.contiguous(), _c(m_values), w_values.contiguous(), _c(bias), *_index_tensors(index), o, kh, kw, sh, sw,
-           ph, pw)
+    if op is _sparse_conv2d or not x4.is_contiguous(memory_format=torch.channels_last):
+        x4 = x4.contiguous()  # (the C++ node reads channels_last x as it is, and returns channels_last y)
+    y = op(x4, _c(m_values), w_values.contiguous(), _c(bias), *_index_tensors(index), o, kh, kw, sh, sw, ph, pw)
     return y.squeeze(0) if unbatched else y
 
 # --------------------------------------------------------------------------------------- fused_step
@@ -604,8 +621,9 @@ def fused_step(
 ) -> None:
     """One in-place optimizer step on one tensor (see reference.fused_step_ref for the exact math).
 
-    ``param``, ``buf1``, ``buf2`` are updated in place, so they must be contiguous (a copy would lose the
-    update); ``grad`` and ``mask`` may be non-contiguous.
+    ``param``, ``buf1``, ``buf2`` are updated in place, so they must be dense in memory with the same
+    strides (contiguous, or e.g. all channels_last: a copy would lose the update); ``grad`` and ``mask``
+    may have any strides.
     """
     _check_tensor("param", param)
     if not param.is_floating_point():
@@ -626,11 +644,13 @@ def fused_step(
         _check_tensor(name, buf, shape=param.shape, device=param.device)
         if not buf.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {buf.dtype}")
-    for name, t in (("param", param), ("buf1", buf1), ("buf2", buf2)):
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (it is updated in place), got strides {t.stride()}")
     if mask is not None:
         _check_tensor("mask", mask, shape=param.shape, dtype=torch.bool, device=param.device)
+    param, grad, buf1, buf2, mask = _in_memory_order(param, grad, buf1, buf2, mask)
+    for name, t in (("param", param), ("buf1", buf1), ("buf2", buf2)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be dense in memory with param's strides (it is updated in place), "
+                             f"got strides {t.stride()}")
     _check_tensor("lr", lr, dim=0)
     if not lr.is_floating_point():
         raise ValueError(f"lr must be a floating-point 0-dim tensor, got {lr.dtype}")
@@ -693,6 +713,8 @@ def fused_step_multi(
         _check_hyper(kind, momentum=momentum, dampening=dampening, nesterov=nesterov, beta1=beta1, beta2=beta2,
                      eps=eps, weight_decay=weight_decay, alpha=a)
     # The C++ entry point checks every tensor (device, dtype, shape, contiguity) as fused_step does.
+    items = (_in_memory_order(*t) for t in zip(params, grads, buf1s, buf2s, masks))
+    params, grads, buf1s, buf2s, masks = zip(*items)
     group(list(params), list(grads), list(buf1s), list(buf2s), list(masks), lr, step, kind, float(momentum),
           float(dampening), bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay),
           [float(a) for a in alphas], bool(maximize))

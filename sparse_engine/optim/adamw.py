@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import reset as _reset
@@ -60,8 +61,8 @@ class AdamW(SparseOptimizer):
     def _init_state(self, p, group):
         state = super()._init_state(p, group)
         if "exp_avg" not in state:
-            state["exp_avg"] = p.detach().new_zeros(p.shape)
-            state["exp_avg_sq"] = p.detach().new_zeros(p.shape)
+            state["exp_avg"] = torch.zeros_like(p.detach())  # p's strides (channels_last)
+            state["exp_avg_sq"] = torch.zeros_like(p.detach())
         return state
 
     def _buffers(self, state, group):

@@ -227,6 +227,11 @@ class SparseOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(steps, 1)
         for (group, p, grad, role, mask), state in zip(work, states):
             step = int(state["step"].item())
+            # Buffers are updated in place through p's memory order (channels_last included), so each
+            # takes p's strides: a state saved from a contiguous model may be loaded into a channels_last one.
+            for k, v in state.items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p).copy_(v)
             buf1, buf2 = self._buffers(state, group)
             alpha = group["alpha"] if role in ("m", "w") else 0.0
             if distributed.is_sharded(p):  # FSDP2: the step is elementwise, run it on this rank's shard

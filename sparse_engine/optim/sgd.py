@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import reset as _reset
@@ -63,7 +64,7 @@ class SGD(SparseOptimizer):
         state = super()._init_state(p, group)
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
             # fused_step overwrites it with the gradient on step 1, as torch.optim.SGD does
-            state["momentum_buffer"] = p.detach().new_zeros(p.shape)
+            state["momentum_buffer"] = torch.zeros_like(p.detach())  # p's strides (channels_last)
         return state
 
     def _buffers(self, state, group):
