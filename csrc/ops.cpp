@@ -334,7 +334,10 @@ ConvCall check_conv(const Tensor& x, const optional<Tensor>& m_values, const Ten
   check_int32_dim(c.nnz, "nnz (w_values.shape[0])");
   c.has_m = m_values.has_value();
   if (c.has_m) check_same(*m_values, w_values, "m_values", "w_values");
-  c.x = x.contiguous();
+  // channels_last x is read as it is (the kernels transpose each image into their own layout) and gives
+  // channels_last y and g_x, as nn.Conv2d does; any other strides are copied to contiguous first
+  g.nhwc = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  c.x = x.contiguous(g.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   c.w = w_values.contiguous();
   c.m = c.has_m ? m_values->contiguous() : Tensor();
   c.crow = index_tensor(crow, "crow", g.O + 1);
@@ -353,6 +356,10 @@ ConvCall check_conv(const Tensor& x, const optional<Tensor>& m_values, const Ten
   return c;
 }
 
+at::MemoryFormat format_of(const se_cpu::ConvGeom& g) {
+  return g.nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 Tensor sparse_conv2d_fwd(const Tensor& x, const optional<Tensor>& m_values, const Tensor& w_values,
                          const optional<Tensor>& bias, const Tensor& crow, const Tensor& col, const Tensor& row,
                          const Tensor& ccol, const Tensor& row_t, const Tensor& perm, int64_t out_channels,
@@ -368,7 +375,7 @@ Tensor sparse_conv2d_fwd(const Tensor& x, const optional<Tensor>& m_values, cons
                       " ", bias->scalar_type());
     b = bias->contiguous();
   }
-  Tensor y = at::empty({c.g.B, c.g.O, c.g.Ho, c.g.Wo}, c.x.options());
+  Tensor y = at::empty({c.g.B, c.g.O, c.g.Ho, c.g.Wo}, c.x.options().memory_format(format_of(c.g)));
   const int err = se_cpu::sparse_conv2d_forward(c.dt, c.g, c.x.data_ptr(), ptr_or_null(c.m), c.w.data_ptr(),
                                                 ptr_or_null(b), c.crow.data_ptr<int32_t>(), c.col.data_ptr<int32_t>(),
                                                 c.nnz, y.data_ptr());
@@ -391,8 +398,8 @@ std::tuple<Tensor, Tensor, Tensor> sparse_conv2d_bwd(const Tensor& grad_y, const
   const std::vector<int64_t> ys{c.g.B, c.g.O, c.g.Ho, c.g.Wo};
   TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(ys), "grad_y must have the output shape ",
                     shape(at::IntArrayRef(ys)), ", got ", shape(grad_y.sizes()));
-  Tensor gy = grad_y.contiguous();
-  Tensor gx = needs_x_grad ? at::empty_like(c.x) : at::empty({0}, c.x.options());
+  Tensor gy = grad_y.contiguous(format_of(c.g));
+  Tensor gx = needs_x_grad ? at::empty_like(c.x, format_of(c.g)) : at::empty({0}, c.x.options());
   Tensor gw = at::empty_like(c.w);
   Tensor gm = c.has_m ? at::empty_like(c.w) : at::empty({0}, c.w.options());
   const int err = se_cpu::sparse_conv2d_backward(
@@ -427,7 +434,7 @@ struct SparseConv2dFn : public torch::autograd::Function<SparseConv2dFn> {
     const auto d = ctx->saved_data["dims"].toIntVector();
     const bool needs_x = ctx->needs_input_grad(0);
     const optional<Tensor> m = s[1].defined() ? optional<Tensor>(s[1]) : c10::nullopt;
-    const Tensor gy = grads[0].contiguous();
+    const Tensor gy = grads[0].contiguous(s[0].suggest_memory_format());
     auto [gx, gm, gw] = sparse_conv2d_bwd(gy, s[0], m, s[2], s[3], s[4], s[5], s[6], s[7], s[8], d[0], d[1], d[2],
                                           d[3], d[4], d[5], d[6], needs_x);
     return input_grads(17, needs_x ? gx : Tensor(), m ? gm : Tensor(), gw,

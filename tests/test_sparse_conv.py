@@ -69,7 +69,9 @@ def _randn(*shape, dtype):
     return torch.randn(*shape, dtype=torch.float64).to(dtype)
 
 
-def _check(b, c, o, hw, kernel, stride, padding, density, dtype, *, factored=True, use_bias=True):
+def _check(b, c, o, hw, kernel, stride, padding, density, dtype, *, factored=True, use_bias=True, fmt="nchw"):
+    """fmt: "nchw", or "nhwc" (x and grad_y channels_last: y and g_x must come out channels_last), or
+    "nhwc-gy" (channels_last x, a contiguous grad_y: the kernel converts it)."""
     kh, kw = kernel
     h, w = hw
     idx = CSRIndex.from_mask(_mask(o, c * kh * kw, density))
@@ -78,9 +80,15 @@ def _check(b, c, o, hw, kernel, stride, padding, density, dtype, *, factored=Tru
     m_v = _randn(idx.nnz, dtype=dtype) if factored else None
     bias = _randn(o, dtype=dtype) if use_bias else None
     dims = (o, kh, kw, stride, stride, padding, padding)
-    y = _cpp.sparse_conv2d_fwd(x, m_v, w_v, bias, *_fields(idx), *dims)
+    cl = torch.channels_last
+    xk = x.contiguous(memory_format=cl) if fmt != "nchw" else x
+    y = _cpp.sparse_conv2d_fwd(xk, m_v, w_v, bias, *_fields(idx), *dims)
     gy = _randn(*y.shape, dtype=dtype)
-    g_x, g_m, g_w = _cpp.sparse_conv2d_bwd(gy, x, m_v, w_v, *_fields(idx), *dims)
+    gyk = gy.contiguous(memory_format=cl) if fmt == "nhwc" else gy
+    g_x, g_m, g_w = _cpp.sparse_conv2d_bwd(gyk, xk, m_v, w_v, *_fields(idx), *dims)
+    if fmt != "nchw" and c > 1:  # (with one channel both formats are one layout)
+        assert y.is_contiguous(memory_format=cl), y.stride()
+        assert g_x.is_contiguous(memory_format=cl), g_x.stride()
 
     d = lambda t: None if t is None else t.double()  # noqa: E731
     a = lambda t: None if t is None else t.double().abs()  # noqa: E731
@@ -106,17 +114,18 @@ _SPATIAL = [(7, 13), (13, 7), (1, 7), (13, 13)]
 _GRID = list(itertools.product([(1, 1), (3, 3), (5, 5)], [1, 2], [0, 1, 2]))
 
 
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
 @pytest.mark.parametrize("kernel,stride,padding", _GRID, ids=[f"k{k[0]}-s{s}-p{p}" for k, s, p in _GRID])
-def test_matches_reference(kernel, stride, padding, density, dtype):
+def test_matches_reference(kernel, stride, padding, density, dtype, fmt):
     i = _GRID.index((kernel, stride, padding))
     h, w = _SPATIAL[i % len(_SPATIAL)]
     # too small for the kernel after padding: grow to the smallest valid size (1 stays 1 where it can)
     h, w = max(h, kernel[0] - 2 * padding), max(w, kernel[1] - 2 * padding)
     b, c, o = (2, 3, 7) if i % 2 else (3, 7, 1 if density == 1.0 else 5)
     y = _check(b, c, o, (h, w), kernel, stride, padding, density, dtype, factored=i % 3 != 0,
-               use_bias=i % 4 != 1)
+               use_bias=i % 4 != 1, fmt=fmt if fmt == "nchw" or i % 3 else "nhwc-gy")
     if density > 0:
         assert y.abs().max() > 0  # a test that compares zeros would prove nothing
 
@@ -139,9 +148,9 @@ def _isa_or_skip(name: str):
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
 def test_every_isa(isa):
     with _isa_or_skip(isa):
-        for dtype in (torch.float32, torch.float64):
-            _check(3, 5, 6, (13, 7), (3, 3), 1, 1, 0.5, dtype)
-            _check(2, 4, 7, (7, 13), (5, 5), 2, 2, 0.5, dtype)
+        for dtype, fmt in itertools.product((torch.float32, torch.float64), ("nchw", "nhwc")):
+            _check(3, 5, 6, (13, 7), (3, 3), 1, 1, 0.5, dtype, fmt=fmt)
+            _check(2, 4, 7, (7, 13), (5, 5), 2, 2, 0.5, dtype, fmt=fmt)
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
@@ -149,11 +158,12 @@ def test_row_copies_at_every_width(isa):
     """The stride-1 layout changes (x padded, grad_y margined, g_x folded back, the output rows with their
     bias) at image widths on both sides of one and two vectors of every instruction set and dtype."""
     with _isa_or_skip(isa):
-        for dtype in (torch.float32, torch.float64):
+        for dtype, fmt in itertools.product((torch.float32, torch.float64), ("nchw", "nhwc")):
             for w in (1, 4, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40):
                 for padding in (0, 1, 2):
                     if w + 2 * padding >= 3:
-                        _check(2, 3, 4, (5, w), (3, 3), 1, padding, 0.5, dtype, use_bias=padding != 2)
+                        _check(2, 3, 4, (5, w), (3, 3), 1, padding, 0.5, dtype, use_bias=padding != 2,
+                               fmt=fmt)
 
 
 def test_batch_chunks_and_threads_give_the_same_result():
@@ -231,6 +241,63 @@ def test_native_autograd_path(dtype, factored, use_bias):
             assert (a is None) == (c is None), f"{name}: present on one path only (x_grad={x_grad})"
             assert a is None or torch.equal(a, c), f"{name} differs between the native and the custom op path"
         assert (got[1] is None) == (not x_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+def test_channels_last_gives_the_bits_of_contiguous(stride, padding, dtype):
+    """channels_last x goes to the C++ node without a copy: y and x's gradient come out channels_last
+    (as from nn.Conv2d), with the very bits of the contiguous call (the kernels compute in their own
+    layout either way; the bias gradient is torch's sum); a non-contiguous x of another kind is copied and
+    gives contiguous results."""
+    idx = CSRIndex.from_mask(_mask(6, 4 * 9, 0.4))
+    x, b = _randn(3, 4, 9, 8, dtype=dtype), _randn(6, dtype=dtype)
+    w_v, m_v = _randn(idx.nnz, dtype=dtype), _randn(idx.nnz, dtype=dtype)
+    gy = None
+
+    def run(xx):
+        nonlocal gy
+        leaves = [t.clone().requires_grad_(True) for t in (m_v, w_v, b)]
+        xx = xx.detach().requires_grad_(True)
+        with backends.force("cpp"):
+            y = ops.sparse_conv2d(xx, leaves[0], leaves[1], idx, 3, leaves[2], stride, padding)
+            gy = _randn(*y.shape, dtype=dtype) if gy is None else gy
+            y.backward(gy)
+        return y.detach(), xx.grad, *(t.grad for t in leaves)
+
+    want = run(x)
+    cl = run(x.contiguous(memory_format=torch.channels_last))
+    assert cl[0].is_contiguous(memory_format=torch.channels_last) and not cl[0].is_contiguous()
+    assert cl[1].is_contiguous(memory_format=torch.channels_last) and not cl[1].is_contiguous()
+    other = run(x.transpose(2, 3).contiguous().transpose(2, 3))  # (B, C, W, H) memory: neither format
+    assert other[0].is_contiguous()
+    for name, a, c, o in zip(("y", "g_x", "g_m", "g_w"), cl, want, other):
+        assert torch.equal(a, c), f"{name}: channels_last differs from contiguous"
+        assert torch.equal(o, c), f"{name}: a transposed x differs from contiguous"
+    torch.testing.assert_close(cl[4], want[4])  # torch's sum of grad_y over (B, H, W) in memory order
+
+
+def test_sparse_conv2d_module_keeps_channels_last():
+    """SparseConv2d(layout="csr") in a model moved to channels_last: its output stays channels_last, so
+    the batch norm after it runs NHWC, and the model trains as the contiguous one."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(SparseConv2d(3, 8, 3, padding=1, kind="signin", density=0.3, layout="csr"),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 2))
+    x = torch.randn(4, 3, 6, 6)
+    with backends.force("cpp"):
+        y = model(x)
+        y.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model.to(memory_format=torch.channels_last)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        assert model[0](xc).is_contiguous(memory_format=torch.channels_last)
+        yc = model(xc)
+        yc.sum().backward()
+    torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-6)
+    for (name, p), g in zip(model.named_parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])

@@ -216,10 +216,30 @@ struct Prefetch {
 // zeroed (a fresh std::vector) and keeps its zeros from one image to the next (rewriting them per image
 // cost a memset per border and per row).
 // Phases with pr >= kh or pc >= kw (a 1x1 kernel with stride 2 reads one of four) hold no entry's
-// reads and are left unwritten.
+// reads and are left unwritten. An NHWC image is transposed on the way, one source row at a time (it stays
+// in L1 while each channel takes its values out).
 template <typename T>
 void split_image(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __restrict xs) {
   const int64_t nr = g.sh < g.kh ? g.sh : g.kh, nc = g.sw < g.kw ? g.sw : g.kw;
+  if (g.nhwc) {
+    for (int64_t pr = 0; pr < nr; ++pr) {
+      for (int64_t pc = 0; pc < nc; ++pc) {
+        const int64_t s0 = pc - g.pw;
+        int64_t lo = s0 < 0 ? ceil_div(-s0, g.sw) : 0, hi = ceil_div(g.W - s0, g.sw);
+        hi = hi < p.Wq ? (hi > 0 ? hi : 0) : p.Wq;
+        if (lo >= hi) continue;
+        for (int64_t r = 0; r < p.Hq; ++r) {
+          const int64_t h = r * g.sh + pr - g.ph;
+          if (h < 0 || h >= g.H) continue;
+          const T* srow = x + (h * g.W + s0) * g.C;  // pixel q of the phase row at srow + q * sw * C
+          T* drow = xs + (pr * g.sw + pc) * p.ps + r * p.Wq;
+          for (int64_t c = 0; c < g.C; ++c, drow += p.P * p.ps)
+            for (int64_t q = lo; q < hi; ++q) drow[q] = srow[q * g.sw * g.C + c];
+        }
+      }
+    }
+    return;
+  }
   for (int64_t c = 0; c < g.C; ++c) {
     const T* src = x + c * g.H * g.W;
     T* dst = xs + c * p.P * p.ps;
@@ -251,6 +271,15 @@ void split_image(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __r
 // and tail at zero.
 template <typename T>
 void margin_image(const ConvGeom& g, const Plan& p, const T* __restrict gy, T* __restrict gye) {
+  if (g.nhwc) {  // transposed one row (Wo pixels x O channels, in L1) at a time
+    for (int64_t ho = 0; ho < g.Ho; ++ho) {
+      const T* s = gy + ho * g.Wo * g.O;
+      T* d = gye + p.M + ho * p.Wq;
+      for (int64_t o = 0; o < g.O; ++o, d += p.E)
+        for (int64_t wo = 0; wo < g.Wo; ++wo) d[wo] = s[wo * g.O + o];
+    }
+    return;
+  }
   for (int64_t o = 0; o < g.O; ++o) {
     T* d = gye + o * p.E + p.M;
     const T* s = gy + o * g.Ho * g.Wo;
@@ -303,6 +332,19 @@ int forward_t(const ConvGeom& g, const T* x, const T* m, const T* w, const T* bi
           next_x.step();
           next_y.step();
         }
+      }
+      if (g.nhwc) {
+        // a channel without entries has a zero row in acc (the gather's n == 0 skipped it)
+        for (int64_t o = o0; o < o1; ++o)
+          if (crow[o + 1] == crow[o]) std::fill_n(acc.data() + (o - o0) * p.Lp, p.Lp, T(0));
+        for (int64_t ho = 0; ho < g.Ho; ++ho) {
+          for (int64_t wo = 0; wo < g.Wo; ++wo) {
+            T* dst = y + ((b * g.Ho + ho) * g.Wo + wo) * O;
+            const T* a = acc.data() + ho * p.Wq + wo;
+            for (int64_t o = o0; o < o1; ++o) dst[o] = a[(o - o0) * p.Lp] + (bias ? bias[o] : T(0));
+          }
+        }
+        continue;
       }
       for (int64_t o = o0; o < o1; ++o) {
         T* dst = y + (b * O + o) * out_plane;
@@ -384,6 +426,22 @@ void image_x(const ConvGeom& g, const Plan& p, const XPlan<T>& xp, const ConvKer
       else
         std::memset(a, 0, len * sizeof(T));
     }
+  }
+  if (g.nhwc) {
+    // Fold and transpose: g_x is written pixel by pixel, its C channels in a row, and read across the
+    // channels' accumulator planes (in cache). A channel without entries reads zeros: the loop above
+    // cleared its tiles, which cover every position the fold reads.
+    const int64_t cs = p.P * p.accs;
+    for (int64_t h = 0; h < g.H; ++h) {
+      const int64_t hp = h + g.ph;
+      const T* arow = acc + (hp % g.sh) * g.sw * p.accs + (hp / g.sh) * p.Wq;
+      T* d = gx + h * g.W * g.C;
+      for (int64_t x0 = 0; x0 < g.W; ++x0, d += g.C) {
+        const T* a = arow + (g.sw == 1 ? g.pw + x0 : xp.wcol[x0]);
+        for (int64_t c = 0; c < g.C; ++c) d[c] = a[c * cs];
+      }
+    }
+    return;
   }
   for (int64_t c = 0; c < g.C; ++c) {
     T* dst = gx + c * g.H * g.W;

@@ -8,9 +8,11 @@
 namespace se_cpu {
 
 // Geometry of one convolution: x (B, C, H, W) -> y (B, O, Ho, Wo), kernel kh x kw, dilation 1, groups 1,
-// zero padding ph / pw on both sides. The weight pattern is a CSR over the (O, C*kh*kw) view.
+// zero padding ph / pw on both sides. The weight pattern is a CSR over the (O, C*kh*kw) view. x, y,
+// grad_y and g_x are contiguous in (B, C, H, W) order, or with nhwc in (B, H, W, C) order (channels_last).
 struct ConvGeom {
   int64_t B, C, H, W, O, kh, kw, sh, sw, ph, pw, Ho, Wo;
+  bool nhwc = false;
 };
 
 // y = conv(x, theta) + bias with theta = m*w (m nullable) at the CSR coordinates. Returns 0.
