@@ -120,7 +120,7 @@ def test_bench_sparse_conv_quick_writes_its_csv(tmp_path):
 
 def test_bench_resnet_epoch_writes_its_csv(tmp_path):
     """bench/bench_resnet_epoch.py on a small Fashion-MNIST-shaped folder: one row per provider, the dense
-    row at 1.0x, the csr row with every layer csr."""
+    row at 1.0x, the dense channels_last baseline, the csr row with every layer csr."""
     from test_data import fake_fashion_dir
 
     data_dir = fake_fashion_dir(tmp_path / "fm", n_train=256)
@@ -131,7 +131,9 @@ def test_bench_resnet_epoch_writes_its_csv(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = list(csv.DictReader(open(tmp_path / "resnet_epoch_cpu.csv")))
-    assert [r["provider"] for r in rows] == ["dense", "signin layout=csr"]
+    assert [r["provider"] for r in rows] == ["dense", "signin layout=csr", "dense channels_last"]
     assert float(rows[0]["vs_dense_best"]) == pytest.approx(1.0)
     assert float(rows[1]["best_s"]) > 0 and rows[1]["commit"] and rows[1]["loadavg"]
     assert rows[1]["layouts"] and all(part.endswith(":csr") for part in rows[1]["layouts"].split())
+    assert float(rows[2]["best_s"]) > 0 and not rows[2]["layouts"]
+    assert float(rows[2]["vs_dense_channels_last_best"]) == pytest.approx(1.0)
