@@ -151,6 +151,9 @@ def test_every_isa(isa):
         for dtype, fmt in itertools.product((torch.float32, torch.float64), ("nchw", "nhwc")):
             _check(3, 5, 6, (13, 7), (3, 3), 1, 1, 0.5, dtype, fmt=fmt)
             _check(2, 4, 7, (7, 13), (5, 5), 2, 2, 0.5, dtype, fmt=fmt)
+            # 8 or more channels and pixels: the channels_last copies' 8x8 register blocks and their edges
+            _check(2, 16, 24, (9, 19), (3, 3), 1, 1, 0.3, dtype, fmt=fmt)
+            _check(2, 9, 17, (12, 17), (3, 3), 2, 1, 0.3, dtype, fmt=fmt)
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])

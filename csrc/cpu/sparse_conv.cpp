@@ -85,6 +85,7 @@ template <typename T>
 struct ConvKernels {
   void (*gather)(T*, int64_t, const T*, const int64_t*, const T*, int64_t);
   void (*dot)(const T*, int64_t, const T*, const int64_t*, int64_t, T*);
+  void (*transpose)(const T*, int64_t, int64_t, int64_t, T*, int64_t);  // the channels_last copies
 };
 
 // The variant of the compact_linear row kernels in use (set_isa / use_isa steer both).
@@ -92,11 +93,12 @@ template <typename T>
 ConvKernels<T> kernels() {
   const char* isa = isa_name();
 #ifdef SC_HAVE_X86
-  if (!std::strcmp(isa, "avx512")) return {&se_conv_avx512::gather, &se_conv_avx512::dot};
-  if (!std::strcmp(isa, "avx2")) return {&se_conv_avx2::gather, &se_conv_avx2::dot};
+  if (!std::strcmp(isa, "avx512"))
+    return {&se_conv_avx512::gather, &se_conv_avx512::dot, &se_conv_avx512::transpose};
+  if (!std::strcmp(isa, "avx2")) return {&se_conv_avx2::gather, &se_conv_avx2::dot, &se_conv_avx2::transpose};
 #endif
   (void)isa;
-  return {&se_conv_base::gather, &se_conv_base::dot};
+  return {&se_conv_base::gather, &se_conv_base::dot, &se_conv_base::transpose};
 }
 
 bool worth_threads(int64_t work) { return work >= (1 << 15) && omp_get_max_threads() > 1; }
@@ -219,7 +221,8 @@ struct Prefetch {
 // reads and are left unwritten. An NHWC image is transposed on the way, one source row at a time (it stays
 // in L1 while each channel takes its values out).
 template <typename T>
-void split_image(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __restrict xs) {
+void split_image(const ConvGeom& g, const Plan& p, const ConvKernels<T>& kern, const T* __restrict x,
+                 T* __restrict xs) {
   const int64_t nr = g.sh < g.kh ? g.sh : g.kh, nc = g.sw < g.kw ? g.sw : g.kw;
   if (g.nhwc) {
     for (int64_t pr = 0; pr < nr; ++pr) {
@@ -233,8 +236,7 @@ void split_image(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __r
           if (h < 0 || h >= g.H) continue;
           const T* srow = x + (h * g.W + s0) * g.C;  // pixel q of the phase row at srow + q * sw * C
           T* drow = xs + (pr * g.sw + pc) * p.ps + r * p.Wq;
-          for (int64_t c = 0; c < g.C; ++c, drow += p.P * p.ps)
-            for (int64_t q = lo; q < hi; ++q) drow[q] = srow[q * g.sw * g.C + c];
+          kern.transpose(srow + lo * g.sw * g.C, g.sw * g.C, hi - lo, g.C, drow + lo, p.P * p.ps);
         }
       }
     }
@@ -270,14 +272,11 @@ void split_image(const ConvGeom& g, const Plan& p, const T* __restrict x, T* __r
 // split_image, only the rows are written: gye must start zeroed and keeps its margins, dropped columns
 // and tail at zero.
 template <typename T>
-void margin_image(const ConvGeom& g, const Plan& p, const T* __restrict gy, T* __restrict gye) {
-  if (g.nhwc) {  // transposed one row (Wo pixels x O channels, in L1) at a time
-    for (int64_t ho = 0; ho < g.Ho; ++ho) {
-      const T* s = gy + ho * g.Wo * g.O;
-      T* d = gye + p.M + ho * p.Wq;
-      for (int64_t o = 0; o < g.O; ++o, d += p.E)
-        for (int64_t wo = 0; wo < g.Wo; ++wo) d[wo] = s[wo * g.O + o];
-    }
+void margin_image(const ConvGeom& g, const Plan& p, const ConvKernels<T>& kern, const T* __restrict gy,
+                  T* __restrict gye) {
+  if (g.nhwc) {  // transposed one row (Wo pixels x O channels) at a time
+    for (int64_t ho = 0; ho < g.Ho; ++ho)
+      kern.transpose(gy + ho * g.Wo * g.O, g.O, g.Wo, g.O, gye + p.M + ho * p.Wq, p.E);
     return;
   }
   for (int64_t o = 0; o < g.O; ++o) {
@@ -317,7 +316,7 @@ int forward_t(const ConvGeom& g, const T* x, const T* m, const T* w, const T* bi
     for (int64_t it = claims.take(), after; it < items; it = after) {
       after = claims.take();
       const int64_t b = it / nob, o0 = (it % nob) * oblock, o1 = o0 + oblock < O ? o0 + oblock : O;
-      if (nnz > 0) split_image(g, p, x + b * g.C * g.H * g.W, xs.data());
+      if (nnz > 0) split_image(g, p, kern, x + b * g.C * g.H * g.W, xs.data());
       if (nob == 1 && after < items) {
         const int64_t steps = ceil_div(p.Lp, TL) * O;
         next_x.start(x + after * g.C * g.H * g.W, g.C * g.H * g.W * sizeof(T), steps, false);
@@ -338,11 +337,11 @@ int forward_t(const ConvGeom& g, const T* x, const T* m, const T* w, const T* bi
         for (int64_t o = o0; o < o1; ++o)
           if (crow[o + 1] == crow[o]) std::fill_n(acc.data() + (o - o0) * p.Lp, p.Lp, T(0));
         for (int64_t ho = 0; ho < g.Ho; ++ho) {
-          for (int64_t wo = 0; wo < g.Wo; ++wo) {
-            T* dst = y + ((b * g.Ho + ho) * g.Wo + wo) * O;
-            const T* a = acc.data() + ho * p.Wq + wo;
-            for (int64_t o = o0; o < o1; ++o) dst[o] = a[(o - o0) * p.Lp] + (bias ? bias[o] : T(0));
-          }
+          T* dst = y + (b * g.Ho + ho) * g.Wo * O + o0;
+          kern.transpose(acc.data() + ho * p.Wq, p.Lp, o1 - o0, g.Wo, dst, O);
+          if (bias)
+            for (int64_t wo = 0; wo < g.Wo; ++wo)
+              for (int64_t o = o0; o < o1; ++o) dst[wo * O + o - o0] += bias[o];
         }
         continue;
       }
@@ -436,8 +435,12 @@ void image_x(const ConvGeom& g, const Plan& p, const XPlan<T>& xp, const ConvKer
       const int64_t hp = h + g.ph;
       const T* arow = acc + (hp % g.sh) * g.sw * p.accs + (hp / g.sh) * p.Wq;
       T* d = gx + h * g.W * g.C;
+      if (g.sw == 1) {
+        kern.transpose(arow + g.pw, cs, g.C, g.W, d, g.C);
+        continue;
+      }
       for (int64_t x0 = 0; x0 < g.W; ++x0, d += g.C) {
-        const T* a = arow + (g.sw == 1 ? g.pw + x0 : xp.wcol[x0]);
+        const T* a = arow + xp.wcol[x0];
         for (int64_t c = 0; c < g.C; ++c) d[c] = a[c * cs];
       }
     }
@@ -507,9 +510,9 @@ int backward_t(const ConvGeom& g, const T* gy, const T* x, const T* m, const T* 
       if (b1 <= b0) continue;
       std::fill(lanes.begin(), lanes.end(), T(0));
       for (int64_t b = b0; b < b1; ++b) {
-        margin_image(g, p, gy + b * O * out_plane, gye.data());
+        margin_image(g, p, kern, gy + b * O * out_plane, gye.data());
         if (gx) image_x(g, p, xp, kern, gye.data(), acc.data(), gx + b * C * g.H * g.W);
-        split_image(g, p, x + b * C * g.H * g.W, xs.data());
+        split_image(g, p, kern, x + b * C * g.H * g.W, xs.data());
         // the next image of this chunk, or the first of the next chunk this thread claimed
         const int64_t bn = b + 1 < b1 ? b + 1 : (after < nchunks ? after * chunk : B);
         if (bn < B) {

@@ -148,6 +148,44 @@ SC_INLINE void dot_t(const T* __restrict g, int64_t len, const T* base, const in
     });
 }
 
+#if SC_NATIVE >= 32
+#include "transpose8.h"
+#endif
+
+// dst[j * ds + i] = src[i * ss + j] for i < rows, j < cols: the channels_last layout copies (a row of
+// pixels x channels into one row per channel, and back). float in 8x8 register blocks where a register
+// holds 8 floats (element by element, 16->16 at 28x28 took 2.18 / 5.82 ms forward / backward, in blocks
+// 1.85 / 4.98, contiguous x 1.91 / 3.63; one thread, AVX-512); the edges and double element by element.
+template <typename T>
+SC_INLINE void transpose_t(const T* __restrict src, int64_t ss, int64_t rows, int64_t cols, T* __restrict dst,
+                           int64_t ds) {
+  int64_t i0 = 0;
+#if SC_NATIVE >= 32
+  if constexpr (sizeof(T) == 4) {
+    for (; i0 + 8 <= rows; i0 += 8) {
+      int64_t j0 = 0;
+      for (; j0 + 8 <= cols; j0 += 8) {
+        f8 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = *reinterpret_cast<const f8u*>(src + (i0 + i) * ss + j0);
+        transpose8x8(r);
+        for (int j = 0; j < 8; ++j) *reinterpret_cast<f8u*>(dst + (j0 + j) * ds + i0) = r[j];
+      }
+      for (int64_t i = i0; i < i0 + 8; ++i)
+        for (int64_t j = j0; j < cols; ++j) dst[j * ds + i] = src[i * ss + j];
+    }
+  }
+#endif
+  for (int64_t i = i0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ds + i] = src[i * ss + j];
+}
+
+void transpose(const float* src, int64_t ss, int64_t rows, int64_t cols, float* dst, int64_t ds) {
+  transpose_t<float>(src, ss, rows, cols, dst, ds);
+}
+void transpose(const double* src, int64_t ss, int64_t rows, int64_t cols, double* dst, int64_t ds) {
+  transpose_t<double>(src, ss, rows, cols, dst, ds);
+}
+
 void gather(float* out, int64_t len, const float* base, const int64_t* off, const float* v, int64_t n) {
   gather_t<float>(out, len, base, off, v, n);
 }
