@@ -133,7 +133,7 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     threads = sorted({r["threads"] for r in rows})
     providers = [p for p in dict.fromkeys(r["provider"] for r in rows)]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
     width = 0.8 / len(providers)
     for i, p in enumerate(providers):
         vals = [next(r["vs_dense_best"] for r in rows if r["provider"] == p and r["threads"] == t) for t in threads]
@@ -143,7 +143,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xticklabels([f"{t} thread{'s' if t > 1 else ''}" for t in threads])
     ax.set_ylabel("epoch speed-up vs dense")
     ax.set_title(f"SmallResNet Sign-In 90 %, {rows[0]['images']} images, batch {BATCH}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not on them
     common.save_fig(fig, path)
     print(f"# wrote {path}")
 
