@@ -280,27 +280,39 @@ def test_channels_last_gives_the_bits_of_contiguous(stride, padding, dtype):
     torch.testing.assert_close(cl[4], want[4])  # torch's sum of grad_y over (B, H, W) in memory order
 
 
-def test_sparse_conv2d_module_keeps_channels_last():
-    """SparseConv2d(layout="csr") in a model moved to channels_last: its output stays channels_last, so
-    the batch norm after it runs NHWC, and the model trains as the contiguous one."""
+@pytest.mark.parametrize("layout", ["csr", "dense"])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_sparse_conv2d_module_keeps_channels_last(in_channels, layout):
+    """SparseConv2d in a model moved to channels_last: its output is channels_last, so the batch norm after
+    it runs NHWC, and the model trains as the contiguous one. With one input channel the input is
+    contiguous in both formats; the module then follows the format the model was moved to, as nn.Conv2d
+    follows its weight's (the marker that carries it is not saved)."""
     torch.manual_seed(0)
     nn = torch.nn
-    model = nn.Sequential(SparseConv2d(3, 8, 3, padding=1, kind="signin", density=0.3, layout="csr"),
+    model = nn.Sequential(SparseConv2d(in_channels, 8, 3, padding=1, kind="signin", density=0.3, layout=layout),
                           nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 2))
-    x = torch.randn(4, 3, 6, 6)
+    x = torch.randn(4, in_channels, 6, 6)
     with backends.force("cpp"):
         y = model(x)
+        assert y.is_contiguous() and model[0](x).is_contiguous()
         y.sum().backward()
         grads = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
         model.to(memory_format=torch.channels_last)
         xc = x.contiguous(memory_format=torch.channels_last)
-        assert model[0](xc).is_contiguous(memory_format=torch.channels_last)
+        out = model[0](xc)
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
         yc = model(xc)
         yc.sum().backward()
     torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-6)
     for (name, p), g in zip(model.named_parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert not any("format" in k for k in model.state_dict())
+    # sparsify / from_dense of a conv already in channels_last keeps the format
+    dense = nn.Conv2d(in_channels, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    conv = SparseConv2d.from_dense(dense, kind="signin", density=0.3, layout=layout)
+    with backends.force("cpp"):
+        assert conv(xc).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("factored", [False, True], ids=["masked", "factored"])

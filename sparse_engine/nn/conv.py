@@ -46,6 +46,15 @@ def _tuple(name: str, value, n: int, *, minimum: int) -> tuple[int, ...]:
     return values
 
 
+def _channels_last(t: Tensor) -> bool:
+    """Whether 4-D t has the strides torch gives a channels_last tensor of its shape, and not the contiguous
+    ones (with one channel both formats are contiguous, but .to(memory_format=...) still sets them)."""
+    if t.dim() != 4:
+        return False
+    cl = torch.empty(t.shape, device="meta", memory_format=torch.channels_last).stride()
+    return t.stride() == cl and t.stride() != torch.empty(t.shape, device="meta").stride()
+
+
 class _SparseConvNd(SparseModule):
     """What SparseConv1d and SparseConv2d share; a subclass sets only ``_nd`` and ``_dense_cls``."""
 
@@ -111,6 +120,12 @@ class _SparseConvNd(SparseModule):
                 pads[2 * j] = pads[2 * j + 1] = self.padding[i]
         self._reversed_padding_repeated_twice = pads
         self.weight_shape = (out_channels, in_channels // groups) + self.kernel_size
+        if nd == 2:
+            # The memory format Module.to(memory_format=...) gives the model's 4-D tensors. An input that is
+            # contiguous in both formats (one channel, or 1x1 images) does not tell it, and nn.Conv2d then
+            # follows its weight's format; the compact layouts' values are 1-D, so this 1x2x1x2 marker
+            # (two formats, two stride patterns) stands in for the weight. Not saved (state_dict).
+            self.register_buffer("_format_marker", torch.zeros(1, 2, 1, 2), persistent=False)
 
     def _init_weights(self, bias: bool, device, dtype) -> Tensor:
         factory = {"device": device, "dtype": dtype}
@@ -150,6 +165,8 @@ class _SparseConvNd(SparseModule):
         )
         obj._adopt(module, dict(kind=kind, density=density, mask=mask, beta=beta, layout=layout,
                                 block_shape=block_shape, seed=seed))
+        if obj._nd == 2 and _channels_last(module.weight):  # a conv of a model already in channels_last
+            obj._format_marker = obj._format_marker.contiguous(memory_format=torch.channels_last)
         return obj
 
     def to_dense(self) -> nn.Module:
@@ -193,6 +210,11 @@ class _SparseConvNd(SparseModule):
             )
         self._check_dtype_device(input, amp)
 
+    def _memory_format(self) -> torch.memory_format | None:
+        """torch.channels_last after model.to(memory_format=torch.channels_last), else None."""
+        marker = getattr(self, "_format_marker", None)
+        return torch.channels_last if marker is not None and _channels_last(marker) else None
+
     def _compute(self, input: Tensor, layout: str, dtype: torch.dtype | None = None) -> Tensor:
         if layout in ("csr", "bsr") and self.groups == 1:
             return self._compact_conv(input, dtype)
@@ -200,6 +222,8 @@ class _SparseConvNd(SparseModule):
         bias = self.bias
         if dtype is not None and dtype != weight.dtype:
             weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        if self._memory_format() is not None:  # torch's conv follows its weight's format (θ is contiguous);
+            weight = weight.to(memory_format=torch.channels_last)  # .to: explicit strides for 1 channel too
         return self._conv(input, weight, bias)
 
     def _conv(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -248,7 +272,8 @@ class _SparseConvNd(SparseModule):
             )
         m, w, bias = self._factors(dtype)
         if direct:
-            y = ops.sparse_conv2d(x, m, w, index, kernel, bias, stride, padding)  # (B, out, *spatial)
+            y = ops.sparse_conv2d(x, m, w, index, kernel, bias, stride, padding,  # (B, out, *spatial)
+                                  memory_format=self._memory_format() if nd == 2 else None)
             y = y.squeeze(2) if nd == 1 else y
             return y.squeeze(0) if unbatched else y
         # unfold orders a patch as (channel, kh, kw): the same order as the flattened weight rows.

@@ -542,7 +542,7 @@ def _pair(name: str, value, minimum: int) -> tuple[int, int]:
 
 def sparse_conv2d(
     x: Tensor, m_values: Tensor | None, w_values: Tensor, index, kernel_size, bias: Tensor | None = None,
-    stride=1, padding=0,
+    stride=1, padding=0, *, memory_format: torch.memory_format | None = None,
 ) -> Tensor:
     """y = conv2d(x, θ) + b, θ = m ⊙ w stored only at the active coordinates of ``index`` (a
     layout.CSRIndex over the (out_channels, in_channels · kh · kw) view of the weight, values (nnz,)).
@@ -551,7 +551,9 @@ def sparse_conv2d(
     configurations: see nn/conv.py, which keeps im2col + compact_linear for them). On CPU the C++ backend
     computes it directly (no im2col): work ∝ nnz · B · Ho · Wo; there an x in ``torch.channels_last``
     memory format is read without a copy and y (and x's gradient) come out channels_last, as from
-    nn.Conv2d, so the batch norms after it run their faster NHWC kernels.
+    nn.Conv2d, so the batch norms after it run their faster NHWC kernels. ``memory_format``
+    (torch.channels_last or None) decides where x is contiguous in both formats (one channel, or 1×1
+    images), which x alone cannot tell (nn.Conv2d follows its weight's format there).
     """
     from ..layout import CSRIndex
 
@@ -589,8 +591,15 @@ def sparse_conv2d(
     if x4.numel() and o and not torch.compiler.is_compiling():
         # Eager: as compact_linear, the C++ backend's one-node autograd path (same kernels, same results)
         op = backends.extra("sparse_conv2d_fwd", x4.device, w_values.dtype, "sparse_conv2d_train") or op
+    if memory_format not in (None, torch.channels_last, torch.contiguous_format):
+        raise ValueError(f"memory_format must be torch.channels_last, torch.contiguous_format or None, got "
+                         f"{memory_format!r}")
     if op is _sparse_conv2d or not x4.is_contiguous(memory_format=torch.channels_last):
         x4 = x4.contiguous()  # (the C++ node reads channels_last x as it is, and returns channels_last y)
+    elif memory_format is torch.channels_last and x4.is_contiguous():
+        # contiguous in both formats: the same memory read as (B, H, W, C), a view with NHWC strides
+        b_, c_, h_, w_ = x4.shape
+        x4 = x4.view(b_, h_, w_, c_).permute(0, 3, 1, 2)
     y = op(x4, _c(m_values), w_values.contiguous(), _c(bias), *_index_tensors(index), o, kh, kw, sh, sw, ph, pw)
     return y.squeeze(0) if unbatched else y
 
