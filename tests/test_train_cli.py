@@ -251,3 +251,32 @@ def test_export_a_run_that_has_not_finished(tmp_path, capsys):
     assert code == 0, err
     ds = load_data(cfg)
     assert evaluate(io.load(tmp_path / "m.sparse"), ds.x_test, ds.y_test)[1] == r["final"]["test_acc"]
+
+
+def test_channels_last_trains_the_cnn_as_the_contiguous_run():
+    """--channels-last: the same run in NHWC memory format (dense and csr convs, batch norms), equal up to
+    the rounding of sums taken in another order."""
+    base = dict(model="cnn", method="signin", density=0.3, data="teacher", n_train=192, n_test=64, epochs=1,
+                batch_size=64, progress=False)
+    import torch
+
+    seen = []  # the memory format of every batch norm's input during training, the stem's included
+
+    def record(module, args):
+        if isinstance(module, torch.nn.BatchNorm2d) and module.training:
+            seen.append(args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())
+
+    for layout in ("dense", "csr"):
+        a = train(TrainConfig(**base, layout=layout), write=False)
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+        try:
+            b = train(TrainConfig(**base, layout=layout, channels_last=True), write=False)
+        finally:
+            handle.remove()
+        assert seen and all(seen), f"{layout}: {seen.count(False)} of {len(seen)} batch norms ran NCHW"
+        seen.clear()
+        assert a["status"] == b["status"] == "done"
+        assert b["epochs"][0]["train_loss"] == pytest.approx(a["epochs"][0]["train_loss"], rel=1e-4)
+        assert b["final"]["test_loss"] == pytest.approx(a["final"]["test_loss"], rel=1e-4)
+    with pytest.raises(ConfigError, match="channels_last and fsdp"):
+        TrainConfig(channels_last=True, fsdp=True).validate()

@@ -176,6 +176,9 @@ def _train_parser() -> argparse.ArgumentParser:
                         "torch's choice otherwise)")
     g.add_argument("--step-in-backward", action="store_true",
                    help="update each tensor inside backward and free its gradient at once")
+    g.add_argument("--channels-last", action="store_true",
+                   help="train the model and its image batches in torch.channels_last memory format (the cnn: "
+                        "its batch norms and convolutions, dense and csr, run NHWC, faster on CPU)")
     g.add_argument("--nonfinite", choices=NONFINITE_POLICIES, default=d.nonfinite,
                    help="what a NaN/inf gradient does: skip the step (counted) or stop")
     g.add_argument("--nproc", type=int, default=1,

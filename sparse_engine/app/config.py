@@ -57,6 +57,7 @@ class RunConfig:
     step_in_backward: bool = False
     nonfinite: str = "skip"
     fsdp: bool = False  # several processes: FSDP2 (sharded parameters) instead of DDP
+    channels_last: bool = False  # model and image batches in torch.channels_last (NHWC) memory format
     progress: bool = True
     out_dir: str | None = None
 
@@ -78,6 +79,11 @@ class RunConfig:
             raise ConfigError(str(e)) from None
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an int, got {self.seed!r}")
+        if not isinstance(self.channels_last, bool):
+            raise ConfigError(f"channels_last must be True or False, got {self.channels_last!r}")
+        if self.channels_last and self.fsdp:
+            raise ConfigError("channels_last and fsdp together are not supported: train channels_last with "
+                              "DistributedDataParallel (drop --fsdp) or drop --channels-last")
         self._check_data_and_device()
         method = make_method_of(self)  # the method's options, checked by its config
         if self.fsdp and not method.shardable:

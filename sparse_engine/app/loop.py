@@ -198,7 +198,11 @@ def _start(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, stream: Tex
     first = (ds.x_train[: cfg.batch_size], ds.y_train[: cfg.batch_size])
     model, method, report = build_model_and_method(cfg, ds.input_shape, ds.n_classes, ds.vocab_size, first)
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D tensors only (conv weights, the csr convs' markers)
     data = tuple(t.to(device) for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
+    if cfg.channels_last:  # (the shuffled training batches are converted again, one by one)
+        data = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in data)
     if cfg.layout == "auto" and method.sparsify_as is not None:
         if saved is None:
             from ..nn import autolayout
@@ -324,6 +328,8 @@ def _train_epoch(run: _Run) -> tuple[int, torch.Tensor, torch.Tensor, float]:
     x_train, y_train = run.data[:2]
     for i, (xb, yb) in enumerate(data_mod.batches(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                                   epoch=run.epoch_no), start=1):
+        if cfg.channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
         if run.forward is None:
             out = model(xb)
             loss = F.cross_entropy(out, yb)
