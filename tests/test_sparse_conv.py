@@ -467,3 +467,21 @@ def test_auto_key_names_the_csr_conv_kernel():
         assert mod._auto_key(x, mod.mask2d())["extra"]["csr_conv"] == "sparse_conv2d:reference"
     dilated = SparseConv2d(4, 6, 3, padding=2, dilation=2, kind="signin", density=0.2, layout="csr")
     assert dilated._auto_key(x, dilated.mask2d())["extra"]["csr_conv"] == "unfold+compact_linear"
+
+
+def test_auto_layout_measures_in_the_models_memory_format():
+    """layout="auto" in a channels_last model times its candidates on channels_last inputs (the probes keep
+    the model's format) and keeps that decision apart from a contiguous model's."""
+    from sparse_engine.nn import autolayout
+
+    torch.manual_seed(0)
+    keys = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        conv = SparseConv2d(1, 8, 3, padding=1, kind="signin", density=0.5, layout="auto").to(memory_format=fmt)
+        assert (conv._empty_copy()._memory_format() is not None) == (fmt is torch.channels_last)  # the probes
+        x = torch.randn(8, 1, 10, 10).contiguous(memory_format=fmt)
+        keys[fmt] = autolayout.tune(torch.nn.Sequential(conv), x)["0"].key
+        y = conv(x)
+        assert y.is_contiguous(memory_format=torch.channels_last) == (fmt is torch.channels_last)
+    assert '"memory_format":"channels_last"' in keys[torch.channels_last]
+    assert "memory_format" not in keys[torch.contiguous_format]

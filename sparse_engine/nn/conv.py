@@ -185,6 +185,8 @@ class _SparseConvNd(SparseModule):
         obj = type(self).__new__(type(self))
         SparseModule.__init__(obj)
         obj._setup_conv(*self._geometry(), self.padding_mode)
+        if self._nd == 2:  # a probe times the layer in the model's memory format
+            obj._format_marker = self._format_marker.clone()
         return self._configure_copy(obj)
 
     def _geometry(self) -> tuple:
@@ -303,6 +305,8 @@ class _SparseConvNd(SparseModule):
             # measurement of the unfold path must not be reused for the direct kernel, nor the reverse
             "csr_conv": self._csr_conv_kernel(input),
         }
+        if self._memory_format() is not None:  # measured in channels_last: not a decision for NCHW (or back)
+            extra["memory_format"] = "channels_last"
         return autolayout.make_key(f"conv{self._nd}d", self.weight_shape, mask2d, input.dtype, self.param.w.device,
                                    rows=batch, kind=self.kind, block_shape=self.block_shape, extra=extra)
 
@@ -313,7 +317,7 @@ class _SparseConvNd(SparseModule):
         return "sparse_conv2d:" + backends.which("sparse_conv2d_fwd", input.device, input.dtype)
 
     def _auto_runners(self, input: Tensor, mask2d, candidates: list[str]) -> dict[str, Callable]:
-        x = torch.randn(input.shape, dtype=input.dtype, device=input.device, requires_grad=True)
+        x = torch.randn_like(input, requires_grad=True)  # (randn_like: in input's memory format)
         return {
             layout: fwd_bwd_runner(self._probe(layout, mask2d, input.dtype), x, layout) for layout in candidates
         }
