@@ -477,7 +477,8 @@ def test_auto_layout_measures_in_the_models_memory_format():
     torch.manual_seed(0)
     keys = {}
     for fmt in (torch.contiguous_format, torch.channels_last):
-        conv = SparseConv2d(1, 8, 3, padding=1, kind="signin", density=0.5, layout="auto").to(memory_format=fmt)
+        conv = SparseConv2d(1, 8, 3, padding=1, kind="signin", density=0.5, layout="auto")
+        conv.to(memory_format=fmt)
         assert (conv._empty_copy()._memory_format() is not None) == (fmt is torch.channels_last)  # the probes
         x = torch.randn(8, 1, 10, 10).contiguous(memory_format=fmt)
         keys[fmt] = autolayout.tune(torch.nn.Sequential(conv), x)["0"].key
