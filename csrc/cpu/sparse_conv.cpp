@@ -218,8 +218,8 @@ struct Prefetch {
 // zeroed (a fresh std::vector) and keeps its zeros from one image to the next (rewriting them per image
 // cost a memset per border and per row).
 // Phases with pr >= kh or pc >= kw (a 1x1 kernel with stride 2 reads one of four) hold no entry's
-// reads and are left unwritten. An NHWC image is transposed on the way, one source row at a time (it stays
-// in L1 while each channel takes its values out).
+// reads and are left unwritten. An NHWC image is transposed on the way, one phase row of pixels x
+// channels at a time (kern.transpose).
 template <typename T>
 void split_image(const ConvGeom& g, const Plan& p, const ConvKernels<T>& kern, const T* __restrict x,
                  T* __restrict xs) {
