@@ -224,44 +224,29 @@ template <typename T>
 void split_image(const ConvGeom& g, const Plan& p, const ConvKernels<T>& kern, const T* __restrict x,
                  T* __restrict xs) {
   const int64_t nr = g.sh < g.kh ? g.sh : g.kh, nc = g.sw < g.kw ? g.sw : g.kw;
-  if (g.nhwc) {
-    for (int64_t pr = 0; pr < nr; ++pr) {
-      for (int64_t pc = 0; pc < nc; ++pc) {
-        const int64_t s0 = pc - g.pw;
-        int64_t lo = s0 < 0 ? ceil_div(-s0, g.sw) : 0, hi = ceil_div(g.W - s0, g.sw);
-        hi = hi < p.Wq ? (hi > 0 ? hi : 0) : p.Wq;
-        if (lo >= hi) continue;
-        for (int64_t r = 0; r < p.Hq; ++r) {
-          const int64_t h = r * g.sh + pr - g.ph;
-          if (h < 0 || h >= g.H) continue;
-          const T* srow = x + (h * g.W + s0) * g.C;  // pixel q of the phase row at srow + q * sw * C
-          T* drow = xs + (pr * g.sw + pc) * p.ps + r * p.Wq;
-          kern.transpose(srow + lo * g.sw * g.C, g.sw * g.C, hi - lo, g.C, drow + lo, p.P * p.ps);
+  const int64_t cstride = g.nhwc ? 1 : g.H * g.W, wstride = g.nhwc ? g.C : 1;  // of x's (c, w)
+  for (int64_t pr = 0; pr < nr; ++pr) {
+    for (int64_t pc = 0; pc < nc; ++pc) {
+      // the columns q whose source w = q*sw + pc - pw lies in [0, W)
+      const int64_t s0 = pc - g.pw;
+      int64_t lo = s0 < 0 ? ceil_div(-s0, g.sw) : 0, hi = ceil_div(g.W - s0, g.sw);
+      hi = hi < p.Wq ? (hi > 0 ? hi : 0) : p.Wq;
+      if (lo >= hi) continue;
+      for (int64_t r = 0; r < p.Hq; ++r) {
+        const int64_t h = r * g.sh + pr - g.ph;
+        if (h < 0 || h >= g.H) continue;
+        // channel c's pixel q of this phase row at src + c * cstride + q * sw * wstride
+        const T* src = x + (h * g.W + s0 + lo * g.sw) * wstride;
+        T* drow = xs + (pr * g.sw + pc) * p.ps + r * p.Wq + lo;  // channel c's at drow + c * P * ps
+        if (g.nhwc) {
+          kern.transpose(src, g.sw * g.C, hi - lo, g.C, drow, p.P * p.ps);
+          continue;
         }
-      }
-    }
-    return;
-  }
-  for (int64_t c = 0; c < g.C; ++c) {
-    const T* src = x + c * g.H * g.W;
-    T* dst = xs + c * p.P * p.ps;
-    for (int64_t pr = 0; pr < nr; ++pr) {
-      for (int64_t pc = 0; pc < nc; ++pc) {
-        T* d = dst + (pr * g.sw + pc) * p.ps;
-        // the columns q whose source w = q*sw + pc - pw lies in [0, W)
-        const int64_t s0 = pc - g.pw;
-        int64_t lo = s0 < 0 ? ceil_div(-s0, g.sw) : 0, hi = ceil_div(g.W - s0, g.sw);
-        hi = hi < p.Wq ? (hi > 0 ? hi : 0) : p.Wq;
-        if (lo >= hi) continue;
-        for (int64_t r = 0; r < p.Hq; ++r) {
-          const int64_t h = r * g.sh + pr - g.ph;
-          if (h < 0 || h >= g.H) continue;
-          const T* srow = src + h * g.W;
-          T* drow = d + r * p.Wq;
+        for (int64_t c = 0; c < g.C; ++c, src += cstride, drow += p.P * p.ps) {
           if (g.sw == 1)
-            std::memcpy(drow + lo, srow + lo + s0, (hi - lo) * sizeof(T));
+            std::memcpy(drow, src, (hi - lo) * sizeof(T));
           else  // branch-free strided copy (a bounds test per element cost three times the forward gather)
-            for (int64_t q = lo; q < hi; ++q) drow[q] = srow[q * g.sw + s0];
+            for (int64_t q = 0; q < hi - lo; ++q) drow[q] = src[q * g.sw];
         }
       }
     }
