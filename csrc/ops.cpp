@@ -434,7 +434,7 @@ struct SparseConv2dFn : public torch::autograd::Function<SparseConv2dFn> {
     const auto d = ctx->saved_data["dims"].toIntVector();
     const bool needs_x = ctx->needs_input_grad(0);
     const optional<Tensor> m = s[1].defined() ? optional<Tensor>(s[1]) : c10::nullopt;
-    const Tensor gy = grads[0].contiguous(s[0].suggest_memory_format());
+    const Tensor& gy = grads[0];  // laid out by sparse_conv2d_bwd in x's format; the bias sum takes any
     auto [gx, gm, gw] = sparse_conv2d_bwd(gy, s[0], m, s[2], s[3], s[4], s[5], s[6], s[7], s[8], d[0], d[1], d[2],
                                           d[3], d[4], d[5], d[6], needs_x);
     return input_grads(17, needs_x ? gx : Tensor(), m ? gm : Tensor(), gw,

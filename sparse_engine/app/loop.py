@@ -201,7 +201,7 @@ def _start(cfg: TrainConfig, ds: data_mod.Dataset, fingerprint: str, stream: Tex
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D tensors only (conv weights, the csr convs' markers)
     data = tuple(t.to(device) for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
-    if cfg.channels_last:  # (the shuffled training batches are converted again, one by one)
+    if cfg.channels_last:  # (the shuffled batches, x[perm[i:j]], and the test slices keep the format)
         data = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in data)
     if cfg.layout == "auto" and method.sparsify_as is not None:
         if saved is None:
@@ -328,8 +328,6 @@ def _train_epoch(run: _Run) -> tuple[int, torch.Tensor, torch.Tensor, float]:
     x_train, y_train = run.data[:2]
     for i, (xb, yb) in enumerate(data_mod.batches(x_train, y_train, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                                   epoch=run.epoch_no), start=1):
-        if cfg.channels_last and xb.dim() == 4:
-            xb = xb.contiguous(memory_format=torch.channels_last)
         if run.forward is None:
             out = model(xb)
             loss = F.cross_entropy(out, yb)

@@ -213,9 +213,10 @@ class _SparseConvNd(SparseModule):
         self._check_dtype_device(input, amp)
 
     def _memory_format(self) -> torch.memory_format | None:
-        """torch.channels_last after model.to(memory_format=torch.channels_last), else None."""
+        """torch.channels_last after model.to(memory_format=torch.channels_last), else None (every forward:
+        one stride read; the marker's two formats differ in dim 1's stride, 2 against 1)."""
         marker = getattr(self, "_format_marker", None)
-        return torch.channels_last if marker is not None and _channels_last(marker) else None
+        return torch.channels_last if marker is not None and marker.stride(1) == 1 else None
 
     def _compute(self, input: Tensor, layout: str, dtype: torch.dtype | None = None) -> Tensor:
         if layout in ("csr", "bsr") and self.groups == 1:

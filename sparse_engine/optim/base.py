@@ -227,11 +227,6 @@ class SparseOptimizer(torch.optim.Optimizer):
             torch._foreach_add_(steps, 1)
         for (group, p, grad, role, mask), state in zip(work, states):
             step = int(state["step"].item())
-            # Buffers are updated in place through p's memory order (channels_last included), so each
-            # takes p's strides: a state saved from a contiguous model may be loaded into a channels_last one.
-            for k, v in state.items():
-                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
-                    state[k] = torch.empty_like(p).copy_(v)
             buf1, buf2 = self._buffers(state, group)
             alpha = group["alpha"] if role in ("m", "w") else 0.0
             if distributed.is_sharded(p):  # FSDP2: the step is elementwise, run it on this rank's shard
@@ -467,9 +462,14 @@ class SparseOptimizer(torch.optim.Optimizer):
             g["lr"] = lr
         for g in self.param_groups:
             g.setdefault("alpha", 0.0)
-        for st in self.state.values():
+        for p, st in self.state.items():
             if "step" in st and not isinstance(st["step"], Tensor):
                 st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+            # Buffers are updated in place through p's memory order (channels_last included), so each
+            # takes p's strides: a state saved from a contiguous model may be loaded into a channels_last one.
+            for k, v in st.items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p).copy_(v)
         if extra is not None:
             self.num_steps = int(extra["num_steps"])
             self.skipped_steps = int(extra["skipped_steps"])
