@@ -722,8 +722,9 @@ def fused_step_multi(
         _check_hyper(kind, momentum=momentum, dampening=dampening, nesterov=nesterov, beta1=beta1, beta2=beta2,
                      eps=eps, weight_decay=weight_decay, alpha=a)
     # The C++ entry point checks every tensor (device, dtype, shape, contiguity) as fused_step does.
-    items = (_in_memory_order(*t) for t in zip(params, grads, buf1s, buf2s, masks))
-    params, grads, buf1s, buf2s, masks = zip(*items)
+    if not all(p.is_contiguous() for p in params):  # e.g. channels_last conv weights (rare: a check first)
+        items = (_in_memory_order(*t) for t in zip(params, grads, buf1s, buf2s, masks))
+        params, grads, buf1s, buf2s, masks = zip(*items)
     group(list(params), list(grads), list(buf1s), list(buf2s), list(masks), lr, step, kind, float(momentum),
           float(dampening), bool(nesterov), float(beta1), float(beta2), float(eps), float(weight_decay),
           [float(a) for a in alphas], bool(maximize))
